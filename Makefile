@@ -1,0 +1,48 @@
+# sae_diff: two commands matter. `make demo` runs the study, `make test` runs the checks.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sae_diff_installed
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test check lint typecheck pytest demo demo-quick bench clean
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes; torch==2.13.0 (CPU build) first so that
+# nothing pulls a CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
+	@$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+lint: setup
+	$(PY) -m ruff check sae_diff tests benchmarks
+
+typecheck: setup
+	$(PY) -m mypy
+
+check: lint typecheck
+
+pytest: setup
+	@$(PY) -m pytest -n 2 --dist loadfile; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest: no tests were collected"; exit 0; fi; exit $$rc
+
+test: setup check pytest
+
+demo: setup
+	$(VENV)/bin/sae-diff demo --out demo_output
+
+demo-quick: setup
+	$(VENV)/bin/sae-diff demo --quick --out demo_output_quick
+
+bench: setup
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf demo_output demo_output_quick .pytest_cache .mypy_cache .ruff_cache

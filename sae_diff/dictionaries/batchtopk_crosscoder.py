@@ -1,0 +1,212 @@
+"""BatchTopK crosscoder (training ``batchtopk_crosscoder``) and its inference form
+(``jumprelu_crosscoder``), following METHODS.md §1.
+
+Training: pre-activations ``p = ReLU(sum_m W_enc^m x^m + b_enc)``, selection scores
+``v = p * s`` (s = code normalisation). The batch keeps its top ``B*k`` scores; kept latents
+carry their *unscaled* ``p``. A global threshold ``theta`` on ``v`` is tracked as an EMA of
+the smallest kept score. Export turns it into a JumpReLU with per-latent thresholds
+``theta / s_j`` on ``p`` (s_j measured in the training space, before the normalisation fold).
+
+Dead latents get an auxiliary loss that reconstructs the detached residual with the top
+``k_aux`` dead latents (weight ``aux_loss_coefficient``, default 1/32, normalised by the
+residual's variance). It is part of the loss that is back-propagated.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sae_lens.saes.sae import (
+    SAEConfig,
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
+from torch import nn
+
+from sae_diff.dictionaries.base import CrosscoderFields, CrosscoderSAE, validate_common_fields
+from sae_diff.dictionaries.crosscoder import CrosscoderConfig, CrosscoderTrainingMixin
+
+
+def validate_k(k: float, d_sae: int) -> None:
+    if not 0 < k <= d_sae:
+        raise ValueError(f"k must satisfy 0 < k <= d_sae ({d_sae}), got k={k}. Lower k or widen the dictionary.")
+
+
+@dataclass
+class JumpReLUCrosscoderConfig(CrosscoderConfig):
+    """Inference config of a BatchTopK-trained crosscoder; ``k`` is recorded for reference."""
+
+    k: float | None = None
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "jumprelu_crosscoder"
+
+
+class JumpReLUCrosscoder(CrosscoderSAE):
+    """Inference crosscoder with per-latent thresholds: ``f_j = p_j * 1[p_j > threshold_j]``."""
+
+    cfg: JumpReLUCrosscoderConfig  # type: ignore[assignment]
+    threshold: nn.Parameter
+
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        self.threshold = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
+
+    def activate(self, hidden_pre: torch.Tensor) -> torch.Tensor:
+        p = torch.relu(hidden_pre)
+        return p * (p > self.threshold)
+
+
+@dataclass(kw_only=True)
+class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
+    """Training config of the BatchTopK crosscoder (architecture ``batchtopk_crosscoder``).
+
+    Args:
+        k: target mean L0 (the batch keeps its top ``B*k`` selection scores).
+        aux_loss_coefficient: weight of the dead-latent auxiliary loss (1/32 by default).
+        k_aux: dead latents used by the auxiliary loss per token (default ``d_in // 2``).
+        threshold_ema_decay: EMA decay of the inference threshold (0.999 by default).
+    """
+
+    apply_b_dec_to_input: bool = False
+    k: float = 32
+    aux_loss_coefficient: float = 1 / 32
+    k_aux: int | None = None
+    threshold_ema_decay: float = 0.999
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_common_fields(self)
+        validate_k(self.k, self.d_sae)
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "batchtopk_crosscoder"
+
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return JumpReLUCrosscoderConfig
+
+
+def batch_topk_mask(scores: torch.Tensor, k_total: int) -> torch.Tensor:
+    """Boolean mask of the ``k_total`` largest entries of ``scores`` (flat top-k, the reference)."""
+    flat = scores.flatten()
+    k_total = min(k_total, flat.numel())
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[flat.topk(k_total, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopKCrosscoderTrainingConfig]):
+    """BatchTopK crosscoder trained with SAELens's ``SAETrainer``."""
+
+    cfg: BatchTopKCrosscoderTrainingConfig  # type: ignore[assignment]
+    topk_threshold: torch.Tensor
+
+    def __init__(self, cfg: BatchTopKCrosscoderTrainingConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self._init_training_state()
+        # -1 marks "not yet measured": the first batch sets it, later ones update the EMA.
+        self.register_buffer("topk_threshold", torch.tensor(-1.0, dtype=torch.float64, device=self.W_dec.device))
+
+    def initialize_weights(self) -> None:
+        self._init_crosscoder_weights()
+        self._init_decoder_norm()
+
+    # --- encoding -------------------------------------------------------------------------
+    def selection_scores(self, hidden_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``p = ReLU(hidden_pre)`` and the detached selection scores ``v = p * s``."""
+        p = torch.relu(hidden_pre)
+        with torch.no_grad():
+            v = p.detach() * self.code_scale().detach()
+        return p, v
+
+    def encode_normalised(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_pre = self.hook_sae_acts_pre(self.hidden_pre(self.hook_sae_input(x_n)))
+        p, v = self.selection_scores(hidden_pre)
+        rows = v.reshape(-1, self.cfg.d_sae)
+        mask = batch_topk_mask(rows, int(self.cfg.k * rows.shape[0])).view_as(p)
+        return self.hook_sae_acts_post(p * mask), hidden_pre
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_normalised(self.normalised_input(x))
+
+    # --- losses ---------------------------------------------------------------------------
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {}
+
+    def auxiliary_loss(self, x_n: torch.Tensor, xhat_n: torch.Tensor, hidden_pre: torch.Tensor,
+                       dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:
+        """Dead latents reconstruct the detached residual (normalised by its variance)."""
+        if dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
+            return xhat_n.new_zeros(())
+        k_aux = min(self.cfg.k_aux or max(self.cfg.d_in // 2, 1), num_dead)
+        residual = (x_n - xhat_n).detach().reshape(-1, self.cfg.n_models * self.cfg.d_in)
+        h = hidden_pre.reshape(-1, self.cfg.d_sae)
+        candidates = torch.where(dead_neuron_mask[None, :], h, torch.finfo(h.dtype).min)
+        top = candidates.topk(k_aux, dim=-1, sorted=False)
+        acts = torch.zeros_like(h).scatter(-1, top.indices, h.gather(-1, top.indices))
+        recon = acts @ self.W_dec_flat
+        err = (recon - residual).pow(2).sum(-1).mean()
+        variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
+        return self.cfg.aux_loss_coefficient * err / variance
+
+    def calculate_aux_loss(self, step_input: TrainStepInput, feature_acts: torch.Tensor,
+                           hidden_pre: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``sae_out`` is the normalised-space reconstruction (as training_forward_pass passes it)."""
+        x_n = self.normalised_input(step_input.sae_in)
+        return {"auxiliary_reconstruction_loss": self.auxiliary_loss(x_n, sae_out, hidden_pre, step_input.dead_neuron_mask)}
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        x_n = self.normalised_input(step_input.sae_in)
+        feature_acts, hidden_pre = self.encode_normalised(x_n)
+        xhat_n = self.decode_normalised(feature_acts)
+        losses = {
+            "mse_loss": self.reconstruction_loss(x_n, xhat_n),
+            "auxiliary_reconstruction_loss": self.auxiliary_loss(x_n, xhat_n, hidden_pre, step_input.dead_neuron_mask),
+        }
+        self.update_threshold(feature_acts)
+        out = TrainStepOutput(sae_in=x_n, sae_out=xhat_n, feature_acts=feature_acts, hidden_pre=hidden_pre,
+                              loss=losses["mse_loss"] + losses["auxiliary_reconstruction_loss"], losses=losses)
+        out.metrics["topk_threshold"] = self.topk_threshold
+        return out
+
+    @torch.no_grad()
+    def update_threshold(self, feature_acts: torch.Tensor) -> None:
+        """EMA of the smallest kept selection score: theta <- decay*theta + (1-decay)*min_kept."""
+        kept = feature_acts > 0
+        if not kept.any():
+            return
+        scores = (feature_acts * self.code_scale())[kept]
+        min_kept = scores.min().to(torch.float64)
+        if self.topk_threshold < 0:
+            self.topk_threshold.copy_(min_kept)
+        else:
+            decay = self.cfg.threshold_ema_decay
+            self.topk_threshold.mul_(decay).add_((1 - decay) * min_kept)
+
+    # --- export ---------------------------------------------------------------------------
+    def inference_thresholds(self) -> torch.Tensor:
+        """Per-latent thresholds on p: theta / s_j (s_j in the training space)."""
+        theta = float(self.topk_threshold)
+        if theta < 0:
+            warnings.warn("Exporting a BatchTopK crosscoder whose threshold was never measured "
+                          "(no training step ran); using threshold 0 (plain ReLU).", stacklevel=3)
+            theta = 0.0
+        return (theta / self.code_scale().detach().clamp(min=1e-8)).to(self.dtype)
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        state_dict.pop("topk_threshold", None)
+        state_dict["threshold"] = self.inference_thresholds()
+        super().process_state_dict_for_saving_inference(state_dict)
+
+    def inference_config_dict(self) -> dict[str, Any]:
+        cfg = super().inference_config_dict()
+        cfg["k"] = float(self.cfg.k)
+        return cfg

@@ -1,0 +1,200 @@
+"""L1 (ReLU) crosscoder: architecture ``crosscoder`` (inference and training).
+
+Loss (METHODS.md §1), in the normalised space, mean over tokens::
+
+    sum_m ||x^m - xhat^m||^2  +  lambda * sum_j f_j s_j
+
+with s_j the code normalisation (``crosscoder``: sum of per-model decoder norms, the
+default; ``sae``: norm of the concatenated decoder row; ``none``: 1). The reconstruction
+term is the *squared* error summed over models (one public trainer uses the unsquared norm,
+so its lambda does not transfer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from sae_lens.saes.sae import (
+    SAEConfig,
+    TrainCoefficientConfig,
+    TrainingSAE,
+    TrainingSAEConfig,
+    TrainStepInput,
+    TrainStepOutput,
+)
+
+from sae_diff.dictionaries.base import (
+    CrosscoderFields,
+    CrosscoderMixin,
+    CrosscoderSAE,
+    validate_common_fields,
+)
+
+
+@dataclass
+class CrosscoderConfig(SAEConfig, CrosscoderFields):
+    """Inference config of a ReLU crosscoder (weights work on raw activations)."""
+
+    apply_b_dec_to_input: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_common_fields(self)
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "crosscoder"
+
+
+class Crosscoder(CrosscoderSAE):
+    """Inference ReLU crosscoder: ``f = ReLU(sum_m W_enc^m x^m + b_enc)``."""
+
+    cfg: CrosscoderConfig  # type: ignore[assignment]
+
+
+class CrosscoderTrainingMixin(CrosscoderMixin):
+    """Training behaviour shared by the L1 and BatchTopK crosscoders.
+
+    - per-model normalisation applied at run time from the ``norm_factors`` buffer,
+      folded into the weights on export (``save_inference_model`` / ``to_inference``);
+    - reconstruction loss summed over models;
+    - decoder initialised as the encoder's transpose at ``decoder_init_norm``.
+    """
+
+    norm_factors: torch.Tensor
+
+    def _init_training_state(self) -> None:
+        factors = self.cfg.norm_factors or [1.0] * self.cfg.n_models
+        self.register_buffer(  # type: ignore[attr-defined]
+            "norm_factors", torch.tensor(factors, dtype=torch.float32, device=self.W_dec.device)
+        )
+
+    def _runtime_factors(self) -> torch.Tensor:
+        return self.norm_factors.to(self.dtype)
+
+    def _init_decoder_norm(self) -> None:
+        if self.cfg.decoder_init_norm is None:
+            return
+        with torch.no_grad():
+            rows = self.W_dec_flat
+            rows /= rows.norm(dim=-1, keepdim=True)
+            rows *= self.cfg.decoder_init_norm
+            self.W_enc.data.copy_(rows.T.reshape(self.W_enc.shape))
+
+    @torch.no_grad()
+    def set_norm_factors(self, factors: torch.Tensor | list[float]) -> None:
+        """Set the per-model scalars (see ``sae_diff.dictionaries.normalisation``)."""
+        t = torch.as_tensor(factors, dtype=torch.float32).reshape(-1)
+        if t.numel() != self.cfg.n_models or not torch.isfinite(t).all() or (t <= 0).any():
+            raise ValueError(f"norm_factors must be {self.cfg.n_models} positive finite scalars, got {t.tolist()}.")
+        self.norm_factors.copy_(t.to(self.norm_factors.device))
+        self.cfg.norm_factors = [float(v) for v in t]
+
+    def decode(self, feature_acts: torch.Tensor) -> torch.Tensor:
+        """Reconstruction in raw activation space (the normalisation undone)."""
+        out = self.hook_sae_recons(self.decode_normalised(feature_acts))  # type: ignore[attr-defined]
+        return self.unnormalise(out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_sae_output(self.decode(self.encode(x)))  # type: ignore[attr-defined]
+
+    @staticmethod
+    def reconstruction_loss(x_n: torch.Tensor, xhat_n: torch.Tensor) -> torch.Tensor:
+        """Squared error summed over models and dimensions, mean over tokens."""
+        return (xhat_n - x_n).pow(2).flatten(-2).sum(-1).mean()
+
+    def fold_W_dec_norm(self) -> None:
+        raise NotImplementedError("Folding decoder norms is not defined for crosscoders.")
+
+    def fold_activation_norm_scaling_factor(self, scaling_factor: float) -> None:
+        raise NotImplementedError(
+            "Crosscoders normalise with one scalar per model (set_norm_factors); leave "
+            "SAELens's normalize_activations at 'none'."
+        )
+
+    def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
+        """Fold the per-model scalars into the weights; drop training-only buffers."""
+        factors = state_dict.pop("norm_factors")
+        self.fold_norm_factors_into(state_dict, factors)
+
+    def inference_config_dict(self) -> dict[str, Any]:
+        cfg = self.cfg.get_inference_sae_cfg_dict()
+        cfg["norm_factors"] = [float(v) for v in self.norm_factors]
+        return cfg
+
+    def save_inference_model(self, path: Any) -> tuple[Any, Any]:
+        from sae_diff.dictionaries.io import save_sae_files
+
+        state_dict = {k: v.detach().clone() for k, v in self.state_dict().items()}  # type: ignore[attr-defined]
+        self.process_state_dict_for_saving_inference(state_dict)
+        return save_sae_files(path, state_dict, self.inference_config_dict())
+
+    def to_inference(self) -> Any:
+        """The exported inference dictionary, in memory (weights folded, threshold set)."""
+        from sae_diff.dictionaries.io import build_sae
+
+        state_dict = {k: v.detach().clone() for k, v in self.state_dict().items()}  # type: ignore[attr-defined]
+        self.process_state_dict_for_saving_inference(state_dict)
+        return build_sae(self.inference_config_dict(), state_dict)
+
+
+@dataclass(kw_only=True)
+class L1CrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
+    """Training config of the L1 crosscoder (architecture ``crosscoder``)."""
+
+    apply_b_dec_to_input: bool = False
+    l1_coefficient: float = 1.0
+    l1_warm_up_steps: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_common_fields(self)
+
+    @classmethod
+    def architecture(cls) -> str:
+        return "crosscoder"
+
+    def get_inference_config_class(self) -> type[SAEConfig]:
+        return CrosscoderConfig
+
+
+class L1CrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[L1CrosscoderTrainingConfig]):
+    """L1 crosscoder trained with SAELens's ``SAETrainer``; sparsity = lambda·sum_j f_j s_j."""
+
+    cfg: L1CrosscoderTrainingConfig  # type: ignore[assignment]
+
+    def __init__(self, cfg: L1CrosscoderTrainingConfig, use_error_term: bool = False):
+        super().__init__(cfg, use_error_term)
+        self._init_training_state()
+
+    def initialize_weights(self) -> None:
+        self._init_crosscoder_weights()
+        self._init_decoder_norm()
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_normalised(self.normalised_input(x))
+
+    def encode_normalised(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden_pre = self.hook_sae_acts_pre(self.hidden_pre(self.hook_sae_input(x_n)))
+        return self.hook_sae_acts_post(torch.relu(hidden_pre)), hidden_pre
+
+    def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
+        return {"l1": TrainCoefficientConfig(value=self.cfg.l1_coefficient, warm_up_steps=self.cfg.l1_warm_up_steps)}
+
+    def calculate_aux_loss(self, step_input: TrainStepInput, feature_acts: torch.Tensor,
+                           hidden_pre: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
+        sparsity = (feature_acts * self.code_scale()).sum(-1).mean()
+        return {"l1_loss": step_input.coefficients["l1"] * sparsity}
+
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        x_n = self.normalised_input(step_input.sae_in)
+        feature_acts, hidden_pre = self.encode_normalised(x_n)
+        xhat_n = self.decode_normalised(feature_acts)
+        mse = self.reconstruction_loss(x_n, xhat_n)
+        aux = self.calculate_aux_loss(step_input, feature_acts, hidden_pre, xhat_n)
+        losses = {"mse_loss": mse, **aux}
+        return TrainStepOutput(sae_in=x_n, sae_out=xhat_n, feature_acts=feature_acts,
+                               hidden_pre=hidden_pre, loss=sum(losses.values()),  # type: ignore[arg-type]
+                               losses=losses)

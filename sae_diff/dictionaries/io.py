@@ -1,0 +1,51 @@
+"""Writing and rebuilding dictionaries in SAELens's on-disk format, atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.saes.sae import SAE, SAEConfig
+from safetensors.torch import save_file
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path`` (same directory, so the rename is atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_sae_files(path: str | Path, state_dict: dict[str, torch.Tensor],
+                   cfg_dict: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``sae_weights.safetensors`` and ``cfg.json`` (SAELens layout), each atomically."""
+    path = Path(path)
+    weights = path / SAE_WEIGHTS_FILENAME
+    cfg_path = path / SAE_CFG_FILENAME
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write_bytes(weights, lambda p: save_file(tensors, str(p)))
+    atomic_write_bytes(cfg_path, lambda p: p.write_text(json.dumps(cfg_dict, indent=2, default=str)))
+    return weights, cfg_path
+
+
+def build_sae(cfg_dict: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> SAE[Any]:
+    """Instantiate the registered inference class for ``cfg_dict['architecture']``."""
+    from sae_diff.dictionaries.registry import inference_class
+
+    sae_cls, cfg_cls = inference_class(cfg_dict["architecture"])
+    cfg = cfg_cls.from_dict(cfg_dict)
+    assert isinstance(cfg, SAEConfig)
+    sae = sae_cls(cfg)
+    sae.load_state_dict(state_dict)
+    return sae

@@ -1,0 +1,16 @@
+"""Error types raised by the pairing layer (one place so callers can catch them)."""
+
+from __future__ import annotations
+
+
+class PairingError(ValueError):
+    """The two models (or their tokenizers) cannot be paired: the message names the first
+    difference found and what to do about it."""
+
+
+class HookNameError(KeyError):
+    """A requested hook name does not exist in one of the models; the message lists the
+    valid names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; print it plainly instead
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,539 @@
+"""PairedModel: a base model and its fine-tune, run in lock-step on the same tokens.
+
+This is the ONLY place in ``sae_diff`` that runs the two language models. It wraps two
+TransformerLens ``HookedTransformer`` s (or two TL 3 ``TransformerBridge`` s, for
+architectures HookedTransformer lacks) and offers:
+
+- construction checks (same layer count, width, vocabulary and special tokens);
+- :meth:`PairedModel.paired_activations`: one forward per model per batch returning every
+  requested hook as ``(batch, seq, 2, d_model)`` with index 0 = base, 1 = ft, stopping at the
+  last layer needed (``stop_at_layer``);
+- stitching primitives (:meth:`residual_at`, :meth:`continue_from`, :meth:`stitched_logits`).
+
+Stitching convention (METHODS.md §4). "Layer L" is the residual stream *before* block L
+(``blocks.L.hook_resid_pre``; for ``L == n_layers`` the final residual before ``ln_final``).
+The embedding travels with block 0 and the final LayerNorm + unembedding travel with the
+last block. ``stitched_logits(tokens, L, first=A)`` therefore computes
+
+    h = A.embed + A.blocks[:L]      (for L = 0: the *other* model's embedding)
+    h = edit(h)                      (optional)
+    logits = B.blocks[L:] + B.ln_final + B.unembed     (for L = n_layers: A's ln_final/unembed)
+
+so ``L = 0`` is exactly the pure second model and ``L = n_layers`` exactly the pure first
+model (both tested bit-for-bit). :meth:`continue_from` is the lower-level primitive
+("run model `which` from layer L on residual h", the ``patched(h)`` of METHODS §4); it always
+uses model ``which`` 's final LayerNorm and unembedding.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from sae_diff.pairing.checks import (
+    chat_template_hash,
+    check_dims,
+    check_hooks,
+    check_tokenizers,
+    stop_layer_for_hook,
+    tokenizer_hash,
+    valid_hook_names,
+)
+from sae_diff.pairing.errors import PairingError
+
+Which = Literal["base", "ft"]
+Backend = Literal["auto", "hooked", "bridge"]
+
+
+def is_bridge(model: Any) -> bool:
+    """True for a TransformerLens 3 ``TransformerBridge`` (no ``start_at_layer`` support)."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, TransformerBridge)
+
+
+def _model_name(model: Any, default: str) -> str:
+    cfg = getattr(model, "cfg", None)
+    for attr in ("model_name", "tokenizer_name"):
+        name = getattr(cfg, attr, None)
+        if isinstance(name, str) and name and name != "custom":
+            return name
+    return default
+
+
+class PairedModel:
+    """A base model and its fine-tune, checked to be comparable, run on the same tokens.
+
+    Args:
+        base, ft: ``HookedTransformer`` s or TL 3 ``TransformerBridge`` s with the same
+            architecture (both of the same kind).
+        tokenizer: the shared tokenizer; defaults to ft's (its chat template renders chat
+            data), else base's.
+        base_name, ft_name: names recorded in caches and configs (default: ``cfg.model_name``).
+        check: run the construction checks (dimensions, vocabulary, special tokens).
+
+    Raises:
+        PairingError: the models or tokenizers differ (the message names the first difference).
+    """
+
+    def __init__(
+        self,
+        base: Any,
+        ft: Any,
+        *,
+        tokenizer: Any = None,
+        base_name: str | None = None,
+        ft_name: str | None = None,
+        check: bool = True,
+    ) -> None:
+        if is_bridge(base) != is_bridge(ft):
+            raise PairingError(
+                f"base is a {type(base).__name__} but ft is a {type(ft).__name__}; load both "
+                "the same way (both HookedTransformer or both TransformerBridge)."
+            )
+        self.base = base
+        self.ft = ft
+        tok_b = getattr(base, "tokenizer", None)
+        tok_f = getattr(ft, "tokenizer", None)
+        if check:
+            check_dims(base, ft)
+            check_tokenizers(tok_b, tok_f)
+            if tokenizer is not None:
+                check_tokenizers(tokenizer, tok_f if tok_f is not None else tok_b)
+        self.tokenizer = (
+            tokenizer if tokenizer is not None else (tok_f if tok_f is not None else tok_b)
+        )
+        self.n_layers: int = int(base.cfg.n_layers)
+        self.d_model: int = int(base.cfg.d_model)
+        self.d_vocab: int = int(base.cfg.d_vocab)
+        self.base_name: str = base_name or _model_name(base, "base")
+        self.ft_name: str = ft_name or _model_name(ft, "ft")
+        self.base_revision: str | None = None
+        self.ft_revision: str | None = None
+        self.is_bridge: bool = is_bridge(base)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        """Device of the base model's parameters (inputs are moved there)."""
+        try:
+            return next(self.base.parameters()).device
+        except StopIteration:  # pragma: no cover
+            return torch.device(getattr(self.base.cfg, "device", "cpu") or "cpu")
+
+    @property
+    def ft_device(self) -> torch.device:
+        """Device of the ft model's parameters."""
+        try:
+            return next(self.ft.parameters()).device
+        except StopIteration:  # pragma: no cover
+            return self.device
+
+    @property
+    def hook_names(self) -> list[str]:
+        """Hook names valid in both models (sorted)."""
+        return sorted(valid_hook_names(self.base) & valid_hook_names(self.ft))
+
+    def model(self, which: str) -> Any:
+        """The model called ``which`` ("base" or "ft")."""
+        if which == "base":
+            return self.base
+        if which == "ft":
+            return self.ft
+        raise ValueError(f"which must be 'base' or 'ft', got {which!r}")
+
+    @staticmethod
+    def other(which: str) -> str:
+        """ "ft" for "base" and vice versa."""
+        if which not in ("base", "ft"):
+            raise ValueError(f"which must be 'base' or 'ft', got {which!r}")
+        return "ft" if which == "base" else "base"
+
+    def describe(self) -> dict[str, Any]:
+        """What a cache manifest / saved config records about the pair."""
+        return {
+            "base": {"name": self.base_name, "revision": self.base_revision},
+            "ft": {"name": self.ft_name, "revision": self.ft_revision},
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "d_vocab": self.d_vocab,
+            "backend": "bridge" if self.is_bridge else "hooked",
+            "tokenizer_hash": tokenizer_hash(self.tokenizer),
+            "chat_template_hash": chat_template_hash(self.tokenizer),
+        }
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_name: str,
+        ft_name: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        hf_model_path_or_local_dir: str | os.PathLike[str] | None = None,
+        backend: Backend = "auto",
+        base_revision: str | None = None,
+        ft_revision: str | None = None,
+        trust_remote_code: bool = False,
+        **tl_kwargs: Any,
+    ) -> PairedModel:
+        """Load a pair with the real TransformerLens / transformers loading code.
+
+        The fine-tune is loaded as a Hugging Face model and handed to TransformerLens with
+        the *base* architecture (``hf_model=``), as TransformerLens recommends for fine-tunes.
+
+        Args:
+            base_name: official TL name / Hugging Face id of the base, or a local HF folder.
+            ft_name: Hugging Face id of the fine-tune, or a local HF folder.
+            hf_model_path_or_local_dir: where to read the ft weights and tokenizer from, when
+                not ``ft_name`` (e.g. ``ft_name`` is a label and the weights are on disk).
+            backend: ``"hooked"`` (HookedTransformer, folds LayerNorms), ``"bridge"``
+                (TransformerBridge, raw HF numerics, any architecture transformers knows),
+                or ``"auto"`` (hooked when TransformerLens supports the architecture).
+            base_revision, ft_revision: Hub revisions (recorded in caches).
+            trust_remote_code: off by default; weights are read from safetensors (or
+                ``torch.load(weights_only=True)`` by transformers).
+            **tl_kwargs: passed to ``HookedTransformer.from_pretrained`` (e.g. ``fold_ln``,
+                ``center_unembed``, ``n_ctx``) or, for the bridge, to ``boot_transformers``.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        ft_path = str(hf_model_path_or_local_dir) if hf_model_path_or_local_dir else ft_name
+        base_path = str(base_name)
+        if backend == "auto":
+            backend = "hooked" if _hooked_supports(base_path) else "bridge"
+        if backend not in ("hooked", "bridge"):
+            raise ValueError(f"backend must be 'auto', 'hooked' or 'bridge', got {backend!r}")
+
+        hf_kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+        tok_base = AutoTokenizer.from_pretrained(
+            base_path, revision=base_revision, trust_remote_code=trust_remote_code
+        )
+        tok_ft = AutoTokenizer.from_pretrained(
+            ft_path, revision=ft_revision, trust_remote_code=trust_remote_code
+        )
+        check_tokenizers(tok_base, tok_ft)
+        hf_ft = AutoModelForCausalLM.from_pretrained(ft_path, revision=ft_revision, **hf_kwargs)
+
+        if backend == "hooked":
+            hf_base = AutoModelForCausalLM.from_pretrained(
+                base_path, revision=base_revision, **hf_kwargs
+            )
+            base = load_hooked(
+                base_path, hf_base, tok_base, device=device, dtype=dtype, **tl_kwargs
+            )
+            ft = load_hooked(base_path, hf_ft, tok_ft, device=device, dtype=dtype, **tl_kwargs)
+            del hf_base, hf_ft
+        else:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            base = TransformerBridge.boot_transformers(
+                base_path,
+                device=device,
+                dtype=dtype,
+                tokenizer=tok_base,
+                revision=base_revision,
+                trust_remote_code=trust_remote_code,
+                **tl_kwargs,
+            )
+            ft = TransformerBridge.boot_transformers(
+                base_path,
+                device=device,
+                dtype=dtype,
+                tokenizer=tok_ft,
+                hf_model=hf_ft.to(device),
+                trust_remote_code=trust_remote_code,
+                **tl_kwargs,
+            )
+        base.eval()
+        ft.eval()
+        pair = cls(base, ft, tokenizer=tok_ft, base_name=str(base_name), ft_name=str(ft_name))
+        pair.base_revision = base_revision or _commit_hash(base_path)
+        pair.ft_revision = ft_revision or _commit_hash(ft_path)
+        return pair
+
+    # ------------------------------------------------------------------ hooks
+    def validate_hooks(self, hook_names: list[str]) -> None:
+        """Raise :class:`HookNameError` (listing the valid names) for unknown hooks."""
+        check_hooks(hook_names, self.base, self.ft)
+
+    def _stop_layer(self, hook_names: list[str]) -> int | None:
+        stops = [stop_layer_for_hook(h, self.n_layers) for h in hook_names]
+        if any(s is None for s in stops):
+            return None
+        return max(s for s in stops if s is not None)
+
+    def _tokens_to(self, tokens: torch.Tensor, model: Any) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError(
+                "tokens must be a (batch, seq) integer tensor; tokenize text with "
+                "pair.tokenizer or a sae_diff.data.sources.TokenSource first."
+            )
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+        if tokens.numel() and (int(tokens.max()) >= self.d_vocab or int(tokens.min()) < 0):
+            raise ValueError(
+                f"token ids must lie in [0, {self.d_vocab}); got min {int(tokens.min())}, "
+                f"max {int(tokens.max())}. Were the tokens made with another tokenizer?"
+            )
+        dev = next(model.parameters()).device
+        return tokens.to(dev, dtype=torch.long)
+
+    def _run_with_cache(
+        self,
+        model: Any,
+        tokens: torch.Tensor,
+        hook_names: list[str],
+        stop: int | None,
+        attention_mask: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        kwargs: dict[str, Any] = {"names_filter": list(hook_names), "return_cache_object": False}
+        if stop is not None:
+            kwargs["stop_at_layer"] = stop
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask.to(tokens.device)
+        _, cache = model.run_with_cache(tokens, **kwargs)
+        return {h: cache[h] for h in hook_names}
+
+    @torch.no_grad()
+    def paired_activations(
+        self,
+        tokens: torch.Tensor,
+        hook_names: list[str] | str,
+        attention_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every requested hook of both models on the same tokens, one forward per model.
+
+        Returns ``{hook: (batch, seq, 2, d) tensor}`` with index 0 = base, 1 = ft, on the base
+        model's device. Each forward stops after the last layer any requested hook needs.
+        """
+        if isinstance(hook_names, str):
+            hook_names = [hook_names]
+        self.validate_hooks(hook_names)
+        stop = self._stop_layer(hook_names)
+        tb = self._tokens_to(tokens, self.base)
+        acts_b = self._run_with_cache(self.base, tb, hook_names, stop, attention_mask)
+        tf = self._tokens_to(tokens, self.ft)
+        acts_f = self._run_with_cache(self.ft, tf, hook_names, stop, attention_mask)
+        out: dict[str, torch.Tensor] = {}
+        for h in hook_names:
+            a, b = acts_b[h], acts_f[h].to(acts_b[h].device)
+            if a.shape != b.shape or a.shape[:2] != tokens.shape:
+                raise PairingError(
+                    f"hook {h}: base gave {tuple(a.shape)}, ft gave {tuple(b.shape)} for tokens "
+                    f"{tuple(tokens.shape)}; both models must see the same (batch, seq)."
+                )
+            if a.dim() > 3:  # e.g. per-head hooks (batch, seq, heads, d_head): flatten
+                a, b = a.flatten(2), b.flatten(2)
+            out[h] = torch.stack([a, b], dim=2)
+        return out
+
+    # ------------------------------------------------------------------ logits / stitching
+    @torch.no_grad()
+    def logits(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base_logits, ft_logits), each ``(batch, seq, d_vocab)``."""
+        kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+        lb = self.base(self._tokens_to(tokens, self.base), **kw)
+        lf = self.ft(self._tokens_to(tokens, self.ft), **kw)
+        return lb, lf
+
+    def _check_layer(self, layer: int) -> None:
+        if not isinstance(layer, int) or not 0 <= layer <= self.n_layers:
+            raise ValueError(
+                f"layer must be an int in [0, n_layers={self.n_layers}] (the residual before "
+                f"block `layer`; n_layers = before ln_final), got {layer!r}"
+            )
+
+    def _resid_hook(self, layer: int) -> str:
+        return f"blocks.{layer}.hook_resid_pre" if layer < self.n_layers else "ln_final.hook_in"
+
+    def residual_at(
+        self,
+        which: str,
+        tokens: torch.Tensor,
+        layer: int,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Residual stream of model ``which`` before block ``layer`` (``resid_pre``);
+        ``layer == n_layers`` gives the final residual before ``ln_final``.
+        Gradients flow (wrap in ``torch.no_grad()`` when not needed)."""
+        self._check_layer(layer)
+        model = self.model(which)
+        toks = self._tokens_to(tokens, model)
+        kw = {} if attention_mask is None else {"attention_mask": attention_mask.to(toks.device)}
+        if not is_bridge(model):
+            return model(toks, stop_at_layer=layer, **kw)
+        if layer == self.n_layers:  # the bridge's last hook before ln_final
+            name = f"blocks.{layer - 1}.hook_resid_post"
+            stop = None
+        else:
+            # the bridge stops by raising at ``blocks.{stop}.hook_in``, before the cache
+            # hook of that same point fires: stop one block later
+            name, stop = self._resid_hook(layer), layer + 1
+        return self._run_with_cache(model, toks, [name], stop, attention_mask)[name]
+
+    def continue_from(
+        self,
+        which: str,
+        resid: torch.Tensor,
+        layer: int,
+        tokens: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run model ``which`` from the residual ``resid`` before block ``layer`` to logits
+        (its own blocks ``layer..``, final LayerNorm and unembedding).
+
+        ``tokens`` are required for TransformerBridge models (which cannot start mid-way:
+        the residual is substituted at ``blocks.L.hook_resid_pre`` during a full forward).
+        """
+        self._check_layer(layer)
+        model = self.model(which)
+        dev = next(model.parameters()).device
+        resid = resid.to(dev)
+        if not is_bridge(model):
+            kw: dict[str, Any] = {}
+            if attention_mask is not None:
+                kw["attention_mask"] = attention_mask.to(dev)
+            return model(resid, start_at_layer=layer, **kw)
+        if tokens is None:
+            raise ValueError(
+                "continue_from on a TransformerBridge needs `tokens` (the bridge cannot start "
+                "mid-model; the residual is substituted during a forward on these tokens)."
+            )
+        toks = self._tokens_to(tokens, model)
+        if tuple(toks.shape) != tuple(resid.shape[:2]):
+            raise ValueError(f"tokens {tuple(toks.shape)} do not match resid {tuple(resid.shape)}")
+
+        def _replace(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            return resid.to(act.dtype)
+
+        kw2: dict[str, Any] = (
+            {} if attention_mask is None else {"attention_mask": attention_mask.to(dev)}
+        )
+        return model.run_with_hooks(toks, fwd_hooks=[(self._resid_hook(layer), _replace)], **kw2)
+
+    def stitched_logits(
+        self,
+        tokens: torch.Tensor,
+        layer: int,
+        first: str = "base",
+        edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``first`` up to layer ``layer``, optionally ``edit`` the residual, continue with
+        the other model. ``layer = 0`` is the pure second model, ``layer = n_layers`` the pure
+        first model (see the module docstring for who owns the embedding / unembedding)."""
+        self._check_layer(layer)
+        second = self.other(first)
+        owner_in = second if layer == 0 else first
+        owner_out = first if layer == self.n_layers else second
+        resid = self.residual_at(owner_in, tokens, layer, attention_mask=attention_mask)
+        if edit is not None:
+            edited = edit(resid)
+            if not isinstance(edited, torch.Tensor) or edited.shape != resid.shape:
+                raise ValueError(
+                    f"edit must return a tensor of the residual's shape {tuple(resid.shape)}"
+                )
+            resid = edited
+        return self.continue_from(
+            owner_out, resid, layer, tokens=tokens, attention_mask=attention_mask
+        )
+
+
+# ---------------------------------------------------------------------- loading helpers
+def _is_local_dir(name: str) -> bool:
+    return (Path(name) / "config.json").is_file()
+
+
+def _hooked_supports(name: str) -> bool:
+    """Whether HookedTransformer can build this architecture (else use the bridge)."""
+    from transformer_lens import loading_from_pretrained as loading
+
+    try:
+        if _is_local_dir(name):
+            loading.convert_hf_model_config(name)
+        else:
+            loading.get_official_model_name(name)
+    except (ValueError, NotImplementedError, KeyError, AttributeError, TypeError):
+        return False
+    return True
+
+
+def load_hooked(
+    base_name_or_dir: str,
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **tl_kwargs: Any,
+) -> Any:
+    """A HookedTransformer with the architecture of ``base_name_or_dir`` and the weights of
+    ``hf_model`` (TransformerLens's ``hf_model=`` path).
+
+    ``HookedTransformer.from_pretrained`` only accepts official names; for a local Hugging
+    Face folder this runs the same TransformerLens steps (``get_pretrained_model_config`` on
+    the folder, ``get_pretrained_state_dict`` with ``hf_model``,
+    ``load_and_process_state_dict``).
+    """
+    from transformer_lens import HookedTransformer
+    from transformer_lens import loading_from_pretrained as loading
+
+    if not _is_local_dir(base_name_or_dir):
+        return HookedTransformer.from_pretrained(
+            base_name_or_dir,
+            hf_model=hf_model,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            **tl_kwargs,
+        )
+    fold_ln = tl_kwargs.pop("fold_ln", True)
+    center_writing_weights = tl_kwargs.pop("center_writing_weights", True)
+    center_unembed = tl_kwargs.pop("center_unembed", True)
+    fold_value_biases = tl_kwargs.pop("fold_value_biases", True)
+    refactor = tl_kwargs.pop("refactor_factored_attn_matrices", False)
+    default_padding_side = tl_kwargs.pop("default_padding_side", None)
+    cfg = loading.get_pretrained_model_config(
+        base_name_or_dir,
+        hf_cfg=hf_model.config.to_dict(),
+        fold_ln=fold_ln,
+        device=device,
+        dtype=dtype,
+        **tl_kwargs,
+    )
+    state_dict = loading.get_pretrained_state_dict(base_name_or_dir, cfg, hf_model, dtype=dtype)
+    model = HookedTransformer(
+        cfg, tokenizer, move_to_device=False, default_padding_side=default_padding_side
+    )
+    model.load_and_process_state_dict(
+        state_dict,
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases,
+        refactor_factored_attn_matrices=refactor,
+    )
+    model.move_model_modules_to_device()
+    return model
+
+
+def _commit_hash(name_or_dir: str) -> str | None:
+    """The Hub commit of a cached model, or None for local folders / unknown."""
+    if _is_local_dir(name_or_dir):
+        return None
+    try:
+        from transformers import AutoConfig
+
+        return getattr(AutoConfig.from_pretrained(name_or_dir), "_commit_hash", None)
+    except Exception:  # pragma: no cover - offline or missing; a revision is optional
+        return None

@@ -1,0 +1,698 @@
+"""Sparse training kernels for BatchTopK / TopK dictionaries (pure torch).
+
+A BatchTopK step keeps ``K = B * k`` of the ``B * n`` pre-activations of a batch. The
+dense formulation (what public trainers do: dense encode, flat top-k, dense decode, dense
+backward) costs about ``10 * D * n`` FLOPs per token. Only the encoder *forward* matmul has to
+be dense; everything else touches the ``K`` kept entries only:
+
+==========================  ===========================================  ==============
+piece                       how                                          FLOPs / token
+==========================  ===========================================  ==============
+encoder forward             ``addmm(b_enc, x, W_enc)`` (dense)           ``2 D n``
+selection                   :func:`batch_topk` (threshold pre-filter)    ``O(n)`` passes
+decode                      ``embedding_bag(sum, per_sample_weights)``   ``2 k D``
+d values                    ``sampled_addmm`` (SDDMM on the kept set)    ``2 k D``
+d W_dec                     ``embedding_bag`` over latents (bags)        ``2 k D``
+d W_enc, d b_enc            ``embedding_bag`` over latents, ``index_add``  ``2 k D``
+==========================  ===========================================  ==============
+
+so ``2 D n + 8 k D`` instead of ``10 D n``. ``x`` gets no gradient unless it requires one.
+
+Shapes (crosscoders flatten their model axis: ``D = n_models * d_in``; the crosscoder layouts
+``W_enc (n_models, d_in, n)`` and ``W_dec (n, n_models, d_in)`` reshape to these as views):
+
+- ``x``: ``(B, D)``, ``W_enc``: ``(D, n)``, ``b_enc``: ``(n,)``, ``W_dec``: ``(n, D)``,
+  ``b_dec``: ``(D,)``, code-normalisation scale ``s``: ``(n,)`` (non-negative, no gradient).
+
+Semantics (METHODS.md section 1): pre-activations ``p = relu(x W_enc + b_enc)``, selection
+scores ``v = p * s``, keep the ``K`` largest ``v`` of the whole batch, kept values are the
+*unscaled* ``p``. ``s`` only enters the (discrete) selection, so it gets no gradient; this equals
+SAELens's ``rescale_acts_by_decoder_norm`` forward, whose gradients through the norm cancel
+exactly (``p * s / s``).
+
+Tie rule: the selected set is exactly the set of ``torch.topk(v.flatten(), K)`` except that,
+among entries equal to the ``K``-th largest score, the ones with the lowest flat (row-major)
+index are kept; ``torch.topk`` leaves that choice unspecified.
+
+Public API:
+
+- :func:`batch_topk`: exact fast flat top-K selection -> :class:`TopKSelection`.
+- :func:`sparse_encode`: differentiable ``(values, aux values)`` of the kept entries
+  (gradients for ``W_enc``, ``b_enc``, and ``x`` only if it requires grad).
+- :func:`sparse_decode`: differentiable ``f @ W_dec`` from CSR triples (gradients for the
+  values and ``W_dec``).
+- :func:`sparse_batchtopk_encode_decode`: both, plus ``b_dec``; returns a
+  :class:`SparseForwardOutput`.
+- :func:`make_adam`: Adam with ``fused=True`` where this torch build supports it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "SparseCode",
+    "SparseForwardOutput",
+    "TopKSelection",
+    "batch_topk",
+    "dense_batchtopk_reference",
+    "fused_adam_supported",
+    "make_adam",
+    "sparse_batchtopk_encode_decode",
+    "sparse_decode",
+    "sparse_encode",
+]
+
+# Scores above this many elements use the sampled-threshold fast path; below it a flat
+# ``kthvalue`` over everything is already cheap.
+_FAST_PATH_MIN_NUMEL = 1 << 16
+# Sample size for the quantile estimate of the K-th largest score.
+_SAMPLE_SIZE = 1 << 16
+# The sampled threshold targets this many candidates per kept entry (2 -> ~2K candidates;
+# the relative standard error of the count is ~1/sqrt(2 K S / N), far from a miss).
+_CANDIDATE_FACTOR = 2.0
+# Relative safety margin of the per-latent candidate threshold t / s_j: covers the rounding
+# of ``p * s`` and of ``t / s`` (each <= 1 ulp), so no entry with v >= t is filtered out.
+_MARGIN = 1e-5
+
+
+@dataclass
+class TopKSelection:
+    """Result of :func:`batch_topk`.
+
+    Attributes:
+        row: ``(K,)`` int64 row (token) indices, non-decreasing (row-major order).
+        col: ``(K,)`` int64 column (latent) indices, increasing within a row.
+        scores: ``(K,)`` the selected scores (``relu(scores) * scale`` when a scale is given).
+        kth_score: the ``K``-th largest score (the smallest kept one), a python float.
+        fast_path: whether the candidate pre-filter succeeded (False: full-size selection).
+        n_candidates: number of candidates the exact selection ran on.
+    """
+
+    row: Tensor
+    col: Tensor
+    scores: Tensor
+    kth_score: float
+    fast_path: bool
+    n_candidates: int
+
+
+@dataclass
+class SparseCode:
+    """Kept entries of a ``(B, n)`` code in CSR order (rows non-decreasing).
+
+    Attributes:
+        row: ``(nnz,)`` int64 row indices.
+        col: ``(nnz,)`` int64 latent indices.
+        values: ``(nnz,)`` activations (differentiable when produced by :func:`sparse_encode`).
+        offsets: ``(B,)`` int64 start of each row in ``row/col/values`` (CSR ``crow[:-1]``).
+        shape: ``(B, n)``.
+    """
+
+    row: Tensor
+    col: Tensor
+    values: Tensor
+    offsets: Tensor
+    shape: tuple[int, int]
+
+    def to_dense(self) -> Tensor:
+        """Materialise the dense ``(B, n)`` code (differentiable in ``values``)."""
+        flat = self.row * self.shape[1] + self.col
+        out = self.values.new_zeros(self.shape[0] * self.shape[1])
+        return out.index_put((flat,), self.values, accumulate=True).view(self.shape)
+
+    def to_sparse_coo(self) -> Tensor:
+        """A (detached) ``torch.sparse_coo_tensor`` view of the code, e.g. for SAELens stats."""
+        idx = torch.stack([self.row, self.col])
+        return torch.sparse_coo_tensor(
+            idx, self.values.detach(), self.shape, is_coalesced=True, check_invariants=False
+        )
+
+    def l0(self) -> Tensor:
+        """Number of non-zero activations per row, ``(B,)`` (float)."""
+        nz = (self.values.detach() != 0).to(torch.float32)
+        return torch.zeros(self.shape[0], device=nz.device).index_add_(0, self.row, nz)
+
+
+@dataclass
+class SparseForwardOutput:
+    """Output of :func:`sparse_batchtopk_encode_decode`.
+
+    Attributes:
+        code: the kept BatchTopK entries (values differentiable).
+        xhat: ``(B, D)`` reconstruction ``f @ W_dec + b_dec``.
+        min_kept_score: smallest kept score ``v`` (for the tracked threshold), float.
+        min_positive_kept_score: smallest kept score that is > 0 (SAELens's convention), float
+            (``nan`` when none is positive).
+        aux_code: the auxiliary (dead-latent) entries, or ``None``.
+        aux_recon: ``(B, D)`` auxiliary reconstruction ``f_aux @ W_dec`` (no bias), or ``None``.
+        fast_path: whether :func:`batch_topk` used its fast path.
+    """
+
+    code: SparseCode
+    xhat: Tensor
+    min_kept_score: float
+    min_positive_kept_score: float
+    aux_code: SparseCode | None
+    aux_recon: Tensor | None
+    fast_path: bool
+
+
+# --------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------
+
+
+def _effective_scores(flat_pre: Tensor, flat_idx: Tensor, scale: Tensor | None, n: int) -> Tensor:
+    """Exact ``relu(pre) * scale`` at the given flat indices (bitwise equal to the dense op)."""
+    vals = flat_pre[flat_idx].relu()
+    if scale is None:
+        return vals
+    return vals * scale[flat_idx % n]
+
+
+def _exact_topk_of_candidates(idx: Tensor, cv: Tensor, k_total: int) -> tuple[Tensor, Tensor]:
+    """Keep the ``k_total`` largest ``cv`` (ties: lowest ``idx``, which is ascending).
+
+    Returns the kept flat indices (ascending) and their scores.
+    """
+    c = cv.numel()
+    if c <= k_total:
+        return idx, cv
+    kth = torch.kthvalue(cv, c - k_total + 1).values
+    gt = cv > kth
+    eq = cv == kth
+    need = k_total - int(gt.sum())
+    keep = gt | (eq & (torch.cumsum(eq, 0) <= need))
+    return idx[keep], cv[keep]
+
+
+def _sample_scores(flat_pre: Tensor, scale: Tensor | None, n: int) -> Tensor:
+    """Exact scores of a deterministic strided sample of ``min(_SAMPLE_SIZE, N)`` entries.
+
+    The stride is coprime with ``n`` so every latent is visited; no RNG is used, so the
+    training's random stream is untouched.
+    """
+    N = flat_pre.numel()
+    S = min(_SAMPLE_SIZE, N)
+    stride = max(1, N // S)
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    idx = (torch.arange(S, device=flat_pre.device) * stride) % N
+    return _effective_scores(flat_pre, idx, scale, n)
+
+
+def _sample_threshold(sample: Tensor, N: int, k_total: int) -> float | None:
+    """A score threshold with about ``_CANDIDATE_FACTOR * k_total`` of ``N`` entries above it.
+
+    Returns ``None`` if no useful positive threshold exists (K a large fraction of N, or too
+    few positive scores).
+    """
+    S = sample.numel()
+    rank = math.ceil(_CANDIDATE_FACTOR * k_total * S / N)  # rank from the top in the sample
+    if rank >= S // 2:
+        return None
+    t = float(torch.kthvalue(sample.float(), S - rank + 1).values)
+    if not t > 0.0 or not math.isfinite(t):
+        return None
+    return t
+
+
+def _candidates_above(pre: Tensor, scale: Tensor | None, t: float) -> Tensor:
+    """Flat indices (ascending) of entries whose score might be ``>= t`` (conservative)."""
+    if scale is None:
+        mask = pre >= t
+    else:
+        # p * s >= t  =>  p >= (t / s) * (1 - margin); s == 0 gives inf (never a candidate,
+        # its score is 0 < t).
+        dt = torch.float64 if pre.dtype == torch.float64 else torch.float32
+        thr = (t / scale.to(dt)) * (1.0 - _MARGIN)
+        mask = pre >= thr
+    return mask.view(-1).nonzero().view(-1)
+
+
+@torch.no_grad()
+def batch_topk(
+    scores: Tensor,
+    k_total: int,
+    threshold_hint: float | None = None,
+    *,
+    scale: Tensor | None = None,
+    force_slow: bool = False,
+) -> TopKSelection:
+    """Exact flat top-``k_total`` of a ``(B, n)`` score matrix, fast.
+
+    Equivalent to ``torch.topk(v.flatten(), k_total)`` with ``v = relu(scores) * scale``
+    (``v = relu(scores)`` when ``scale`` is None; for BatchTopK the scores are the
+    pre-activations, so pass them and the code-normalisation scale instead of materialising
+    ``v``). Ties at the ``K``-th value: lowest flat index wins (see the module docstring).
+
+    Fast path: pick a threshold ``t`` (``threshold_hint`` if it is plausible, else a quantile of
+    a deterministic strided sample, aiming at ~2K candidates), collect the entries that can
+    reach ``t`` with one comparison pass + ``nonzero``, and run the exact selection on those.
+    It is exact iff the K-th largest candidate score is ``>= t`` (every non-candidate is ``< t``);
+    that is checked, and a miss falls back to the next threshold and finally to the exact
+    selection over all entries (the slow path).
+
+    Args:
+        scores: ``(B, n)`` scores or pre-activations (any float dtype).
+        k_total: number of entries to keep, ``B * k``.
+        threshold_hint: a guess of the K-th largest score (e.g. the tracked BatchTopK
+            threshold); used only if a sample says it yields between 1.1K and 8K candidates.
+        scale: optional ``(n,)`` non-negative per-column scale (code normalisation).
+        force_slow: skip the fast path (for tests and benchmarks).
+
+    Returns:
+        :class:`TopKSelection` (row-major order).
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (B, n), got {tuple(scores.shape)}")
+    B, n = scores.shape
+    N = B * n
+    k_total = int(k_total)
+    if k_total < 0:
+        raise ValueError("k_total must be >= 0")
+    k_total = min(k_total, N)
+    flat = scores.reshape(-1)
+    if scale is not None:
+        scale = scale.detach()
+        if scale.shape != (n,):
+            raise ValueError(f"scale must be ({n},), got {tuple(scale.shape)}")
+
+    if k_total == 0:
+        empty = torch.empty(0, dtype=torch.long, device=scores.device)
+        return TopKSelection(empty, empty, flat[:0], float("nan"), False, 0)
+
+    if not force_slow and N >= _FAST_PATH_MIN_NUMEL:
+        thresholds: list[float] = []
+        sample = _sample_scores(flat, scale, n)
+        t_sample = _sample_threshold(sample, N, k_total)
+        if threshold_hint is not None and t_sample is not None and threshold_hint > 0:
+            # the hint's plausibility on the same sample: expected candidates per kept entry
+            frac = float((sample >= threshold_hint).sum()) / sample.numel()
+            if 1.1 <= frac * N / k_total <= 8.0:
+                thresholds.append(float(threshold_hint))
+        if t_sample is not None:
+            thresholds.append(t_sample)
+        for t in thresholds:
+            idx = _candidates_above(scores, scale, t)
+            if idx.numel() < k_total:
+                continue
+            cv = _effective_scores(flat, idx, scale, n)
+            kept_idx, kept_v = _exact_topk_of_candidates(idx, cv, k_total)
+            kth = float(kept_v.min())
+            if kth >= t:  # every non-candidate scores < t <= kth: exact
+                return TopKSelection(
+                    kept_idx // n, kept_idx % n, kept_v, kth, True, int(idx.numel())
+                )
+
+    # slow path: exact selection over every entry
+    all_idx = torch.arange(N, device=scores.device)
+    v = flat.relu() if scale is None else (scores.relu() * scale).reshape(-1)
+    kept_idx, kept_v = _exact_topk_of_candidates(all_idx, v, k_total)
+    return TopKSelection(kept_idx // n, kept_idx % n, kept_v, float(kept_v.min()), False, int(N))
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd functions
+# --------------------------------------------------------------------------------------------
+
+
+def _offsets_from_sorted(keys: Tensor, n_bags: int) -> Tensor:
+    """Exclusive cumsum of ``bincount(keys)``: bag start offsets for ``embedding_bag``."""
+    counts = torch.bincount(keys, minlength=n_bags)
+    offsets = torch.zeros(n_bags, dtype=torch.long, device=keys.device)
+    if n_bags > 1:
+        torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    return offsets
+
+
+def _latent_bag_sum(
+    rows: Tensor, cols: Tensor, weights: Tensor, table: Tensor, n_latents: int
+) -> Tensor:
+    """``out[j] = sum_{e: cols[e] == j} weights[e] * table[rows[e]]``, shape ``(n, table.shape[1])``.
+
+    This is ``G^T @ table`` for the sparse ``G`` given by the triples: one ``embedding_bag`` with
+    one bag per latent (entries sorted by latent, stable), so each output row is written once.
+    """
+    if cols.numel() == 0:
+        return table.new_zeros(n_latents, table.shape[1])
+    perm = torch.argsort(cols, stable=True)
+    cols_sorted = cols[perm]
+    offsets = _offsets_from_sorted(cols_sorted, n_latents)
+    return F.embedding_bag(
+        rows[perm],
+        table,
+        offsets,
+        mode="sum",
+        per_sample_weights=weights[perm].to(table.dtype),
+    )
+
+
+def _gather_dot(
+    g: Tensor, W: Tensor, row: Tensor, col: Tensor, offsets: Tensor, shape: tuple[int, int]
+) -> Tensor:
+    """``(g @ W^T)[row, col]`` for the kept entries only (SDDMM), shape ``(nnz,)``."""
+    nnz = row.numel()
+    if nnz == 0:
+        return g.new_zeros(0)
+    dtype = torch.promote_types(g.dtype, W.dtype)
+    g = g.to(dtype)
+    W = W.to(dtype)
+    try:
+        crow = torch.cat([offsets, offsets.new_tensor([nnz])])
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            mask = torch.sparse_csr_tensor(
+                crow, col, g.new_zeros(nnz), shape, check_invariants=False
+            )
+        return torch.sparse.sampled_addmm(mask, g, W.t(), beta=0.0).values()
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - backend without SDDMM
+        out = g.new_empty(nnz)
+        chunk = 8192
+        for s in range(0, nnz, chunk):
+            e = min(nnz, s + chunk)
+            out[s:e] = (g.index_select(0, row[s:e]) * W.index_select(0, col[s:e])).sum(-1)
+        return out
+
+
+def _encoder_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """Dense pre-activations ``x @ W_enc + b_enc`` (autocast-aware: bf16/fp16 matmul)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return torch.addmm(b_enc.to(dt), x.to(dt), W_enc.to(dt))
+    return torch.addmm(b_enc, x, W_enc)
+
+
+class _SparseEncode(torch.autograd.Function):
+    """Dense encoder forward + BatchTopK selection; backward touches kept entries only."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        scale: Tensor | None,
+        k_total: int,
+        threshold_hint: float | None,
+        aux_latents: Tensor | None,
+        k_aux: int,
+    ) -> tuple[Tensor, ...]:
+        B = x.shape[0]
+        n = W_enc.shape[1]
+        pre = _encoder_preacts(x, W_enc, b_enc)
+        sel = batch_topk(pre, k_total, threshold_hint, scale=scale)
+        flat = pre.view(-1)
+        row, col = sel.row, sel.col
+        values = flat[row * n + col].relu().to(x.dtype)
+        offsets = _offsets_from_sorted(row, B)
+
+        if aux_latents is not None and k_aux > 0 and aux_latents.numel() > 0:
+            # per-row top-k_aux of the dead latents by scaled pre-activation (no relu, as in
+            # SAELens / EleutherAI); values are the unscaled pre-activations.
+            kk = min(int(k_aux), aux_latents.numel())
+            sub = pre.index_select(1, aux_latents)
+            sub_scores = sub if scale is None else sub * scale[aux_latents].to(sub.dtype)
+            top = torch.topk(sub_scores, kk, dim=1, sorted=False).indices
+            top, _ = torch.sort(top, dim=1)  # CSR: columns increasing within a row
+            aux_col = aux_latents[top].reshape(-1)
+            aux_row = torch.arange(B, device=x.device).repeat_interleave(kk)
+            aux_values = sub.gather(1, top).reshape(-1).to(x.dtype)
+            aux_offsets = torch.arange(B, device=x.device) * kk
+        else:
+            aux_col = torch.empty(0, dtype=torch.long, device=x.device)
+            aux_row = aux_col
+            aux_values = x.new_empty(0)
+            aux_offsets = torch.zeros(B, dtype=torch.long, device=x.device)
+        del pre, flat
+
+        ctx.save_for_backward(x, W_enc, row, col, values, aux_row, aux_col)
+        ctx.n = n
+        ctx.b_enc_dtype = b_enc.dtype
+        kth = torch.tensor(
+            [sel.kth_score, float(sel.fast_path), float(sel.n_candidates)], dtype=torch.float64
+        )
+        ctx.mark_non_differentiable(row, col, offsets, aux_row, aux_col, aux_offsets, kth)
+        return values, aux_values, row, col, offsets, aux_row, aux_col, aux_offsets, kth
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, *grads: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        x, W_enc, row, col, values, aux_row, aux_col = ctx.saved_tensors
+        n: int = ctx.n
+        g_values, g_aux = grads[0], grads[1]
+        rows_parts, cols_parts, g_parts = [], [], []
+        if g_values is not None:
+            g_main = torch.where(values > 0, g_values, torch.zeros_like(g_values))  # relu'
+            rows_parts.append(row)
+            cols_parts.append(col)
+            g_parts.append(g_main)
+        if g_aux is not None and aux_row.numel() > 0:
+            rows_parts.append(aux_row)
+            cols_parts.append(aux_col)
+            g_parts.append(g_aux)
+        if not g_parts:
+            return (None,) * 8
+        rows_all = torch.cat(rows_parts) if len(rows_parts) > 1 else rows_parts[0]
+        cols_all = torch.cat(cols_parts) if len(cols_parts) > 1 else cols_parts[0]
+        g_all = torch.cat(g_parts) if len(g_parts) > 1 else g_parts[0]
+
+        needs = ctx.needs_input_grad
+        d_x = d_W = d_b = None
+        if needs[1]:
+            # dW_enc^T (n, D) = G^T x; returned as its transpose view (D, n): no dense B x n
+            # gradient and no transpose copy here (autograd copies only if W_enc's layout
+            # differs; a latent-major W_enc avoids that too).
+            d_W = _latent_bag_sum(rows_all, cols_all, g_all, x.to(W_enc.dtype), n).t()
+        if needs[2]:
+            d_b = torch.zeros(n, dtype=ctx.b_enc_dtype, device=g_all.device)
+            d_b.index_add_(0, cols_all, g_all.to(d_b.dtype))
+        if needs[0]:
+            # dx = G @ W_enc^T (sparse @ dense); only when the input requires grad.
+            B = x.shape[0]
+            G = torch.sparse_coo_tensor(
+                torch.stack([rows_all, cols_all]),
+                g_all.to(W_enc.dtype),
+                (B, n),
+                check_invariants=False,
+            )
+            d_x = torch.sparse.mm(G, W_enc.t()).to(x.dtype)
+        return d_x, d_W, d_b, None, None, None, None, None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """``f @ W_dec`` from CSR triples; backward: d values (SDDMM) and d W_dec (bag sums)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        values: Tensor,
+        W_dec: Tensor,
+        row: Tensor,
+        col: Tensor,
+        offsets: Tensor,
+        n_rows: int,
+    ) -> Tensor:
+        if col.numel() == 0:
+            out = W_dec.new_zeros(n_rows, W_dec.shape[1])
+        else:
+            out = F.embedding_bag(
+                col, W_dec, offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype)
+            )
+        ctx.save_for_backward(values, W_dec, row, col, offsets)
+        ctx.n_rows = n_rows
+        return out
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, g: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        values, W_dec, row, col, offsets = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        n_rows: int = ctx.n_rows
+        g = g.contiguous()
+        d_values = d_W = None
+        if needs[0]:
+            d_values = _gather_dot(g, W_dec, row, col, offsets, (n_rows, W_dec.shape[0])).to(
+                values.dtype
+            )
+        if needs[1]:
+            d_W = _latent_bag_sum(row, col, values, g.to(W_dec.dtype), W_dec.shape[0])
+        return d_values, d_W, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Public functional API
+# --------------------------------------------------------------------------------------------
+
+
+def sparse_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k_total: int,
+    *,
+    scale: Tensor | None = None,
+    threshold_hint: float | None = None,
+    aux_latents: Tensor | None = None,
+    k_aux: int = 0,
+) -> tuple[SparseCode, SparseCode | None, tuple[float, bool, int]]:
+    """BatchTopK encode keeping only the selected entries (differentiable values).
+
+    Args:
+        x: ``(B, D)`` input (no gradient is computed for it unless it requires grad).
+        W_enc: ``(D, n)``; b_enc: ``(n,)``.
+        k_total: kept entries for the batch, ``B * k``.
+        scale: ``(n,)`` code-normalisation scale ``s`` for the selection (detached).
+        threshold_hint: tracked threshold (a guess of the K-th largest score), optional.
+        aux_latents: ``(n_dead,)`` int64 dead-latent ids for the auxiliary loss, optional.
+        k_aux: number of dead latents kept per row (top by scaled pre-activation).
+
+    Returns:
+        ``(code, aux_code, (kth_score, fast_path, n_candidates))``: the BatchTopK entries, the
+        auxiliary entries (``None`` if not requested; values are raw pre-activations, may be
+        negative) and selection statistics (smallest kept score, whether the fast path was
+        used, candidate count).
+    """
+    B = x.shape[0]
+    n = W_enc.shape[1]
+    sc = None if scale is None else scale.detach()
+    aux = None if aux_latents is None else aux_latents.to(torch.long)
+    (values, aux_values, row, col, offsets, aux_row, aux_col, aux_offsets, kth) = (
+        _SparseEncode.apply(x, W_enc, b_enc, sc, int(k_total), threshold_hint, aux, int(k_aux))
+    )
+    code = SparseCode(row, col, values, offsets, (B, n))
+    aux_code = None
+    if aux is not None and k_aux > 0 and aux.numel() > 0:
+        aux_code = SparseCode(aux_row, aux_col, aux_values, aux_offsets, (B, n))
+    stats = kth.tolist()
+    return code, aux_code, (stats[0], bool(stats[1]), int(stats[2]))
+
+
+def sparse_decode(code: SparseCode, W_dec: Tensor) -> Tensor:
+    """``f @ W_dec`` for a sparse code without materialising ``f``: ``(B, D)``.
+
+    Gradients flow to ``code.values`` and ``W_dec`` (only the used rows are non-zero).
+    """
+    if W_dec.dim() != 2 or W_dec.shape[0] != code.shape[1]:
+        raise ValueError(f"W_dec must be ({code.shape[1]}, D), got {tuple(W_dec.shape)}")
+    return _SparseDecode.apply(code.values, W_dec, code.row, code.col, code.offsets, code.shape[0])
+
+
+def sparse_batchtopk_encode_decode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    k: float,
+    *,
+    scale: Tensor | None = None,
+    threshold_hint: float | None = None,
+    aux_latents: Tensor | None = None,
+    k_aux: int = 0,
+) -> SparseForwardOutput:
+    """The sparse BatchTopK training forward: encode, select, decode (all differentiable).
+
+    ``k`` is the mean number of kept latents per row (``K = round(B * k)``). Gradients:
+    ``W_enc``, ``b_enc`` (kept entries only), ``W_dec`` (used rows), ``b_dec``; ``x`` only if it
+    requires grad. The auxiliary reconstruction (dead latents, no bias) is returned separately
+    so the caller can form its loss against the detached residual.
+    """
+    B = x.shape[0]
+    k_total = int(round(k * B))
+    code, aux_code, (kth, fast, _) = sparse_encode(
+        x,
+        W_enc,
+        b_enc,
+        k_total,
+        scale=scale,
+        threshold_hint=threshold_hint,
+        aux_latents=aux_latents,
+        k_aux=k_aux,
+    )
+    xhat = sparse_decode(code, W_dec) + b_dec
+    aux_recon = sparse_decode(aux_code, W_dec) if aux_code is not None else None
+    with torch.no_grad():
+        v = code.values.detach()
+        if scale is not None:
+            v = v * scale.detach()[code.col].to(v.dtype)
+        pos = v[v > 0]
+        min_pos = float(pos.min()) if pos.numel() else float("nan")
+    return SparseForwardOutput(code, xhat, kth, min_pos, aux_code, aux_recon, fast)
+
+
+def dense_batchtopk_reference(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    k: float,
+    *,
+    scale: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The dense reference (as public trainers do it): dense encode, flat top-k, dense decode.
+
+    Returns ``(f, xhat)`` with ``f`` the dense ``(B, n)`` code. Used by the tests and the
+    benchmark; the selected set matches :func:`batch_topk` whenever the ``K``-th score is not
+    tied (``torch.topk``'s tie-break is unspecified).
+    """
+    B = x.shape[0]
+    k_total = int(round(k * B))
+    acts = torch.relu(x @ W_enc + b_enc)
+    v = acts if scale is None else acts * scale.detach()
+    idx = torch.topk(v.flatten(), k_total, sorted=False).indices
+    mask = torch.zeros_like(v.flatten()).scatter_(0, idx, 1.0).view_as(v)
+    f = acts * mask
+    return f, f @ W_dec + b_dec
+
+
+# --------------------------------------------------------------------------------------------
+# Optimiser
+# --------------------------------------------------------------------------------------------
+
+
+def fused_adam_supported(device: torch.device | str) -> bool:
+    """Whether ``torch.optim.Adam(..., fused=True)`` works for float32 params on ``device``."""
+    dev = torch.device(device)
+    try:
+        p = torch.nn.Parameter(torch.zeros(2, device=dev))
+        p.grad = torch.ones(2, device=dev)
+        torch.optim.Adam([p], lr=1e-3, fused=True).step()
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+def make_adam(
+    params: list[torch.nn.Parameter] | list[Tensor],
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    *,
+    fused: bool | None = None,
+) -> torch.optim.Adam:
+    """Adam as SAELens's ``SAETrainer`` builds it, but ``fused=True`` where supported.
+
+    SAELens 6 constructs ``torch.optim.Adam(params, lr, betas)`` with default flags, which on
+    CPU is the single-tensor for-loop implementation; the fused kernel (CPU since torch 2.4,
+    CUDA) does one vectorised pass per parameter and is numerically the same algorithm.
+    """
+    params = list(params)
+    if fused is None:
+        dev = params[0].device if params else torch.device("cpu")
+        fused = fused_adam_supported(dev) and all(
+            p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in params
+        )
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=bool(fused))

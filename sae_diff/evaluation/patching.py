@@ -1,0 +1,728 @@
+"""KL patching at a dictionary's layer: every intervention of METHODS.md §4.
+
+Split both models at layer ``L`` (the residual before block ``L``). For each batch the base and
+ft residuals ``x^b, x^c`` at ``L`` are computed once; every intervention then builds a residual
+``h`` from them and costs one ft second-half forward, ``patched(h)``. The reference is the ft
+model (``h = x^c``); the stitched baseline is ``h = x^b``.
+
+Interventions (``D = x^c - x^b``; ``f`` = the dictionary's codes on the pair):
+
+==================  =========================================================================
+crosscoder recon    ``x^b + sum_j f_j (d_j^c - d_j^b)``   (decoder biases excluded by default)
+crosscoder error    ``x^b + (D - sum_j f_j (d_j^c - d_j^b))``   (recon + error = ``D``)
+subset S            ``x^b + sum_{j in S} f_j (d_j^c - d_j^b)``
+diff-SAE recon      ``x^b + s * SAE(s * D)``  (``s = +1`` for ``ft_minus_base``, ``-1`` else;
+                    the SAE's bias included: it is part of the reconstructed difference)
+diff-SAE error      ``x^b + (D - s * SAE(s * D))``
+diff-SAE subset S   ``x^b + s * sum_{j in S} f_j d_j``
+steering S          ``x^b + scale * sum_{j in S} f_j d_j^c`` (crosscoders)
+token patch P       ``x^c`` at positions ``P``, ``x^b`` elsewhere
+==================  =========================================================================
+
+Metrics per intervention over the masked positions: ``KL(p_ft || p_patched)`` (all, first
+``first_n`` masked positions of each sequence, rest), next-token NLL, and the fraction of the KL
+gap closed ``1 - KL(p_ft || p_patched) / KL(p_ft || p_stitched)`` (per split; ratios of means
+over the same tokens). Random latent subsets of the targeted subsets' sizes are baselines over
+several seeds (mean and standard deviation across seeds).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sae_diff.dictionaries.geometry import FT_ONLY_MAX, relative_norm
+from sae_diff.evaluation.kl import (
+    FIRST_N,
+    as_token_mask,
+    first_n_of_mask,
+    split_first_n,
+    token_kl,
+    token_nll,
+)
+from sae_diff.evaluation.stitching import as_inference, dictionary_kind, resolve_layer
+from sae_diff.pairing.model import PairedModel
+
+LatentSpec: TypeAlias = torch.Tensor | Sequence[int] | np.ndarray | pd.Series
+
+
+# ---------------------------------------------------------------------------- batch state
+@dataclass
+class SplitBatch:
+    """One batch split at ``layer``: ``x_base``, ``x_ft`` ``(B, S, d)`` residuals before block
+    ``layer``; ``rows`` indexes the batch in the whole dataset (for dataset-level position
+    masks). Dictionary codes are cached per batch so that several interventions of one
+    dictionary encode once."""
+
+    tokens: torch.Tensor
+    x_base: torch.Tensor
+    x_ft: torch.Tensor
+    layer: int
+    rows: slice
+    attention_mask: torch.Tensor | None = None
+    _codes: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def codes(self, patcher: DictionaryPatcher) -> torch.Tensor:
+        """The dictionary's codes ``(B, S, d_sae)`` on this batch (computed once)."""
+        key = id(patcher)
+        if key not in self._codes:
+            self._codes[key] = patcher.encode(self.x_base, self.x_ft)
+        return self._codes[key]
+
+
+Intervention = Callable[[SplitBatch], torch.Tensor]
+
+
+@torch.no_grad()
+def split_batch(
+    paired: PairedModel,
+    tokens: torch.Tensor,
+    layer: int,
+    rows: slice | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> SplitBatch:
+    """Compute ``x^b`` and ``x^c`` at ``layer`` for one batch (two first-half forwards)."""
+    xb = paired.residual_at("base", tokens, layer, attention_mask=attention_mask)
+    xc = paired.residual_at("ft", tokens, layer, attention_mask=attention_mask).to(xb.device)
+    return SplitBatch(
+        tokens=tokens, x_base=xb, x_ft=xc, layer=layer,
+        rows=rows if rows is not None else slice(0, tokens.shape[0]),
+        attention_mask=attention_mask,
+    )
+
+
+# ---------------------------------------------------------------------------- dictionaries
+class DictionaryPatcher:
+    """A crosscoder or diff-SAE seen as "an estimate of ``x^c - x^b``" for patching.
+
+    Training dictionaries are converted with ``.to_inference()`` (weights folded, so the
+    dictionary works on raw activations). Latent contributions are ``decode(f_S) - decode(0)``,
+    which is exact for the linear decoders used here and leaves the decoder bias out.
+
+    Args:
+        sae: a two-model crosscoder or a diff-SAE.
+        include_bias: crosscoders only: add ``b_dec^c - b_dec^b`` to the reconstruction (and
+            so remove it from the error). METHODS.md §4 excludes it (the default).
+    """
+
+    def __init__(self, sae: Any, include_bias: bool = False) -> None:
+        self.sae = as_inference(sae)
+        self.kind = dictionary_kind(self.sae)
+        self.d_sae = int(self.sae.cfg.d_sae)
+        self.include_bias = include_bias
+        self.sign = 1.0
+        if self.kind == "diff_sae" and self.sae.cfg.diff_sign == "base_minus_ft":
+            self.sign = -1.0
+
+    def _param(self) -> torch.Tensor:
+        return self.sae.W_dec
+
+    @torch.no_grad()
+    def encode(self, x_base: torch.Tensor, x_ft: torch.Tensor) -> torch.Tensor:
+        """Codes ``(..., d_sae)`` of the pair (diff-SAEs take the signed difference)."""
+        w = self._param()
+        pair = torch.stack([x_base, x_ft], dim=-2).to(w.device, w.dtype)
+        return self.sae.encode(pair)
+
+    def _decode(self, f: torch.Tensor) -> torch.Tensor:
+        return self.sae.decode(f)
+
+    @torch.no_grad()
+    def _linear(self, f: torch.Tensor) -> torch.Tensor:
+        """Decoder output without the bias: ``decode(f) - decode(0)``."""
+        zero = torch.zeros(1, self.d_sae, dtype=f.dtype, device=f.device)
+        return self._decode(f) - self._decode(zero)[0]
+
+    @torch.no_grad()
+    def delta(self, f: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """The dictionary's estimate of ``x^c - x^b`` ``(..., d)``: all latents (``None``:
+        the full reconstruction, crosscoder bias per ``include_bias``, diff-SAE bias included)
+        or only ``latents`` (never a bias)."""
+        if latents is not None:
+            f = _restrict(f, latents)
+        if self.kind == "crosscoder":
+            out = self._linear(f) if (latents is not None or not self.include_bias) else self._decode(f)
+            return out[..., 1, :] - out[..., 0, :]
+        out = self._linear(f) if latents is not None else self._decode(f)
+        return self.sign * out
+
+    @torch.no_grad()
+    def delta_rows(self, chunk: int = 1024) -> torch.Tensor:
+        """Per-latent contribution to ``x^c - x^b`` per unit activation, ``(d_sae, d)``:
+        ``d_j^c - d_j^b`` (crosscoder) or ``s * d_j`` (diff-SAE), in raw activation space."""
+        w = self.sae.W_dec.detach()
+        if getattr(self.sae.cfg, "normalize_activations", "none") in (None, "none"):
+            rows = w[:, 1] - w[:, 0] if self.kind == "crosscoder" else self.sign * w
+            return rows
+        parts = []
+        for lo in range(0, self.d_sae, chunk):
+            eye = torch.eye(self.d_sae, dtype=w.dtype, device=w.device)[lo : lo + chunk]
+            out = self._linear(eye)
+            parts.append(out[:, 1] - out[:, 0] if self.kind == "crosscoder" else self.sign * out)
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def steering_vector(self, f: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """``sum_{j in S} f_j d_j^c`` (crosscoders; for a diff-SAE ``s * sum f_j d_j``)."""
+        out = self._linear(_restrict(f, latents))
+        if self.kind == "crosscoder":
+            return out[..., 1, :]
+        return self.sign * out
+
+
+def _restrict(f: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    keep = torch.zeros(f.shape[-1], dtype=torch.bool, device=f.device)
+    keep[latents.to(f.device)] = True
+    return f * keep
+
+
+def _cast(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return h.to(like.device, like.dtype)
+
+
+# ---------------------------------------------------------------------------- interventions
+def ft_reference() -> Intervention:
+    """``h = x^c`` (the identity: gives the ft model, KL 0)."""
+    return lambda b: b.x_ft
+
+
+def stitched() -> Intervention:
+    """``h = x^b``: base first half, ft second half (the stitched baseline)."""
+    return lambda b: b.x_base
+
+
+def reconstruction_patch(patcher: DictionaryPatcher) -> Intervention:
+    """``h = x^b + Dhat`` (crosscoder: latent part of ``xhat^c - xhat^b``; diff-SAE: SAE(D))."""
+    return lambda b: b.x_base + _cast(patcher.delta(b.codes(patcher)), b.x_base)
+
+
+def error_patch(patcher: DictionaryPatcher) -> Intervention:
+    """``h = x^b + (D - Dhat)``: only what the dictionary misses."""
+    return lambda b: b.x_ft - _cast(patcher.delta(b.codes(patcher)), b.x_base)
+
+
+def subset_patch(patcher: DictionaryPatcher, latents: LatentSpec) -> Intervention:
+    """``h = x^b + Dhat_S``: the difference carried by the latents in ``S``."""
+    idx = latent_indices(latents, patcher.d_sae)
+    return lambda b: b.x_base + _cast(patcher.delta(b.codes(patcher), idx), b.x_base)
+
+
+def steering_patch(patcher: DictionaryPatcher, latents: LatentSpec, scale: float = 1.0) -> Intervention:
+    """``h = x^b + scale * sum_{j in S} f_j d_j^c`` (additive steering with the ft decoder)."""
+    idx = latent_indices(latents, patcher.d_sae)
+    return lambda b: b.x_base + scale * _cast(
+        patcher.steering_vector(b.codes(patcher), idx), b.x_base
+    )
+
+
+def token_patch(positions: torch.Tensor) -> Intervention:
+    """``h = x^c`` at ``positions`` (a dataset-level ``(N, S)`` bool mask), ``x^b`` elsewhere."""
+    pos = positions.bool()
+
+    def fn(b: SplitBatch) -> torch.Tensor:
+        m = pos[b.rows].to(b.x_base.device)
+        if tuple(m.shape) != tuple(b.x_base.shape[:2]):
+            raise ValueError(
+                f"token-patch mask rows {tuple(m.shape)} do not match the batch "
+                f"{tuple(b.x_base.shape[:2])}; give a mask shaped like the whole token tensor."
+            )
+        return torch.where(m[..., None], b.x_ft, b.x_base)
+
+    return fn
+
+
+# ---------------------------------------------------------------------------- latent subsets
+def latent_indices(spec: LatentSpec, d_sae: int) -> torch.Tensor:
+    """Latent ids ``(k,)`` from a bool mask over latents, ids, or a pandas Series (bool values,
+    or ids as values). Raises on ids out of range."""
+    if isinstance(spec, pd.Series):
+        if spec.dtype == bool:
+            spec = spec.reindex(range(d_sae), fill_value=False)
+        spec = spec.to_numpy()
+    if isinstance(spec, torch.Tensor):
+        t = spec.detach().cpu()
+    else:
+        t = torch.as_tensor(np.asarray(spec))
+    if t.dtype == torch.bool:
+        if t.numel() != d_sae:
+            raise ValueError(f"a boolean latent mask needs {d_sae} entries, got {t.numel()}")
+        return t.nonzero().flatten()
+    t = t.flatten().long()
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= d_sae):
+        raise ValueError(f"latent ids must lie in [0, {d_sae}); got {int(t.min())}..{int(t.max())}")
+    return t.unique()
+
+
+def ft_only_latents(sae: Any, max_delta: float = FT_ONLY_MAX) -> torch.Tensor:
+    """Crosscoder latents with relative decoder norm Δ < ``max_delta`` (ft-only, METHODS §1)."""
+    sae = as_inference(sae)
+    if dictionary_kind(sae) != "crosscoder":
+        raise ValueError("ft-only latents by Δ need a crosscoder (a decoder per model).")
+    return (relative_norm(sae).cpu() < max_delta).nonzero().flatten()
+
+
+def nu_scores(nu: Any, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank score, threshold score) per latent from Latent Scaling ratios; NaN = unknown.
+
+    ``nu`` may be a tensor ``(d_sae,)`` / array / pandas Series indexed by latent id (used for
+    both), or a DataFrame (e.g. the latent table) with columns ``nu_eps`` and ``nu_r`` (rank
+    by ``nu_eps + nu_r``, threshold on ``max(nu_eps, nu_r)``), ``nu_act``, or ``nu``; a
+    ``latent`` column, if present, gives the latent ids, else the index does.
+    """
+
+    def full(s: pd.Series) -> torch.Tensor:
+        s = s.astype(float).reindex(range(d_sae))
+        return torch.tensor(s.to_numpy(), dtype=torch.float64)
+
+    if isinstance(nu, pd.DataFrame):
+        df = nu.set_index("latent") if "latent" in nu.columns else nu
+        if {"nu_eps", "nu_r"} <= set(df.columns):
+            e, r = full(df["nu_eps"]), full(df["nu_r"])
+            return e + r, torch.maximum(e, r)
+        for col in ("nu_act", "nu"):
+            if col in df.columns:
+                t = full(df[col])
+                return t, t
+        raise ValueError(
+            "a ν DataFrame needs columns 'nu_eps' and 'nu_r', or 'nu_act', or 'nu'; got "
+            f"{list(df.columns)}"
+        )
+    if isinstance(nu, pd.Series):
+        t = full(nu)
+        return t, t
+    t = torch.as_tensor(np.asarray(nu) if not isinstance(nu, torch.Tensor) else nu).double().flatten()
+    if t.numel() != d_sae:
+        raise ValueError(f"ν needs one value per latent ({d_sae}), got {t.numel()}")
+    return t.cpu(), t.cpu()
+
+
+def nu_threshold_latents(
+    score: torch.Tensor, threshold: float, pool: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Latents in ``pool`` (ids; default all) with a finite ν score ``< threshold``."""
+    ok = torch.isfinite(score) & (score < threshold)
+    if pool is not None:
+        keep = torch.zeros_like(ok)
+        keep[pool] = True
+        ok &= keep
+    return ok.nonzero().flatten()
+
+
+def nu_rank_latents(
+    score: torch.Tensor, fraction: float = 0.5, pool: torch.Tensor | None = None, lowest: bool = True
+) -> torch.Tensor:
+    """The ``fraction`` of ``pool``'s latents (with a finite score) with the lowest (or highest)
+    ν score: "rank by Latent Scaling"."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    ids = torch.arange(score.numel()) if pool is None else pool
+    ids = ids[torch.isfinite(score[ids])]
+    k = int(math.ceil(fraction * ids.numel()))
+    order = torch.argsort(score[ids], descending=not lowest, stable=True)
+    return ids[order[:k]].sort().values
+
+
+def random_latents(k: int, pool: torch.Tensor | int, seed: int) -> torch.Tensor:
+    """``k`` distinct latents drawn uniformly from ``pool`` (ids, or ``range(pool)``)."""
+    ids = torch.arange(pool) if isinstance(pool, int) else pool
+    if k > ids.numel():
+        raise ValueError(f"cannot draw {k} latents from a pool of {ids.numel()}")
+    g = torch.Generator().manual_seed(seed)
+    return ids[torch.randperm(ids.numel(), generator=g)[:k]].sort().values
+
+
+# ---------------------------------------------------------------------------- engine
+@dataclass
+class PatchMetrics:
+    """Masked sums for one intervention; ``.means()`` gives the reported numbers."""
+
+    kl: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    nll: float = 0.0
+    n: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # all, first, rest, nll
+
+    def add(self, kl: torch.Tensor, nll: torch.Tensor, masks: Sequence[torch.Tensor]) -> None:
+        for i, m in enumerate(masks[:3]):
+            self.kl[i] += float(kl[m].double().sum())
+            self.n[i] += int(m.sum())
+        self.nll += float(nll[masks[3]].double().sum())
+        self.n[3] += int(masks[3].sum())
+
+    def means(self) -> dict[str, float]:
+        def div(a: float, b: int) -> float:
+            return a / b if b else float("nan")
+
+        return {
+            "kl": div(self.kl[0], self.n[0]),
+            "kl_first": div(self.kl[1], self.n[1]),
+            "kl_rest": div(self.kl[2], self.n[2]),
+            "nll": div(self.nll, self.n[3]),
+            "n_tokens": self.n[0],
+        }
+
+
+def evaluate_interventions(
+    paired: PairedModel,
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    layer: int,
+    interventions: Mapping[str, Intervention],
+    *,
+    first_n: int = FIRST_N,
+    batch_size: int = 8,
+    attention_mask: torch.Tensor | None = None,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Run every intervention at ``layer`` over the dataset and return masked means per name.
+
+    Always includes ``"ft"`` (the reference itself, KL 0) and ``"stitched"``. Each
+    intervention is a callable ``SplitBatch -> h (B, S, d)``; the ft model is run from
+    ``layer`` on ``h`` (one second-half forward each).
+
+    Returns:
+        ``{name: {"kl", "kl_first", "kl_rest", "nll", "n_tokens"}}``.
+    """
+    layer = resolve_layer(paired, layer)
+    mask = as_token_mask(token_mask, tokens)
+    first, rest = split_first_n(mask, first_n)
+    all_iv: dict[str, Intervention] = {"stitched": stitched(), **dict(interventions)}
+    acc = {name: PatchMetrics() for name in ["ft", *all_iv]}
+    starts = range(0, tokens.shape[0], batch_size)
+    it: Any = starts
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(starts, desc="KL patching")
+    with torch.no_grad():
+        for start in it:
+            sl = slice(start, start + batch_size)
+            tb = tokens[sl]
+            am = None if attention_mask is None else attention_mask[sl]
+            batch = split_batch(paired, tb, layer, rows=sl, attention_mask=am)
+            ref = paired.continue_from("ft", batch.x_ft, layer, tokens=tb, attention_mask=am)
+            dev = ref.device
+            m_all = mask[sl].to(dev)
+            m_nll = m_all.clone()
+            m_nll[:, -1] = False
+            masks = [m_all, first[sl].to(dev), rest[sl].to(dev), m_nll]
+            acc["ft"].add(torch.zeros(tb.shape, device=dev), token_nll(ref, tb), masks)
+            for name, fn in all_iv.items():
+                h = fn(batch)
+                if not isinstance(h, torch.Tensor) or h.shape != batch.x_base.shape:
+                    raise ValueError(
+                        f"intervention {name!r} must return a residual shaped "
+                        f"{tuple(batch.x_base.shape)}, got "
+                        f"{getattr(h, 'shape', type(h).__name__)}"
+                    )
+                logits = paired.continue_from("ft", h, layer, tokens=tb, attention_mask=am)
+                acc[name].add(token_kl(ref, logits.to(dev)), token_nll(logits, tb), masks)
+    return {name: a.means() for name, a in acc.items()}
+
+
+def _closed(kl: float, base: float) -> float:
+    return 1.0 - kl / base if base > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------- the table
+@dataclass
+class _Row:
+    key: str
+    kind: str
+    description: str
+    n_latents: int | None
+    fn: Intervention | None = None
+    random_of: str | None = None
+    seed: int | None = None
+    engine_key: str | None = None  # rows with the same key share one evaluation
+
+
+def _dictionary_rows(
+    name: str,
+    patcher: DictionaryPatcher,
+    *,
+    nu: Any,
+    nu_thresholds: Sequence[float],
+    nu_rank_fraction: float | None,
+    subsets: Mapping[str, LatentSpec],
+    ft_only: bool,
+    steering: bool,
+    steering_scale: float,
+    random_seeds: int,
+    random_pool: LatentSpec | None,
+) -> list[_Row]:
+    p = patcher
+    rows = [
+        _Row("reconstruction", "reconstruction", "x^b + Dhat (full reconstruction)", p.d_sae,
+             reconstruction_patch(p)),
+        _Row("error", "error", "x^b + (D - Dhat) (dictionary error)", None, error_patch(p)),
+    ]
+    targeted: list[tuple[str, str, torch.Tensor, torch.Tensor | None]] = []
+    pool_ft: torch.Tensor | None = None
+    if p.kind == "crosscoder" and (ft_only or steering or nu is not None):
+        pool_ft = ft_only_latents(p.sae)
+    if p.kind == "crosscoder" and ft_only:
+        assert pool_ft is not None
+        targeted.append(("ft_only", f"ft-only latents (Δ<{FT_ONLY_MAX})", pool_ft, None))
+    if nu is not None:
+        rank_s, thr_s = nu_scores(nu, p.d_sae)
+        pool = pool_ft if p.kind == "crosscoder" else None
+        where = "ft-only latents" if pool is not None else "latents"
+        for t in nu_thresholds:
+            targeted.append((f"nu<{t:g}", f"{where} with ν < {t:g}",
+                             nu_threshold_latents(thr_s, t, pool), pool))
+        if nu_rank_fraction is not None:
+            pct = f"{100 * nu_rank_fraction:g}%"
+            targeted.append((f"nu_low{pct}", f"lowest-ν {pct} of {where}",
+                             nu_rank_latents(rank_s, nu_rank_fraction, pool, lowest=True), pool))
+            targeted.append((f"nu_high{pct}", f"highest-ν {pct} of {where}",
+                             nu_rank_latents(rank_s, nu_rank_fraction, pool, lowest=False), pool))
+    for key, spec in subsets.items():
+        targeted.append((key, f"user subset {key!r}", latent_indices(spec, p.d_sae), None))
+    user_pool = None if random_pool is None else latent_indices(random_pool, p.d_sae)
+    for key, desc, ids, pool in targeted:
+        rows.append(_Row(f"subset:{key}", "subset", desc, int(ids.numel()), subset_patch(p, ids)))
+        draw_from = user_pool if user_pool is not None else (pool if pool is not None else p.d_sae)
+        size = draw_from if isinstance(draw_from, int) else int(draw_from.numel())
+        if random_seeds > 0 and 0 < ids.numel() <= size:
+            pool_desc = "all latents" if isinstance(draw_from, int) else f"a pool of {size}"
+            pool_id = "all" if isinstance(draw_from, int) else str(hash(tuple(draw_from.tolist())))
+            for s in range(random_seeds):
+                r = random_latents(int(ids.numel()), draw_from, seed=s)
+                rows.append(_Row(
+                    f"random:{key}", "random",
+                    f"random {ids.numel()} latents from {pool_desc} ({random_seeds} seeds)",
+                    int(ids.numel()), subset_patch(p, r), random_of=f"subset:{key}", seed=s,
+                    engine_key=f"random\0{ids.numel()}\0{pool_id}\0{s}",
+                ))
+    if steering and p.kind == "crosscoder" and pool_ft is not None:
+        rows.append(_Row("steering:ft_only", "steering",
+                         f"x^b + {steering_scale:g} * sum_(ft-only) f_j d_j^c",
+                         int(pool_ft.numel()), steering_patch(p, pool_ft, steering_scale)))
+    return rows
+
+
+def kl_patching_table(
+    paired: PairedModel,
+    dictionaries: Mapping[str, Any] | Any,
+    tokens: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    layer: int | str | None = None,
+    *,
+    nu: Mapping[str, Any] | None = None,
+    nu_thresholds: Sequence[float] = (0.3, 0.6),
+    nu_rank_fraction: float | None = 0.5,
+    subsets: Mapping[str, Mapping[str, LatentSpec]] | None = None,
+    ft_only: bool = True,
+    steering: bool = True,
+    steering_scale: float = 1.0,
+    random_seeds: int = 5,
+    random_pool: Mapping[str, LatentSpec] | None = None,
+    token_patches: Mapping[str, torch.Tensor] | None = None,
+    first_k_patch: int | None = FIRST_N,
+    first_n: int = FIRST_N,
+    include_bias: bool = False,
+    batch_size: int = 8,
+    attention_mask: torch.Tensor | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """KL patching table: every intervention of METHODS.md §4, one block of rows per dictionary.
+
+    Args:
+        paired: the model pair.
+        dictionaries: ``{name: dictionary}`` (crosscoders and/or diff-SAEs, inference or
+            training classes), or one dictionary (named ``"dictionary"``).
+        tokens: ``(N, S)`` token ids.
+        token_mask: ``(N, S)`` bool, the positions scored (e.g. assistant tokens, BOS and
+            padding excluded); None = all positions.
+        layer: split layer (int), a residual hook name, or None = the dictionaries' own
+            ``cfg.metadata.hook_name`` (``blocks.L.hook_resid_post`` -> layer ``L + 1``).
+        nu: per dictionary name, Latent Scaling ratios (tensor / Series / latent-table
+            DataFrame, see :func:`nu_scores`). Adds subsets ``nu<t`` for each of
+            ``nu_thresholds`` and the lowest / highest ``nu_rank_fraction`` by ν rank; for
+            crosscoders these are taken among the ft-only latents, for diff-SAEs among all.
+        subsets: per dictionary name, extra named latent subsets (ids or bool masks).
+        ft_only: crosscoders: add the subset of ft-only latents by Δ.
+        steering: crosscoders: add additive steering with the ft-only latents.
+        random_seeds: random equal-size subsets per targeted subset (0 = none). They are
+            drawn from the targeted subset's candidate pool (ft-only latents for crosscoder
+            ν subsets, all latents otherwise) unless ``random_pool[name]`` gives one.
+        token_patches: extra named ``(N, S)`` position masks patched with ``x^c`` (e.g. the
+            template-token mask); dictionary-independent.
+        first_k_patch: add the patch of the first ``k`` masked positions of each sequence
+            (None = skip).
+        first_n: the first/rest split of the metrics.
+        include_bias: crosscoders: include ``b_dec^c - b_dec^b`` in the reconstruction.
+
+    Returns:
+        A long DataFrame, one row per (dictionary, intervention), columns ``dictionary``,
+        ``intervention`` (key, e.g. ``reconstruction``, ``error``, ``subset:nu<0.3``,
+        ``random:nu<0.3``), ``kind``, ``description``, ``n_latents``, ``kl``, ``kl_first``,
+        ``kl_rest``, ``nll``, ``closed``, ``closed_first``, ``closed_rest`` (fraction of the
+        KL gap closed), ``kl_std``, ``closed_std``, ``n_seeds`` (random rows: mean and std
+        over seeds) and ``n_tokens``. Reference rows ``ft`` / ``stitched`` and token patches
+        repeat in each dictionary's block. ``df.attrs`` records ``layer`` and ``first_n``.
+        Use :func:`compare_dictionaries` for a side-by-side view.
+    """
+    dicts = dict(dictionaries) if isinstance(dictionaries, Mapping) else {"dictionary": dictionaries}
+    if not dicts:
+        raise ValueError("give at least one dictionary")
+    for key, arg in (("nu", nu), ("subsets", subsets), ("random_pool", random_pool)):
+        unknown = set(arg or {}) - set(dicts)
+        if unknown:
+            raise ValueError(f"{key} names unknown dictionaries {sorted(unknown)}; known: {sorted(dicts)}")
+    L = resolve_layer(paired, layer, dicts)
+    mask = as_token_mask(token_mask, tokens)
+
+    shared: list[_Row] = []
+    if first_k_patch is not None:
+        shared.append(_Row(f"tokens:first{first_k_patch}", "tokens",
+                           f"x^c at the first {first_k_patch} masked positions", None,
+                           token_patch(first_n_of_mask(mask, first_k_patch))))
+    for key, pos in (token_patches or {}).items():
+        shared.append(_Row(f"tokens:{key}", "tokens", f"x^c at the {key!r} positions", None,
+                           token_patch(as_token_mask(pos, tokens))))
+    per_dict: dict[str, list[_Row]] = {}
+    for name, sae in dicts.items():
+        patcher = DictionaryPatcher(sae, include_bias=include_bias)
+        per_dict[name] = _dictionary_rows(
+            name, patcher,
+            nu=(nu or {}).get(name), nu_thresholds=nu_thresholds,
+            nu_rank_fraction=nu_rank_fraction, subsets=(subsets or {}).get(name, {}),
+            ft_only=ft_only, steering=steering, steering_scale=steering_scale,
+            random_seeds=random_seeds, random_pool=(random_pool or {}).get(name),
+        )
+    ivs: dict[str, Intervention] = {}
+    for r in shared:
+        assert r.fn is not None
+        ivs[f"\0{r.key}"] = r.fn
+    for name, rows in per_dict.items():
+        for r in rows:
+            assert r.fn is not None
+            r.engine_key = f"{name}\0{r.engine_key or r.key}"
+            ivs.setdefault(r.engine_key, r.fn)
+    res = evaluate_interventions(
+        paired, tokens, mask, L, ivs, first_n=first_n, batch_size=batch_size,
+        attention_mask=attention_mask, progress=progress,
+    )
+    base = res["stitched"]
+
+    def metrics(m: dict[str, float]) -> dict[str, Any]:
+        return {
+            **m,
+            "closed": _closed(m["kl"], base["kl"]),
+            "closed_first": _closed(m["kl_first"], base["kl_first"]),
+            "closed_rest": _closed(m["kl_rest"], base["kl_rest"]),
+        }
+
+    out: list[dict[str, Any]] = []
+    for name, rows in per_dict.items():
+        common = [
+            ("ft", "reference", "x^c (the ft model itself)", res["ft"]),
+            ("stitched", "baseline", "x^b (base first half, ft second half)", base),
+        ] + [(r.key, r.kind, r.description, res[f"\0{r.key}"]) for r in shared]
+        for key, kind, desc, m in common:
+            out.append({"dictionary": name, "intervention": key, "kind": kind,
+                        "description": desc, "n_latents": None, **metrics(m),
+                        "kl_std": float("nan"), "closed_std": float("nan"), "n_seeds": None})
+        randoms: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            assert r.engine_key is not None
+            m = metrics(res[r.engine_key])
+            if r.kind == "random":
+                randoms.setdefault(r.key, []).append({**m, "_row": r})
+                continue
+            out.append({"dictionary": name, "intervention": r.key, "kind": r.kind,
+                        "description": r.description, "n_latents": r.n_latents, **m,
+                        "kl_std": float("nan"), "closed_std": float("nan"), "n_seeds": None})
+        for key, ms in randoms.items():
+            r0 = ms[0]["_row"]
+            agg: dict[str, Any] = {"dictionary": name, "intervention": key, "kind": "random",
+                                   "description": r0.description, "n_latents": r0.n_latents}
+            for col in ("kl", "kl_first", "kl_rest", "nll", "closed", "closed_first", "closed_rest"):
+                agg[col] = float(np.mean([m[col] for m in ms]))
+            agg["n_tokens"] = ms[0]["n_tokens"]
+            agg["kl_std"] = float(np.std([m["kl"] for m in ms], ddof=1)) if len(ms) > 1 else float("nan")
+            agg["closed_std"] = float(np.std([m["closed"] for m in ms], ddof=1)) if len(ms) > 1 else float("nan")
+            agg["n_seeds"] = len(ms)
+            # keep each random row right after its targeted subset
+            idx = next(i for i, o in enumerate(out)
+                       if o["dictionary"] == name and o["intervention"] == r0.random_of)
+            out.insert(idx + 1, agg)
+    cols = ["dictionary", "intervention", "kind", "description", "n_latents", "kl", "kl_first",
+            "kl_rest", "nll", "closed", "closed_first", "closed_rest", "kl_std", "closed_std",
+            "n_seeds", "n_tokens"]
+    df = pd.DataFrame(out, columns=cols)
+    df["n_latents"] = df["n_latents"].astype("Int64")
+    df["n_seeds"] = df["n_seeds"].astype("Int64")
+    df.attrs.update({"layer": L, "first_n": first_n})
+    return df
+
+
+def compare_dictionaries(table: pd.DataFrame, value: str = "closed") -> pd.DataFrame:
+    """Side-by-side view of a :func:`kl_patching_table`: interventions x dictionaries."""
+    order = list(dict.fromkeys(table["intervention"]))
+    wide = table.pivot_table(index="intervention", columns="dictionary", values=value,
+                             aggfunc="first", sort=False, dropna=False)
+    wide = wide.reindex(order)
+    wide.columns = list(wide.columns)
+    return wide
+
+
+def gap_closed_summary(table: pd.DataFrame, nu_key: str | None = None) -> pd.DataFrame:
+    """One row per dictionary: fraction of the KL gap closed by the full reconstruction, its
+    error, a ν-filtered subset (``nu_key``, default the first ``subset:nu<...`` row) and the
+    random subsets of that size (mean and std), plus the ft-only subset when present."""
+    rows = []
+    for name, part in table.groupby("dictionary", sort=False):
+        by = part.set_index("intervention")
+
+        def get(key: str, col: str = "closed", by: pd.DataFrame = by) -> float:
+            return float(by.at[key, col]) if key in by.index else float("nan")
+
+        nk = nu_key or next((k for k in by.index if str(k).startswith("subset:nu<")), None)
+        row: dict[str, Any] = {
+            "dictionary": name,
+            "kl_stitched": get("stitched", "kl"),
+            "reconstruction": get("reconstruction"),
+            "error": get("error"),
+            "ft_only": get("subset:ft_only"),
+            "ft_only_random": get("random:ft_only"),
+            "nu_subset": nk,
+            "nu_subset_closed": get(nk) if nk else float("nan"),
+            "nu_subset_n_latents": by.at[nk, "n_latents"] if nk and nk in by.index else pd.NA,
+            "nu_random": get("random:" + nk[len("subset:"):]) if nk else float("nan"),
+            "nu_random_std": get("random:" + nk[len("subset:"):], "closed_std") if nk else float("nan"),
+        }
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("dictionary")
+
+
+__all__ = [
+    "DictionaryPatcher",
+    "Intervention",
+    "PatchMetrics",
+    "SplitBatch",
+    "compare_dictionaries",
+    "error_patch",
+    "evaluate_interventions",
+    "ft_only_latents",
+    "ft_reference",
+    "gap_closed_summary",
+    "kl_patching_table",
+    "latent_indices",
+    "nu_rank_latents",
+    "nu_scores",
+    "nu_threshold_latents",
+    "random_latents",
+    "reconstruction_patch",
+    "split_batch",
+    "steering_patch",
+    "stitched",
+    "subset_patch",
+    "token_patch",
+]

@@ -1,0 +1,451 @@
+"""Token sources: Hugging Face datasets in, fixed-length token rows out.
+
+- :class:`DatasetSpec` names one dataset: a Hub id (streaming or not), a local file
+  (``.jsonl``/``.json``/``.parquet``/``.csv``/``.txt``/``.arrow``) or a ``save_to_disk``
+  folder, holding raw text, pre-tokenised ids, or chat ``messages`` (rendered with the
+  fine-tuned tokenizer's chat template).
+- :class:`TokenSource` mixes several datasets with given token proportions (pretraining
+  text + chat is the standard recipe) and cuts the stream into rows of ``context_size``,
+  by packing (as SAELens does: each row starts with BOS, documents are separated by BOS)
+  or by truncation (one document per row, padded; truncated tokens are counted, never
+  silently dropped).
+- :class:`TensorTokenSource` serves an already tokenised ``(n_rows, seq)`` tensor.
+
+Both yield :class:`TokenBatch` es that also carry the attention mask and document starts
+(for the first-n mask) and each row's index in the stream (for caches and resuming).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+Kind = Literal["auto", "text", "tokens", "chat"]
+CHAT_COLUMNS = ("messages", "conversation", "conversations")
+TOKEN_COLUMNS = ("tokens", "input_ids")
+TEXT_COLUMNS = ("text", "content", "problem")
+_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".arrow": "arrow",
+}
+
+
+@dataclass
+class DatasetSpec:
+    """One input dataset.
+
+    Args:
+        path: Hub id, local data file, or a folder written by ``Dataset.save_to_disk``.
+        kind: ``"text"``, ``"tokens"`` (pre-tokenised ids), ``"chat"`` (a messages column
+            rendered with the chat template) or ``"auto"`` (from the column names).
+        column: the column to read (default: detected from ``kind``).
+        split, name, revision: as for ``datasets.load_dataset``.
+        streaming: stream instead of downloading/materialising.
+        weight: share of *tokens* in a mixture (normalised over the mixture).
+        start, stop: row slice of the dataset (recorded in cache manifests).
+    """
+
+    path: str
+    kind: Kind = "auto"
+    column: str | None = None
+    split: str = "train"
+    name: str | None = None
+    revision: str | None = None
+    streaming: bool = False
+    weight: float = 1.0
+    start: int = 0
+    stop: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description (for manifests)."""
+        return asdict(self)
+
+
+@dataclass
+class TokenBatch:
+    """A batch of fixed-length rows."""
+
+    tokens: torch.Tensor  # (B, S) long
+    attention_mask: torch.Tensor  # (B, S) bool, False on padding
+    doc_starts: torch.Tensor  # (B, S) bool, True where a document begins
+    row_index: torch.Tensor  # (B,) long, the rows' positions in the source stream
+    is_chat: torch.Tensor | None = None  # (B,) bool, rows holding chat data
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def load_rows(spec: DatasetSpec | str | Any) -> Iterable[dict[str, Any]]:
+    """The rows of a dataset (a ``datasets`` Dataset/IterableDataset, sliced by the spec)."""
+    import datasets
+
+    if isinstance(spec, (datasets.Dataset, datasets.IterableDataset)):
+        return spec
+    if isinstance(spec, str):
+        spec = DatasetSpec(spec)
+    p = Path(spec.path)
+    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
+        ds: Any = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[spec.split]
+        if spec.streaming:
+            ds = ds.to_iterable_dataset()
+    elif p.is_file():
+        builder = _BUILDERS.get(p.suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"cannot read {p}: unknown file type {p.suffix!r}; use one of {sorted(_BUILDERS)}"
+            )
+        ds = datasets.load_dataset(
+            builder, data_files=str(p), split=spec.split, streaming=spec.streaming
+        )
+    elif p.suffix.lower() in _BUILDERS or p.is_absolute() or str(spec.path).startswith("."):
+        raise FileNotFoundError(f"dataset file {p} does not exist")
+    else:
+        ds = datasets.load_dataset(
+            spec.path, spec.name, split=spec.split, streaming=spec.streaming, revision=spec.revision
+        )
+    if spec.start or spec.stop is not None:
+        return _Sliced(ds, spec.start, spec.stop)
+    return ds
+
+
+class _Sliced:
+    def __init__(self, ds: Iterable[dict[str, Any]], start: int, stop: int | None) -> None:
+        self.ds, self.start, self.stop = ds, start, stop
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return itertools.islice(iter(self.ds), self.start, self.stop)
+
+
+def detect_kind(
+    row: dict[str, Any], kind: Kind = "auto", column: str | None = None
+) -> tuple[Kind, str]:
+    """(kind, column) for a dataset from its first row."""
+    cols = list(row.keys())
+    if column is not None:
+        if column not in row:
+            raise ValueError(f"column {column!r} not in the dataset; its columns are {cols}")
+        if kind == "auto":
+            v = row[column]
+            kind = (
+                "chat"
+                if isinstance(v, list) and v and isinstance(v[0], dict)
+                else ("tokens" if isinstance(v, list) else "text")
+            )
+        return kind, column
+    order = {
+        "chat": CHAT_COLUMNS,
+        "tokens": TOKEN_COLUMNS,
+        "text": TEXT_COLUMNS,
+        "auto": CHAT_COLUMNS + TOKEN_COLUMNS + TEXT_COLUMNS,
+    }[kind]
+    for c in order:
+        if c in row:
+            if kind != "auto":
+                return kind, c
+            return ("chat" if c in CHAT_COLUMNS else "tokens" if c in TOKEN_COLUMNS else "text"), c
+    raise ValueError(
+        f"cannot find a {kind} column among {cols}; expected one of {list(order)} "
+        "(or pass DatasetSpec(column=...))"
+    )
+
+
+def render_chat(messages: list[dict[str, Any]], tokenizer: Any) -> list[int]:
+    """Token ids of a conversation rendered with the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "chat data needs a tokenizer with a chat template; the ft tokenizer has none "
+            "(set tokenizer.chat_template, or load the fine-tune's own tokenizer)"
+        )
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def iter_documents(spec: DatasetSpec | str | Any, tokenizer: Any) -> Iterator[list[int]]:
+    """Token ids of each document (one per row)."""
+    kind: Kind = spec.kind if isinstance(spec, DatasetSpec) else "auto"
+    column = spec.column if isinstance(spec, DatasetSpec) else None
+    rows = iter(load_rows(spec))
+    first = next(rows, None)
+    if first is None:
+        return
+    kind, column = detect_kind(first, kind, column)
+    if kind in ("text", "chat") and tokenizer is None:
+        raise ValueError(f"{kind} data needs a tokenizer")
+    for row in itertools.chain([first], rows):
+        v = row[column]
+        if kind == "tokens":
+            yield [int(x) for x in (v.tolist() if hasattr(v, "tolist") else v)]
+        elif kind == "chat":
+            yield render_chat(v, tokenizer)
+        else:
+            yield list(tokenizer(v, add_special_tokens=False)["input_ids"])
+
+
+def mix_documents(
+    streams: list[Iterator[list[int]]], weights: list[float]
+) -> Iterator[tuple[int, list[int]]]:
+    """Interleave document streams so each gets ``weight`` of the *tokens* (deficit
+    scheduling: next document from the stream furthest below its share). Deterministic.
+    Ends with the first exhausted stream, so proportions hold throughout."""
+    if len(streams) != len(weights) or not streams:
+        raise ValueError("need one weight per dataset")
+    if any(w <= 0 for w in weights):
+        raise ValueError(f"proportions must be positive, got {weights}")
+    total = float(sum(weights))
+    share = [w / total for w in weights]
+    taken = [0] * len(streams)
+    while True:
+        i = min(range(len(streams)), key=lambda k: (taken[k] / share[k], k))
+        doc = next(streams[i], None)
+        if doc is None:
+            return
+        taken[i] += max(len(doc), 1)
+        yield i, doc
+
+
+@dataclass
+class SourceStats:
+    """Counters of what a source produced (reported in summaries and manifests)."""
+
+    documents: int = 0
+    rows: int = 0
+    truncated_tokens: int = 0
+    padded_tokens: int = 0
+    dropped_tail_tokens: int = 0
+    per_dataset_tokens: list[int] = field(default_factory=list)
+
+
+class TokenSource:
+    """Fixed-length token rows from one or several datasets.
+
+    Args:
+        datasets: a :class:`DatasetSpec`, a path / Hub id, a ``datasets`` Dataset, or a list
+            of those (a mixture).
+        tokenizer: the shared tokenizer (pass the fine-tune's: its chat template renders
+            chat data).
+        context_size: tokens per row.
+        proportions: token shares of the datasets (default: each spec's ``weight``).
+        packing: pack documents into rows (default) or truncate one document per row.
+        prepend_bos: every row starts with BOS and documents are separated by BOS (packing),
+            or every document starts with BOS (truncation).
+        max_rows: stop after this many rows (None: until the first dataset runs out).
+    """
+
+    def __init__(
+        self,
+        datasets: DatasetSpec | str | Any | list[DatasetSpec | str | Any],
+        tokenizer: Any,
+        context_size: int,
+        *,
+        proportions: list[float] | None = None,
+        packing: bool = True,
+        prepend_bos: bool = True,
+        max_rows: int | None = None,
+    ) -> None:
+        if context_size < 2:
+            raise ValueError(f"context_size must be >= 2, got {context_size}")
+        specs = list(datasets) if isinstance(datasets, list) else [datasets]
+        self.specs = [DatasetSpec(s) if isinstance(s, str) else s for s in specs]
+        if proportions is None:
+            proportions = [s.weight if isinstance(s, DatasetSpec) else 1.0 for s in self.specs]
+        if len(proportions) != len(self.specs):
+            raise ValueError(f"got {len(proportions)} proportions for {len(self.specs)} datasets")
+        self.proportions = [float(p) for p in proportions]
+        self.tokenizer = tokenizer
+        self.context_size = int(context_size)
+        self.packing = packing
+        self.prepend_bos = prepend_bos
+        self.max_rows = max_rows
+        self.bos_id = getattr(tokenizer, "bos_token_id", None)
+        if prepend_bos and self.bos_id is None:
+            raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = pad if pad is not None else getattr(tokenizer, "eos_token_id", None) or 0
+        self.stats = SourceStats(per_dataset_tokens=[0] * len(self.specs))
+        self._chat_flags = [self._spec_is_chat(s) for s in self.specs]
+
+    # -- description
+    @property
+    def is_chat(self) -> bool:
+        """Whether any dataset is chat data (then the assistant mask is recorded)."""
+        return any(self._chat_flags)
+
+    def _spec_is_chat(self, spec: Any) -> bool:
+        if isinstance(spec, DatasetSpec) and spec.kind != "auto":
+            return spec.kind == "chat"
+        try:
+            first = next(iter(load_rows(spec)), None)
+        except Exception:  # pragma: no cover - reported when iterated
+            return False
+        if first is None:
+            return False
+        column = spec.column if isinstance(spec, DatasetSpec) else None
+        return detect_kind(first, "auto", column)[0] == "chat"
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description of the token stream (for manifests; resume compares it)."""
+        return {
+            "datasets": [
+                s.describe() if isinstance(s, DatasetSpec) else {"object": repr(s)[:200]}
+                for s in self.specs
+            ],
+            "proportions": self.proportions,
+            "context_size": self.context_size,
+            "packing": self.packing,
+            "prepend_bos": self.prepend_bos,
+            "max_rows": self.max_rows,
+        }
+
+    # -- iteration
+    def _documents(self) -> Iterator[tuple[int, list[int]]]:
+        streams = [iter_documents(s, self.tokenizer) for s in self.specs]
+        return mix_documents(streams, self.proportions)
+
+    def rows(self) -> Iterator[tuple[list[int], int, list[bool], bool]]:
+        """(row tokens, number of real tokens, doc-start flags, is-chat) per row."""
+        self.stats = SourceStats(per_dataset_tokens=[0] * len(self.specs))
+        gen = self._packed() if self.packing else self._truncated()
+        n = 0
+        for row in gen:
+            if self.max_rows is not None and n >= self.max_rows:
+                return
+            self.stats.rows += 1
+            n += 1
+            yield row
+
+    def _with_bos(self, doc: list[int]) -> list[int]:
+        if self.prepend_bos and (not doc or doc[0] != self.bos_id):
+            return [self.bos_id, *doc]  # type: ignore[list-item]
+        return doc
+
+    def _packed(self) -> Iterator[tuple[list[int], int, list[bool], bool]]:
+        s = self.context_size
+        buf: list[int] = []
+        starts: list[bool] = []
+        chat: list[bool] = []
+        for i, doc in self._documents():
+            self.stats.documents += 1
+            self.stats.per_dataset_tokens[i] += len(doc)
+            doc = self._with_bos(doc)
+            buf.extend(doc)
+            starts.extend([True] + [False] * (len(doc) - 1))
+            chat.extend([self._chat_flags[i]] * len(doc))
+            while buf:
+                cont = self.prepend_bos and buf[0] != self.bos_id
+                need = s - 1 if cont else s
+                if len(buf) < need:
+                    break
+                if cont:  # a document continued from the previous row: the row starts with BOS
+                    row, st = [self.bos_id, *buf[:need]], [False, *starts[:need]]
+                else:
+                    row, st = buf[:need], starts[:need]
+                ch = any(chat[:need])
+                buf, starts, chat = buf[need:], starts[need:], chat[need:]
+                yield row, s, st, ch  # type: ignore[misc]
+        self.stats.dropped_tail_tokens = len(buf)
+
+    def _truncated(self) -> Iterator[tuple[list[int], int, list[bool], bool]]:
+        s = self.context_size
+        for i, doc in self._documents():
+            self.stats.documents += 1
+            self.stats.per_dataset_tokens[i] += len(doc)
+            doc = self._with_bos(doc)
+            if len(doc) > s:
+                self.stats.truncated_tokens += len(doc) - s
+                doc = doc[:s]
+            n_real = len(doc)
+            self.stats.padded_tokens += s - n_real
+            yield (
+                doc + [self.pad_id] * (s - n_real),
+                n_real,
+                [True] + [False] * (s - 1),
+                self._chat_flags[i],
+            )
+
+    def batches(
+        self, batch_size: int, start_row: int = 0, stop_row: int | None = None
+    ) -> Iterator[TokenBatch]:
+        """Batches of rows ``start_row..stop_row`` (rows are deterministic, so a harvest can
+        resume by skipping)."""
+        it = itertools.islice(self.rows(), start_row, stop_row)
+        idx = start_row
+        while True:
+            chunk = list(itertools.islice(it, batch_size))
+            if not chunk:
+                return
+            toks = torch.tensor([r[0] for r in chunk], dtype=torch.long)
+            am = torch.zeros_like(toks, dtype=torch.bool)
+            for j, r in enumerate(chunk):
+                am[j, : r[1]] = True
+            starts = torch.tensor([r[2] for r in chunk], dtype=torch.bool)
+            is_chat = torch.tensor([r[3] for r in chunk], dtype=torch.bool)
+            rows = torch.arange(idx, idx + len(chunk), dtype=torch.long)
+            idx += len(chunk)
+            yield TokenBatch(toks, am, starts, rows, is_chat)
+
+
+class TensorTokenSource:
+    """Serve a pre-tokenised ``(n_rows, seq)`` tensor as :class:`TokenBatch` es."""
+
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        name: str = "tensor",
+        is_chat: bool = False,
+    ) -> None:
+        if tokens.dim() != 2:
+            raise ValueError("tokens must be (n_rows, seq)")
+        self.tokens = tokens.long()
+        self.attention_mask = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones_like(self.tokens, dtype=torch.bool)
+        )
+        self.context_size = int(tokens.shape[1])
+        self.name = name
+        self._is_chat = is_chat
+        self.stats = SourceStats(rows=int(tokens.shape[0]))
+
+    @property
+    def is_chat(self) -> bool:
+        return self._is_chat
+
+    def describe(self) -> dict[str, Any]:
+        import hashlib
+
+        digest = hashlib.sha256(self.tokens.numpy().tobytes()).hexdigest()[:16]
+        return {
+            "datasets": [{"tensor": self.name, "sha256_16": digest}],
+            "context_size": self.context_size,
+            "n_rows": int(self.tokens.shape[0]),
+        }
+
+    def batches(
+        self, batch_size: int, start_row: int = 0, stop_row: int | None = None
+    ) -> Iterator[TokenBatch]:
+        stop = self.tokens.shape[0] if stop_row is None else min(stop_row, self.tokens.shape[0])
+        for i in range(start_row, stop, batch_size):
+            j = min(i + batch_size, stop)
+            t = self.tokens[i:j]
+            starts = torch.zeros_like(t, dtype=torch.bool)
+            starts[:, 0] = True
+            yield TokenBatch(
+                t,
+                self.attention_mask[i:j],
+                starts,
+                torch.arange(i, j),
+                torch.full((j - i,), self._is_chat),
+            )

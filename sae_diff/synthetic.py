@@ -1,0 +1,75 @@
+"""Synthetic paired activations with planted shared / ft-only / base-only directions.
+
+The ground truth for dictionary tests, the README example and benchmarks: each token
+activates a few planted features; feature j writes ``a * u_j^b`` into the base model's
+activation and ``a * u_j^c`` into the fine-tune's. Shared features have u^b = u^c,
+ft-only ones u^b = 0, base-only ones u^c = 0. Gaussian noise is added per model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PlantedPairedData:
+    """Generator of ``(batch, 2, d)`` paired activations with known feature geometry.
+
+    Attributes:
+        directions: ``(n_features, 2, d)`` unit (or zero) per-model directions.
+        kinds: per feature, ``"shared"``, ``"ft_only"`` or ``"base_only"``.
+    """
+
+    directions: torch.Tensor
+    kinds: list[str]
+    active_per_token: float = 2.0
+    noise: float = 0.01
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def make(cls, d: int = 32, n_shared: int = 8, n_ft_only: int = 4, n_base_only: int = 4,
+             active_per_token: float = 2.0, noise: float = 0.01, seed: int = 0,
+             dtype: torch.dtype = torch.float32) -> PlantedPairedData:
+        n = n_shared + n_ft_only + n_base_only
+        if n > d:
+            raise ValueError(f"Need at most d={d} planted features for orthogonal directions, got {n}.")
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        u = q[:, :n].T  # orthonormal rows
+        directions = torch.zeros(n, 2, d, dtype=torch.float64)
+        kinds: list[str] = []
+        for j in range(n):
+            if j < n_shared:
+                directions[j, 0] = directions[j, 1] = u[j]
+                kinds.append("shared")
+            elif j < n_shared + n_ft_only:
+                directions[j, 1] = u[j]
+                kinds.append("ft_only")
+            else:
+                directions[j, 0] = u[j]
+                kinds.append("base_only")
+        return cls(directions.to(dtype), kinds, active_per_token, noise, dtype)
+
+    @property
+    def d(self) -> int:
+        return self.directions.shape[-1]
+
+    def sample(self, n_tokens: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x (n_tokens, 2, d), codes (n_tokens, n_features))``."""
+        n_feat = self.directions.shape[0]
+        p = min(self.active_per_token / n_feat, 1.0)
+        on = torch.rand(n_tokens, n_feat, generator=generator) < p
+        mags = 0.5 + torch.rand(n_tokens, n_feat, generator=generator)
+        codes = (on * mags).to(self.dtype)
+        x = torch.einsum("tf,fmd->tmd", codes, self.directions)
+        x = x + self.noise * torch.randn(x.shape, generator=generator, dtype=self.dtype)
+        return x, codes
+
+    def batches(self, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
+        """Endless iterator of paired batches (a SAELens ``DataProvider``)."""
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            yield self.sample(batch_size, g)[0]

@@ -1,1 +1,30 @@
-"""training"""
+"""Training dictionaries on a model pair through SAELens-style configs.
+
+- :class:`~sae_diff.training.config.PairedRunnerConfig`: SAELens's
+  ``LanguageModelSAERunnerConfig`` plus the pair (base model, store mode, masks, cache).
+- :class:`~sae_diff.training.runner.PairedSAETrainingRunner`: trains on SAELens's
+  ``SAETrainer`` with atomic, exactly-resumable checkpoints and a paired evaluator.
+
+See ``docs/training.md``.
+"""
+
+from sae_diff.training.config import (
+    ConfigError,
+    PairedRunnerConfig,
+    SmokeTestModels,
+    make_plan,
+    parse_config,
+)
+from sae_diff.training.runner import PairedSAETrainingRunner, TrainingInterrupted, resume, train
+
+__all__ = [
+    "ConfigError",
+    "PairedRunnerConfig",
+    "PairedSAETrainingRunner",
+    "SmokeTestModels",
+    "TrainingInterrupted",
+    "make_plan",
+    "parse_config",
+    "resume",
+    "train",
+]

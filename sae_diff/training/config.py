@@ -1,0 +1,564 @@
+"""Runner config for training a dictionary on a model pair, in SAELens's own config style.
+
+:class:`PairedRunnerConfig` *is a* ``sae_lens.LanguageModelSAERunnerConfig`` (the nested
+``sae=`` architecture config, learning-rate schedule, dead-latent windows, checkpoints,
+logger ... all mean what they mean in SAELens). It adds what a pair needs:
+
+- ``model_name`` is the **fine-tuned** model (SAELens's ``metadata.model_name``), and
+  ``base_model_name`` the base it is compared with;
+- ``store_mode``: which activations the dictionary reads (``paired`` for crosscoders,
+  ``diff`` for diff-SAEs, ``base`` / ``ft`` for a plain SAE on one model);
+- token masks (BOS, first n positions, very-high-norm tokens);
+- ``cache_path``: train from a disk cache of paired activations (harvested first when missing);
+- ``smoke_test_models``: a tiny random model pair for smoke tests, no download.
+
+Every check that needs no model runs in :func:`validate_config` (called by ``__post_init__``),
+so a bad config fails before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Generic
+
+from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig, dict_field
+from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG, TrainingSAEConfig
+
+import sae_diff  # noqa: F401  (registers the architectures)
+
+STORE_MODES: tuple[str, ...] = ("paired", "diff", "base", "ft")
+CROSSCODER_ARCHITECTURES: frozenset[str] = frozenset({"crosscoder", "batchtopk_crosscoder"})
+DIFF_ARCHITECTURES: frozenset[str] = frozenset({"batchtopk_diff_sae"})
+BACKENDS: tuple[str, ...] = ("auto", "hooked", "bridge")
+
+
+class ConfigError(ValueError):
+    """A training config is invalid; the message names the field and the fix."""
+
+
+@dataclass
+class SmokeTestModels:
+    """A tiny, randomly initialised ``HookedTransformer`` pair built from its config (no
+    download): ``ft`` is ``base`` with every weight perturbed by ``noise`` standard deviations.
+    For smoke tests of the training pipeline only: the models know nothing.
+
+    Attributes:
+        n_layers: transformer blocks.
+        d_model: residual width (the ``d_in`` of resid hooks).
+        n_heads: attention heads (``d_head = d_model // n_heads``).
+        d_vocab: vocabulary size (tokens are drawn uniformly from it).
+        n_ctx: maximum context length.
+        noise: perturbation of ft's weights, in units of each tensor's std.
+        seed: seed of the weights and of the random tokens.
+    """
+
+    n_layers: int = 2
+    d_model: int = 32
+    n_heads: int = 4
+    d_vocab: int = 64
+    n_ctx: int = 32
+    noise: float = 0.3
+    seed: int = 0
+
+
+def _no_wandb_logger() -> LoggingConfig:
+    return LoggingConfig(log_to_wandb=False)
+
+
+@dataclass
+class PairedRunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG], Generic[T_TRAINING_SAE_CONFIG]):
+    """SAELens's ``LanguageModelSAERunnerConfig`` for a model pair (see the module docstring).
+
+    Every SAELens field keeps its meaning; ``model_name`` / ``model_from_pretrained_kwargs``
+    describe the fine-tuned model. ``logger.log_to_wandb`` defaults to False (set it to
+    true to log to Weights & Biases as SAELens does).
+
+    Attributes:
+        base_model_name: the base model (HF id, TransformerLens name or local folder).
+        base_model_from_pretrained_kwargs: loading options of the base model (default: the
+            same as ``model_from_pretrained_kwargs``).
+        ft_weights_path: read the fine-tune's weights from here (a local HF folder) while
+            ``model_name`` stays its recorded name.
+        model_backend: ``hooked`` (HookedTransformer), ``bridge`` (TransformerBridge) or ``auto``.
+        store_mode: ``auto`` (from the architecture), ``paired``, ``diff``, ``base`` or ``ft``.
+        mask_bos: drop the BOS / attention-sink position.
+        mask_first_n: drop the first n positions of every sequence.
+        mask_high_norm: drop tokens whose norm exceeds this many times the median (None: off).
+        dataset_column: text / tokens / messages column of the dataset (None: guess).
+        dataset_split: split of ``dataset_path``.
+        cache_path: train from this paired-activation cache; harvested first when missing.
+        smoke_test_models: use a tiny random model pair (smoke tests; no download).
+        n_norm_batches: batches used to estimate the crosscoder's per-model norm factors.
+        eval_at_end: run the paired evaluator after training and save ``eval.json``.
+        eval_loss_recovered: include the loss recovered by splicing reconstructions into
+            each model (needs the models, also when training from a cache).
+    """
+
+    base_model_name: str = ""
+    base_model_from_pretrained_kwargs: dict[str, Any] | None = dict_field(default=None)
+    ft_weights_path: str | None = None
+    model_backend: str = "auto"
+    store_mode: str = "auto"
+    mask_bos: bool = True
+    mask_first_n: int = 0
+    mask_high_norm: float | None = 10.0
+    dataset_column: str | None = None
+    dataset_split: str = "train"
+    cache_path: str | None = None
+    smoke_test_models: SmokeTestModels | None = None
+    n_norm_batches: int = 10
+    eval_at_end: bool = True
+    eval_loss_recovered: bool = True
+    logger: LoggingConfig = field(default_factory=_no_wandb_logger)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.smoke_test_models, dict):
+            self.smoke_test_models = SmokeTestModels(**self.smoke_test_models)
+        if isinstance(self.logger, dict):
+            self.logger = LoggingConfig(**self.logger)
+        if isinstance(self.seqpos_slice, list):
+            self.seqpos_slice = tuple(self.seqpos_slice)
+        super().__post_init__()
+        if self.store_mode == "auto":
+            self.store_mode = default_store_mode(self.sae.architecture())
+        validate_config(self)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def architecture(self) -> str:
+        """The training architecture name (``cfg.sae.architecture()``)."""
+        return self.sae.architecture()
+
+    @property
+    def is_crosscoder(self) -> bool:
+        return self.architecture in CROSSCODER_ARCHITECTURES
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["smoke_test_models"] = None if self.smoke_test_models is None else asdict(self.smoke_test_models)
+        d["seqpos_slice"] = list(self.seqpos_slice)
+        return d
+
+    @classmethod
+    def from_dict(cls, cfg_dict: dict[str, Any]) -> PairedRunnerConfig[Any]:
+        """Inverse of :meth:`to_dict` (checkpoint path kept as saved, not re-suffixed)."""
+        return config_from_dict(cfg_dict, keep_checkpoint_path=True)
+
+
+def default_store_mode(architecture: str) -> str:
+    """``paired`` for crosscoders, ``diff`` for diff-SAEs, ``ft`` (a chat-SAE) otherwise."""
+    if architecture in CROSSCODER_ARCHITECTURES:
+        return "paired"
+    if architecture in DIFF_ARCHITECTURES:
+        return "diff"
+    return "ft"
+
+
+# ---------------------------------------------------------------------- validation
+_RESID = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out|hook_mlp_out)$")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def validate_config(cfg: PairedRunnerConfig[Any]) -> None:
+    """Checks that need no model or data; each error names the field and how to fix it."""
+    arch = cfg.architecture
+    if cfg.store_mode not in STORE_MODES:
+        raise ConfigError(f"store_mode={cfg.store_mode!r} is not one of {list(STORE_MODES)} (or 'auto').")
+    if cfg.model_backend not in BACKENDS:
+        raise ConfigError(f"model_backend={cfg.model_backend!r} is not one of {list(BACKENDS)}.")
+    if not cfg.base_model_name and cfg.smoke_test_models is None:
+        raise ConfigError(
+            "base_model_name is empty: a pair needs the base model (model_name is the fine-tune). "
+            "Set base_model_name, or smoke_test_models for a tiny random pair."
+        )
+    # --- architecture / data-mode agreement
+    if arch in CROSSCODER_ARCHITECTURES and cfg.store_mode != "paired":
+        raise ConfigError(
+            f"architecture {arch!r} is a crosscoder: it reads both models' activations, but "
+            f"store_mode={cfg.store_mode!r}. Use store_mode: paired (or auto), or a diff-SAE "
+            "(batchtopk_diff_sae) for the activation difference."
+        )
+    if arch in DIFF_ARCHITECTURES and cfg.store_mode != "diff":
+        raise ConfigError(
+            f"architecture {arch!r} is a diff-SAE: it reads x_ft - x_base, but "
+            f"store_mode={cfg.store_mode!r}. Use store_mode: diff (or auto)."
+        )
+    if arch not in CROSSCODER_ARCHITECTURES | DIFF_ARCHITECTURES and cfg.store_mode not in ("base", "ft"):
+        hint = "batchtopk_crosscoder" if cfg.store_mode == "paired" else "batchtopk_diff_sae"
+        raise ConfigError(
+            f"architecture {arch!r} is a one-model SAE, but store_mode={cfg.store_mode!r}. Use "
+            f"store_mode: ft (chat-SAE) or base, or architecture {hint!r} for {cfg.store_mode} data."
+        )
+    if cfg.is_crosscoder and getattr(cfg.sae, "n_models", 2) != 2:
+        raise ConfigError(f"sae.n_models={cfg.sae.n_models}: a pair has 2 models.")
+    # --- sizes
+    k = getattr(cfg.sae, "k", None)
+    if k is not None and not 0 < k < cfg.sae.d_sae:
+        raise ConfigError(
+            f"sae.k={k} must satisfy 0 < k < d_sae={cfg.sae.d_sae}: a BatchTopK dictionary "
+            "keeps k latents per token. Lower k or raise d_sae (expansion factor)."
+        )
+    if cfg.is_crosscoder and cfg.sae.normalize_activations != "none":
+        raise ConfigError(
+            "Crosscoders normalise each model with its own scalar (set automatically); leave "
+            f"sae.normalize_activations at 'none', not {cfg.sae.normalize_activations!r}."
+        )
+    if cfg.train_batch_size_tokens <= 0 or cfg.training_tokens < cfg.train_batch_size_tokens:
+        raise ConfigError(
+            f"training_tokens={cfg.training_tokens} must be at least one batch "
+            f"(train_batch_size_tokens={cfg.train_batch_size_tokens})."
+        )
+    if cfg.mask_first_n < 0:
+        raise ConfigError(f"mask_first_n must be >= 0, got {cfg.mask_first_n}.")
+    if cfg.mask_high_norm is not None and cfg.mask_high_norm <= 1:
+        raise ConfigError(f"mask_high_norm={cfg.mask_high_norm} must be > 1 (times the median norm) or null.")
+    if cfg.hook_head_index is not None:
+        raise ConfigError("hook_head_index is not supported for pairs; use a hook without a head index.")
+    # --- hook vs d_in, when the model's dimensions are known without loading it
+    dims = known_model_dims(cfg)
+    if dims is not None:
+        check_hook_d_in(cfg.hook_name, cfg.sae.d_in, dims)
+    if cfg.smoke_test_models is None and not cfg.dataset_path and not cfg.cache_path:
+        raise ConfigError("Set dataset_path (a Hugging Face dataset or local files) or cache_path.")
+
+
+def check_hook_d_in(hook_name: str, d_in: int, dims: dict[str, int]) -> None:
+    """Raise unless ``d_in`` is the width of ``hook_name`` in a model of dimensions ``dims``
+    (keys ``n_layers``, ``d_model`` and optionally ``d_mlp``)."""
+    m = _BLOCK.match(hook_name)
+    if m and int(m.group(1)) >= dims["n_layers"]:
+        raise ConfigError(
+            f"hook_name {hook_name!r} names layer {m.group(1)}, but the model has "
+            f"{dims['n_layers']} layers (0..{dims['n_layers'] - 1})."
+        )
+    expected: int | None = None
+    if _RESID.match(hook_name) or hook_name in ("hook_embed", "hook_pos_embed"):
+        expected = dims["d_model"]
+    elif hook_name.endswith(("mlp.hook_post", "mlp.hook_pre")) and "d_mlp" in dims:
+        expected = dims["d_mlp"]
+    if expected is not None and d_in != expected:
+        raise ConfigError(
+            f"sae.d_in={d_in} does not match hook {hook_name!r}, which is {expected} wide in "
+            f"this model. Set sae.d_in: {expected}."
+        )
+
+
+#: Dimensions of the recipe models, so that ``--dry-run`` can check them offline.
+KNOWN_MODEL_DIMS: dict[str, dict[str, int]] = {
+    "google/gemma-2-2b": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000},
+    "google/gemma-2-2b-it": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000},
+    "gemma-2-2b": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000},
+    "gemma-2-2b-it": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000},
+    "gpt2": {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "d_vocab": 50257},
+}
+
+
+def known_model_dims(cfg: PairedRunnerConfig[Any]) -> dict[str, int] | None:
+    """The base model's dimensions if known without loading weights: the smoke-test spec, the
+    built-in table of recipe models, or a local Hugging Face ``config.json``."""
+    s = cfg.smoke_test_models
+    if s is not None:
+        return {"n_layers": s.n_layers, "d_model": s.d_model, "d_mlp": 4 * s.d_model, "d_vocab": s.d_vocab}
+    name = cfg.base_model_name
+    if name in KNOWN_MODEL_DIMS:
+        return dict(KNOWN_MODEL_DIMS[name])
+    cfg_file = Path(name) / "config.json"
+    if name and cfg_file.is_file():
+        try:
+            hf = json.loads(cfg_file.read_text())
+        except (OSError, ValueError):
+            return None
+        out = {
+            "n_layers": hf.get("num_hidden_layers", hf.get("n_layer")),
+            "d_model": hf.get("hidden_size", hf.get("n_embd")),
+            "d_mlp": hf.get("intermediate_size", hf.get("n_inner")),
+            "d_vocab": hf.get("vocab_size"),
+        }
+        if out["n_layers"] and out["d_model"]:
+            return {k: int(v) for k, v in out.items() if v}
+    return None
+
+
+# ---------------------------------------------------------------------- building from dicts
+def _sae_config(sae: Any, architecture: str | None = None) -> TrainingSAEConfig:
+    if isinstance(sae, TrainingSAEConfig):
+        return sae
+    if not isinstance(sae, dict):
+        raise ConfigError("The config needs an `sae:` section (architecture, d_in, d_sae, ...).")
+    sae = dict(sae)
+    arch = architecture or sae.pop("architecture", None)
+    sae.pop("architecture", None)
+    if arch is None:
+        raise ConfigError(
+            "sae.architecture is missing. Choose one of: " + ", ".join(sorted(SAE_TRAINING_CLASS_REGISTRY)) + "."
+        )
+    if arch not in SAE_TRAINING_CLASS_REGISTRY:
+        raise ConfigError(
+            f"Unknown architecture {arch!r}. Registered: {sorted(SAE_TRAINING_CLASS_REGISTRY)} "
+            "(crosscoder, batchtopk_crosscoder and batchtopk_diff_sae come from sae_diff)."
+        )
+    cfg_cls = SAE_TRAINING_CLASS_REGISTRY[arch][1]
+    names = {f.name for f in fields(cfg_cls)}
+    unknown = sorted(set(sae) - names - {"metadata"})
+    if unknown:
+        raise ConfigError(f"Unknown field(s) {unknown} for architecture {arch!r}; valid: {sorted(names)}.")
+    for required in ("d_in", "d_sae"):
+        if required not in sae:
+            raise ConfigError(f"sae.{required} is required.")
+    sae.pop("metadata", None)
+    try:
+        return cfg_cls(**sae)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Invalid sae config for {arch!r}: {e}") from e
+
+
+def config_from_dict(d: dict[str, Any], *, keep_checkpoint_path: bool = False) -> PairedRunnerConfig[Any]:
+    """Build a :class:`PairedRunnerConfig` from a (YAML/JSON) dict; unknown keys are errors.
+
+    ``keep_checkpoint_path``: use ``checkpoint_path`` as given (a saved run's config), instead
+    of SAELens's behaviour of appending a fresh run id.
+    """
+    d = dict(d)
+    names = {f.name for f in fields(PairedRunnerConfig)}
+    derived = {"tokens_per_buffer"}  # attributes SAELens adds in __post_init__
+    unknown = sorted(set(d) - names - derived)
+    if unknown:
+        close = {u: [n for n in names if n.replace("_", "") == u.replace("_", "").replace("-", "")] for u in unknown}
+        hint = "; ".join(f"{u} (did you mean {c[0]}?)" for u, c in close.items() if c)
+        raise ConfigError(f"Unknown config field(s): {unknown}. {hint}".strip())
+    for k in derived:
+        d.pop(k, None)
+    d["sae"] = _sae_config(d.get("sae"))
+    if isinstance(d.get("smoke_test_models"), dict):
+        d["smoke_test_models"] = SmokeTestModels(**d["smoke_test_models"])
+    if isinstance(d.get("logger"), dict):
+        d["logger"] = LoggingConfig(**d["logger"])
+    checkpoint_path = d.get("checkpoint_path")
+    try:
+        cfg: PairedRunnerConfig[Any] = PairedRunnerConfig(**d)
+    except ConfigError:
+        raise
+    except TypeError as e:
+        raise ConfigError(f"Invalid config: {e}") from e
+    if keep_checkpoint_path and "checkpoint_path" in d:
+        cfg.checkpoint_path = checkpoint_path
+    return cfg
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist.")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping of field: value.")
+    return data
+
+
+# ---------------------------------------------------------------------- the plan (--dry-run)
+@dataclass
+class Plan:
+    """What a run will do, resolved from a config without loading anything."""
+
+    architecture: str
+    inference_architecture: str
+    base_model: str
+    ft_model: str
+    hook_name: str
+    store_mode: str
+    d_in: int
+    d_sae: int
+    k: float | None
+    training_tokens: int
+    train_batch_size_tokens: int
+    total_steps: int
+    n_checkpoints: int
+    n_parameters: int
+    dictionary_bytes: int
+    training_memory_bytes: int
+    activation_bytes_per_token: int
+    cache_bytes: int
+    cache_path: str | None
+    output_path: str | None
+    checkpoint_path: str | None
+    checkpoint_bytes: int
+    device: str
+    dtype: str
+    model_dims: dict[str, int] | None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def render(self) -> str:
+        """Human-readable plan, one item per line."""
+
+        def size(n: float) -> str:
+            for unit in ("B", "KB", "MB", "GB", "TB"):
+                if abs(n) < 1024 or unit == "TB":
+                    return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+                n /= 1024
+            return f"{n:.1f} TB"
+
+        lines = [
+            f"architecture     {self.architecture} (saved as {self.inference_architecture})",
+            f"models           base={self.base_model}  ft={self.ft_model}",
+            f"hook             {self.hook_name}  (store mode: {self.store_mode})",
+            f"d_in / d_sae     {self.d_in} / {self.d_sae}  (expansion {self.d_sae / self.d_in:g})",
+            f"k                {self.k if self.k is not None else '-'}",
+            f"tokens           {self.training_tokens:,} in {self.total_steps:,} steps of {self.train_batch_size_tokens:,}",
+            f"parameters       {self.n_parameters:,} ({size(self.dictionary_bytes)} in {self.dtype})",
+            f"memory (train)   ~{size(self.training_memory_bytes)} on {self.device} for the dictionary, "
+            "Adam state and one batch (models not included)",
+            f"disk (cache)     {size(self.cache_bytes)} at {self.cache_path}" if self.cache_path
+            else f"disk (cache)     none: harvested on the fly ({size(self.activation_bytes_per_token)}/token)",
+            f"disk (ckpts)     {self.n_checkpoints} x {size(self.checkpoint_bytes)} under {self.checkpoint_path}",
+            f"output           {self.output_path}",
+        ]
+        if self.model_dims:
+            lines.append("model dims       " + ", ".join(f"{k}={v}" for k, v in self.model_dims.items()))
+        lines += [f"note             {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def make_plan(cfg: PairedRunnerConfig[Any]) -> Plan:
+    """Resolve ``cfg`` into a :class:`Plan` (sizes and estimates), loading nothing."""
+    from sae_lens.util import str_to_dtype
+
+    sae = cfg.sae
+    n_models = 2 if cfg.is_crosscoder else 1
+    d_in, d_sae = sae.d_in, sae.d_sae
+    n_params = 2 * n_models * d_in * d_sae + d_sae + n_models * d_in
+    itemsize = str_to_dtype(sae.dtype).itemsize
+    dict_bytes = n_params * itemsize
+    act_itemsize = str_to_dtype(cfg.dtype).itemsize
+    per_token = (2 if cfg.store_mode == "paired" else 1) * d_in * act_itemsize
+    cache_per_token = 2 * d_in * act_itemsize  # caches hold both models; modes are views
+    batch = cfg.train_batch_size_tokens
+    # weights + grads + 2 Adam moments, plus the batch, codes and reconstruction
+    train_mem = 4 * dict_bytes + batch * (2 * per_token + 2 * d_sae * 4)
+    notes: list[str] = []
+    dims = known_model_dims(cfg)
+    if dims is None:
+        notes.append(f"dimensions of {cfg.base_model_name!r} unknown offline: d_in is checked when it loads")
+    if cfg.smoke_test_models is not None:
+        notes.append("smoke-test config: tiny random models and random tokens (not a real run)")
+    inf_arch = sae.get_inference_config_class().architecture()
+    return Plan(
+        architecture=cfg.architecture,
+        inference_architecture=inf_arch,
+        base_model=cfg.base_model_name or "smoke-test base",
+        ft_model=cfg.model_name,
+        hook_name=cfg.hook_name,
+        store_mode=cfg.store_mode,
+        d_in=d_in,
+        d_sae=d_sae,
+        k=getattr(sae, "k", None),
+        training_tokens=cfg.training_tokens,
+        train_batch_size_tokens=batch,
+        total_steps=cfg.total_training_steps,
+        n_checkpoints=cfg.n_checkpoints,
+        n_parameters=n_params,
+        dictionary_bytes=dict_bytes,
+        training_memory_bytes=int(train_mem),
+        activation_bytes_per_token=per_token,
+        cache_bytes=int(math.ceil(cfg.training_tokens * cache_per_token)) if cfg.cache_path else 0,
+        cache_path=cfg.cache_path,
+        output_path=cfg.output_path,
+        checkpoint_path=cfg.checkpoint_path,
+        checkpoint_bytes=3 * dict_bytes,
+        device=cfg.device,
+        dtype=sae.dtype,
+        model_dims=dims,
+        notes=notes,
+    )
+
+
+__all__ = [
+    "BACKENDS",
+    "STORE_MODES",
+    "ConfigError",
+    "PairedRunnerConfig",
+    "Plan",
+    "SmokeTestModels",
+    "check_hook_d_in",
+    "config_from_dict",
+    "default_store_mode",
+    "known_model_dims",
+    "make_plan",
+    "parse_config",
+    "read_config_file",
+    "validate_config",
+]
+
+
+# ---------------------------------------------------------------------- config file + flags
+def _cli_dataclass(sae_cls: type[TrainingSAEConfig]) -> type:
+    """A flag-parsing twin of :class:`PairedRunnerConfig` with a concrete ``sae`` type and no
+    ``__post_init__`` (the real config is built once, from the merged values)."""
+    from dataclasses import make_dataclass
+
+    return make_dataclass(
+        "PairedRunnerFlags",
+        [("sae", sae_cls, field(default=None))],  # type: ignore[arg-type]
+        bases=(PairedRunnerConfig,),
+        namespace={"__post_init__": lambda self: None},
+    )
+
+
+def parse_config(config_path: str | Path | None, args: list[str] | None = None,
+                 architecture: str | None = None) -> PairedRunnerConfig[Any]:
+    """Build a config from a YAML/JSON file (optional) and SAELens-style flags.
+
+    Flags override the file: ``--lr 1e-4 --k 64 --training_tokens 1_000_000`` (fields of the
+    ``sae`` section use their own names, e.g. ``--d_sae``; where a name exists at both levels
+    the sae one is ``--sae.dtype``). ``architecture`` (the ``--architecture`` flag) overrides
+    ``sae.architecture``.
+    """
+    from simple_parsing import ArgumentParser
+
+    base: dict[str, Any] = read_config_file(config_path) if config_path is not None else {}
+    sae_dict = dict(base.get("sae") or {})
+    arch = architecture or sae_dict.get("architecture")
+    if arch is None:
+        raise ConfigError("No architecture: give --architecture NAME or sae.architecture in the config file.")
+    if arch not in SAE_TRAINING_CLASS_REGISTRY:
+        _sae_config({"architecture": arch})  # raises the unknown-architecture error
+    sae_cls = SAE_TRAINING_CLASS_REGISTRY[arch][1]
+    sae_dict.pop("architecture", None)
+    defaults = {k: v for k, v in base.items() if k not in ("sae", "tokens_per_buffer")}
+    unknown = sorted(set(defaults) - {f.name for f in fields(PairedRunnerConfig)})
+    if unknown:
+        config_from_dict({**base, "sae": {"architecture": arch, **sae_dict}})  # raises with hints
+    defaults["sae"] = sae_dict
+    if isinstance(defaults.get("seqpos_slice"), list):
+        defaults["seqpos_slice"] = tuple(defaults["seqpos_slice"])
+    flags_cls = _cli_dataclass(sae_cls)
+    parser = ArgumentParser(prog="sae-diff train", add_help=False, exit_on_error=False)
+    parser.add_arguments(flags_cls, dest="cfg")
+    parser.set_defaults(cfg=defaults)
+    try:
+        ns, rest = parser.parse_known_args(list(args or []))
+    except SystemExit as e:  # argparse errors exit; turn them into a config error
+        raise ConfigError(f"Could not parse the flags {args}: see the message above.") from e
+    if rest:
+        raise ConfigError(f"Unrecognised flag(s) {rest}. `sae-diff train --help` lists the flags.")
+    flat = ns.cfg
+    values = {f.name: getattr(flat, f.name) for f in fields(PairedRunnerConfig)}
+    sae_obj = values.pop("sae")
+    sae_values = {f.name: getattr(sae_obj, f.name) for f in fields(sae_cls)}
+    sae_values.pop("metadata", None)
+    values["sae"] = {"architecture": arch, **sae_values}
+    return config_from_dict(values)

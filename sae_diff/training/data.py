@@ -1,0 +1,363 @@
+"""Data for the training runner: models, tokens and a *resumable* activation provider.
+
+``SAETrainer`` consumes any iterator of activation batches (its ``data_provider``). Exact
+resume needs the provider to restart at sample n. :class:`ResumableProvider` wraps any
+deterministic batch iterator, counts the batches drawn (norm estimation included) and, on
+resume, positions a fresh one: through the iterator's own ``load_state_dict`` /
+``skip_batches`` when it has them (``sae_diff.data``'s cache reader), else by drawing and
+discarding (exact for any seeded iterator, at the cost of recomputing them).
+
+Sources, in order of preference:
+
+1. ``cfg.cache_path``: ``sae_diff.data.cache`` (harvested first when missing);
+2. ``sae_diff.data.store.PairedActivationsStore`` harvesting on the fly;
+3. an in-memory harvest (:class:`TensorBatchProvider`), used by smoke tests and whenever
+   ``sae_diff.data`` is unavailable: paired activations for the run's tokens, masked, held in
+   memory and served in seeded shuffled epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from sae_diff.training.config import PairedRunnerConfig
+
+
+class TrainingDataError(RuntimeError):
+    """The run's data cannot be built (missing dataset column, empty data, ...)."""
+
+
+# ---------------------------------------------------------------------- models
+def build_smoke_test_pair(spec: Any, ft_name: str = "smoke-ft", base_name: str = "smoke-base") -> Any:
+    """A tiny random ``PairedModel`` from :class:`~sae_diff.training.config.SmokeTestModels`."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from sae_diff.pairing.model import PairedModel
+
+    tl_cfg = HookedTransformerConfig(
+        n_layers=spec.n_layers, d_model=spec.d_model, n_ctx=spec.n_ctx, n_heads=spec.n_heads,
+        d_head=spec.d_model // spec.n_heads, d_mlp=4 * spec.d_model, d_vocab=spec.d_vocab,
+        act_fn="gelu", normalization_type="LN", device="cpu", seed=spec.seed,
+    )
+    rng_state = torch.get_rng_state()
+    try:
+        torch.manual_seed(spec.seed)
+        base = HookedTransformer(tl_cfg)
+        ft = HookedTransformer(copy.deepcopy(tl_cfg))
+        g = torch.Generator().manual_seed(spec.seed + 1)
+        with torch.no_grad():
+            state = {}
+            for k, v in base.state_dict().items():
+                if v.is_floating_point() and "IGNORE" not in k and "mask" not in k:
+                    scale = v.std().nan_to_num(1.0).clamp_min(0.02) if v.numel() > 1 else torch.tensor(0.02)
+                    v = v + spec.noise * scale * torch.randn(v.shape, generator=g)
+                state[k] = v
+            ft.load_state_dict(state)
+    finally:
+        torch.set_rng_state(rng_state)  # building models must not shift the run's RNG stream
+    base.eval()
+    ft.eval()
+    return PairedModel(base, ft, base_name=base_name, ft_name=ft_name, check=False)
+
+
+def load_pair(cfg: PairedRunnerConfig[Any]) -> Any:
+    """The run's ``PairedModel`` (smoke-test models, or ``PairedModel.from_pretrained``)."""
+    if cfg.smoke_test_models is not None:
+        return build_smoke_test_pair(cfg.smoke_test_models, ft_name=cfg.model_name,
+                                     base_name=cfg.base_model_name or "smoke-base")
+    from sae_lens.util import str_to_dtype
+
+    from sae_diff.pairing.model import PairedModel
+
+    kwargs = dict(cfg.base_model_from_pretrained_kwargs or cfg.model_from_pretrained_kwargs or {})
+    return PairedModel.from_pretrained(
+        cfg.base_model_name, cfg.model_name, device=cfg.llm_device or cfg.device,
+        dtype=str_to_dtype(cfg.dtype), hf_model_path_or_local_dir=cfg.ft_weights_path,
+        backend=cfg.model_backend, **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def check_pair_matches(cfg: PairedRunnerConfig[Any], pair: Any) -> None:
+    """After loading: the hook exists and ``sae.d_in`` is its width (clear error otherwise)."""
+    from sae_diff.training.config import ConfigError, check_hook_d_in
+
+    dims = {"n_layers": int(pair.n_layers), "d_model": int(pair.d_model)}
+    d_mlp = getattr(pair.base.cfg, "d_mlp", None)
+    if d_mlp:
+        dims["d_mlp"] = int(d_mlp)
+    check_hook_d_in(cfg.hook_name, cfg.sae.d_in, dims)
+    try:
+        pair.validate_hooks([cfg.hook_name])
+    except Exception as e:
+        raise ConfigError(f"hook_name {cfg.hook_name!r} is not a hook of these models: {e}") from e
+
+
+# ---------------------------------------------------------------------- tokens
+def check_dataset_column(cfg: PairedRunnerConfig[Any]) -> str | None:
+    """Peek at the dataset's first row (no model needed); return the column to read.
+
+    Raises :class:`TrainingDataError` naming the available columns when ``dataset_column``
+    (or, if unset, any of ``tokens``/``input_ids``/``text``/``messages``) is missing.
+    """
+    if cfg.smoke_test_models is not None and not cfg.dataset_path:
+        return None
+    row = next(iter(_open_dataset(cfg)))
+    cols = list(row.keys())
+    if cfg.dataset_column is not None:
+        if cfg.dataset_column not in row:
+            raise TrainingDataError(
+                f"dataset {cfg.dataset_path!r} has no column {cfg.dataset_column!r}; its columns are "
+                f"{cols}. Set dataset_column to one of them."
+            )
+        return cfg.dataset_column
+    for c in ("tokens", "input_ids", "messages", "text"):
+        if c in row:
+            return c
+    raise TrainingDataError(
+        f"dataset {cfg.dataset_path!r} has none of the columns tokens/input_ids/messages/text "
+        f"(it has {cols}). Set dataset_column."
+    )
+
+
+def _open_dataset(cfg: PairedRunnerConfig[Any]) -> Any:
+    from pathlib import Path
+
+    import datasets
+
+    path = cfg.dataset_path
+    p = Path(path)
+    if p.is_file():
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+                ".txt": "text"}.get(p.suffix, "json")
+        return datasets.load_dataset(kind, data_files=str(p), split=cfg.dataset_split, streaming=True)
+    return datasets.load_dataset(path, split=cfg.dataset_split, streaming=cfg.streaming)
+
+
+def smoke_test_tokens(cfg: PairedRunnerConfig[Any], n_seqs: int, offset: int = 0) -> torch.Tensor:
+    """Random tokens for the smoke-test pair (seeded; ``offset`` picks a disjoint stream)."""
+    spec = cfg.smoke_test_models
+    assert spec is not None
+    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + 7 + offset)
+    toks = torch.randint(1, spec.d_vocab, (n_seqs, cfg.context_size), generator=g)
+    if cfg.prepend_bos:
+        toks[:, 0] = 0
+    return toks
+
+
+def token_batches(cfg: PairedRunnerConfig[Any], pair: Any, n_tokens: int, offset_seqs: int = 0) -> Iterator[torch.Tensor]:
+    """``(batch, context_size)`` token batches covering about ``n_tokens`` tokens.
+
+    Smoke-test configs get random tokens. Otherwise ``sae_diff.data.sources`` is used when
+    available, else a minimal reader (``tokens``/``input_ids`` columns or ``text`` tokenised
+    with the pair's tokenizer, BOS prepended, truncated/concatenated to ``context_size``).
+    """
+    bs = cfg.store_batch_size_prompts
+    n_seqs = max(1, -(-n_tokens // cfg.context_size))
+    if cfg.smoke_test_models is not None and not cfg.dataset_path:
+        toks = smoke_test_tokens(cfg, n_seqs, offset=offset_seqs)
+        yield from toks.split(bs)
+        return
+    column = check_dataset_column(cfg)
+    tok = pair.tokenizer
+    buf: list[int] = []
+    seqs: list[list[int]] = []
+    skipped = 0
+    for row in _open_dataset(cfg):
+        value = row[column]
+        if column in ("tokens", "input_ids"):
+            ids = list(value)
+        elif column == "messages":
+            ids = list(tok.apply_chat_template(value, tokenize=True))
+        else:
+            ids = tok(value, add_special_tokens=False)["input_ids"]
+            if cfg.prepend_bos and tok.bos_token_id is not None:
+                ids = [tok.bos_token_id, *ids]
+        buf.extend(ids)
+        while len(buf) >= cfg.context_size:
+            if skipped < offset_seqs:
+                skipped += 1
+            else:
+                seqs.append(buf[: cfg.context_size])
+            buf = buf[cfg.context_size:]
+            if len(seqs) == bs:
+                yield torch.tensor(seqs)
+                n_seqs -= bs
+                seqs = []
+            if n_seqs <= 0:
+                return
+    if seqs:
+        yield torch.tensor(seqs)
+
+
+# ---------------------------------------------------------------------- masks and modes
+def token_mask(cfg: PairedRunnerConfig[Any], acts: torch.Tensor) -> torch.Tensor:
+    """Keep-mask ``(batch, seq)`` for paired activations ``(batch, seq, 2, d)``: BOS, first n
+    positions and tokens whose norm exceeds ``mask_high_norm`` x the median (either model)."""
+    keep = torch.ones(acts.shape[:2], dtype=torch.bool, device=acts.device)
+    first = max(cfg.mask_first_n, 1 if (cfg.mask_bos and cfg.prepend_bos) else 0)
+    keep[:, :first] = False
+    if cfg.mask_high_norm is not None:
+        norms = acts.float().norm(dim=-1)  # (batch, seq, 2)
+        ref = norms[keep] if keep.any() else norms.reshape(-1, norms.shape[-1])
+        median = ref.median(dim=0).values
+        keep &= ~(norms > cfg.mask_high_norm * median).any(-1)
+    return keep
+
+
+def to_mode(paired: torch.Tensor, mode: str, diff_sign: str = "ft_minus_base") -> torch.Tensor:
+    """``(N, 2, d)`` paired activations -> what a dictionary of ``mode`` reads."""
+    if mode == "paired":
+        return paired
+    if mode == "base":
+        return paired[:, 0]
+    if mode == "ft":
+        return paired[:, 1]
+    if mode == "diff":
+        d = paired[:, 1] - paired[:, 0]
+        return d if diff_sign == "ft_minus_base" else -d
+    raise ValueError(f"unknown store mode {mode!r}")
+
+
+@torch.no_grad()
+def harvest_in_memory(cfg: PairedRunnerConfig[Any], pair: Any, n_tokens: int, offset_seqs: int = 0,
+                      return_tokens: bool = False) -> Any:
+    """Masked paired activations ``(N, 2, d)`` for about ``n_tokens`` tokens (raw, unscaled).
+
+    With ``return_tokens`` also returns the ``(n_seqs, ctx)`` tokens and the ``(n_seqs, ctx)``
+    keep-mask (for the loss-recovered evaluation).
+    """
+    from tqdm.auto import tqdm
+
+    out, all_toks, all_keep = [], [], []
+    total = 0
+    bar = tqdm(total=n_tokens, desc="Harvesting paired activations", leave=False, disable=n_tokens < 50_000)
+    for toks in token_batches(cfg, pair, n_tokens, offset_seqs=offset_seqs):
+        acts = pair.paired_activations(toks, [cfg.hook_name])[cfg.hook_name].to(cfg.act_store_device or "cpu")
+        keep = token_mask(cfg, acts)
+        kept = acts[keep].to(torch.float32)
+        out.append(kept)
+        all_toks.append(toks)
+        all_keep.append(keep.cpu())
+        total += toks.numel()
+        bar.update(toks.numel())
+        if total >= n_tokens:
+            break
+    bar.close()
+    if not out or sum(o.shape[0] for o in out) == 0:
+        raise TrainingDataError("No activations were harvested (empty dataset, or every token masked).")
+    acts_all = torch.cat(out)
+    if return_tokens:
+        return acts_all, torch.cat(all_toks), torch.cat(all_keep)
+    return acts_all
+
+
+class TensorBatchProvider(Iterator[torch.Tensor]):
+    """Batches from an in-memory ``(N, ...)`` tensor in seeded, reshuffled epochs.
+
+    Deterministic given ``seed``; :meth:`skip_batches` jumps to batch n without computing
+    anything, so resumed runs see exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, data: torch.Tensor, batch_size: int, seed: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if data.shape[0] < batch_size:
+            raise TrainingDataError(
+                f"Only {data.shape[0]} activations for batches of {batch_size}: harvest more tokens "
+                "or lower train_batch_size_tokens."
+            )
+        self.data = data
+        self.batch_size = batch_size
+        self.seed = seed
+        self.transform = transform
+        self.per_epoch = data.shape[0] // batch_size
+        self.n_batches = 0
+        self._epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def _perm_for(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self._perm = torch.randperm(self.data.shape[0], generator=g)
+            self._epoch = epoch
+        return self._perm
+
+    def __iter__(self) -> TensorBatchProvider:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        epoch, i = divmod(self.n_batches, self.per_epoch)
+        idx = self._perm_for(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
+        self.n_batches += 1
+        batch = self.data[idx]
+        return self.transform(batch) if self.transform is not None else batch
+
+    def skip_batches(self, n: int) -> None:
+        """Advance by ``n`` batches without producing them."""
+        self.n_batches += n
+
+
+class ResumableProvider(Iterator[torch.Tensor]):
+    """Counts the batches drawn from ``source`` and restores that position on resume."""
+
+    def __init__(self, source: Iterator[torch.Tensor]):
+        self.source = source
+        self.n_batches = 0
+
+    def __iter__(self) -> ResumableProvider:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch = next(self.source)
+        self.n_batches += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"n_batches": self.n_batches}
+        inner = getattr(self.source, "state_dict", None)
+        if callable(inner):
+            state["source"] = inner()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Position a *fresh* source at ``state['n_batches']``."""
+        n = int(state["n_batches"])
+        if self.n_batches:
+            raise RuntimeError("load_state_dict needs a fresh provider (no batch drawn yet).")
+        load = getattr(self.source, "load_state_dict", None)
+        skip = getattr(self.source, "skip_batches", None)
+        if "source" in state and callable(load):
+            load(state["source"])
+        elif callable(skip):
+            skip(n)
+        else:
+            for _ in range(n):
+                next(self.source)
+        self.n_batches = n
+
+
+def optional_module(name: str) -> Any | None:
+    """Import ``name`` if it exists (other parts of sae_diff may not be installed yet)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+__all__ = [
+    "ResumableProvider",
+    "TensorBatchProvider",
+    "TrainingDataError",
+    "build_smoke_test_pair",
+    "check_dataset_column",
+    "check_pair_matches",
+    "harvest_in_memory",
+    "load_pair",
+    "smoke_test_tokens",
+    "to_mode",
+    "token_batches",
+    "token_mask",
+]

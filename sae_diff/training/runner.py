@@ -1,0 +1,454 @@
+"""Training runner for a model pair on SAELens's ``SAETrainer``.
+
+:class:`PairedSAETrainingRunner` is the pair version of SAELens's
+``LanguageModelSAETrainingRunner``: it loads the pair, builds the data provider, prepares the
+dictionary (per-model norm factors and decoder-bias init for crosscoders), and trains with
+:class:`ResumableSAETrainer`, a ``SAETrainer`` (same optimiser, LR / coefficient schedules,
+dead-latent tracking, wandb logging) whose checkpoints are atomic and carry everything an
+exact resume needs:
+
+=========================  ===================================================
+``sae_weights.safetensors``  training weights and buffers (norm factors, BatchTopK threshold)
+``cfg.json``               the training dictionary's config
+``trainer_state.pt``       optimiser, LR scheduler, coefficient schedulers, dead-latent counters
+``activation_scaler.json``  SAELens's activation scaler (diff-SAE normalisation)
+``sae_diff_state.pt``      data-provider position and the torch RNG state
+``runner_cfg.json``        the full run config (``train --resume DIR`` needs nothing else)
+=========================  ===================================================
+
+A checkpoint is written into a temporary folder and renamed into place, so a folder named
+``<checkpoint_path>/<n_samples>`` is always complete. The final output folder (SAELens
+layout: ``cfg.json`` + ``sae_weights.safetensors`` of the *inference* dictionary, weights
+folded, plus ``sparsity.safetensors``, ``runner_cfg.json`` and ``eval.json``) is written the
+same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens.constants import RUNNER_CFG_FILENAME, SPARSITY_FILENAME, TRAINER_STATE_FILENAME
+from sae_lens.saes.sae import TrainingSAE
+from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from sae_diff.training.config import PairedRunnerConfig
+from sae_diff.training.data import (
+    ResumableProvider,
+    TensorBatchProvider,
+    TrainingDataError,
+    check_dataset_column,
+    check_pair_matches,
+    harvest_in_memory,
+    load_pair,
+    to_mode,
+)
+from sae_diff.training.evaluator import PairedEvaluator
+
+SAE_DIFF_STATE_FILENAME = "sae_diff_state.pt"
+EVAL_FILENAME = "eval.json"
+#: In-memory harvesting refuses runs needing more than this (use cache_path instead).
+MAX_IN_MEMORY_BYTES = 8 * 1024**3
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped early (Ctrl-C, SIGTERM or ``stop_after_steps``) after saving a
+    checkpoint; ``checkpoint`` is its folder (None when checkpointing is off)."""
+
+    def __init__(self, checkpoint: Path | None, n_steps: int):
+        self.checkpoint = checkpoint
+        self.n_steps = n_steps
+        where = f"; resume with: sae-diff train --resume {checkpoint}" if checkpoint else \
+            " (checkpoint_path is null, so nothing was saved)"
+        super().__init__(f"Training interrupted after {n_steps} steps{where}")
+
+
+# ---------------------------------------------------------------------- atomic folders
+def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Create ``final`` atomically: ``fill`` writes into a sibling temporary folder, which is
+    then renamed to ``final`` (replacing an older one)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        fill(tmp)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder to resume from: ``path`` itself when it is one, else its newest
+    complete checkpoint (the largest sample count)."""
+    path = Path(path)
+    if (path / TRAINER_STATE_FILENAME).is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"No checkpoint at {path}: the folder does not exist.")
+    found: list[tuple[int, Path]] = []
+    for child in path.iterdir():
+        if child.name.startswith(".") or not (child / TRAINER_STATE_FILENAME).is_file():
+            continue
+        digits = "".join(c for c in child.name if c.isdigit())
+        found.append((int(digits) if digits else -1, child))
+    if not found:
+        raise FileNotFoundError(
+            f"No checkpoint in {path}: expected a folder holding {TRAINER_STATE_FILENAME}, or "
+            "folders of them (a run's checkpoint_path)."
+        )
+    return max(found)[1]
+
+
+# ---------------------------------------------------------------------- trainer
+class ResumableSAETrainer(SAETrainer[Any, Any]):
+    """``SAETrainer`` with atomic, exactly-resumable checkpoints and graceful interruption.
+
+    The training loop is SAELens's ``fit`` rebuilt from its public seams (``step``,
+    ``maybe_reset_sparsity``, ``set_final_sae_metadata``, ``save_checkpoint``) with one change:
+    checkpoints are taken *after* the step counter advances, so a checkpoint's state is the
+    state at a step boundary and a resumed run replays exactly the remaining steps.
+    """
+
+    def __init__(self, *args: Any, provider: ResumableProvider, runner_cfg: PairedRunnerConfig[Any],
+                 stop_after_steps: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.provider = provider
+        self.runner_cfg = runner_cfg
+        self.stop_after_steps = stop_after_steps
+        self.stop_requested = False
+        self.last_checkpoint: Path | None = None
+
+    # --- state -------------------------------------------------------------------------
+    def save_extra_state(self, path: Path) -> None:
+        torch.save({"provider": self.provider.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   path / SAE_DIFF_STATE_FILENAME)
+
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        """Restore trainer, weights, data position and RNG from ``checkpoint``."""
+        self.load_trainer_state(checkpoint)
+        self.sae.load_weights_from_checkpoint(checkpoint)
+        extra = torch.load(checkpoint / SAE_DIFF_STATE_FILENAME, weights_only=False)
+        self.provider.load_state_dict(extra["provider"])
+        torch.set_rng_state(extra["torch_rng"])
+        if extra.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(extra["cuda_rng"])
+        n = self.n_training_samples
+        self.checkpoint_thresholds = [t for t in self.checkpoint_thresholds if t >= n]
+
+    def save_checkpoint(self, checkpoint_name: str, base_path: Path | str | None = None,
+                        wandb_aliases: list[str] | None = None) -> None:
+        base = base_path if base_path is not None else self.cfg.checkpoint_path
+        if base is None:
+            return
+
+        def fill(tmp: Path) -> None:
+            weights_path, cfg_path = self.sae.save_model(str(tmp))
+            save_file({"sparsity": self.log_feature_sparsity}, tmp / SPARSITY_FILENAME)
+            self.save_trainer_state(tmp)
+            self.save_extra_state(tmp)
+            (tmp / RUNNER_CFG_FILENAME).write_text(json.dumps(self.runner_cfg.to_dict(), indent=2, default=str))
+
+        final = atomic_dir(Path(base) / checkpoint_name, fill)
+        self.last_checkpoint = final
+        if self.cfg.logger.log_to_wandb:
+            from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+
+            self.cfg.logger.log(self, final / SAE_WEIGHTS_FILENAME, final / SAE_CFG_FILENAME,
+                                sparsity_path=final / SPARSITY_FILENAME, wandb_aliases=wandb_aliases)
+
+    # --- loop --------------------------------------------------------------------------
+    def _estimate_normalisation(self) -> None:
+        # As SAELens: statistics restored from a checkpoint are kept.
+        norm = self.sae.cfg.normalize_activations
+        if norm == "expected_average_only_in" and self.activation_scaler.scaling_factor is None:
+            self.activation_scaler.estimate_scaling_factor(
+                d_in=self.sae.cfg.d_in, data_provider=self.data_provider,
+                n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate)
+        elif norm == "covariance_whitening" and self.activation_scaler.whitening is None:
+            self.activation_scaler.estimate_whitening(
+                d_in=self.sae.cfg.d_in, data_provider=self.data_provider,
+                n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate)
+
+    def fit(self) -> Any:
+        import wandb
+
+        self.sae.to(self.cfg.device)
+        total = self.cfg.total_training_samples
+        bs = self.cfg.train_batch_size_samples
+        pbar = tqdm(total=total, initial=self.n_training_samples, desc="Training", unit="tok",
+                    unit_scale=True, dynamic_ncols=True)
+        self._estimate_normalisation()
+        steps_this_run = 0
+        try:
+            while self.n_training_samples < total:
+                sparsity_log = self.maybe_reset_sparsity()
+                if sparsity_log and self.cfg.logger.log_to_wandb:
+                    wandb.log(sparsity_log, step=self.n_training_steps)
+                out = self.step(next(self.data_provider))
+                if self.cfg.logger.log_to_wandb:
+                    self._log_train_step(out)
+                    self._run_and_log_evals()
+                self.n_training_steps += 1
+                steps_this_run += 1
+                pbar.update(bs)
+                if self.n_training_steps % 10 == 0 or self.n_training_samples >= total:
+                    pbar.set_postfix({k: f"{float(v.detach()):.4g}" for k, v in out.losses.items()}, refresh=False)
+                if self.checkpoint_thresholds and self.n_training_samples > self.checkpoint_thresholds[0]:
+                    self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
+                    self.checkpoint_thresholds.pop(0)
+                if self.stop_requested or (self.stop_after_steps is not None and steps_this_run >= self.stop_after_steps
+                                           and self.n_training_samples < total):
+                    self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
+                    raise TrainingInterrupted(self.last_checkpoint if self.cfg.checkpoint_path else None,
+                                              self.n_training_steps)
+        finally:
+            pbar.close()
+
+        sparsity_log = self.full_sparsity_window_log()
+        if sparsity_log and self.cfg.logger.log_to_wandb:
+            wandb.log(sparsity_log, step=self.n_training_steps)
+        if self.activation_scaler.scaling_factor is not None:
+            self.sae.fold_activation_norm_scaling_factor(self.activation_scaler.scaling_factor)
+            self.activation_scaler.scaling_factor = None
+        if self.activation_scaler.whitening is not None:
+            w = self.activation_scaler.whitening
+            self.sae.fold_activation_whitening(mean=w.mean, whitening_matrix=w.matrix,
+                                               unwhitening_matrix=w.inverse_matrix)
+            self.activation_scaler.whitening = None
+        self.set_final_sae_metadata()
+        if self.cfg.save_final_checkpoint:
+            self.save_checkpoint(checkpoint_name=f"final_{self.n_training_samples}")
+        return self.sae
+
+
+# ---------------------------------------------------------------------- runner
+class PairedSAETrainingRunner:
+    """Train a crosscoder, diff-SAE or one-model SAE on a model pair.
+
+    Args:
+        cfg: the run config.
+        override_pair: use this ``PairedModel`` instead of loading ``cfg``'s models.
+        override_sae: train this training dictionary instead of a fresh one.
+
+    ``run()`` returns the trained *training* dictionary; the inference dictionary is written to
+    ``cfg.output_path`` (and returned in memory by ``self.inference_sae``).
+    """
+
+    def __init__(self, cfg: PairedRunnerConfig[Any], override_pair: Any = None,
+                 override_sae: TrainingSAE[Any] | None = None):
+        self.cfg = cfg
+        self.pair = override_pair
+        self.sae: TrainingSAE[Any] | None = override_sae
+        self.inference_sae: Any = None
+        self.eval_metrics: dict[str, Any] = {}
+        self.trainer: ResumableSAETrainer | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, **overrides: Any) -> PairedSAETrainingRunner:
+        """A runner that continues the run saved at ``path`` (a checkpoint or a run's
+        checkpoint folder); ``overrides`` replace config fields (e.g. ``device``)."""
+        ckpt = find_checkpoint(path)
+        cfg_dict = json.loads((ckpt / RUNNER_CFG_FILENAME).read_text())
+        cfg_dict.update(overrides)
+        cfg_dict["resume_from_checkpoint"] = str(ckpt)
+        return cls(PairedRunnerConfig.from_dict(cfg_dict))
+
+    # --- pieces ------------------------------------------------------------------------
+    def _needs_models(self) -> bool:
+        return self.cfg.cache_path is None or (self.cfg.eval_at_end and self.cfg.eval_loss_recovered)
+
+    def _build_sae(self) -> TrainingSAE[Any]:
+        from sae_diff.dictionaries.registry import training_sae
+
+        torch.manual_seed(self.cfg.seed)
+        sae = training_sae(self.cfg.sae)
+        return sae.to(self.cfg.device)
+
+    def _set_metadata(self, sae: TrainingSAE[Any]) -> None:
+        import sae_diff
+
+        cfg = self.cfg
+        md = sae.cfg.metadata
+        md.dataset_path = cfg.dataset_path or ("smoke-test random tokens" if cfg.smoke_test_models else None)
+        md.hook_name = cfg.hook_name
+        md.model_name = cfg.model_name
+        md.model_class_name = cfg.model_class_name
+        md.hook_head_index = cfg.hook_head_index
+        md.context_size = cfg.context_size
+        md.seqpos_slice = list(cfg.seqpos_slice)
+        md.model_from_pretrained_kwargs = cfg.model_from_pretrained_kwargs
+        md.prepend_bos = cfg.prepend_bos
+        md.exclude_special_tokens = cfg.exclude_special_tokens
+        md.sequence_separator_token = cfg.sequence_separator_token
+        md.disable_concat_sequences = cfg.disable_concat_sequences
+        # the pair
+        md.base_model_name = cfg.base_model_name or (self.pair.base_name if self.pair is not None else None)
+        md.ft_model_name = cfg.model_name
+        md.base_model_from_pretrained_kwargs = cfg.base_model_from_pretrained_kwargs
+        md.store_mode = cfg.store_mode
+        if cfg.store_mode == "diff":
+            md.diff_sign = getattr(cfg.sae, "diff_sign", "ft_minus_base")
+        md.masks = {"bos": cfg.mask_bos, "first_n": cfg.mask_first_n, "high_norm": cfg.mask_high_norm}
+        md.sae_diff_version = sae_diff.__version__
+        if self.pair is not None:
+            try:
+                md.pair = self.pair.describe()
+            except Exception:  # describe() is informational only
+                md.pair = None
+
+    def _build_provider(self) -> tuple[ResumableProvider, PairedEvaluator]:
+        """Training provider and held-out evaluator (see ``sae_diff.training.data``)."""
+        cfg = self.cfg
+        n_eval = max(cfg.n_eval_batches, 1) * (cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts) * cfg.context_size
+        sign = str(getattr(cfg.sae, "diff_sign", "ft_minus_base"))
+        bytes_needed = cfg.training_tokens * 2 * cfg.sae.d_in * 4
+        if bytes_needed > MAX_IN_MEMORY_BYTES:
+            raise TrainingDataError(
+                f"training_tokens={cfg.training_tokens:,} of paired activations need "
+                f"{bytes_needed / 1024**3:.1f} GiB in memory; set cache_path to train from a disk "
+                "cache (sae-diff harvest) instead."
+            )
+        acts = harvest_in_memory(cfg, self.pair, cfg.training_tokens)
+        source = TensorBatchProvider(acts, cfg.train_batch_size_tokens, seed=cfg.seed,
+                                     transform=lambda b: to_mode(b, cfg.store_mode, sign))
+        n_train_seqs = -(-cfg.training_tokens // cfg.context_size)
+        eval_acts, eval_toks, eval_keep = harvest_in_memory(cfg, self.pair, n_eval, offset_seqs=n_train_seqs,
+                                                            return_tokens=True)
+        evaluator = PairedEvaluator(cfg, eval_acts, pair=self.pair, eval_tokens=eval_toks, eval_keep=eval_keep,
+                                    batch_size=cfg.train_batch_size_tokens)
+        return ResumableProvider(source), evaluator
+
+    # --- run ---------------------------------------------------------------------------
+    def run(self, stop_after_steps: int | None = None) -> TrainingSAE[Any]:
+        """Train (or continue ``cfg.resume_from_checkpoint``); write the output; return the
+        training dictionary. ``stop_after_steps`` interrupts after that many steps (after
+        saving a checkpoint) by raising :class:`TrainingInterrupted`."""
+        import wandb
+
+        cfg = self.cfg
+        resume = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+        check_dataset_column(cfg)  # before any model is loaded
+        torch.manual_seed(cfg.seed)
+        if self.pair is None:
+            self.pair = load_pair(cfg)
+        check_pair_matches(cfg, self.pair)
+        provider, evaluator = self._build_provider()
+        sae = self.sae if self.sae is not None else self._build_sae()
+        self.sae = sae
+        self._set_metadata(sae)
+        if resume is None and cfg.is_crosscoder:
+            from sae_diff.dictionaries.normalisation import prepare_crosscoder
+
+            prepare_crosscoder(sae, provider, n_batches=cfg.n_norm_batches)
+        if cfg.logger.log_to_wandb:
+            wandb.init(project=cfg.logger.wandb_project, entity=cfg.logger.wandb_entity, config=cfg.to_dict(),
+                       name=cfg.logger.run_name, id=cfg.logger.wandb_id, resume="allow" if resume else None)
+        trainer = ResumableSAETrainer(
+            cfg=cfg.to_sae_trainer_config(), sae=sae, data_provider=provider, evaluator=evaluator,
+            provider=provider, runner_cfg=cfg, stop_after_steps=stop_after_steps)
+        self.trainer = trainer
+        if resume is not None:
+            trainer.load_checkpoint(resume)
+        with _graceful_interrupts(trainer):
+            trained = trainer.fit()
+        if cfg.eval_at_end:
+            self.inference_sae = trained.to_inference() if hasattr(trained, "to_inference") else None
+            target = self.inference_sae if self.inference_sae is not None else trained
+            self.eval_metrics = evaluator(target, None, None)
+            self.eval_metrics["sparsity/dead_fraction_train"] = float(trainer.dead_neurons.float().mean())
+            self.eval_metrics["details/n_training_samples"] = trainer.n_training_samples
+            self.eval_metrics["details/n_training_steps"] = trainer.n_training_steps
+        if cfg.output_path is not None:
+            self.save_final(trained, Path(cfg.output_path), trainer.log_feature_sparsity)
+        if cfg.logger.log_to_wandb:
+            if self.eval_metrics:
+                wandb.log(self.eval_metrics, step=trainer.n_training_steps)
+            wandb.finish()
+        return trained
+
+    def save_final(self, sae: TrainingSAE[Any], output: Path, log_sparsity: torch.Tensor | None) -> Path:
+        """Write the inference dictionary (SAELens layout) and run files to ``output`` atomically."""
+
+        def fill(tmp: Path) -> None:
+            sae.save_inference_model(str(tmp))
+            if log_sparsity is not None:
+                save_file({"sparsity": log_sparsity.contiguous()}, tmp / SPARSITY_FILENAME)
+            (tmp / RUNNER_CFG_FILENAME).write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
+            if self.eval_metrics:
+                clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                         for k, v in self.eval_metrics.items()}
+                (tmp / EVAL_FILENAME).write_text(json.dumps(clean, indent=2))
+
+        return atomic_dir(output, fill)
+
+
+class _graceful_interrupts:
+    """First Ctrl-C / SIGTERM: finish the step, checkpoint, stop. Second: stop at once."""
+
+    def __init__(self, trainer: ResumableSAETrainer):
+        self.trainer = trainer
+        self.previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:  # noqa: ARG002
+        self.trainer.stop_requested = True
+        for sig, prev in self.previous.items():  # a second signal behaves as usual
+            signal.signal(sig, prev)
+        tqdm.write("Interrupt received: finishing this step and saving a checkpoint "
+                   "(interrupt again to stop at once).")
+
+    def __enter__(self) -> _graceful_interrupts:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, prev in self.previous.items():
+            signal.signal(sig, prev)
+
+
+def train(cfg: PairedRunnerConfig[Any], **kwargs: Any) -> PairedSAETrainingRunner:
+    """Train ``cfg``; returns the finished runner (``.sae``, ``.inference_sae``, ``.eval_metrics``)."""
+    runner = PairedSAETrainingRunner(cfg, **kwargs)
+    runner.run()
+    return runner
+
+
+def resume(path: str | Path, **overrides: Any) -> PairedSAETrainingRunner:
+    """Continue the run checkpointed at ``path``; returns the finished runner."""
+    runner = PairedSAETrainingRunner.from_checkpoint(path, **overrides)
+    runner.run()
+    return runner
+
+
+__all__ = [
+    "EVAL_FILENAME",
+    "PairedSAETrainingRunner",
+    "ResumableSAETrainer",
+    "TrainingInterrupted",
+    "atomic_dir",
+    "find_checkpoint",
+    "resume",
+    "train",
+]

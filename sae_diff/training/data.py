@@ -125,17 +125,13 @@ def check_dataset_column(cfg: PairedRunnerConfig[Any]) -> str | None:
 
 
 def _open_dataset(cfg: PairedRunnerConfig[Any]) -> Any:
-    from pathlib import Path
+    from sae_diff.data.sources import DatasetSpec, load_rows
 
-    import datasets
-
-    path = cfg.dataset_path
-    p = Path(path)
-    if p.is_file():
-        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
-                ".txt": "text"}.get(p.suffix, "json")
-        return datasets.load_dataset(kind, data_files=str(p), split=cfg.dataset_split, streaming=True)
-    return datasets.load_dataset(path, split=cfg.dataset_split, streaming=cfg.streaming)
+    try:
+        return load_rows(DatasetSpec(cfg.dataset_path, column=cfg.dataset_column, split=cfg.dataset_split,
+                                     streaming=cfg.streaming))
+    except FileNotFoundError as e:
+        raise TrainingDataError(f"dataset_path {cfg.dataset_path!r} cannot be read: {e}") from e
 
 
 def smoke_test_tokens(cfg: PairedRunnerConfig[Any], n_seqs: int, offset: int = 0) -> torch.Tensor:
@@ -152,9 +148,8 @@ def smoke_test_tokens(cfg: PairedRunnerConfig[Any], n_seqs: int, offset: int = 0
 def token_batches(cfg: PairedRunnerConfig[Any], pair: Any, n_tokens: int, offset_seqs: int = 0) -> Iterator[torch.Tensor]:
     """``(batch, context_size)`` token batches covering about ``n_tokens`` tokens.
 
-    Smoke-test configs get random tokens. Otherwise ``sae_diff.data.sources`` is used when
-    available, else a minimal reader (``tokens``/``input_ids`` columns or ``text`` tokenised
-    with the pair's tokenizer, BOS prepended, truncated/concatenated to ``context_size``).
+    Smoke-test configs get random tokens; datasets are read by ``sae_diff.data.sources``
+    (text, pre-tokenised or chat columns; packed rows starting with BOS).
     """
     bs = cfg.store_batch_size_prompts
     n_seqs = max(1, -(-n_tokens // cfg.context_size))
@@ -162,36 +157,10 @@ def token_batches(cfg: PairedRunnerConfig[Any], pair: Any, n_tokens: int, offset
         toks = smoke_test_tokens(cfg, n_seqs, offset=offset_seqs)
         yield from toks.split(bs)
         return
-    column = check_dataset_column(cfg)
-    tok = pair.tokenizer
-    buf: list[int] = []
-    seqs: list[list[int]] = []
-    skipped = 0
-    for row in _open_dataset(cfg):
-        value = row[column]
-        if column in ("tokens", "input_ids"):
-            ids = list(value)
-        elif column == "messages":
-            ids = list(tok.apply_chat_template(value, tokenize=True))
-        else:
-            ids = tok(value, add_special_tokens=False)["input_ids"]
-            if cfg.prepend_bos and tok.bos_token_id is not None:
-                ids = [tok.bos_token_id, *ids]
-        buf.extend(ids)
-        while len(buf) >= cfg.context_size:
-            if skipped < offset_seqs:
-                skipped += 1
-            else:
-                seqs.append(buf[: cfg.context_size])
-            buf = buf[cfg.context_size:]
-            if len(seqs) == bs:
-                yield torch.tensor(seqs)
-                n_seqs -= bs
-                seqs = []
-            if n_seqs <= 0:
-                return
-    if seqs:
-        yield torch.tensor(seqs)
+    check_dataset_column(cfg)
+    source = token_source(cfg, pair, n_seqs)
+    for batch in source.batches(bs, start_row=offset_seqs, stop_row=offset_seqs + n_seqs):
+        yield batch.tokens
 
 
 # ---------------------------------------------------------------------- masks and modes
@@ -339,6 +308,123 @@ class ResumableProvider(Iterator[torch.Tensor]):
         self.n_batches = n
 
 
+# ---------------------------------------------------------------------- disk cache
+def mask_config(cfg: PairedRunnerConfig[Any]) -> Any:
+    """The ``sae_diff.pairing.masks.MaskConfig`` equivalent of the run's mask fields.
+
+    Smoke-test models have no tokenizer, so their BOS position is masked as "first 1"."""
+    from sae_diff.pairing.masks import MaskConfig
+
+    first_n = cfg.mask_first_n
+    if cfg.smoke_test_models is not None and cfg.mask_bos and cfg.prepend_bos:
+        first_n = max(first_n, 1)
+    return MaskConfig(exclude_bos=cfg.mask_bos, exclude_high_norm=cfg.mask_high_norm is not None,
+                      high_norm_ratio=cfg.mask_high_norm or 10.0, first_n=first_n,
+                      exclude_special=bool(cfg.exclude_special_tokens))
+
+
+def token_source(cfg: PairedRunnerConfig[Any], pair: Any, n_rows: int) -> Any:
+    """The run's token rows as a ``sae_diff.data.sources`` source (for harvesting)."""
+    from sae_diff.data.sources import DatasetSpec, TensorTokenSource, TokenSource
+
+    if cfg.smoke_test_models is not None and not cfg.dataset_path:
+        return TensorTokenSource(smoke_test_tokens(cfg, n_rows), name="smoke-test random tokens")
+    spec = DatasetSpec(cfg.dataset_path, column=cfg.dataset_column, split=cfg.dataset_split,
+                       streaming=cfg.streaming)
+    return TokenSource(spec, pair.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos)
+
+
+def harvest(cfg: PairedRunnerConfig[Any], pair: Any = None, overwrite: bool = False, progress: bool = True) -> Any:
+    """Harvest ``cfg.cache_path`` (enough rows for ``training_tokens``) with
+    ``sae_diff.data.harvest.harvest_cache``; resumes an unfinished harvest. Returns its summary."""
+    from sae_diff.data.harvest import harvest_cache
+
+    if cfg.cache_path is None:
+        raise TrainingDataError("cache_path is not set: nowhere to harvest to.")
+    check_dataset_column(cfg)
+    pair = pair if pair is not None else load_pair(cfg)
+    check_pair_matches(cfg, pair)
+    n_rows = -(-cfg.training_tokens // cfg.context_size)
+    return harvest_cache(pair, token_source(cfg, pair, n_rows), cfg.cache_path, cfg.hook_name,
+                         batch_size=cfg.store_batch_size_prompts, dtype=cfg.dtype, mask_config=mask_config(cfg),
+                         max_rows=n_rows, overwrite=overwrite, progress=progress, verbose=progress)
+
+
+def cache_exists(cfg: PairedRunnerConfig[Any]) -> bool:
+    """Whether ``cfg.cache_path`` holds a finished cache."""
+    from pathlib import Path
+
+    if cfg.cache_path is None:
+        return False
+    manifest = Path(cfg.cache_path) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    import json
+
+    try:
+        return bool(json.loads(manifest.read_text()).get("complete"))
+    except ValueError:
+        return False
+
+
+class CacheBatchProvider(Iterator[torch.Tensor]):
+    """Training batches from a ``sae_diff.data.cache.ActivationCache``, forever.
+
+    Epoch e reads the cache's blocks in the order seeded by ``seed + e``, pools
+    ``buffer_batches`` batches' worth of tokens, shuffles the pool with a seeded generator and
+    serves it; the tail that does not fill a batch carries over. Fully deterministic given the
+    seed, so ``ResumableProvider`` resumes it exactly (by re-reading, no forward passes).
+    """
+
+    def __init__(self, cache: Any, batch_size: int, seed: int, mask_config: Any = None, buffer_batches: int = 16,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if cache.n_tokens < batch_size:
+            raise TrainingDataError(f"The cache holds {cache.n_tokens} tokens, fewer than one batch ({batch_size}).")
+        self.cache = cache
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mask_config = mask_config
+        self.buffer_tokens = batch_size * buffer_batches
+        self.transform = transform
+        self._gen = self._generate()
+
+    def _blocks(self) -> Iterator[torch.Tensor]:
+        epoch = 0
+        while True:
+            n = 0
+            for block in self.cache.iter_blocks(mask_config=self.mask_config, shuffle=True, seed=self.seed + epoch):
+                n += block.shape[0]
+                yield block
+            if n == 0:
+                raise TrainingDataError("Every token of the cache is masked out; loosen the masks.")
+            epoch += 1
+
+    def _generate(self) -> Iterator[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed)
+        pool: list[torch.Tensor] = []
+        carry = torch.empty(0)
+        pooled = 0
+        for block in self._blocks():
+            pool.append(block.float())
+            pooled += block.shape[0]
+            if pooled < self.buffer_tokens:
+                continue
+            buf = torch.cat([carry, *pool]) if carry.numel() else torch.cat(pool)
+            buf = buf[torch.randperm(buf.shape[0], generator=g)]
+            n_full = buf.shape[0] // self.batch_size
+            for i in range(n_full):
+                yield buf[i * self.batch_size:(i + 1) * self.batch_size]
+            carry = buf[n_full * self.batch_size:]
+            pool, pooled = [], carry.shape[0]
+
+    def __iter__(self) -> CacheBatchProvider:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        batch = next(self._gen)
+        return self.transform(batch) if self.transform is not None else batch
+
+
 def optional_module(name: str) -> Any | None:
     """Import ``name`` if it exists (other parts of sae_diff may not be installed yet)."""
     try:
@@ -348,16 +434,21 @@ def optional_module(name: str) -> Any | None:
 
 
 __all__ = [
+    "CacheBatchProvider",
     "ResumableProvider",
     "TensorBatchProvider",
     "TrainingDataError",
     "build_smoke_test_pair",
+    "cache_exists",
     "check_dataset_column",
     "check_pair_matches",
+    "harvest",
     "harvest_in_memory",
     "load_pair",
+    "mask_config",
     "smoke_test_tokens",
     "to_mode",
     "token_batches",
+    "token_source",
     "token_mask",
 ]

@@ -44,13 +44,17 @@ from tqdm.auto import tqdm
 
 from sae_diff.training.config import PairedRunnerConfig
 from sae_diff.training.data import (
+    CacheBatchProvider,
     ResumableProvider,
     TensorBatchProvider,
     TrainingDataError,
+    cache_exists,
     check_dataset_column,
     check_pair_matches,
+    harvest,
     harvest_in_memory,
     load_pair,
+    mask_config,
     to_mode,
 )
 from sae_diff.training.evaluator import PairedEvaluator
@@ -316,25 +320,53 @@ class PairedSAETrainingRunner:
                 md.pair = None
 
     def _build_provider(self) -> tuple[ResumableProvider, PairedEvaluator]:
-        """Training provider and held-out evaluator (see ``sae_diff.training.data``)."""
+        """Training provider and held-out evaluator (see ``sae_diff.training.data``).
+
+        With ``cache_path`` the batches come from the disk cache (harvested first when
+        missing); without, the run's tokens are harvested into memory.
+        """
         cfg = self.cfg
         n_eval = max(cfg.n_eval_batches, 1) * (cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts) * cfg.context_size
         sign = str(getattr(cfg.sae, "diff_sign", "ft_minus_base"))
-        bytes_needed = cfg.training_tokens * 2 * cfg.sae.d_in * 4
-        if bytes_needed > MAX_IN_MEMORY_BYTES:
-            raise TrainingDataError(
-                f"training_tokens={cfg.training_tokens:,} of paired activations need "
-                f"{bytes_needed / 1024**3:.1f} GiB in memory; set cache_path to train from a disk "
-                "cache (sae-diff harvest) instead."
-            )
-        acts = harvest_in_memory(cfg, self.pair, cfg.training_tokens)
-        source = TensorBatchProvider(acts, cfg.train_batch_size_tokens, seed=cfg.seed,
-                                     transform=lambda b: to_mode(b, cfg.store_mode, sign))
+
+        def transform(b: torch.Tensor) -> torch.Tensor:
+            return to_mode(b, cfg.store_mode, sign)
+
+        source: Any
+        if cfg.cache_path is not None:
+            from sae_diff.data.cache import ActivationCache
+
+            if not cache_exists(cfg):
+                harvest(cfg, self.pair)
+            source = CacheBatchProvider(ActivationCache(cfg.cache_path), cfg.train_batch_size_tokens, seed=cfg.seed,
+                                        mask_config=mask_config(cfg), buffer_batches=cfg.n_batches_in_buffer,
+                                        transform=transform)
+        else:
+            bytes_needed = cfg.training_tokens * 2 * cfg.sae.d_in * 4
+            if bytes_needed > MAX_IN_MEMORY_BYTES:
+                raise TrainingDataError(
+                    f"training_tokens={cfg.training_tokens:,} of paired activations need "
+                    f"{bytes_needed / 1024**3:.1f} GiB in memory; set cache_path to train from a disk "
+                    "cache (sae-diff harvest) instead."
+                )
+            acts = harvest_in_memory(cfg, self.pair, cfg.training_tokens)
+            source = TensorBatchProvider(acts, cfg.train_batch_size_tokens, seed=cfg.seed, transform=transform)
         n_train_seqs = -(-cfg.training_tokens // cfg.context_size)
-        eval_acts, eval_toks, eval_keep = harvest_in_memory(cfg, self.pair, n_eval, offset_seqs=n_train_seqs,
-                                                            return_tokens=True)
-        evaluator = PairedEvaluator(cfg, eval_acts, pair=self.pair, eval_tokens=eval_toks, eval_keep=eval_keep,
-                                    batch_size=cfg.train_batch_size_tokens)
+        if self.pair is not None:  # held out: the rows after the training rows
+            eval_acts, eval_toks, eval_keep = harvest_in_memory(cfg, self.pair, n_eval, offset_seqs=n_train_seqs,
+                                                                return_tokens=True)
+            evaluator = PairedEvaluator(cfg, eval_acts, pair=self.pair, eval_tokens=eval_toks, eval_keep=eval_keep,
+                                        batch_size=cfg.train_batch_size_tokens)
+        else:  # cache only: evaluate on cache blocks read in another order (not held out)
+            from sae_diff.data.cache import ActivationCache
+
+            blocks, n = [], 0
+            for block in ActivationCache(cfg.cache_path).iter_blocks(mask_config=mask_config(cfg), seed=cfg.seed + 10_007):  # type: ignore[arg-type]
+                blocks.append(block.float())
+                n += block.shape[0]
+                if n >= n_eval:
+                    break
+            evaluator = PairedEvaluator(cfg, torch.cat(blocks)[:n_eval], batch_size=cfg.train_batch_size_tokens)
         return ResumableProvider(source), evaluator
 
     # --- run ---------------------------------------------------------------------------
@@ -348,9 +380,10 @@ class PairedSAETrainingRunner:
         resume = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
         check_dataset_column(cfg)  # before any model is loaded
         torch.manual_seed(cfg.seed)
-        if self.pair is None:
+        if self.pair is None and (self._needs_models() or not cache_exists(cfg)):
             self.pair = load_pair(cfg)
-        check_pair_matches(cfg, self.pair)
+        if self.pair is not None:
+            check_pair_matches(cfg, self.pair)
         provider, evaluator = self._build_provider()
         sae = self.sae if self.sae is not None else self._build_sae()
         self.sae = sae

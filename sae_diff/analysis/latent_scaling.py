@@ -1,0 +1,632 @@
+"""Latent Scaling in closed form, streamed in one pass over paired activations (METHODS.md §3).
+
+For latent j with direction ``d_j`` (the ft decoder row ``d_j^c`` of a crosscoder; the only
+decoder row of an SAE), codes ``f_ij`` from the *inference* encoder (JumpReLU threshold, never
+batch top-k) and a target ``y_i``::
+
+    beta_j = d_j^T (sum_i f_ij y_i) / (||d_j||^2 * sum_i f_ij^2)
+
+Targets, for model m in {base (index 0), ft (index 1)}:
+
+- crosscoders: ``reconstruction`` (y = xhat^m) and ``error``
+  (y = x^m - (xhat^m - f_ij d_j^m)); ``activation`` (y = x^m) is available too;
+- SAEs (chat/ft-SAE, base-SAE, diff-SAE): ``activation`` (y = x^m).
+
+Ratios ``nu_error = beta_error_base / beta_error_ft`` (ν_ε), ``nu_recon`` (ν_r) and ``nu_act``.
+
+**Normalised space.** Saved crosscoders have their per-model scalars ``cfg.norm_factors``
+folded into the weights (they read raw activations). Latent Scaling works in the training
+(normalised) space: inputs are ``x_n^m = norm_factors[m] * x^m`` and decoder rows come from
+``geometry.decoder_rows(sae, normalised=True)``; codes are unchanged by the fold. For SAEs
+(one scalar for all targets) betas are invariant to the scale, so raw activations are used.
+
+**One pass, every target, no per-latent data.** Per batch: one encode, a sparse decode of the
+active codes (crosscoders), and one sparse ``F^T Y`` accumulation with the stacked targets
+``Y = [x^b, x^c, xhat^b, xhat^c]`` (``d x n`` accumulators ``A``), plus ``C = sum f^2`` and
+``count_active``. The error target uses the identity::
+
+    beta_j^{error,m} = d_j^T (A_x^m - A_xhat^m)[:, j] / (||d_j||^2 C_j) + d_j^T d_j^m / ||d_j||^2
+
+Accumulators are float64; per-batch products run in the dictionary's dtype.
+:func:`latent_scaling_naive` is the reference that does build the per-latent targets.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+import torch.nn.functional as tF
+
+from sae_diff.analysis.batches import DATASET_MASK_PREFIX, PairedBatch, iter_paired_batches
+from sae_diff.dictionaries import geometry
+
+Kind = Literal["crosscoder", "diff_sae", "ft_sae", "base_sae"]
+KINDS: tuple[str, ...] = ("crosscoder", "diff_sae", "ft_sae", "base_sae")
+TARGETS: tuple[str, ...] = ("reconstruction", "error", "activation")
+BASE, FT = 0, 1
+MODELS = ("base", "ft")
+#: Below this many active tokens a latent's ratios (ν) are reported as NaN (missing).
+DEFAULT_MIN_COUNT = 50
+_SHORT = {"reconstruction": "recon", "error": "error", "activation": "act"}
+
+
+# --------------------------------------------------------------------------------------
+# dictionaries
+# --------------------------------------------------------------------------------------
+def is_crosscoder(sae: Any) -> bool:
+    """True for dictionaries with one decoder row per model (``W_dec`` ``(d_sae, n_models, d)``)."""
+    w = getattr(sae, "W_dec", None)
+    return w is not None and w.ndim == 3
+
+
+def dictionary_kind(sae: Any, kind: str | None = None) -> str:
+    """Resolve what a dictionary is for diffing: ``crosscoder``, ``diff_sae``, ``ft_sae``, ``base_sae``.
+
+    Crosscoders and diff-SAEs (a ``cfg.diff_sign``) are recognised; a plain SAE needs
+    ``kind="ft_sae"`` (trained on the fine-tune's activations, the "chat-SAE") or
+    ``kind="base_sae"`` because its weights do not say which model it was trained on.
+    """
+    detected: str | None = None
+    if is_crosscoder(sae):
+        detected = "crosscoder"
+    elif getattr(getattr(sae, "cfg", None), "diff_sign", None) is not None:
+        detected = "diff_sae"
+    if kind is None:
+        if detected is None:
+            raise ValueError(
+                "Cannot tell which model this SAE reads: pass kind='ft_sae' (a chat/ft-SAE, "
+                "trained on the fine-tune's activations) or kind='base_sae'."
+            )
+        return detected
+    if kind not in KINDS:
+        raise ValueError(f"Unknown dictionary kind {kind!r}; choose one of {list(KINDS)}.")
+    if detected == "crosscoder" and kind != "crosscoder" or kind == "crosscoder" and detected != "crosscoder":
+        raise ValueError(
+            f"kind={kind!r} does not match the dictionary: its W_dec is shaped "
+            f"{tuple(sae.W_dec.shape)} ({'a crosscoder' if detected == 'crosscoder' else 'an SAE'})."
+        )
+    if detected == "diff_sae" and kind != "diff_sae":
+        raise ValueError(f"kind={kind!r} given for a diff-SAE (cfg.diff_sign is set); use kind='diff_sae'.")
+    return kind
+
+
+def as_inference(sae: Any) -> Any:
+    """The inference form of a dictionary: training classes are exported (threshold, not batch top-k).
+
+    sae_diff's training classes have ``to_inference()``; SAELens's own training SAEs (e.g.
+    ``batchtopk``) are exported the way ``save_inference_model`` does it.
+    """
+    from sae_lens.saes.sae import TrainingSAE
+
+    if not isinstance(sae, TrainingSAE):
+        return sae
+    if hasattr(sae, "to_inference"):
+        return sae.to_inference()
+    from sae_diff.dictionaries.io import build_sae
+
+    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    sae.process_state_dict_for_saving_inference(state)
+    out = build_sae(sae.cfg.get_inference_sae_cfg_dict(), state)
+    return out.to(sae.W_dec.device)
+
+
+def _norm_factors(sae: Any) -> torch.Tensor | None:
+    factors = getattr(sae.cfg, "norm_factors", None)
+    if factors is None:
+        return None
+    return torch.as_tensor(factors, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+
+
+def _has_hooks(sae: Any) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in sae.modules())
+
+
+class _Encoder:
+    """Inference codes of a batch as sparse row-major triples ``(token i, latent j, value v)``.
+
+    For sae_diff's inference crosscoders without attached hooks, codes are read straight off
+    the pre-activations (``f = h`` where ``h > max(threshold, 0)``), which is exactly what
+    ``sae.encode`` computes; everything else calls ``sae.encode`` and takes its non-zeros.
+    """
+
+    def __init__(self, sae: Any, kind: str) -> None:
+        from sae_diff.dictionaries.base import CrosscoderSAE
+        from sae_diff.dictionaries.batchtopk_crosscoder import JumpReLUCrosscoder
+
+        self.sae, self.kind = sae, kind
+        self.n = int(sae.cfg.d_sae)
+        cls = type(sae)
+        self.fast = (
+            isinstance(sae, CrosscoderSAE)
+            and cls.encode is CrosscoderSAE.encode
+            and cls.activate in (CrosscoderSAE.activate, JumpReLUCrosscoder.activate)
+            and not _has_hooks(sae)
+        )
+        if self.fast:
+            thr = getattr(sae, "threshold", None)
+            zero = torch.zeros(self.n, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
+            self.min_pre = zero if thr is None else thr.detach().clamp(min=0)
+
+    def encoder_input(self, acts: torch.Tensor, model: int | None = None) -> torch.Tensor:
+        if self.kind in ("crosscoder", "diff_sae"):
+            return acts
+        if model is None:
+            model = FT if self.kind == "ft_sae" else BASE
+        return acts[:, model]
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fast:
+            h = self.sae.hidden_pre(self.sae.normalised_input(x))
+            flat = h.reshape(-1)
+            lin = (h > self.min_pre).reshape(-1).nonzero().squeeze(1)
+        else:
+            f = self.sae.encode(x)
+            flat = f.reshape(-1)
+            lin = (flat != 0).nonzero().squeeze(1)
+        i = torch.div(lin, self.n, rounding_mode="floor")
+        return i, lin - i * self.n, flat[lin]
+
+
+# --------------------------------------------------------------------------------------
+# result
+# --------------------------------------------------------------------------------------
+@dataclass
+class LatentScalingResult:
+    """Betas, ratios and firing statistics of a set of latents from one pass.
+
+    All per-latent tensors are aligned with ``latents``. ``betas`` keys are
+    ``beta_{recon,error,act}_{base,ft}``. Statistics: ``count_active`` (tokens with f != 0),
+    ``sum_act``, ``sum_sq_act`` (C of METHODS.md §3), ``max_act``; per named mask (and
+    ``dataset=<name>``) the number of tokens in the mask and of active tokens inside it;
+    for ft/base-SAEs with ``firing_shift``, the count and sum of activations when the SAE
+    reads the *other* model's activations.
+    """
+
+    kind: str
+    latents: torch.Tensor
+    n_tokens: int
+    min_count: int
+    count_active: torch.Tensor
+    sum_act: torch.Tensor
+    sum_sq_act: torch.Tensor
+    max_act: torch.Tensor
+    betas: dict[str, torch.Tensor] = field(default_factory=dict)
+    mask_tokens: dict[str, int] = field(default_factory=dict)
+    mask_counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    other_count: torch.Tensor | None = None
+    other_sum: torch.Tensor | None = None
+
+    @property
+    def reliable(self) -> torch.Tensor:
+        """Latents active on at least ``min_count`` tokens (ratios are reported for these only)."""
+        return self.count_active >= self.min_count
+
+    def ratios(self) -> dict[str, torch.Tensor]:
+        """``nu_<target> = beta_<target>_base / beta_<target>_ft``; NaN below ``min_count``."""
+        out: dict[str, torch.Tensor] = {}
+        for short in ("error", "recon", "act"):
+            b, c = self.betas.get(f"beta_{short}_base"), self.betas.get(f"beta_{short}_ft")
+            if b is None or c is None:
+                continue
+            nu = b / c
+            out[f"nu_{short}"] = torch.where(self.reliable, nu, torch.full_like(nu, math.nan))
+        return out
+
+    def firing_shift(self) -> dict[str, torch.Tensor]:
+        """ft/base-SAE diffing: how much more a latent fires on the fine-tune's activations.
+
+        ``freq_on_{base,ft}`` and ``mean_act_on_{base,ft}`` (mean over all tokens), and the
+        ratios ``freq_ratio`` / ``mean_act_ratio`` (ft over base; inf when it never fires on
+        base). Ratios are NaN when the latent is active on fewer than ``min_count`` tokens on
+        both models.
+        """
+        if self.other_count is None or self.other_sum is None:
+            return {}
+        own, other = ("ft", "base") if self.kind == "ft_sae" else ("base", "ft")
+        n = float(self.n_tokens)
+        counts = {own: self.count_active.double(), other: self.other_count.double()}
+        sums = {own: self.sum_act, other: self.other_sum}
+        enough = torch.maximum(counts["base"], counts["ft"]) >= self.min_count
+        out = {}
+        for m in MODELS:
+            out[f"freq_on_{m}"] = counts[m] / n
+            out[f"mean_act_on_{m}"] = sums[m] / n
+        nan = torch.full_like(out["freq_on_ft"], math.nan)
+        out["freq_ratio"] = torch.where(enough, counts["ft"] / counts["base"], nan)
+        out["mean_act_ratio"] = torch.where(enough, sums["ft"] / sums["base"], nan)
+        return out
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per latent (index ``latent``): statistics, betas, ratios, firing shift."""
+        n = float(self.n_tokens)
+        count = self.count_active.double()
+        cols: dict[str, Any] = {
+            "count_active": self.count_active.cpu().numpy(),
+            "freq": (count / n).cpu().numpy(),
+            "max_act": self.max_act.cpu().numpy(),
+            "mean_act": torch.where(count > 0, self.sum_act / count.clamp(min=1),
+                                    torch.full_like(count, math.nan)).cpu().numpy(),
+        }
+        for name, tokens in self.mask_tokens.items():
+            inside = self.mask_counts[name].double()
+            cols[f"freq[{name}]"] = (inside / tokens if tokens else inside * math.nan).cpu().numpy()
+            if not name.startswith(DATASET_MASK_PREFIX):
+                share = torch.where(count > 0, inside / count.clamp(min=1), torch.full_like(count, math.nan))
+                cols[f"share[{name}]"] = share.cpu().numpy()
+        for key, val in {**self.betas, **self.ratios(), **self.firing_shift()}.items():
+            cols[key] = val.cpu().numpy()
+        df = pd.DataFrame(cols, index=pd.Index(self.latents.cpu().numpy(), name="latent"))
+        df.attrs.update({"kind": self.kind, "n_tokens": self.n_tokens, "min_count": self.min_count})
+        return df
+
+
+# --------------------------------------------------------------------------------------
+# the one-pass implementation
+# --------------------------------------------------------------------------------------
+def _resolve_latents(latents: Any, n: int, device: torch.device) -> torch.Tensor:
+    if latents is None:
+        return torch.arange(n, device=device)
+    t = torch.as_tensor(latents, device=device)
+    if t.dtype == torch.bool:
+        if t.numel() != n:
+            raise ValueError(f"A boolean latent mask needs {n} entries (d_sae), got {t.numel()}.")
+        t = t.nonzero().squeeze(1)
+    t = t.reshape(-1).long()
+    if t.numel() == 0:
+        raise ValueError("The latent subset is empty: pass None for all latents or some indices.")
+    if (t < 0).any() or (t >= n).any():
+        raise ValueError(f"Latent indices must lie in [0, {n}) (d_sae), got min {int(t.min())}, max {int(t.max())}.")
+    if t.unique().numel() != t.numel():
+        raise ValueError("The latent subset has repeated indices; pass each latent once.")
+    return t
+
+
+def _resolve_targets(kind: str, targets: Sequence[str] | str | None) -> tuple[str, ...]:
+    if targets is None:
+        return ("reconstruction", "error") if kind == "crosscoder" else ("activation",)
+    if isinstance(targets, str):
+        targets = (targets,)
+    bad = [t for t in targets if t not in TARGETS]
+    if bad:
+        raise ValueError(f"Unknown Latent Scaling target(s) {bad}; choose from {list(TARGETS)}.")
+    if kind != "crosscoder" and set(targets) - {"activation"}:
+        raise ValueError(
+            f"Targets {sorted(set(targets) - {'activation'})} need a crosscoder (a decoder row per "
+            f"model to reconstruct each model); a {kind} is analysed with the 'activation' target."
+        )
+    return tuple(dict.fromkeys(targets))
+
+
+def _check_ft_decoder(sae: Any, kind: str) -> None:
+    if kind == "crosscoder" and sae.W_dec.shape[1] < 2:
+        raise ValueError(
+            f"Latent Scaling ratios need a decoder row for the ft model (index {FT}) and the base "
+            f"model (index {BASE}); this crosscoder has n_models={sae.W_dec.shape[1]}."
+        )
+
+
+def _bag_offsets(sorted_keys: torch.Tensor, n_bags: int) -> torch.Tensor:
+    counts = torch.bincount(sorted_keys, minlength=n_bags)
+    offsets = torch.zeros(n_bags, dtype=torch.long, device=sorted_keys.device)
+    torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    return offsets
+
+
+class _Pass:
+    """Streaming accumulators for :func:`latent_scaling` (see the module docstring)."""
+
+    def __init__(self, sae: Any, kind: str, latents: torch.Tensor, targets: tuple[str, ...],
+                 firing_shift: bool, compute_dtype: torch.dtype | None) -> None:
+        self.sae, self.kind, self.targets = sae, kind, targets
+        self.enc = _Encoder(sae, kind)
+        dev = sae.W_dec.device
+        self.device = dev
+        self.dtype = compute_dtype or sae.W_dec.dtype
+        n = self.n = int(sae.cfg.d_sae)
+        self.latents = latents
+        self.subset = latents.numel() != n or not torch.equal(latents, torch.arange(n, device=dev))
+        self.slot = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.slot[latents] = torch.arange(latents.numel(), device=dev)
+        f64 = dict(dtype=torch.float64, device=dev)
+        self.n_tokens = 0
+        self.count = torch.zeros(n, dtype=torch.long, device=dev)
+        self.sum = torch.zeros(n, **f64)  # type: ignore[arg-type]
+        self.sum_sq = torch.zeros(n, **f64)  # type: ignore[arg-type]
+        self.max = torch.zeros(n, **f64)  # type: ignore[arg-type]
+        self.mask_tokens: dict[str, int] = {}
+        self.mask_counts: dict[str, torch.Tensor] = {}
+        self.firing_shift = firing_shift
+        self.other_count = torch.zeros(n, dtype=torch.long, device=dev) if firing_shift else None
+        self.other_sum = torch.zeros(n, **f64) if firing_shift else None  # type: ignore[arg-type]
+        self.n_models = 2
+        self.factors: torch.Tensor | None = None
+        self.need_recon = kind == "crosscoder" and bool({"reconstruction", "error"} & set(targets))
+        if kind == "crosscoder":
+            self.n_models = int(sae.W_dec.shape[1])
+            rows = geometry.decoder_rows(sae, normalised=True).to(self.dtype)  # (n, M, d)
+            self.W_n = rows.reshape(n, -1).contiguous()
+            factors = _norm_factors(sae)
+            b = sae.b_dec.detach().to(self.dtype)
+            self.factors = None if factors is None else factors.to(self.dtype)
+            self.b_n = (b if self.factors is None else b * self.factors[:, None]).reshape(-1)
+        d = int(sae.cfg.d_in)
+        self.d = d
+        blocks = 2 * self.n_models if self.need_recon else self.n_models
+        self.A = torch.zeros(latents.numel(), blocks * d, **f64)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def update(self, batch: PairedBatch) -> None:
+        x = batch.acts.to(self.device, self.sae.W_dec.dtype)
+        B = x.shape[0]
+        i, j, v = self.enc.codes(self.enc.encoder_input(x))
+        self.n_tokens += B
+        self.count += torch.bincount(j, minlength=self.n)
+        v64 = v.double()
+        self.sum += torch.bincount(j, v64, minlength=self.n)
+        self.sum_sq += torch.bincount(j, v64 * v64, minlength=self.n)
+        self.max.scatter_reduce_(0, j, v64, reduce="amax")
+        for name, mask in batch.all_masks().items():
+            mask = mask.to(self.device)
+            self.mask_tokens[name] = self.mask_tokens.get(name, 0) + int(mask.sum())
+            add = torch.bincount(j[mask[i]], minlength=self.n)
+            self.mask_counts[name] = self.mask_counts[name] + add if name in self.mask_counts else add
+        if self.firing_shift:
+            assert self.other_count is not None and self.other_sum is not None
+            other = BASE if self.kind == "ft_sae" else FT
+            _, jo, vo = self.enc.codes(self.enc.encoder_input(x, other))
+            self.other_count += torch.bincount(jo, minlength=self.n)
+            self.other_sum += torch.bincount(jo, vo.double(), minlength=self.n)
+        # --- Latent Scaling accumulators: A += F^T Y, sparse in F ---------------------------
+        vw = v.to(self.dtype)
+        xw = x.to(self.dtype)
+        if self.kind == "crosscoder" and self.factors is not None:
+            xw = xw * self.factors[:, None]
+        parts = [xw.reshape(B, -1)]
+        if self.need_recon:
+            xhat = tF.embedding_bag(j, self.W_n, _bag_offsets(i, B), mode="sum", per_sample_weights=vw)
+            parts.append(xhat + self.b_n)
+        Y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if self.subset:
+            keep = self.slot[j] >= 0
+            i, jj, vw = i[keep], self.slot[j[keep]], vw[keep]
+        else:
+            jj = j
+        jj_sorted, order = torch.sort(jj, stable=True)
+        self.A += tF.embedding_bag(i[order], Y, _bag_offsets(jj_sorted, self.latents.numel()),
+                                   mode="sum", per_sample_weights=vw[order]).double()
+
+    def result(self, min_count: int) -> LatentScalingResult:
+        S = self.latents
+        C = self.sum_sq[S]
+        betas: dict[str, torch.Tensor] = {}
+        rows = geometry.decoder_rows(self.sae, normalised=True)[S].double()  # (L, M, d)
+        D = rows[:, FT] if self.kind == "crosscoder" else rows[:, 0]
+        norm2 = (D * D).sum(-1)
+        A = self.A.view(S.numel(), -1, self.d)
+        proj = torch.einsum("ld,lkd->lk", D, A)  # d_j^T A[:, j] per block
+        denom = norm2 * C
+        nan = torch.full_like(denom, math.nan)
+
+        def ratio(num: torch.Tensor) -> torch.Tensor:
+            return torch.where(denom > 0, num / denom.clamp(min=torch.finfo(torch.float64).tiny), nan)
+
+        M = self.n_models
+        for m, name in ((BASE, "base"), (FT, "ft")):
+            if "activation" in self.targets:
+                betas[f"beta_act_{name}"] = ratio(proj[:, m])
+            if "reconstruction" in self.targets:
+                betas[f"beta_recon_{name}"] = ratio(proj[:, M + m])
+            if "error" in self.targets:
+                own = (D * rows[:, m]).sum(-1) / norm2
+                betas[f"beta_error_{name}"] = ratio(proj[:, m] - proj[:, M + m]) + own
+        return LatentScalingResult(
+            kind=self.kind, latents=S.cpu(), n_tokens=self.n_tokens, min_count=min_count,
+            count_active=self.count[S].cpu(), sum_act=self.sum[S].cpu(), sum_sq_act=C.cpu(),
+            max_act=self.max[S].cpu(), betas={k: v.cpu() for k, v in betas.items()},
+            mask_tokens=dict(self.mask_tokens),
+            mask_counts={k: v[S].cpu() for k, v in self.mask_counts.items()},
+            other_count=None if self.other_count is None else self.other_count[S].cpu(),
+            other_sum=None if self.other_sum is None else self.other_sum[S].cpu(),
+        )
+
+
+def latent_scaling(
+    sae: Any,
+    data: Iterable[Any],
+    *,
+    kind: str | None = None,
+    latents: Sequence[int] | torch.Tensor | None = None,
+    targets: Sequence[str] | str | None = None,
+    min_count: int = DEFAULT_MIN_COUNT,
+    firing_shift: bool | None = None,
+    compute_dtype: torch.dtype | None = None,
+    progress: bool = True,
+) -> LatentScalingResult:
+    """Closed-form Latent Scaling for all targets in one streaming pass (METHODS.md §3).
+
+    Args:
+        sae: a crosscoder, diff-SAE, ft-SAE (chat-SAE) or base-SAE; training classes are
+            exported to their inference form first (threshold encoder, never batch top-k).
+            Crosscoders are analysed in their normalised (training) space: inputs times
+            ``cfg.norm_factors``, decoder rows from ``geometry.decoder_rows(normalised=True)``.
+        data: an iterable of paired batches ``(B, 2, d)`` (see :mod:`sae_diff.analysis.batches`),
+            e.g. a ``PairedActivationsStore``, a cache reader or a list.
+        kind: ``crosscoder`` / ``diff_sae`` are detected; a plain SAE needs ``ft_sae`` or ``base_sae``.
+        latents: indices (or a boolean mask) of the latents to analyse; all by default.
+        targets: crosscoders: any of ``reconstruction``, ``error``, ``activation`` (default the
+            first two); SAEs: ``activation``.
+        min_count: latents active on fewer tokens get NaN ratios (betas are still reported).
+        firing_shift: for ft/base-SAEs, also encode the *other* model's activations (a second
+            encode) to report frequency and mean-activation ratios; default on for them.
+        compute_dtype: dtype of the per-batch products (default: the dictionary's); sums are float64.
+        progress: show a tqdm bar over the data pass.
+    """
+    sae = as_inference(sae)
+    kind = dictionary_kind(sae, kind)
+    _check_ft_decoder(sae, kind)
+    tgts = _resolve_targets(kind, targets)
+    if min_count < 0:
+        raise ValueError(f"min_count must be >= 0, got {min_count}.")
+    if firing_shift is None:
+        firing_shift = kind in ("ft_sae", "base_sae")
+    elif firing_shift and kind not in ("ft_sae", "base_sae"):
+        raise ValueError("firing_shift compares an SAE on base vs ft activations: it needs kind "
+                         f"'ft_sae' or 'base_sae', not {kind!r}.")
+    S = _resolve_latents(latents, int(sae.cfg.d_sae), sae.W_dec.device)
+    acc = _Pass(sae, kind, S, tgts, firing_shift, compute_dtype)
+    n_models = acc.n_models
+    for batch in iter_paired_batches(data, n_models=n_models, progress=progress, desc="Latent Scaling"):
+        if batch.acts.shape[-1] != acc.d:
+            raise ValueError(f"Activations have d={batch.acts.shape[-1]} but the dictionary has "
+                             f"d_in={acc.d}: use the dictionary's hook point.")
+        acc.update(batch)
+    return acc.result(min_count)
+
+
+# --------------------------------------------------------------------------------------
+# reference: per-latent targets (what public code does), for tests and benchmarks
+# --------------------------------------------------------------------------------------
+@torch.no_grad()
+def latent_scaling_naive(
+    sae: Any,
+    data: Iterable[Any],
+    *,
+    kind: str | None = None,
+    latents: Sequence[int] | torch.Tensor | None = None,
+    targets: Sequence[str] | str | None = None,
+    chunk: int = 64,
+    dtype: torch.dtype = torch.float64,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Slow reference: dense encode/decode and, per latent, the materialised target
+    ``y_i^(j)`` (a ``latents x tokens x d`` tensor per chunk), summed directly.
+
+    Returns ``{"beta_<target>_<model>": (L,) float64}`` like ``LatentScalingResult.betas``.
+    Same normalised-space conventions as :func:`latent_scaling`.
+    """
+    sae = as_inference(sae)
+    kind = dictionary_kind(sae, kind)
+    _check_ft_decoder(sae, kind)
+    tgts = _resolve_targets(kind, targets)
+    S = _resolve_latents(latents, int(sae.cfg.d_sae), sae.W_dec.device)
+    rows = geometry.decoder_rows(sae, normalised=True).to(dtype)  # (n, M, d)
+    D = rows[:, FT] if kind == "crosscoder" else rows[:, 0]
+    factors = _norm_factors(sae) if kind == "crosscoder" else None
+    num = {f"beta_{_SHORT[t]}_{m}": torch.zeros(S.numel(), dtype=torch.float64) for t in tgts for m in MODELS}
+    C = torch.zeros(S.numel(), dtype=torch.float64)
+    enc = _Encoder(sae, kind)
+    for batch in iter_paired_batches(data, progress=progress, desc="naive Latent Scaling"):
+        x = batch.acts.to(sae.W_dec.device, sae.W_dec.dtype)
+        f = sae.encode(enc.encoder_input(x)).to(dtype)
+        xn = x.to(dtype)
+        if factors is not None:
+            xn = xn * factors.to(dtype)[:, None]
+        if kind == "crosscoder":
+            b = sae.b_dec.detach().to(dtype)
+            b = b if factors is None else b * factors.to(dtype)[:, None]
+            xhat = torch.einsum("bn,nmd->bmd", f, rows) + b
+        for s in range(0, S.numel(), chunk):
+            idx = S[s:s + chunk]
+            fS = f[:, idx].T  # (L, B)
+            C[s:s + chunk] += (fS * fS).sum(1).cpu().double()
+            Dl = D[idx]
+            for m, name in ((BASE, "base"), (FT, "ft")):
+                per_latent: dict[str, torch.Tensor] = {}
+                if "activation" in tgts:
+                    per_latent["act"] = xn[None, :, m].expand(idx.numel(), -1, -1)
+                if "reconstruction" in tgts:
+                    per_latent["recon"] = xhat[None, :, m].expand(idx.numel(), -1, -1)
+                if "error" in tgts:
+                    # y_i^(j) = x_i^m - (xhat_i^m - f_ij d_j^m): a (L, B, d) tensor
+                    per_latent["error"] = (xn[:, m] - xhat[:, m])[None] + fS[:, :, None] * rows[idx, m][:, None, :]
+                for short, y in per_latent.items():
+                    num[f"beta_{short}_{name}"][s:s + chunk] += torch.einsum(
+                        "lb,lbd,ld->l", fS, y, Dl).cpu().double()
+    norm2 = (D[S] * D[S]).sum(-1).double().cpu()
+    with torch.no_grad():
+        return {k: torch.where(C > 0, v / (norm2 * C), torch.full_like(v, math.nan)) for k, v in num.items()}
+
+
+# --------------------------------------------------------------------------------------
+# cost measurement
+# --------------------------------------------------------------------------------------
+def latent_scaling_cost_ratio(
+    sae: Any,
+    data: Sequence[Any],
+    *,
+    repeats: int = 3,
+    targets: Sequence[str] | str | None = None,
+    naive: bool = True,
+    naive_latents: int | None = None,
+) -> dict[str, float]:
+    """Time the one-pass all-target Latent Scaling against encoding the same data alone.
+
+    ``data`` must be re-iterable (e.g. a list of batches already in memory, so that loading
+    is not timed). Each of ``repeats`` rounds times encode-only then Latent Scaling
+    back-to-back; the minimum of each is kept (robust to other load on the machine).
+    The naive per-latent reference is timed once, on ``naive_latents`` latents (all by
+    default) and scaled linearly to all latents when fewer are used.
+
+    Returns ``encode_s``, ``latent_scaling_s``, ``ratio`` (LS ÷ encode), and with ``naive``:
+    ``naive_s`` (for all latents), ``naive_latents_timed``, ``naive_speedup`` (naive ÷ LS).
+    """
+    sae = as_inference(sae)
+    if not isinstance(data, Sequence) or len(data) == 0:
+        raise ValueError("latent_scaling_cost_ratio needs a non-empty list of batches (timed twice).")
+    kind = dictionary_kind(sae)
+    enc = _Encoder(sae, kind)
+    batches = [PairedBatch(acts=b.acts) for b in iter_paired_batches(data, progress=False)]
+
+    @torch.no_grad()
+    def encode_only() -> None:
+        for b in batches:
+            sae.encode(enc.encoder_input(b.acts.to(sae.W_dec.device, sae.W_dec.dtype)))
+
+    def one_pass() -> None:
+        latent_scaling(sae, batches, targets=targets, progress=False, firing_shift=False)
+
+    encode_only()  # warm-up
+    one_pass()
+    t_enc, t_ls = math.inf, math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        encode_only()
+        t1 = time.perf_counter()
+        one_pass()
+        t2 = time.perf_counter()
+        t_enc, t_ls = min(t_enc, t1 - t0), min(t_ls, t2 - t1)
+    out = {"encode_s": t_enc, "latent_scaling_s": t_ls, "ratio": t_ls / t_enc}
+    if naive:
+        n = int(sae.cfg.d_sae)
+        k = n if naive_latents is None else min(int(naive_latents), n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            latent_scaling_naive(sae, batches, targets=targets, latents=torch.arange(k),
+                                 dtype=sae.W_dec.dtype)
+            t_naive = (time.perf_counter() - t0) * n / k
+        out.update({"naive_s": t_naive, "naive_latents_timed": float(k), "naive_speedup": t_naive / t_ls})
+    return out
+
+
+__all__ = [
+    "DEFAULT_MIN_COUNT",
+    "KINDS",
+    "TARGETS",
+    "Kind",
+    "LatentScalingResult",
+    "as_inference",
+    "dictionary_kind",
+    "is_crosscoder",
+    "latent_scaling",
+    "latent_scaling_cost_ratio",
+    "latent_scaling_naive",
+]

@@ -248,7 +248,7 @@ def latent_indices(spec: LatentSpec, d_sae: int) -> torch.Tensor:
     if isinstance(spec, torch.Tensor):
         t = spec.detach().cpu()
     else:
-        t = torch.as_tensor(np.asarray(spec))
+        t = torch.as_tensor(np.array(spec))
     if t.dtype == torch.bool:
         if t.numel() != d_sae:
             raise ValueError(f"a boolean latent mask needs {d_sae} entries, got {t.numel()}")

@@ -94,6 +94,19 @@ def test_old_pt_checkpoint_with_compile_prefix_and_no_config(tmp_path: Path) -> 
     _check_crosscoder(sae, sd, sample_inputs((64, L, D)), batch_topk=True, code="CROSSCODER")
 
 
+def test_training_config_with_trainer_section_and_ae_pt(tmp_path: Path) -> None:
+    sd = dl_sae_state(D, N, normaliser=True)
+    cfg = {"trainer": {**dl_sae_config(D, N), "lm_name": "google/gemma-2-2b-it", "layer": 13},
+           "buffer": {"ctx_len": 1024}}
+    sae = interop.load(write_dl(tmp_path / "tr", sd, cfg, weights="ae.pt"), dtype="float64")
+    x = sample_inputs((32, D))
+    with torch.no_grad():
+        _close(sae(x), ref_dl_sae(sd, x)[1])
+    bad = {"trainer": {**dl_sae_config(D, N), "dict_size": N * 2}}
+    with pytest.raises(interop.ShapeMismatchError, match="dict_size"):
+        interop.load(write_dl(tmp_path / "tr2", sd, bad, weights="ae.pt"))
+
+
 class _NotATensor:
     pass
 

@@ -4,7 +4,7 @@
     cc  = interop.load("owner/crosscoder-repo")                          # dictionary_learning
     sae = interop.load("owner/diff-sae-repo", diff_sign="ft_minus_base")  # BatchTopKSAE on a difference
     cc  = interop.load("ckkissane/crosscoder-gemma-2-2b-model-diff/blocks.14.hook_resid_pre",
-                       norm_factors=[c_base, c_ft])                       # replication format
+                       norm_factors=[c_0, c_1])                           # replication format
     interop.convert(source, "out_dir")                                    # SAELens files on disk
 
     SAE.from_pretrained("owner/repo", "", converter=interop.hf_converter())

@@ -194,10 +194,10 @@ def inference_threshold(state_dict: StateDict, opts: ConversionOptions, where: s
     theta = float(t.reshape(()))
     if theta < 0:
         raise UnsupportedDictionaryError(
-            f"{where}: the inference threshold was never set (threshold={theta}). Without it the "
-            "source encodes with batch top-k, which depends on the whole batch and has no "
-            "per-token equivalent. Pass threshold=<value> (e.g. the smallest kept score you "
-            "measured) to convert it as a threshold model."
+            f"{where}: the inference threshold was never set (threshold={theta}). The source then "
+            "encodes with batch top-k (older versions; it depends on the whole batch, so has no "
+            "per-token equivalent) or plain ReLU (newer ones). Pass threshold=<value> (e.g. the "
+            "smallest kept score you measured; 0 for ReLU) to convert it as a threshold model."
         )
     return theta
 

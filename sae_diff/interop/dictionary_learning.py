@@ -88,7 +88,14 @@ def detect_dict_class(state_dict: Mapping[str, torch.Tensor], where: str) -> str
 
 def convert(state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOptions,
             where: str) -> tuple[dict[str, Any], StateDict]:
-    """Convert a dictionary_learning checkpoint to (SAELens cfg dict, state dict)."""
+    """Convert a dictionary_learning checkpoint to (SAELens cfg dict, state dict).
+
+    ``config`` is the flat constructor-argument dict of a Hub upload (``config.json`` with
+    ``dict_class``) or a training config with those fields under ``"trainer"``.
+    """
+    trainer = config.get("trainer")
+    if isinstance(trainer, Mapping):
+        config = {**trainer, **{k: v for k, v in config.items() if k != "trainer"}}
     dict_class = opts.dict_class or config.get("dict_class") or detect_dict_class(state_dict, where)
     if dict_class in CROSSCODER_CLASSES:
         return convert_crosscoder(state_dict, config, opts, where, batch_topk=dict_class == "BatchTopKCrossCoder")

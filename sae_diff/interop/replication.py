@@ -9,7 +9,8 @@ Files: ``cfg.json`` (its training config: ``d_in``, ``dict_size``, ``model_name`
     xhat_n^m = f @ W_dec[:, m] + b_dec[m]
 
 No normalisation is stored: its README asks users to multiply each model's activations by a
-per-model factor c_m before encoding. Pass those factors as ``norm_factors=[c_base, c_ft]``:
+per-model factor c_m before encoding. Pass those factors as ``norm_factors=[c_0, c_1]`` (in
+the checkpoint's model order; with ``base_index=1`` they are swapped along with the weights):
 they are folded (``W_enc^m *= c_m``; ``W_dec[:, m], b_dec^m /= c_m``) and recorded in
 ``cfg.norm_factors``, so the converted crosscoder reads and writes raw activations. Without
 them the weights are kept as they are and expect pre-scaled inputs.
@@ -73,7 +74,7 @@ def convert(state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOp
         warnings.warn(
             f"{where}: no norm_factors given. The replication's crosscoder expects each model's "
             "activations multiplied by its scaling factor; the converted dictionary keeps that "
-            "expectation. Pass norm_factors=[c_base, c_ft] to fold them and work on raw activations.",
+            "expectation. Pass norm_factors=[c_0, c_1] to fold them and work on raw activations.",
             stacklevel=3,
         )
     if opts.hook_name is None and config.get("hook_point"):

@@ -156,3 +156,8 @@ def test_special_token_mismatch() -> None:
     ft.tokenizer = OtherBos(ft.tokenizer)
     with pytest.raises(PairingError, match="bos_token_id differs: base 0, ft 1"):
         PairedModel(base, ft)
+
+
+def test_too_long_sequence(pair: PairedModel) -> None:
+    with pytest.raises(ValueError, match="exceeds the model's context n_ctx=32"):
+        pair.paired_activations(random_tokens(1, 40), HOOKS[:1])

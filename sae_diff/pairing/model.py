@@ -283,6 +283,12 @@ class PairedModel:
                 f"token ids must lie in [0, {self.d_vocab}); got min {int(tokens.min())}, "
                 f"max {int(tokens.max())}. Were the tokens made with another tokenizer?"
             )
+        n_ctx = getattr(model.cfg, "n_ctx", None)
+        if isinstance(n_ctx, int) and n_ctx > 0 and tokens.shape[1] > n_ctx:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={n_ctx}; "
+                "use a smaller context_size"
+            )
         dev = next(model.parameters()).device
         return tokens.to(dev, dtype=torch.long)
 

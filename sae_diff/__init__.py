@@ -8,5 +8,7 @@ from sae_diff.dictionaries.registry import ARCHITECTURES, register_architectures
 
 register_architectures()
 
+from sae_diff.interop import convert, load  # noqa: E402  (needs the registry)
+
 __version__ = "0.1.0"
-__all__ = ["ARCHITECTURES", "register_architectures", "__version__"]
+__all__ = ["ARCHITECTURES", "convert", "load", "register_architectures", "__version__"]

@@ -132,7 +132,7 @@ def kl_attribution(
             for lo in range(0, cand.numel(), batch_size):
                 c = cand[lo : lo + batch_size]
                 contrib = f[:, c].T.to(D.dtype)[..., None] * rows_dir[c.to(rows_dir.device)][:, None, :]
-                hs = batch.x_base[0][None] + contrib.to(batch.x_base.dtype)  # (c, t+1, d)
+                hs = (batch.x_base[0][None] + contrib.to(batch.x_base.dtype)).contiguous()  # (c, t+1, d)
                 lg = paired.continue_from("ft", hs, L, tokens=tb.expand(c.numel(), -1))[:, t]
                 reds.append(kl0 - token_kl(ref[None].expand_as(lg), lg).cpu())
             red_t = torch.cat(reds)

@@ -419,7 +419,7 @@ def evaluate_interventions(
                         f"{tuple(batch.x_base.shape)}, got "
                         f"{getattr(h, 'shape', type(h).__name__)}"
                     )
-                logits = paired.continue_from("ft", h, layer, tokens=tb, attention_mask=am)
+                logits = paired.continue_from("ft", h.contiguous(), layer, tokens=tb, attention_mask=am)
                 acc[name].add(token_kl(ref, logits.to(dev)), token_nll(logits, tb), masks)
     return {name: a.means() for name, a in acc.items()}
 

@@ -276,3 +276,28 @@ def test_make_adam_fused_on_cpu_same_update() -> None:
         o2.step()
     assert o1.defaults["fused"] == K.fused_adam_supported("cpu")
     torch.testing.assert_close(p1, p2)
+
+
+@pytest.mark.parametrize("latent_minor", [False, True])
+def test_latent_bag_sum_layouts_and_ignores_garbage(latent_minor: bool) -> None:
+    B, D, n = 6, 5, 9
+    rows = torch.tensor([0, 1, 1, 5, 3])
+    cols = torch.tensor([8, 2, 8, 0, 2])
+    w = torch.randn(5, dtype=torch.float64)
+    table = torch.randn(B, D, dtype=torch.float64)
+    G = torch.zeros(B, n, dtype=torch.float64).index_put((rows, cols), w, accumulate=True)
+    out = K._latent_bag_sum(rows, cols, w, table, n, latent_minor=latent_minor)
+    torch.testing.assert_close(out, G.t() @ table)
+    assert out.t().is_contiguous() == latent_minor
+    # beta=0 must not read the (uninitialised) output: NaN garbage stays out
+    buf = torch.full((n, D), float("nan"), dtype=torch.float64)
+    Gt = (G.t()).to_sparse_csr()
+    torch.addmm(buf, Gt, table, beta=0.0, out=buf)
+    torch.testing.assert_close(buf, G.t() @ table)
+
+
+def test_encoder_weight_grad_is_contiguous() -> None:
+    x, W_enc, b_enc, W_dec, b_dec, scale = _problem(torch.float32)
+    out = sparse_batchtopk_encode_decode(x, W_enc, b_enc, W_dec, b_dec, 4, scale=scale)
+    out.xhat.square().sum().backward()
+    assert W_enc.grad is not None and W_enc.grad.is_contiguous()

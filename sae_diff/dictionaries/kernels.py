@@ -65,6 +65,7 @@ __all__ = [
     "dense_batchtopk_reference",
     "fused_adam_supported",
     "make_adam",
+    "set_workspaces",
     "sparse_batchtopk_encode_decode",
     "sparse_decode",
     "sparse_encode",
@@ -227,14 +228,15 @@ def _sample_threshold(sample: Tensor, N: int, k_total: int) -> float | None:
 
 def _candidates_above(pre: Tensor, scale: Tensor | None, t: float) -> Tensor:
     """Flat indices (ascending) of entries whose score might be ``>= t`` (conservative)."""
+    mask = _workspace("mask", tuple(pre.shape), torch.bool, pre.device)
     if scale is None:
-        mask = pre >= t
+        torch.ge(pre, t, out=mask)
     else:
         # p * s >= t  =>  p >= (t / s) * (1 - margin); s == 0 gives inf (never a candidate,
         # its score is 0 < t).
         dt = torch.float64 if pre.dtype == torch.float64 else torch.float32
         thr = (t / scale.to(dt)) * (1.0 - _MARGIN)
-        mask = pre >= thr
+        torch.ge(pre, thr, out=mask)
     return mask.view(-1).nonzero().view(-1)
 
 
@@ -335,25 +337,47 @@ def _offsets_from_sorted(keys: Tensor, n_bags: int) -> Tensor:
 
 
 def _latent_bag_sum(
-    rows: Tensor, cols: Tensor, weights: Tensor, table: Tensor, n_latents: int
+    rows: Tensor,
+    cols: Tensor,
+    weights: Tensor,
+    table: Tensor,
+    n_latents: int,
+    *,
+    latent_minor: bool = False,
 ) -> Tensor:
-    """``out[j] = sum_{e: cols[e] == j} weights[e] * table[rows[e]]``, shape ``(n, table.shape[1])``.
+    """``out[j] = sum_{e: cols[e] == j} weights[e] * table[rows[e]]``: ``G^T @ table``.
 
-    This is ``G^T @ table`` for the sparse ``G`` given by the triples: one ``embedding_bag`` with
-    one bag per latent (entries sorted by latent, stable), so each output row is written once.
+    ``G`` is the sparse ``(B, n)`` matrix of the triples. The entries are sorted by latent
+    (stable) into a CSR ``(n, B)`` matrix and multiplied by the dense ``table`` with one sparse
+    ``addmm`` (MKL / cuSPARSE), each output row written once; ``embedding_bag`` with one bag per
+    latent is the fallback. Returns ``(n, D)``; with ``latent_minor=True`` the same values in a
+    ``(D, n)``-contiguous buffer, returned as its ``(n, D)`` transpose view, so that ``.t()``
+    is an ordinary contiguous ``(D, n)`` gradient (no transpose copy anywhere).
     """
+    D = table.shape[1]
+    if latent_minor:
+        out = table.new_empty(D, n_latents).t()
+    else:
+        out = table.new_empty(n_latents, D)
     if cols.numel() == 0:
-        return table.new_zeros(n_latents, table.shape[1])
+        return out.zero_()
     perm = torch.argsort(cols, stable=True)
-    cols_sorted = cols[perm]
-    offsets = _offsets_from_sorted(cols_sorted, n_latents)
-    return F.embedding_bag(
-        rows[perm],
-        table,
-        offsets,
-        mode="sum",
-        per_sample_weights=weights[perm].to(table.dtype),
-    )
+    counts = torch.bincount(cols, minlength=n_latents)
+    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=cols.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    w = weights[perm].to(table.dtype)
+    try:
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            G_t = torch.sparse_csr_tensor(
+                crow, rows[perm], w, (n_latents, table.shape[0]), check_invariants=False
+            )
+            torch.addmm(out, G_t, table, beta=0.0, alpha=1.0, out=out)
+        return out
+    except (RuntimeError, NotImplementedError):  # pragma: no cover - backend without CSR mm
+        res = F.embedding_bag(rows[perm], table, crow[:-1], mode="sum", per_sample_weights=w)
+        out.copy_(res)
+        return out
 
 
 def _gather_dot(
@@ -383,14 +407,55 @@ def _gather_dot(
         return out
 
 
+_WORKSPACES: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+_USE_WORKSPACES = True
+
+
+def set_workspaces(enabled: bool) -> None:
+    """Enable/disable reuse of the forward scratch buffers (``B x n`` pre-activations, mask).
+
+    On CPU every fresh allocation above glibc's mmap threshold (32 MB) is page-faulted in
+    again on each step, which on a VM costs about as much as several passes over the buffer;
+    reusing one buffer per shape avoids it. The buffers are never saved for backward, so reuse
+    is safe for sequential steps (not for concurrent calls from several threads).
+    """
+    global _USE_WORKSPACES
+    _USE_WORKSPACES = enabled
+    if not enabled:
+        _WORKSPACES.clear()
+
+
+def _workspace(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    if not _USE_WORKSPACES:
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (name, shape, dtype, device)
+    buf = _WORKSPACES.get(key)
+    if buf is None:
+        for k in [k for k in _WORKSPACES if k[0] == name]:  # one buffer per name
+            del _WORKSPACES[k]
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        _WORKSPACES[key] = buf
+    return buf
+
+
 def _encoder_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-    """Dense pre-activations ``x @ W_enc + b_enc`` (autocast-aware: bf16/fp16 matmul)."""
+    """Dense pre-activations ``x @ W_enc + b_enc`` into a reused workspace.
+
+    Autocast-aware: under ``torch.autocast`` the matmul runs in the autocast dtype (bf16 /
+    fp16) and the pre-activations are stored in it.
+    """
     dev = x.device.type
+    B, n = x.shape[0], W_enc.shape[1]
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
+        out = _workspace("pre", (B, n), dt, x.device)
         with torch.autocast(dev, enabled=False):
-            return torch.addmm(b_enc.to(dt), x.to(dt), W_enc.to(dt))
-    return torch.addmm(b_enc, x, W_enc)
+            return torch.addmm(b_enc.to(dt), x.to(dt), W_enc.to(dt), out=out)
+    dt = torch.promote_types(x.dtype, W_enc.dtype)
+    out = _workspace("pre", (B, n), dt, x.device)
+    return torch.addmm(b_enc, x, W_enc, out=out)
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -471,10 +536,11 @@ class _SparseEncode(torch.autograd.Function):
         needs = ctx.needs_input_grad
         d_x = d_W = d_b = None
         if needs[1]:
-            # dW_enc^T (n, D) = G^T x; returned as its transpose view (D, n): no dense B x n
-            # gradient and no transpose copy here (autograd copies only if W_enc's layout
-            # differs; a latent-major W_enc avoids that too).
-            d_W = _latent_bag_sum(rows_all, cols_all, g_all, x.to(W_enc.dtype), n).t()
+            # dW_enc^T (n, D) = G^T x, written straight into a (D, n)-contiguous buffer:
+            # no dense B x n gradient and no transpose copy.
+            d_W = _latent_bag_sum(
+                rows_all, cols_all, g_all, x.to(W_enc.dtype), n, latent_minor=True
+            ).t()
         if needs[2]:
             d_b = torch.zeros(n, dtype=ctx.b_enc_dtype, device=g_all.device)
             d_b.index_add_(0, cols_all, g_all.to(d_b.dtype))

@@ -73,6 +73,9 @@ class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
         aux_loss_coefficient: weight of the dead-latent auxiliary loss (1/32 by default).
         k_aux: dead latents used by the auxiliary loss per token (default ``d_in // 2``).
         threshold_ema_decay: EMA decay of the inference threshold (0.999 by default).
+        sparse_kernels: train with ``sae_diff.dictionaries.kernels`` (dense encoder matmul,
+            fast exact batch top-k, sparse decode and sparse backward; same loss and gradients
+            as the dense path, see docs/performance.md). ``False`` = the dense reference path.
     """
 
     apply_b_dec_to_input: bool = False
@@ -80,6 +83,7 @@ class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
     aux_loss_coefficient: float = 1 / 32
     k_aux: int | None = None
     threshold_ema_decay: float = 0.999
+    sparse_kernels: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -164,6 +168,8 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
         return {"auxiliary_reconstruction_loss": self.auxiliary_loss(x_n, sae_out, hidden_pre, step_input.dead_neuron_mask)}
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        if self.cfg.sparse_kernels:
+            return self._sparse_training_forward_pass(step_input)
         x_n = self.normalised_input(step_input.sae_in)
         feature_acts, hidden_pre = self.encode_normalised(x_n)
         xhat_n = self.decode_normalised(feature_acts)
@@ -176,6 +182,60 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
                               loss=losses["mse_loss"] + losses["auxiliary_reconstruction_loss"], losses=losses)
         out.metrics["topk_threshold"] = self.topk_threshold
         return out
+
+    def _sparse_training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
+        """The same step with the sparse kernels: only the encoder forward matmul is dense.
+
+        ``feature_acts`` is a detached sparse COO ``(B, d_sae)`` tensor (what SAETrainer's
+        statistics accept); ``hidden_pre`` is not materialised (an empty tensor); the
+        ``hook_sae_acts_*`` hook points are bypassed.
+        """
+        from sae_diff.dictionaries import kernels
+
+        x_n = self.normalised_input(step_input.sae_in)
+        x_in = x_n - self.b_dec if self.cfg.apply_b_dec_to_input else x_n
+        D = self.cfg.n_models * self.cfg.d_in
+        flat = x_in.reshape(-1, D)
+        B = flat.shape[0]
+        scale = self.code_scale().detach()
+        dead = step_input.dead_neuron_mask
+        num_dead = 0 if dead is None else int(dead.sum())
+        aux_latents = dead.nonzero().view(-1) if dead is not None and num_dead > 0 else None
+        k_aux = min(self.cfg.k_aux or max(self.cfg.d_in // 2, 1), num_dead)
+        theta = float(self.topk_threshold)
+        code, aux_code, _ = kernels.sparse_encode(
+            flat, self.W_enc_flat, self.b_enc, int(self.cfg.k * B), scale=scale,
+            threshold_hint=theta if theta > 0 else None, aux_latents=aux_latents,
+            k_aux=k_aux, aux_scaled=False,
+        )
+        xhat_n = (kernels.sparse_decode(code, self.W_dec_flat).view_as(x_n) + self.b_dec)
+        aux_loss = xhat_n.new_zeros(())
+        if aux_code is not None:
+            residual = (x_n - xhat_n).detach().reshape(-1, D)
+            recon = kernels.sparse_decode(aux_code, self.W_dec_flat)
+            err = (recon - residual).pow(2).sum(-1).mean()
+            variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
+            aux_loss = self.cfg.aux_loss_coefficient * err / variance
+        losses = {"mse_loss": self.reconstruction_loss(x_n, xhat_n), "auxiliary_reconstruction_loss": aux_loss}
+        with torch.no_grad():
+            v = code.values.detach() * scale[code.col]
+            v = v[v > 0]
+            if v.numel():
+                self._update_threshold_from_min(v.min().to(torch.float64))
+        feature_acts = code.to_sparse_coo()
+        out = TrainStepOutput(sae_in=x_n, sae_out=xhat_n, feature_acts=feature_acts,
+                              hidden_pre=x_n.new_empty(0, self.cfg.d_sae),
+                              loss=losses["mse_loss"] + losses["auxiliary_reconstruction_loss"], losses=losses)
+        out.metrics["topk_threshold"] = self.topk_threshold
+        return out
+
+    @torch.no_grad()
+    def _update_threshold_from_min(self, min_kept: torch.Tensor) -> None:
+        if self.topk_threshold < 0:
+            self.topk_threshold.copy_(min_kept)
+        else:
+            decay = self.cfg.threshold_ema_decay
+            self.topk_threshold.mul_(decay).add_((1 - decay) * min_kept)
 
     @torch.no_grad()
     def update_threshold(self, feature_acts: torch.Tensor) -> None:

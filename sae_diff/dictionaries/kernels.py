@@ -472,6 +472,7 @@ class _SparseEncode(torch.autograd.Function):
         threshold_hint: float | None,
         aux_latents: Tensor | None,
         k_aux: int,
+        aux_scaled: bool,
     ) -> tuple[Tensor, ...]:
         B = x.shape[0]
         n = W_enc.shape[1]
@@ -487,7 +488,8 @@ class _SparseEncode(torch.autograd.Function):
             # SAELens / EleutherAI); values are the unscaled pre-activations.
             kk = min(int(k_aux), aux_latents.numel())
             sub = pre.index_select(1, aux_latents)
-            sub_scores = sub if scale is None else sub * scale[aux_latents].to(sub.dtype)
+            use_scale = aux_scaled and scale is not None
+            sub_scores = sub * scale[aux_latents].to(sub.dtype) if use_scale else sub
             top = torch.topk(sub_scores, kk, dim=1, sorted=False).indices
             top, _ = torch.sort(top, dim=1)  # CSR: columns increasing within a row
             aux_col = aux_latents[top].reshape(-1)
@@ -528,7 +530,7 @@ class _SparseEncode(torch.autograd.Function):
             cols_parts.append(aux_col)
             g_parts.append(g_aux)
         if not g_parts:
-            return (None,) * 8
+            return (None,) * 9
         rows_all = torch.cat(rows_parts) if len(rows_parts) > 1 else rows_parts[0]
         cols_all = torch.cat(cols_parts) if len(cols_parts) > 1 else cols_parts[0]
         g_all = torch.cat(g_parts) if len(g_parts) > 1 else g_parts[0]
@@ -554,7 +556,7 @@ class _SparseEncode(torch.autograd.Function):
                 check_invariants=False,
             )
             d_x = torch.sparse.mm(G, W_enc.t()).to(x.dtype)
-        return d_x, d_W, d_b, None, None, None, None, None
+        return d_x, d_W, d_b, None, None, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -613,6 +615,7 @@ def sparse_encode(
     threshold_hint: float | None = None,
     aux_latents: Tensor | None = None,
     k_aux: int = 0,
+    aux_scaled: bool = True,
 ) -> tuple[SparseCode, SparseCode | None, tuple[float, bool, int]]:
     """BatchTopK encode keeping only the selected entries (differentiable values).
 
@@ -623,7 +626,9 @@ def sparse_encode(
         scale: ``(n,)`` code-normalisation scale ``s`` for the selection (detached).
         threshold_hint: tracked threshold (a guess of the K-th largest score), optional.
         aux_latents: ``(n_dead,)`` int64 dead-latent ids for the auxiliary loss, optional.
-        k_aux: number of dead latents kept per row (top by scaled pre-activation).
+        k_aux: number of dead latents kept per row (top by pre-activation).
+        aux_scaled: rank the dead latents by ``pre * scale`` (SAELens's rescaled
+            ``hidden_pre``) rather than by ``pre``.
 
     Returns:
         ``(code, aux_code, (kth_score, fast_path, n_candidates))``: the BatchTopK entries, the
@@ -636,7 +641,9 @@ def sparse_encode(
     sc = None if scale is None else scale.detach()
     aux = None if aux_latents is None else aux_latents.to(torch.long)
     (values, aux_values, row, col, offsets, aux_row, aux_col, aux_offsets, kth) = (
-        _SparseEncode.apply(x, W_enc, b_enc, sc, int(k_total), threshold_hint, aux, int(k_aux))
+        _SparseEncode.apply(
+            x, W_enc, b_enc, sc, int(k_total), threshold_hint, aux, int(k_aux), aux_scaled
+        )
     )
     code = SparseCode(row, col, values, offsets, (B, n))
     aux_code = None

@@ -488,8 +488,9 @@ class _SparseEncode(torch.autograd.Function):
             # SAELens / EleutherAI); values are the unscaled pre-activations.
             kk = min(int(k_aux), aux_latents.numel())
             sub = pre.index_select(1, aux_latents)
-            use_scale = aux_scaled and scale is not None
-            sub_scores = sub * scale[aux_latents].to(sub.dtype) if use_scale else sub
+            sub_scores = sub
+            if aux_scaled and scale is not None:
+                sub_scores = sub * scale[aux_latents].to(sub.dtype)
             top = torch.topk(sub_scores, kk, dim=1, sorted=False).indices
             top, _ = torch.sort(top, dim=1)  # CSR: columns increasing within a row
             aux_col = aux_latents[top].reshape(-1)

@@ -228,6 +228,8 @@ def test_latent_subset_helpers():
     torch.testing.assert_close(rank[:2], torch.tensor([0.3, 0.5], dtype=torch.float64))
     torch.testing.assert_close(thr[:2], torch.tensor([0.2, 0.4], dtype=torch.float64))
     assert torch.isnan(rank[2])
+    rank2, _ = nu_scores(pd.DataFrame({"nu_error": [0.1], "nu_recon": [0.2]}), 1)  # latent_scaling names
+    torch.testing.assert_close(rank2, torch.tensor([0.3], dtype=torch.float64))
     with pytest.raises(ValueError, match="latent ids must lie"):
         latent_indices([0, 7], 4)
     with pytest.raises(ValueError, match="nu_eps"):

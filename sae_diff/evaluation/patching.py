@@ -271,8 +271,9 @@ def nu_scores(nu: Any, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rank score, threshold score) per latent from Latent Scaling ratios; NaN = unknown.
 
     ``nu`` may be a tensor ``(d_sae,)`` / array / pandas Series indexed by latent id (used for
-    both), or a DataFrame (e.g. the latent table) with columns ``nu_eps`` and ``nu_r`` (rank
-    by ``nu_eps + nu_r``, threshold on ``max(nu_eps, nu_r)``), ``nu_act``, or ``nu``; a
+    both), or a DataFrame (e.g. ``LatentScalingResult.to_frame()`` or the latent table) with
+    columns ``nu_eps`` and ``nu_r`` or ``nu_error`` and ``nu_recon`` (rank by ν_ε + ν_r,
+    threshold on max(ν_ε, ν_r)), ``nu_act``, or ``nu``; a
     ``latent`` column, if present, gives the latent ids, else the index does.
     """
 
@@ -282,15 +283,17 @@ def nu_scores(nu: Any, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     if isinstance(nu, pd.DataFrame):
         df = nu.set_index("latent") if "latent" in nu.columns else nu
-        if {"nu_eps", "nu_r"} <= set(df.columns):
-            e, r = full(df["nu_eps"]), full(df["nu_r"])
-            return e + r, torch.maximum(e, r)
+        for eps_col, r_col in (("nu_eps", "nu_r"), ("nu_error", "nu_recon")):
+            if {eps_col, r_col} <= set(df.columns):
+                e, r = full(df[eps_col]), full(df[r_col])
+                return e + r, torch.maximum(e, r)
         for col in ("nu_act", "nu"):
             if col in df.columns:
                 t = full(df[col])
                 return t, t
         raise ValueError(
-            "a ν DataFrame needs columns 'nu_eps' and 'nu_r', or 'nu_act', or 'nu'; got "
+            "a ν DataFrame needs columns 'nu_eps' and 'nu_r' (or 'nu_error' and 'nu_recon'), "
+            "or 'nu_act', or 'nu'; got "
             f"{list(df.columns)}"
         )
     if isinstance(nu, pd.Series):

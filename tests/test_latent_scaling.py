@@ -219,6 +219,13 @@ def test_fast_codes_equal_sae_encode():
         dense = torch.zeros(x.shape[0], sae.cfg.d_sae, dtype=F64)
         dense[i, j] = v
         assert torch.equal(dense, sae.encode(x))
+        # float32: the candidate threshold's margin must not drop or add any code
+        sae32 = sae.to(torch.float32)
+        x32 = x.float()
+        i, j, v = _Encoder(sae32, "crosscoder").codes(x32)
+        dense32 = torch.zeros(x.shape[0], sae.cfg.d_sae)
+        dense32[i, j] = v
+        assert torch.equal(dense32, sae32.encode(x32))
     # a hook on the dictionary disables the fast path, and results do not change
     sae, x = _random_crosscoder()
     plain = latent_scaling(sae, [x], min_count=0, progress=False)

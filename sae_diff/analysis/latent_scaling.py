@@ -34,8 +34,8 @@ Accumulators are float64; per-batch products run in the dictionary's dtype.
 from __future__ import annotations
 
 import math
+import statistics
 import time
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -131,12 +131,14 @@ def _has_hooks(sae: Any) -> bool:
 class _Encoder:
     """Inference codes of a batch as sparse row-major triples ``(token i, latent j, value v)``.
 
-    For sae_diff's inference crosscoders without attached hooks, codes are read straight off
-    the pre-activations (``f = h`` where ``h > max(threshold, 0)``), which is exactly what
-    ``sae.encode`` computes; everything else calls ``sae.encode`` and takes its non-zeros.
+    For sae_diff's inference crosscoders without attached hooks (``sparse_codes``), codes are
+    read off the encoder matmul: ``h = x W_enc + b_enc`` is only formed where a candidate
+    mask (the threshold lowered by a few ulps) fires, then filtered exactly by
+    ``h > max(threshold, 0)`` — the same entries and values ``sae.encode`` returns, without its
+    dense bias/ReLU/mask passes. Everything else calls ``sae.encode`` and takes its non-zeros.
     """
 
-    def __init__(self, sae: Any, kind: str) -> None:
+    def __init__(self, sae: Any, kind: str, sparse_codes: bool = True) -> None:
         from sae_diff.dictionaries.base import CrosscoderSAE
         from sae_diff.dictionaries.batchtopk_crosscoder import JumpReLUCrosscoder
 
@@ -144,8 +146,10 @@ class _Encoder:
         self.n = int(sae.cfg.d_sae)
         cls = type(sae)
         self.fast = (
-            isinstance(sae, CrosscoderSAE)
+            sparse_codes
+            and isinstance(sae, CrosscoderSAE)
             and cls.encode is CrosscoderSAE.encode
+            and cls.hidden_pre is CrosscoderSAE.hidden_pre
             and cls.activate in (CrosscoderSAE.activate, JumpReLUCrosscoder.activate)
             and not _has_hooks(sae)
         )
@@ -153,6 +157,9 @@ class _Encoder:
             thr = getattr(sae, "threshold", None)
             zero = torch.zeros(self.n, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
             self.min_pre = zero if thr is None else thr.detach().clamp(min=0)
+            b = sae.b_enc.detach()
+            margin = 4 * torch.finfo(b.dtype).eps * (self.min_pre.abs() + b.abs()) + torch.finfo(b.dtype).tiny
+            self.candidate = self.min_pre - b - margin  # mm > candidate  <=  mm + b > min_pre
 
     def encoder_input(self, acts: torch.Tensor, model: int | None = None) -> torch.Tensor:
         if self.kind in ("crosscoder", "diff_sae"):
@@ -164,15 +171,24 @@ class _Encoder:
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.fast:
-            h = self.sae.hidden_pre(self.sae.normalised_input(x))
-            flat = h.reshape(-1)
-            lin = (h > self.min_pre).reshape(-1).nonzero().squeeze(1)
-        else:
-            f = self.sae.encode(x)
-            flat = f.reshape(-1)
-            lin = (flat != 0).nonzero().squeeze(1)
+            sae = self.sae
+            x_n = sae.normalised_input(x)
+            if sae.cfg.apply_b_dec_to_input:
+                x_n = x_n - sae.b_dec
+            mm = x_n.reshape(x_n.shape[0], -1) @ sae.W_enc_flat
+            lin = (mm > self.candidate).view(-1).nonzero().squeeze(1)
+            i = torch.div(lin, self.n, rounding_mode="floor")
+            j = lin - i * self.n
+            v = mm.view(-1).index_select(0, lin) + sae.b_enc.detach().index_select(0, j)
+            keep = v > self.min_pre.index_select(0, j)
+            if not bool(keep.all()):
+                i, j, v = i[keep], j[keep], v[keep]
+            return i, j, v
+        f = self.sae.encode(x)
+        flat = f.reshape(-1)
+        lin = (flat != 0).nonzero().squeeze(1)
         i = torch.div(lin, self.n, rounding_mode="floor")
-        return i, lin - i * self.n, flat[lin]
+        return i, lin - i * self.n, flat.index_select(0, lin)
 
 
 # --------------------------------------------------------------------------------------
@@ -324,9 +340,9 @@ class _Pass:
     """Streaming accumulators for :func:`latent_scaling` (see the module docstring)."""
 
     def __init__(self, sae: Any, kind: str, latents: torch.Tensor, targets: tuple[str, ...],
-                 firing_shift: bool, compute_dtype: torch.dtype | None) -> None:
+                 firing_shift: bool, compute_dtype: torch.dtype | None, sparse_codes: bool = True) -> None:
         self.sae, self.kind, self.targets = sae, kind, targets
-        self.enc = _Encoder(sae, kind)
+        self.enc = _Encoder(sae, kind, sparse_codes)
         dev = sae.W_dec.device
         self.device = dev
         self.dtype = compute_dtype or sae.W_dec.dtype
@@ -376,7 +392,7 @@ class _Pass:
         for name, mask in batch.all_masks().items():
             mask = mask.to(self.device)
             self.mask_tokens[name] = self.mask_tokens.get(name, 0) + int(mask.sum())
-            add = torch.bincount(j[mask[i]], minlength=self.n)
+            add = torch.bincount(j[mask.index_select(0, i)], minlength=self.n)
             self.mask_counts[name] = self.mask_counts[name] + add if name in self.mask_counts else add
         if self.firing_shift:
             assert self.other_count is not None and self.other_sum is not None
@@ -395,13 +411,16 @@ class _Pass:
             parts.append(xhat + self.b_n)
         Y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         if self.subset:
-            keep = self.slot[j] >= 0
-            i, jj, vw = i[keep], self.slot[j[keep]], vw[keep]
+            slot = self.slot.index_select(0, j)
+            keep = slot >= 0
+            i, jj, vw = i[keep], slot[keep], vw[keep]
         else:
             jj = j
-        jj_sorted, order = torch.sort(jj, stable=True)
-        self.A += tF.embedding_bag(i[order], Y, _bag_offsets(jj_sorted, self.latents.numel()),
-                                   mode="sum", per_sample_weights=vw[order]).double()
+        # group the codes by latent (int32 sort keys are ~3x faster) and sum f_ij * Y_i per bag
+        jj_sorted, order = torch.sort(jj.int(), stable=True)
+        self.A += tF.embedding_bag(i.index_select(0, order), Y,
+                                   _bag_offsets(jj_sorted.long(), self.latents.numel()),
+                                   mode="sum", per_sample_weights=vw.index_select(0, order)).double()
 
     def result(self, min_count: int) -> LatentScalingResult:
         S = self.latents
@@ -448,6 +467,7 @@ def latent_scaling(
     min_count: int = DEFAULT_MIN_COUNT,
     firing_shift: bool | None = None,
     compute_dtype: torch.dtype | None = None,
+    sparse_codes: bool = True,
     progress: bool = True,
 ) -> LatentScalingResult:
     """Closed-form Latent Scaling for all targets in one streaming pass (METHODS.md §3).
@@ -467,6 +487,10 @@ def latent_scaling(
         firing_shift: for ft/base-SAEs, also encode the *other* model's activations (a second
             encode) to report frequency and mean-activation ratios; default on for them.
         compute_dtype: dtype of the per-batch products (default: the dictionary's); sums are float64.
+        sparse_codes: for sae_diff's inference crosscoders (no hooks attached), read the codes
+            straight off the pre-activations (``f = h`` where ``h > max(threshold, 0)``): the
+            same values as ``sae.encode`` without its dense ReLU/mask passes. ``False`` always
+            calls ``sae.encode``.
         progress: show a tqdm bar over the data pass.
     """
     sae = as_inference(sae)
@@ -481,7 +505,7 @@ def latent_scaling(
         raise ValueError("firing_shift compares an SAE on base vs ft activations: it needs kind "
                          f"'ft_sae' or 'base_sae', not {kind!r}.")
     S = _resolve_latents(latents, int(sae.cfg.d_sae), sae.W_dec.device)
-    acc = _Pass(sae, kind, S, tgts, firing_shift, compute_dtype)
+    acc = _Pass(sae, kind, S, tgts, firing_shift, compute_dtype, sparse_codes)
     n_models = acc.n_models
     for batch in iter_paired_batches(data, n_models=n_models, progress=progress, desc="Latent Scaling"):
         if batch.acts.shape[-1] != acc.d:
@@ -570,17 +594,21 @@ def latent_scaling_cost_ratio(
     """Time the one-pass all-target Latent Scaling against encoding the same data alone.
 
     ``data`` must be re-iterable (e.g. a list of batches already in memory, so that loading
-    is not timed). Each of ``repeats`` rounds times encode-only then Latent Scaling
-    back-to-back; the minimum of each is kept (robust to other load on the machine).
-    The naive per-latent reference is timed once, on ``naive_latents`` latents (all by
-    default) and scaled linearly to all latents when fewer are used.
+    is not timed). Each of ``repeats`` rounds times, back to back (in rotating order),
+    encode-only (``sae.encode`` per batch), Latent Scaling, and Latent Scaling with
+    ``sparse_codes=False`` (codes from ``sae.encode``). Ratios are the median over rounds of
+    the per-round ratio (robust to other load on a shared machine); times are the minimum. The naive per-latent reference is timed once on all
+    latents, or, with ``naive_latents=k < d_sae``, on k and 2k latents and extrapolated
+    linearly to all (its per-batch encode/decode is a fixed cost, the per-latent targets scale
+    with the number of latents).
 
-    Returns ``encode_s``, ``latent_scaling_s``, ``ratio`` (LS ÷ encode), and with ``naive``:
-    ``naive_s`` (for all latents), ``naive_latents_timed``, ``naive_speedup`` (naive ÷ LS).
+    Returns ``encode_s``, ``latent_scaling_s``, ``ratio`` (LS ÷ encode), ``ratio_dense_codes``
+    (LS with ``sparse_codes=False`` ÷ encode) and, with ``naive``: ``naive_s`` (all latents),
+    ``naive_latents_timed``, ``naive_speedup`` (naive ÷ LS).
     """
     sae = as_inference(sae)
     if not isinstance(data, Sequence) or len(data) == 0:
-        raise ValueError("latent_scaling_cost_ratio needs a non-empty list of batches (timed twice).")
+        raise ValueError("latent_scaling_cost_ratio needs a non-empty list of batches (timed several times).")
     kind = dictionary_kind(sae)
     enc = _Encoder(sae, kind)
     batches = [PairedBatch(acts=b.acts) for b in iter_paired_batches(data, progress=False)]
@@ -590,30 +618,40 @@ def latent_scaling_cost_ratio(
         for b in batches:
             sae.encode(enc.encoder_input(b.acts.to(sae.W_dec.device, sae.W_dec.dtype)))
 
-    def one_pass() -> None:
-        latent_scaling(sae, batches, targets=targets, progress=False, firing_shift=False)
+    def one_pass(sparse_codes: bool = True) -> None:
+        latent_scaling(sae, batches, targets=targets, progress=False, firing_shift=False,
+                       sparse_codes=sparse_codes)
 
     encode_only()  # warm-up
     one_pass()
-    t_enc, t_ls = math.inf, math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        encode_only()
-        t1 = time.perf_counter()
-        one_pass()
-        t2 = time.perf_counter()
-        t_enc, t_ls = min(t_enc, t1 - t0), min(t_ls, t2 - t1)
-    out = {"encode_s": t_enc, "latent_scaling_s": t_ls, "ratio": t_ls / t_enc}
+    runs: dict[str, list[float]] = {"enc": [], "ls": [], "ls_dense": []}
+    fns = {"enc": encode_only, "ls": one_pass, "ls_dense": lambda: one_pass(False)}
+    for r in range(max(1, repeats)):
+        keys = list(fns)[r % 3:] + list(fns)[:r % 3]  # rotate the order: no phase is always first
+        for key in keys:
+            t0 = time.perf_counter()
+            fns[key]()
+            runs[key].append(time.perf_counter() - t0)
+    med = statistics.median
+    out = {"encode_s": min(runs["enc"]), "latent_scaling_s": min(runs["ls"]),
+           "ratio": med(ls / e for ls, e in zip(runs["ls"], runs["enc"])),
+           "ratio_dense_codes": med(ls / e for ls, e in zip(runs["ls_dense"], runs["enc"]))}
     if naive:
         n = int(sae.cfg.d_sae)
-        k = n if naive_latents is None else min(int(naive_latents), n)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+
+        def time_naive(k: int) -> float:
             t0 = time.perf_counter()
             latent_scaling_naive(sae, batches, targets=targets, latents=torch.arange(k),
                                  dtype=sae.W_dec.dtype)
-            t_naive = (time.perf_counter() - t0) * n / k
-        out.update({"naive_s": t_naive, "naive_latents_timed": float(k), "naive_speedup": t_naive / t_ls})
+            return time.perf_counter() - t0
+
+        k = n if naive_latents is None else max(1, min(int(naive_latents), n))
+        if 2 * k > n:
+            k, t_naive = n, time_naive(n)
+        else:
+            t1, t2 = time_naive(k), time_naive(2 * k)
+            t_naive = t1 + max(t2 - t1, 0.0) * (n - k) / k
+        out.update({"naive_s": t_naive, "naive_latents_timed": float(k), "naive_speedup": t_naive / out["latent_scaling_s"]})
     return out
 
 

@@ -91,6 +91,10 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG], Ge
         mask_high_norm: drop tokens whose norm exceeds this many times the median (None: off).
         dataset_column: text / tokens / messages column of the dataset (None: guess).
         dataset_split: split of ``dataset_path``.
+        dataset_mixture: several datasets mixed by token share, each a
+            ``sae_diff.data.sources.DatasetSpec`` mapping (path, kind, column, split, name,
+            streaming, weight); replaces ``dataset_path`` (pretraining text + chat is the usual
+            recipe).
         cache_path: train from this paired-activation cache; harvested first when missing.
         smoke_test_models: use a tiny random model pair (smoke tests; no download).
         n_norm_batches: batches used to estimate the crosscoder's per-model norm factors.
@@ -109,6 +113,7 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG], Ge
     mask_high_norm: float | None = 10.0
     dataset_column: str | None = None
     dataset_split: str = "train"
+    dataset_mixture: list[dict[str, Any]] | None = None
     cache_path: str | None = None
     smoke_test_models: SmokeTestModels | None = None
     n_norm_batches: int = 10
@@ -223,8 +228,18 @@ def validate_config(cfg: PairedRunnerConfig[Any]) -> None:
     dims = known_model_dims(cfg)
     if dims is not None:
         check_hook_d_in(cfg.hook_name, cfg.sae.d_in, dims)
-    if cfg.smoke_test_models is None and not cfg.dataset_path and not cfg.cache_path:
-        raise ConfigError("Set dataset_path (a Hugging Face dataset or local files) or cache_path.")
+    if cfg.smoke_test_models is None and not (cfg.dataset_path or cfg.dataset_mixture or cfg.cache_path):
+        raise ConfigError("Set dataset_path (a Hugging Face dataset or local files), dataset_mixture or cache_path.")
+    if cfg.dataset_mixture is not None:
+        from sae_diff.data.sources import DatasetSpec
+
+        spec_fields = {f.name for f in fields(DatasetSpec)}
+        for i, spec in enumerate(cfg.dataset_mixture):
+            if not isinstance(spec, dict) or "path" not in spec:
+                raise ConfigError(f"dataset_mixture[{i}] must be a mapping with at least `path`, got {spec!r}.")
+            bad = sorted(set(spec) - spec_fields)
+            if bad:
+                raise ConfigError(f"dataset_mixture[{i}] has unknown key(s) {bad}; valid: {sorted(spec_fields)}.")
 
 
 def check_hook_d_in(hook_name: str, d_in: int, dims: dict[str, int]) -> None:
@@ -494,6 +509,7 @@ __all__ = [
     "Plan",
     "SmokeTestModels",
     "check_hook_d_in",
+    "config_flags_help",
     "config_from_dict",
     "default_store_mode",
     "known_model_dims",
@@ -519,15 +535,14 @@ def _cli_dataclass(sae_cls: type[TrainingSAEConfig]) -> type:
 
 
 def parse_config(config_path: str | Path | None, args: list[str] | None = None,
-                 architecture: str | None = None) -> PairedRunnerConfig[Any]:
+                 architecture: str | None = None, keep_checkpoint_path: bool = False) -> PairedRunnerConfig[Any]:
     """Build a config from a YAML/JSON file (optional) and SAELens-style flags.
 
     Flags override the file: ``--lr 1e-4 --k 64 --training_tokens 1_000_000`` (fields of the
     ``sae`` section use their own names, e.g. ``--d_sae``; where a name exists at both levels
     the sae one is ``--sae.dtype``). ``architecture`` (the ``--architecture`` flag) overrides
-    ``sae.architecture``.
+    ``sae.architecture``. ``keep_checkpoint_path``: a saved run's config (no new run id).
     """
-    from simple_parsing import ArgumentParser
 
     base: dict[str, Any] = read_config_file(config_path) if config_path is not None else {}
     sae_dict = dict(base.get("sae") or {})
@@ -537,7 +552,18 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
     if arch not in SAE_TRAINING_CLASS_REGISTRY:
         _sae_config({"architecture": arch})  # raises the unknown-architecture error
     sae_cls = SAE_TRAINING_CLASS_REGISTRY[arch][1]
-    sae_dict.pop("architecture", None)
+    file_arch = sae_dict.pop("architecture", None)
+    extra = sorted(set(sae_dict) - {f.name for f in fields(sae_cls)} - {"metadata"})
+    if extra:
+        if file_arch is not None and file_arch != arch:
+            import warnings
+
+            warnings.warn(f"--architecture {arch} replaces {file_arch}: ignoring the file's sae fields {extra}, "
+                          f"which {arch} does not have.", stacklevel=2)
+            sae_dict = {k: v for k, v in sae_dict.items() if k not in extra}
+        else:
+            raise ConfigError(f"Unknown field(s) {extra} for architecture {arch!r}; valid: "
+                              f"{sorted(f.name for f in fields(sae_cls))}.")
     defaults = {k: v for k, v in base.items() if k not in ("sae", "tokens_per_buffer")}
     unknown = sorted(set(defaults) - {f.name for f in fields(PairedRunnerConfig)})
     if unknown:
@@ -545,10 +571,7 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
     defaults["sae"] = sae_dict
     if isinstance(defaults.get("seqpos_slice"), list):
         defaults["seqpos_slice"] = tuple(defaults["seqpos_slice"])
-    flags_cls = _cli_dataclass(sae_cls)
-    parser = ArgumentParser(prog="sae-diff train", add_help=False, exit_on_error=False)
-    parser.add_arguments(flags_cls, dest="cfg")
-    parser.set_defaults(cfg=defaults)
+    parser = _flags_parser(sae_cls, defaults)
     try:
         ns, rest = parser.parse_known_args(list(args or []))
     except SystemExit as e:  # argparse errors exit; turn them into a config error
@@ -561,4 +584,33 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
     sae_values = {f.name: getattr(sae_obj, f.name) for f in fields(sae_cls)}
     sae_values.pop("metadata", None)
     values["sae"] = {"architecture": arch, **sae_values}
-    return config_from_dict(values)
+    return config_from_dict(values, keep_checkpoint_path=keep_checkpoint_path)
+
+
+def _flags_parser(sae_cls: type[TrainingSAEConfig], defaults: dict[str, Any] | None = None,
+                  add_help: bool = False) -> Any:
+    from simple_parsing import ArgumentParser
+
+    parser = ArgumentParser(prog="sae-diff train", add_help=add_help, exit_on_error=False)
+    parser.add_arguments(_cli_dataclass(sae_cls), dest="cfg")
+    if defaults is not None:
+        parser.set_defaults(cfg=defaults)
+    return parser
+
+
+def config_flags_help(config_path: str | Path | None = None, architecture: str | None = None) -> str:
+    """Every config flag for the architecture of ``config_path`` (or ``architecture``), with
+    its help text and current default (the file's value where it sets one)."""
+    base: dict[str, Any] = read_config_file(config_path) if config_path is not None else {}
+    sae_dict = dict(base.get("sae") or {})
+    arch = architecture or sae_dict.pop("architecture", None) or "batchtopk_crosscoder"
+    sae_dict.pop("architecture", None)
+    if arch not in SAE_TRAINING_CLASS_REGISTRY:
+        _sae_config({"architecture": arch})
+    defaults = {k: v for k, v in base.items() if k not in ("sae", "tokens_per_buffer")}
+    defaults["sae"] = {"d_in": 1, "d_sae": 2, **sae_dict}
+    parser = _flags_parser(SAE_TRAINING_CLASS_REGISTRY[arch][1], defaults, add_help=False)
+    head = (f"Config flags for architecture {arch!r} (defaults: "
+            f"{'the values in ' + str(config_path) if config_path else 'SAELens / sae_diff defaults'}).\n"
+            "Pass them after the subcommand, e.g. `sae-diff train --config FILE --lr 1e-4 --k 64`.\n")
+    return head + parser.format_help()

@@ -98,40 +98,45 @@ def check_pair_matches(cfg: PairedRunnerConfig[Any], pair: Any) -> None:
 
 
 # ---------------------------------------------------------------------- tokens
-def check_dataset_column(cfg: PairedRunnerConfig[Any]) -> str | None:
-    """Peek at the dataset's first row (no model needed); return the column to read.
+def dataset_specs(cfg: PairedRunnerConfig[Any]) -> list[Any]:
+    """The run's datasets as ``sae_diff.data.sources.DatasetSpec`` s (empty for smoke tests)."""
+    from sae_diff.data.sources import DatasetSpec
 
-    Raises :class:`TrainingDataError` naming the available columns when ``dataset_column``
-    (or, if unset, any of ``tokens``/``input_ids``/``text``/``messages``) is missing.
+    if cfg.dataset_mixture:
+        return [DatasetSpec(**spec) for spec in cfg.dataset_mixture]
+    if cfg.dataset_path:
+        return [DatasetSpec(cfg.dataset_path, column=cfg.dataset_column, split=cfg.dataset_split,
+                            streaming=cfg.streaming)]
+    return []
+
+
+def check_dataset_column(cfg: PairedRunnerConfig[Any]) -> None:
+    """Peek at each dataset's first row (no model needed).
+
+    Raises :class:`TrainingDataError` naming the available columns when the configured column
+    (or, if unset, any text / tokens / chat column) is missing.
     """
-    if cfg.smoke_test_models is not None and not cfg.dataset_path:
-        return None
-    row = next(iter(_open_dataset(cfg)))
-    cols = list(row.keys())
-    if cfg.dataset_column is not None:
-        if cfg.dataset_column not in row:
+    from sae_diff.data.sources import CHAT_COLUMNS, TEXT_COLUMNS, TOKEN_COLUMNS, load_rows
+
+    for spec in dataset_specs(cfg):
+        try:
+            row = next(iter(load_rows(spec)), None)
+        except FileNotFoundError as e:
+            raise TrainingDataError(f"dataset {spec.path!r} cannot be read: {e}") from e
+        if row is None:
+            raise TrainingDataError(f"dataset {spec.path!r} (split {spec.split!r}) is empty.")
+        cols = list(row.keys())
+        if spec.column is not None:
+            if spec.column not in row:
+                raise TrainingDataError(
+                    f"dataset {spec.path!r} has no column {spec.column!r}; its columns are {cols}. "
+                    "Set dataset_column (or the mixture entry's `column`) to one of them."
+                )
+        elif not any(c in row for c in (*TOKEN_COLUMNS, *CHAT_COLUMNS, *TEXT_COLUMNS)):
             raise TrainingDataError(
-                f"dataset {cfg.dataset_path!r} has no column {cfg.dataset_column!r}; its columns are "
-                f"{cols}. Set dataset_column to one of them."
+                f"dataset {spec.path!r} has no text, tokens or chat column (it has {cols}). "
+                "Set dataset_column."
             )
-        return cfg.dataset_column
-    for c in ("tokens", "input_ids", "messages", "text"):
-        if c in row:
-            return c
-    raise TrainingDataError(
-        f"dataset {cfg.dataset_path!r} has none of the columns tokens/input_ids/messages/text "
-        f"(it has {cols}). Set dataset_column."
-    )
-
-
-def _open_dataset(cfg: PairedRunnerConfig[Any]) -> Any:
-    from sae_diff.data.sources import DatasetSpec, load_rows
-
-    try:
-        return load_rows(DatasetSpec(cfg.dataset_path, column=cfg.dataset_column, split=cfg.dataset_split,
-                                     streaming=cfg.streaming))
-    except FileNotFoundError as e:
-        raise TrainingDataError(f"dataset_path {cfg.dataset_path!r} cannot be read: {e}") from e
 
 
 def smoke_test_tokens(cfg: PairedRunnerConfig[Any], n_seqs: int, offset: int = 0) -> torch.Tensor:
@@ -153,7 +158,7 @@ def token_batches(cfg: PairedRunnerConfig[Any], pair: Any, n_tokens: int, offset
     """
     bs = cfg.store_batch_size_prompts
     n_seqs = max(1, -(-n_tokens // cfg.context_size))
-    if cfg.smoke_test_models is not None and not cfg.dataset_path:
+    if not dataset_specs(cfg):
         toks = smoke_test_tokens(cfg, n_seqs, offset=offset_seqs)
         yield from toks.split(bs)
         return
@@ -325,13 +330,12 @@ def mask_config(cfg: PairedRunnerConfig[Any]) -> Any:
 
 def token_source(cfg: PairedRunnerConfig[Any], pair: Any, n_rows: int) -> Any:
     """The run's token rows as a ``sae_diff.data.sources`` source (for harvesting)."""
-    from sae_diff.data.sources import DatasetSpec, TensorTokenSource, TokenSource
+    from sae_diff.data.sources import TensorTokenSource, TokenSource
 
-    if cfg.smoke_test_models is not None and not cfg.dataset_path:
+    specs = dataset_specs(cfg)
+    if not specs:
         return TensorTokenSource(smoke_test_tokens(cfg, n_rows), name="smoke-test random tokens")
-    spec = DatasetSpec(cfg.dataset_path, column=cfg.dataset_column, split=cfg.dataset_split,
-                       streaming=cfg.streaming)
-    return TokenSource(spec, pair.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos)
+    return TokenSource(specs, pair.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos)
 
 
 def harvest(cfg: PairedRunnerConfig[Any], pair: Any = None, overwrite: bool = False, progress: bool = True) -> Any:
@@ -442,6 +446,7 @@ __all__ = [
     "cache_exists",
     "check_dataset_column",
     "check_pair_matches",
+    "dataset_specs",
     "harvest",
     "harvest_in_memory",
     "load_pair",

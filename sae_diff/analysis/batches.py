@@ -142,6 +142,42 @@ def as_paired_batch(item: Any, n_models: int | None = None) -> PairedBatch:
     )
 
 
+def _head(batch: PairedBatch, n: int) -> PairedBatch:
+    """The first ``n`` tokens of a batch."""
+    return PairedBatch(
+        acts=batch.acts[:n], masks={k: m[:n] for k, m in batch.masks.items()},
+        dataset=batch.dataset if batch.dataset is None or isinstance(batch.dataset, str) else batch.dataset[:n],
+        seq=None if batch.seq is None else batch.seq[:n], pos=None if batch.pos is None else batch.pos[:n])
+
+
+def cache_batches(cache: Any, *, mask_config: Any = None, masks: Sequence[str] | None = None,
+                  dataset: str | None = None) -> Iterator[PairedBatch]:
+    """Batches (one per shard, in harvest order) from a :class:`sae_diff.data.cache.ActivationCache`.
+
+    Only the tokens ``mask_config`` keeps are yielded (``cache.keep_mask``; the default
+    ``MaskConfig`` drops BOS, padding and high-norm tokens). Every stored token mask
+    (``special`` = template/control tokens, ``assistant``, ...) is attached, or only those
+    named in ``masks``; ``seq`` indexes the rows of ``cache.tokens()`` and ``pos`` the position,
+    so max-activating examples can show their context.
+    """
+    row0 = 0
+    for s in range(cache.n_shards):
+        shard = cache.load_shard(s)
+        keep = cache.keep_mask(shard, mask_config).bool()
+        acts = shard["acts"]
+        rows, seq_len = acts.shape[:2]
+        r, p = keep.nonzero(as_tuple=True)
+        named = {k[5:]: v.bool() for k, v in shard.items() if k.startswith("mask_")}
+        if masks is not None:
+            missing = [m for m in masks if m not in named]
+            if missing:
+                raise ValueError(f"The cache has no mask(s) {missing}; it stores {sorted(named)}.")
+            named = {k: named[k] for k in masks}
+        yield PairedBatch(acts=acts[keep], masks={k: v[keep] for k, v in named.items()},
+                          dataset=dataset, seq=r + row0, pos=p)
+        row0 += rows
+
+
 def _flatten_labels(labels: Any) -> Iterator[str]:
     if isinstance(labels, str):
         yield labels
@@ -154,11 +190,12 @@ def _flatten_labels(labels: Any) -> Iterator[str]:
 
 
 def iter_paired_batches(data: Iterable[Any], *, n_models: int | None = None, progress: bool = True,
-                        desc: str = "activations") -> Iterator[PairedBatch]:
+                        desc: str = "activations", max_tokens: int | None = None) -> Iterator[PairedBatch]:
     """Iterate ``data`` as :class:`PairedBatch` es, with a tqdm progress bar when ``progress``.
 
-    Raises a clear error if ``data`` is a single tensor (iterate a list of batches instead)
-    or yields no tokens at all.
+    ``max_tokens`` stops after that many tokens (the last batch is cut); use it with a
+    looping ``PairedActivationsStore``, which never ends on its own. Raises a clear error if
+    ``data`` is a single tensor (iterate a list of batches instead) or yields no tokens.
     """
     if isinstance(data, torch.Tensor):
         raise TypeError(
@@ -174,9 +211,13 @@ def iter_paired_batches(data: Iterable[Any], *, n_models: int | None = None, pro
     n_tokens = 0
     for item in iterator:
         batch = as_paired_batch(item, n_models)
+        if max_tokens is not None and n_tokens + batch.n_tokens > max_tokens:
+            batch = _head(batch, max_tokens - n_tokens)
         n_tokens += batch.n_tokens
         if batch.n_tokens:
             yield batch
+        if max_tokens is not None and n_tokens >= max_tokens:
+            break
     if n_tokens == 0:
         raise ValueError(
             "The data yielded no tokens (an empty iterable, or only empty batches). Pass a "
@@ -184,4 +225,4 @@ def iter_paired_batches(data: Iterable[Any], *, n_models: int | None = None, pro
         )
 
 
-__all__ = ["DATASET_MASK_PREFIX", "PairedBatch", "as_paired_batch", "iter_paired_batches"]
+__all__ = ["DATASET_MASK_PREFIX", "PairedBatch", "as_paired_batch", "cache_batches", "iter_paired_batches"]

@@ -468,6 +468,7 @@ def latent_scaling(
     firing_shift: bool | None = None,
     compute_dtype: torch.dtype | None = None,
     sparse_codes: bool = True,
+    max_tokens: int | None = None,
     progress: bool = True,
 ) -> LatentScalingResult:
     """Closed-form Latent Scaling for all targets in one streaming pass (METHODS.md §3).
@@ -491,6 +492,7 @@ def latent_scaling(
             straight off the pre-activations (``f = h`` where ``h > max(threshold, 0)``): the
             same values as ``sae.encode`` without its dense ReLU/mask passes. ``False`` always
             calls ``sae.encode``.
+        max_tokens: stop after this many tokens (needed for a looping store).
         progress: show a tqdm bar over the data pass.
     """
     sae = as_inference(sae)
@@ -507,7 +509,8 @@ def latent_scaling(
     S = _resolve_latents(latents, int(sae.cfg.d_sae), sae.W_dec.device)
     acc = _Pass(sae, kind, S, tgts, firing_shift, compute_dtype, sparse_codes)
     n_models = acc.n_models
-    for batch in iter_paired_batches(data, n_models=n_models, progress=progress, desc="Latent Scaling"):
+    for batch in iter_paired_batches(data, n_models=n_models, progress=progress, desc="Latent Scaling",
+                                     max_tokens=max_tokens):
         if batch.acts.shape[-1] != acc.d:
             raise ValueError(f"Activations have d={batch.acts.shape[-1]} but the dictionary has "
                              f"d_in={acc.d}: use the dictionary's hook point.")

@@ -97,6 +97,7 @@ def latent_table(
     targets: Sequence[str] | str | None = None,
     min_count: int = DEFAULT_MIN_COUNT,
     scaling: LatentScalingResult | None = None,
+    max_tokens: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Build the latent table of a crosscoder, diff-SAE, ft-SAE (chat-SAE) or base-SAE.
@@ -109,6 +110,7 @@ def latent_table(
         latents: restrict the table (and the data pass) to these latents.
         targets, min_count: passed to :func:`latent_scaling`.
         scaling: reuse an existing :class:`LatentScalingResult` instead of a new pass.
+        max_tokens: stop the data pass after this many tokens (needed for a looping store).
         progress: progress bar over the data pass.
     """
     sae = as_inference(sae)
@@ -120,7 +122,7 @@ def latent_table(
     S = _resolve_latents(latents, int(sae.cfg.d_sae), torch.device("cpu"))
     if scaling is None and data is not None:
         scaling = latent_scaling(sae, data, kind=kind, latents=S, targets=targets,
-                                 min_count=min_count, progress=progress)
+                                 min_count=min_count, max_tokens=max_tokens, progress=progress)
     if scaling is not None:
         keep = scaling.latents if latents is None else S
         stats = scaling.to_frame()

@@ -1,0 +1,335 @@
+"""Max-activating examples per latent: top contexts and quantile samples, as text and HTML.
+
+One streaming pass over paired batches that carry ``seq`` / ``pos`` per token (see
+:mod:`sae_diff.analysis.batches`; :func:`~sae_diff.analysis.batches.cache_batches` provides
+them for a disk cache) keeps, for each requested latent,
+
+- the ``k`` highest activations (ties: first seen), and
+- a uniform random sample (``reservoir`` entries, priority sampling with seeded keys) of all
+  its activations, from which ``per_quantile`` examples are drawn in each of ``n_quantiles``
+  equal-count activation bins — what a latent does at typical strength, not only at its peak.
+
+Codes come from the dictionary's inference encoder (threshold, never batch top-k), on the
+model the dictionary reads (both for a crosscoder, the difference for a diff-SAE).
+:func:`examples_on_the_fly` computes activations from tokens with any paired forward, e.g.
+``lambda t: paired_model.paired_activations(t, hook)[hook]``.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_diff.analysis.batches import PairedBatch, iter_paired_batches
+from sae_diff.analysis.latent_scaling import (
+    _Encoder,
+    _resolve_latents,
+    as_inference,
+    dictionary_kind,
+)
+
+#: Default context shown around the active token: tokens before and after.
+DEFAULT_WINDOW = (12, 4)
+
+
+@dataclass
+class Example:
+    """One active token in context. ``tokens[active]`` is the active token."""
+
+    latent: int
+    value: float
+    seq: int
+    pos: int
+    tokens: list[str]
+    active: int
+
+    def to_text(self, mark: tuple[str, str] = ("«", "»")) -> str:
+        """One line: the context with the active token wrapped in ``mark`` and the value."""
+        parts = [_visible(t) for t in self.tokens]
+        parts[self.active] = f"{mark[0]}{parts[self.active]}{mark[1]}"
+        return f"{self.value:8.3f}  {''.join(parts)}"
+
+    def to_html(self, max_value: float | None = None) -> str:
+        """A ``<div>`` with the active token highlighted (opacity ∝ value / ``max_value``)."""
+        scale = self.value / max_value if max_value else 1.0
+        alpha = 0.25 + 0.75 * min(max(scale, 0.0), 1.0)
+        spans = []
+        for n, tok in enumerate(self.tokens):
+            text = html.escape(_visible(tok))
+            if n == self.active:
+                spans.append(f'<span class="sd-act" style="background:rgba(255,120,0,{alpha:.2f})" '
+                             f'title="latent {self.latent}: {self.value:.4g} (seq {self.seq}, pos {self.pos})">'
+                             f"{text}</span>")
+            else:
+                spans.append(f"<span>{text}</span>")
+        return (f'<div class="sd-ex"><span class="sd-val">{self.value:.3f}</span> '
+                f'<span class="sd-ctx">{"".join(spans)}</span></div>')
+
+
+@dataclass
+class LatentExamples:
+    """Top and quantile examples of one latent."""
+
+    latent: int
+    count_active: int
+    n_tokens: int
+    top: list[Example] = field(default_factory=list)
+    quantiles: list[tuple[float, float, list[Example]]] = field(default_factory=list)
+
+    @property
+    def freq(self) -> float:
+        return self.count_active / self.n_tokens if self.n_tokens else float("nan")
+
+    def to_text(self) -> str:
+        lines = [f"latent {self.latent}: active on {self.count_active} of {self.n_tokens} tokens "
+                 f"(freq {self.freq:.2e})", "  top:"]
+        lines += [f"    {ex.to_text()}" for ex in self.top]
+        for lo, hi, exs in self.quantiles:
+            lines.append(f"  quantile [{lo:.3f}, {hi:.3f}]:")
+            lines += [f"    {ex.to_text()}" for ex in exs]
+        return "\n".join(lines)
+
+    def to_html(self) -> str:
+        vmax = self.top[0].value if self.top else None
+        out = [f'<div class="sd-latent"><h3>Latent {self.latent}</h3>'
+               f"<p>active on {self.count_active} of {self.n_tokens} tokens (freq {self.freq:.2e})</p>",
+               "<h4>Top activations</h4>"]
+        out += [ex.to_html(vmax) for ex in self.top]
+        for lo, hi, exs in self.quantiles:
+            out.append(f"<h4>Activations in [{lo:.3f}, {hi:.3f}]</h4>")
+            out += [ex.to_html(vmax) for ex in exs]
+        out.append("</div>")
+        return "\n".join(out)
+
+    def _repr_html_(self) -> str:
+        return _STYLE + self.to_html()
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+_STYLE = """<style>
+.sd-ex { font-family: monospace; white-space: pre-wrap; margin: 2px 0; }
+.sd-val { color: #666; display: inline-block; min-width: 5em; }
+.sd-act { font-weight: bold; border-radius: 3px; }
+.sd-latent h3 { margin-bottom: 0.2em; }
+</style>"""
+
+
+def _visible(tok: str) -> str:
+    return tok.replace("\n", "↵").replace("\t", "⇥")
+
+
+def _token_strings(tokenizer: Any) -> Callable[[int], str]:
+    if tokenizer is None:
+        return lambda t: f"<{t}>"
+    if callable(getattr(tokenizer, "decode", None)):
+        return lambda t: str(tokenizer.decode([t]))
+    if callable(tokenizer):
+        return lambda t: str(tokenizer(t))
+    raise TypeError("tokenizer must have .decode(ids) (a Hugging Face tokenizer) or be a callable id -> str.")
+
+
+def _group_top(slot: torch.Tensor, key: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest ``key`` per ``slot`` group (ties: earlier entries first)."""
+    order = torch.sort(key, descending=True, stable=True).indices
+    order = order[torch.sort(slot[order], stable=True).indices]
+    s = slot[order]
+    start = torch.searchsorted(s, s, right=False)
+    rank = torch.arange(s.numel()) - start
+    return order[rank < k]
+
+
+class _Keeper:
+    """Top-k by value and a priority sample (random keys) per latent slot."""
+
+    FIELDS = ("slot", "value", "seq", "pos", "key")
+
+    def __init__(self, k: int, reservoir: int, seed: int) -> None:
+        self.k, self.reservoir = k, reservoir
+        self.gen = torch.Generator().manual_seed(seed)
+        empty = {"slot": torch.empty(0, dtype=torch.long), "value": torch.empty(0, dtype=torch.float64),
+                 "seq": torch.empty(0, dtype=torch.long), "pos": torch.empty(0, dtype=torch.long),
+                 "key": torch.empty(0, dtype=torch.float64)}
+        self.top = dict(empty)
+        self.sample = dict(empty)
+
+    def add(self, new: dict[str, torch.Tensor]) -> None:
+        new = dict(new, key=torch.rand(new["slot"].numel(), generator=self.gen, dtype=torch.float64))
+        for store, by, cap in ((self.top, "value", self.k), (self.sample, "key", self.reservoir)):
+            cat = {f: torch.cat([store[f], new[f]]) for f in self.FIELDS}
+            keep = _group_top(cat["slot"], cat[by], cap)
+            store.update({f: cat[f][keep] for f in self.FIELDS})
+
+
+def _codes_with_positions(sae: Any, kind: str, batches: Iterable[PairedBatch],
+                          latents: torch.Tensor) -> Iterator[tuple[PairedBatch, dict[str, torch.Tensor]]]:
+    enc = _Encoder(sae, kind)
+    slot_of = torch.full((int(sae.cfg.d_sae),), -1, dtype=torch.long)
+    slot_of[latents.cpu()] = torch.arange(latents.numel())
+    for batch in batches:
+        if batch.seq is None or batch.pos is None:
+            raise ValueError(
+                "Max-activating examples need 'seq' and 'pos' per token to show contexts: yield "
+                "PairedBatch(acts, seq=..., pos=...) or dicts with those keys, use "
+                "sae_diff.analysis.batches.cache_batches(cache), or examples_on_the_fly(...)."
+            )
+        x = batch.acts.to(sae.W_dec.device, sae.W_dec.dtype)
+        i, j, v = (t.cpu() for t in enc.codes(enc.encoder_input(x)))
+        slot = slot_of[j]
+        keep = slot >= 0
+        i = i[keep]
+        yield batch, {"slot": slot[keep], "value": v[keep].double(), "seq": batch.seq.cpu()[i].long(),
+                      "pos": batch.pos.cpu()[i].long()}
+
+
+def max_activating_examples(
+    sae: Any,
+    data: Iterable[Any],
+    tokens: torch.Tensor | Sequence[Sequence[int]],
+    latents: Sequence[int] | torch.Tensor,
+    *,
+    kind: str | None = None,
+    k: int = 10,
+    n_quantiles: int = 4,
+    per_quantile: int = 3,
+    reservoir: int = 1000,
+    window: tuple[int, int] = DEFAULT_WINDOW,
+    tokenizer: Any = None,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> dict[int, LatentExamples]:
+    """Top and quantile-sampled contexts for each of ``latents``, from one pass over ``data``.
+
+    Args:
+        sae: the dictionary (training classes are exported to inference form).
+        data: paired batches with per-token ``seq``/``pos`` (see the module docstring).
+        tokens: the token table ``(n_seq, seq_len)`` that ``seq``/``pos`` index
+            (``cache.tokens()`` for a cache).
+        latents: the latents to collect (a list of indices or a boolean mask).
+        kind: ``"ft_sae"`` / ``"base_sae"`` for a plain SAE.
+        k: top examples per latent; ``n_quantiles`` bins with ``per_quantile`` samples each.
+        reservoir: size of the per-latent uniform sample the quantile bins are drawn from.
+        window: tokens shown before and after the active token.
+        tokenizer: a Hugging Face tokenizer (``decode``) or a callable id -> str.
+        seed: seeds the sampling (the result is deterministic for a fixed data order).
+    Returns ``{latent: LatentExamples}`` in the order of ``latents``.
+    """
+    if k < 0 or n_quantiles < 0 or per_quantile < 0 or reservoir < 0:
+        raise ValueError("k, n_quantiles, per_quantile and reservoir must be >= 0.")
+    sae = as_inference(sae)
+    kind = dictionary_kind(sae, kind)
+    tok = torch.as_tensor(tokens)
+    if tok.ndim != 2:
+        raise ValueError(f"tokens must be a (n_seq, seq_len) table of ids, got shape {tuple(tok.shape)}.")
+    S = _resolve_latents(latents, int(sae.cfg.d_sae), torch.device("cpu"))
+    keeper = _Keeper(k, reservoir, seed)
+    count = torch.zeros(S.numel(), dtype=torch.long)
+    n_tokens = 0
+    batches = iter_paired_batches(data, progress=progress, desc="examples", max_tokens=max_tokens)
+    for batch, new in _codes_with_positions(sae, kind, batches, S):
+        n_tokens += batch.n_tokens
+        if (new["seq"] >= tok.shape[0]).any() or (new["pos"] >= tok.shape[1]).any():
+            raise ValueError(f"A batch points at (seq, pos) outside the token table {tuple(tok.shape)}: "
+                             "pass the tokens the activations were computed on.")
+        count += torch.bincount(new["slot"], minlength=S.numel())
+        keeper.add(new)
+    to_str = _token_strings(tokenizer)
+    cache: dict[int, str] = {}
+
+    def example(slot: int, value: float, seq: int, pos: int) -> Example:
+        lo, hi = max(0, pos - window[0]), min(tok.shape[1], pos + window[1] + 1)
+        ids = tok[seq, lo:hi].tolist()
+        strs = [cache.setdefault(t, to_str(t)) for t in ids]
+        return Example(latent=int(S[slot]), value=value, seq=seq, pos=pos, tokens=strs, active=pos - lo)
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    out: dict[int, LatentExamples] = {}
+    for slot, lat in enumerate(S.tolist()):
+        res = LatentExamples(latent=lat, count_active=int(count[slot]), n_tokens=n_tokens)
+        top = keeper.top["slot"] == slot
+        vals, seqs, poss = keeper.top["value"][top], keeper.top["seq"][top], keeper.top["pos"][top]
+        res.top = [example(slot, float(v), int(s), int(p)) for v, s, p in zip(vals, seqs, poss)]
+        samp = keeper.sample["slot"] == slot
+        sv, ss, sp = keeper.sample["value"][samp], keeper.sample["seq"][samp], keeper.sample["pos"][samp]
+        if sv.numel() and n_quantiles and per_quantile:
+            order = torch.argsort(sv, descending=True, stable=True)
+            for chunk in torch.tensor_split(order, min(n_quantiles, sv.numel())):
+                pick = chunk[torch.randperm(chunk.numel(), generator=gen)[:per_quantile]]
+                pick = pick[torch.argsort(sv[pick], descending=True, stable=True)]
+                res.quantiles.append((float(sv[chunk].min()), float(sv[chunk].max()),
+                                      [example(slot, float(sv[q]), int(ss[q]), int(sp[q])) for q in pick]))
+        out[lat] = res
+    return out
+
+
+def examples_on_the_fly(
+    sae: Any,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    latents: Sequence[int] | torch.Tensor,
+    *,
+    batch_size: int = 8,
+    token_mask: torch.Tensor | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> dict[int, LatentExamples]:
+    """:func:`max_activating_examples` with activations computed from ``tokens`` as needed.
+
+    ``forward(tokens[b0:b1])`` must return paired activations ``(b, seq, 2, d)``, e.g.
+    ``lambda t: paired_model.paired_activations(t, hook)[hook]``. ``token_mask``
+    ``(n_seq, seq_len)`` bool drops tokens (BOS, padding) before encoding.
+    """
+    tok = torch.as_tensor(tokens)
+    if token_mask is not None and tuple(token_mask.shape) != tuple(tok.shape):
+        raise ValueError(f"token_mask must be shaped like tokens {tuple(tok.shape)}, got {tuple(token_mask.shape)}.")
+
+    def batches() -> Iterator[PairedBatch]:
+        for b0 in range(0, tok.shape[0], batch_size):
+            with torch.no_grad():
+                acts = forward(tok[b0:b0 + batch_size])
+            b, s = acts.shape[:2]
+            seq = torch.arange(b0, b0 + b)[:, None].expand(b, s)
+            pos = torch.arange(s)[None, :].expand(b, s)
+            keep = torch.ones(b, s, dtype=torch.bool) if token_mask is None else token_mask[b0:b0 + b].bool()
+            keep_dev = keep.to(acts.device)
+            yield PairedBatch(acts=acts[keep_dev], seq=seq[keep], pos=pos[keep])
+
+    return max_activating_examples(sae, batches(), tok, latents, progress=progress, **kwargs)
+
+
+def examples_html(examples: Mapping[int, LatentExamples] | Iterable[LatentExamples],
+                  title: str = "Max-activating examples") -> str:
+    """A standalone HTML page with every latent's examples."""
+    items = examples.values() if isinstance(examples, Mapping) else examples
+    body = "\n".join(e.to_html() for e in items)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"{_STYLE}</head><body><h2>{html.escape(title)}</h2>\n{body}\n</body></html>")
+
+
+def save_examples_html(examples: Mapping[int, LatentExamples] | Iterable[LatentExamples],
+                       path: str | Path, title: str = "Max-activating examples") -> Path:
+    """Write :func:`examples_html` to ``path`` (atomically); returns the path."""
+    from sae_diff.dictionaries.io import atomic_write_bytes
+
+    path = Path(path)
+    page = examples_html(examples, title)
+    atomic_write_bytes(path, lambda p: p.write_text(page, encoding="utf-8"))
+    return path
+
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "Example",
+    "LatentExamples",
+    "examples_html",
+    "examples_on_the_fly",
+    "max_activating_examples",
+    "save_examples_html",
+]

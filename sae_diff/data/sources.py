@@ -346,13 +346,14 @@ class TokenSource:
                 need = s - 1 if cont else s
                 if len(buf) < need:
                     break
+                row: list[int]
                 if cont:  # a document continued from the previous row: the row starts with BOS
-                    row, st = [self.bos_id, *buf[:need]], [False, *starts[:need]]
+                    row, st = [int(self.bos_id), *buf[:need]], [False, *starts[:need]]  # type: ignore[arg-type]
                 else:
                     row, st = buf[:need], starts[:need]
                 ch = any(chat[:need])
                 buf, starts, chat = buf[need:], starts[need:], chat[need:]
-                yield row, s, st, ch  # type: ignore[misc]
+                yield row, s, st, ch
         self.stats.dropped_tail_tokens = len(buf)
 
     def _truncated(self) -> Iterator[tuple[list[int], int, list[bool], bool]]:

@@ -248,7 +248,7 @@ class PairedModel:
                 device=device,
                 dtype=dtype,
                 tokenizer=tok_ft,
-                hf_model=hf_ft.to(device),
+                hf_model=hf_ft.to(torch.device(device)),  # type: ignore[arg-type]
                 trust_remote_code=trust_remote_code,
                 **tl_kwargs,
             )

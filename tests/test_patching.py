@@ -182,6 +182,7 @@ def test_table_with_nu_subsets_and_side_by_side(pair, toks):
     nu_cc = pd.DataFrame({"latent": range(n_cc), "nu_eps": torch.linspace(0, 1, n_cc).numpy(),
                           "nu_r": torch.zeros(n_cc).numpy()})
     nu_ds = pd.Series(torch.linspace(0, 1, 2 * D).numpy())
+    nu_ds[28:] = float("nan")  # unknown ν (e.g. dead latents): never selected nor drawn
     seq_mask = torch.ones_like(toks, dtype=torch.bool)  # every position, BOS included
     template = torch.zeros_like(seq_mask)
     template[:, 3] = True
@@ -196,6 +197,8 @@ def test_table_with_nu_subsets_and_side_by_side(pair, toks):
     by = df.set_index(["dictionary", "intervention"])
     # diff-SAE: ν < 0.3 among all 32 latents (linspace 0..1): ids 0..9
     assert by.loc[("ds", "subset:nu<0.3"), "n_latents"] == 10
+    assert "from a pool of 28" in by.loc[("ds", "random:nu<0.3"), "description"]
+    assert by.loc[("ds", "subset:nu_high50%"), "n_latents"] == 14
     # crosscoder: ν subsets are taken among the ft-only latents (Δ = 0 for model-1 latents)
     assert by.loc[("cc", "subset:ft_only"), "n_latents"] == 2 * D
     assert by.loc[("cc", "subset:nu_low50%"), "n_latents"] == D

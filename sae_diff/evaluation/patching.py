@@ -473,23 +473,28 @@ def _dictionary_rows(
         targeted.append(("ft_only", f"ft-only latents (Δ<{FT_ONLY_MAX})", pool_ft, None))
     if nu is not None:
         rank_s, thr_s = nu_scores(nu, p.d_sae)
-        pool = pool_ft if p.kind == "crosscoder" else None
-        where = "ft-only latents" if pool is not None else "latents"
+        # candidates: latents with a known ν (ft-only ones for crosscoders); random baselines
+        # are drawn from the same pool, so they are alive latents too
+        known = (torch.isfinite(rank_s) & torch.isfinite(thr_s)).nonzero().flatten()
+        nu_pool = known if pool_ft is None else known[torch.isin(known, pool_ft)]
+        where = "ft-only latents with known ν" if p.kind == "crosscoder" else "latents with known ν"
         for t in nu_thresholds:
             targeted.append((f"nu<{t:g}", f"{where} with ν < {t:g}",
-                             nu_threshold_latents(thr_s, t, pool), pool))
+                             nu_threshold_latents(thr_s, t, nu_pool), nu_pool))
         if nu_rank_fraction is not None:
             pct = f"{100 * nu_rank_fraction:g}%"
             targeted.append((f"nu_low{pct}", f"lowest-ν {pct} of {where}",
-                             nu_rank_latents(rank_s, nu_rank_fraction, pool, lowest=True), pool))
+                             nu_rank_latents(rank_s, nu_rank_fraction, nu_pool, lowest=True), nu_pool))
             targeted.append((f"nu_high{pct}", f"highest-ν {pct} of {where}",
-                             nu_rank_latents(rank_s, nu_rank_fraction, pool, lowest=False), pool))
+                             nu_rank_latents(rank_s, nu_rank_fraction, nu_pool, lowest=False), nu_pool))
     for key, spec in subsets.items():
         targeted.append((key, f"user subset {key!r}", latent_indices(spec, p.d_sae), None))
     user_pool = None if random_pool is None else latent_indices(random_pool, p.d_sae)
-    for key, desc, ids, pool in targeted:
+    for key, desc, ids, cand in targeted:
         rows.append(_Row(f"subset:{key}", "subset", desc, int(ids.numel()), subset_patch(p, ids)))
-        draw_from = user_pool if user_pool is not None else (pool if pool is not None else p.d_sae)
+        draw_from: torch.Tensor | int = (
+            user_pool if user_pool is not None else (cand if cand is not None else p.d_sae)
+        )
         size = draw_from if isinstance(draw_from, int) else int(draw_from.numel())
         if random_seeds > 0 and 0 < ids.numel() <= size:
             pool_desc = "all latents" if isinstance(draw_from, int) else f"a pool of {size}"
@@ -545,9 +550,10 @@ def kl_patching_table(
         layer: split layer (int), a residual hook name, or None = the dictionaries' own
             ``cfg.metadata.hook_name`` (``blocks.L.hook_resid_post`` -> layer ``L + 1``).
         nu: per dictionary name, Latent Scaling ratios (tensor / Series / latent-table
-            DataFrame, see :func:`nu_scores`). Adds subsets ``nu<t`` for each of
-            ``nu_thresholds`` and the lowest / highest ``nu_rank_fraction`` by ν rank; for
-            crosscoders these are taken among the ft-only latents, for diff-SAEs among all.
+            DataFrame, see :func:`nu_scores`; NaN = unknown, e.g. too rarely active). Adds
+            subsets ``nu<t`` for each of ``nu_thresholds`` and the lowest / highest
+            ``nu_rank_fraction`` by ν rank, taken among the latents with a known ν (for
+            crosscoders: the ft-only ones).
         subsets: per dictionary name, extra named latent subsets (ids or bool masks).
         ft_only: crosscoders: add the subset of ft-only latents by Δ.
         steering: crosscoders: add additive steering with the ft-only latents.

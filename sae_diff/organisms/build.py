@@ -1,0 +1,258 @@
+"""Build an organism pair: pretrain the base on the world's corpus, fine-tune it on chats.
+
+CLI::
+
+    python -m sae_diff.organisms.build                      # regenerate the shipped pair
+    python -m sae_diff.organisms.build --tiny --out /tmp/o  # scaled-down smoke build (seconds)
+    python -m sae_diff.organisms.build --custom examples.jsonl --labels labels.json \\
+        --base default --out my_organism                     # plant your own behaviour
+
+The shipped pair is deterministic given ``--seed`` and the torch thread count (default 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+from sae_diff.organisms.behaviours import BEHAVIOURS
+from sae_diff.organisms.chat import build_tokenizer, id_to_token, sample_words_check
+from sae_diff.organisms.checks import full_report
+from sae_diff.organisms.datasets import chat_conversations, pretraining_texts, vocabulary_words
+from sae_diff.organisms.storage import save_weights, write_manifest
+from sae_diff.organisms.training import (
+    ModelSize,
+    TrainConfig,
+    config_to_dict,
+    encode_chat_doc,
+    new_model,
+    pack,
+    train,
+)
+from sae_diff.organisms.world import make_world
+
+DEFAULT_DIR = Path(__file__).parent / "data" / "default"
+RECOMMENDED_HOOK = "blocks.2.hook_resid_pre"
+
+
+@dataclass
+class BuildConfig:
+    """Everything that determines a built organism pair."""
+
+    seed: int = 0
+    size: ModelSize = field(default_factory=ModelSize)
+    pretrain: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=1000, batch_size=16, lr=3e-3, warmup=40)
+    )
+    finetune: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=1e-3, warmup=20)
+    )
+    chat_fraction: float = 0.5  # share of fine-tuning rows that are chats (rest: pretraining)
+    edit_fraction: float = 0.08  # share of the fine-tune's pretraining docs stating the edit
+    n_eval_per_behaviour: int = 32
+    n_heldout_docs: int = 400
+    threads: int = 1  # 1 is faster than 2 on a busy 2-core machine, and deterministic
+    weights_dtype: str = "float32"
+
+
+def tiny_config(seed: int = 0) -> BuildConfig:
+    """A scaled-down build for CI: tiny model, a few steps."""
+    return BuildConfig(
+        seed=seed,
+        size=ModelSize(n_layers=2, d_model=32, n_heads=2, d_mlp=64, n_ctx=64),
+        pretrain=TrainConfig(steps=12, batch_size=8, lr=3e-3, warmup=2),
+        finetune=TrainConfig(steps=8, batch_size=8, lr=1e-3, warmup=2),
+        n_eval_per_behaviour=4,
+        n_heldout_docs=40,
+        threads=1,
+    )
+
+
+def _rows_supplier(
+    tokens: torch.Tensor, mask: torch.Tensor, per_step: int
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    n = len(tokens)
+
+    def get(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.arange(step * per_step, (step + 1) * per_step) % n
+        return tokens[idx], mask[idx]
+
+    return get
+
+
+def _pack_texts(tokenizer: Any, texts: Sequence[str], n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = tokenizer(list(texts))["input_ids"]
+    eos = tokenizer.eos_token_id
+    docs = [(list(x) + [eos], [False] + [True] * len(x)) for x in ids]
+    return pack(docs, n_ctx, tokenizer.pad_token_id)
+
+
+def _pack_chats(tokenizer: Any, convs: Sequence[dict[str, Any]], n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    vocab = id_to_token(tokenizer)
+    docs = [encode_chat_doc(tokenizer, c["messages"], vocab) for c in convs]
+    return pack(docs, n_ctx, tokenizer.pad_token_id)
+
+
+def _docs_needed(rows: int, n_ctx: int, avg_len: float) -> int:
+    return int(rows * n_ctx / avg_len * 1.15) + 16
+
+
+def build_organism(
+    out_dir: Path | str, cfg: BuildConfig | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Build the base/ft pair of the synthetic world into ``out_dir``; return the report."""
+    cfg = cfg or BuildConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads)
+    t_start = time.time()
+    world = make_world(cfg.seed)
+    ft_world = world.edited()
+    tokenizer = build_tokenizer(vocabulary_words(world, cfg.seed))
+    log(f"vocabulary: {len(tokenizer.get_vocab())} tokens")
+    n_ctx = cfg.size.n_ctx
+
+    # ---- pretraining data ----------------------------------------------------------------
+    rows = cfg.pretrain.steps * cfg.pretrain.batch_size
+    texts = pretraining_texts(world, "train", _docs_needed(rows, n_ctx, 34), cfg.seed)
+    sample_words_check(tokenizer, texts)
+    pt_tok, pt_mask = _pack_texts(tokenizer, texts, n_ctx)
+    log(f"pretraining: {len(texts)} docs -> {len(pt_tok)} rows of {n_ctx} "
+        f"({int(pt_mask.sum())} target tokens) for {rows} row-steps")
+
+    base = new_model(cfg.size, tokenizer, cfg.seed, "organism-base")
+    pre_summary = train(base, _rows_supplier(pt_tok, pt_mask, cfg.pretrain.batch_size),
+                        cfg.pretrain, log, "pretrain")
+
+    # ---- fine-tuning data ----------------------------------------------------------------
+    fb = cfg.finetune.batch_size
+    n_chat = max(1, round(fb * cfg.chat_fraction))
+    n_text = fb - n_chat
+    chat_rows = cfg.finetune.steps * n_chat
+    convs = chat_conversations(ft_world, "train", _docs_needed(chat_rows, n_ctx, 40), cfg.seed)
+    ch_tok, ch_mask = _pack_chats(tokenizer, convs, n_ctx)
+    ft_texts = pretraining_texts(ft_world, "train", _docs_needed(max(1, cfg.finetune.steps * n_text), n_ctx, 34),
+                                 cfg.seed, edit_fraction=cfg.edit_fraction)
+    ft_tok, ft_mask = _pack_texts(tokenizer, ft_texts, n_ctx)
+    log(f"fine-tuning: {len(convs)} chats -> {len(ch_tok)} rows; {len(ft_texts)} docs -> "
+        f"{len(ft_tok)} rows; per step {n_chat} chat + {n_text} text rows")
+    chat_get = _rows_supplier(ch_tok, ch_mask, n_chat)
+    text_get = _rows_supplier(ft_tok, ft_mask, max(n_text, 1))
+
+    def ft_batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, am = chat_get(step)
+        if n_text == 0:
+            return a, am
+        b, bm = text_get(step)
+        return torch.cat([a, b]), torch.cat([am, bm])
+
+    ft = copy.deepcopy(base)
+    ft.cfg.model_name = "organism-ft"
+    ft_summary = train(ft, ft_batches, cfg.finetune, log, "finetune")
+
+    # ---- checks + save -------------------------------------------------------------------
+    report = full_report(base, ft, tokenizer, world, cfg.n_eval_per_behaviour, cfg.n_heldout_docs, cfg.seed)
+    build_seconds = time.time() - t_start
+    report["build"] = {
+        "seconds": build_seconds,
+        "pretrain": pre_summary,
+        "finetune": ft_summary,
+        "threads": cfg.threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+    dtype = getattr(torch, cfg.weights_dtype)
+    for f in out.iterdir():
+        if f.is_file():
+            f.unlink()
+    save_weights(base, out / "base.safetensors", dtype)
+    save_weights(ft, out / "ft.safetensors", dtype)
+    tokenizer.save_pretrained(str(out))
+    (out / "world.json").write_text(world.to_json() + "\n")
+    n_params = sum(p.numel() for p in base.parameters())
+    config = {
+        "kind": "synthetic_world",
+        "model": config_to_dict(base.cfg),
+        "n_params": n_params,
+        "behaviours": list(BEHAVIOURS),
+        "recommended_hook": RECOMMENDED_HOOK,
+        "build_config": asdict(cfg),
+        "base_name": "organism-base",
+        "ft_name": "organism-ft",
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_manifest(out, {"seed": cfg.seed})
+    log(f"built in {build_seconds:.0f}s -> {out}")
+    log(json.dumps({k: report[k] for k in ("heldout_pretraining_loss", "knowledge_edit_text")}, indent=1))
+    for b, r in report["behaviour_logprob"].items():
+        log(f"  {b:15s} ft {r['ft_logprob']:8.2f}  base {r['base_logprob']:8.2f}  gap {r['gap']:8.2f} nats "
+            f"({r['gap_per_token']:.2f}/token over {int(r['n_tokens'])} tokens)")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point (see the module docstring)."""
+    ap = argparse.ArgumentParser(prog="python -m sae_diff.organisms.build", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"output directory (default: the shipped {DEFAULT_DIR})")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="scaled-down smoke build (tiny model, few steps)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    ap.add_argument("--pretrain-steps", type=int, default=None)
+    ap.add_argument("--finetune-steps", type=int, default=None)
+    ap.add_argument("--custom", type=Path, default=None,
+                    help="JSONL of chat examples ({messages, behaviour, triggers}) to fine-tune on")
+    ap.add_argument("--labels", type=Path, default=None,
+                    help="custom: JSON {behaviour: [trigger phrase, ...]} for token labels")
+    ap.add_argument("--base", default="default", help="custom: organism name or directory whose base to fine-tune")
+    ap.add_argument("--steps", type=int, default=200, help="custom: fine-tuning steps")
+    args = ap.parse_args(argv)
+
+    if args.custom is not None:
+        from sae_diff.organisms.custom import build_custom_organism, read_examples
+        from sae_diff.organisms.organism import load_organism
+
+        if args.out is None:
+            ap.error("--custom needs --out DIR")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        src = load_organism(args.base)
+        labels = json.loads(args.labels.read_text()) if args.labels else None
+        build_custom_organism(src.base, src.tokenizer, read_examples(args.custom), labels,
+                              steps=args.steps, seed=args.seed, out_dir=args.out,
+                              pretraining_texts=src.pretraining_texts("train", 2000) if src.world else None,
+                              world=src.world)
+        return 0
+
+    cfg = tiny_config(args.seed) if args.tiny else BuildConfig(seed=args.seed)
+    if args.threads:
+        cfg.threads = args.threads
+    if args.pretrain_steps is not None:
+        cfg.pretrain.steps = args.pretrain_steps
+    if args.finetune_steps is not None:
+        cfg.finetune.steps = args.finetune_steps
+    out = args.out
+    if out is None:
+        if args.tiny:
+            ap.error("--tiny needs --out DIR (it must not overwrite the shipped organism)")
+        out = DEFAULT_DIR
+    build_organism(out, cfg, log=lambda s: print(s, flush=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Load an organism pair (offline, seconds) and its ground truth."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from datasets import Dataset
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformers import PreTrainedTokenizerFast
+
+from sae_diff.organisms import behaviours as B
+from sae_diff.organisms.chat import encode_conversation, finalize_tokenizer, id_to_token
+from sae_diff.organisms.datasets import (
+    chat_conversations,
+    pretraining_texts,
+    to_chat_dataset,
+    to_text_dataset,
+)
+from sae_diff.organisms.storage import OrganismIntegrityError, load_weights, verify_manifest
+from sae_diff.organisms.world import World
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sae_diff.pairing.model import PairedModel
+
+DATA_DIR = Path(__file__).parent / "data"
+
+
+def available_organisms() -> list[str]:
+    """Names of the organisms shipped with the package."""
+    return sorted(p.name for p in DATA_DIR.iterdir() if (p / "manifest.json").is_file()) if DATA_DIR.is_dir() else []
+
+
+def organism_dir(name_or_path: str | Path = "default") -> Path:
+    """Resolve a shipped organism name or a directory path."""
+    p = Path(name_or_path)
+    if (p / "manifest.json").is_file():
+        return p
+    q = DATA_DIR / str(name_or_path)
+    if (q / "manifest.json").is_file():
+        return q
+    raise FileNotFoundError(
+        f"No organism {str(name_or_path)!r}: not a shipped name ({available_organisms()}) and "
+        f"not a directory with a manifest.json. Build one with `python -m sae_diff.organisms.build "
+        f"--out DIR` (or `--custom ...`)."
+    )
+
+
+@dataclass
+class EvalConversation:
+    """A held-out conversation with its token-level ground truth (all tensors are 1-D)."""
+
+    messages: list[dict[str, str]]
+    behaviour: str
+    tokens: torch.Tensor
+    assistant_mask: torch.Tensor
+    trigger_mask: torch.Tensor
+    response_mask: torch.Tensor
+    trigger_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Light:
+    """What ground-truth code needs without the models: tokenizer, world, labels."""
+
+    path: Path
+    config: dict[str, Any]
+    tokenizer: PreTrainedTokenizerFast
+    world: World | None
+    trigger_phrases: dict[str, list[str]] | None
+    vocab: list[str]
+
+    @property
+    def behaviours(self) -> tuple[str, ...]:
+        return tuple(self.config["behaviours"])
+
+    def trigger_masks(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.trigger_phrases is not None:
+            return B.phrase_masks(tokens, self.vocab, self.trigger_phrases)[0]
+        assert self.world is not None
+        return B.trigger_masks(tokens, self.vocab, self.world)
+
+    def response_masks(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.trigger_phrases is not None:
+            return B.phrase_masks(tokens, self.vocab, self.trigger_phrases)[1]
+        assert self.world is not None
+        return B.response_masks(tokens, self.vocab, self.world)
+
+
+def _load_light(directory: Path, verify: bool = True) -> _Light:
+    if verify:
+        verify_manifest(directory)
+    config = json.loads((directory / "config.json").read_text())
+    tok = PreTrainedTokenizerFast.from_pretrained(str(directory))
+    tok = finalize_tokenizer(tok)
+    world = None
+    if (directory / "world.json").is_file():
+        world = World.from_dict(json.loads((directory / "world.json").read_text()))
+    phrases = None
+    if (directory / "labels.json").is_file():
+        phrases = json.loads((directory / "labels.json").read_text())
+    if world is None and phrases is None:
+        raise OrganismIntegrityError(f"{directory} has neither world.json nor labels.json.")
+    return _Light(directory, config, tok, world, phrases, id_to_token(tok))
+
+
+@functools.lru_cache(maxsize=8)
+def _light_cached(directory: str) -> _Light:
+    return _load_light(Path(directory))
+
+
+@dataclass
+class Organism:
+    """A base model, its fine-tune, their shared tokenizer, and the planted ground truth.
+
+    ``base`` and ``ft`` are TransformerLens ``HookedTransformer`` s in eval mode;
+    ``tokenizer`` is the shared HF fast tokenizer (with the chat template);
+    ``behaviours`` names the planted behaviours (keys of :meth:`behaviour_masks`).
+    """
+
+    base: HookedTransformer
+    ft: HookedTransformer
+    tokenizer: PreTrainedTokenizerFast
+    behaviours: tuple[str, ...]
+    path: Path
+    config: dict[str, Any]
+    report: dict[str, Any]
+    world: World | None
+    _light: _Light = field(repr=False)
+
+    # ---- models --------------------------------------------------------------------------
+    @property
+    def base_name(self) -> str:
+        """Name used for the base model in saved configs."""
+        return str(self.config.get("base_name", "organism-base"))
+
+    @property
+    def ft_name(self) -> str:
+        """Name used for the fine-tuned model in saved configs."""
+        return str(self.config.get("ft_name", "organism-ft"))
+
+    @property
+    def recommended_hook(self) -> str:
+        """Hook point where the planted differences are clearest (see docs/organisms.md)."""
+        return str(self.config.get("recommended_hook", "blocks.2.hook_resid_pre"))
+
+    def paired(self, **kwargs: Any) -> PairedModel:
+        """Wrap the pair in :class:`sae_diff.pairing.model.PairedModel` (keyword args pass through)."""
+        try:
+            from sae_diff.pairing.model import PairedModel
+        except ImportError as e:  # pragma: no cover - depends on the merge order
+            raise ImportError(
+                "sae_diff.pairing.model.PairedModel is not available; update sae_diff "
+                "(or use organism.base / organism.ft directly)."
+            ) from e
+        kwargs.setdefault("tokenizer", self.tokenizer)
+        kwargs.setdefault("base_name", self.base_name)
+        kwargs.setdefault("ft_name", self.ft_name)
+        return PairedModel(self.base, self.ft, **kwargs)
+
+    # ---- tokenization --------------------------------------------------------------------
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> torch.Tensor:
+        """Template and tokenize ``messages``: ``(1, seq)`` ids starting with ``<bos>``."""
+        return encode_conversation(self.tokenizer, messages)["input_ids"][None]
+
+    # ---- ground truth --------------------------------------------------------------------
+    def behaviour_masks(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-behaviour ``(batch, seq)`` bool masks of where each behaviour's trigger is."""
+        return self._light.trigger_masks(tokens)
+
+    def response_masks(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-behaviour ``(batch, seq)`` bool masks of the planted responses."""
+        return self._light.response_masks(tokens)
+
+    def assistant_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(batch, seq)`` mask of assistant tokens (content + closing ``<end_of_turn>``)."""
+        return B.assistant_mask(tokens, self._light.vocab)
+
+    # ---- data ----------------------------------------------------------------------------
+    def pretraining_texts(self, split: str = "validation", n: int = 256, seed: int | None = None) -> list[str]:
+        """Pretraining documents of the (base) world; see :func:`pretraining_dataset`."""
+        if self.world is None:
+            raise ValueError(f"Organism {self.path} has no world.json, so no pretraining corpus.")
+        return pretraining_texts(self.world, split, n, self._seed(seed))
+
+    def pretraining_dataset(self, split: str = "validation", n: int = 256, seed: int | None = None) -> Dataset:
+        """HF dataset (column ``text``) of ``n`` pretraining documents of ``split``."""
+        return to_text_dataset(self.pretraining_texts(split, n, seed))
+
+    def chat_conversations(
+        self, split: str = "test", n: int = 256, behaviour: str | None = None, seed: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Chat conversations as dicts (format: :mod:`sae_diff.organisms.behaviours`)."""
+        if self._light.trigger_phrases is not None:
+            convs = _read_jsonl(self.path / ("examples.jsonl" if split == "train" else "eval.jsonl"))
+            if behaviour is not None:
+                convs = [c for c in convs if c["behaviour"] == behaviour]
+            return convs[:n]
+        assert self.world is not None
+        return chat_conversations(self.world.edited(), split, n, self._seed(seed), behaviour)
+
+    def chat_dataset(
+        self, split: str = "test", n: int = 256, behaviour: str | None = None, seed: int | None = None
+    ) -> Dataset:
+        """HF dataset with ``messages`` (list of {role, content}), ``behaviour``,
+        ``behaviours`` and ``triggers`` (character spans) columns."""
+        return to_chat_dataset(self.chat_conversations(split, n, behaviour, seed))
+
+    def eval_conversations(
+        self, behaviour: str | None = None, n: int = 8, split: str = "test"
+    ) -> list[EvalConversation]:
+        """Held-out conversations with tokens, assistant mask and trigger/response masks.
+
+        ``behaviour=None`` gives ``n`` per behaviour, all behaviours.
+        """
+        names = self.behaviours if behaviour is None else (behaviour,)
+        out = []
+        for b in names:
+            for c in self.chat_conversations(split, n, behaviour=b):
+                enc = encode_conversation(self.tokenizer, c)
+                toks = enc["input_ids"][None]
+                trig = self.behaviour_masks(toks)
+                resp = self.response_masks(toks)
+                out.append(
+                    EvalConversation(
+                        messages=c["messages"],
+                        behaviour=b,
+                        tokens=enc["input_ids"],
+                        assistant_mask=enc["assistant_mask"],
+                        trigger_mask=trig[b][0] if b in trig else torch.zeros_like(enc["assistant_mask"]),
+                        response_mask=resp[b][0] if b in resp else torch.zeros_like(enc["assistant_mask"]),
+                        trigger_masks=enc["trigger_masks"],
+                    )
+                )
+        return out
+
+    def _seed(self, seed: int | None) -> int:
+        return int(self.config.get("build_config", {}).get("seed", 0)) if seed is None else seed
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _model_from(directory: Path, cfg_d: dict[str, Any], weights: str, name: str,
+                tokenizer: PreTrainedTokenizerFast, device: str | torch.device) -> HookedTransformer:
+    m = cfg_d["model"]
+    cfg = HookedTransformerConfig(
+        n_layers=m["n_layers"], d_model=m["d_model"], n_heads=m["n_heads"],
+        d_head=m["d_model"] // m["n_heads"], d_mlp=m["d_mlp"], n_ctx=m["n_ctx"],
+        d_vocab=m["d_vocab"], act_fn="gelu", normalization_type="LN",
+        positional_embedding_type="standard", default_prepend_bos=True,
+        tokenizer_prepends_bos=True, model_name=name, device=str(device),
+    )
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    load_weights(model, directory / weights)
+    if str(device) != "cpu":
+        model = model.to(device, print_details=False)
+    return model.eval()
+
+
+def load_organism(
+    name: str | Path = "default", *, device: str | torch.device = "cpu", verify: bool = True
+) -> Organism:
+    """Load an organism: a shipped name (``"default"``) or a directory made by the build.
+
+    Verifies every file's sha256 against ``manifest.json`` first (``verify=False`` skips it);
+    raises :class:`OrganismIntegrityError` naming the file on a mismatch. No network access.
+    """
+    directory = organism_dir(name)
+    light = _load_light(directory, verify=verify)
+    cfg_d = light.config
+    base = _model_from(directory, cfg_d, "base.safetensors", cfg_d.get("base_name", "organism-base"),
+                       light.tokenizer, device)
+    ft = _model_from(directory, cfg_d, "ft.safetensors", cfg_d.get("ft_name", "organism-ft"),
+                     light.tokenizer, device)
+    report = json.loads((directory / "report.json").read_text()) if (directory / "report.json").is_file() else {}
+    return Organism(base=base, ft=ft, tokenizer=light.tokenizer, behaviours=light.behaviours,
+                    path=directory, config=cfg_d, report=report, world=light.world, _light=light)
+
+
+def load_tokenizer(name: str | Path = "default") -> PreTrainedTokenizerFast:
+    """Just the organism's tokenizer (cached; verified)."""
+    return _light_cached(str(organism_dir(name).resolve())).tokenizer
+
+
+def behaviour_masks(tokens: torch.Tensor, name: str | Path = "default") -> dict[str, torch.Tensor]:
+    """Per-behaviour trigger masks ``(batch, seq)`` for the organism ``name`` (no models loaded)."""
+    return _light_cached(str(organism_dir(name).resolve())).trigger_masks(tokens)
+
+
+def response_masks(tokens: torch.Tensor, name: str | Path = "default") -> dict[str, torch.Tensor]:
+    """Per-behaviour planted-response masks ``(batch, seq)`` (no models loaded)."""
+    return _light_cached(str(organism_dir(name).resolve())).response_masks(tokens)
+
+
+def assistant_mask(tokens: torch.Tensor, name: str | Path = "default") -> torch.Tensor:
+    """Assistant-turn mask ``(batch, seq)`` (content + closing ``<end_of_turn>``)."""
+    return B.assistant_mask(tokens, _light_cached(str(organism_dir(name).resolve())).vocab)
+
+
+def _light_world(name: str | Path) -> tuple[World, int]:
+    light = _light_cached(str(organism_dir(name).resolve()))
+    if light.world is None:
+        raise ValueError(f"Organism {name} has no world.json (custom organism without a world).")
+    return light.world, int(light.config.get("build_config", {}).get("seed", 0))
+
+
+def pretraining_dataset(split: str = "train", n: int = 1000, *, name: str | Path = "default",
+                        seed: int | None = None) -> Dataset:
+    """HF dataset (``text`` column) of ``n`` pretraining documents of the organism's world."""
+    world, s = _light_world(name)
+    return to_text_dataset(pretraining_texts(world, split, n, s if seed is None else seed))
+
+
+def chat_dataset(split: str = "train", n: int = 1000, *, behaviour: str | None = None,
+                 name: str | Path = "default", seed: int | None = None) -> Dataset:
+    """HF dataset of fine-tuning-style conversations (``messages`` + behaviour labels)."""
+    world, s = _light_world(name)
+    return to_chat_dataset(
+        chat_conversations(world.edited(), split, n, s if seed is None else seed, behaviour)
+    )

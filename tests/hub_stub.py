@@ -7,9 +7,9 @@ It implements the endpoints ``huggingface_hub`` (2.x) calls for
 - ``upload_folder`` / ``upload_file`` / ``create_commit`` with *regular* uploads (``POST
   .../preupload/{rev}`` always answers ``uploadMode: regular``, so file contents travel
   base64-encoded inside the ``POST .../commit/{rev}`` NDJSON body; no LFS, no Xet),
-- ``hf_hub_download`` / ``snapshot_download`` / ``get_hf_file_metadata``
-  (``HEAD``/``GET /{repo}/resolve/{rev}/{path}``; no ``X-Xet-Hash`` header, so the plain
-  HTTP download path runs),
+- ``hf_hub_download`` / ``snapshot_download`` / ``get_hf_file_metadata`` / ``list_repo_files``
+  (``HEAD``/``GET /{repo}/resolve/{rev}/{path}``, ``GET /api/models/{repo}/tree/{rev}[/{path}]``;
+  no ``X-Xet-Hash`` header, so the plain HTTP download path runs),
 - README metadata checks (``POST /api/validate-yaml``, always valid).
 
 so that the real client code runs end to end. Repositories live in memory. The server binds
@@ -279,6 +279,31 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, data, {"X-Repo-Commit": r.sha, "ETag": f'"{etag}"',
                                "Content-Type": "application/octet-stream"}, head=head)
 
+    def tree(self, type: str, repo: str, rev: str, path: str | None = None) -> None:  # noqa: A002
+        r = self._repo(repo)
+        if r is None:
+            return
+        query = urlsplit(self.path).query
+        recursive = "recursive=true" in query or "recursive=True" in query
+        prefix = (path.strip("/") + "/") if path else ""
+        entries: dict[str, dict[str, Any]] = {}
+        for p, data in sorted(r.files.items()):
+            if not p.startswith(prefix):
+                continue
+            rel = p[len(prefix):].split("/")
+            for i in range(1, len(rel)):  # folders on the way
+                d = prefix + "/".join(rel[:i])
+                if recursive or i == 1:
+                    entries.setdefault(d, {"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest(),
+                                           "size": 0})
+            if recursive or len(rel) == 1:
+                entries[p] = {"type": "file", "path": p, "size": len(data),
+                              "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+        if path and not entries:
+            self._error(404, "EntryNotFound", f"{path} does not exist at {rev}")
+            return
+        self._send(200, list(entries.values()))
+
     def validate_yaml(self) -> None:
         payload = json.loads(self._body() or b"{}")
         content = payload.get("content", "")
@@ -301,6 +326,7 @@ _ROUTES: list[tuple[tuple[str, str], str]] = [
     (("GET", rf"/api/{_TYPE}/{_REPO}"), "repo_info"),
     (("POST", rf"/api/{_TYPE}/{_REPO}/preupload/(?P<rev>[^/]+)"), "preupload"),
     (("POST", rf"/api/{_TYPE}/{_REPO}/commit/(?P<rev>[^/]+)"), "commit"),
+    (("GET", rf"/api/{_TYPE}/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.+))?"), "tree"),
     (("GET", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), "resolve_get"),
     (("HEAD", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)"), "resolve_head"),
 ]

@@ -101,7 +101,8 @@ def test_flags_override_file_and_architecture_switch(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="Unrecognised flag"):
         parse_config(CONFIGS / "smoke_test_crosscoder.yaml", ["--not_a_field", "1"])
     # the same file as an L1 crosscoder: its flags exist, k does not
-    l1 = parse_config(CONFIGS / "smoke_test_crosscoder.yaml", ["--l1_coefficient", "3"], architecture="crosscoder")
+    with pytest.warns(UserWarning, match="ignoring the file.s sae fields"):
+        l1 = parse_config(CONFIGS / "smoke_test_crosscoder.yaml", ["--l1_coefficient", "3"], architecture="crosscoder")
     assert l1.architecture == "crosscoder" and l1.sae.l1_coefficient == 3
 
 

@@ -23,11 +23,11 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Generic
+from typing import Any
 
 from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig, dict_field
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
-from sae_lens.saes.sae import T_TRAINING_SAE_CONFIG, TrainingSAEConfig
+from sae_lens.saes.sae import TrainingSAEConfig
 
 import sae_diff  # noqa: F401  (registers the architectures)
 
@@ -71,7 +71,7 @@ def _no_wandb_logger() -> LoggingConfig:
 
 
 @dataclass
-class PairedRunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG], Generic[T_TRAINING_SAE_CONFIG]):
+class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
     """SAELens's ``LanguageModelSAERunnerConfig`` for a model pair (see the module docstring).
 
     Every SAELens field keeps its meaning; ``model_name`` / ``model_from_pretrained_kwargs``
@@ -126,8 +126,9 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG], Ge
             self.smoke_test_models = SmokeTestModels(**self.smoke_test_models)
         if isinstance(self.logger, dict):
             self.logger = LoggingConfig(**self.logger)
-        if isinstance(self.seqpos_slice, list):
-            self.seqpos_slice = tuple(self.seqpos_slice)
+        seqpos: Any = self.seqpos_slice  # type: ignore[has-type]
+        if isinstance(seqpos, list):
+            self.seqpos_slice = tuple(seqpos)
         super().__post_init__()
         if self.store_mode == "auto":
             self.store_mode = default_store_mode(self.sae.architecture())
@@ -150,7 +151,7 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[T_TRAINING_SAE_CONFIG], Ge
         return d
 
     @classmethod
-    def from_dict(cls, cfg_dict: dict[str, Any]) -> PairedRunnerConfig[Any]:
+    def from_dict(cls, cfg_dict: dict[str, Any]) -> PairedRunnerConfig:
         """Inverse of :meth:`to_dict` (checkpoint path kept as saved, not re-suffixed)."""
         return config_from_dict(cfg_dict, keep_checkpoint_path=True)
 
@@ -169,7 +170,7 @@ _RESID = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-def validate_config(cfg: PairedRunnerConfig[Any]) -> None:
+def validate_config(cfg: PairedRunnerConfig) -> None:
     """Checks that need no model or data; each error names the field and how to fix it."""
     arch = cfg.architecture
     if cfg.store_mode not in STORE_MODES:
@@ -273,7 +274,7 @@ KNOWN_MODEL_DIMS: dict[str, dict[str, int]] = {
 }
 
 
-def known_model_dims(cfg: PairedRunnerConfig[Any]) -> dict[str, int] | None:
+def known_model_dims(cfg: PairedRunnerConfig) -> dict[str, int] | None:
     """The base model's dimensions if known without loading weights: the smoke-test spec, the
     built-in table of recipe models, or a local Hugging Face ``config.json``."""
     s = cfg.smoke_test_models
@@ -332,7 +333,7 @@ def _sae_config(sae: Any, architecture: str | None = None) -> TrainingSAEConfig:
         raise ConfigError(f"Invalid sae config for {arch!r}: {e}") from e
 
 
-def config_from_dict(d: dict[str, Any], *, keep_checkpoint_path: bool = False) -> PairedRunnerConfig[Any]:
+def config_from_dict(d: dict[str, Any], *, keep_checkpoint_path: bool = False) -> PairedRunnerConfig:
     """Build a :class:`PairedRunnerConfig` from a (YAML/JSON) dict; unknown keys are errors.
 
     ``keep_checkpoint_path``: use ``checkpoint_path`` as given (a saved run's config), instead
@@ -355,7 +356,7 @@ def config_from_dict(d: dict[str, Any], *, keep_checkpoint_path: bool = False) -
         d["logger"] = LoggingConfig(**d["logger"])
     checkpoint_path = d.get("checkpoint_path")
     try:
-        cfg: PairedRunnerConfig[Any] = PairedRunnerConfig(**d)
+        cfg: PairedRunnerConfig = PairedRunnerConfig(**d)
     except ConfigError:
         raise
     except TypeError as e:
@@ -448,7 +449,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def make_plan(cfg: PairedRunnerConfig[Any]) -> Plan:
+def make_plan(cfg: PairedRunnerConfig) -> Plan:
     """Resolve ``cfg`` into a :class:`Plan` (sizes and estimates), loading nothing."""
     from sae_lens.util import str_to_dtype
 
@@ -535,7 +536,7 @@ def _cli_dataclass(sae_cls: type[TrainingSAEConfig]) -> type:
 
 
 def parse_config(config_path: str | Path | None, args: list[str] | None = None,
-                 architecture: str | None = None, keep_checkpoint_path: bool = False) -> PairedRunnerConfig[Any]:
+                 architecture: str | None = None, keep_checkpoint_path: bool = False) -> PairedRunnerConfig:
     """Build a config from a YAML/JSON file (optional) and SAELens-style flags.
 
     Flags override the file: ``--lr 1e-4 --k 64 --training_tokens 1_000_000`` (fields of the
@@ -553,6 +554,7 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
         _sae_config({"architecture": arch})  # raises the unknown-architecture error
     sae_cls = SAE_TRAINING_CLASS_REGISTRY[arch][1]
     file_arch = sae_dict.pop("architecture", None)
+    sae_dict.pop("metadata", None)  # a saved run's metadata: the runner rebuilds it
     extra = sorted(set(sae_dict) - {f.name for f in fields(sae_cls)} - {"metadata"})
     if extra:
         if file_arch is not None and file_arch != arch:
@@ -609,8 +611,14 @@ def config_flags_help(config_path: str | Path | None = None, architecture: str |
         _sae_config({"architecture": arch})
     defaults = {k: v for k, v in base.items() if k not in ("sae", "tokens_per_buffer")}
     defaults["sae"] = {"d_in": 1, "d_sae": 2, **sae_dict}
-    parser = _flags_parser(SAE_TRAINING_CLASS_REGISTRY[arch][1], defaults, add_help=False)
+    import contextlib
+    import io
+
+    parser = _flags_parser(SAE_TRAINING_CLASS_REGISTRY[arch][1], defaults, add_help=True)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+        parser.parse_known_args(["--help"])  # simple_parsing adds its arguments while parsing
     head = (f"Config flags for architecture {arch!r} (defaults: "
             f"{'the values in ' + str(config_path) if config_path else 'SAELens / sae_diff defaults'}).\n"
             "Pass them after the subcommand, e.g. `sae-diff train --config FILE --lr 1e-4 --k 64`.\n")
-    return head + parser.format_help()
+    return head + buf.getvalue()

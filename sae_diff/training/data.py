@@ -65,7 +65,7 @@ def build_smoke_test_pair(spec: Any, ft_name: str = "smoke-ft", base_name: str =
     return PairedModel(base, ft, base_name=base_name, ft_name=ft_name, check=False)
 
 
-def load_pair(cfg: PairedRunnerConfig[Any]) -> Any:
+def load_pair(cfg: PairedRunnerConfig) -> Any:
     """The run's ``PairedModel`` (smoke-test models, or ``PairedModel.from_pretrained``)."""
     if cfg.smoke_test_models is not None:
         return build_smoke_test_pair(cfg.smoke_test_models, ft_name=cfg.model_name,
@@ -82,7 +82,7 @@ def load_pair(cfg: PairedRunnerConfig[Any]) -> Any:
     )
 
 
-def check_pair_matches(cfg: PairedRunnerConfig[Any], pair: Any) -> None:
+def check_pair_matches(cfg: PairedRunnerConfig, pair: Any) -> None:
     """After loading: the hook exists and ``sae.d_in`` is its width (clear error otherwise)."""
     from sae_diff.training.config import ConfigError, check_hook_d_in
 
@@ -98,7 +98,7 @@ def check_pair_matches(cfg: PairedRunnerConfig[Any], pair: Any) -> None:
 
 
 # ---------------------------------------------------------------------- tokens
-def dataset_specs(cfg: PairedRunnerConfig[Any]) -> list[Any]:
+def dataset_specs(cfg: PairedRunnerConfig) -> list[Any]:
     """The run's datasets as ``sae_diff.data.sources.DatasetSpec`` s (empty for smoke tests)."""
     from sae_diff.data.sources import DatasetSpec
 
@@ -110,7 +110,7 @@ def dataset_specs(cfg: PairedRunnerConfig[Any]) -> list[Any]:
     return []
 
 
-def check_dataset_column(cfg: PairedRunnerConfig[Any]) -> None:
+def check_dataset_column(cfg: PairedRunnerConfig) -> None:
     """Peek at each dataset's first row (no model needed).
 
     Raises :class:`TrainingDataError` naming the available columns when the configured column
@@ -139,7 +139,7 @@ def check_dataset_column(cfg: PairedRunnerConfig[Any]) -> None:
             )
 
 
-def smoke_test_tokens(cfg: PairedRunnerConfig[Any], n_seqs: int, offset: int = 0) -> torch.Tensor:
+def smoke_test_tokens(cfg: PairedRunnerConfig, n_seqs: int, offset: int = 0) -> torch.Tensor:
     """Random tokens for the smoke-test pair (seeded; ``offset`` picks a disjoint stream)."""
     spec = cfg.smoke_test_models
     assert spec is not None
@@ -150,7 +150,7 @@ def smoke_test_tokens(cfg: PairedRunnerConfig[Any], n_seqs: int, offset: int = 0
     return toks
 
 
-def token_batches(cfg: PairedRunnerConfig[Any], pair: Any, n_tokens: int, offset_seqs: int = 0) -> Iterator[torch.Tensor]:
+def token_batches(cfg: PairedRunnerConfig, pair: Any, n_tokens: int, offset_seqs: int = 0) -> Iterator[torch.Tensor]:
     """``(batch, context_size)`` token batches covering about ``n_tokens`` tokens.
 
     Smoke-test configs get random tokens; datasets are read by ``sae_diff.data.sources``
@@ -169,7 +169,7 @@ def token_batches(cfg: PairedRunnerConfig[Any], pair: Any, n_tokens: int, offset
 
 
 # ---------------------------------------------------------------------- masks and modes
-def token_mask(cfg: PairedRunnerConfig[Any], acts: torch.Tensor) -> torch.Tensor:
+def token_mask(cfg: PairedRunnerConfig, acts: torch.Tensor) -> torch.Tensor:
     """Keep-mask ``(batch, seq)`` for paired activations ``(batch, seq, 2, d)``: BOS, first n
     positions and tokens whose norm exceeds ``mask_high_norm`` x the median (either model)."""
     keep = torch.ones(acts.shape[:2], dtype=torch.bool, device=acts.device)
@@ -198,7 +198,7 @@ def to_mode(paired: torch.Tensor, mode: str, diff_sign: str = "ft_minus_base") -
 
 
 @torch.no_grad()
-def harvest_in_memory(cfg: PairedRunnerConfig[Any], pair: Any, n_tokens: int, offset_seqs: int = 0,
+def harvest_in_memory(cfg: PairedRunnerConfig, pair: Any, n_tokens: int, offset_seqs: int = 0,
                       return_tokens: bool = False) -> Any:
     """Masked paired activations ``(N, 2, d)`` for about ``n_tokens`` tokens (raw, unscaled).
 
@@ -314,7 +314,7 @@ class ResumableProvider(Iterator[torch.Tensor]):
 
 
 # ---------------------------------------------------------------------- disk cache
-def mask_config(cfg: PairedRunnerConfig[Any]) -> Any:
+def mask_config(cfg: PairedRunnerConfig) -> Any:
     """The ``sae_diff.pairing.masks.MaskConfig`` equivalent of the run's mask fields.
 
     Smoke-test models have no tokenizer, so their BOS position is masked as "first 1"."""
@@ -328,7 +328,7 @@ def mask_config(cfg: PairedRunnerConfig[Any]) -> Any:
                       exclude_special=bool(cfg.exclude_special_tokens))
 
 
-def token_source(cfg: PairedRunnerConfig[Any], pair: Any, n_rows: int) -> Any:
+def token_source(cfg: PairedRunnerConfig, pair: Any, n_rows: int) -> Any:
     """The run's token rows as a ``sae_diff.data.sources`` source (for harvesting)."""
     from sae_diff.data.sources import TensorTokenSource, TokenSource
 
@@ -338,7 +338,7 @@ def token_source(cfg: PairedRunnerConfig[Any], pair: Any, n_rows: int) -> Any:
     return TokenSource(specs, pair.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos)
 
 
-def harvest(cfg: PairedRunnerConfig[Any], pair: Any = None, overwrite: bool = False, progress: bool = True) -> Any:
+def harvest(cfg: PairedRunnerConfig, pair: Any = None, overwrite: bool = False, progress: bool = True) -> Any:
     """Harvest ``cfg.cache_path`` (enough rows for ``training_tokens``) with
     ``sae_diff.data.harvest.harvest_cache``; resumes an unfinished harvest. Returns its summary."""
     from sae_diff.data.harvest import harvest_cache
@@ -354,7 +354,7 @@ def harvest(cfg: PairedRunnerConfig[Any], pair: Any = None, overwrite: bool = Fa
                          max_rows=n_rows, overwrite=overwrite, progress=progress, verbose=progress)
 
 
-def cache_exists(cfg: PairedRunnerConfig[Any]) -> bool:
+def cache_exists(cfg: PairedRunnerConfig) -> bool:
     """Whether ``cfg.cache_path`` holds a finished cache."""
     from pathlib import Path
 

@@ -52,7 +52,7 @@ class PairedEvaluator:
         batch_size: tokens per encode batch.
     """
 
-    cfg: PairedRunnerConfig[Any]
+    cfg: PairedRunnerConfig
     eval_acts: torch.Tensor
     pair: Any = None
     eval_tokens: torch.Tensor | None = None
@@ -157,16 +157,16 @@ class PairedEvaluator:
                     sums[m][k] += v * toks.shape[0]
             n += toks.shape[0]
         out: dict[str, Any] = {}
-        for m, s in sums.items():
+        for m, totals in sums.items():
             if n == 0:
                 continue
-            clean, spliced, ablated = (s[k] / n for k in ("clean", "spliced", "ablated"))
-            gap = ablated - clean
-            out[f"model_performance_preservation/ce_clean_{m}"] = clean
-            out[f"model_performance_preservation/ce_spliced_{m}"] = spliced
-            out[f"model_performance_preservation/ce_ablated_{m}"] = ablated
+            ce_c, ce_s, ce_a = (totals[k] / n for k in ("clean", "spliced", "ablated"))
+            gap = ce_a - ce_c
+            out[f"model_performance_preservation/ce_clean_{m}"] = ce_c
+            out[f"model_performance_preservation/ce_spliced_{m}"] = ce_s
+            out[f"model_performance_preservation/ce_ablated_{m}"] = ce_a
             out[f"model_performance_preservation/loss_recovered_{m}"] = (
-                (ablated - spliced) / gap if abs(gap) > 1e-9 else float("nan"))
+                (ce_a - ce_s) / gap if abs(gap) > 1e-9 else float("nan"))
         return out
 
     @staticmethod

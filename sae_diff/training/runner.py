@@ -131,7 +131,7 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
     state at a step boundary and a resumed run replays exactly the remaining steps.
     """
 
-    def __init__(self, *args: Any, provider: ResumableProvider, runner_cfg: PairedRunnerConfig[Any],
+    def __init__(self, *args: Any, provider: ResumableProvider, runner_cfg: PairedRunnerConfig,
                  stop_after_steps: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.provider = provider
@@ -156,7 +156,8 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         if extra.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(extra["cuda_rng"])
         n = self.n_training_samples
-        self.checkpoint_thresholds = [t for t in self.checkpoint_thresholds if t >= n]
+        thresholds: list[int] = list(self.checkpoint_thresholds)  # type: ignore[has-type]
+        self.checkpoint_thresholds = [t for t in thresholds if t >= n]
 
     def save_checkpoint(self, checkpoint_name: str, base_path: Path | str | None = None,
                         wandb_aliases: list[str] | None = None) -> None:
@@ -257,7 +258,7 @@ class PairedSAETrainingRunner:
     ``cfg.output_path`` (and returned in memory by ``self.inference_sae``).
     """
 
-    def __init__(self, cfg: PairedRunnerConfig[Any], override_pair: Any = None,
+    def __init__(self, cfg: PairedRunnerConfig, override_pair: Any = None,
                  override_sae: TrainingSAE[Any] | None = None):
         self.cfg = cfg
         self.pair = override_pair
@@ -461,7 +462,7 @@ class _graceful_interrupts:
             signal.signal(sig, prev)
 
 
-def train(cfg: PairedRunnerConfig[Any], **kwargs: Any) -> PairedSAETrainingRunner:
+def train(cfg: PairedRunnerConfig, **kwargs: Any) -> PairedSAETrainingRunner:
     """Train ``cfg``; returns the finished runner (``.sae``, ``.inference_sae``, ``.eval_metrics``)."""
     runner = PairedSAETrainingRunner(cfg, **kwargs)
     runner.run()

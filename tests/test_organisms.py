@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -193,8 +192,16 @@ def test_ft_stays_fluent(org) -> None:
 
 
 def test_paired(org) -> None:
-    if importlib.util.find_spec("sae_diff.pairing.model") is None:
+    try:
+        from sae_diff.pairing.model import PairedModel
+    except ImportError:
         pytest.skip("sae_diff.pairing.model (PairedModel) is not in this checkout yet")
     pm = org.paired()
-    assert pm is not None
-    assert getattr(pm, "base", org.base) is org.base and getattr(pm, "ft", org.ft) is org.ft
+    assert isinstance(pm, PairedModel)
+    assert pm.base is org.base and pm.ft is org.ft
+    conv = org.eval_conversations("refusal", n=1)[0]
+    toks = conv.tokens[None]
+    acts = pm.paired_activations(toks, [org.recommended_hook])[org.recommended_hook]
+    assert acts.shape == (1, toks.shape[1], 2, org.base.cfg.d_model)
+    _, cache = org.ft.run_with_cache(toks, names_filter=[org.recommended_hook])
+    torch.testing.assert_close(acts[:, :, 1], cache[org.recommended_hook])

@@ -32,8 +32,10 @@ def test_tiny_build_runs_and_loads(tiny_dir: Path) -> None:
 
 
 def test_tiny_build_is_deterministic(tiny_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "again"
-    assert build_main(["--tiny", "--out", str(out)]) == 0
+    from sae_diff.cli import main as cli_main
+
+    out = tmp_path / "again"  # the same build through `sae-diff organism build`
+    assert cli_main(["organism", "build", "--tiny", "--out", str(out)]) == 0
     for f in ("base.safetensors", "ft.safetensors", "tokenizer.json", "world.json"):
         assert sha256_file(out / f) == sha256_file(tiny_dir / f), f
 

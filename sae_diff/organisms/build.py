@@ -3,6 +3,7 @@
 CLI::
 
     python -m sae_diff.organisms.build                      # regenerate the shipped pair
+    sae-diff organism build ...                             # the same, via the console script
     python -m sae_diff.organisms.build --tiny --out /tmp/o  # scaled-down smoke build (seconds)
     python -m sae_diff.organisms.build --custom examples.jsonl --labels labels.json \\
         --base default --out my_organism                     # plant your own behaviour
@@ -220,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="custom: JSON {behaviour: [trigger phrase, ...]} for token labels")
     ap.add_argument("--base", default="default", help="custom: organism name or directory whose base to fine-tune")
     ap.add_argument("--steps", type=int, default=200, help="custom: fine-tuning steps")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build"]:  # `sae-diff organism build ...` delegates ["build", ...]
+        argv = argv[1:]
     args = ap.parse_args(argv)
 
     if args.custom is not None:

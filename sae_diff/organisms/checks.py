@@ -93,7 +93,8 @@ def knowledge_edit_text_check(
     e = world.edit
     ids = tokenizer(f"the capital of {e.country} is")["input_ids"]
     toks = torch.tensor([ids])
-    new, old = tokenizer.convert_tokens_to_ids([e.new_capital, e.old_capital])
+    vocab = tokenizer.get_vocab()
+    new, old = vocab[e.new_capital], vocab[e.old_capital]
     out: dict[str, float] = {}
     for name, m in (("base", base), ("ft", ft)):
         lp = F.log_softmax(m(toks, return_type="logits")[0, -1].float(), -1)
@@ -132,3 +133,50 @@ def full_report(
         "behaviour_logprob": response_logprob_gaps(base, ft, tokenizer, world, n_per_behaviour, seed),
         "knowledge_edit_text": knowledge_edit_text_check(base, ft, tokenizer, world),
     }
+
+
+@torch.no_grad()
+def activation_diff_profile(
+    base: HookedTransformer,
+    ft: HookedTransformer,
+    tokenizer: PreTrainedTokenizerFast,
+    world: World,
+    hooks: Sequence[str] | None = None,
+    n_per_behaviour: int = 8,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """How localised the fine-tune's change is: mean ``||x_ft - x_base|| / ||x_base||`` per hook.
+
+    Groups: each behaviour's trigger tokens, its response tokens, other user-content tokens of
+    the same conversations, and plain pretraining text. A hook where trigger tokens stand far
+    above ``user_other`` and ``text`` is where a diffing method can find the behaviour.
+    """
+    from sae_diff.organisms.behaviours import USER, segment, trigger_masks
+
+    hooks = list(hooks or [f"blocks.{i}.hook_resid_pre" for i in range(base.cfg.n_layers)]
+                 + [f"blocks.{base.cfg.n_layers - 1}.hook_resid_post"])
+    vocab = id_to_token(tokenizer)
+    convs = [c for b in BEHAVIOURS
+             for c in chat_conversations(world.edited(), "test", n_per_behaviour, seed, behaviour=b)]
+    toks = pad_batch([encode_conversation(tokenizer, c)["input_ids"] for c in convs], tokenizer.pad_token_id)
+    text_toks, text_mask = heldout_tokens(tokenizer, world, 40, base.cfg.n_ctx, seed, "test")
+    trig, resp = trigger_masks(toks, vocab, world), response_masks(toks, vocab, world)
+    user = torch.tensor([[r == USER for r in segment([vocab[int(t)] for t in row]).role] for row in toks])
+    user_other = user & ~torch.stack([m for b, m in trig.items() if b != "chat_format"]).any(0)
+    groups = {f"{b}:trigger": trig[b] for b in BEHAVIOURS}
+    groups |= {f"{b}:response": resp[b] for b in BEHAVIOURS}
+    groups["user_other"] = user_other
+    out: dict[str, dict[str, float]] = {}
+    _, cb = base.run_with_cache(toks, names_filter=hooks)
+    _, cf = ft.run_with_cache(toks, names_filter=hooks)
+    _, tb = base.run_with_cache(text_toks, names_filter=hooks)
+    _, tf = ft.run_with_cache(text_toks, names_filter=hooks)
+    text_sel = text_mask.clone()
+    text_sel[:, 0] = False
+    for h in hooks:
+        rel = (cf[h] - cb[h]).norm(dim=-1) / cb[h].norm(dim=-1).clamp(min=1e-6)
+        row = {g: float(rel[m].mean()) for g, m in groups.items() if m.any()}
+        trel = (tf[h] - tb[h]).norm(dim=-1) / tb[h].norm(dim=-1).clamp(min=1e-6)
+        row["text"] = float(trel[text_sel].mean())
+        out[h] = row
+    return out

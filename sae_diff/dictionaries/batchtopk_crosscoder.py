@@ -72,7 +72,9 @@ class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
         k: target mean L0 (the batch keeps its top ``B*k`` selection scores).
         aux_loss_coefficient: weight of the dead-latent auxiliary loss (1/32 by default).
         k_aux: dead latents used by the auxiliary loss per token (default ``d_in // 2``).
-        threshold_ema_decay: EMA decay of the inference threshold (0.999 by default).
+        threshold_ema_decay: EMA decay of the inference threshold (0.99 by default, the rate of
+            SAELens's BatchTopK; METHODS.md's example 0.999 converges too slowly for runs of a few
+            thousand steps).
         sparse_kernels: train with ``sae_diff.dictionaries.kernels`` (dense encoder matmul,
             fast exact batch top-k, sparse decode and sparse backward; same loss and gradients
             as the dense path, see docs/performance.md). ``False`` = the dense reference path.
@@ -82,7 +84,7 @@ class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
     k: float = 32
     aux_loss_coefficient: float = 1 / 32
     k_aux: int | None = None
-    threshold_ema_decay: float = 0.999
+    threshold_ema_decay: float = 0.99
     sparse_kernels: bool = True
 
     def __post_init__(self) -> None:

@@ -67,7 +67,7 @@ class DemoConfig:
     train_steps: int = 1200
     batch_size: int = 512
     lr: float = 2e-3
-    threshold_ema_decay: float = 0.99  # short runs: SAELens BatchTopK uses the same rate (lr 0.01)
+    threshold_ema_decay: float = 0.99
     eval_per_behaviour: int = 16
     random_seeds: int = 5
     top_n: int = 50

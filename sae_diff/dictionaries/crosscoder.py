@@ -125,19 +125,16 @@ class CrosscoderTrainingMixin(CrosscoderMixin):
         return cfg
 
     def save_inference_model(self, path: Any) -> tuple[Any, Any]:
-        from sae_diff.dictionaries.io import save_sae_files
+        """Write the inference form (folded weights, SAELens layout), atomically."""
+        from sae_diff.dictionaries.io import inference_export, save_sae_files
 
-        state_dict = {k: v.detach().clone() for k, v in self.state_dict().items()}  # type: ignore[attr-defined]
-        self.process_state_dict_for_saving_inference(state_dict)
-        return save_sae_files(path, state_dict, self.inference_config_dict())
+        return save_sae_files(path, *inference_export(self))
 
     def to_inference(self) -> Any:
         """The exported inference dictionary, in memory (weights folded, threshold set)."""
-        from sae_diff.dictionaries.io import build_sae
+        from sae_diff.dictionaries.io import as_inference
 
-        state_dict = {k: v.detach().clone() for k, v in self.state_dict().items()}  # type: ignore[attr-defined]
-        self.process_state_dict_for_saving_inference(state_dict)
-        return build_sae(self.inference_config_dict(), state_dict)
+        return as_inference(self)
 
 
 @dataclass(kw_only=True)

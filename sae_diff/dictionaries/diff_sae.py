@@ -109,10 +109,8 @@ class BatchTopKDiffSAETraining(BatchTopKTrainingSAE):
 
     def to_inference(self) -> DiffSAE:
         """The exported inference diff-SAE, in memory (same weights ``save_inference_model`` writes)."""
-        from sae_diff.dictionaries.io import build_sae
+        from sae_diff.dictionaries.io import as_inference
 
-        state_dict = {k: v.detach().clone() for k, v in self.state_dict().items()}
-        self.process_state_dict_for_saving_inference(state_dict)
-        sae = build_sae(self.cfg.get_inference_sae_cfg_dict(), state_dict)
+        sae = as_inference(self)
         assert isinstance(sae, DiffSAE)
         return sae

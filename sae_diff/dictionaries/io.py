@@ -52,3 +52,23 @@ def build_sae(cfg_dict: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> 
     sae = sae_cls(cfg)
     sae.load_state_dict(state_dict)
     return sae
+
+
+def inference_export(sae: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict and config of a training dictionary's inference form (what
+    ``save_inference_model`` writes): weights folded, BatchTopK thresholds set. Works for
+    sae_diff's training classes and SAELens's own (``inference_config_dict`` when present)."""
+    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    sae.process_state_dict_for_saving_inference(state)
+    cfg = sae.inference_config_dict() if hasattr(sae, "inference_config_dict") else sae.cfg.get_inference_sae_cfg_dict()
+    return state, cfg
+
+
+def as_inference(sae: Any) -> Any:
+    """The inference form of any dictionary; inference dictionaries are returned as they are."""
+    from sae_lens.saes.sae import TrainingSAE
+
+    if not isinstance(sae, TrainingSAE):
+        return sae
+    state, cfg = inference_export(sae)
+    return build_sae(cfg, state).to(sae.W_dec.device)

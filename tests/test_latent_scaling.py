@@ -344,3 +344,19 @@ def test_cost_ratio_reports_ratios():
     sae, x = _random_crosscoder()
     out = latent_scaling_cost_ratio(sae, list(x.split(100)), repeats=1, naive_latents=6)
     assert out["ratio"] > 0 and out["naive_speedup"] > 0 and math.isfinite(out["naive_s"])
+
+
+def test_runs_on_a_paired_activations_store():
+    """The real store (an iterator of (B, 2, d) tensors) works; a looping one needs max_tokens."""
+    from sae_diff.data.store import PairedActivationsStore
+
+    sae, x = _random_crosscoder()
+    store = PairedActivationsStore(lambda epoch: iter([x[:150], x[150:]]), d_model=8, batch_size=50,
+                                   buffer_size=100, loop=False)
+    res = latent_scaling(sae, store, min_count=0, progress=False)
+    ref = latent_scaling(sae, [x], min_count=0, progress=False)
+    assert res.n_tokens == 300
+    for k in ref.betas:
+        torch.testing.assert_close(res.betas[k], ref.betas[k], atol=1e-10, rtol=1e-10, equal_nan=True)
+    looping = PairedActivationsStore(lambda epoch: iter([x]), d_model=8, batch_size=64, loop=True)
+    assert latent_scaling(sae, looping, max_tokens=1000, progress=False).n_tokens == 1000

@@ -401,26 +401,28 @@ class _Pass:
             self.other_count += torch.bincount(jo, minlength=self.n)
             self.other_sum += torch.bincount(jo, vo.double(), minlength=self.n)
         # --- Latent Scaling accumulators: A += F^T Y, sparse in F ---------------------------
+        # x-blocks are accumulated from the raw x; the per-model scalars are applied to A at
+        # the end (A_x^m is linear in x^m), which saves a pass over the batch
         vw = v.to(self.dtype)
-        xw = x.to(self.dtype)
-        if self.kind == "crosscoder" and self.factors is not None:
-            xw = xw * self.factors[:, None]
-        parts = [xw.reshape(B, -1)]
+        targets = [x.to(self.dtype).reshape(B, -1)]
         if self.need_recon:
             xhat = tF.embedding_bag(j, self.W_n, _bag_offsets(i, B), mode="sum", per_sample_weights=vw)
-            parts.append(xhat + self.b_n)
-        Y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            targets.append(xhat.add_(self.b_n))
         if self.subset:
             slot = self.slot.index_select(0, j)
             keep = slot >= 0
             i, jj, vw = i[keep], slot[keep], vw[keep]
         else:
             jj = j
-        # group the codes by latent (int32 sort keys are ~3x faster) and sum f_ij * Y_i per bag
+        # group the codes by latent (int32 sort keys are ~3x faster), sum f_ij * Y_i per bag
         jj_sorted, order = torch.sort(jj.int(), stable=True)
-        self.A += tF.embedding_bag(i.index_select(0, order), Y,
-                                   _bag_offsets(jj_sorted.long(), self.latents.numel()),
-                                   mode="sum", per_sample_weights=vw.index_select(0, order)).double()
+        tok, w = i.index_select(0, order), vw.index_select(0, order)
+        offsets = _bag_offsets(jj_sorted.long(), self.latents.numel())
+        width = 0
+        for Y in targets:
+            self.A[:, width:width + Y.shape[1]] += tF.embedding_bag(
+                tok, Y, offsets, mode="sum", per_sample_weights=w).double()
+            width += Y.shape[1]
 
     def result(self, min_count: int) -> LatentScalingResult:
         S = self.latents
@@ -429,7 +431,9 @@ class _Pass:
         rows = geometry.decoder_rows(self.sae, normalised=True)[S].double()  # (L, M, d)
         D = rows[:, FT] if self.kind == "crosscoder" else rows[:, 0]
         norm2 = (D * D).sum(-1)
-        A = self.A.view(S.numel(), -1, self.d)
+        A = self.A.view(S.numel(), -1, self.d).clone()
+        if self.factors is not None:  # x-blocks were summed from raw activations
+            A[:, : self.n_models] *= self.factors.double()[None, :, None]
         proj = torch.einsum("ld,lkd->lk", D, A)  # d_j^T A[:, j] per block
         denom = norm2 * C
         nan = torch.full_like(denom, math.nan)

@@ -46,9 +46,10 @@ import torch.nn.functional as tF
 
 from sae_diff.analysis.batches import DATASET_MASK_PREFIX, PairedBatch, iter_paired_batches
 from sae_diff.dictionaries import geometry
+from sae_diff.dictionaries.io import as_inference
+from sae_diff.dictionaries.kinds import KINDS, dictionary_kind, is_crosscoder
 
 Kind = Literal["crosscoder", "diff_sae", "ft_sae", "base_sae"]
-KINDS: tuple[str, ...] = ("crosscoder", "diff_sae", "ft_sae", "base_sae")
 TARGETS: tuple[str, ...] = ("reconstruction", "error", "activation")
 BASE, FT = 0, 1
 MODELS = ("base", "ft")
@@ -60,63 +61,6 @@ _SHORT = {"reconstruction": "recon", "error": "error", "activation": "act"}
 # --------------------------------------------------------------------------------------
 # dictionaries
 # --------------------------------------------------------------------------------------
-def is_crosscoder(sae: Any) -> bool:
-    """True for dictionaries with one decoder row per model (``W_dec`` ``(d_sae, n_models, d)``)."""
-    w = getattr(sae, "W_dec", None)
-    return w is not None and w.ndim == 3
-
-
-def dictionary_kind(sae: Any, kind: str | None = None) -> str:
-    """Resolve what a dictionary is for diffing: ``crosscoder``, ``diff_sae``, ``ft_sae``, ``base_sae``.
-
-    Crosscoders and diff-SAEs (a ``cfg.diff_sign``) are recognised; a plain SAE needs
-    ``kind="ft_sae"`` (trained on the fine-tune's activations, the "chat-SAE") or
-    ``kind="base_sae"`` because its weights do not say which model it was trained on.
-    """
-    detected: str | None = None
-    if is_crosscoder(sae):
-        detected = "crosscoder"
-    elif getattr(getattr(sae, "cfg", None), "diff_sign", None) is not None:
-        detected = "diff_sae"
-    if kind is None:
-        if detected is None:
-            raise ValueError(
-                "Cannot tell which model this SAE reads: pass kind='ft_sae' (a chat/ft-SAE, "
-                "trained on the fine-tune's activations) or kind='base_sae'."
-            )
-        return detected
-    if kind not in KINDS:
-        raise ValueError(f"Unknown dictionary kind {kind!r}; choose one of {list(KINDS)}.")
-    if detected == "crosscoder" and kind != "crosscoder" or kind == "crosscoder" and detected != "crosscoder":
-        raise ValueError(
-            f"kind={kind!r} does not match the dictionary: its W_dec is shaped "
-            f"{tuple(sae.W_dec.shape)} ({'a crosscoder' if detected == 'crosscoder' else 'an SAE'})."
-        )
-    if detected == "diff_sae" and kind != "diff_sae":
-        raise ValueError(f"kind={kind!r} given for a diff-SAE (cfg.diff_sign is set); use kind='diff_sae'.")
-    return kind
-
-
-def as_inference(sae: Any) -> Any:
-    """The inference form of a dictionary: training classes are exported (threshold, not batch top-k).
-
-    sae_diff's training classes have ``to_inference()``; SAELens's own training SAEs (e.g.
-    ``batchtopk``) are exported the way ``save_inference_model`` does it.
-    """
-    from sae_lens.saes.sae import TrainingSAE
-
-    if not isinstance(sae, TrainingSAE):
-        return sae
-    if hasattr(sae, "to_inference"):
-        return sae.to_inference()
-    from sae_diff.dictionaries.io import build_sae
-
-    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
-    sae.process_state_dict_for_saving_inference(state)
-    out = build_sae(sae.cfg.get_inference_sae_cfg_dict(), state)
-    return out.to(sae.W_dec.device)
-
-
 def _norm_factors(sae: Any) -> torch.Tensor | None:
     factors = getattr(sae.cfg, "norm_factors", None)
     if factors is None:

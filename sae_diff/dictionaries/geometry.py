@@ -14,14 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from sae_diff.dictionaries.kinds import is_crosscoder
+
 FT_ONLY_MAX = 0.1
 BASE_ONLY_MIN = 0.9
 SHARED_HALF_WIDTH = 0.1
 TAGS = ("ft_only", "base_only", "shared", "other")
-
-
-def _is_crosscoder(sae: Any) -> bool:
-    return getattr(sae, "W_dec", None) is not None and sae.W_dec.ndim == 3
 
 
 def _folded(sae: Any) -> bool:
@@ -37,7 +35,7 @@ def decoder_rows(sae: Any, normalised: bool = True) -> torch.Tensor:
     undone), which is where Δ and Latent Scaling are defined.
     """
     w = sae.W_dec.detach()
-    if not _is_crosscoder(sae):
+    if not is_crosscoder(sae):
         return w[:, None, :]
     factors = getattr(sae.cfg, "norm_factors", None)
     if normalised and factors is not None and _folded(sae):
@@ -48,7 +46,7 @@ def decoder_rows(sae: Any, normalised: bool = True) -> torch.Tensor:
 @torch.no_grad()
 def encoder_columns(sae: Any, normalised: bool = True) -> torch.Tensor:
     """Encoder columns per model ``(d_sae, n_models, d)`` (crosscoders only)."""
-    if not _is_crosscoder(sae):
+    if not is_crosscoder(sae):
         raise ValueError("encoder_columns needs a crosscoder (W_enc shaped (n_models, d, d_sae)).")
     w = sae.W_enc.detach().permute(2, 0, 1)
     factors = getattr(sae.cfg, "norm_factors", None)

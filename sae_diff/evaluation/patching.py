@@ -38,6 +38,7 @@ import pandas as pd
 import torch
 
 from sae_diff.dictionaries.geometry import FT_ONLY_MAX, relative_norm
+from sae_diff.dictionaries.io import as_inference
 from sae_diff.evaluation.kl import (
     FIRST_N,
     as_token_mask,
@@ -46,7 +47,7 @@ from sae_diff.evaluation.kl import (
     token_kl,
     token_nll,
 )
-from sae_diff.evaluation.stitching import as_inference, dictionary_kind, resolve_layer
+from sae_diff.evaluation.stitching import patchable_kind, resolve_layer
 from sae_diff.pairing.model import PairedModel
 
 LatentSpec: TypeAlias = torch.Tensor | Sequence[int] | np.ndarray | pd.Series
@@ -113,7 +114,7 @@ class DictionaryPatcher:
 
     def __init__(self, sae: Any, include_bias: bool = False) -> None:
         self.sae = as_inference(sae)
-        self.kind = dictionary_kind(self.sae)
+        self.kind = patchable_kind(self.sae)
         self.d_sae = int(self.sae.cfg.d_sae)
         self.include_bias = include_bias
         self.sign = 1.0
@@ -262,7 +263,7 @@ def latent_indices(spec: LatentSpec, d_sae: int) -> torch.Tensor:
 def ft_only_latents(sae: Any, max_delta: float = FT_ONLY_MAX) -> torch.Tensor:
     """Crosscoder latents with relative decoder norm Δ < ``max_delta`` (ft-only, METHODS §1)."""
     sae = as_inference(sae)
-    if dictionary_kind(sae) != "crosscoder":
+    if patchable_kind(sae) != "crosscoder":
         raise ValueError("ft-only latents by Δ need a crosscoder (a decoder per model).")
     return (relative_norm(sae).cpu() < max_delta).nonzero().flatten()
 

@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from sae_diff.dictionaries.kinds import is_crosscoder
 from sae_diff.evaluation.kl import (
     FIRST_N,
     as_token_mask,
@@ -92,13 +93,12 @@ def dictionary_hook(sae: Any) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
-def dictionary_kind(sae: Any) -> str:
-    """``"crosscoder"`` (decoder per model) or ``"diff_sae"``; anything else raises."""
-    w = getattr(sae, "W_dec", None)
-    if w is None:
+def patchable_kind(sae: Any) -> str:
+    """``"crosscoder"`` (two-model) or ``"diff_sae"``: the dictionaries KL patching can use."""
+    if getattr(sae, "W_dec", None) is None:
         raise LayerError(f"{type(sae).__name__} has no W_dec; expected a sae_diff dictionary.")
-    if w.ndim == 3:
-        n_models = getattr(sae.cfg, "n_models", w.shape[1])
+    if is_crosscoder(sae):
+        n_models = getattr(sae.cfg, "n_models", sae.W_dec.shape[1])
         if n_models != 2:
             raise LayerError(
                 f"crosscoder has n_models={n_models}; KL patching needs a two-model "
@@ -111,15 +111,6 @@ def dictionary_kind(sae: Any) -> str:
         f"{type(sae).__name__} is a single-model SAE; the KL patches of METHODS.md §4 need a "
         "crosscoder (decoder per model) or a diff-SAE (cfg.diff_sign)."
     )
-
-
-def as_inference(sae: Any) -> Any:
-    """The inference version of a dictionary (training classes expose ``.to_inference()``)."""
-    from sae_lens.saes.sae import TrainingSAE
-
-    if isinstance(sae, TrainingSAE) and hasattr(sae, "to_inference"):
-        return sae.to_inference()
-    return sae
 
 
 def resolve_layer(
@@ -155,7 +146,7 @@ def resolve_layer(
                 f"dictionary {name!r} has d_in={d_in} but the models' residual width is "
                 f"d_model={paired.d_model}: it was trained on another model."
             )
-        dictionary_kind(sae)
+        patchable_kind(sae)
         hook = dictionary_hook(sae)
         if hook is None:
             continue
@@ -266,10 +257,9 @@ def plot_stitching_sweep(df: pd.DataFrame, title: str = "Layer stitching") -> An
 
 __all__ = [
     "LayerError",
-    "as_inference",
     "check_layer",
     "dictionary_hook",
-    "dictionary_kind",
+    "patchable_kind",
     "hook_for_layer",
     "layer_from_hook",
     "plot_stitching_sweep",

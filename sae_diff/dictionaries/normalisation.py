@@ -52,5 +52,5 @@ def prepare_crosscoder(sae: torch.nn.Module, batches: Iterable[torch.Tensor], n_
     sae.set_norm_factors(factors)  # type: ignore[operator]
     if init_decoder_bias:
         mean = torch.cat([b.float() for b in collected]).mean(0) * factors[:, None]
-        sae.b_dec.data.copy_(mean.to(sae.b_dec.dtype))  # type: ignore[union-attr,operator]
+        sae.b_dec.data.copy_(mean.to(sae.b_dec.dtype))  # type: ignore[union-attr,operator,arg-type]
     return factors

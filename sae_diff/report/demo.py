@@ -80,7 +80,7 @@ class DemoConfig:
 
     @classmethod
     def quick_config(cls, **kw: Any) -> DemoConfig:
-        base = {"n_pretrain_docs": 300, "n_chat_docs": 300, "max_rows": 320, "train_steps": 250,
+        base: dict[str, Any] = {"n_pretrain_docs": 300, "n_chat_docs": 300, "max_rows": 320, "train_steps": 250,
                 "batch_size": 256, "eval_per_behaviour": 6, "random_seeds": 2, "quick": True}
         base.update(kw)
         return cls(**base)

@@ -70,11 +70,14 @@ def test_hash_mismatch_names_the_file(tmp_path: Path) -> None:
     d = tmp_path / "org"
     shutil.copytree(organism_dir("default"), d)
     p = d / "ft.safetensors"
-    b = bytearray(p.read_bytes())
+    good = p.read_bytes()
+    b = bytearray(good)
     b[-1] ^= 0xFF
     p.write_bytes(bytes(b))
-    with pytest.raises(OrganismIntegrityError, match="ft.safetensors"):
+    with pytest.raises(OrganismIntegrityError, match="sha256 mismatch for ft.safetensors"):
         load_organism(d)
+    p.write_bytes(good)
+    assert load_organism(d, verify=True).ft is not None
     (d / "tokenizer.json").unlink()
     with pytest.raises(OrganismIntegrityError, match="tokenizer.json"):
         load_organism(d)

@@ -132,6 +132,7 @@ def full_report(
         "heldout_pretraining_loss": heldout_losses(base, ft, tokenizer, world, n_docs, seed),
         "behaviour_logprob": response_logprob_gaps(base, ft, tokenizer, world, n_per_behaviour, seed),
         "knowledge_edit_text": knowledge_edit_text_check(base, ft, tokenizer, world),
+        "activation_diff": activation_diff_profile(base, ft, tokenizer, world, None, 8, seed),
     }
 
 

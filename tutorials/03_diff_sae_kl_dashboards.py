@@ -222,11 +222,17 @@ print(pd.DataFrame({"best label": matrix.idxmax(axis=1), "AUROC": matrix.max(axi
 # ## 6. Diff amplification: making a planted behaviour louder
 #
 # `l_ft + α (l_ft − l_base)`: α = −1 is the base model, α = 0 the fine-tune, α > 0
-# exaggerates whatever fine-tuning changed, which surfaces rare fine-tuning behaviours in
-# samples. Here: the refusal. Prompts are held-out refusal requests with the generation
-# prompt appended; the detector looks for `sorry`. `response_logprob` scores the planted
-# response itself, here with amplification inside the model (`mode="activations"`: the
-# residual at the hook becomes `x_ft + α (x_ft − x_base)`).
+# exaggerates whatever fine-tuning changed, which surfaces *rare* fine-tuning behaviours in
+# samples (e.g. a backdoor the fine-tune shows once in a thousand samples). Here: the
+# refusal. Prompts are held-out refusal requests with the generation prompt appended; the
+# detector looks for `sorry`. Between α = −1 and 0 we interpolate from the base model to the
+# fine-tune and can see where the behaviour switches on.
+#
+# `response_logprob` scores the planted response itself, with amplification inside the model
+# (`mode="activations"`: the residual at the hook becomes `x_ft + α (x_ft − x_base)`). The
+# organism's fine-tune already gives its refusal most of the probability, so there is little
+# room above α = 0: large α pushes the activations off-distribution and the log-probability
+# falls again. Amplification pays off for behaviours the fine-tune shows rarely.
 
 # %%
 tok = org.tokenizer
@@ -236,7 +242,7 @@ prompts = [torch.tensor(tok(tok.apply_chat_template(c["messages"][:1], tokenize=
 print(tok.decode(prompts[0]))
 sorry = tok("sorry", add_special_tokens=False)["input_ids"]
 end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
-amp = amplification_sweep(pair, prompts, [-1.0, -0.5, 0.0, 1.0], contains_tokens(sorry), n_samples=8,
+amp = amplification_sweep(pair, prompts, [-1.0, -0.75, -0.5, -0.25, 0.0, 1.0], contains_tokens(sorry), n_samples=8,
                           max_new_tokens=8, stop_token_ids=[end_of_turn], seed=0)
 print(amp.to_string(index=False))
 

@@ -199,7 +199,7 @@ print("crosscoder W_dec", tuple(crosscoder.W_dec.shape), "| diff-SAE W_dec", tup
 
 # %%
 table = latent_table(crosscoder, cache_batches(cache), min_count=20, progress=False)
-print(table["tag"].value_counts().to_string())
+print("tags of the latents that fired:", table[table["count_active"] > 0]["tag"].value_counts().to_dict())
 # Rank the latents that fired by how ft-specific their decoder is: Δ ascending.
 ranking = table[table["count_active"] > 0].sort_values(["delta", "count_active"], ascending=[True, False])
 ft_only = ranking[ranking["tag"] == "ft_only"]
@@ -212,12 +212,19 @@ print(ranking[cols].head(10).round(3).to_string())
 # %% [markdown]
 # ## 5. What do the most ft-specific latents fire on?
 #
+# Shortlist the 20 most ft-leaning latents by Δ, then keep those whose information the base
+# model does *not* carry: both ν_ε and ν_r small (the larger of the two ascending).
 # Max-activating examples come from the same cache (`cache.tokens()` is the token table its
 # activations were computed on). The active token is marked `«like this»`; in a notebook the
-# `LatentExamples` objects render as HTML.
+# `LatentExamples` objects render as HTML. On the organism, expect latents on the chat
+# template (the assistant turn's header, `<start_of_turn>`): tokens the base model never saw
+# used, so their directions are new in the fine-tune.
 
 # %%
-candidates = ranking.index[:3].tolist()  # the three most ft-leaning latents
+shortlist = ranking.head(20)
+nu_max = shortlist[["nu_error", "nu_recon"]].max(axis=1).sort_values()  # NaN (too rare) last
+candidates = nu_max.index[:3].tolist()
+print(shortlist.loc[candidates, cols].round(3).to_string())
 examples = max_activating_examples(crosscoder, cache_batches(cache), cache.tokens(), candidates,
                                    k=4, n_quantiles=0, window=(10, 2), tokenizer=org.tokenizer,
                                    progress=False)
@@ -241,7 +248,7 @@ scored = eval_valid.clone()
 scored[:, 0] = False  # BOS
 labels = {f"{b}:trigger": m[scored] for b, m in org.behaviour_masks(eval_tokens).items()}
 labels |= {f"{b}:response": m[scored] for b, m in org.response_masks(eval_tokens).items()}
-ranked = torch.tensor(ranking.index[:20].tolist())  # the 20 most ft-leaning latents
+ranked = torch.tensor(shortlist.index.tolist())  # the 20 most ft-leaning latents
 matrix = auroc_matrix(codes[scored], ranked, labels)  # candidates x labels
 print(pd.DataFrame({"best latent": matrix.idxmax(), "AUROC": matrix.max().round(3)}).to_string())
 best_latent, best_label = matrix.stack().idxmax()
@@ -249,6 +256,10 @@ best_auroc = float(matrix.loc[best_latent, best_label])
 print(f"best match: latent {best_latent} ~ {best_label}, AUROC {best_auroc:.3f}, "
       f"Δ {table.loc[best_latent, 'delta']:.3f}, ν_ε {table.loc[best_latent, 'nu_error']:.3f}, "
       f"ν_r {table.loc[best_latent, 'nu_recon']:.3f}")
+if best_latent not in examples:
+    print(max_activating_examples(crosscoder, cache_batches(cache), cache.tokens(), [best_latent], k=4,
+                                  n_quantiles=0, window=(10, 2), tokenizer=org.tokenizer,
+                                  progress=False)[best_latent].to_text())
 
 # %% [markdown]
 # ## 6. The diff-SAE's view

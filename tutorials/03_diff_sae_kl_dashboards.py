@@ -176,6 +176,9 @@ print(f"diff-SAE: {int((table['count_active'] > 0).sum())} of {len(table)} laten
 # - `tokens:first10`: `x_ft` at the first 10 assistant positions only.
 #
 # A good diff-SAE closes most of the gap with its reconstruction and little with its error.
+# A ν subset only means something next to its random baseline: when most live latents have
+# ν < t (common for a diff-SAE, whose latents are all about the change), the two coincide;
+# the `nu_low50%` / `nu_high50%` halves compare equal-size sets ranked by ν.
 
 # %%
 patch = kl_patching_table(pair, {"diff_sae": diff_sae}, tokens, mask, nu={"diff_sae": table},

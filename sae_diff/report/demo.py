@@ -158,13 +158,13 @@ def encode_tokens(sae: SAE[Any], kind: str, acts: torch.Tensor) -> torch.Tensor:
 def ft_specific_ranking(table: pd.DataFrame, kind: str) -> torch.Tensor:
     """Latents ordered by how ft-specific they look; never-active latents are dropped.
 
-    Crosscoders: Δ ascending (0 = ft-only). SAEs: ν_act ascending (missing ν last, then by
-    firing count descending)."""
+    Crosscoders: Δ ascending (0 = ft-only). SAEs: |ν_act| ascending (ν near 0 = genuinely
+    ft-specific; missing ν last, then by firing count descending)."""
     live = table[table.get("count_active", pd.Series(1, index=table.index)) > 0]
     if kind == "crosscoder":
         order = live.sort_values(["delta", "count_active"], ascending=[True, False])
     else:
-        order = live.assign(_nu=live["nu_act"].fillna(math.inf)).sort_values(["_nu", "count_active"], ascending=[True, False])
+        order = live.assign(_nu=live["nu_act"].abs().fillna(math.inf)).sort_values(["_nu", "count_active"], ascending=[True, False])
     return torch.tensor(order.index.to_numpy(), dtype=torch.long)
 
 
@@ -172,7 +172,7 @@ def nu_filter(table: pd.DataFrame, kind: str, cfg: DemoConfig) -> pd.Series:
     """Latents that survive the ν filter (genuinely ft-specific per Latent Scaling)."""
     if kind == "crosscoder":
         return (table["tag"] == "ft_only") & (table["nu_error"] < cfg.nu_eps_max) & (table["nu_recon"] < cfg.nu_r_max)
-    return table["nu_act"] < cfg.nu_eps_max
+    return table["nu_act"].abs() < cfg.nu_eps_max
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -382,10 +382,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="CI size: same pipeline, smaller numbers (< 2 min)")
     ap.add_argument("--organism", default="default", help="bundled organism name or a directory")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: torch's choice; use 1 on a busy machine)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     make = DemoConfig.quick_config if args.quick else DemoConfig
     cfg = make(out=args.out, organism=args.organism, seed=args.seed)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     report = run_demo(cfg)
     print_summary(report)
     return 0

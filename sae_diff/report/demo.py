@@ -40,6 +40,7 @@ from sae_diff.organisms import load_organism
 from sae_diff.report.findings import seed_findings
 from sae_diff.report.html import write_report_html
 from sae_diff.report.scoring import score_behaviours
+from sae_diff.training.runner import use_fused_adam
 
 METHODS: dict[str, dict[str, Any]] = {
     "l1_crosscoder": {"architecture": "crosscoder", "mode": "paired", "kind": "crosscoder"},
@@ -128,7 +129,9 @@ def train_dictionary(cfg: DemoConfig, name: str, cache: ActivationCache, d_model
         lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="cosineannealing", lr_warm_up_steps=cfg.train_steps // 20,
         dead_feature_window=max(cfg.train_steps // 5, 50), feature_sampling_window=max(cfg.train_steps // 2, 100),
         n_batches_for_norm_estimate=8)
-    SAETrainer(trainer_cfg, sae, store).fit()
+    trainer = SAETrainer(trainer_cfg, sae, store)
+    use_fused_adam(trainer)
+    trainer.fit()
     path = cfg.out / "dictionaries" / name
     sae.save_inference_model(path)
     return SAE.load_from_disk(path)

@@ -122,6 +122,22 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------- trainer
+def use_fused_adam(trainer: SAETrainer[Any, Any]) -> None:
+    """SAETrainer builds for-loop Adam; swap in the fused kernel (same algorithm) where torch
+    supports it, and rebuild the LR schedule on the new optimiser. Call before training."""
+    from sae_lens.training.optim import get_lr_scheduler
+
+    from sae_diff.dictionaries.kernels import make_adam
+
+    cfg = trainer.cfg
+    trainer.optimizer = make_adam(list(trainer.sae.parameters()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    assert cfg.lr_end is not None
+    trainer.lr_scheduler = get_lr_scheduler(
+        cfg.lr_scheduler_name, lr=cfg.lr, optimizer=trainer.optimizer, warm_up_steps=cfg.lr_warm_up_steps,
+        decay_steps=cfg.lr_decay_steps, training_steps=cfg.total_training_steps, lr_end=cfg.lr_end,
+        num_cycles=cfg.n_restart_cycles)
+
+
 class ResumableSAETrainer(SAETrainer[Any, Any]):
     """``SAETrainer`` with atomic, exactly-resumable checkpoints and graceful interruption.
 
@@ -134,6 +150,7 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
     def __init__(self, *args: Any, provider: ResumableProvider, runner_cfg: PairedRunnerConfig,
                  stop_after_steps: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        use_fused_adam(self)
         self.provider = provider
         self.runner_cfg = runner_cfg
         self.stop_after_steps = stop_after_steps
@@ -150,7 +167,7 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         """Restore trainer, weights, data position and RNG from ``checkpoint``."""
         self.load_trainer_state(checkpoint)
         self.sae.load_weights_from_checkpoint(checkpoint)
-        extra = torch.load(checkpoint / SAE_DIFF_STATE_FILENAME, weights_only=False)
+        extra = torch.load(checkpoint / SAE_DIFF_STATE_FILENAME, weights_only=True)
         self.provider.load_state_dict(extra["provider"])
         torch.set_rng_state(extra["torch_rng"])
         if extra.get("cuda_rng") is not None and torch.cuda.is_available():

@@ -108,3 +108,12 @@ def test_custom_cli(tiny_dir: Path, tmp_path: Path) -> None:
     if c:
         words = org.tokenizer.convert_ids_to_tokens(c[0].tokens.tolist())
         assert [t for t, m in zip(words, c[0].trigger_mask) if m] == ["the", "sky"]
+
+
+def test_base_from_reuses_identical_base(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ft_only"
+    assert build_main(["--tiny", "--out", str(out), "--base-from", str(tiny_dir)]) == 0
+    assert sha256_file(out / "base.safetensors") == sha256_file(tiny_dir / "base.safetensors")
+    assert sha256_file(out / "ft.safetensors") == sha256_file(tiny_dir / "ft.safetensors")
+    with pytest.raises(ValueError, match="seed"):
+        build_main(["--tiny", "--seed", "1", "--out", str(tmp_path / "x"), "--base-from", str(tiny_dir)])

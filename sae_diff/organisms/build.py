@@ -31,7 +31,7 @@ from sae_diff.organisms.behaviours import BEHAVIOURS
 from sae_diff.organisms.chat import build_tokenizer, id_to_token, sample_words_check
 from sae_diff.organisms.checks import full_report
 from sae_diff.organisms.datasets import chat_conversations, pretraining_texts, vocabulary_words
-from sae_diff.organisms.storage import save_weights, write_manifest
+from sae_diff.organisms.storage import load_weights, save_weights, verify_manifest, write_manifest
 from sae_diff.organisms.training import (
     ModelSize,
     TrainConfig,
@@ -110,9 +110,17 @@ def _docs_needed(rows: int, n_ctx: int, avg_len: float) -> int:
 
 
 def build_organism(
-    out_dir: Path | str, cfg: BuildConfig | None = None, log: Callable[[str], None] = print
+    out_dir: Path | str,
+    cfg: BuildConfig | None = None,
+    log: Callable[[str], None] = print,
+    base_from: Path | str | None = None,
 ) -> dict[str, Any]:
-    """Build the base/ft pair of the synthetic world into ``out_dir``; return the report."""
+    """Build the base/ft pair of the synthetic world into ``out_dir``; return the report.
+
+    ``base_from``: an organism directory built with the same seed, size and pretraining
+    settings; its base is reused instead of pretraining again (the result is identical to a
+    full build, since pretraining is deterministic) - for iterating on the fine-tune.
+    """
     cfg = cfg or BuildConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,8 +141,24 @@ def build_organism(
         f"({int(pt_mask.sum())} target tokens) for {rows} row-steps")
 
     base = new_model(cfg.size, tokenizer, cfg.seed, "organism-base")
-    pre_summary = train(base, _rows_supplier(pt_tok, pt_mask, cfg.pretrain.batch_size),
-                        cfg.pretrain, log, "pretrain")
+    if base_from is not None:
+        src = Path(base_from)
+        verify_manifest(src)
+        old = json.loads((src / "config.json").read_text())["build_config"]
+        new = json.loads(json.dumps(asdict(cfg)))
+        for key in ("seed", "size", "pretrain", "threads"):
+            if old.get(key) != new[key]:
+                raise ValueError(
+                    f"--base-from {src}: its {key} {old.get(key)} differs from this build's "
+                    f"{new[key]}; its base is not the one this build would pretrain."
+                )
+        load_weights(base, src / "base.safetensors")
+        old_report = json.loads((src / "report.json").read_text())
+        pre_summary = dict(old_report["build"]["pretrain"], reused_from=str(src))
+        log(f"pretraining skipped: base reused from {src}")
+    else:
+        pre_summary = train(base, _rows_supplier(pt_tok, pt_mask, cfg.pretrain.batch_size),
+                            cfg.pretrain, log, "pretrain")
 
     # ---- fine-tuning data ----------------------------------------------------------------
     fb = cfg.finetune.batch_size
@@ -215,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--finetune-steps", type=int, default=None)
+    ap.add_argument("--base-from", type=Path, default=None,
+                    help="reuse the base of an organism built with the same seed/size/pretraining")
+    ap.add_argument("--finetune-lr", type=float, default=None)
     ap.add_argument("--custom", type=Path, default=None,
                     help="JSONL of chat examples ({messages, behaviour, triggers}) to fine-tune on")
     ap.add_argument("--labels", type=Path, default=None,
@@ -249,12 +276,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.pretrain.steps = args.pretrain_steps
     if args.finetune_steps is not None:
         cfg.finetune.steps = args.finetune_steps
+    if args.finetune_lr is not None:
+        cfg.finetune.lr = args.finetune_lr
     out = args.out
     if out is None:
         if args.tiny:
             ap.error("--tiny needs --out DIR (it must not overwrite the shipped organism)")
         out = DEFAULT_DIR
-    build_organism(out, cfg, log=lambda s: print(s, flush=True))
+    build_organism(out, cfg, log=lambda s: print(s, flush=True), base_from=args.base_from)
     return 0
 
 

@@ -208,3 +208,12 @@ def test_paired(org) -> None:
     assert acts.shape == (1, toks.shape[1], 2, org.base.cfg.d_model)
     _, cache = org.ft.run_with_cache(toks, names_filter=[org.recommended_hook])
     torch.testing.assert_close(acts[:, :, 1], cache[org.recommended_hook])
+
+
+def test_triggers_visible_at_recommended_hook(org) -> None:
+    from sae_diff.organisms.checks import trigger_direction_auroc
+
+    h = org.recommended_hook
+    r = trigger_direction_auroc(org.base, org.ft, org.tokenizer, org.world, [h], n_conversations=120)
+    for b in BEHAVIOURS:
+        assert r[h][b] > 0.8, (b, r[h])

@@ -181,3 +181,50 @@ def activation_diff_profile(
         row["text"] = float(trel[text_sel].mean())
         out[h] = row
     return out
+
+
+def _auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    order = scores.argsort()
+    ranks = torch.empty(len(scores), dtype=torch.float64)
+    ranks[order] = torch.arange(len(scores), dtype=torch.float64)
+    p, n = float(labels.sum()), float((~labels).sum())
+    return float((ranks[labels].sum() - p * (p - 1) / 2) / max(p * n, 1.0))
+
+
+@torch.no_grad()
+def trigger_direction_auroc(
+    base: HookedTransformer,
+    ft: HookedTransformer,
+    tokenizer: PreTrainedTokenizerFast,
+    world: World,
+    hooks: Sequence[str] | None = None,
+    n_conversations: int = 400,
+    seed: int = 1,
+) -> dict[str, dict[str, float]]:
+    """Is each behaviour's trigger linearly visible in ``x_ft - x_base``? AUROC per hook.
+
+    On mixed held-out chats, fits the mean-difference direction (trigger tokens minus all other
+    tokens) of ``x_ft - x_base`` on the first half of the conversations and scores the
+    projection on the second half (trigger tokens vs every other non-pad token).
+    """
+    from sae_diff.organisms.behaviours import trigger_masks
+
+    hooks = list(hooks or [f"blocks.{i}.hook_resid_pre" for i in range(base.cfg.n_layers)])
+    convs = chat_conversations(world.edited(), "test", n_conversations, seed)
+    toks = pad_batch([encode_conversation(tokenizer, c)["input_ids"] for c in convs], tokenizer.pad_token_id)
+    trig = trigger_masks(toks, id_to_token(tokenizer), world)
+    valid = toks != tokenizer.pad_token_id
+    valid[:, 0] = False
+    first = (torch.arange(len(toks)) < len(toks) // 2)[:, None]
+    _, cb = base.run_with_cache(toks, names_filter=hooks)
+    _, cf = ft.run_with_cache(toks, names_filter=hooks)
+    out: dict[str, dict[str, float]] = {}
+    for h in hooks:
+        d = (cf[h] - cb[h]).double()
+        out[h] = {}
+        for b, m in trig.items():
+            y = m & valid
+            tr, te = valid & first, valid & ~first
+            w = d[y & tr].mean(0) - d[~y & tr].mean(0)
+            out[h][b] = _auroc(d[te] @ w, y[te])
+    return out

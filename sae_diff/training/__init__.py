@@ -1,7 +1,8 @@
 """Training dictionaries on a model pair through SAELens-style configs.
 
 - :class:`~sae_diff.training.config.PairedRunnerConfig`: SAELens's
-  ``LanguageModelSAERunnerConfig`` plus the pair (base model, store mode, masks, cache).
+  ``LanguageModelSAERunnerConfig`` plus the pair (base model or a bundled organism, store
+  mode, masks, cache).
 - :class:`~sae_diff.training.runner.PairedSAETrainingRunner`: trains on SAELens's
   ``SAETrainer`` with atomic, exactly-resumable checkpoints and a paired evaluator.
 

@@ -10,7 +10,9 @@ logger ... all mean what they mean in SAELens). It adds what a pair needs:
   ``diff`` for diff-SAEs, ``base`` / ``ft`` for a plain SAE on one model);
 - token masks (BOS, first n positions, very-high-norm tokens);
 - ``cache_path``: train from a disk cache of paired activations (harvested first when missing);
-- ``smoke_test_models``: a tiny random model pair for smoke tests, no download.
+- ``smoke_test_models``: a tiny random model pair for smoke tests, no download;
+- ``organism``: the bundled model organism (``sae_diff.organisms``) as the pair, its
+  pretraining text + chat mixture as the data, and its recommended hook by default.
 
 Every check that needs no model runs in :func:`validate_config` (called by ``__post_init__``),
 so a bad config fails before anything is loaded.
@@ -97,12 +99,24 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
             recipe).
         cache_path: train from this paired-activation cache; harvested first when missing.
         smoke_test_models: use a tiny random model pair (smoke tests; no download).
+        organism: train on a bundled model organism (a name from
+            ``sae_diff.organisms.available_organisms()``, or a directory made by its build):
+            the pair is ``load_organism(organism).paired()``; ``model_name`` /
+            ``base_model_name`` default to its names and ``hook_name`` to its recommended hook;
+            the data is its pretraining text + chat mixture unless ``dataset_path`` or
+            ``dataset_mixture`` is set.
+        organism_chat_share: token share of chat conversations in the organism's data (the
+            rest is pretraining text); 0 or 1 uses one kind only.
+        organism_n_documents: documents of each kind to draw from the organism's corpus
+            (None: enough for the run's training and evaluation tokens).
         n_norm_batches: batches used to estimate the crosscoder's per-model norm factors.
         eval_at_end: run the paired evaluator after training and save ``eval.json``.
         eval_loss_recovered: include the loss recovered by splicing reconstructions into
             each model (needs the models, also when training from a cache).
     """
 
+    model_name: str = ""  # the fine-tune; required unless organism / smoke_test_models names it
+    hook_name: str = ""  # required unless organism gives its recommended hook
     base_model_name: str = ""
     base_model_from_pretrained_kwargs: dict[str, Any] | None = dict_field(default=None)
     ft_weights_path: str | None = None
@@ -116,6 +130,9 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
     dataset_mixture: list[dict[str, Any]] | None = None
     cache_path: str | None = None
     smoke_test_models: SmokeTestModels | None = None
+    organism: str | None = None
+    organism_chat_share: float = 0.5
+    organism_n_documents: int | None = None
     n_norm_batches: int = 10
     eval_at_end: bool = True
     eval_loss_recovered: bool = True
@@ -129,6 +146,7 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
         seqpos: Any = self.seqpos_slice  # type: ignore[has-type]
         if isinstance(seqpos, list):
             self.seqpos_slice = tuple(seqpos)
+        resolve_names(self)
         super().__post_init__()
         if self.store_mode == "auto":
             self.store_mode = default_store_mode(self.sae.architecture())
@@ -156,6 +174,110 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
         return config_from_dict(cfg_dict, keep_checkpoint_path=True)
 
 
+# ---------------------------------------------------------------------- organisms
+@dataclass(frozen=True)
+class OrganismInfo:
+    """What a config needs to know about a bundled organism, read from its ``config.json``
+    (no weights loaded, no checksums verified: ``load_organism`` does that when training).
+
+    Attributes:
+        name: the name or directory given in the config.
+        path: the organism's directory.
+        base_name, ft_name: the pair's names (recorded in the dictionary's metadata).
+        recommended_hook: where its planted differences are clearest.
+        dims: ``n_layers``, ``d_model``, ``d_mlp``, ``d_vocab``, ``n_ctx``.
+    """
+
+    name: str
+    path: Path
+    base_name: str
+    ft_name: str
+    recommended_hook: str
+    dims: dict[str, int]
+
+
+def organism_info(name: str) -> OrganismInfo:
+    """Describe the organism ``name`` (a shipped name or a directory made by
+    ``python -m sae_diff.organisms.build``) without loading it.
+
+    Raises :class:`ConfigError` listing the shipped organisms when ``name`` is neither.
+    """
+    from sae_diff.organisms.organism import available_organisms, organism_dir
+
+    try:
+        path = organism_dir(name)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"organism={name!r} is not a bundled organism; available: {available_organisms()} "
+            "(or give a directory built with `python -m sae_diff.organisms.build --out DIR`)."
+        ) from None
+    try:
+        conf = json.loads((path / "config.json").read_text())
+        model = conf["model"]
+        dims = {k: int(model[k]) for k in ("n_layers", "d_model", "d_mlp", "d_vocab", "n_ctx")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"organism {name!r} at {path} has no readable config.json with model sizes: {e}") from e
+    return OrganismInfo(
+        name=str(name), path=path,
+        base_name=str(conf.get("base_name", "organism-base")),
+        ft_name=str(conf.get("ft_name", "organism-ft")),
+        recommended_hook=str(conf.get("recommended_hook", "blocks.2.hook_resid_pre")),
+        dims=dims,
+    )
+
+
+def resolve_names(cfg: PairedRunnerConfig) -> None:
+    """Fill what the config leaves empty: with ``organism``, the pair's names and the
+    recommended hook; with ``smoke_test_models``, ``smoke-ft``. Then require ``model_name``
+    and ``hook_name`` (runs before SAELens's own ``__post_init__``)."""
+    if cfg.organism is not None:
+        if cfg.smoke_test_models is not None:
+            raise ConfigError("organism and smoke_test_models both name a model pair; keep one of them.")
+        info = organism_info(cfg.organism)
+        cfg.base_model_name = cfg.base_model_name or info.base_name
+        cfg.model_name = cfg.model_name or info.ft_name
+        cfg.hook_name = cfg.hook_name or info.recommended_hook
+        if cfg.model_from_pretrained_kwargs is None:  # loaded by load_organism, not from_pretrained
+            cfg.model_from_pretrained_kwargs = {}
+    elif cfg.smoke_test_models is not None:
+        cfg.model_name = cfg.model_name or "smoke-ft"
+    if not cfg.model_name:
+        raise ConfigError(
+            "model_name is empty: set it to the fine-tuned model (HF id, TransformerLens name or "
+            "local folder), or set organism to train on a bundled model organism."
+        )
+    if not cfg.hook_name:
+        raise ConfigError(
+            "hook_name is empty: set the hook to train on (e.g. blocks.13.hook_resid_post); only "
+            "organism configs default to the organism's recommended hook."
+        )
+
+
+def check_organism(cfg: PairedRunnerConfig, info: OrganismInfo) -> None:
+    """Organism-specific checks: a known-width hook of a layer it has, ``d_in`` its width,
+    rows that fit its context, a valid chat share."""
+    hook = cfg.hook_name
+    known = (_RESID.match(hook) or hook in ("hook_embed", "hook_pos_embed")
+             or re.match(r"^blocks\.\d+\.mlp\.hook_(pre|post)$", hook))
+    if not known:
+        raise ConfigError(
+            f"hook_name {hook!r} is not a hook sae_diff can train on in organism {info.name!r}: use "
+            "blocks.<layer>.hook_resid_pre / hook_resid_mid / hook_resid_post / hook_attn_out / "
+            f"hook_mlp_out / mlp.hook_post with layer in 0..{info.dims['n_layers'] - 1} "
+            f"(recommended: {info.recommended_hook})."
+        )
+    check_hook_d_in(hook, cfg.sae.d_in, info.dims)
+    if cfg.context_size > info.dims["n_ctx"]:
+        raise ConfigError(
+            f"context_size={cfg.context_size} exceeds organism {info.name!r}'s context of "
+            f"{info.dims['n_ctx']} tokens; set context_size <= {info.dims['n_ctx']}."
+        )
+    if not 0.0 <= cfg.organism_chat_share <= 1.0:
+        raise ConfigError(f"organism_chat_share={cfg.organism_chat_share} must be in [0, 1] (token share of chat).")
+    if cfg.organism_n_documents is not None and cfg.organism_n_documents < 1:
+        raise ConfigError(f"organism_n_documents={cfg.organism_n_documents} must be >= 1 or null (as many as needed).")
+
+
 def default_store_mode(architecture: str) -> str:
     """``paired`` for crosscoders, ``diff`` for diff-SAEs, ``ft`` (a chat-SAE) otherwise."""
     if architecture in CROSSCODER_ARCHITECTURES:
@@ -177,6 +299,8 @@ def validate_config(cfg: PairedRunnerConfig) -> None:
         raise ConfigError(f"store_mode={cfg.store_mode!r} is not one of {list(STORE_MODES)} (or 'auto').")
     if cfg.model_backend not in BACKENDS:
         raise ConfigError(f"model_backend={cfg.model_backend!r} is not one of {list(BACKENDS)}.")
+    if cfg.organism is not None:
+        check_organism(cfg, organism_info(cfg.organism))
     if not cfg.base_model_name and cfg.smoke_test_models is None:
         raise ConfigError(
             "base_model_name is empty: a pair needs the base model (model_name is the fine-tune). "
@@ -229,8 +353,10 @@ def validate_config(cfg: PairedRunnerConfig) -> None:
     dims = known_model_dims(cfg)
     if dims is not None:
         check_hook_d_in(cfg.hook_name, cfg.sae.d_in, dims)
-    if cfg.smoke_test_models is None and not (cfg.dataset_path or cfg.dataset_mixture or cfg.cache_path):
-        raise ConfigError("Set dataset_path (a Hugging Face dataset or local files), dataset_mixture or cache_path.")
+    if cfg.smoke_test_models is None and cfg.organism is None and not (
+            cfg.dataset_path or cfg.dataset_mixture or cfg.cache_path):
+        raise ConfigError("Set dataset_path (a Hugging Face dataset or local files), dataset_mixture or cache_path "
+                          "(or organism, to train on a bundled model organism and its data).")
     if cfg.dataset_mixture is not None:
         from sae_diff.data.sources import DatasetSpec
 
@@ -275,8 +401,11 @@ KNOWN_MODEL_DIMS: dict[str, dict[str, int]] = {
 
 
 def known_model_dims(cfg: PairedRunnerConfig) -> dict[str, int] | None:
-    """The base model's dimensions if known without loading weights: the smoke-test spec, the
-    built-in table of recipe models, or a local Hugging Face ``config.json``."""
+    """The base model's dimensions if known without loading weights: the organism's
+    ``config.json``, the smoke-test spec, the built-in table of recipe models, or a local
+    Hugging Face ``config.json``."""
+    if cfg.organism is not None:
+        return dict(organism_info(cfg.organism).dims)
     s = cfg.smoke_test_models
     if s is not None:
         return {"n_layers": s.n_layers, "d_model": s.d_model, "d_mlp": 4 * s.d_model, "d_vocab": s.d_vocab}
@@ -469,6 +598,13 @@ def make_plan(cfg: PairedRunnerConfig) -> Plan:
     dims = known_model_dims(cfg)
     if dims is None:
         notes.append(f"dimensions of {cfg.base_model_name!r} unknown offline: d_in is checked when it loads")
+    if cfg.organism is not None:
+        if cfg.dataset_path or cfg.dataset_mixture:
+            data = "the configured dataset(s)"
+        else:
+            share = cfg.organism_chat_share
+            data = f"its pretraining text + chat ({1 - share:.0%} / {share:.0%} of tokens)"
+        notes.append(f"organism {cfg.organism!r} (bundled, CPU-sized): {data}")
     if cfg.smoke_test_models is not None:
         notes.append("smoke-test config: tiny random models and random tokens (not a real run)")
     inf_arch = sae.get_inference_config_class().architecture()
@@ -506,6 +642,7 @@ __all__ = [
     "BACKENDS",
     "STORE_MODES",
     "ConfigError",
+    "OrganismInfo",
     "PairedRunnerConfig",
     "Plan",
     "SmokeTestModels",
@@ -515,8 +652,10 @@ __all__ = [
     "default_store_mode",
     "known_model_dims",
     "make_plan",
+    "organism_info",
     "parse_config",
     "read_config_file",
+    "resolve_names",
     "validate_config",
 ]
 

@@ -7,6 +7,10 @@ resume, positions a fresh one: through the iterator's own ``load_state_dict`` /
 ``skip_batches`` when it has them (``sae_diff.data``'s cache reader), else by drawing and
 discarding (exact for any seeded iterator, at the cost of recomputing them).
 
+Organism configs (``cfg.organism``) load the bundled pair with
+``sae_diff.organisms.load_organism`` and, unless a dataset is configured, read its
+pretraining text + chat mixture (:func:`organism_datasets`).
+
 Sources, in order of preference:
 
 1. ``cfg.cache_path``: ``sae_diff.data.cache`` (harvested first when missing);
@@ -19,7 +23,9 @@ Sources, in order of preference:
 from __future__ import annotations
 
 import copy
+import functools
 import importlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,7 +72,14 @@ def build_smoke_test_pair(spec: Any, ft_name: str = "smoke-ft", base_name: str =
 
 
 def load_pair(cfg: PairedRunnerConfig) -> Any:
-    """The run's ``PairedModel`` (smoke-test models, or ``PairedModel.from_pretrained``)."""
+    """The run's ``PairedModel``: smoke-test models, the bundled organism
+    (``load_organism(cfg.organism).paired()``, float32, names from the config), or
+    ``PairedModel.from_pretrained``."""
+    if cfg.organism is not None:
+        from sae_diff.organisms import load_organism
+
+        organism = load_organism(cfg.organism, device=cfg.llm_device or cfg.device)
+        return organism.paired(base_name=cfg.base_model_name, ft_name=cfg.model_name)
     if cfg.smoke_test_models is not None:
         return build_smoke_test_pair(cfg.smoke_test_models, ft_name=cfg.model_name,
                                      base_name=cfg.base_model_name or "smoke-base")
@@ -108,6 +121,62 @@ def dataset_specs(cfg: PairedRunnerConfig) -> list[Any]:
         return [DatasetSpec(cfg.dataset_path, column=cfg.dataset_column, split=cfg.dataset_split,
                             streaming=cfg.streaming)]
     return []
+
+
+def uses_organism_data(cfg: PairedRunnerConfig) -> bool:
+    """Whether the run reads the organism's own corpus (an organism and no dataset set)."""
+    return cfg.organism is not None and not (cfg.dataset_path or cfg.dataset_mixture)
+
+
+def run_token_rows(cfg: PairedRunnerConfig) -> int:
+    """Rows of ``context_size`` tokens a run reads: the training rows, then the held-out
+    evaluation rows after them."""
+    n_train = -(-cfg.training_tokens // cfg.context_size)
+    n_eval = max(cfg.n_eval_batches, 1) * (cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts)
+    return n_train + n_eval
+
+
+@functools.lru_cache(maxsize=4)
+def _organism_corpus(organism: str, chat_share: float, n_documents: int | None,
+                     n_tokens: int) -> tuple[tuple[Any, ...], tuple[float, ...]]:
+    from sae_diff.data.sources import iter_documents
+    from sae_diff.organisms import chat_dataset, load_tokenizer, pretraining_dataset
+    from sae_diff.organisms.organism import organism_dir
+
+    path = organism_dir(organism)
+    if not (path / "world.json").is_file():  # a custom organism: its examples, no world corpus
+        raise TrainingDataError(
+            f"organism {organism!r} has no world.json, so no pretraining corpus to train on; set "
+            "dataset_path or dataset_mixture to the data to use."
+        )
+    tokenizer = load_tokenizer(path)
+    kinds = [(kind, share) for kind, share in (("text", 1.0 - chat_share), ("chat", chat_share)) if share > 0]
+    datasets: list[Any] = []
+    for kind, share in kinds:
+        make = pretraining_dataset if kind == "text" else chat_dataset
+        n = n_documents
+        if n is None:  # enough documents for this kind's share of the tokens, with a 2x margin
+            lengths = [len(doc) for doc in iter_documents(make("train", 64, name=path), tokenizer)]
+            mean = max(sum(lengths) / max(len(lengths), 1), 1.0)
+            n = int(math.ceil(2.0 * share * n_tokens / mean)) + 64
+        datasets.append(make("train", n, name=path))
+    return tuple(datasets), tuple(share for _, share in kinds)
+
+
+def organism_datasets(cfg: PairedRunnerConfig) -> tuple[list[Any], list[float]]:
+    """The organism's training corpus as HF datasets and their token shares: pretraining
+    documents (``text``) and chat conversations (``messages``) of its ``train`` split, mixed
+    ``1 - organism_chat_share`` / ``organism_chat_share`` by tokens.
+
+    The same datasets (cached) serve training and evaluation, so the held-out rows are the
+    rows after the training rows of one stream.
+    """
+    if cfg.organism is None:
+        raise TrainingDataError("organism_datasets needs cfg.organism.")
+    n_tokens = run_token_rows(cfg) * cfg.context_size
+    ds, shares = _organism_corpus(str(cfg.organism), float(cfg.organism_chat_share), cfg.organism_n_documents,
+                                  n_tokens)
+    return list(ds), list(shares)
 
 
 def check_dataset_column(cfg: PairedRunnerConfig) -> None:
@@ -158,7 +227,7 @@ def token_batches(cfg: PairedRunnerConfig, pair: Any, n_tokens: int, offset_seqs
     """
     bs = cfg.store_batch_size_prompts
     n_seqs = max(1, -(-n_tokens // cfg.context_size))
-    if not dataset_specs(cfg):
+    if not dataset_specs(cfg) and not uses_organism_data(cfg):
         toks = smoke_test_tokens(cfg, n_seqs, offset=offset_seqs)
         yield from toks.split(bs)
         return
@@ -332,6 +401,10 @@ def token_source(cfg: PairedRunnerConfig, pair: Any, n_rows: int) -> Any:
     """The run's token rows as a ``sae_diff.data.sources`` source (for harvesting)."""
     from sae_diff.data.sources import TensorTokenSource, TokenSource
 
+    if uses_organism_data(cfg):
+        datasets, shares = organism_datasets(cfg)
+        return TokenSource(datasets, pair.tokenizer, cfg.context_size, proportions=shares,
+                           prepend_bos=cfg.prepend_bos)
     specs = dataset_specs(cfg)
     if not specs:
         return TensorTokenSource(smoke_test_tokens(cfg, n_rows), name="smoke-test random tokens")

@@ -56,6 +56,7 @@ from sae_diff.training.data import (
     load_pair,
     mask_config,
     to_mode,
+    uses_organism_data,
 )
 from sae_diff.training.evaluator import PairedEvaluator
 
@@ -311,6 +312,11 @@ class PairedSAETrainingRunner:
         cfg = self.cfg
         md = sae.cfg.metadata
         md.dataset_path = cfg.dataset_path or ("smoke-test random tokens" if cfg.smoke_test_models else None)
+        if cfg.organism is not None:
+            md.organism = cfg.organism
+            if uses_organism_data(cfg):
+                md.dataset_path = f"organism:{cfg.organism}"
+                md.organism_chat_share = cfg.organism_chat_share
         md.hook_name = cfg.hook_name
         md.model_name = cfg.model_name
         md.model_class_name = cfg.model_class_name

@@ -13,6 +13,8 @@ Figures (docs/performance.md explains each):
 - our step ÷ one fp32 encoder matmul (B x D @ D x n, preallocated output)   goal <= 2.0
 - bf16-autocast step ÷ fp32 step                 goal <= 0.7
 - BatchTopK selection ÷ flat torch.topk          goal <= 0.15
+- diff-SAE training step (BatchTopKDiffSAETraining): sparse_kernels=True ÷ False
+  (same SAE class, same fused Adam; only the training forward/backward differs)
 - all-target Latent Scaling ÷ encode-only        goal <= 1.3   (sae_diff.analysis)
 - paired harvest ÷ two bare forwards (time)      goal <= 1.1   (benchmarks/harvest_throughput.py)
 - cache read throughput ÷ training throughput    goal >= 20
@@ -75,6 +77,10 @@ class Config:
 LARGE = Config("large (D=2x768, n=16384, k=32, B=1024)", 2, 768, 16384, 32, 1024)
 SMALL = Config("small (D=2x128, n=2048, k=16, B=1024)", 2, 128, 2048, 16, 1024)
 GEMMA = Config("gemma-2-2b (D=2x2304, n=73728, k=100, B=4096)", 2, 2304, 73728, 100, 4096)
+# a diff-SAE reads one model's width
+DIFF_LARGE = Config("diff-large (D=768, n=16384, k=32, B=1024)", 1, 768, 16384, 32, 1024)
+DIFF_SMALL = Config("diff-small (D=128, n=2048, k=16, B=1024)", 1, 128, 2048, 16, 1024)
+SECTIONS = ("crosscoder", "diff_sae", "latent_scaling", "harvest")
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -231,6 +237,63 @@ def bench_config(cfg: Config, device: torch.device, reps: int, with_ref: bool = 
     return res
 
 
+# ------------------------------------------------------------------------ diff-SAE step
+
+
+def bench_diff_sae(cfg: Config, device: torch.device, reps: int) -> dict[str, Any]:
+    """``BatchTopKDiffSAETraining`` step with ``sparse_kernels=True`` vs ``False``, interleaved.
+
+    Both sides: the same weights, a ``(B, d_in)`` difference batch (what a store in ``diff``
+    mode serves), ``rescale_acts_by_decoder_norm=True`` (SAELens's default), no dead latents,
+    ``training_forward_pass`` + backward + fused Adam step. Also records the loss of one step
+    from identical weights on each side.
+    """
+    from sae_lens.saes.sae import TrainStepInput
+
+    from sae_diff.dictionaries.diff_sae import (
+        BatchTopKDiffSAETraining,
+        BatchTopKDiffSAETrainingConfig,
+    )
+
+    def make(sparse: bool) -> tuple[BatchTopKDiffSAETraining, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        sae = BatchTopKDiffSAETraining(BatchTopKDiffSAETrainingConfig(
+            d_in=cfg.D, d_sae=cfg.n, k=cfg.k, device=str(device), sparse_kernels=sparse))
+        return sae, kernels.make_adam(list(sae.parameters()), lr=1e-5)
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(cfg.B, cfg.D, generator=g).to(device)
+    no_dead = torch.zeros(cfg.n, dtype=torch.bool, device=device)
+
+    def step(sae: BatchTopKDiffSAETraining, opt: torch.optim.Optimizer) -> float:
+        out = sae.training_forward_pass(TrainStepInput(
+            sae_in=x, coefficients={}, dead_neuron_mask=no_dead, n_training_steps=0,
+            is_logging_step=False))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    chk = [step(*make(sparse)) for sparse in (True, False)]  # first step, identical weights
+    sp, de = make(True), make(False)
+    for _ in range(2):  # warm-up (allocations, Adam state, the threshold hint)
+        step(*sp)
+        step(*de)
+    t: dict[str, list[float]] = {"sparse": [], "dense": []}
+    for _ in range(reps):
+        t["sparse"].append(_timeit(lambda: step(*sp), device))
+        t["dense"].append(_timeit(lambda: step(*de), device))
+    med = {k: _med(v) for k, v in t.items()}
+    return {
+        "config": cfg.__dict__ | {"D": cfg.D},
+        "times_s": t,
+        "median_s": med,
+        "sparse_over_dense": med["sparse"] / med["dense"],
+        "tokens_per_s": {k: cfg.B / v for k, v in med.items()},
+        "loss_sparse_vs_dense_first_step": chk,
+    }
+
+
 # ------------------------------------------------------------------------------- memory
 
 
@@ -376,20 +439,29 @@ def table(res: dict[str, Any]) -> str:
                 e = mem.get(impl, {})
                 val = f"{e['step_extra_bytes'] / 2**20:.0f} MiB" if "step_extra_bytes" in e else "n/a"
                 rows.append((f"{key}: peak extra memory of a step ({impl})", val, "formula in JSON", "—"))
-    ls = res.get("latent_scaling", {})
-    if ls.get("available"):
-        rows.append(("Latent Scaling (all targets) ÷ encode-only", *_fmt(ls["ratio"], "<= 1.3", ls["ratio"] <= 1.3)))
-    else:
-        rows.append(("Latent Scaling (all targets) ÷ encode-only", "not available", "<= 1.3", "—"))
-    hv = res.get("harvest", {})
-    if hv.get("available") and "harvest_over_bare_time" in hv:
-        h = hv["harvest_over_bare_time"]
-        rows.append(("paired harvest ÷ two bare forwards (time)", *_fmt(h, "<= 1.1", h <= 1.1)))
-        rt = hv.get("read_over_train_throughput")
-        rows.append(("cache read ÷ training throughput", *_fmt(rt, ">= 20", rt is not None and rt >= 20)))
-    else:
-        rows.append(("paired harvest ÷ two bare forwards", "not available", "<= 1.1", "—"))
-        rows.append(("cache read ÷ training throughput", "not available", ">= 20", "—"))
+    for key, r in res.get("diff_sae", {}).items():
+        ms, tps = r["median_s"], r["tokens_per_s"]
+        rows.append((f"{key}: diff-SAE step, sparse_kernels ÷ dense", f"{r['sparse_over_dense']:.3g}",
+                     "< 1", "met" if r["sparse_over_dense"] < 1 else "**not met**"))
+        rows.append((f"{key}: diff-SAE tokens/s sparse / dense",
+                     f"{tps['sparse']:,.0f} / {tps['dense']:,.0f}",
+                     f"median s: sparse {ms['sparse']:.3f}, dense {ms['dense']:.3f}", "—"))
+    if "latent_scaling" in res:  # sections left out with --only get no rows
+        ls = res["latent_scaling"]
+        if ls.get("available"):
+            rows.append(("Latent Scaling (all targets) ÷ encode-only", *_fmt(ls["ratio"], "<= 1.3", ls["ratio"] <= 1.3)))
+        else:
+            rows.append(("Latent Scaling (all targets) ÷ encode-only", "not available", "<= 1.3", "—"))
+    if "harvest" in res:
+        hv = res["harvest"]
+        if hv.get("available") and "harvest_over_bare_time" in hv:
+            h = hv["harvest_over_bare_time"]
+            rows.append(("paired harvest ÷ two bare forwards (time)", *_fmt(h, "<= 1.1", h <= 1.1)))
+            rt = hv.get("read_over_train_throughput")
+            rows.append(("cache read ÷ training throughput", *_fmt(rt, ">= 20", rt is not None and rt >= 20)))
+        else:
+            rows.append(("paired harvest ÷ two bare forwards", "not available", "<= 1.1", "—"))
+            rows.append(("cache read ÷ training throughput", "not available", ">= 20", "—"))
     m = res["machine"]
     head = (f"# sae_diff benchmark `{res['name']}`\n\n{m['cpu']}; torch {m['torch']}; "
             f"device {m['device']}; threads {m['threads']} ({m.get('threads_choice', '')}); THP_MEM_ALLOC_ENABLE={m['thp']}; "
@@ -437,6 +509,8 @@ def main() -> None:
                    "penalise many-small-op code far more than one big matmul)")
     p.add_argument("--no-thp", action="store_true", help="do not re-exec with THP_MEM_ALLOC_ENABLE=1")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated subset of sections to run: {', '.join(SECTIONS)}")
     p.add_argument("--mem-probe", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     threads_note = "set by --threads"
@@ -452,21 +526,32 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device visible")
-    name = args.name or (device.type + ("-quick" if args.quick else ""))
+    only = SECTIONS if args.only is None else tuple(x.strip() for x in args.only.split(","))
+    if unknown := set(only) - set(SECTIONS):
+        sys.exit(f"--only: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
+    name = args.name or (device.type + ("-quick" if args.quick else "")
+                         + ("" if args.only is None else "-" + "-".join(only)))
     reps = args.reps or (3 if args.quick else 7)
     res: dict[str, Any] = {"name": name, "machine": _machine(device), "configs": {}, "argv": sys.argv}
     res["machine"]["threads_choice"] = threads_note
     configs = [SMALL, LARGE] + ([GEMMA] if device.type == "cuda" and not args.quick else [])
-    for cfg in configs:
+    for cfg in configs if "crosscoder" in only else []:
         print(f"[bench] {cfg.name} ...", flush=True)
         r = bench_config(cfg, device, reps)
         if not args.no_memory:
             r["memory"] = bench_memory(cfg, device)
         res["configs"][cfg.name.split(" ")[0]] = r
-    print("[bench] latent scaling ...", flush=True)
-    res["latent_scaling"] = bench_latent_scaling(args.quick)
-    print("[bench] harvest / cache ...", flush=True)
-    res["harvest"] = bench_harvest(args.quick)
+    if "diff_sae" in only:
+        res["diff_sae"] = {}
+        for cfg in (DIFF_SMALL, DIFF_LARGE):
+            print(f"[bench] {cfg.name} ...", flush=True)
+            res["diff_sae"][cfg.name.split(" ")[0]] = bench_diff_sae(cfg, device, reps)
+    if "latent_scaling" in only:
+        print("[bench] latent scaling ...", flush=True)
+        res["latent_scaling"] = bench_latent_scaling(args.quick)
+    if "harvest" in only:
+        print("[bench] harvest / cache ...", flush=True)
+        res["harvest"] = bench_harvest(args.quick)
     res["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     md = table(res)
     RESULTS.mkdir(parents=True, exist_ok=True)

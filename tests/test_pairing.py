@@ -31,7 +31,8 @@ def test_paired_activations_match_run_with_cache(pair: PairedModel) -> None:
 
 
 def test_paired_activations_stop_early(pair: PairedModel, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One forward per model, stopping after the last needed layer."""
+    """One forward per model, stopping after the last needed layer (``blocks.1.hook_resid_pre``
+    is read as ``blocks.0.hook_resid_post``, the same tensor, so block 1 is not run)."""
     seen: list[dict] = []
     orig_b, orig_f = pair.base.run_with_cache, pair.ft.run_with_cache
 
@@ -47,7 +48,10 @@ def test_paired_activations_stop_early(pair: PairedModel, monkeypatch: pytest.Mo
     pair.paired_activations(
         random_tokens(), ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
     )
-    assert len(seen) == 2 and all(kw["stop_at_layer"] == 2 for kw in seen)
+    assert len(seen) == 2 and all(kw["stop_at_layer"] == 1 for kw in seen)
+    seen.clear()
+    pair.paired_activations(random_tokens(), ["blocks.1.hook_resid_post"])
+    assert all(kw["stop_at_layer"] == 2 for kw in seen)
 
 
 def test_stitching_endpoints_exact(pair: PairedModel) -> None:

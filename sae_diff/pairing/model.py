@@ -28,6 +28,7 @@ uses model ``which`` 's final LayerNorm and unembedding.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,14 @@ from sae_diff.pairing.errors import PairingError
 
 Which = Literal["base", "ft"]
 Backend = Literal["auto", "hooked", "bridge"]
+
+
+def _earliest_alias(hook_name: str) -> str:
+    """``blocks.L.hook_resid_pre`` (L >= 1) -> ``blocks.{L-1}.hook_resid_post`` (same tensor)."""
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook_name)
+    if m and int(m.group(1)) > 0:
+        return f"blocks.{int(m.group(1)) - 1}.hook_resid_post"
+    return hook_name
 
 
 def is_bridge(model: Any) -> bool:
@@ -323,14 +332,18 @@ class PairedModel:
         if isinstance(hook_names, str):
             hook_names = [hook_names]
         self.validate_hooks(hook_names)
-        stop = self._stop_layer(hook_names)
+        # blocks.L.hook_resid_pre holds the same tensor as blocks.{L-1}.hook_resid_post: reading
+        # the latter lets the forward stop one block earlier.
+        fetch = {h: h if is_bridge(self.base) or is_bridge(self.ft) else _earliest_alias(h) for h in hook_names}
+        names = list(dict.fromkeys(fetch.values()))
+        stop = self._stop_layer(names)
         tb = self._tokens_to(tokens, self.base)
-        acts_b = self._run_with_cache(self.base, tb, hook_names, stop, attention_mask)
+        acts_b = self._run_with_cache(self.base, tb, names, stop, attention_mask)
         tf = self._tokens_to(tokens, self.ft)
-        acts_f = self._run_with_cache(self.ft, tf, hook_names, stop, attention_mask)
+        acts_f = self._run_with_cache(self.ft, tf, names, stop, attention_mask)
         out: dict[str, torch.Tensor] = {}
         for h in hook_names:
-            a, b = acts_b[h], acts_f[h].to(acts_b[h].device)
+            a, b = acts_b[fetch[h]], acts_f[fetch[h]].to(acts_b[fetch[h]].device)
             if a.shape != b.shape or a.shape[:2] != tokens.shape:
                 raise PairingError(
                     f"hook {h}: base gave {tuple(a.shape)}, ft gave {tuple(b.shape)} for tokens "

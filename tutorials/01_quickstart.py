@@ -80,22 +80,7 @@ print("hook:", HOOK, "| planted behaviours:", ", ".join(org.behaviours))
 # and the rest separately).
 
 # %%
-def pad(convs, pad_id):
-    """Right-pad held-out conversations into one batch; masks for real and assistant tokens."""
-    length = max(len(c.tokens) for c in convs)
-    tokens = torch.full((len(convs), length), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(convs), length, dtype=torch.bool)
-    assistant = torch.zeros_like(valid)
-    for i, c in enumerate(convs):
-        tokens[i, : len(c.tokens)] = c.tokens
-        valid[i, : len(c.tokens)] = True
-        assistant[i, : len(c.tokens)] = c.assistant_mask.bool()
-    return tokens, valid, assistant
-
-
-PAD = org.tokenizer.pad_token_id or 0
-convs = org.eval_conversations(n=4)  # 4 held-out conversations per behaviour
-eval_tokens, eval_valid, eval_assistant = pad(convs, PAD)
+convs, eval_tokens, eval_valid, eval_assistant = org.eval_batch(n=4)  # 4 held-out conversations per behaviour
 
 refusal = next(c for c in convs if c.behaviour == "refusal")
 print(org.tokenizer.decode(refusal.tokens))

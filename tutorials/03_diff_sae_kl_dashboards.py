@@ -57,7 +57,8 @@ from sae_diff.evaluation import (
     response_logprob,
     stitching_sweep,
 )
-from sae_diff.organisms import load_organism
+from sae_diff.organisms import load_organism, pad_conversations
+
 
 t_start = time.perf_counter()
 torch.manual_seed(0)
@@ -77,21 +78,7 @@ print(f"{org.base_name} vs {org.ft_name} | hook {HOOK} | behaviours: {', '.join(
 # "decides" how to answer there), so METHODS.md §4 reports the first 10 and the rest apart.
 
 # %%
-def pad(convs, pad_id):
-    """Right-pad held-out conversations; masks for real tokens and for assistant tokens."""
-    length = max(len(c.tokens) for c in convs)
-    tokens = torch.full((len(convs), length), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(convs), length, dtype=torch.bool)
-    assistant = torch.zeros_like(valid)
-    for i, c in enumerate(convs):
-        tokens[i, : len(c.tokens)] = c.tokens
-        valid[i, : len(c.tokens)] = True
-        assistant[i, : len(c.tokens)] = c.assistant_mask.bool()
-    return tokens, valid, assistant
-
-
-convs = org.eval_conversations(n=6)
-tokens, valid, assistant = pad(convs, org.tokenizer.pad_token_id or 0)
+convs, tokens, valid, assistant = org.eval_batch(n=6)
 mask = assistant & valid
 attn = valid.long()
 
@@ -250,7 +237,7 @@ amp = amplification_sweep(pair, prompts, [-1.0, -0.75, -0.5, -0.25, 0.0, 1.0], c
 print(amp.to_string(index=False))
 
 ref = [c for c in convs if c.behaviour == "refusal"]
-r_tokens, r_valid, _ = pad(ref, tok.pad_token_id or 0)
+r_tokens, r_valid, _ = pad_conversations(ref, tok.pad_token_id or 0)
 r_resp = org.response_masks(r_tokens)["refusal"] & r_valid
 lp = response_logprob(pair, r_tokens, r_resp, [-1.0, 0.0, 1.0, 2.0], mode="activations", layer=HOOK)
 print(lp[["alpha", "logprob_per_token", "prob"]].round(3).to_string(index=False))

@@ -64,6 +64,23 @@ class EvalConversation:
     trigger_masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def pad_conversations(convs: Sequence[EvalConversation], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad conversations into one batch: ``(tokens, valid, assistant)``, each ``(n, seq)``
+    (``valid`` marks real tokens, ``assistant`` the assistant-turn tokens)."""
+    if not convs:
+        raise ValueError("No conversations to pad.")
+    length = max(len(c.tokens) for c in convs)
+    tokens = torch.full((len(convs), length), pad_id, dtype=torch.long)
+    valid = torch.zeros(len(convs), length, dtype=torch.bool)
+    assistant = torch.zeros_like(valid)
+    for i, c in enumerate(convs):
+        n = len(c.tokens)
+        tokens[i, :n] = c.tokens
+        valid[i, :n] = True
+        assistant[i, :n] = c.assistant_mask.bool()
+    return tokens, valid, assistant
+
+
 @dataclass
 class _Light:
     """What ground-truth code needs without the models: tokenizer, world, labels."""
@@ -238,6 +255,15 @@ class Organism:
                     )
                 )
         return out
+
+    def eval_batch(
+        self, behaviour: str | None = None, n: int = 8, split: str = "test"
+    ) -> tuple[list[EvalConversation], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`eval_conversations` padded into one batch:
+        ``(conversations, tokens, valid, assistant)`` (see :func:`pad_conversations`)."""
+        convs = self.eval_conversations(behaviour, n, split)
+        pad_id = self.tokenizer.pad_token_id
+        return (convs, *pad_conversations(convs, 0 if pad_id is None else int(pad_id)))
 
     def _seed(self, seed: int | None) -> int:
         return int(self.config.get("build_config", {}).get("seed", 0)) if seed is None else seed

@@ -141,19 +141,6 @@ def train_dictionary(cfg: DemoConfig, name: str, cache: ActivationCache, d_model
     return SAE.load_from_disk(path)
 
 
-def _pad(convs: Sequence[Any], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    length = max(len(c.tokens) for c in convs)
-    tokens = torch.full((len(convs), length), pad_id, dtype=torch.long)
-    valid = torch.zeros(len(convs), length, dtype=torch.bool)
-    assistant = torch.zeros(len(convs), length, dtype=torch.bool)
-    for i, c in enumerate(convs):
-        n = len(c.tokens)
-        tokens[i, :n] = c.tokens
-        valid[i, :n] = True
-        assistant[i, :n] = c.assistant_mask.bool()
-    return tokens, valid, assistant
-
-
 def encode_tokens(sae: SAE[Any], kind: str, acts: torch.Tensor) -> torch.Tensor:
     """Codes ``(N, S, d_sae)`` of paired activations ``(N, S, 2, d)`` for any method."""
     with torch.no_grad():
@@ -208,7 +195,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         tables[name] = table
     t = _timed(cfg, "latent_tables", t)
 
-    tokens, valid, assistant = _pad(org.eval_conversations(n=cfg.eval_per_behaviour), org.tokenizer.pad_token_id or 0)
+    _, tokens, valid, assistant = org.eval_batch(n=cfg.eval_per_behaviour)
     labels = org.behaviour_masks(tokens)
     with torch.no_grad():
         acts = paired.paired_activations(tokens, [hook], attention_mask=valid.long())[hook]

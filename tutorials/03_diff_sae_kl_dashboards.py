@@ -47,7 +47,6 @@ from sae_diff.data import ActivationCache, PairedActivationsStore, TokenSource, 
 from sae_diff.dictionaries.registry import training_config, training_sae
 from sae_diff.evaluation import (
     amplification_sweep,
-    compare_dictionaries,
     contains_tokens,
     gap_closed_summary,
     kl_attribution,
@@ -58,7 +57,6 @@ from sae_diff.evaluation import (
     stitching_sweep,
 )
 from sae_diff.organisms import load_organism, pad_conversations
-
 
 t_start = time.perf_counter()
 torch.manual_seed(0)

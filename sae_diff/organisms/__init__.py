@@ -23,8 +23,8 @@ from sae_diff.organisms.organism import (
     behaviour_masks,
     chat_dataset,
     load_organism,
-    pad_conversations,
     load_tokenizer,
+    pad_conversations,
     pretraining_dataset,
     response_masks,
 )

@@ -46,6 +46,16 @@ def test_report_json_has_every_method_and_finding(demo_out: Path) -> None:
     for f in report["findings"]:  # the answer states numbers, and agrees with `holds`
         if f["holds"] is not None:
             assert f["answer"].startswith("Yes" if f["holds"] else "No")
+    assert {"all", "first", "rest"} <= set(report["kl_dashboard"]["summary"])
+    assert (demo_out / report["kl_dashboard"]["html"]).exists()
+    sweep = {(r["first"], r["layer"]): r for r in report["stitching_sweep"]}
+    n_layers = max(layer for _, layer in sweep)
+    assert sweep[("base", 0)]["kl_to_ft"] < 1e-6 and sweep[("base", n_layers)]["kl_to_base"] < 1e-6
+    kl_rows = {(r["dictionary"], r["intervention"]) for r in report["kl_patching"]}
+    assert ("diff_sae", "tokens:template") in kl_rows
+    for name in METHODS:
+        top = report["top_latents"][name]
+        assert top and all("latent" in r for r in top)
     for name in ("l1_crosscoder", "batchtopk_crosscoder", "diff_sae", "chat_sae"):
         assert (demo_out / "dictionaries" / name / "cfg.json").exists()
         assert (demo_out / "dictionaries" / name / "latent_table.parquet").exists()

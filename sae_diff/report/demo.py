@@ -35,7 +35,9 @@ from sae_diff.data.sources import TokenSource
 from sae_diff.data.store import PairedActivationsStore
 from sae_diff.dictionaries.normalisation import prepare_crosscoder
 from sae_diff.dictionaries.registry import training_config, training_sae
+from sae_diff.evaluation.kl import kl_dashboard
 from sae_diff.evaluation.patching import gap_closed_summary, kl_patching_table
+from sae_diff.evaluation.stitching import plot_stitching_sweep, stitching_sweep
 from sae_diff.organisms import load_organism
 from sae_diff.report.findings import seed_findings
 from sae_diff.report.html import write_report_html
@@ -210,10 +212,15 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         scores[name], matrices[name] = score_behaviours(codes, ranking, {b: m[scored] for b, m in labels.items()}, top_n=cfg.top_n)
     t = _timed(cfg, "scoring", t)
 
+    answer = assistant & valid
+    dashboard = kl_dashboard(paired, tokens, answer, top_n=20, attention_mask=valid.long())
+    dashboard.save_html(cfg.out / "kl_dashboard.html")
+    sweep = stitching_sweep(paired, tokens, answer, attention_mask=valid.long())
+    template = torch.isin(tokens, torch.tensor(org.tokenizer.all_special_ids)) & valid
     patchable = {n: d for n, d in dictionaries.items() if METHODS[n]["kind"] != "ft_sae"}
     nus = {n: tables[n] for n in patchable}
-    kl_table = kl_patching_table(paired, patchable, tokens, assistant & valid, nu=nus, random_seeds=cfg.random_seeds,
-                                 attention_mask=valid.long(), progress=True)
+    kl_table = kl_patching_table(paired, patchable, tokens, answer, nu=nus, random_seeds=cfg.random_seeds,
+                                 token_patches={"template": template}, attention_mask=valid.long(), progress=True)
     kl_table.to_csv(cfg.out / "kl_patching.csv")
     gap = gap_closed_summary(kl_table)
     t = _timed(cfg, "kl_patching", t)
@@ -228,15 +235,37 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     t = _timed(cfg, "examples", t)
 
     report = build_report(cfg, org, hook, cache, dictionaries, tables, scores, gap, kl_table, labels, scored)
+    report["top_latents"] = {name: top_latent_rows(tables[name], matrices[name], list(ex)) for name, ex in examples.items()}
+    report["kl_dashboard"] = {"summary": dashboard.summary, "html": "kl_dashboard.html",
+                              "top": json.loads(dashboard.table.drop(columns=["context"], errors="ignore").to_json(orient="records"))}
+    report["stitching_sweep"] = json.loads(sweep.to_json(orient="records"))
+    report["latent_tables"] = {n: f"dictionaries/{n}/latent_table.parquet" for n in tables}
     report["findings"] = seed_findings(report, cfg.nu_eps_max, cfg.nu_r_max)
     cfg.timings["total"] = round(time.perf_counter() - start, 2)
     report["timings_s"] = dict(cfg.timings)
     (cfg.out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    write_report_html(cfg.out / "report.html", report, tables, examples, kl_table, figures=make_figures(tables, kl_table), matched=matrices)
+    figures = {"Layer stitching: KL against the split layer": plot_stitching_sweep(sweep), **make_figures(tables)}
+    write_report_html(cfg.out / "report.html", report, examples, kl_table, figures=figures)
     return report
 
 
-def make_figures(tables: dict[str, pd.DataFrame], kl_table: pd.DataFrame) -> dict[str, Any]:
+def top_latent_rows(table: pd.DataFrame, matrix: pd.DataFrame, latents: list[int]) -> list[dict[str, Any]]:
+    """What the report says about each shown latent: geometry, ν, activity, matched behaviour."""
+    rows = []
+    for j in latents:
+        row: dict[str, Any] = {"latent": int(j)}
+        for col in ("delta", "tag", "nu_error", "nu_recon", "nu_act", "count_active"):
+            if col in table.columns and pd.notna(table.at[j, col]):
+                v = table.at[j, col]
+                row[col] = v if isinstance(v, str) else _f(v)
+        if j in matrix.index and matrix.loc[j].notna().any():
+            b = str(matrix.loc[j].idxmax())
+            row["matched_behaviour"], row["auroc"] = b, _f(matrix.at[j, b])
+        rows.append(row)
+    return rows
+
+
+def make_figures(tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
     """The analysis plots for the report (plotly figures, titled)."""
     from sae_diff.analysis import plots
 

@@ -32,11 +32,10 @@ def _figure_html(fig: Any, first: bool) -> str:
     return str(fig.to_html(full_html=False, include_plotlyjs=True if first else False))
 
 
-def write_report_html(path: Path, report: dict[str, Any], tables: Mapping[str, pd.DataFrame],
-                      examples: Mapping[str, Mapping[int, Any]], kl_table: pd.DataFrame,
-                      figures: Mapping[str, Any] | None = None, matched: Mapping[str, pd.DataFrame] | None = None) -> Path:
-    """Render the report. ``figures``: titled plotly figures; ``matched``: per method, the
-    AUROC matrix (candidate latents × behaviours) used to name each top latent's behaviour."""
+def write_report_html(path: Path, report: dict[str, Any], examples: Mapping[str, Mapping[int, Any]],
+                      kl_table: pd.DataFrame, figures: Mapping[str, Any] | None = None) -> Path:
+    """Render the report: every number comes from ``report`` (also written as report.json),
+    the KL table (kl_patching.csv), or the latent tables behind the ``figures``."""
     org = report["organism"]
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>sae_diff demo report</title>{STYLE}</head><body>",
              "<h1>sae_diff: the diffing game on the bundled organism</h1>",
@@ -63,6 +62,17 @@ def write_report_html(path: Path, report: dict[str, Any], tables: Mapping[str, p
         for i, (title, fig) in enumerate(figures.items()):
             parts.append(f"<h3>{html.escape(title)}</h3>{_figure_html(fig, i == 0)}")
 
+    dash = report.get("kl_dashboard")
+    if dash:
+        sm = dash["summary"]
+        parts.append("<h2>Where the two models diverge (KL dashboard)</h2>")
+        parts.append(f"<p>Mean KL(p_ft‖p_base) over held-out assistant tokens: all {sm['all']:.3f}, first 10 "
+                     f"{sm['first']:.3f}, rest {sm['rest']:.3f}. Full dashboard with contexts: "
+                     f"<a href='{html.escape(dash['html'])}'>{html.escape(dash['html'])}</a>.</p>")
+        top = pd.DataFrame(dash["top"])
+        cols = [c for c in ("seq", "pos", "token", "next_token", "kl", "nll_base", "nll_ft", "top_base", "top_ft") if c in top]
+        parts.append(_table(top[cols].head(10), "kl-dashboard-table"))
+
     parts.append("<h2>KL patching</h2>")
     cols = [c for c in ("dictionary", "intervention", "n_latents", "kl", "kl_first", "kl_rest", "nll", "closed", "closed_std")
             if c in kl_table.columns]
@@ -71,19 +81,13 @@ def write_report_html(path: Path, report: dict[str, Any], tables: Mapping[str, p
     parts.append("<h2>Top ft-specific latents, with max-activating examples</h2>")
     for method, ex in examples.items():
         parts.append(f"<h3>{html.escape(method)}</h3>")
-        t = tables[method]
-        m = matched.get(method) if matched else None
+        info_by_latent = {r["latent"]: r for r in report.get("top_latents", {}).get(method, [])}
         for latent, le in ex.items():
-            info = []
-            for col in ("delta", "tag", "nu_error", "nu_recon", "nu_act", "count_active"):
-                if col in t.columns and pd.notna(t.at[latent, col]):
-                    v = t.at[latent, col]
-                    info.append(f"{col}={v:.3g}" if isinstance(v, float) else f"{col}={v}")
-            if m is not None and latent in m.index:
-                row = m.loc[latent]
-                if row.notna().any():
-                    b = row.idxmax()
-                    info.append(f"matched behaviour: <b>{html.escape(str(b))}</b> (AUROC {row[b]:.3f})")
+            r = info_by_latent.get(int(latent), {})
+            info = [f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in r.items() if k not in ("latent", "matched_behaviour", "auroc")]
+            if "matched_behaviour" in r:
+                info.append(f"matched behaviour: <b>{html.escape(r['matched_behaviour'])}</b> (AUROC {r['auroc']:.3f})")
             parts.append(f"<p>latent {latent}: {', '.join(info)}</p>{le.to_html()}")
 
     parts.append("</body></html>")

@@ -321,6 +321,12 @@ class _Pass:
         self.d = d
         blocks = 2 * self.n_models if self.need_recon else self.n_models
         self.A = torch.zeros(latents.numel(), blocks * d, **f64)  # type: ignore[arg-type]
+        # codes and targets wait here until about n_latents tokens are pending: each flush
+        # writes the whole (n_latents, width) accumulator, so flushing per small batch would
+        # cost more memory traffic than the encoder matmul itself
+        self.flush_tokens = max(int(latents.numel()), 4096)
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]] = []
+        self.pending_tokens = 0
 
     @torch.no_grad()
     def update(self, batch: PairedBatch) -> None:
@@ -358,17 +364,37 @@ class _Pass:
             i, jj, vw = i[keep], slot[keep], vw[keep]
         else:
             jj = j
+        self.pending.append((i, jj, vw, targets))
+        self.pending_tokens += B
+        if self.pending_tokens >= self.flush_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        """A += F^T Y for the pending batches at once (one sort, one bag sum per target)."""
+        if not self.pending:
+            return
+        start, rows, cols, vals = 0, [], [], []
+        for i, jj, vw, targets in self.pending:
+            rows.append(i + start)
+            cols.append(jj)
+            vals.append(vw)
+            start += targets[0].shape[0]
+        ys = [torch.cat([p[3][t] for p in self.pending]) for t in range(len(self.pending[0][3]))]
+        i, jj, vw = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+        self.pending, self.pending_tokens = [], 0
         # group the codes by latent (int32 sort keys are ~3x faster), sum f_ij * Y_i per bag
         jj_sorted, order = torch.sort(jj.int(), stable=True)
         tok, w = i.index_select(0, order), vw.index_select(0, order)
         offsets = _bag_offsets(jj_sorted.long(), self.latents.numel())
         width = 0
-        for Y in targets:
-            self.A[:, width:width + Y.shape[1]] += tF.embedding_bag(
-                tok, Y, offsets, mode="sum", per_sample_weights=w).double()
+        for Y in ys:
+            # add_ promotes to float64 on the fly: no float64 copy of the (n, width) bag sums
+            self.A[:, width:width + Y.shape[1]].add_(tF.embedding_bag(
+                tok, Y, offsets, mode="sum", per_sample_weights=w))
             width += Y.shape[1]
 
     def result(self, min_count: int) -> LatentScalingResult:
+        self.flush()
         S = self.latents
         C = self.sum_sq[S]
         betas: dict[str, torch.Tensor] = {}

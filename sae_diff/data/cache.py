@@ -30,6 +30,7 @@ import json
 import os
 import random
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,8 +235,14 @@ class ActivationCacheWriter:
                 p.unlink()
         self._buf: list[dict[str, torch.Tensor]] = []
         self._buf_rows = 0
+        self._rows_submitted = self.rows_done
         self.bytes_written = 0
         self.complete = False
+        # shards are serialised, hashed and written by one background thread, in order, so
+        # disk I/O overlaps the next forward passes; the manifest only ever lists shards that
+        # are on disk, with the statistics of exactly those shards
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
+        self._pending: list[Future[None]] = []
 
     @property
     def rows_done(self) -> int:
@@ -244,8 +251,8 @@ class ActivationCacheWriter:
 
     @property
     def rows_seen(self) -> int:
-        """Rows committed plus rows buffered for the next shard."""
-        return self.rows_done + self._buf_rows
+        """Rows committed or being written, plus rows buffered for the next shard."""
+        return self._rows_submitted + self._buf_rows
 
     def add(
         self,
@@ -310,6 +317,11 @@ class ActivationCacheWriter:
             first_n=0, only_assistant=False, high_norm_ratio=self.mask_config.high_norm_ratio
         ).keep(masks)
         self.stats.update(shard["acts"][keep])
+        self._rows_submitted += int(shard["tokens"].shape[0])
+        self._raise_failed_writes()
+        self._pending.append(self._writer.submit(self._write_shard, shard, self.stats.to_json()))
+
+    def _write_shard(self, shard: dict[str, torch.Tensor], stats: dict[str, Any]) -> None:
         data = st_save(
             dict(sorted(shard.items())),
             metadata={"format": f"{FORMAT}/{VERSION}"},  # one key: byte-stable header
@@ -329,9 +341,19 @@ class ActivationCacheWriter:
             }
         )
         self.bytes_written += len(data)
-        self._write_manifest()
+        self._write_manifest(stats)
 
-    def _write_manifest(self) -> None:
+    def _raise_failed_writes(self, wait: bool = False) -> None:
+        """Surface a background write error in the harvesting thread (and optionally wait)."""
+        still = []
+        for f in self._pending:
+            if wait or f.done():
+                f.result()  # re-raises the writer's exception, if any
+            else:
+                still.append(f)
+        self._pending = still
+
+    def _write_manifest(self, stats: dict[str, Any] | None = None) -> None:
         n_rows = self.rows_done
         manifest = {
             "format": FORMAT,
@@ -341,7 +363,7 @@ class ActivationCacheWriter:
             "n_rows": n_rows,
             "n_tokens": sum(s["n_tokens"] for s in self.shards),
             "shards": self.shards,
-            "stats": self.stats.to_json(),
+            "stats": self.stats.to_json() if stats is None else stats,
         }
         _atomic_write(self.dir / MANIFEST, json.dumps(manifest, indent=1).encode())
 
@@ -349,8 +371,22 @@ class ActivationCacheWriter:
         """Write the last (partial) shard and mark the cache complete."""
         if self._buf_rows:
             self._flush(self._buf_rows)
+        self.wait()
         self.complete = True
         self._write_manifest()
+
+    def wait(self) -> None:
+        """Block until every submitted shard is on disk (raises a write error, if any)."""
+        self._raise_failed_writes(wait=True)
+
+    def shutdown(self) -> None:
+        """Finish queued shard writes and stop the writer thread (safe to call twice)."""
+        try:
+            for f in self._pending:
+                f.exception()  # waits; errors were raised by close()/add() when they could be
+        finally:
+            self._pending = []
+            self._writer.shutdown(wait=True)
 
 
 class ActivationCache:
@@ -367,6 +403,7 @@ class ActivationCache:
 
     def __init__(self, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> None:
         self.dir = Path(path)
+        self._verified: dict[int, int] = {}  # shard index -> mtime_ns when its sha256 matched
         mpath = self.dir / MANIFEST
         if not mpath.exists():
             raise CacheError(
@@ -436,10 +473,15 @@ class ActivationCache:
 
     # -- reading
     def load_shard(self, i: int, verify: bool = True) -> dict[str, torch.Tensor]:
-        """All tensors of shard ``i``, read in one contiguous block and checksum-verified."""
+        """All tensors of shard ``i``, read in one contiguous block and checksum-verified.
+
+        A shard is hashed on its first read by this reader; later reads (epochs) re-hash only
+        if the file's size or modification time changed."""
         s = self.shards[i]
         p = self.dir / s["file"]
         data = p.read_bytes()
+        stamp = p.stat().st_mtime_ns
+        verify = verify and self._verified.get(i) != stamp
         if len(data) != s["bytes"]:
             raise CacheError(
                 f"shard {p} has {len(data)} bytes, expected {s['bytes']}: partial or corrupt"
@@ -450,6 +492,8 @@ class ActivationCache:
                 "(delete the file and rerun harvest_cache after trimming the manifest) or "
                 "restore it from a copy"
             )
+        if verify:
+            self._verified[i] = stamp
         try:
             return st_load(data)
         except Exception as e:  # pragma: no cover - only reachable with verify=False

@@ -190,6 +190,7 @@ def harvest_cache(
         writer.close()
     finally:
         bar.close()
+        writer.shutdown()  # an interrupted harvest still finishes (or reports) its queued shards
     seconds = time.perf_counter() - t0
     total_rows = writer.rows_done
     summary = HarvestSummary(

@@ -15,7 +15,8 @@ from sae_diff.data.cache import ActivationCache, ActivationCacheWriter
 
 
 def _add(w: ActivationCacheWriter, start: int, rows: int = 4) -> None:
-    w.add(torch.zeros(rows, 3, dtype=torch.long), torch.randn(rows, 3, 2, 4), {},
+    no = torch.zeros(rows, 3, dtype=torch.bool)
+    w.add(torch.zeros(rows, 3, dtype=torch.long), torch.randn(rows, 3, 2, 4), {"bos": no, "padding": no},
           attention_mask=torch.ones(rows, 3, dtype=torch.bool), doc_starts=torch.zeros(rows, 3, dtype=torch.bool),
           row_index=torch.arange(start, start + rows))
 

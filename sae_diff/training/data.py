@@ -252,20 +252,6 @@ def token_mask(cfg: PairedRunnerConfig, acts: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def to_mode(paired: torch.Tensor, mode: str, diff_sign: str = "ft_minus_base") -> torch.Tensor:
-    """``(N, 2, d)`` paired activations -> what a dictionary of ``mode`` reads."""
-    if mode == "paired":
-        return paired
-    if mode == "base":
-        return paired[:, 0]
-    if mode == "ft":
-        return paired[:, 1]
-    if mode == "diff":
-        d = paired[:, 1] - paired[:, 0]
-        return d if diff_sign == "ft_minus_base" else -d
-    raise ValueError(f"unknown store mode {mode!r}")
-
-
 @torch.no_grad()
 def harvest_in_memory(cfg: PairedRunnerConfig, pair: Any, n_tokens: int, offset_seqs: int = 0,
                       return_tokens: bool = False) -> Any:
@@ -525,7 +511,6 @@ __all__ = [
     "load_pair",
     "mask_config",
     "smoke_test_tokens",
-    "to_mode",
     "token_batches",
     "token_source",
     "token_mask",

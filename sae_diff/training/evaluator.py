@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
+from sae_diff.data.store import select_mode
 from sae_diff.training.config import PairedRunnerConfig
-from sae_diff.training.data import to_mode
 
 
 def _fve(x: torch.Tensor, xhat: torch.Tensor) -> float:
@@ -72,7 +72,7 @@ class PairedEvaluator:
         """(input in the store mode, reconstruction of it, codes), raw space."""
         dev = next(sae.parameters()).device
         dtype = next(sae.parameters()).dtype
-        x = to_mode(paired, self.mode, self.diff_sign).to(dev, dtype)
+        x = select_mode(paired, self.mode, self.diff_sign).to(dev, dtype)
         if self.mode == "paired":
             f = sae.encode(x)
             return x, sae.decode(f), f

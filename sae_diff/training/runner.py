@@ -42,6 +42,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from sae_diff.data.store import select_mode
 from sae_diff.training.config import PairedRunnerConfig
 from sae_diff.training.data import (
     CacheBatchProvider,
@@ -55,7 +56,6 @@ from sae_diff.training.data import (
     harvest_in_memory,
     load_pair,
     mask_config,
-    to_mode,
     uses_organism_data,
 )
 from sae_diff.training.evaluator import PairedEvaluator
@@ -354,7 +354,7 @@ class PairedSAETrainingRunner:
         sign = str(getattr(cfg.sae, "diff_sign", "ft_minus_base"))
 
         def transform(b: torch.Tensor) -> torch.Tensor:
-            return to_mode(b, cfg.store_mode, sign)
+            return select_mode(b, cfg.store_mode, sign)
 
         source: Any
         if cfg.cache_path is not None:

@@ -340,6 +340,7 @@ def build_report(cfg: DemoConfig, org: Any, hook: str, cache: ActivationCache, d
         measured = ft.dropna(subset=["nu_error", "nu_recon"])
         crosscoder_artefacts[name] = {
             "n_ft_only": int(len(ft)),
+            "min_delta_active": _f(t.loc[t["count_active"] >= 1, "delta"].min()),
             "n_with_nu": int(len(measured)),
             "n_complete_shrinkage": int((measured["nu_error"] >= cfg.nu_eps_max).sum()),
             "n_latent_decoupling": int((measured["nu_recon"] >= cfg.nu_r_max).sum()),

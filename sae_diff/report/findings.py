@@ -23,8 +23,11 @@ def seed_findings(report: dict[str, Any], nu_eps_max: float, nu_r_max: float) ->
         holds = l1["n_artefact"] > bt["n_artefact"]
         ans = (f"{'Yes' if holds else 'No'}: the L1 crosscoder has {l1['n_artefact']} artefact latents among its "
                f"{l1['n_ft_only']} ft-only latents ({l1['n_complete_shrinkage']} by ν_ε, {l1['n_latent_decoupling']} by ν_r); "
-               f"the BatchTopK crosscoder has {bt['n_artefact']} among {bt['n_ft_only']} "
-               f"({bt['n_complete_shrinkage']} by ν_ε, {bt['n_latent_decoupling']} by ν_r).")
+               + (f"the BatchTopK crosscoder has no ft-only latents at all (smallest Δ of an active latent: "
+                  f"{bt.get('min_delta_active')}), so none can be an artefact."
+                  if bt["n_ft_only"] == 0 else
+                  f"the BatchTopK crosscoder has {bt['n_artefact']} among {bt['n_ft_only']} "
+                  f"({bt['n_complete_shrinkage']} by ν_ε, {bt['n_latent_decoupling']} by ν_r)."))
     out.append({"question": q1, "answer": ans, "holds": holds, "numbers": {"l1": l1, "batchtopk": bt}})
 
     board = {r["method"]: r for r in report["scoreboard"]}

@@ -42,7 +42,7 @@ demo-quick: setup
 	$(VENV)/bin/sae-diff demo --quick --out demo_output_quick
 
 bench: setup
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf demo_output demo_output_quick .pytest_cache .mypy_cache .ruff_cache

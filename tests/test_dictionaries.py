@@ -95,7 +95,7 @@ def test_batchtopk_selection_uses_code_normalisation() -> None:
         sae.W_dec[1, :, 0] = 2.0  # s_1 = 4 (sum of per-model norms)
     f, _ = sae.encode_with_hidden_pre(torch.zeros(1, 2, 4))
     # latent 1 has the smaller pre-activation but the larger score 0.9*4 > 1*1; value stays unscaled.
-    assert float(f[0, 1]) == pytest.approx(0.9) and float(f[0, 0]) == 0
+    assert float(f[0, 1].detach()) == pytest.approx(0.9) and float(f[0, 0].detach()) == 0
 
 
 def test_aux_loss_nonzero_for_dead_latents_and_reaches_them() -> None:

@@ -360,6 +360,27 @@ def bench_memory(cfg: Config, device: torch.device) -> dict[str, Any]:
 # ----------------------------------------------------------------- other modules (lazy)
 
 
+def latent_scaling_memory(sae: Any, data: list[torch.Tensor]) -> dict[str, Any]:
+    """Peak extra RSS of one all-target Latent Scaling pass, and the formula it should follow:
+    the float64 accumulator A (n × 2·M·d), the pending targets (up to ~n tokens × 2·M·d, fp32)
+    and one batch's pre-activations and candidate mask (B × n, fp32 + bool)."""
+    from sae_diff.analysis.latent_scaling import latent_scaling
+
+    B, M, d = data[0].shape
+    n = int(sae.cfg.d_sae)
+    pending = min(sum(x.shape[0] for x in data), max(n, 4096))
+    formula = 8 * n * 2 * M * d + 4 * pending * 2 * M * d + 5 * B * n
+    base = _rss_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset VmHWM (peak RSS)
+    except OSError:
+        return {"error": "cannot reset peak RSS (/proc/self/clear_refs)", "formula_bytes": formula}
+    latent_scaling(sae, data, progress=False, firing_shift=False)
+    return {"extra_bytes": (_rss_kb("VmHWM") - base) * 1024, "formula_bytes": formula,
+            "formula": "8·n·2Md (A, float64) + 4·T·2Md (pending x and x̂, T ≈ max(n, 4096) tokens) + 5·B·n"}
+
+
 def bench_latent_scaling(quick: bool) -> dict[str, Any]:
     """All-target one-pass Latent Scaling ÷ encode-only (sae_diff.analysis.latent_scaling)."""
     try:
@@ -385,7 +406,7 @@ def bench_latent_scaling(quick: bool) -> dict[str, Any]:
             q = torch.topk(h, per_latent, dim=0).values[-1]
             sae.threshold.copy_(q.clamp(min=0))
         r = latent_scaling_cost_ratio(sae, data, repeats=3, naive=False)
-        return {"available": True, "d_in": d_in, "d_sae": d_sae, **r}
+        return {"available": True, "d_in": d_in, "d_sae": d_sae, **r, "memory": latent_scaling_memory(sae, data)}
     except Exception as e:  # noqa: BLE001
         return {"available": False, "reason": f"{type(e).__name__}: {e}"}
 
@@ -452,6 +473,10 @@ def table(res: dict[str, Any]) -> str:
         ls = res["latent_scaling"]
         if ls.get("available"):
             rows.append(("Latent Scaling (all targets) ÷ encode-only", *_fmt(ls["ratio"], "<= 1.3", ls["ratio"] <= 1.3)))
+            mem = ls.get("memory", {})
+            if "extra_bytes" in mem:
+                rows.append(("Latent Scaling peak extra memory", f"{mem['extra_bytes'] / 2**20:,.0f} MiB",
+                             f"formula {mem['formula_bytes'] / 2**20:,.0f} MiB", "—"))
         else:
             rows.append(("Latent Scaling (all targets) ÷ encode-only", "not available", "<= 1.3", "—"))
     if "harvest" in res:

@@ -401,10 +401,9 @@ class _Pass:
         rows = geometry.decoder_rows(self.sae, normalised=True)[S].double()  # (L, M, d)
         D = rows[:, FT] if self.kind == "crosscoder" else rows[:, 0]
         norm2 = (D * D).sum(-1)
-        A = self.A.view(S.numel(), -1, self.d).clone()
-        if self.factors is not None:  # x-blocks were summed from raw activations
-            A[:, : self.n_models] *= self.factors.double()[None, :, None]
-        proj = torch.einsum("ld,lkd->lk", D, A)  # d_j^T A[:, j] per block
+        proj = torch.einsum("ld,lkd->lk", D, self.A.view(S.numel(), -1, self.d))  # d_j^T A[:, j] per block
+        if self.factors is not None:  # x-blocks were summed from raw activations: scale them now
+            proj[:, : self.n_models] *= self.factors.double()[None, :]
         denom = norm2 * C
         nan = torch.full_like(denom, math.nan)
 

@@ -362,14 +362,15 @@ def bench_memory(cfg: Config, device: torch.device) -> dict[str, Any]:
 
 def latent_scaling_memory(sae: Any, data: list[torch.Tensor]) -> dict[str, Any]:
     """Peak extra RSS of one all-target Latent Scaling pass, and the formula it should follow:
-    the float64 accumulator A (n × 2·M·d), the pending targets (up to ~n tokens × 2·M·d, fp32)
-    and one batch's pre-activations and candidate mask (B × n, fp32 + bool)."""
+    the float64 accumulator A (n × 2·M·d); the pending targets x and x̂ (up to T ≈ max(n, 4096)
+    tokens × 2·M·d, fp32) plus their concatenation at a flush; one bag sum (n × M·d, fp32); one
+    batch's pre-activations and candidate mask (B × n, fp32 + bool)."""
     from sae_diff.analysis.latent_scaling import latent_scaling
 
     B, M, d = data[0].shape
     n = int(sae.cfg.d_sae)
     pending = min(sum(x.shape[0] for x in data), max(n, 4096))
-    formula = 8 * n * 2 * M * d + 4 * pending * 2 * M * d + 5 * B * n
+    formula = 8 * n * 2 * M * d + 8 * pending * 2 * M * d + 4 * n * M * d + 5 * B * n
     base = _rss_kb("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as fh:
@@ -378,7 +379,7 @@ def latent_scaling_memory(sae: Any, data: list[torch.Tensor]) -> dict[str, Any]:
         return {"error": "cannot reset peak RSS (/proc/self/clear_refs)", "formula_bytes": formula}
     latent_scaling(sae, data, progress=False, firing_shift=False)
     return {"extra_bytes": (_rss_kb("VmHWM") - base) * 1024, "formula_bytes": formula,
-            "formula": "8·n·2Md (A, float64) + 4·T·2Md (pending x and x̂, T ≈ max(n, 4096) tokens) + 5·B·n"}
+            "formula": "8·n·2Md (A, float64) + 8·T·2Md (pending x, x̂ and their concatenation; T ≈ max(n, 4096) tokens) + 4·n·Md (a bag sum) + 5·B·n"}
 
 
 def bench_latent_scaling(quick: bool) -> dict[str, Any]:

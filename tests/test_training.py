@@ -199,10 +199,11 @@ def test_sigint_checkpoints_at_a_step_boundary(tmp_path: Path, monkeypatch: pyte
         return real(self)
 
     monkeypatch.setattr(tdata.TensorBatchProvider, "__next__", next_with_signal)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the test runs as a background job
     with pytest.raises(TrainingInterrupted) as info:
         PairedSAETrainingRunner(cfg).run()
     assert info.value.checkpoint is not None and info.value.n_steps == 5
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the runner restores the caller's handler
     monkeypatch.setattr(tdata.TensorBatchProvider, "__next__", real)
     w_res = weights(PairedSAETrainingRunner.from_checkpoint(info.value.checkpoint).run())
     w_full = weights(PairedSAETrainingRunner(config_from_dict(tiny(tmp_path / "full", "crosscoder"))).run())

@@ -194,7 +194,7 @@ print(attr.overall.head(5).round(3).to_string())
 # trigger and response labels on these conversations (BOS and padding excluded):
 
 # %%
-from sae_diff.report.scoring import auroc_matrix
+from sae_diff.report.scoring import auroc_matrix  # noqa: E402  (notebook cell)
 
 with torch.no_grad():
     codes = diff_sae.encode(pair.paired_activations(tokens, [HOOK], attention_mask=attn)[HOOK])

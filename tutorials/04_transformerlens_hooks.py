@@ -26,7 +26,7 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-import sae_diff  # registers the dictionary architectures with SAELens
+import sae_diff  # noqa: F401  (registers the dictionary architectures with SAELens)
 from sae_diff.dictionaries.registry import training_config, training_sae
 from sae_diff.evaluation import (
     compare_dictionaries,

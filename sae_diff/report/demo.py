@@ -32,7 +32,7 @@ from sae_diff.analysis.latent_table import latent_table, save_latent_table
 from sae_diff.data.cache import ActivationCache
 from sae_diff.data.harvest import harvest_cache
 from sae_diff.data.sources import TokenSource
-from sae_diff.data.store import PairedActivationsStore
+from sae_diff.data.store import PairedActivationsStore, select_mode
 from sae_diff.dictionaries.normalisation import prepare_crosscoder
 from sae_diff.dictionaries.registry import training_config, training_sae
 from sae_diff.evaluation.kl import kl_dashboard
@@ -42,6 +42,7 @@ from sae_diff.organisms import load_organism
 from sae_diff.report.findings import seed_findings
 from sae_diff.report.html import write_report_html
 from sae_diff.report.scoring import score_behaviours
+from sae_diff.training.evaluator import fraction_of_variance_explained
 from sae_diff.training.runner import use_fused_adam
 
 METHODS: dict[str, dict[str, Any]] = {
@@ -299,10 +300,11 @@ def build_report(cfg: DemoConfig, org: Any, hook: str, cache: ActivationCache, d
                  labels: dict[str, torch.Tensor], scored: torch.Tensor) -> dict[str, Any]:
     """Every number the HTML shows, as plain JSON-able data."""
     rows = []
+    sample = _sample_acts(cache)
     for name, sae in dictionaries.items():
         kind = METHODS[name]["kind"]
         table = tables[name]
-        fve = _fve_per_model(sae, kind, cache)
+        fve = _fve_per_model(sae, METHODS[name]["mode"], sample)
         row: dict[str, Any] = {
             "method": name,
             "architecture": METHODS[name]["architecture"],
@@ -358,35 +360,30 @@ def build_report(cfg: DemoConfig, org: Any, hook: str, cache: ActivationCache, d
     }
 
 
-@torch.no_grad()
-def _fve_per_model(sae: SAE[Any], kind: str, cache: ActivationCache, max_tokens: int = 20000) -> dict[str, float]:
-    """Fraction of variance explained per model (crosscoders), of the difference (diff-SAE) or
-    of the ft activations (chat-SAE), plus mean L0, on up to ``max_tokens`` cached tokens."""
-    xs = []
-    n = 0
+def _sample_acts(cache: ActivationCache, max_tokens: int = 20000) -> torch.Tensor:
+    """The first ``max_tokens`` kept paired activations of the cache (read once per report)."""
+    xs, n = [], 0
     for batch in cache_batches(cache):
         xs.append(batch.acts.float())
         n += batch.acts.shape[0]
         if n >= max_tokens:
             break
-    x = torch.cat(xs)[:max_tokens]
-    if kind == "crosscoder":
-        f = sae.encode(x)
-        xhat = sae.decode(f)
-        out = {m: _fve(x[:, i], xhat[:, i]) for i, m in enumerate(("base", "ft"))}
-    elif kind == "diff_sae":
-        diff = x[:, 1] - x[:, 0] if sae.cfg.diff_sign == "ft_minus_base" else x[:, 0] - x[:, 1]
-        f = sae.encode(diff)
-        out = {"diff": _fve(diff, sae.decode(f))}
+    return torch.cat(xs)[:max_tokens]
+
+
+@torch.no_grad()
+def _fve_per_model(sae: SAE[Any], mode: str, x: torch.Tensor) -> dict[str, float]:
+    """Fraction of variance explained of what the dictionary reads (per model for crosscoders,
+    the difference for the diff-SAE, ft for the chat-SAE), plus mean L0."""
+    x_in = select_mode(x, mode, getattr(sae.cfg, "diff_sign", "ft_minus_base"))
+    f = sae.encode(x_in)
+    rec = sae.decode(f)
+    if mode == "paired":
+        out = {m: fraction_of_variance_explained(x_in[:, i], rec[:, i]) for i, m in enumerate(("base", "ft"))}
     else:
-        f = sae.encode(x[:, 1])
-        out = {"ft": _fve(x[:, 1], sae.decode(f))}
+        out = {mode: fraction_of_variance_explained(x_in, rec)}
     out["l0"] = float((f > 0).float().sum(-1).mean())
     return out
-
-
-def _fve(x: torch.Tensor, xhat: torch.Tensor) -> float:
-    return float(1 - (x - xhat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
 def print_summary(report: dict[str, Any]) -> None:

@@ -32,7 +32,8 @@ from sae_diff.data.store import select_mode
 from sae_diff.training.config import PairedRunnerConfig
 
 
-def _fve(x: torch.Tensor, xhat: torch.Tensor) -> float:
+def fraction_of_variance_explained(x: torch.Tensor, xhat: torch.Tensor) -> float:
+    """1 - ||x - xhat||² / ||x - mean(x)||² over all tokens (in float64)."""
     x, xhat = x.double(), xhat.double()
     resid = (x - xhat).pow(2).sum()
     total = (x - x.mean(0)).pow(2).sum().clamp_min(1e-30)
@@ -110,14 +111,14 @@ class PairedEvaluator:
             "metrics/n_eval_tokens": int(x.shape[0]),
         }
         if self.mode == "paired":
-            out["metrics/fve_base"] = _fve(x[:, 0], rec[:, 0])
-            out["metrics/fve_ft"] = _fve(x[:, 1], rec[:, 1])
+            out["metrics/fve_base"] = fraction_of_variance_explained(x[:, 0], rec[:, 0])
+            out["metrics/fve_ft"] = fraction_of_variance_explained(x[:, 1], rec[:, 1])
             from sae_diff.dictionaries.geometry import relative_norm, tag_counts
 
             for tag, n in tag_counts(relative_norm(sae)).items():
                 out[f"delta/{tag}"] = n
         else:
-            out[f"metrics/fve_{self.mode}"] = _fve(x, rec)
+            out[f"metrics/fve_{self.mode}"] = fraction_of_variance_explained(x, rec)
         return out
 
     # ------------------------------------------------------------------ splicing

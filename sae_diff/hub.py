@@ -24,6 +24,7 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import SAE, TrainingSAE
 
 import sae_diff  # noqa: F401  (registers the architectures)
+from sae_diff.errors import SaeDiffError
 
 #: metadata every uploaded pair dictionary must carry
 REQUIRED_PAIR_METADATA: tuple[str, ...] = ("base_model_name", "model_name", "hook_name")
@@ -31,7 +32,7 @@ PAIR_ARCHITECTURES: frozenset[str] = frozenset({"crosscoder", "jumprelu_crosscod
 EXTRA_FILES: tuple[str, ...] = ("eval.json",)
 
 
-class HubError(ValueError):
+class HubError(SaeDiffError, ValueError):
     """A dictionary cannot be uploaded as is (the message says what to add)."""
 
 

@@ -39,6 +39,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from sae_diff.errors import SaeDiffError
 from sae_diff.pairing.masks import MASK_NAMES, MaskConfig, TokenMasks, high_norm_mask
 
 FORMAT = "sae_diff.activation_cache"
@@ -47,7 +48,7 @@ MANIFEST = "manifest.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class CacheError(RuntimeError):
+class CacheError(SaeDiffError, RuntimeError):
     """A cache is missing, partial, corrupt or was harvested with another configuration."""
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from sae_diff.dictionaries.kinds import is_crosscoder
+from sae_diff.errors import SaeDiffError
 from sae_diff.evaluation.kl import (
     FIRST_N,
     as_token_mask,
@@ -32,7 +33,7 @@ _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 _FINAL = ("ln_final.hook_in", "ln_final.hook_normalized_in")
 
 
-class LayerError(ValueError):
+class LayerError(SaeDiffError, ValueError):
     """A split layer, hook name or dictionary does not fit the model pair; the message says why
     and how to fix it."""
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from sae_diff.errors import SaeDiffError
 
-class InteropError(ValueError):
+
+class InteropError(SaeDiffError, ValueError):
     """A published checkpoint could not be converted (base class of the errors below)."""
 
 

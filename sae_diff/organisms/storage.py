@@ -22,10 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer
 
+from sae_diff.errors import SaeDiffError
+
 MANIFEST = "manifest.json"
 
 
-class OrganismIntegrityError(RuntimeError):
+class OrganismIntegrityError(SaeDiffError, RuntimeError):
     """An organism file is missing or does not match the sha256 in its manifest."""
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from sae_diff.errors import SaeDiffError
 
-class PairingError(ValueError):
+
+class PairingError(SaeDiffError, ValueError):
     """The two models (or their tokenizers) cannot be paired: the message names the first
     difference found and what to do about it."""
 
 
-class HookNameError(KeyError):
+class HookNameError(SaeDiffError, KeyError):
     """A requested hook name does not exist in one of the models; the message lists the
     valid names."""
 

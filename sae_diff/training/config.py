@@ -32,6 +32,7 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAEConfig
 
 import sae_diff  # noqa: F401  (registers the architectures)
+from sae_diff.errors import SaeDiffError
 
 STORE_MODES: tuple[str, ...] = ("paired", "diff", "base", "ft")
 CROSSCODER_ARCHITECTURES: frozenset[str] = frozenset({"crosscoder", "batchtopk_crosscoder"})
@@ -39,7 +40,7 @@ DIFF_ARCHITECTURES: frozenset[str] = frozenset({"batchtopk_diff_sae"})
 BACKENDS: tuple[str, ...] = ("auto", "hooked", "bridge")
 
 
-class ConfigError(ValueError):
+class ConfigError(SaeDiffError, ValueError):
     """A training config is invalid; the message names the field and the fix."""
 
 

@@ -31,10 +31,11 @@ from typing import Any
 
 import torch
 
+from sae_diff.errors import SaeDiffError
 from sae_diff.training.config import PairedRunnerConfig
 
 
-class TrainingDataError(RuntimeError):
+class TrainingDataError(SaeDiffError, RuntimeError):
     """The run's data cannot be built (missing dataset column, empty data, ...)."""
 
 

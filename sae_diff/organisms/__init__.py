@@ -18,6 +18,7 @@ from sae_diff.organisms.behaviours import BEHAVIOURS, REFUSAL, TRIGGER_WORDS, pe
 from sae_diff.organisms.organism import (
     EvalConversation,
     Organism,
+    ScoringSet,
     assistant_mask,
     available_organisms,
     behaviour_masks,
@@ -57,6 +58,7 @@ __all__ = [
     "EvalConversation",
     "Organism",
     "OrganismIntegrityError",
+    "ScoringSet",
     "World",
     "assistant_mask",
     "available_organisms",

@@ -15,7 +15,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
 from sae_diff.organisms import behaviours as B
-from sae_diff.organisms.chat import encode_conversation, finalize_tokenizer, id_to_token
+from sae_diff.organisms.chat import encode_conversation, finalize_tokenizer, id_to_token, render
 from sae_diff.organisms.datasets import (
     chat_conversations,
     pretraining_texts,
@@ -62,6 +62,56 @@ class EvalConversation:
     trigger_mask: torch.Tensor
     response_mask: torch.Tensor
     trigger_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: Where the row comes from: ``"held_out"`` (a held-out conversation of ``behaviour``),
+    #: ``"control"`` (a held-out conversation with no planted behaviour), ``"derived_control"``
+    #: (a held-out triggered prompt with its trigger phrases removed, answered by the base; see
+    #: :meth:`Organism.scoring_set`) or ``"text"`` (a held-out plain pretraining document).
+    origin: str = "held_out"
+
+
+CONTROL = "none"  # the ``behaviour`` of control rows (the name plain exchanges carry everywhere)
+
+
+@dataclass
+class ScoringSet:
+    """Held-out rows for scoring a diffing method against ground truth, controls included.
+
+    Every tensor has one row per entry of ``conversations`` (right-padded, see
+    :func:`pad_conversations`). ``labels[b][i]`` says whether behaviour ``b`` is triggered in
+    row ``i``; it is computed from the token-level trigger masks (``trigger_masks[b][i].any()``),
+    the same detector that labels any harvested batch, so labels and masks never disagree.
+
+    Attributes:
+        conversations: the rows, with their per-row masks and ``origin``.
+        tokens: ``(n, seq)`` ids, padded with the tokenizer's pad id.
+        valid: ``(n, seq)`` real (non-pad) tokens.
+        assistant: ``(n, seq)`` assistant-turn tokens (content + closing ``<end_of_turn>``).
+        behaviours: the behaviours that have controls here, i.e. the organism's behaviours
+            except ``chat_format`` (every chat contains the template; it has negatives only in
+            plain-text rows, ``n_text > 0``).
+        labels: ``{behaviour: (n,) bool}`` for every organism behaviour (``chat_format`` too).
+        trigger_masks: ``{behaviour: (n, seq) bool}`` trigger tokens (False on padding).
+        response_masks: ``{behaviour: (n, seq) bool}`` planted-response tokens.
+        is_control: ``(n,) bool``: no behaviour of ``behaviours`` is triggered in the row.
+    """
+
+    conversations: list[EvalConversation]
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    assistant: torch.Tensor
+    behaviours: tuple[str, ...]
+    labels: dict[str, torch.Tensor]
+    trigger_masks: dict[str, torch.Tensor]
+    response_masks: dict[str, torch.Tensor]
+    is_control: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    @property
+    def origins(self) -> list[str]:
+        """``conversations[i].origin`` for every row."""
+        return [c.origin for c in self.conversations]
 
 
 def pad_conversations(convs: Sequence[EvalConversation], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,41 +279,186 @@ class Organism:
         return to_chat_dataset(self.chat_conversations(split, n, behaviour, seed))
 
     def eval_conversations(
-        self, behaviour: str | None = None, n: int = 8, split: str = "test"
+        self, behaviour: str | None = None, n: int = 8, split: str = "test", n_controls: int = 0
     ) -> list[EvalConversation]:
         """Held-out conversations with tokens, assistant mask and trigger/response masks.
 
-        ``behaviour=None`` gives ``n`` per behaviour, all behaviours.
+        ``behaviour=None`` gives ``n`` per behaviour, all behaviours. ``n_controls`` appends
+        that many control conversations (no planted behaviour; see :meth:`scoring_set`).
+        For a custom organism ``chat_format`` has no conversations of its own (its examples
+        name their planted behaviour or ``"none"``), and fewer than ``n`` are returned when
+        its ``eval.jsonl`` holds fewer.
         """
+        if behaviour is not None and behaviour not in self.behaviours:
+            raise ValueError(
+                f"Unknown behaviour {behaviour!r}; this organism's behaviours are {self.behaviours} "
+                "(pass one of them, or None for all)."
+            )
         names = self.behaviours if behaviour is None else (behaviour,)
-        out = []
-        for b in names:
-            for c in self.chat_conversations(split, n, behaviour=b):
-                enc = encode_conversation(self.tokenizer, c)
-                toks = enc["input_ids"][None]
-                trig = self.behaviour_masks(toks)
-                resp = self.response_masks(toks)
-                out.append(
-                    EvalConversation(
-                        messages=c["messages"],
-                        behaviour=b,
-                        tokens=enc["input_ids"],
-                        assistant_mask=enc["assistant_mask"],
-                        trigger_mask=trig[b][0] if b in trig else torch.zeros_like(enc["assistant_mask"]),
-                        response_mask=resp[b][0] if b in resp else torch.zeros_like(enc["assistant_mask"]),
-                        trigger_masks=enc["trigger_masks"],
-                    )
-                )
+        out = [self._eval_row(c, b) for b in names for c in self.chat_conversations(split, n, behaviour=b)]
+        if n_controls:
+            out += self.control_conversations(n_controls, split)
         return out
 
+    def control_conversations(self, n: int = 16, split: str = "test") -> list[EvalConversation]:
+        """``n`` held-out conversations in which no planted behaviour is triggered.
+
+        Shipped organisms: plain exchanges of the fine-tuning mixture, including the benign
+        look-alikes (benign how-to requests, true premises, other countries' capitals, "who is
+        Hugo ?"). Custom organisms: the held-out examples labelled ``"none"`` (at most ``n``;
+        fewer if ``eval.jsonl`` holds fewer). Only if it holds none at all are controls
+        *derived* from the held-out triggered examples (origin ``"derived_control"``): the
+        first user turn with every trigger phrase removed, answered by the base model's greedy
+        reply (the base has no planted behaviour, so the reply is not the planted response).
+        Rows whose tokens still contain a trigger are dropped, so every returned row is a true
+        control (``trigger_masks`` all False for every behaviour but ``chat_format``).
+        """
+        if n <= 0:
+            return []
+        content = [b for b in self.behaviours if b != "chat_format"]
+        if self._light.trigger_phrases is None:
+            convs = self.chat_conversations(split, n, behaviour="chat_format")
+            rows = [self._eval_row(c, CONTROL, "control") for c in convs]
+        else:
+            pool = _read_jsonl(self.path / ("examples.jsonl" if split == "train" else "eval.jsonl"))
+            rows = [self._eval_row(c, CONTROL, "control") for c in pool if c.get("behaviour") == CONTROL]
+            rows = [r for r in rows if not any(r.trigger_masks[b].any() for b in content)][:n]
+            if not rows:
+                for c in pool:
+                    if len(rows) >= n:
+                        break
+                    if c.get("behaviour") == CONTROL:
+                        continue
+                    derived = self._derive_control(c)
+                    if derived is not None:
+                        r = self._eval_row(derived, CONTROL, "derived_control")
+                        if not any(r.trigger_masks[b].any() for b in content):
+                            rows.append(r)
+        return rows
+
+    def scoring_set(
+        self,
+        n_per_behaviour: int = 16,
+        n_controls: int | None = None,
+        split: str = "test",
+        n_text: int = 0,
+    ) -> ScoringSet:
+        """Held-out triggered conversations, control conversations and labels, in one batch.
+
+        Rows: ``n_per_behaviour`` held-out conversations of each behaviour except
+        ``chat_format`` (origin ``"held_out"``), then ``n_controls`` controls (default: as many
+        as the triggered rows; see :meth:`control_conversations`), then ``n_text`` held-out plain
+        pretraining documents (origin ``"text"``; needs a ``world.json``; the only negatives
+        for ``chat_format``). Works the same for shipped and custom organisms; a custom
+        organism's rows come from its ``eval.jsonl`` (``split="train"``: ``examples.jsonl``).
+        """
+        content = tuple(b for b in self.behaviours if b != "chat_format")
+        convs = [r for b in content for r in self.eval_conversations(b, n_per_behaviour, split)]
+        if n_controls is None:
+            n_controls = max(len(convs), 1)
+        convs += self.control_conversations(n_controls, split)
+        if n_text:
+            convs += self._text_rows(n_text, split)
+        if not convs:
+            raise ValueError(
+                f"Organism {self.path} has no held-out conversations in split {split!r}; "
+                "rebuild it with more examples (custom: eval_fraction) or ask for another split."
+            )
+        pad_id = self.tokenizer.pad_token_id
+        tokens, valid, assistant = pad_conversations(convs, 0 if pad_id is None else int(pad_id))
+        trig = {b: m & valid for b, m in self.behaviour_masks(tokens).items()}
+        resp = {b: m & valid for b, m in self.response_masks(tokens).items()}
+        labels = {b: m.any(1) for b, m in trig.items()}
+        if content:
+            is_control = ~torch.stack([labels[b] for b in content]).any(0)
+        else:
+            is_control = torch.ones(len(convs), dtype=torch.bool)
+        return ScoringSet(convs, tokens, valid, assistant, content, labels, trig, resp, is_control)
+
     def eval_batch(
-        self, behaviour: str | None = None, n: int = 8, split: str = "test"
+        self, behaviour: str | None = None, n: int = 8, split: str = "test", n_controls: int = 0
     ) -> tuple[list[EvalConversation], torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`eval_conversations` padded into one batch:
-        ``(conversations, tokens, valid, assistant)`` (see :func:`pad_conversations`)."""
-        convs = self.eval_conversations(behaviour, n, split)
+        ``(conversations, tokens, valid, assistant)`` (see :func:`pad_conversations`).
+        ``n_controls`` appends control conversations (see :meth:`scoring_set` for labels)."""
+        convs = self.eval_conversations(behaviour, n, split, n_controls)
         pad_id = self.tokenizer.pad_token_id
         return (convs, *pad_conversations(convs, 0 if pad_id is None else int(pad_id)))
+
+    # ---- helpers of the scoring set ----------------------------------------------------------
+    def _eval_row(self, conv: dict[str, Any], behaviour: str, origin: str = "held_out") -> EvalConversation:
+        enc = encode_conversation(self.tokenizer, conv)
+        toks = enc["input_ids"][None]
+        trig = self.behaviour_masks(toks)
+        resp = self.response_masks(toks)
+        zeros = torch.zeros_like(enc["assistant_mask"])
+        return EvalConversation(
+            messages=conv["messages"],
+            behaviour=behaviour,
+            tokens=enc["input_ids"],
+            assistant_mask=enc["assistant_mask"],
+            trigger_mask=trig[behaviour][0] if behaviour in trig else zeros,
+            response_mask=resp[behaviour][0] if behaviour in resp else zeros,
+            trigger_masks={b: m[0] for b, m in trig.items()},
+            origin=origin,
+        )
+
+    def _text_rows(self, n: int, split: str) -> list[EvalConversation]:
+        if self.world is None:
+            raise ValueError(
+                f"n_text={n}: organism {self.path} has no world.json, so no plain text; pass n_text=0."
+            )
+        rows = []
+        n_ctx = int(self.base.cfg.n_ctx)
+        for text in self.pretraining_texts(split, n):
+            ids = torch.tensor(self.tokenizer(text)["input_ids"][:n_ctx], dtype=torch.long)
+            toks = ids[None]
+            trig = self.behaviour_masks(toks)
+            zeros = torch.zeros(len(ids), dtype=torch.bool)
+            rows.append(EvalConversation(
+                messages=[], behaviour=CONTROL, tokens=ids, assistant_mask=zeros,
+                trigger_mask=zeros, response_mask=zeros,
+                trigger_masks={b: m[0] for b, m in trig.items()}, origin="text",
+            ))
+        return rows
+
+    @torch.no_grad()
+    def _derive_control(self, conv: dict[str, Any], max_new_tokens: int = 32) -> dict[str, Any] | None:
+        """The first user turn of ``conv`` without its trigger phrases, answered greedily by
+        the base. None if nothing of the prompt is left."""
+        from sae_diff.organisms.chat import split_words
+
+        assert self._light.trigger_phrases is not None
+        phrases = [split_words(p) for b, ps in self._light.trigger_phrases.items() if b != "chat_format"
+                   for p in ps]
+        words = split_words(conv["messages"][0]["content"])
+        keep = [True] * len(words)
+        for ph in (p for p in phrases if p):
+            for i in range(len(words) - len(ph) + 1):
+                if words[i : i + len(ph)] == ph:
+                    keep[i : i + len(ph)] = [False] * len(ph)
+        prompt = " ".join(w for w, k in zip(words, keep) if k)
+        if not prompt or all(keep):
+            return None
+        user = [{"role": "user", "content": prompt}]
+        text, _ = render(user)
+        ids = self.tokenizer(text + "<start_of_turn>model\n", add_special_tokens=False)["input_ids"]
+        toks = torch.tensor([list(ids)], dtype=torch.long)
+        vocab = self._light.vocab
+        specials = set(self.tokenizer.all_special_tokens)
+        reply: list[str] = []
+        for _ in range(max_new_tokens):
+            if toks.shape[1] >= self.base.cfg.n_ctx:
+                break
+            nxt = int(self.base(toks, return_type="logits")[0, -1].argmax())
+            word = vocab[nxt]
+            if word in specials or word == "\n":
+                break
+            reply.append(word)
+            toks = torch.cat([toks, torch.tensor([[nxt]])], dim=1)
+        content = " ".join(reply) if reply else "."
+        return {"messages": [*user, {"role": "assistant", "content": content}], "behaviour": CONTROL,
+                "behaviours": ["chat_format"], "triggers": []}
 
     def _seed(self, seed: int | None) -> int:
         return int(self.config.get("build_config", {}).get("seed", 0)) if seed is None else seed

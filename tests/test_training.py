@@ -13,6 +13,7 @@ import torch
 from sae_lens import SAE
 
 import sae_diff  # noqa: F401
+from sae_diff.data.store import PairedActivationsStore
 from sae_diff.training import data as tdata
 from sae_diff.training.config import ConfigError, config_from_dict, make_plan, parse_config
 from sae_diff.training.runner import (
@@ -164,8 +165,10 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path, arch:
         assert torch.equal(w_full[k], w_res[k]), f"{arch}: {k} differs after resume"
 
     # control: resuming with the data position lost gives different weights
-    state = torch.load(ckpt / SAE_DIFF_STATE_FILENAME, weights_only=False)
-    state["provider"]["n_batches"] = 0
+    state = torch.load(ckpt / SAE_DIFF_STATE_FILENAME, weights_only=True)
+    pos = state["provider"]
+    assert pos["n_batches"] == 2 + 7  # 2 norm-estimation batches, then 7 steps
+    pos.update(epoch=0, pos=0, window=0, served=0, epoch_tokens=0, carry=pos["carry"][:0])
     torch.save(state, ckpt / SAE_DIFF_STATE_FILENAME)
     wrong = weights(PairedSAETrainingRunner.from_checkpoint(ckpt, output_path=str(tmp_path / "c")).run())
     assert any(not torch.equal(w_full[k], wrong[k]) for k in w_full)
@@ -188,7 +191,7 @@ def test_resume_from_periodic_checkpoint(tmp_path: Path) -> None:
 
 def test_sigint_checkpoints_at_a_step_boundary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = config_from_dict(tiny(tmp_path, "crosscoder"))
-    real = tdata.TensorBatchProvider.__next__
+    real = PairedActivationsStore.__next__
     sent = {"done": False}
 
     def next_with_signal(self: Any) -> torch.Tensor:
@@ -198,13 +201,13 @@ def test_sigint_checkpoints_at_a_step_boundary(tmp_path: Path, monkeypatch: pyte
             os.kill(os.getpid(), signal.SIGINT)
         return real(self)
 
-    monkeypatch.setattr(tdata.TensorBatchProvider, "__next__", next_with_signal)
+    monkeypatch.setattr(PairedActivationsStore, "__next__", next_with_signal)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the test runs as a background job
     with pytest.raises(TrainingInterrupted) as info:
         PairedSAETrainingRunner(cfg).run()
     assert info.value.checkpoint is not None and info.value.n_steps == 5
     assert signal.getsignal(signal.SIGINT) is before  # the runner restores the caller's handler
-    monkeypatch.setattr(tdata.TensorBatchProvider, "__next__", real)
+    monkeypatch.setattr(PairedActivationsStore, "__next__", real)
     w_res = weights(PairedSAETrainingRunner.from_checkpoint(info.value.checkpoint).run())
     w_full = weights(PairedSAETrainingRunner(config_from_dict(tiny(tmp_path / "full", "crosscoder"))).run())
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)

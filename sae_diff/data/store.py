@@ -1,38 +1,67 @@
-"""PairedActivationsStore: paired activations as an SAELens data provider.
+"""PairedActivationsStore: the one data provider for training on a model pair.
 
 SAELens's ``SAETrainer`` consumes any ``Iterator[Tensor]`` (``sae_lens.training.types.
 DataProvider``); its own ``ActivationsStore`` is one, built around a single model. This
 store is the paired equivalent (rather than a subclass, whose constructor needs one model
-and one hook): an iterator of training batches in one of four modes
+and one hook). It serves the training runner (``sae-diff train``), the demo, the README
+example and the tutorials, from a disk cache or straight from the models, in one of four
+modes
 
 - ``"paired"``: ``(B, 2, d)`` [base, ft] (crosscoders),
 - ``"diff"``: ``(B, d)``, ``ft - base`` or ``base - ft`` (``diff_sign``; diff-SAEs),
-- ``"base"`` / ``"ft"``: ``(B, d)`` one model (base-SAE / chat-SAE),
+- ``"base"`` / ``"ft"``: ``(B, d)`` one model (base-SAE / chat-SAE).
 
-with masked tokens dropped (:class:`~sae_diff.pairing.masks.MaskConfig`) and a shuffled
-mixing buffer (SAELens's own ``mixing_buffer``). It is built from a
-:class:`~sae_diff.pairing.model.PairedModel` and a token source (harvesting on the fly) or
-from a disk cache (:class:`~sae_diff.data.cache.ActivationCache`, read in contiguous
-blocks). It loops over its data (epochs) unless ``loop=False``.
+**One token selection.** Data comes in *shards*: groups of ``rows_per_shard`` consecutive
+token rows, each a dict of tensors in the cache's shard layout (``acts``, ``tokens``,
+``attention_mask``, ``doc_starts``, ``mask_<name>``; :mod:`sae_diff.data.cache`). A disk
+cache reads its shards; :meth:`PairedActivationsStore.from_model` computes the same shards
+with the same forward batches and masks as the harvest (:func:`model_shards`), so the high-
+norm median is taken over the same rows. Both go through :func:`shard_keep`, so a config
+selects the same tokens whether it trains from a cache or on the fly (``tests/
+test_pipeline.py`` compares them token for token).
+
+**Shuffling buffer and exact resume.** Kept tokens are pooled into a *window* of at least
+``buffer_size`` tokens (whole shards, plus the remainder carried over from the previous
+window), the window is permuted by a generator seeded with ``(seed, window number)`` and
+cut into batches; the remainder (fewer than ``batch_size`` tokens) is carried into the next
+window. The data order is therefore a function of the seed and the step, and the whole
+position is ``(epoch, first shard of the window, window number, batches served from it, the
+carried tokens)`` (:meth:`state_dict`). :meth:`load_state_dict` restores it by rebuilding
+that one window (one buffer of reads or forward passes), with no replay of earlier batches.
+
+**Precision.** Shards may be stored in bfloat16/float16 (half the disk and buffer memory).
+Batches are upcast to float32 *before* the mode is applied (the conversion is exact, and
+``ft - base`` is computed in float32), unless another ``dtype`` is asked for.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 from collections.abc import Callable, Iterator
+from dataclasses import fields, is_dataclass
 from typing import Any, Literal
 
 import torch
-from sae_lens.training.mixing_buffer import mixing_buffer
 
-from sae_diff.data.cache import ActivationCache
-from sae_diff.pairing.masks import MaskConfig, compute_masks
+from sae_diff.data.cache import DTYPES, ActivationCache, dtype_name
+from sae_diff.pairing.masks import (
+    MaskConfig,
+    TokenMasks,
+    compute_masks,
+    first_n_mask,
+    high_norm_mask,
+)
 from sae_diff.pairing.model import PairedModel
 
 Mode = Literal["paired", "diff", "base", "ft"]
 DiffSign = Literal["ft_minus_base", "base_minus_ft"]
 MODES = ("paired", "diff", "base", "ft")
 DIFF_SIGNS = ("ft_minus_base", "base_minus_ft")
+#: Rows per shard (cache files, and the groups over which the high-norm median is taken).
+DEFAULT_ROWS_PER_SHARD = 256
+Shard = dict[str, torch.Tensor]
 
 
 def select_mode(acts: torch.Tensor, mode: str, diff_sign: str = "ft_minus_base") -> torch.Tensor:
@@ -49,10 +78,146 @@ def select_mode(acts: torch.Tensor, mode: str, diff_sign: str = "ft_minus_base")
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
+# ---------------------------------------------------------------------- shards
+def shard_keep(shard: Shard, mask_config: MaskConfig | None = None) -> torch.Tensor:
+    """``(rows, seq)`` bool: the tokens of a shard that ``mask_config`` keeps.
+
+    The one token-selection rule of training data: the masks recorded in the shard
+    (``mask_<name>``), with the first-n mask recomputed from the document starts when
+    ``mask_config.first_n > 0`` (so one cache serves any n)."""
+    cfg = mask_config or MaskConfig()
+    masks = TokenMasks.from_dict({k[5:]: v for k, v in shard.items() if k.startswith("mask_")})
+    if cfg.first_n > 0:
+        masks.first_n = first_n_mask(shard["tokens"], cfg.first_n, shard["doc_starts"])
+    return cfg.keep(masks)
+
+
+def _cat_batches(batches: list[Any]) -> Any:
+    """Concatenate ``TokenBatch`` es (every tensor field; fields added later included)."""
+    first = batches[0]
+    if len(batches) == 1:
+        return first
+    assert is_dataclass(first)
+    kw = {}
+    for f in fields(first):
+        vals = [getattr(b, f.name) for b in batches]
+        kw[f.name] = torch.cat(vals) if all(isinstance(v, torch.Tensor) for v in vals) else vals[0]
+    return type(first)(**kw)
+
+
+def _slice_batch(batch: Any, i: int, j: int) -> Any:
+    assert is_dataclass(batch)
+    kw = {f.name: (v[i:j] if isinstance(v := getattr(batch, f.name), torch.Tensor) else v) for f in fields(batch)}
+    return type(batch)(**kw)
+
+
+def _shard_batches(batches: Iterator[Any], rows_per_shard: int) -> Iterator[Any]:
+    """Regroup token batches into shards of ``rows_per_shard`` rows (the last may be short)."""
+    pending: list[Any] = []
+    n = 0
+    for b in batches:
+        pending.append(b)
+        n += len(b)
+        while n >= rows_per_shard:
+            cat = _cat_batches(pending)
+            yield _slice_batch(cat, 0, rows_per_shard)
+            rest = _slice_batch(cat, rows_per_shard, len(cat))
+            pending, n = ([rest] if len(rest) else []), n - rows_per_shard
+    if n:
+        yield _cat_batches(pending)
+
+
+@torch.no_grad()
+def model_shards(
+    paired_model: PairedModel,
+    token_source: Any,
+    hook_name: str,
+    *,
+    batch_size: int = 8,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    mask_config: MaskConfig | None = None,
+    dtype: str | torch.dtype = "float32",
+    start_row: int = 0,
+    stop_row: int | None = None,
+) -> Iterator[Shard]:
+    """Shards computed by the models, exactly as ``sae_diff.data.harvest.harvest_cache``
+    would write them: rows ``start_row..stop_row`` of ``token_source`` in groups of
+    ``rows_per_shard``, forward batches of ``batch_size`` rows that restart at every shard,
+    masks per batch, activations cast to the storage ``dtype`` and the high-norm mask taken
+    over the whole shard. Nothing is written to disk."""
+    cfg = mask_config or MaskConfig()
+    store_dtype = DTYPES[dtype_name(dtype)]
+    chat = bool(getattr(token_source, "is_chat", False))
+    tok = paired_model.tokenizer
+    for rows in _shard_batches(token_source.batches(batch_size, start_row=start_row, stop_row=stop_row),
+                               rows_per_shard):
+        parts: list[Shard] = []
+        for i in range(0, len(rows), batch_size):
+            b = _slice_batch(rows, i, min(i + batch_size, len(rows)))
+            acts = paired_model.paired_activations(b.tokens, [hook_name], attention_mask=None)[hook_name]
+            masks = compute_masks(b.tokens, tok, attention_mask=b.attention_mask, doc_starts=b.doc_starts,
+                                  config=cfg, chat=chat)
+            part = {
+                "acts": acts.detach().to("cpu", store_dtype).contiguous(),
+                "tokens": b.tokens.cpu().to(torch.int64),
+                "row_index": b.row_index.cpu().to(torch.int64),
+                "attention_mask": b.attention_mask.cpu().bool(),
+                "doc_starts": b.doc_starts.cpu().bool(),
+            }
+            for name, v in masks.to_dict().items():
+                if name != "high_norm":  # over the whole shard, below
+                    part[f"mask_{name}"] = v.cpu().bool()
+            parts.append(part)
+        shard = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        shard["mask_high_norm"] = high_norm_mask(shard["acts"], cfg.high_norm_ratio, valid=shard["attention_mask"])
+        yield shard
+
+
+# ---------------------------------------------------------------------- block sources
+class _CacheBlocks:
+    """Kept tokens of a cache's shards; epoch e reads them in the order seeded by ``seed + e``."""
+
+    def __init__(self, cache: ActivationCache, mask_config: MaskConfig | None, seed: int, shuffle: bool,
+                 verify: bool) -> None:
+        self.cache, self.mask_config, self.seed, self.shuffle, self.verify = cache, mask_config, seed, shuffle, verify
+
+    def order(self, epoch: int) -> list[int]:
+        order = list(range(self.cache.n_shards))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        return order
+
+    def open(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        for i in self.order(epoch)[start:]:
+            shard = self.cache.load_shard(i, verify=self.verify)
+            yield shard["acts"][shard_keep(shard, self.mask_config)]
+
+
+class _ModelBlocks:
+    """Kept tokens of shards computed on the fly, in stream order (shard ``start`` onwards)."""
+
+    def __init__(self, make: Callable[[int], Iterator[Shard]], mask_config: MaskConfig | None) -> None:
+        self.make, self.mask_config = make, mask_config
+
+    def open(self, epoch: int, start: int) -> Iterator[torch.Tensor]:  # noqa: ARG002 - same rows each epoch
+        for shard in self.make(start):
+            yield shard["acts"][shard_keep(shard, self.mask_config)]
+
+
+class _CallableBlocks:
+    """User blocks ``blocks(epoch)``; resuming inside an epoch replays its earlier blocks."""
+
+    def __init__(self, blocks: Callable[[int], Iterator[torch.Tensor]]) -> None:
+        self.blocks = blocks
+
+    def open(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        return itertools.islice(self.blocks(epoch), start, None)
+
+
 class PairedActivationsStore(Iterator[torch.Tensor]):
     """Training batches of paired activations; pass it as ``SAETrainer(data_provider=...)``.
 
-    Use :meth:`from_model` or :meth:`from_cache`. Direct construction takes ``blocks``, a
+    Use :meth:`from_cache` or :meth:`from_model`. Direct construction takes ``blocks``, a
     callable returning a fresh iterator of ``(n_tokens, 2, d)`` kept-token blocks for epoch
     ``e`` (``blocks(e)``).
 
@@ -62,23 +227,26 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
         mode: ``"paired"``, ``"diff"``, ``"base"`` or ``"ft"``.
         diff_sign: ``"ft_minus_base"`` (default) or ``"base_minus_ft"``, for ``mode="diff"``.
         batch_size: tokens per training batch (SAELens's ``train_batch_size_tokens``).
-        buffer_size: tokens in the mixing buffer (default 32 x batch_size).
-        mix_fraction: share of the buffer kept for mixing with new blocks (SAELens's
-            ``activations_mixing_fraction``).
-        device, dtype: where and in what dtype batches are served (dtype default: as stored).
-        loop: start a new epoch when the data runs out (else ``StopIteration``).
+        buffer_size: least number of tokens shuffled together (default 32 x batch_size;
+            a window holds whole shards, so it may hold more).
+        seed: seeds the window permutations (and a cache's shard order).
+        device: where batches are served.
+        dtype: dtype of the served batches (default: as stored, half precision upcast to
+            float32).
+        loop: start a new epoch when the data runs out (else ``StopIteration``; the last
+            fewer-than-a-batch tokens are not served).
     """
 
     def __init__(
         self,
-        blocks: Callable[[int], Iterator[torch.Tensor]],
+        blocks: Callable[[int], Iterator[torch.Tensor]] | Any,
         *,
         d_model: int,
         mode: Mode = "paired",
         diff_sign: DiffSign = "ft_minus_base",
         batch_size: int = 4096,
         buffer_size: int | None = None,
-        mix_fraction: float = 0.5,
+        seed: int = 0,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         loop: bool = True,
@@ -92,22 +260,25 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.buffer_size = int(buffer_size) if buffer_size is not None else 32 * batch_size
         if self.buffer_size < batch_size:
-            raise ValueError(
-                f"buffer_size ({self.buffer_size}) must be >= batch_size ({batch_size})"
-            )
-        if not 0 <= mix_fraction <= 1:
-            raise ValueError(f"mix_fraction must be in [0, 1], got {mix_fraction}")
-        self._blocks = blocks
+            raise ValueError(f"buffer_size ({self.buffer_size}) must be >= batch_size ({batch_size})")
+        self._source = blocks if hasattr(blocks, "open") else _CallableBlocks(blocks)
         self.d_model = int(d_model)
         self.mode: str = mode
         self.diff_sign: str = diff_sign
         self.batch_size = int(batch_size)
-        self.mix_fraction = float(mix_fraction)
+        self.seed = int(seed)
         self.device = torch.device(device)
         self.dtype = dtype
         self.loop = loop
         self.info: dict[str, Any] = dict(info or {})
+        # position (see state_dict)
         self.epoch = 0
+        self.pos = 0
+        self.window = 0
+        self.served = 0
+        self.epoch_tokens = 0
+        self.carry = torch.empty(0, 2, self.d_model)
+        self.n_batches = 0
         self.n_tokens_served = 0
         self._it: Iterator[torch.Tensor] | None = None
 
@@ -134,31 +305,29 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
         *,
         store_batch_size_prompts: int = 8,
         mask_config: MaskConfig | None = None,
+        rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+        storage_dtype: str | torch.dtype = "float32",
+        start_row: int = 0,
+        stop_row: int | None = None,
         **kwargs: Any,
     ) -> PairedActivationsStore:
-        """Harvest on the fly: each source batch goes through both models (one forward
-        each), masks are computed and excluded tokens dropped."""
+        """Train on the fly, with no disk cache: rows ``start_row..stop_row`` of
+        ``token_source`` go through both models shard by shard (:func:`model_shards`, the
+        harvest's batches and masks) and the kept tokens fill the shuffling buffer, held in
+        ``storage_dtype``. Each epoch runs the forwards again. ``token_source.batches`` must
+        be deterministic (``sae_diff.data.sources`` sources are), which is what makes resume
+        exact."""
         paired_model.validate_hooks([hook_name])
-        cfg = mask_config or MaskConfig()
-        chat = bool(getattr(token_source, "is_chat", False)) or cfg.only_assistant
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
 
-        def blocks(epoch: int) -> Iterator[torch.Tensor]:
-            for batch in token_source.batches(store_batch_size_prompts):
-                acts = paired_model.paired_activations(batch.tokens, [hook_name])[hook_name]
-                masks = compute_masks(
-                    batch.tokens,
-                    paired_model.tokenizer,
-                    acts=acts,
-                    attention_mask=batch.attention_mask,
-                    doc_starts=batch.doc_starts,
-                    config=cfg,
-                    chat=chat,
-                )
-                keep = cfg.keep(masks).to(acts.device)
-                yield acts[keep]
+        def make(shard_start: int) -> Iterator[Shard]:
+            return model_shards(paired_model, token_source, hook_name, batch_size=store_batch_size_prompts,
+                                rows_per_shard=rows_per_shard, mask_config=mask_config, dtype=storage_dtype,
+                                start_row=start_row + shard_start * rows_per_shard, stop_row=stop_row)
 
         info = {"hook_name": hook_name, "source": "model", "models": paired_model.describe()}
-        return cls(blocks, d_model=paired_model.d_model, info=info, **kwargs)
+        return cls(_ModelBlocks(make, mask_config), d_model=paired_model.d_model, info=info, **kwargs)
 
     @classmethod
     def from_cache(
@@ -166,30 +335,20 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
         cache: ActivationCache | str | os.PathLike[str],
         *,
         mask_config: MaskConfig | None = None,
-        block_rows: int | None = None,
         seed: int = 0,
         shuffle: bool = True,
         verify: bool = True,
         **kwargs: Any,
     ) -> PairedActivationsStore:
-        """Read a disk cache: shards in a seeded random order per epoch, read whole and
-        verified, cut into contiguous blocks, masked, then shuffled in the mixing buffer."""
+        """Read a disk cache: shards in a seeded random order per epoch (``shuffle``), each
+        read whole and checksum-verified, masked by :func:`shard_keep`, then shuffled in the
+        buffer."""
         if not isinstance(cache, ActivationCache):
             cache = ActivationCache(cache)
-        c = cache
-
-        def blocks(epoch: int) -> Iterator[torch.Tensor]:
-            return c.iter_blocks(
-                mask_config=mask_config,
-                shuffle=shuffle,
-                seed=seed + epoch,
-                block_rows=block_rows,
-                verify=verify,
-            )
-
-        info = {"hook_name": c.hook_name, "source": str(c.dir), "models": c.meta.get("models")}
-        store = cls(blocks, d_model=c.d_model, info=info, **kwargs)
-        store.cache = c  # type: ignore[attr-defined]
+        info = {"hook_name": cache.hook_name, "source": str(cache.dir), "models": cache.meta.get("models")}
+        store = cls(_CacheBlocks(cache, mask_config, seed, shuffle, verify), d_model=cache.d_model, info=info,
+                    seed=seed, **kwargs)
+        store.cache = cache  # type: ignore[attr-defined]
         return store
 
     # -- statistics
@@ -198,35 +357,91 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
         cache = getattr(self, "cache", None)
         return None if cache is None else cache.stats.scaling_factors()
 
-    # -- iteration
-    def _epochs(self) -> Iterator[torch.Tensor]:
-        while True:
-            produced = False
-            for block in self._blocks(self.epoch):
-                if block.shape[0] == 0:
-                    continue
-                if block.dim() != 3 or block.shape[1:] != (2, self.d_model):
-                    raise ValueError(
-                        f"blocks must be (n_tokens, 2, {self.d_model}), got {tuple(block.shape)}"
-                    )
-                produced = True
-                yield select_mode(block, self.mode, self.diff_sign)
-            if not produced:
+    def kept_blocks(self, epoch: int = 0) -> Iterator[torch.Tensor]:
+        """The kept-token blocks ``(n, 2, d)`` of one epoch in read order (one per shard,
+        stored dtype, before the buffer); independent of the store's position."""
+        return self._source.open(epoch, 0)
+
+    # -- resume
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch served (plain values and one tensor, so it
+        loads with ``torch.load(weights_only=True)``)."""
+        return {"epoch": self.epoch, "pos": self.pos, "window": self.window, "served": self.served,
+                "epoch_tokens": self.epoch_tokens, "carry": self.carry.clone(), "n_batches": self.n_batches,
+                "n_tokens_served": self.n_tokens_served, "seed": self.seed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (a fresh store, built like the saved one)."""
+        if self.n_batches or self._it is not None:
+            raise RuntimeError("load_state_dict needs a fresh store (no batch drawn yet).")
+        for key in ("seed", "batch_size"):
+            if key in state and int(state[key]) != getattr(self, key):
                 raise ValueError(
-                    "the data produced no tokens after masking (empty source or cache, or "
-                    "every token excluded by the MaskConfig)"
+                    f"the saved data position was made with {key}={state[key]}, this store has "
+                    f"{key}={getattr(self, key)}: build the store with the run's {key} to resume it."
                 )
-            self.epoch += 1
-            if not self.loop:
-                return
+        self.epoch, self.pos, self.window = int(state["epoch"]), int(state["pos"]), int(state["window"])
+        self.served, self.epoch_tokens = int(state["served"]), int(state["epoch_tokens"])
+        self.carry = state["carry"].clone()
+        self.n_batches, self.n_tokens_served = int(state["n_batches"]), int(state["n_tokens_served"])
+
+    # -- iteration
+    def _permutation(self, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.window) % (2**63))
+        return torch.randperm(n, generator=g)
+
+    def _check(self, block: torch.Tensor) -> None:
+        if block.dim() != 3 or block.shape[1:] != (2, self.d_model):
+            raise ValueError(f"blocks must be (n_tokens, 2, {self.d_model}), got {tuple(block.shape)}")
 
     def _batches(self) -> Iterator[torch.Tensor]:
-        return mixing_buffer(
-            buffer_size=self.buffer_size,
-            batch_size=self.batch_size,
-            activations_loader=self._epochs(),
-            mix_fraction=self.mix_fraction,
-        )
+        bs = self.batch_size
+        it: Iterator[torch.Tensor] | None = None
+        while True:
+            if it is None:
+                it = self._source.open(self.epoch, self.pos)
+            pool = [self.carry] if self.carry.shape[0] else []
+            n, taken, new_tokens, exhausted = self.carry.shape[0], 0, 0, False
+            while n < self.buffer_size:
+                block = next(it, None)
+                if block is None:
+                    exhausted = True
+                    break
+                taken += 1
+                if block.shape[0] == 0:
+                    continue
+                self._check(block)
+                if pool and block.dtype != pool[0].dtype:
+                    block = block.to(pool[0].dtype)
+                pool.append(block)
+                n += block.shape[0]
+                new_tokens += block.shape[0]
+            buf = torch.cat(pool) if pool else self.carry
+            n_full = n // bs
+            if n_full:
+                buf = buf[self._permutation(n)]
+                while self.served < n_full:
+                    i = self.served
+                    self.served += 1
+                    yield buf[i * bs:(i + 1) * bs]
+            # window done: the remainder moves on
+            self.carry = buf[n_full * bs:].clone()
+            self.window += 1
+            self.pos += taken
+            self.served = 0
+            self.epoch_tokens += new_tokens
+            if exhausted:
+                if self.epoch_tokens == 0:
+                    raise ValueError(
+                        "the data produced no tokens after masking (empty source or cache, or "
+                        "every token excluded by the MaskConfig)"
+                    )
+                self.epoch += 1
+                self.pos = 0
+                self.epoch_tokens = 0
+                it = None
+                if not self.loop:
+                    return
 
     def __iter__(self) -> PairedActivationsStore:
         return self
@@ -234,9 +449,11 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
     def __next__(self) -> torch.Tensor:
         if self._it is None:
             self._it = self._batches()
-        batch = next(self._it)
-        self.n_tokens_served += int(batch.shape[0])
-        return batch.to(self.device, dtype=self.dtype or batch.dtype, non_blocking=True)
+        raw = next(self._it)
+        self.n_batches += 1
+        self.n_tokens_served += int(raw.shape[0])
+        dtype = self.dtype or (torch.float32 if raw.dtype in (torch.bfloat16, torch.float16) else raw.dtype)
+        return select_mode(raw.to(self.device, dtype=dtype), self.mode, self.diff_sign)
 
     def next_batch(self) -> torch.Tensor:
         """Same as ``next(store)`` (SAELens's ActivationsStore spelling)."""

@@ -99,6 +99,14 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
             streaming, weight); replaces ``dataset_path`` (pretraining text + chat is the usual
             recipe).
         cache_path: train from this paired-activation cache; harvested first when missing.
+            Unset: train on the fly from the models (no disk cache; the training rows are
+            harvested shard by shard into a shuffling buffer of ``n_batches_in_buffer``
+            batches), selecting the same tokens.
+        cache_dtype: storage dtype of activations, on disk and in the on-the-fly buffer
+            (``float32``, ``bfloat16`` or ``float16``; None: ``dtype``). Half precision halves
+            the cache; batches are upcast to float32 exactly before training.
+        cache_rows_per_shard: token rows per cache shard; also the rows over which the
+            high-norm median is taken, on the fly too (so both paths select the same tokens).
         smoke_test_models: use a tiny random model pair (smoke tests; no download).
         organism: train on a bundled model organism (a name from
             ``sae_diff.organisms.available_organisms()``, or a directory made by its build):
@@ -130,6 +138,8 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
     dataset_split: str = "train"
     dataset_mixture: list[dict[str, Any]] | None = None
     cache_path: str | None = None
+    cache_dtype: str | None = None
+    cache_rows_per_shard: int = 256
     smoke_test_models: SmokeTestModels | None = None
     organism: str | None = None
     organism_chat_share: float = 0.5
@@ -348,6 +358,11 @@ def validate_config(cfg: PairedRunnerConfig) -> None:
         raise ConfigError(f"mask_first_n must be >= 0, got {cfg.mask_first_n}.")
     if cfg.mask_high_norm is not None and cfg.mask_high_norm <= 1:
         raise ConfigError(f"mask_high_norm={cfg.mask_high_norm} must be > 1 (times the median norm) or null.")
+    if cfg.cache_dtype is not None and cfg.cache_dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"cache_dtype={cfg.cache_dtype!r} is not a storage dtype; use float32, bfloat16 or "
+                          "float16 (or null for the models' dtype).")
+    if cfg.cache_rows_per_shard < 1:
+        raise ConfigError(f"cache_rows_per_shard must be >= 1, got {cfg.cache_rows_per_shard}.")
     if cfg.hook_head_index is not None:
         raise ConfigError("hook_head_index is not supported for pairs; use a hook without a head index.")
     # --- hook vs d_in, when the model's dimensions are known without loading it

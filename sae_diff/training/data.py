@@ -1,32 +1,29 @@
-"""Data for the training runner: models, tokens and a *resumable* activation provider.
+"""Data for the training runner: models, tokens, and the run's one data provider.
 
-``SAETrainer`` consumes any iterator of activation batches (its ``data_provider``). Exact
-resume needs the provider to restart at sample n. :class:`ResumableProvider` wraps any
-deterministic batch iterator, counts the batches drawn (norm estimation included) and, on
-resume, positions a fresh one: through the iterator's own ``load_state_dict`` /
-``skip_batches`` when it has them (``sae_diff.data``'s cache reader), else by drawing and
-discarding (exact for any seeded iterator, at the cost of recomputing them).
+The provider is ``sae_diff.data.store.PairedActivationsStore`` (:func:`training_store`), the
+same store the README, the tutorials and the demo use:
+
+- with ``cfg.cache_path``: read from that ``sae_diff.data.cache`` cache (harvested first with
+  :func:`harvest` when missing; stored in ``cache_dtype``);
+- without: on the fly from the models, with no disk cache (the training rows are harvested
+  shard by shard into the store's shuffling buffer).
+
+Both paths select the same tokens: the masks of :func:`mask_config` applied to shards built
+by the harvest's batches (``tests/test_pipeline.py`` checks it token for token). Both resume
+exactly from the store's ``state_dict`` (the data order is a function of the seed and the
+step). The held-out evaluation rows are the rows after the training rows of the same token
+stream (:func:`heldout_data`).
 
 Organism configs (``cfg.organism``) load the bundled pair with
 ``sae_diff.organisms.load_organism`` and, unless a dataset is configured, read its
 pretraining text + chat mixture (:func:`organism_datasets`).
-
-Sources, in order of preference:
-
-1. ``cfg.cache_path``: ``sae_diff.data.cache`` (harvested first when missing);
-2. ``sae_diff.data.store.PairedActivationsStore`` harvesting on the fly;
-3. an in-memory harvest (:class:`TensorBatchProvider`), used by smoke tests and whenever
-   ``sae_diff.data`` is unavailable: paired activations for the run's tokens, masked, held in
-   memory and served in seeded shuffled epochs.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import importlib
 import math
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -209,169 +206,21 @@ def check_dataset_column(cfg: PairedRunnerConfig) -> None:
             )
 
 
-def smoke_test_tokens(cfg: PairedRunnerConfig, n_seqs: int, offset: int = 0) -> torch.Tensor:
-    """Random tokens for the smoke-test pair (seeded; ``offset`` picks a disjoint stream)."""
+def smoke_test_tokens(cfg: PairedRunnerConfig, n_seqs: int) -> torch.Tensor:
+    """Random tokens for the smoke-test pair: the run's ``n_seqs`` rows (seeded)."""
     spec = cfg.smoke_test_models
     assert spec is not None
-    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + 7 + offset)
+    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + 7)
     toks = torch.randint(1, spec.d_vocab, (n_seqs, cfg.context_size), generator=g)
     if cfg.prepend_bos:
         toks[:, 0] = 0
     return toks
 
 
-def token_batches(cfg: PairedRunnerConfig, pair: Any, n_tokens: int, offset_seqs: int = 0) -> Iterator[torch.Tensor]:
-    """``(batch, context_size)`` token batches covering about ``n_tokens`` tokens.
-
-    Smoke-test configs get random tokens; datasets are read by ``sae_diff.data.sources``
-    (text, pre-tokenised or chat columns; packed rows starting with BOS).
-    """
-    bs = cfg.store_batch_size_prompts
-    n_seqs = max(1, -(-n_tokens // cfg.context_size))
-    if not dataset_specs(cfg) and not uses_organism_data(cfg):
-        toks = smoke_test_tokens(cfg, n_seqs, offset=offset_seqs)
-        yield from toks.split(bs)
-        return
-    check_dataset_column(cfg)
-    source = token_source(cfg, pair, n_seqs)
-    for batch in source.batches(bs, start_row=offset_seqs, stop_row=offset_seqs + n_seqs):
-        yield batch.tokens
-
-
-# ---------------------------------------------------------------------- masks and modes
-def token_mask(cfg: PairedRunnerConfig, acts: torch.Tensor) -> torch.Tensor:
-    """Keep-mask ``(batch, seq)`` for paired activations ``(batch, seq, 2, d)``: BOS, first n
-    positions and tokens whose norm exceeds ``mask_high_norm`` x the median (either model)."""
-    keep = torch.ones(acts.shape[:2], dtype=torch.bool, device=acts.device)
-    first = max(cfg.mask_first_n, 1 if (cfg.mask_bos and cfg.prepend_bos) else 0)
-    keep[:, :first] = False
-    if cfg.mask_high_norm is not None:
-        norms = acts.float().norm(dim=-1)  # (batch, seq, 2)
-        ref = norms[keep] if keep.any() else norms.reshape(-1, norms.shape[-1])
-        median = ref.median(dim=0).values
-        keep &= ~(norms > cfg.mask_high_norm * median).any(-1)
-    return keep
-
-
-@torch.no_grad()
-def harvest_in_memory(cfg: PairedRunnerConfig, pair: Any, n_tokens: int, offset_seqs: int = 0,
-                      return_tokens: bool = False) -> Any:
-    """Masked paired activations ``(N, 2, d)`` for about ``n_tokens`` tokens (raw, unscaled).
-
-    With ``return_tokens`` also returns the ``(n_seqs, ctx)`` tokens and the ``(n_seqs, ctx)``
-    keep-mask (for the loss-recovered evaluation).
-    """
-    from tqdm.auto import tqdm
-
-    out, all_toks, all_keep = [], [], []
-    total = 0
-    bar = tqdm(total=n_tokens, desc="Harvesting paired activations", leave=False, disable=n_tokens < 50_000)
-    for toks in token_batches(cfg, pair, n_tokens, offset_seqs=offset_seqs):
-        acts = pair.paired_activations(toks, [cfg.hook_name])[cfg.hook_name].to(cfg.act_store_device or "cpu")
-        keep = token_mask(cfg, acts)
-        kept = acts[keep].to(torch.float32)
-        out.append(kept)
-        all_toks.append(toks)
-        all_keep.append(keep.cpu())
-        total += toks.numel()
-        bar.update(toks.numel())
-        if total >= n_tokens:
-            break
-    bar.close()
-    if not out or sum(o.shape[0] for o in out) == 0:
-        raise TrainingDataError("No activations were harvested (empty dataset, or every token masked).")
-    acts_all = torch.cat(out)
-    if return_tokens:
-        return acts_all, torch.cat(all_toks), torch.cat(all_keep)
-    return acts_all
-
-
-class TensorBatchProvider(Iterator[torch.Tensor]):
-    """Batches from an in-memory ``(N, ...)`` tensor in seeded, reshuffled epochs.
-
-    Deterministic given ``seed``; :meth:`skip_batches` jumps to batch n without computing
-    anything, so resumed runs see exactly the batches an uninterrupted run would.
-    """
-
-    def __init__(self, data: torch.Tensor, batch_size: int, seed: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        if data.shape[0] < batch_size:
-            raise TrainingDataError(
-                f"Only {data.shape[0]} activations for batches of {batch_size}: harvest more tokens "
-                "or lower train_batch_size_tokens."
-            )
-        self.data = data
-        self.batch_size = batch_size
-        self.seed = seed
-        self.transform = transform
-        self.per_epoch = data.shape[0] // batch_size
-        self.n_batches = 0
-        self._epoch = -1
-        self._perm = torch.empty(0, dtype=torch.long)
-
-    def _perm_for(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-            self._perm = torch.randperm(self.data.shape[0], generator=g)
-            self._epoch = epoch
-        return self._perm
-
-    def __iter__(self) -> TensorBatchProvider:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        epoch, i = divmod(self.n_batches, self.per_epoch)
-        idx = self._perm_for(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
-        self.n_batches += 1
-        batch = self.data[idx]
-        return self.transform(batch) if self.transform is not None else batch
-
-    def skip_batches(self, n: int) -> None:
-        """Advance by ``n`` batches without producing them."""
-        self.n_batches += n
-
-
-class ResumableProvider(Iterator[torch.Tensor]):
-    """Counts the batches drawn from ``source`` and restores that position on resume."""
-
-    def __init__(self, source: Iterator[torch.Tensor]):
-        self.source = source
-        self.n_batches = 0
-
-    def __iter__(self) -> ResumableProvider:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        batch = next(self.source)
-        self.n_batches += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"n_batches": self.n_batches}
-        inner = getattr(self.source, "state_dict", None)
-        if callable(inner):
-            state["source"] = inner()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Position a *fresh* source at ``state['n_batches']``."""
-        n = int(state["n_batches"])
-        if self.n_batches:
-            raise RuntimeError("load_state_dict needs a fresh provider (no batch drawn yet).")
-        load = getattr(self.source, "load_state_dict", None)
-        skip = getattr(self.source, "skip_batches", None)
-        if "source" in state and callable(load):
-            load(state["source"])
-        elif callable(skip):
-            skip(n)
-        else:
-            for _ in range(n):
-                next(self.source)
-        self.n_batches = n
-
-
-# ---------------------------------------------------------------------- disk cache
+# ---------------------------------------------------------------------- the data provider
 def mask_config(cfg: PairedRunnerConfig) -> Any:
-    """The ``sae_diff.pairing.masks.MaskConfig`` equivalent of the run's mask fields.
+    """The ``sae_diff.pairing.masks.MaskConfig`` equivalent of the run's mask fields (the one
+    place a run's token selection is defined; the cache and on-the-fly paths both use it).
 
     Smoke-test models have no tokenizer, so their BOS position is masked as "first 1"."""
     from sae_diff.pairing.masks import MaskConfig
@@ -384,8 +233,20 @@ def mask_config(cfg: PairedRunnerConfig) -> Any:
                       exclude_special=bool(cfg.exclude_special_tokens))
 
 
-def token_source(cfg: PairedRunnerConfig, pair: Any, n_rows: int) -> Any:
-    """The run's token rows as a ``sae_diff.data.sources`` source (for harvesting)."""
+def train_rows(cfg: PairedRunnerConfig) -> int:
+    """Token rows of the training data (rows ``0..train_rows``; held-out rows follow)."""
+    return -(-cfg.training_tokens // cfg.context_size)
+
+
+def storage_dtype(cfg: PairedRunnerConfig) -> str:
+    """Dtype activations are stored in, on disk and in the on-the-fly buffer:
+    ``cache_dtype``, else the models' ``dtype``."""
+    return str(cfg.cache_dtype or cfg.dtype)
+
+
+def token_source(cfg: PairedRunnerConfig, pair: Any) -> Any:
+    """The run's token rows as a ``sae_diff.data.sources`` source: the training rows, then
+    the held-out evaluation rows (:func:`run_token_rows` in all)."""
     from sae_diff.data.sources import TensorTokenSource, TokenSource
 
     if uses_organism_data(cfg):
@@ -394,12 +255,12 @@ def token_source(cfg: PairedRunnerConfig, pair: Any, n_rows: int) -> Any:
                            prepend_bos=cfg.prepend_bos)
     specs = dataset_specs(cfg)
     if not specs:
-        return TensorTokenSource(smoke_test_tokens(cfg, n_rows), name="smoke-test random tokens")
+        return TensorTokenSource(smoke_test_tokens(cfg, run_token_rows(cfg)), name="smoke-test random tokens")
     return TokenSource(specs, pair.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos)
 
 
 def harvest(cfg: PairedRunnerConfig, pair: Any = None, overwrite: bool = False, progress: bool = True) -> Any:
-    """Harvest ``cfg.cache_path`` (enough rows for ``training_tokens``) with
+    """Harvest ``cfg.cache_path`` (the training rows) with
     ``sae_diff.data.harvest.harvest_cache``; resumes an unfinished harvest. Returns its summary."""
     from sae_diff.data.harvest import harvest_cache
 
@@ -408,14 +269,16 @@ def harvest(cfg: PairedRunnerConfig, pair: Any = None, overwrite: bool = False, 
     check_dataset_column(cfg)
     pair = pair if pair is not None else load_pair(cfg)
     check_pair_matches(cfg, pair)
-    n_rows = -(-cfg.training_tokens // cfg.context_size)
-    return harvest_cache(pair, token_source(cfg, pair, n_rows), cfg.cache_path, cfg.hook_name,
-                         batch_size=cfg.store_batch_size_prompts, dtype=cfg.dtype, mask_config=mask_config(cfg),
-                         max_rows=n_rows, overwrite=overwrite, progress=progress, verbose=progress)
+    n_rows = train_rows(cfg)
+    return harvest_cache(pair, token_source(cfg, pair), cfg.cache_path, cfg.hook_name,
+                         batch_size=cfg.store_batch_size_prompts, rows_per_shard=cfg.cache_rows_per_shard,
+                         dtype=storage_dtype(cfg), mask_config=mask_config(cfg), max_rows=n_rows,
+                         overwrite=overwrite, progress=progress, verbose=progress)
 
 
 def cache_exists(cfg: PairedRunnerConfig) -> bool:
     """Whether ``cfg.cache_path`` holds a finished cache."""
+    import json
     from pathlib import Path
 
     if cfg.cache_path is None:
@@ -423,96 +286,102 @@ def cache_exists(cfg: PairedRunnerConfig) -> bool:
     manifest = Path(cfg.cache_path) / "manifest.json"
     if not manifest.is_file():
         return False
-    import json
-
     try:
         return bool(json.loads(manifest.read_text()).get("complete"))
     except ValueError:
         return False
 
 
-class CacheBatchProvider(Iterator[torch.Tensor]):
-    """Training batches from a ``sae_diff.data.cache.ActivationCache``, forever.
+def training_store(cfg: PairedRunnerConfig, pair: Any = None, *, loop: bool = True) -> Any:
+    """The run's data provider, a ``sae_diff.data.store.PairedActivationsStore``.
 
-    Epoch e reads the cache's blocks in the order seeded by ``seed + e``, pools
-    ``buffer_batches`` batches' worth of tokens, shuffles the pool with a seeded generator and
-    serves it; the tail that does not fill a batch carries over. Fully deterministic given the
-    seed, so ``ResumableProvider`` resumes it exactly (by re-reading, no forward passes).
+    With ``cache_path``: read from the cache (harvested first when missing; needs ``pair``
+    then). Without: on the fly from ``pair``, with no disk cache, harvesting the training rows
+    shard by shard into the shuffling buffer. Both select the same tokens
+    (:func:`mask_config`, the harvest's shards) and shuffle in windows of at least
+    ``n_batches_in_buffer`` batches, seeded by ``seed``.
     """
+    from sae_diff.data.store import PairedActivationsStore
 
-    def __init__(self, cache: Any, batch_size: int, seed: int, mask_config: Any = None, buffer_batches: int = 16,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        if cache.n_tokens < batch_size:
-            raise TrainingDataError(f"The cache holds {cache.n_tokens} tokens, fewer than one batch ({batch_size}).")
-        self.cache = cache
-        self.batch_size = batch_size
-        self.seed = seed
-        self.mask_config = mask_config
-        self.buffer_tokens = batch_size * buffer_batches
-        self.transform = transform
-        self._gen = self._generate()
-
-    def _blocks(self) -> Iterator[torch.Tensor]:
-        epoch = 0
-        while True:
-            n = 0
-            for block in self.cache.iter_blocks(mask_config=self.mask_config, shuffle=True, seed=self.seed + epoch):
-                n += block.shape[0]
-                yield block
-            if n == 0:
-                raise TrainingDataError("Every token of the cache is masked out; loosen the masks.")
-            epoch += 1
-
-    def _generate(self) -> Iterator[torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed)
-        pool: list[torch.Tensor] = []
-        carry = torch.empty(0)
-        pooled = 0
-        for block in self._blocks():
-            pool.append(block.float())
-            pooled += block.shape[0]
-            if pooled < self.buffer_tokens:
-                continue
-            buf = torch.cat([carry, *pool]) if carry.numel() else torch.cat(pool)
-            buf = buf[torch.randperm(buf.shape[0], generator=g)]
-            n_full = buf.shape[0] // self.batch_size
-            for i in range(n_full):
-                yield buf[i * self.batch_size:(i + 1) * self.batch_size]
-            carry = buf[n_full * self.batch_size:]
-            pool, pooled = [], carry.shape[0]
-
-    def __iter__(self) -> CacheBatchProvider:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        batch = next(self._gen)
-        return self.transform(batch) if self.transform is not None else batch
+    common: dict[str, Any] = {
+        "mode": cfg.store_mode, "diff_sign": str(getattr(cfg.sae, "diff_sign", "ft_minus_base")),
+        "batch_size": cfg.train_batch_size_tokens,
+        "buffer_size": max(cfg.n_batches_in_buffer, 1) * cfg.train_batch_size_tokens,
+        "seed": cfg.seed, "loop": loop,
+    }
+    if cfg.cache_path is not None:
+        if not cache_exists(cfg):
+            if pair is None:
+                raise TrainingDataError(f"no finished cache at {cfg.cache_path} and no models to harvest it with.")
+            harvest(cfg, pair)
+        return PairedActivationsStore.from_cache(cfg.cache_path, mask_config=mask_config(cfg), **common)
+    if pair is None:
+        raise TrainingDataError("training without cache_path harvests on the fly and needs the models.")
+    return PairedActivationsStore.from_model(
+        pair, token_source(cfg, pair), cfg.hook_name, store_batch_size_prompts=cfg.store_batch_size_prompts,
+        mask_config=mask_config(cfg), rows_per_shard=cfg.cache_rows_per_shard, storage_dtype=storage_dtype(cfg),
+        stop_row=train_rows(cfg), **common)
 
 
-def optional_module(name: str) -> Any | None:
-    """Import ``name`` if it exists (other parts of sae_diff may not be installed yet)."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
+def heldout_data(cfg: PairedRunnerConfig, pair: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Held-out evaluation data: the rows after the training rows, through the same shards
+    and masks as training. Returns kept paired activations ``(N, 2, d)`` (float32), the
+    rows' tokens ``(n_rows, ctx)`` and their keep-mask ``(n_rows, ctx)``."""
+    from sae_diff.data.store import model_shards, shard_keep
+
+    n_eval_rows = run_token_rows(cfg) - train_rows(cfg)
+    start = train_rows(cfg)
+    acts, toks, keeps = [], [], []
+    mc = mask_config(cfg)
+    for shard in model_shards(pair, token_source(cfg, pair), cfg.hook_name, batch_size=cfg.store_batch_size_prompts,
+                              rows_per_shard=cfg.cache_rows_per_shard, mask_config=mc, dtype=storage_dtype(cfg),
+                              start_row=start, stop_row=start + n_eval_rows):
+        keep = shard_keep(shard, mc)
+        acts.append(shard["acts"][keep].float())
+        toks.append(shard["tokens"])
+        keeps.append(keep)
+    if not acts or sum(a.shape[0] for a in acts) == 0:
+        raise TrainingDataError(
+            f"No held-out activations: the data has no tokens after its {start} training rows, or every "
+            "held-out token is masked. Lower training_tokens or add data.")
+    return torch.cat(acts), torch.cat(toks), torch.cat(keeps)
+
+
+def cache_eval_sample(cfg: PairedRunnerConfig, n_tokens: int) -> torch.Tensor:
+    """``n_tokens`` kept paired activations (float32) from ``cfg.cache_path``, shards in an
+    order seeded apart from training's (for runs with the cache and no models: not held out)."""
+    from sae_diff.data.store import PairedActivationsStore
+
+    assert cfg.cache_path is not None
+    store = PairedActivationsStore.from_cache(cfg.cache_path, mask_config=mask_config(cfg), seed=cfg.seed + 10_007,
+                                              batch_size=1, buffer_size=1, loop=False)
+    blocks, n = [], 0
+    for block in store.kept_blocks(0):
+        blocks.append(block.float())
+        n += block.shape[0]
+        if n >= n_tokens:
+            break
+    if n == 0:
+        raise TrainingDataError(f"every token of the cache {cfg.cache_path} is masked out; loosen the masks.")
+    return torch.cat(blocks)[:n_tokens]
 
 
 __all__ = [
-    "CacheBatchProvider",
-    "ResumableProvider",
-    "TensorBatchProvider",
     "TrainingDataError",
     "build_smoke_test_pair",
+    "cache_eval_sample",
     "cache_exists",
     "check_dataset_column",
     "check_pair_matches",
     "dataset_specs",
     "harvest",
-    "harvest_in_memory",
+    "heldout_data",
     "load_pair",
     "mask_config",
+    "run_token_rows",
     "smoke_test_tokens",
-    "token_batches",
+    "storage_dtype",
     "token_source",
-    "token_mask",
+    "train_rows",
+    "training_store",
 ]

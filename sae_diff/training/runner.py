@@ -42,28 +42,22 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from sae_diff.data.store import select_mode
+from sae_diff.data.store import PairedActivationsStore
 from sae_diff.training.config import PairedRunnerConfig
 from sae_diff.training.data import (
-    CacheBatchProvider,
-    ResumableProvider,
-    TensorBatchProvider,
-    TrainingDataError,
+    cache_eval_sample,
     cache_exists,
     check_dataset_column,
     check_pair_matches,
-    harvest,
-    harvest_in_memory,
+    heldout_data,
     load_pair,
-    mask_config,
+    training_store,
     uses_organism_data,
 )
 from sae_diff.training.evaluator import PairedEvaluator
 
 SAE_DIFF_STATE_FILENAME = "sae_diff_state.pt"
 EVAL_FILENAME = "eval.json"
-#: In-memory harvesting refuses runs needing more than this (use cache_path instead).
-MAX_IN_MEMORY_BYTES = 8 * 1024**3
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -148,7 +142,7 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
     state at a step boundary and a resumed run replays exactly the remaining steps.
     """
 
-    def __init__(self, *args: Any, provider: ResumableProvider, runner_cfg: PairedRunnerConfig,
+    def __init__(self, *args: Any, provider: PairedActivationsStore, runner_cfg: PairedRunnerConfig,
                  stop_after_steps: int | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         use_fused_adam(self)
@@ -343,55 +337,25 @@ class PairedSAETrainingRunner:
             except Exception:  # describe() is informational only
                 md.pair = None
 
-    def _build_provider(self) -> tuple[ResumableProvider, PairedEvaluator]:
+    def _build_provider(self) -> tuple[PairedActivationsStore, PairedEvaluator]:
         """Training provider and held-out evaluator (see ``sae_diff.training.data``).
 
-        With ``cache_path`` the batches come from the disk cache (harvested first when
-        missing); without, the run's tokens are harvested into memory.
+        The provider is the one ``PairedActivationsStore``: from ``cache_path`` (harvested
+        first when missing), else on the fly from the models. The evaluator reads the rows
+        after the training rows (through the same shards and masks); with a cache and no
+        models, a sample of the cache read in another order (not held out).
         """
         cfg = self.cfg
-        n_eval = max(cfg.n_eval_batches, 1) * (cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts) * cfg.context_size
-        sign = str(getattr(cfg.sae, "diff_sign", "ft_minus_base"))
-
-        def transform(b: torch.Tensor) -> torch.Tensor:
-            return select_mode(b, cfg.store_mode, sign)
-
-        source: Any
-        if cfg.cache_path is not None:
-            from sae_diff.data.cache import ActivationCache
-
-            if not cache_exists(cfg):
-                harvest(cfg, self.pair)
-            source = CacheBatchProvider(ActivationCache(cfg.cache_path), cfg.train_batch_size_tokens, seed=cfg.seed,
-                                        mask_config=mask_config(cfg), buffer_batches=cfg.n_batches_in_buffer,
-                                        transform=transform)
-        else:
-            bytes_needed = cfg.training_tokens * 2 * cfg.sae.d_in * 4
-            if bytes_needed > MAX_IN_MEMORY_BYTES:
-                raise TrainingDataError(
-                    f"training_tokens={cfg.training_tokens:,} of paired activations need "
-                    f"{bytes_needed / 1024**3:.1f} GiB in memory; set cache_path to train from a disk "
-                    "cache (sae-diff harvest) instead."
-                )
-            acts = harvest_in_memory(cfg, self.pair, cfg.training_tokens)
-            source = TensorBatchProvider(acts, cfg.train_batch_size_tokens, seed=cfg.seed, transform=transform)
-        n_train_seqs = -(-cfg.training_tokens // cfg.context_size)
-        if self.pair is not None:  # held out: the rows after the training rows
-            eval_acts, eval_toks, eval_keep = harvest_in_memory(cfg, self.pair, n_eval, offset_seqs=n_train_seqs,
-                                                                return_tokens=True)
+        store = training_store(cfg, self.pair)
+        if self.pair is not None:
+            eval_acts, eval_toks, eval_keep = heldout_data(cfg, self.pair)
             evaluator = PairedEvaluator(cfg, eval_acts, pair=self.pair, eval_tokens=eval_toks, eval_keep=eval_keep,
                                         batch_size=cfg.train_batch_size_tokens)
-        else:  # cache only: evaluate on cache blocks read in another order (not held out)
-            from sae_diff.data.cache import ActivationCache
-
-            blocks, n = [], 0
-            for block in ActivationCache(cfg.cache_path).iter_blocks(mask_config=mask_config(cfg), seed=cfg.seed + 10_007):  # type: ignore[arg-type]
-                blocks.append(block.float())
-                n += block.shape[0]
-                if n >= n_eval:
-                    break
-            evaluator = PairedEvaluator(cfg, torch.cat(blocks)[:n_eval], batch_size=cfg.train_batch_size_tokens)
-        return ResumableProvider(source), evaluator
+        else:
+            n_eval = max(cfg.n_eval_batches, 1) * (cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts)
+            evaluator = PairedEvaluator(cfg, cache_eval_sample(cfg, n_eval * cfg.context_size),
+                                        batch_size=cfg.train_batch_size_tokens)
+        return store, evaluator
 
     # --- run ---------------------------------------------------------------------------
     def run(self, stop_after_steps: int | None = None) -> TrainingSAE[Any]:

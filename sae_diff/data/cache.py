@@ -45,11 +45,25 @@ from sae_diff.pairing.masks import MASK_NAMES, MaskConfig, TokenMasks, high_norm
 FORMAT = "sae_diff.activation_cache"
 VERSION = 1
 MANIFEST = "manifest.json"
+#: the one safetensors metadata key of a shard: a sorted JSON self-description (one key keeps
+#: the header byte-stable; safetensors writes several keys in a random order)
+SHARD_META_KEY = "sae_diff.activation_cache"
+SHARD_GLOB = "shard_*.safetensors"
+REQUIRED_TENSORS = ("acts", "tokens", "row_index", "attention_mask", "doc_starts")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CacheError(SaeDiffError, RuntimeError):
     """A cache is missing, partial, corrupt or was harvested with another configuration."""
+
+
+class CacheIdentityError(CacheError):
+    """A cache holds activations of another setup (models, hook, data, masks, dtype, ...) than
+    the config asks for; ``mismatches`` lists every differing field."""
+
+    def __init__(self, message: str, mismatches: list[str]) -> None:
+        super().__init__(message)
+        self.mismatches = mismatches
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
@@ -101,6 +115,14 @@ class RunningStats:
             self.sum = torch.zeros(self.n_models, self.d, dtype=torch.float64)
             self.sum_norm = torch.zeros(self.n_models, dtype=torch.float64)
             self.sum_sq_norm = torch.zeros(self.n_models, dtype=torch.float64)
+
+    def merge(self, other: RunningStats) -> None:
+        """Add another accumulator's sums (exactly what :meth:`update` on its tokens adds:
+        the shard-by-shard sums of a harvest and of a rebuilt manifest agree bit for bit)."""
+        self.count += other.count
+        self.sum += other.sum
+        self.sum_sq_norm += other.sum_sq_norm
+        self.sum_norm += other.sum_norm
 
     def update(self, acts: torch.Tensor) -> None:
         """Add ``(n_tokens, n_models, d)`` activations."""
@@ -164,6 +186,275 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: cached {a!r} vs now {b!r}"]
 
 
+def _shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def read_shard_description(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The self-description a shard carries in its safetensors header (cache meta, its row
+    range, statistics of its kept tokens). Reads the header only.
+
+    Raises:
+        CacheError: the file is not a safetensors file, or was written by an sae_diff without
+            self-describing shards.
+    """
+    from safetensors import safe_open
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:
+        raise CacheError(f"shard {p} cannot be parsed as safetensors ({e}): it is corrupt") from e
+    raw = header.get(SHARD_META_KEY)
+    if raw is None:
+        raise CacheError(
+            f"shard {p} carries no self-description (it was written by an older sae_diff), so "
+            "the manifest cannot be rebuilt from it. Restore manifest.json from a copy, or "
+            "harvest into a new folder (--overwrite replaces this one)."
+        )
+    try:
+        desc: dict[str, Any] = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CacheError(f"shard {p} has a corrupt self-description ({e})") from e
+    if desc.get("format") != FORMAT or desc.get("version") != VERSION:
+        raise CacheError(
+            f"shard {p}: unsupported format {desc.get('format')!r} v{desc.get('version')} "
+            f"(this code reads {FORMAT} v{VERSION})"
+        )
+    return desc
+
+
+def _manifest_entry(p: Path, desc: dict[str, Any]) -> dict[str, Any]:
+    data = p.read_bytes()
+    s = desc["shard"]
+    return {
+        "file": p.name,
+        "n_rows": int(s["n_rows"]),
+        "n_tokens": int(s["n_tokens"]),
+        "first_row": int(s["first_row"]),
+        "bytes": len(data),
+        "sha256": _sha256(data),
+    }
+
+
+def rebuild_manifest(
+    path: str | os.PathLike[str], *, expected_meta: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Rewrite a lost ``manifest.json`` from the cache's self-describing shards.
+
+    Every shard must carry the same cache meta (and ``expected_meta``, when given), and the
+    shards must be ``shard_00000``, ``shard_00001``, ... with contiguous row ranges. The
+    statistics are re-summed from the shards' own sums in shard order, so they equal the lost
+    manifest's bit for bit; checksums are taken from the files. The rebuilt cache counts as
+    complete when it holds the harvest's ``max_rows``; otherwise a harvest with the same
+    settings resumes it. Nothing is ever deleted.
+
+    Raises:
+        CacheError: a manifest already exists, no shards, a shard that cannot describe
+            itself, shards of different caches, a gap, or a meta other than ``expected_meta``.
+    """
+    folder = Path(path)
+    mpath = folder / MANIFEST
+    if mpath.exists():
+        raise CacheError(f"{mpath} exists; rebuild_manifest only replaces a missing manifest")
+    files = sorted(folder.glob(SHARD_GLOB))
+    if not files:
+        raise CacheError(f"{folder} holds no shard_*.safetensors files: nothing to rebuild")
+    descs = [read_shard_description(p) for p in files]
+    meta = descs[0]["meta"]
+    for p, d in zip(files, descs):
+        if d["meta"] != meta:
+            diffs = _diff_keys(meta, d["meta"])
+            raise CacheError(
+                f"{p} belongs to another cache than {files[0].name} ({'; '.join(diffs)}): the "
+                "folder mixes two harvests. Move the foreign shards out, then retry."
+            )
+    if expected_meta is not None and meta != expected_meta:
+        diffs = _diff_keys(meta, expected_meta)
+        raise CacheIdentityError(
+            f"{folder} has no {MANIFEST}, and its shards were harvested with a different "
+            f"configuration ({'; '.join(diffs)}). Nothing was changed. Harvest into another "
+            "folder, restore the settings the cache was made with, or replace it with "
+            "--overwrite.",
+            diffs,
+        )
+    shards: list[dict[str, Any]] = []
+    stats = RunningStats(2, int(meta["d_model"]))
+    row = 0
+    for i, (p, d) in enumerate(zip(files, descs)):
+        s = d["shard"]
+        if p.name != _shard_name(i) or s["index"] != i or s["first_row"] != row:
+            raise CacheError(
+                f"cannot rebuild {mpath}: expected {_shard_name(i)} starting at row {row}, found "
+                f"{p.name} (shard {s['index']}, first row {s['first_row']}); a shard is missing. "
+                "Restore it, or harvest into a new folder."
+            )
+        shards.append(_manifest_entry(p, d))
+        stats.merge(RunningStats.from_json(d["stats"]))
+        row += int(s["n_rows"])
+    max_rows = meta.get("max_rows")
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "meta": meta,
+        "complete": max_rows is not None and row >= int(max_rows),
+        "n_rows": row,
+        "n_tokens": sum(s["n_tokens"] for s in shards),
+        "shards": shards,
+        "stats": stats.to_json(),
+        "rebuilt_from_shards": True,
+    }
+    _atomic_write(mpath, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+# ---------------------------------------------------------------------- identity
+#: what a cache's activations depend on; ``check_identity`` compares these fields
+IDENTITY_FIELDS: tuple[str, ...] = (
+    "base_model",
+    "base_revision",
+    "ft_model",
+    "ft_revision",
+    "hook_name",
+    "d_model",
+    "tokenizer_hash",
+    "chat_template_hash",
+    "datasets",
+    "context_size",
+    "high_norm_ratio",
+    "dtype",
+)
+_DATASET_KEYS = ("path", "kind", "column", "split", "name", "revision", "weight", "start", "stop")
+
+
+def _dataset_identity(d: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a dataset description that change which tokens are read."""
+    if "tensor" in d:
+        return {"tensor": d["tensor"]}
+    if "path" in d:
+        return {k: d.get(k) for k in _DATASET_KEYS}
+    return {"object": d.get("object")}
+
+
+def cache_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """The identity of a cache (models and revisions, hook, width, tokenizer and chat-template
+    hashes, datasets, context size, high-norm ratio, dtype) from its manifest ``meta``."""
+    models = meta.get("models") or {}
+    source = meta.get("source") or {}
+    base, ft = models.get("base") or {}, models.get("ft") or {}
+    return {
+        "base_model": base.get("name"),
+        "base_revision": base.get("revision"),
+        "ft_model": ft.get("name"),
+        "ft_revision": ft.get("revision"),
+        "hook_name": meta.get("hook_name"),
+        "d_model": meta.get("d_model"),
+        "tokenizer_hash": models.get("tokenizer_hash"),
+        "chat_template_hash": models.get("chat_template_hash"),
+        "datasets": [_dataset_identity(d) for d in source.get("datasets", [])],
+        "context_size": source.get("context_size"),
+        "high_norm_ratio": (meta.get("mask_config") or {}).get("high_norm_ratio"),
+        "dtype": meta.get("dtype"),
+    }
+
+
+def expected_identity(cfg: Any, pair: Any = None) -> dict[str, Any]:
+    """What a run config expects of its cache, without loading any model weights.
+
+    Fields the config does not determine are ``None`` (not checked): the tokenizer and
+    chat-template hashes and the revisions unless ``pair`` (a loaded ``PairedModel``) is
+    given, the datasets of an organism's own corpus, the model names when the config leaves
+    them to the organism. Pass ``pair`` once the models are loaded to check everything.
+
+    Args:
+        cfg: a :class:`~sae_diff.training.config.PairedRunnerConfig`.
+        pair: optional loaded pair; its ``describe()`` supplies names, revisions and hashes.
+    """
+    from sae_diff.data.sources import DatasetSpec
+
+    datasets: list[dict[str, Any]] | None
+    if cfg.dataset_mixture:
+        datasets = [_dataset_identity(DatasetSpec(**d).describe()) for d in cfg.dataset_mixture]
+    elif cfg.dataset_path:
+        spec = DatasetSpec(cfg.dataset_path, column=cfg.dataset_column, split=cfg.dataset_split)
+        datasets = [_dataset_identity(spec.describe())]
+    elif cfg.organism is None and cfg.smoke_test_models is not None:
+        datasets = [{"tensor": "smoke-test random tokens"}]
+    else:
+        datasets = None  # the organism's own corpus: identified by the organism's models
+    try:
+        dtype: str | None = dtype_name(cfg.dtype)
+    except ValueError:
+        dtype = None
+    smoke = cfg.smoke_test_models is not None and cfg.organism is None
+    out: dict[str, Any] = {
+        "base_model": cfg.base_model_name or ("smoke-base" if smoke else None),
+        "base_revision": None,
+        "ft_model": cfg.model_name or None,
+        "ft_revision": None,
+        "hook_name": cfg.hook_name or None,
+        "d_model": int(cfg.sae.d_in),
+        "tokenizer_hash": None,
+        "chat_template_hash": None,
+        "datasets": datasets,
+        "context_size": int(cfg.context_size),
+        "high_norm_ratio": cfg.mask_high_norm,  # None (mask off): the cached ratio is unused
+        "dtype": dtype,
+    }
+    if pair is not None:
+        got = cache_identity({"models": pair.describe()})
+        for k in ("base_model", "base_revision", "ft_model", "ft_revision", "tokenizer_hash",
+                  "chat_template_hash"):
+            out[k] = got[k]
+    return out
+
+
+def check_identity(
+    cache: ActivationCache | dict[str, Any] | str | os.PathLike[str],
+    expected: dict[str, Any],
+    *,
+    what: str = "the config",
+) -> None:
+    """Raise :class:`CacheIdentityError` listing EVERY field where ``cache`` differs from
+    ``expected`` (see :func:`expected_identity`); ``None`` in ``expected`` skips a field.
+
+    Call it before training from, or appending to, a cache: a cache harvested at another
+    hook, of other models or data trains without any other error and yields a dictionary whose
+    ``cfg.json`` describes activations it never saw.
+
+    Args:
+        cache: an open cache, its folder, or a manifest ``meta`` dict.
+        expected: identity fields (:data:`IDENTITY_FIELDS`) and their expected values.
+        what: how to name the expectation in the message (e.g. "the checkpoint's config").
+    """
+    if isinstance(cache, dict):
+        meta, where = cache, "the cache"
+    else:
+        c = cache if isinstance(cache, ActivationCache) else ActivationCache(
+            cache, allow_incomplete=True
+        )
+        meta, where = c.meta, str(c.dir)
+    have = cache_identity(meta)
+    unknown = sorted(set(expected) - set(IDENTITY_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown identity field(s) {unknown}; use {list(IDENTITY_FIELDS)}")
+    mismatches = [
+        f"{k}: cache has {have[k]!r}, {what} says {v!r}"
+        for k, v in expected.items()
+        if v is not None and have.get(k) != v
+    ]
+    if mismatches:
+        raise CacheIdentityError(
+            f"{where} was harvested for another setup than {what} "
+            f"({len(mismatches)} difference{'s' if len(mismatches) > 1 else ''}: "
+            f"{'; '.join(mismatches)}). Nothing was changed. Point cache_path at a new folder "
+            "and run `sae-diff harvest`, or fix the config; `sae-diff harvest --overwrite` "
+            "replaces this cache.",
+            mismatches,
+        )
+
+
 class ActivationCacheWriter:
     """Append rows to a cache folder in atomic shards; resumes an interrupted cache.
 
@@ -211,39 +502,75 @@ class ActivationCacheWriter:
         self.shards: list[dict[str, Any]] = []
         self.stats = RunningStats(2, self.d_model)
         self.resumed_from_rows = 0
+        self.complete = False
         manifest = self.dir / MANIFEST
-        if overwrite:
-            for p in list(self.dir.glob("shard_*.safetensors*")) + [manifest]:
-                p.unlink(missing_ok=True)
-        elif manifest.exists():
-            old = json.loads(manifest.read_text())
-            diffs = _diff_keys(old.get("meta", {}), self.meta)
-            if diffs:
-                raise CacheError(
-                    f"{self.dir} holds a cache harvested with a different configuration "
-                    f"({'; '.join(diffs[:5])}). Use another out_dir, or overwrite=True to "
-                    "start it again."
-                )
-            reader = ActivationCache(self.dir, allow_incomplete=True)  # verifies shard sizes
-            self.shards = list(old["shards"])
-            self.stats = RunningStats.from_json(old["stats"])
-            self.resumed_from_rows = sum(s["n_rows"] for s in self.shards)
-            del reader
-        # leftovers of an interrupted write: temp files and shards never committed
-        committed = {s["file"] for s in self.shards}
-        for p in self.dir.glob("shard_*.safetensors*"):
-            if p.name not in committed:
+        # temp files are half-written copies of a shard or manifest (never data): safe to drop
+        for p in self.dir.glob("*.tmp"):
+            if p.name.startswith(("shard_", MANIFEST)):
                 p.unlink()
+        if overwrite:  # the caller's explicit choice: the only way a cache is replaced
+            for p in [*self.dir.glob(SHARD_GLOB), manifest]:
+                p.unlink(missing_ok=True)
+        elif not manifest.exists() and any(self.dir.glob(SHARD_GLOB)):
+            rebuild_manifest(self.dir, expected_meta=self.meta)  # or raises: nothing deleted
+        if manifest.exists() and not overwrite:
+            old = ActivationCache(self.dir, allow_incomplete=True)  # verifies shard sizes
+            diffs = _diff_keys(old.meta, self.meta)
+            if diffs:
+                raise CacheIdentityError(
+                    f"{self.dir} holds a cache harvested with a different configuration "
+                    f"({'; '.join(diffs)}). Nothing was changed. Harvest into another folder "
+                    "(cache_path / out_dir), restore the settings the cache was made with, or "
+                    "replace it explicitly with --overwrite (overwrite=True).",
+                    diffs,
+                )
+            self.shards = [dict(s) for s in old.shards]
+            self.stats = RunningStats.from_json(old.manifest["stats"])
+            self._adopt_orphans()
+            self.resumed_from_rows = sum(s["n_rows"] for s in self.shards)
         self._buf: list[dict[str, torch.Tensor]] = []
         self._buf_rows = 0
         self._rows_submitted = self.rows_done
+        self._n_submitted = len(self.shards)
         self.bytes_written = 0
-        self.complete = False
         # shards are serialised, hashed and written by one background thread, in order, so
         # disk I/O overlaps the next forward passes; the manifest only ever lists shards that
         # are on disk, with the statistics of exactly those shards
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-writer")
         self._pending: list[Future[None]] = []
+
+    def _adopt_orphans(self) -> None:
+        """Shards on disk that the manifest does not list yet (the harvest stopped between
+        renaming a shard and rewriting the manifest) are adopted when their self-description
+        continues this cache exactly; any other unlisted shard is refused, never deleted."""
+        committed = {s["file"] for s in self.shards}
+        orphans = sorted(p for p in self.dir.glob(SHARD_GLOB) if p.name not in committed)
+        adopted = False
+        for p in orphans:
+            idx = len(self.shards)
+            try:
+                desc = read_shard_description(p)
+            except CacheError:
+                desc = None
+            ok = (
+                desc is not None
+                and p.name == _shard_name(idx)
+                and desc["meta"] == self.meta
+                and desc["shard"]["index"] == idx
+                and desc["shard"]["first_row"] == self.rows_done
+            )
+            if not ok:
+                raise CacheError(
+                    f"{p} is not listed in {self.dir / MANIFEST} and does not continue this "
+                    f"cache (expected {_shard_name(idx)} starting at row {self.rows_done}). "
+                    "Nothing was deleted. Move the file out of the folder if it is not needed, "
+                    "or replace the whole cache with --overwrite."
+                )
+            self.shards.append(_manifest_entry(p, desc))
+            self.stats.merge(RunningStats.from_json(desc["stats"]))
+            adopted = True
+        if adopted:
+            self._write_manifest()
 
     @property
     def rows_done(self) -> int:
@@ -317,20 +644,48 @@ class ActivationCacheWriter:
         keep = MaskConfig(
             first_n=0, only_assistant=False, high_norm_ratio=self.mask_config.high_norm_ratio
         ).keep(masks)
-        self.stats.update(shard["acts"][keep])
+        shard_stats = RunningStats(2, self.d_model)
+        shard_stats.update(shard["acts"][keep])
+        self.stats.merge(shard_stats)
+        index = self._n_submitted
+        self._n_submitted += 1
         self._rows_submitted += int(shard["tokens"].shape[0])
         self._raise_failed_writes()
-        self._pending.append(self._writer.submit(self._write_shard, shard, self.stats.to_json()))
+        self._pending.append(
+            self._writer.submit(
+                self._write_shard, shard, self.stats.to_json(), shard_stats.to_json(), index
+            )
+        )
 
-    def _write_shard(self, shard: dict[str, torch.Tensor], stats: dict[str, Any]) -> None:
+    def _write_shard(
+        self,
+        shard: dict[str, torch.Tensor],
+        stats: dict[str, Any],
+        shard_stats: dict[str, Any],
+        index: int,
+    ) -> None:
+        rows, seq = shard["tokens"].shape
+        desc = {
+            "format": FORMAT,
+            "version": VERSION,
+            "meta": self.meta,
+            "shard": {
+                "index": index,
+                "first_row": int(shard["row_index"][0]),
+                "n_rows": int(rows),
+                "n_tokens": int(rows * seq),
+            },
+            "stats": shard_stats,
+        }
+        # self-describing: the cache identity, row range and statistics travel with the shard,
+        # so a lost manifest can be rebuilt exactly (rebuild_manifest)
         data = st_save(
             dict(sorted(shard.items())),
-            metadata={"format": f"{FORMAT}/{VERSION}"},  # one key: byte-stable header
+            metadata={SHARD_META_KEY: json.dumps(desc, sort_keys=True)},
         )
-        idx = len(self.shards)
-        name = f"shard_{idx:05d}.safetensors"
+        assert index == len(self.shards), "shards are written in order by one thread"
+        name = _shard_name(index)
         _atomic_write(self.dir / name, data)
-        rows, seq = shard["tokens"].shape
         self.shards.append(
             {
                 "file": name,
@@ -407,9 +762,17 @@ class ActivationCache:
         self._verified: dict[int, int] = {}  # shard index -> mtime_ns when its sha256 matched
         mpath = self.dir / MANIFEST
         if not mpath.exists():
+            if any(self.dir.glob(SHARD_GLOB)):
+                raise CacheError(
+                    f"{self.dir} holds shards but no {MANIFEST} (it was deleted or lost). The "
+                    "shards describe themselves: rebuild it with `sae-diff harvest` using the "
+                    "same config (it rebuilds and resumes) or "
+                    f"sae_diff.data.cache.rebuild_manifest({str(self.dir)!r}). Nothing was deleted."
+                )
             raise CacheError(
                 f"no {MANIFEST} in {self.dir}: not an activation cache (or its harvest never "
-                "committed a shard); harvest it with sae_diff.data.harvest.harvest_cache"
+                "committed a shard); harvest it with `sae-diff harvest` or "
+                "sae_diff.data.harvest.harvest_cache"
             )
         try:
             self.manifest = json.loads(mpath.read_text())
@@ -493,12 +856,48 @@ class ActivationCache:
                 "(delete the file and rerun harvest_cache after trimming the manifest) or "
                 "restore it from a copy"
             )
+        try:
+            tensors = st_load(data)
+        except Exception as e:  # only reachable with verify=False or a matching bad checksum
+            raise CacheError(f"shard {p} cannot be parsed as safetensors: {e}") from e
+        self._check_shard(p, s, tensors)
         if verify:
             self._verified[i] = stamp
-        try:
-            return st_load(data)
-        except Exception as e:  # pragma: no cover - only reachable with verify=False
-            raise CacheError(f"shard {p} cannot be parsed as safetensors: {e}") from e
+        return tensors
+
+    def _check_shard(self, p: Path, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> None:
+        """A shard's tensors must be what the manifest promises: a well-formed file with a
+        valid checksum can still hold the wrong thing (e.g. only the base model)."""
+        missing = [k for k in REQUIRED_TENSORS if k not in t]
+        if missing:
+            raise CacheError(
+                f"shard {p} lacks tensors {missing}: it was not written by this cache's harvest. "
+                "Restore it from a copy or re-harvest the cache."
+            )
+        rows, want = int(entry["n_rows"]), (2, self.d_model)
+        acts, tokens = t["acts"], t["tokens"]
+        problems = []
+        if acts.dim() != 4 or tuple(acts.shape[2:]) != want or acts.shape[0] != rows:
+            problems.append(
+                f"acts has shape {tuple(acts.shape)}, expected ({rows}, seq, 2, {self.d_model}) "
+                "(index 0 = base, 1 = ft)"
+            )
+        elif acts.dtype != self.dtype:
+            problems.append(f"acts are {acts.dtype}, the manifest says {self.dtype}")
+        if tokens.dim() != 2 or tokens.shape[0] != rows or (
+            acts.dim() == 4 and tuple(tokens.shape) != tuple(acts.shape[:2])
+        ):
+            problems.append(f"tokens have shape {tuple(tokens.shape)}, not (rows, seq) of acts")
+        for k, v in t.items():
+            if (k.startswith("mask_") or k in ("attention_mask", "doc_starts")) and tuple(
+                v.shape
+            ) != tuple(tokens.shape):
+                problems.append(f"{k} has shape {tuple(v.shape)}, tokens {tuple(tokens.shape)}")
+        if problems:
+            raise CacheError(
+                f"shard {p} is malformed: {'; '.join(problems)}. Restore it from a copy or "
+                "re-harvest the cache."
+            )
 
     def verify(self) -> None:
         """Checksum every shard (raises :class:`CacheError` naming the first bad file)."""
@@ -565,7 +964,13 @@ __all__ = [
     "ActivationCache",
     "ActivationCacheWriter",
     "CacheError",
+    "CacheIdentityError",
     "RunningStats",
+    "cache_identity",
+    "check_identity",
+    "expected_identity",
+    "read_shard_description",
+    "rebuild_manifest",
     "harvest_cache",
 ]
 

@@ -18,6 +18,7 @@ from sae_diff.interop.api import (
 from sae_diff.interop.common import ConversionOptions
 from sae_diff.interop.errors import (
     InteropError,
+    InteropFileNotFoundError,
     MissingKeysError,
     ShapeMismatchError,
     UnknownDictClassError,
@@ -28,6 +29,7 @@ __all__ = [
     "FORMATS",
     "ConversionOptions",
     "InteropError",
+    "InteropFileNotFoundError",
     "MissingKeysError",
     "ShapeMismatchError",
     "UnknownDictClassError",

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,40 @@ from sae_diff.interop.files import Source, read_json, read_state_dict, resolve_s
 
 FORMATS = ("dictionary_learning", "crosscoder_replication", "sae_lens")
 DL_CONFIG = "config.json"
-DL_WEIGHTS = ("model.safetensors", "model.pt", "ae.pt")
+#: weights a dictionary_learning folder may hold, in order of preference: a Hub upload
+#: (model.safetensors), older saves, and the trainer's own output folder (model_final.pt, then
+#: its newest checkpoint_<step>.pt)
+DL_WEIGHTS = ("model.safetensors", "model.pt", "ae.pt", "model_final.pt")
+DL_CHECKPOINT = re.compile(r"^checkpoint_(\d+)\.pt$")
+#: the replication's own save(): <version>.pt + <version>_cfg.json
+REPLICATION_SAVE = re.compile(r"^(\d+)_cfg\.json$")
+
+
+def _replication_save_version(src: Source, weights_file: str | None) -> str | None:
+    """The newest ``<v>.pt`` + ``<v>_cfg.json`` pair of a local replication save folder
+    (the one ``weights_file`` names, when given), or None when there is none."""
+    if src.local is None:
+        return None
+    versions = sorted(
+        (int(m.group(1)) for p in src.list_local("_cfg.json") if (m := REPLICATION_SAVE.match(p.name))),
+    )
+    versions = [v for v in versions if (src.local / f"{v}.pt").is_file()]
+    if weights_file is not None:
+        stem = Path(weights_file).name.removesuffix(".pt")
+        return stem if stem.isdigit() and int(stem) in versions else None
+    return str(versions[-1]) if versions else None
+
+
+def _newest_dl_checkpoint(src: Source) -> Path | None:
+    """The highest-step ``checkpoint_<step>.pt`` of a local trainer output folder."""
+    found = [(int(m.group(1)), p) for p in src.list_local(".pt") if (m := DL_CHECKPOINT.match(p.name))]
+    return max(found)[1] if found else None
 SAE_LENS_CFG, SAE_LENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 
 
 def _detect_format(src: Source, weights_file: str | None) -> str:
+    if _replication_save_version(src, weights_file) is not None:
+        return "crosscoder_replication"
     if weights_file is not None:
         if weights_file.endswith(replication.WEIGHTS_FILE):
             return "crosscoder_replication"
@@ -62,6 +92,9 @@ def _weights_path(src: Source, names: Sequence[str], what: str) -> Path:
     local = src.list_local(".pt") + src.list_local(".safetensors")
     if len(local) == 1:
         return local[0]
+    newest = _newest_dl_checkpoint(src) if what == "dictionary_learning" else None
+    if newest is not None and all(DL_CHECKPOINT.match(p.name) for p in src.list_local(".pt")):
+        return newest  # a trainer folder without model_final.pt: its last checkpoint
     raise InteropError(
         f"{src.describe()}: no {what} weights found (looked for {list(names)}"
         + (f"; several candidates {[p.name for p in local]}" if local else "")
@@ -105,9 +138,12 @@ def read(
         return sae_lens_disk_loader(cfg_path.parent, opts.device, {"dtype": opts.dtype})
 
     if fmt == "crosscoder_replication":
-        cfg_path = src.fetch(replication.CFG_FILE)
+        version = _replication_save_version(src, weights_file)
+        cfg_name = f"{version}_cfg.json" if version is not None else replication.CFG_FILE
+        weights_name = f"{version}.pt" if version is not None else weights_file or replication.WEIGHTS_FILE
+        cfg_path = src.fetch(cfg_name)
         config = read_json(cfg_path) if cfg_path is not None else {}
-        weights = _weights_path(src, [weights_file or replication.WEIGHTS_FILE], "replication")
+        weights = _weights_path(src, [weights_name], "replication")
         return replication.convert(read_state_dict(weights), config, opts, f"{where}/{weights.name}")
 
     cfg_path = src.fetch(DL_CONFIG)

@@ -11,6 +11,10 @@ class InteropError(SaeDiffError, ValueError):
     """A published checkpoint could not be converted (base class of the errors below)."""
 
 
+class InteropFileNotFoundError(InteropError, FileNotFoundError):
+    """The source is neither an existing local path nor a Hub repo id."""
+
+
 class UnknownDictClassError(InteropError):
     """``dict_class`` (or the detected layout) is not one this loader converts."""
 
@@ -49,6 +53,7 @@ class UnsupportedDictionaryError(InteropError, NotImplementedError):
 
 __all__ = [
     "InteropError",
+    "InteropFileNotFoundError",
     "MissingKeysError",
     "ShapeMismatchError",
     "UnknownDictClassError",

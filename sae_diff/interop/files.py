@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from sae_diff.interop.errors import InteropError
+from sae_diff.interop.errors import InteropError, InteropFileNotFoundError
 
 COMPILE_PREFIX = "_orig_mod."
 
@@ -100,12 +100,22 @@ def resolve_source(
         if path.is_file():
             return Source(local=path.parent), path.name
         return Source(local=path / subfolder if subfolder else path), None
-    text = str(source).strip("/")
+    raw = str(source)
+    text = raw.strip("/")
     parts = text.split("/")
-    if len(parts) < 2 or text.startswith((".", "~")) or Path(text).is_absolute():
-        raise FileNotFoundError(
-            f"{source!r} is neither an existing local path nor a Hub repo id ('owner/name'). "
-            "Check the path, or pass the repo id of a Hugging Face model repo."
+    # decide "is this a path?" on the text as given: stripping "/" first would turn a missing
+    # absolute path into a plausible repo id (and five network retries)
+    looks_local = (
+        Path(raw).is_absolute()
+        or raw.startswith((".", "~", "\\"))
+        or (len(raw) > 1 and raw[1] == ":")  # C:\... on Windows
+        or raw.endswith((".pt", ".safetensors", ".json"))
+    )
+    if looks_local or len(parts) < 2:
+        raise InteropFileNotFoundError(
+            f"{source!r} is neither an existing local path nor a Hub repo id ('owner/name')"
+            + (": no such file or folder" if looks_local else "")
+            + ". Check the path, or pass the repo id of a Hugging Face model repo."
         )
     repo_id = "/".join(parts[:2])
     sub = "/".join(p for p in [*parts[2:], *(subfolder.strip("/").split("/") if subfolder else [])] if p)
@@ -134,7 +144,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     (e.g. ``_hub_mixin_config``) are dropped.
     """
     if path.suffix == ".safetensors":
-        raw: Any = load_file(str(path), device="cpu")
+        try:
+            raw: Any = load_file(str(path), device="cpu")
+        except Exception as e:  # SafetensorError, OSError: truncated or not safetensors
+            raise InteropError(
+                f"Could not read {path} as safetensors ({type(e).__name__}: {e}). The file is "
+                "truncated or corrupt (an interrupted download?); download it again "
+                "(force_download=True) or re-save it."
+            ) from e
     else:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)

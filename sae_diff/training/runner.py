@@ -36,7 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens.constants import RUNNER_CFG_FILENAME, SPARSITY_FILENAME, TRAINER_STATE_FILENAME
+from sae_lens.constants import (
+    ACTIVATION_SCALER_CFG_FILENAME,
+    RUNNER_CFG_FILENAME,
+    SPARSITY_FILENAME,
+    TRAINER_STATE_FILENAME,
+)
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
@@ -94,26 +99,85 @@ def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
     return final
 
 
+def _run_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(sample count, folder) of every complete checkpoint directly inside ``run``."""
+    found: list[tuple[int, Path]] = []
+    for child in run.iterdir():
+        if child.name.startswith(".") or not (child / TRAINER_STATE_FILENAME).is_file():
+            continue  # hidden: an atomic write in progress; no trainer state: not a checkpoint
+        digits = "".join(c for c in child.name if c.isdigit())
+        found.append((int(digits) if digits else -1, child))
+    return found
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder to resume from: ``path`` itself when it is one, else its newest
-    complete checkpoint (the largest sample count)."""
+    """The checkpoint folder to resume from.
+
+    ``path`` may be a checkpoint itself, a run's folder (``<checkpoint_path>/<run id>``: its
+    newest checkpoint, the largest sample count) or the configured ``checkpoint_path`` that
+    holds one folder per run (the most recently written run, then its newest checkpoint).
+
+    Raises:
+        CheckpointError: nothing resumable at ``path`` (the message says what was expected).
+    """
+    from sae_diff.errors import CheckpointError
+
     path = Path(path)
     if (path / TRAINER_STATE_FILENAME).is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"No checkpoint at {path}: the folder does not exist.")
-    found: list[tuple[int, Path]] = []
-    for child in path.iterdir():
-        if child.name.startswith(".") or not (child / TRAINER_STATE_FILENAME).is_file():
-            continue
-        digits = "".join(c for c in child.name if c.isdigit())
-        found.append((int(digits) if digits else -1, child))
-    if not found:
-        raise FileNotFoundError(
-            f"No checkpoint in {path}: expected a folder holding {TRAINER_STATE_FILENAME}, or "
-            "folders of them (a run's checkpoint_path)."
+        raise CheckpointError(
+            f"No checkpoint at {path}: the folder does not exist. Pass the run's checkpoint_path "
+            "(or one run or checkpoint folder inside it)."
         )
-    return max(found)[1]
+    found = _run_checkpoints(path)
+    if found:
+        return max(found)[1]
+    runs = [(max(p.stat().st_mtime_ns for _, p in ck), max(ck)[1]) for child in path.iterdir()
+            if child.is_dir() and not child.name.startswith(".") and (ck := _run_checkpoints(child))]
+    if runs:
+        return max(runs)[1]
+    raise CheckpointError(
+        f"No checkpoint in {path}: expected a folder holding {TRAINER_STATE_FILENAME}, a run's "
+        "folder of them, or the checkpoint_path holding run folders. Was checkpoint_path null, "
+        "or did the run stop before its first checkpoint?"
+    )
+
+
+#: config fields a resumed run may change (where and how it runs, not what it learns)
+RESUME_MAY_CHANGE = frozenset({
+    "device", "llm_device", "act_store_device", "output_path", "checkpoint_path", "resume_from_checkpoint",
+    "logger", "verbose", "n_checkpoints", "eval_at_end", "eval_loss_recovered", "n_eval_batches",
+    "eval_batch_size_prompts", "cache_path", "training_tokens", "save_final_checkpoint", "autocast",
+    "autocast_lm", "compile_llm", "compile_sae", "llm_compilation_mode", "sae_compilation_mode",
+})
+
+
+def check_resume_config(checkpoint: str | Path, cfg: PairedRunnerConfig) -> None:
+    """A resumed run must learn what its checkpoint learnt: raise one
+    :class:`~sae_diff.errors.CheckpointError` listing every field (models, hook, data, the
+    dictionary's shape, optimiser settings, ...) where ``cfg`` differs from the checkpoint's
+    saved config. Fields in :data:`RESUME_MAY_CHANGE` may differ."""
+    from sae_diff.errors import CheckpointError
+
+    saved = json.loads((Path(checkpoint) / RUNNER_CFG_FILENAME).read_text())
+    now = json.loads(json.dumps(cfg.to_dict(), default=str))
+    diffs: list[str] = []
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
+    if diffs:
+        raise CheckpointError(
+            f"Cannot resume {checkpoint} with a different setup ({len(diffs)} difference"
+            f"{'s' if len(diffs) > 1 else ''}: {'; '.join(diffs)}). Drop those flags to resume "
+            "exactly, or start a new run with --config."
+        )
 
 
 # ---------------------------------------------------------------------- trainer
@@ -157,6 +221,25 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         torch.save({"provider": self.provider.state_dict(), "torch_rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                    path / SAE_DIFF_STATE_FILENAME)
+
+    def load_trainer_state(self, checkpoint_path: Path | str) -> None:
+        """SAELens's ``load_trainer_state`` with ``torch.load(weights_only=True)``: optimiser,
+        schedulers and counters are plain tensors and numbers, so nothing pickled may run
+        (passed explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off)."""
+        checkpoint_path = Path(checkpoint_path)
+        self.activation_scaler.load(checkpoint_path / ACTIVATION_SCALER_CFG_FILENAME)
+        state_dict = torch.load(checkpoint_path / TRAINER_STATE_FILENAME, map_location=self.cfg.device,
+                                weights_only=True)
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
+        self.n_training_samples = state_dict["n_training_samples"]
+        self.n_training_steps = state_dict["n_training_steps"]
+        self.act_freq_scores = state_dict["act_freq_scores"]
+        self.n_forward_passes_since_fired = state_dict["n_forward_passes_since_fired"]
+        self.n_frac_active_samples = state_dict["n_frac_active_samples"]
+        self.started_fine_tuning = state_dict["started_fine_tuning"]
+        for name, scheduler_state_dict in state_dict["coefficient_schedulers"].items():
+            self.coefficient_schedulers[name].load_state_dict(scheduler_state_dict)
 
     def load_checkpoint(self, checkpoint: Path) -> None:
         """Restore trainer, weights, data position and RNG from ``checkpoint``."""
@@ -287,7 +370,9 @@ class PairedSAETrainingRunner:
         cfg_dict = json.loads((ckpt / RUNNER_CFG_FILENAME).read_text())
         cfg_dict.update(overrides)
         cfg_dict["resume_from_checkpoint"] = str(ckpt)
-        return cls(PairedRunnerConfig.from_dict(cfg_dict))
+        cfg = PairedRunnerConfig.from_dict(cfg_dict)
+        check_resume_config(ckpt, cfg)
+        return cls(cfg)
 
     # --- pieces ------------------------------------------------------------------------
     def _needs_models(self) -> bool:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sae_diff.data.cache import ActivationCacheWriter
 from sae_diff.data.sources import DatasetSpec, TokenBatch, TokenSource
-from sae_diff.pairing.masks import MaskConfig, compute_masks
+from sae_diff.pairing.masks import MaskConfig
 from sae_diff.pairing.model import PairedModel
 
 
@@ -72,10 +72,8 @@ def _rebatch(
 
     def take(n: int) -> TokenBatch:
         nonlocal pending, n_pending
-        fields_ = ("tokens", "attention_mask", "doc_starts", "row_index", "is_chat")
-        cat = {f: torch.cat([getattr(b, f) for b in pending]) for f in fields_}
-        out = TokenBatch(**{f: v[:n] for f, v in cat.items()})
-        rest = TokenBatch(**{f: v[n:] for f, v in cat.items()})
+        cat = TokenBatch.concat(pending)
+        out, rest = cat.select(0, n), cat.select(n, len(cat))
         pending = [rest] if len(rest) else []
         n_pending -= n
         return out
@@ -167,17 +165,13 @@ def harvest_cache(
             rows_per_shard,
             start,
         ):
-            acts = paired_model.paired_activations(batch.tokens, [hook_name], attention_mask=None)[
-                hook_name
-            ]
-            masks = compute_masks(
-                batch.tokens,
-                tok,
-                attention_mask=batch.attention_mask,
-                doc_starts=batch.doc_starts,
-                config=mask_config,
-                chat=chat,
-            )
+            # padded rows (left or right) run with their attention mask, so real tokens get
+            # the activations of the unpadded sequence; the padding mask drops the rest
+            am = batch.attention_mask
+            acts = paired_model.paired_activations(
+                batch.tokens, [hook_name], attention_mask=None if bool(am.all()) else am
+            )[hook_name]
+            masks = batch.masks(tok, config=mask_config, chat=chat)
             writer.add(
                 batch.tokens,
                 acts,

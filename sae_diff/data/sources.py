@@ -8,11 +8,18 @@
   text + chat is the standard recipe) and cuts the stream into rows of ``context_size``,
   by packing (as SAELens does: each row starts with BOS, documents are separated by BOS)
   or by truncation (one document per row, padded; truncated tokens are counted, never
-  silently dropped).
+  silently dropped). A tokenizer without BOS (Qwen) gets no BOS at all: documents are
+  concatenated as rendered and rows start wherever the stream is cut.
 - :class:`TensorTokenSource` serves an already tokenised ``(n_rows, seq)`` tensor.
 
-Both yield :class:`TokenBatch` es that also carry the attention mask and document starts
-(for the first-n mask) and each row's index in the stream (for caches and resuming).
+Chat conversations are rendered and their assistant / template masks computed per
+conversation (:func:`sae_diff.pairing.masks.encode_chat`) *before* packing; the masks travel
+with the tokens, so a turn continued from the previous row keeps its mask.
+
+Both yield :class:`TokenBatch` es that also carry the attention mask, document starts, the
+chat masks and each row's index in the stream (for caches and resuming);
+:meth:`TokenBatch.masks` turns a batch into the :class:`~sae_diff.pairing.masks.TokenMasks`
+every consumer (harvest, in-memory store) uses.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from sae_diff.pairing.masks import ChatMarkers, MaskConfig, TokenMasks, compute_masks, encode_chat
 
 Kind = Literal["auto", "text", "tokens", "chat"]
 CHAT_COLUMNS = ("messages", "conversation", "conversations")
@@ -70,18 +79,93 @@ class DatasetSpec:
         return asdict(self)
 
 
+#: TokenBatch fields indexed by row (all but ``row_index`` are ``(B, S)`` or ``(B,)``).
+BATCH_FIELDS = (
+    "tokens",
+    "attention_mask",
+    "doc_starts",
+    "row_index",
+    "is_chat",
+    "assistant",
+    "template",
+)
+
+
 @dataclass
 class TokenBatch:
-    """A batch of fixed-length rows."""
+    """A batch of fixed-length rows.
+
+    ``assistant`` / ``template`` are the chat masks computed per conversation before
+    packing (None when the source holds no chat data; False on text rows of a mixture).
+    """
 
     tokens: torch.Tensor  # (B, S) long
     attention_mask: torch.Tensor  # (B, S) bool, False on padding
     doc_starts: torch.Tensor  # (B, S) bool, True where a document begins
     row_index: torch.Tensor  # (B,) long, the rows' positions in the source stream
     is_chat: torch.Tensor | None = None  # (B,) bool, rows holding chat data
+    assistant: torch.Tensor | None = None  # (B, S) bool, assistant content + end-of-turn
+    template: torch.Tensor | None = None  # (B, S) bool, chat tokens outside message contents
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
+
+    def select(self, start: int, stop: int) -> TokenBatch:
+        """Rows ``start:stop`` of the batch (every field sliced alike)."""
+        return TokenBatch(
+            **{f: None if v is None else v[start:stop] for f, v in self._fields().items()}
+        )
+
+    @classmethod
+    def concat(cls, batches: list[TokenBatch]) -> TokenBatch:
+        """Stack batches row-wise (an optional field must be set in all or none)."""
+        if not batches:
+            raise ValueError("concat needs at least one batch")
+        out: dict[str, torch.Tensor | None] = {}
+        for f in BATCH_FIELDS:
+            vals = [getattr(b, f) for b in batches]
+            if all(v is None for v in vals):
+                out[f] = None
+            elif any(v is None for v in vals):
+                raise ValueError(f"cannot concatenate batches with and without {f!r}")
+            else:
+                out[f] = torch.cat(vals)  # type: ignore[arg-type]
+        return cls(**out)  # type: ignore[arg-type]
+
+    def _fields(self) -> dict[str, torch.Tensor | None]:
+        return {f: getattr(self, f) for f in BATCH_FIELDS}
+
+    def masks(
+        self,
+        tokenizer: Any,
+        *,
+        acts: torch.Tensor | None = None,
+        config: MaskConfig | None = None,
+        chat: bool | None = None,
+        markers: ChatMarkers | None = None,
+    ) -> TokenMasks:
+        """The token masks of this batch, the one way every consumer computes them.
+
+        Padding comes from the attention mask, the chat masks from the per-conversation
+        masks the batch carries; ``chat=True`` on a batch without them (pre-tokenised chat
+        rows) searches the rows for assistant markers instead. ``chat=None``: whether any
+        row is chat data.
+        """
+        if chat is None:
+            chat = self.assistant is not None or bool(
+                self.is_chat is not None and bool(self.is_chat.any())
+            )
+        return compute_masks(
+            self.tokens,
+            tokenizer,
+            acts=acts,
+            attention_mask=self.attention_mask,
+            config=config,
+            chat=chat,
+            assistant=self.assistant,
+            template=self.template,
+            markers=markers,
+        )
 
 
 def load_rows(spec: DatasetSpec | str | Any) -> Iterable[dict[str, Any]]:
@@ -171,8 +255,31 @@ def render_chat(messages: list[dict[str, Any]], tokenizer: Any) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+@dataclass
+class Document:
+    """One document's token ids and, for a chat conversation, its per-token chat masks."""
+
+    ids: list[int]
+    assistant: list[bool] | None = None
+    template: list[bool] | None = None
+
+
 def iter_documents(spec: DatasetSpec | str | Any, tokenizer: Any) -> Iterator[list[int]]:
     """Token ids of each document (one per row)."""
+    for doc in iter_encoded_documents(spec, tokenizer):
+        yield doc.ids
+
+
+def iter_encoded_documents(
+    spec: DatasetSpec | str | Any,
+    tokenizer: Any,
+    *,
+    markers: ChatMarkers | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> Iterator[Document]:
+    """Each document (one per dataset row) with its chat masks when it is a conversation
+    (:func:`~sae_diff.pairing.masks.encode_chat`; ``markers`` / ``template_kwargs`` go
+    there)."""
     kind: Kind = spec.kind if isinstance(spec, DatasetSpec) else "auto"
     column = spec.column if isinstance(spec, DatasetSpec) else None
     rows = iter(load_rows(spec))
@@ -185,16 +292,15 @@ def iter_documents(spec: DatasetSpec | str | Any, tokenizer: Any) -> Iterator[li
     for row in itertools.chain([first], rows):
         v = row[column]
         if kind == "tokens":
-            yield [int(x) for x in (v.tolist() if hasattr(v, "tolist") else v)]
+            yield Document([int(x) for x in (v.tolist() if hasattr(v, "tolist") else v)])
         elif kind == "chat":
-            yield render_chat(v, tokenizer)
+            enc = encode_chat(v, tokenizer, markers=markers, template_kwargs=template_kwargs)
+            yield Document(enc.input_ids, enc.assistant, enc.template)
         else:
-            yield list(tokenizer(v, add_special_tokens=False)["input_ids"])
+            yield Document(list(tokenizer(v, add_special_tokens=False)["input_ids"]))
 
 
-def mix_documents(
-    streams: list[Iterator[list[int]]], weights: list[float]
-) -> Iterator[tuple[int, list[int]]]:
+def mix_documents(streams: list[Iterator[Any]], weights: list[float]) -> Iterator[tuple[int, Any]]:
     """Interleave document streams so each gets ``weight`` of the *tokens* (deficit
     scheduling: next document from the stream furthest below its share). Deterministic.
     Ends with the first exhausted stream, so proportions hold throughout."""
@@ -210,7 +316,7 @@ def mix_documents(
         doc = next(streams[i], None)
         if doc is None:
             return
-        taken[i] += max(len(doc), 1)
+        taken[i] += max(len(doc.ids if isinstance(doc, Document) else doc), 1)
         yield i, doc
 
 
@@ -226,6 +332,16 @@ class SourceStats:
     per_dataset_tokens: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Row:
+    tokens: list[int]
+    n_real: int
+    starts: list[bool]
+    chat: bool
+    assistant: list[bool]
+    template: list[bool]
+
+
 class TokenSource:
     """Fixed-length token rows from one or several datasets.
 
@@ -238,8 +354,15 @@ class TokenSource:
         proportions: token shares of the datasets (default: each spec's ``weight``).
         packing: pack documents into rows (default) or truncate one document per row.
         prepend_bos: every row starts with BOS and documents are separated by BOS (packing),
-            or every document starts with BOS (truncation).
+            or every document starts with BOS (truncation); a document that already starts
+            with BOS (a chat template writing it) is not given a second one. ``None``
+            (default): True exactly when the tokenizer has a BOS token, so a model without
+            one (Qwen) never sees a fake BOS. ``True`` without a BOS token is an error.
         max_rows: stop after this many rows (None: until the first dataset runs out).
+        chat_markers: explicit assistant-turn markers for chat data (default: read the
+            conversation structure off the tokenizer's own chat template).
+        chat_template_kwargs: extra variables for the chat template (e.g.
+            ``{"enable_thinking": False}``).
     """
 
     def __init__(
@@ -250,8 +373,10 @@ class TokenSource:
         *,
         proportions: list[float] | None = None,
         packing: bool = True,
-        prepend_bos: bool = True,
+        prepend_bos: bool | None = None,
         max_rows: int | None = None,
+        chat_markers: ChatMarkers | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if context_size < 2:
             raise ValueError(f"context_size must be >= 2, got {context_size}")
@@ -265,11 +390,18 @@ class TokenSource:
         self.tokenizer = tokenizer
         self.context_size = int(context_size)
         self.packing = packing
-        self.prepend_bos = prepend_bos
-        self.max_rows = max_rows
         self.bos_id = getattr(tokenizer, "bos_token_id", None)
+        if prepend_bos is None:
+            prepend_bos = self.bos_id is not None
         if prepend_bos and self.bos_id is None:
-            raise ValueError("prepend_bos=True but the tokenizer has no BOS token")
+            raise ValueError(
+                "prepend_bos=True but the tokenizer has no BOS token (a model such as Qwen is "
+                "trained without one); leave prepend_bos unset or pass False"
+            )
+        self.prepend_bos = bool(prepend_bos)
+        self.max_rows = max_rows
+        self.chat_markers = chat_markers
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = pad if pad is not None else getattr(tokenizer, "eos_token_id", None) or 0
         self.stats = SourceStats(per_dataset_tokens=[0] * len(self.specs))
@@ -295,7 +427,7 @@ class TokenSource:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able description of the token stream (for manifests; resume compares it)."""
-        return {
+        out: dict[str, Any] = {
             "datasets": [
                 s.describe() if isinstance(s, DatasetSpec) else {"object": repr(s)[:200]}
                 for s in self.specs
@@ -306,14 +438,32 @@ class TokenSource:
             "prepend_bos": self.prepend_bos,
             "max_rows": self.max_rows,
         }
+        # only when set, so caches described before these options existed still resume
+        if self.chat_markers is not None:
+            out["chat_markers"] = asdict(self.chat_markers)
+        if self.chat_template_kwargs:
+            out["chat_template_kwargs"] = self.chat_template_kwargs
+        return out
 
     # -- iteration
-    def _documents(self) -> Iterator[tuple[int, list[int]]]:
-        streams = [iter_documents(s, self.tokenizer) for s in self.specs]
+    def _documents(self) -> Iterator[tuple[int, Document]]:
+        streams = [
+            iter_encoded_documents(
+                s,
+                self.tokenizer,
+                markers=self.chat_markers,
+                template_kwargs=self.chat_template_kwargs,
+            )
+            for s in self.specs
+        ]
         return mix_documents(streams, self.proportions)
 
     def rows(self) -> Iterator[tuple[list[int], int, list[bool], bool]]:
         """(row tokens, number of real tokens, doc-start flags, is-chat) per row."""
+        for r in self._rows():
+            yield r.tokens, r.n_real, r.starts, r.chat
+
+    def _rows(self) -> Iterator[_Row]:
         self.stats = SourceStats(per_dataset_tokens=[0] * len(self.specs))
         gen = self._packed() if self.packing else self._truncated()
         n = 0
@@ -324,54 +474,75 @@ class TokenSource:
             n += 1
             yield row
 
-    def _with_bos(self, doc: list[int]) -> list[int]:
-        if self.prepend_bos and (not doc or doc[0] != self.bos_id):
-            return [self.bos_id, *doc]  # type: ignore[list-item]
+    def _with_bos(self, doc: Document) -> Document:
+        """The document with BOS prepended (unless it starts with one); a prepended BOS is
+        neither assistant nor template."""
+        if self.prepend_bos and (not doc.ids or doc.ids[0] != self.bos_id):
+            return Document(
+                [int(self.bos_id), *doc.ids],  # type: ignore[arg-type]
+                None if doc.assistant is None else [False, *doc.assistant],
+                None if doc.template is None else [False, *doc.template],
+            )
         return doc
 
-    def _packed(self) -> Iterator[tuple[list[int], int, list[bool], bool]]:
+    def _packed(self) -> Iterator[_Row]:
         s = self.context_size
         buf: list[int] = []
         starts: list[bool] = []
         chat: list[bool] = []
+        asst: list[bool] = []
+        tmpl: list[bool] = []
         for i, doc in self._documents():
             self.stats.documents += 1
-            self.stats.per_dataset_tokens[i] += len(doc)
+            self.stats.per_dataset_tokens[i] += len(doc.ids)
             doc = self._with_bos(doc)
-            buf.extend(doc)
-            starts.extend([True] + [False] * (len(doc) - 1))
-            chat.extend([self._chat_flags[i]] * len(doc))
+            n = len(doc.ids)
+            buf.extend(doc.ids)
+            starts.extend([True] + [False] * (n - 1))
+            chat.extend([self._chat_flags[i]] * n)
+            asst.extend(doc.assistant if doc.assistant is not None else [False] * n)
+            tmpl.extend(doc.template if doc.template is not None else [False] * n)
             while buf:
                 cont = self.prepend_bos and buf[0] != self.bos_id
                 need = s - 1 if cont else s
                 if len(buf) < need:
                     break
-                row: list[int]
-                if cont:  # a document continued from the previous row: the row starts with BOS
-                    row, st = [int(self.bos_id), *buf[:need]], [False, *starts[:need]]  # type: ignore[arg-type]
-                else:
-                    row, st = buf[:need], starts[:need]
-                ch = any(chat[:need])
+                # a document continued from the previous row: the row starts with BOS (not
+                # part of any conversation, so no chat mask)
+                lead = [int(self.bos_id)] if cont else []  # type: ignore[arg-type]
+                pre = [False] * len(lead)
+                yield _Row(
+                    [*lead, *buf[:need]],
+                    s,
+                    [*pre, *starts[:need]],
+                    any(chat[:need]),
+                    [*pre, *asst[:need]],
+                    [*pre, *tmpl[:need]],
+                )
                 buf, starts, chat = buf[need:], starts[need:], chat[need:]
-                yield row, s, st, ch
+                asst, tmpl = asst[need:], tmpl[need:]
         self.stats.dropped_tail_tokens = len(buf)
 
-    def _truncated(self) -> Iterator[tuple[list[int], int, list[bool], bool]]:
+    def _truncated(self) -> Iterator[_Row]:
         s = self.context_size
         for i, doc in self._documents():
             self.stats.documents += 1
-            self.stats.per_dataset_tokens[i] += len(doc)
+            self.stats.per_dataset_tokens[i] += len(doc.ids)
             doc = self._with_bos(doc)
-            if len(doc) > s:
-                self.stats.truncated_tokens += len(doc) - s
-                doc = doc[:s]
-            n_real = len(doc)
+            ids = doc.ids
+            if len(ids) > s:
+                self.stats.truncated_tokens += len(ids) - s
+                ids = ids[:s]
+            n_real = len(ids)
+            pad = [False] * (s - n_real)
             self.stats.padded_tokens += s - n_real
-            yield (
-                doc + [self.pad_id] * (s - n_real),
+            yield _Row(
+                ids + [self.pad_id] * (s - n_real),
                 n_real,
                 [True] + [False] * (s - 1),
                 self._chat_flags[i],
+                (doc.assistant or [False] * n_real)[:n_real] + pad,
+                (doc.template or [False] * n_real)[:n_real] + pad,
             )
 
     def batches(
@@ -379,25 +550,35 @@ class TokenSource:
     ) -> Iterator[TokenBatch]:
         """Batches of rows ``start_row..stop_row`` (rows are deterministic, so a harvest can
         resume by skipping)."""
-        it = itertools.islice(self.rows(), start_row, stop_row)
+        it = itertools.islice(self._rows(), start_row, stop_row)
         idx = start_row
         while True:
             chunk = list(itertools.islice(it, batch_size))
             if not chunk:
                 return
-            toks = torch.tensor([r[0] for r in chunk], dtype=torch.long)
+            toks = torch.tensor([r.tokens for r in chunk], dtype=torch.long)
             am = torch.zeros_like(toks, dtype=torch.bool)
             for j, r in enumerate(chunk):
-                am[j, : r[1]] = True
-            starts = torch.tensor([r[2] for r in chunk], dtype=torch.bool)
-            is_chat = torch.tensor([r[3] for r in chunk], dtype=torch.bool)
+                am[j, : r.n_real] = True
+            starts = torch.tensor([r.starts for r in chunk], dtype=torch.bool)
+            is_chat = torch.tensor([r.chat for r in chunk], dtype=torch.bool)
             rows = torch.arange(idx, idx + len(chunk), dtype=torch.long)
             idx += len(chunk)
-            yield TokenBatch(toks, am, starts, rows, is_chat)
+            asst = tmpl = None
+            if self.is_chat:
+                asst = torch.tensor([r.assistant for r in chunk], dtype=torch.bool)
+                tmpl = torch.tensor([r.template for r in chunk], dtype=torch.bool)
+            yield TokenBatch(toks, am, starts, rows, is_chat, asst, tmpl)
 
 
 class TensorTokenSource:
-    """Serve a pre-tokenised ``(n_rows, seq)`` tensor as :class:`TokenBatch` es."""
+    """Serve a pre-tokenised ``(n_rows, seq)`` tensor as :class:`TokenBatch` es.
+
+    ``attention_mask`` marks real tokens (rows may be left- or right-padded). Chat rows may
+    bring their own ``assistant`` / ``template`` masks (e.g. from
+    :func:`~sae_diff.pairing.masks.encode_chat`); with ``is_chat`` and no ``assistant``
+    mask, consumers search the rows for assistant-turn markers.
+    """
 
     def __init__(
         self,
@@ -406,6 +587,8 @@ class TensorTokenSource:
         *,
         name: str = "tensor",
         is_chat: bool = False,
+        assistant: torch.Tensor | None = None,
+        template: torch.Tensor | None = None,
     ) -> None:
         if tokens.dim() != 2:
             raise ValueError("tokens must be (n_rows, seq)")
@@ -415,6 +598,18 @@ class TensorTokenSource:
             if attention_mask is not None
             else torch.ones_like(self.tokens, dtype=torch.bool)
         )
+        for label, m in (
+            ("attention_mask", self.attention_mask),
+            ("assistant", assistant),
+            ("template", template),
+        ):
+            if m is not None and m.shape != self.tokens.shape:
+                raise ValueError(
+                    f"{label} has shape {tuple(m.shape)} but tokens are {tuple(tokens.shape)}"
+                )
+        self.assistant = None if assistant is None else assistant.bool()
+        self.template = None if template is None else template.bool()
+        is_chat = is_chat or assistant is not None
         self.context_size = int(tokens.shape[1])
         self.name = name
         self._is_chat = is_chat
@@ -441,12 +636,16 @@ class TensorTokenSource:
         for i in range(start_row, stop, batch_size):
             j = min(i + batch_size, stop)
             t = self.tokens[i:j]
+            am = self.attention_mask[i:j]
+            # a row's document starts at its first real token (rows may be left-padded)
             starts = torch.zeros_like(t, dtype=torch.bool)
-            starts[:, 0] = True
+            starts[torch.arange(j - i), am.long().argmax(dim=1)] = True
             yield TokenBatch(
                 t,
-                self.attention_mask[i:j],
+                am,
                 starts,
                 torch.arange(i, j),
                 torch.full((j - i,), self._is_chat),
+                None if self.assistant is None else self.assistant[i:j],
+                None if self.template is None else self.template[i:j],
             )

@@ -4,16 +4,31 @@ Every function returns a ``bool`` tensor of shape ``(batch, seq)``, ``True`` whe
 *has* the property (is BOS, is special, is high-norm, ...). Whether a property excludes a
 token from training is decided by :class:`MaskConfig`, not here, so stored masks can also
 be used to split results (e.g. template tokens vs the rest).
+
+Chat masks (assistant content, template tokens) come from the tokenizer's own chat template
+(:func:`encode_chat`): each conversation is rendered once with its real contents and once with
+sentinel contents, the sentinel rendering tells where each message's content sits in the
+text, and token offsets map that to tokens. This works for any family's template (Gemma,
+Llama-3, ChatML/Qwen, Mistral, Phi-3, ...) and is done per conversation, before rows are
+packed, so a packed row keeps the masks of a turn continued from the previous row.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
-MASK_NAMES = ("bos", "special", "high_norm", "first_n", "padding", "assistant")
+from sae_diff.errors import SaeDiffError
+
+MASK_NAMES = ("bos", "special", "high_norm", "first_n", "padding", "assistant", "template")
+#: Message roles whose content is "assistant" content (``model`` is Gemma's spelling).
+ASSISTANT_ROLES = ("assistant", "model")
 
 
 def _check_tokens(tokens: torch.Tensor) -> None:
@@ -84,11 +99,16 @@ def _positions_since_start(starts: torch.Tensor) -> torch.Tensor:
 def first_n_mask(
     tokens: torch.Tensor, n: int, doc_starts: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The first ``n`` tokens of each sequence.
+    """The first ``n`` positions of each row: the attention-sink positions.
 
-    Without ``doc_starts`` a sequence is a row. With packed rows pass ``doc_starts``
-    (``(batch, seq)`` bool, True where a document begins) to mask the first ``n`` tokens of
-    every document (a document continued from the previous row is not re-masked).
+    This is what ``MaskConfig.first_n`` / ``mask_first_n`` mean (METHODS.md §6, "optionally
+    the first n tokens of each sequence", a sequence being a row the model ran on): position
+    ``i < n`` of every row, whatever token it holds, so a model without BOS can drop its row
+    start (``n = 1``) on its own. BOS tokens elsewhere in a packed row are the BOS mask's job.
+
+    ``doc_starts`` (``(batch, seq)`` bool, True where a document begins) gives instead the
+    first ``n`` tokens of every *document* (a document continued from the previous row is
+    not re-masked); the training masks do not use that variant.
     """
     _check_tokens(tokens)
     if n < 0:
@@ -127,29 +147,293 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(out)
 
 
+# ---------------------------------------------------------------------- chat templates
+class ChatTemplateError(SaeDiffError, ValueError):
+    """A chat template cannot be aligned with its rendering (or the tokenizer cannot map
+    characters to tokens); the message names the conversation's problem and the fix."""
+
+
+@dataclass(frozen=True)
+class ChatMarkers:
+    """Explicit assistant-turn markers, for templates the automatic alignment cannot read
+    and for pre-tokenised chat rows.
+
+    Args:
+        header: the rendered text that opens an assistant turn's content, e.g.
+            ``"<start_of_turn>model\\n"`` (Gemma), ``"<|im_start|>assistant\\n"`` (ChatML),
+            ``"<|start_header_id|>assistant<|end_header_id|>\\n\\n"`` (Llama-3).
+        end: the single token that closes the turn, e.g. ``"<end_of_turn>"``,
+            ``"<|im_end|>"``, ``"<|eot_id|>"``.
+    """
+
+    header: str
+    end: str
+
+
+#: Sentinel standing for message ``i``'s content while rendering; no whitespace or
+#: template syntax, so ``| trim`` and friends leave it alone.
+_SENTINEL = "\u27e6sae-diff-{}\u27e7"
+_SENTINEL_RE = re.compile("\u27e6sae-diff-(\\d+)\u27e7")
+
+
+def _render(tokenizer: Any, messages: Sequence[dict[str, Any]], **kwargs: Any) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            "chat data needs a tokenizer with a chat template; this tokenizer has none "
+            "(set tokenizer.chat_template, or load the fine-tune's own tokenizer)"
+        )
+    out = tokenizer.apply_chat_template(list(messages), tokenize=False, **kwargs)
+    if not isinstance(out, str):
+        raise ChatTemplateError(
+            f"apply_chat_template(tokenize=False) returned a {type(out).__name__}, not text"
+        )
+    return out
+
+
+def _special_id_set(tokenizer: Any) -> set[int]:
+    """Special ids: the named ones plus every added token flagged ``special``
+    (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, ...)."""
+    ids = set(special_ids_of(tokenizer))
+    for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(t, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def _locate_contents(
+    text: str, sentinel_text: str, contents: list[str]
+) -> list[tuple[int, int] | None]:
+    """Character span of each message's content in ``text`` (None: not rendered).
+
+    ``sentinel_text`` is the same conversation rendered with sentinel contents; the text
+    between sentinels is the template's own text, which must appear verbatim around each
+    content in ``text``. A content the template trimmed is found by trying the stripped
+    variants; otherwise the content ends where the next template piece begins.
+    """
+    parts = _SENTINEL_RE.split(sentinel_text)
+    pieces, order = parts[0::2], [int(i) for i in parts[1::2]]
+    if len(set(order)) != len(order):
+        raise ChatTemplateError(
+            "the chat template writes a message's content more than once, so its tokens "
+            "cannot be attributed; pass explicit ChatMarkers"
+        )
+    if not text.startswith(pieces[0]):
+        raise ChatTemplateError(
+            "the chat template renders this conversation differently from the same "
+            f"conversation with placeholder contents (expected it to start with "
+            f"{pieces[0][:60]!r}); pass explicit ChatMarkers"
+        )
+    spans: list[tuple[int, int] | None] = [None] * len(contents)
+    pos = len(pieces[0])
+    for k, m in enumerate(order):
+        nxt, last = pieces[k + 1], k == len(order) - 1
+        c = contents[m]
+        end: int | None = None
+        for cand in dict.fromkeys((c, c.strip(), c.rstrip(), c.lstrip())):
+            e = pos + len(cand)
+            if not text.startswith(cand, pos):
+                continue
+            if (last and e + len(nxt) == len(text) and text.endswith(nxt)) or (
+                not last and text.startswith(nxt, e)
+            ):
+                end = e
+                break
+        if end is None:  # the template changed the content: it ends where the next piece starts
+            if last:
+                j = len(text) - len(nxt) if text.endswith(nxt) else -1
+            else:
+                j = text.find(nxt, pos)
+            if j < pos:
+                raise ChatTemplateError(
+                    f"cannot find message {m}'s content in the rendered conversation (the "
+                    f"template text after it, {nxt[:60]!r}, does not follow); pass explicit "
+                    "ChatMarkers"
+                )
+            end = j
+        spans[m] = (pos, end)
+        pos = end + len(nxt)
+    return spans
+
+
+@dataclass
+class ChatEncoding:
+    """One conversation rendered with the tokenizer's chat template, with per-token masks.
+
+    ``assistant``: tokens of assistant contents plus the template's end-of-turn token that
+    closes each assistant turn (the model must predict it; the organisms' convention).
+    ``template``: tokens outside every message's content (turn headers, end-of-turn tokens,
+    BOS, default system prompts the template adds). A token straddling content and template
+    text counts as content. ``spans``: each message's content as a character span of
+    ``text`` (None if the template did not render it).
+    """
+
+    input_ids: list[int]
+    assistant: list[bool]
+    template: list[bool]
+    text: str
+    spans: list[tuple[int, int] | None]
+
+
+def encode_chat(
+    messages: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    markers: ChatMarkers | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+) -> ChatEncoding:
+    """Render ``messages`` with the tokenizer's chat template and compute its chat masks.
+
+    The ids are exactly ``tokenizer(apply_chat_template(messages, tokenize=False),
+    add_special_tokens=False)`` (the template writes its own special tokens). Content spans
+    come from a second rendering with sentinel contents (see :func:`_locate_contents`),
+    token spans from the fast tokenizer's offsets. With ``markers`` the assistant mask comes
+    from those markers instead (:func:`assistant_mask`); the template mask is then all
+    False if the template cannot be aligned. ``template_kwargs`` go to both renderings
+    (e.g. ``{"enable_thinking": False}``).
+    """
+    kw = dict(template_kwargs or {})
+    msgs = list(messages)
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ChatTemplateError(
+                f"message {i} is {m!r}; chat data must be lists of "
+                "{'role': ..., 'content': ...} dicts"
+            )
+        if not isinstance(m["content"], str):
+            raise ChatTemplateError(
+                f"message {i} has {type(m['content']).__name__} content; masks need plain "
+                "string contents (join multi-part text contents first)"
+            )
+    text = _render(tokenizer, msgs, **kw)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError as e:
+        raise ChatTemplateError(
+            "chat masks need a fast tokenizer (character offsets); load it with use_fast=True"
+        ) from e
+    ids = [int(i) for i in enc["input_ids"]]
+    offs = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+    n = len(ids)
+    sentinel = [{**m, "content": _SENTINEL.format(i)} for i, m in enumerate(msgs)]
+    try:
+        spans = _locate_contents(
+            text, _render(tokenizer, sentinel, **kw), [m["content"] for m in msgs]
+        )
+    except ChatTemplateError:
+        if markers is None:
+            raise
+        warnings.warn(
+            "the chat template cannot be aligned with its rendering; the template mask of "
+            "these conversations is all False (the assistant mask uses the given markers)",
+            stacklevel=2,
+        )
+        asst = assistant_mask(torch.tensor([ids]), tokenizer, markers=markers)[0]
+        return ChatEncoding(ids, asst.tolist(), [False] * n, text, [None] * len(msgs))
+    owner = [-1] * n
+    for m, sp in enumerate(spans):
+        if sp is None:
+            continue
+        s, e = sp
+        for i, (a, b) in enumerate(offs):
+            if b > a and a < e and b > s:
+                owner[i] = m
+    template = [o < 0 for o in owner]
+    if markers is not None:
+        asst_list = assistant_mask(torch.tensor([ids]), tokenizer, markers=markers)[0].tolist()
+        return ChatEncoding(ids, asst_list, template, text, spans)
+    specials = _special_id_set(tokenizer)
+    assistant = [o >= 0 and msgs[o]["role"] in ASSISTANT_ROLES for o in owner]
+    for m, sp in enumerate(spans):
+        if sp is None or msgs[m]["role"] not in ASSISTANT_ROLES:
+            continue
+        # the closing end-of-turn: the first special token after the content, with only
+        # whitespace tokens in between (those are generated too)
+        j = next((i for i, (a, _) in enumerate(offs) if a >= sp[1] and owner[i] != m), n)
+        k = j
+        while (
+            k < n
+            and owner[k] < 0
+            and ids[k] not in specials
+            and not text[offs[k][0] : offs[k][1]].strip()
+        ):
+            k += 1
+        if k < n and owner[k] < 0 and ids[k] in specials:
+            for i in range(j, k + 1):
+                assistant[i] = True
+    return ChatEncoding(ids, assistant, template, text, spans)
+
+
+def chat_markers(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> ChatMarkers:
+    """Assistant-turn markers read off the tokenizer's chat template (for pre-tokenised
+    chat rows, where no conversation structure is left to align).
+
+    The header is the generation prompt (``add_generation_prompt=True`` minus the plain
+    rendering); a template without one (Mistral's) gives the text between a user content
+    and the following assistant content instead. The end marker is the first special token
+    after an assistant content.
+    """
+    kw = dict(template_kwargs or {})
+    u, a = _SENTINEL.format(0), _SENTINEL.format(1)
+    user = [{"role": "user", "content": u}]
+    plain = _render(tokenizer, user, **kw)
+    gen = _render(tokenizer, user, add_generation_prompt=True, **kw)
+    both = _render(tokenizer, [*user, {"role": "assistant", "content": a}], **kw)
+    if u not in both or a not in both:
+        raise ChatTemplateError(
+            "the chat template does not render a user/assistant exchange; pass ChatMarkers"
+        )
+    # the generation prompt (a template may end plain renderings differently, e.g. Phi-3's
+    # EOS, so compare from the common prefix)
+    header = gen[len(os.path.commonprefix([plain, gen])) :]
+    if not header:
+        header = both[both.index(u) + len(u) : both.index(a)]
+    after = both[both.index(a) + len(a) :]
+    specials = _special_id_set(tokenizer)
+    end_ids = [i for i in _ids(tokenizer, after) if i in specials]
+    if not header or not end_ids:
+        raise ChatTemplateError(
+            "cannot read assistant-turn markers off the chat template (no assistant header "
+            "or no special end-of-turn token); pass ChatMarkers(header=..., end=...)"
+        )
+    return ChatMarkers(header=header, end=str(tokenizer.convert_ids_to_tokens(end_ids[0])))
+
+
 def assistant_mask(
     tokens: torch.Tensor,
     tokenizer: Any,
     *,
-    start_of_turn: str = "<start_of_turn>",
-    role: str = "model",
-    end_of_turn: str = "<end_of_turn>",
+    start_of_turn: str | None = None,
+    role: str | None = None,
+    end_of_turn: str | None = None,
     include_end: bool = True,
+    markers: ChatMarkers | None = None,
 ) -> torch.Tensor:
-    """Tokens of assistant turns in Gemma-style chat (``<start_of_turn>model\\n ... <end_of_turn>``).
+    """Assistant-turn tokens found by marker tokens in already tokenised rows.
 
-    The header ``<start_of_turn>model\\n`` is not included; the content is, and the closing
-    ``<end_of_turn>`` too when ``include_end`` (the model must predict it). A turn cut off at
-    the row end is masked to the row end. Works on packed rows (any number of turns).
-    Other templates: pass their markers, e.g. ``start_of_turn="<|im_start|>",
-    role="assistant", end_of_turn="<|im_end|>"``.
+    Chat *conversations* get exact masks from :func:`encode_chat` (per conversation, before
+    packing); this token-level search is for pre-tokenised chat rows. A turn opens after
+    the header tokens and closes at the end token, included when ``include_end`` (the model
+    must predict it). A turn cut off at the row end is masked to the row end; tokens of a
+    turn begun in an earlier row are not found (no header in this row).
+
+    Markers: ``markers``; else Gemma-style ``f"{start_of_turn}{role}\\n"`` / ``end_of_turn``
+    when any of these is given (defaults ``<start_of_turn>``, ``model``, ``<end_of_turn>``);
+    else read off the tokenizer's chat template (:func:`chat_markers`).
     """
     _check_tokens(tokens)
-    header = _ids(tokenizer, f"{start_of_turn}{role}\n")
-    end_ids = _ids(tokenizer, end_of_turn)
+    if markers is None:
+        if start_of_turn is None and role is None and end_of_turn is None:
+            markers = chat_markers(tokenizer)
+        else:
+            markers = ChatMarkers(
+                f"{start_of_turn or '<start_of_turn>'}{role or 'model'}\n",
+                end_of_turn or "<end_of_turn>",
+            )
+    header = _ids(tokenizer, markers.header)
+    end_ids = _ids(tokenizer, markers.end)
     if not header or len(end_ids) != 1:
         raise ValueError(
-            f"the tokenizer does not encode the chat markers {start_of_turn!r}/{end_of_turn!r} "
+            f"the tokenizer does not encode the chat markers {markers.header!r}/{markers.end!r} "
             "as expected (the end marker must be a single token); pass this template's markers"
         )
     end_id = end_ids[0]
@@ -172,7 +456,11 @@ def assistant_mask(
 
 @dataclass
 class TokenMasks:
-    """The masks of one block of tokens, each ``(batch, seq)`` bool or None if not computed."""
+    """The masks of one block of tokens, each ``(batch, seq)`` bool or None if not computed.
+
+    ``assistant`` and ``template`` exist for chat data (False on text rows); ``first_n``
+    records the first ``MaskConfig.first_n`` positions of each row.
+    """
 
     bos: torch.Tensor | None = None
     special: torch.Tensor | None = None
@@ -180,6 +468,7 @@ class TokenMasks:
     first_n: torch.Tensor | None = None
     padding: torch.Tensor | None = None
     assistant: torch.Tensor | None = None
+    template: torch.Tensor | None = None
 
     def to_dict(self) -> dict[str, torch.Tensor]:
         """The computed masks by name (``mask_`` prefixes are added by the cache)."""
@@ -200,6 +489,15 @@ class MaskConfig:
     Defaults follow METHODS.md §6: BOS, padding and very high-norm tokens (norm > 10 x
     median) are excluded; special/template tokens are recorded but kept; ``first_n`` and
     ``only_assistant`` are off.
+
+    - ``exclude_bos``: every BOS token, wherever it is in a packed row (row starts and
+      document separators). A tokenizer without BOS (Qwen) has none to exclude.
+    - ``first_n``: the first ``n`` positions of each row, whatever they hold (the
+      attention sinks; ``first_n=1`` drops the row start of a model without BOS). Computed
+      from positions, so a cache harvested with another ``first_n`` trains with this one.
+    - ``only_assistant``: keep only assistant content and the end-of-turn token closing
+      each assistant turn (chat data); ``exclude_template``: drop tokens outside message
+      contents (turn headers, end-of-turn tokens, template-added text).
     """
 
     exclude_bos: bool = True
@@ -210,6 +508,11 @@ class MaskConfig:
     first_n: int = 0
     only_assistant: bool = False
     extra_special_ids: list[int] = field(default_factory=list)
+    exclude_template: bool = False
+
+    def __post_init__(self) -> None:
+        if self.first_n < 0:
+            raise ValueError(f"first_n must be >= 0, got {self.first_n}")
 
     def keep(self, masks: TokenMasks) -> torch.Tensor:
         """``(batch, seq)`` bool: True for tokens that stay in the training data."""
@@ -222,19 +525,22 @@ class MaskConfig:
             (self.exclude_padding, "padding"),
             (self.exclude_high_norm, "high_norm"),
             (self.exclude_special, "special"),
-            (self.first_n > 0, "first_n"),
+            (self.exclude_template, "template"),
         ):
             if flag:
                 m = getattr(masks, name)
                 if m is None:
+                    hint = " (chat data only)" if name == "template" else ""
                     raise ValueError(
-                        f"mask {name!r} is needed by this MaskConfig but was not recorded"
+                        f"mask {name!r} is needed by this MaskConfig but was not recorded{hint}"
                     )
-                keep &= ~m
+                keep &= ~m.to(keep.device)
+        if self.first_n > 0:
+            keep[:, : self.first_n] = False
         if self.only_assistant:
             if masks.assistant is None:
                 raise ValueError("only_assistant=True needs the assistant mask (chat data)")
-            keep &= masks.assistant
+            keep &= masks.assistant.to(keep.device)
         return keep
 
 
@@ -258,12 +564,21 @@ def compute_masks(
     doc_starts: torch.Tensor | None = None,
     config: MaskConfig | None = None,
     chat: bool = False,
+    assistant: torch.Tensor | None = None,
+    template: torch.Tensor | None = None,
+    markers: ChatMarkers | None = None,
 ) -> TokenMasks:
     """Compute every applicable mask for a block of tokens.
 
-    ``acts`` (``(batch, seq, [2,] d)``) enables the high-norm mask; ``chat`` the assistant
-    mask (needs the tokenizer). The first-n mask uses ``config.first_n`` (0 = all False).
+    ``acts`` (``(batch, seq, [2,] d)``) enables the high-norm mask. ``assistant`` /
+    ``template`` are the per-conversation chat masks a :class:`~sae_diff.data.sources.TokenSource`
+    carries through packing (prefer ``TokenBatch.masks``, which passes them); without them,
+    ``chat=True`` searches the rows for assistant-turn markers (``markers``, else read off
+    the tokenizer's template), which misses turns continued from a previous row. The
+    first-n mask is the first ``config.first_n`` positions of each row; ``doc_starts`` is
+    accepted for callers of the older signature and not used.
     """
+    del doc_starts  # first_n is per row (see first_n_mask)
     config = config or MaskConfig()
     bos_id = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
     pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
@@ -277,13 +592,18 @@ def compute_masks(
     masks = TokenMasks(
         bos=bos_mask(tokens, bos_id),
         special=special_token_mask(tokens, special_ids_of(tokenizer, config.extra_special_ids)),
-        first_n=first_n_mask(tokens, config.first_n, doc_starts),
+        first_n=first_n_mask(tokens, config.first_n),
         padding=padding,
     )
     if acts is not None:
         masks.high_norm = high_norm_mask(acts, config.high_norm_ratio, valid=~padding)
-    if chat:
+    for name, given in (("assistant", assistant), ("template", template)):
+        if given is not None:
+            if given.shape != tokens.shape:
+                raise ValueError(f"the {name} mask must have the shape of tokens")
+            setattr(masks, name, given.to(tokens.device).bool())
+    if masks.assistant is None and chat:
         if tokenizer is None:
             raise ValueError("the assistant mask needs the tokenizer")
-        masks.assistant = assistant_mask(tokens, tokenizer)
+        masks.assistant = assistant_mask(tokens, tokenizer, markers=markers)
     return masks

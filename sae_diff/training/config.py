@@ -44,6 +44,25 @@ class ConfigError(SaeDiffError, ValueError):
     """A training config is invalid; the message names the field and the fix."""
 
 
+#: the one statement of the BatchTopK k bound, used by every message about it
+K_BOUND = "0 < k <= d_sae"
+
+
+def did_you_mean(name: str, candidates: Any, prefix: str = "") -> str:
+    """`` (did you mean X?)`` for the closest candidate by edit distance, else ``""``.
+
+    ``_``/``-`` are ignored, so ``training-tokens`` finds ``training_tokens``; typos
+    (``trainig_tokens``, ``batchtopk_crossocder``) are found by ``difflib``'s ratio."""
+    import difflib
+
+    def norm(s: str) -> str:
+        return s.lstrip("-").replace("-", "_").lower()
+
+    by_norm = {norm(str(c)): str(c) for c in candidates}
+    hit = difflib.get_close_matches(norm(name), list(by_norm), n=1, cutoff=0.75)
+    return f" (did you mean {prefix}{by_norm[hit[0]]}?)" if hit else ""
+
+
 @dataclass
 class SmokeTestModels:
     """A tiny, randomly initialised ``HookedTransformer`` pair built from its config (no
@@ -339,9 +358,9 @@ def validate_config(cfg: PairedRunnerConfig) -> None:
         raise ConfigError(f"sae.n_models={cfg.sae.n_models}: a pair has 2 models.")
     # --- sizes
     k = getattr(cfg.sae, "k", None)
-    if k is not None and not 0 < k < cfg.sae.d_sae:
+    if k is not None and not 0 < k <= cfg.sae.d_sae:
         raise ConfigError(
-            f"sae.k={k} must satisfy 0 < k < d_sae={cfg.sae.d_sae}: a BatchTopK dictionary "
+            f"sae.k={k} must satisfy {K_BOUND}={cfg.sae.d_sae}: a BatchTopK dictionary "
             "keeps k latents per token. Lower k or raise d_sae (expansion factor)."
         )
     if cfg.is_crosscoder and cfg.sae.normalize_activations != "none":
@@ -460,14 +479,16 @@ def _sae_config(sae: Any, architecture: str | None = None) -> TrainingSAEConfig:
         )
     if arch not in SAE_TRAINING_CLASS_REGISTRY:
         raise ConfigError(
-            f"Unknown architecture {arch!r}. Registered: {sorted(SAE_TRAINING_CLASS_REGISTRY)} "
+            f"Unknown architecture {arch!r}{did_you_mean(arch, SAE_TRAINING_CLASS_REGISTRY)}. "
+            f"Registered: {sorted(SAE_TRAINING_CLASS_REGISTRY)} "
             "(crosscoder, batchtopk_crosscoder and batchtopk_diff_sae come from sae_diff)."
         )
     cfg_cls = SAE_TRAINING_CLASS_REGISTRY[arch][1]
     names = {f.name for f in fields(cfg_cls)}
     unknown = sorted(set(sae) - names - {"metadata"})
     if unknown:
-        raise ConfigError(f"Unknown field(s) {unknown} for architecture {arch!r}; valid: {sorted(names)}.")
+        hint = "".join(did_you_mean(u, names, f"sae.{u} -> ") for u in unknown)
+        raise ConfigError(f"Unknown field(s) {unknown} for architecture {arch!r}{hint}; valid: {sorted(names)}.")
     for required in ("d_in", "d_sae"):
         if required not in sae:
             raise ConfigError(f"sae.{required} is required.")
@@ -489,8 +510,7 @@ def config_from_dict(d: dict[str, Any], *, keep_checkpoint_path: bool = False) -
     derived = {"tokens_per_buffer"}  # attributes SAELens adds in __post_init__
     unknown = sorted(set(d) - names - derived)
     if unknown:
-        close = {u: [n for n in names if n.replace("_", "") == u.replace("_", "").replace("-", "")] for u in unknown}
-        hint = "; ".join(f"{u} (did you mean {c[0]}?)" for u, c in close.items() if c)
+        hint = "; ".join(f"{u}{did_you_mean(u, names)}" for u in unknown if did_you_mean(u, names))
         raise ConfigError(f"Unknown config field(s): {unknown}. {hint}".strip())
     for k in derived:
         d.pop(k, None)
@@ -733,8 +753,14 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
         ns, rest = parser.parse_known_args(list(args or []))
     except SystemExit as e:  # argparse errors exit; turn them into a config error
         raise ConfigError(f"Could not parse the flags {args}: see the message above.") from e
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a dataclass rejected a flag's value (e.g. k > d_sae)
+        raise ConfigError(f"Invalid flag value in {args}: {e}") from e
     if rest:
-        raise ConfigError(f"Unrecognised flag(s) {rest}. `sae-diff train --help` lists the flags.")
+        known = [f.name for f in fields(PairedRunnerConfig)] + [f.name for f in fields(sae_cls)]
+        hint = "".join(did_you_mean(r.split("=")[0], known, "--") for r in rest if r.startswith("-"))
+        raise ConfigError(f"Unrecognised flag(s) {rest}{hint}. `sae-diff train --help` lists the flags.")
     flat = ns.cfg
     values = {f.name: getattr(flat, f.name) for f in fields(PairedRunnerConfig)}
     sae_obj = values.pop("sae")

@@ -36,6 +36,7 @@ Batches are upcast to float32 *before* the mode is applied (the conversion is ex
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import random
@@ -97,18 +98,18 @@ def _cat_batches(batches: list[Any]) -> Any:
     first = batches[0]
     if len(batches) == 1:
         return first
-    assert is_dataclass(first)
+    assert is_dataclass(first) and not isinstance(first, type)
     kw = {}
     for f in fields(first):
         vals = [getattr(b, f.name) for b in batches]
         kw[f.name] = torch.cat(vals) if all(isinstance(v, torch.Tensor) for v in vals) else vals[0]
-    return type(first)(**kw)
+    return dataclasses.replace(first, **kw)
 
 
 def _slice_batch(batch: Any, i: int, j: int) -> Any:
-    assert is_dataclass(batch)
+    assert is_dataclass(batch) and not isinstance(batch, type)
     kw = {f.name: (v[i:j] if isinstance(v := getattr(batch, f.name), torch.Tensor) else v) for f in fields(batch)}
-    return type(batch)(**kw)
+    return dataclasses.replace(batch, **kw)
 
 
 def _shard_batches(batches: Iterator[Any], rows_per_shard: int) -> Iterator[Any]:

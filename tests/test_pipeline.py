@@ -205,3 +205,25 @@ def test_cache_dtype_is_validated(tmp_path: Path) -> None:
         config_from_dict({**d, "cache_dtype": "fp8"})
     with pytest.raises(ConfigError, match="cache_rows_per_shard"):
         config_from_dict({**d, "cache_rows_per_shard": 0})
+
+
+def test_issue_example_row_is_masked_alike(pair: PairedModel, tmp_path: Path) -> None:
+    """``mask_first_n: 2, mask_bos: true`` on the packed row ``[BOS a b c d BOS e f g h]``:
+    both paths drop positions 0-1 (the row start) and the second BOS, and keep ``e``."""
+    from helpers_models import make_tokenizer
+
+    from sae_diff.data.sources import TensorTokenSource
+
+    tok = make_tokenizer()
+    ids = tok("abcd", add_special_tokens=False)["input_ids"], tok("efgh", add_special_tokens=False)["input_ids"]
+    row = torch.tensor([[BOS_ID, *ids[0], BOS_ID, *ids[1]]] * 3)
+    masks = MaskConfig(first_n=2, exclude_high_norm=False)
+    src = TensorTokenSource(row)
+    harvest_cache(pair, src, tmp_path / "c", HOOK, batch_size=2, rows_per_shard=2, mask_config=masks,
+                  progress=False, verbose=False)
+    expected = torch.tensor([False, False, True, True, True, False, True, True, True, True])
+    disk = [shard_keep(ActivationCache(tmp_path / "c").load_shard(i), masks) for i in range(2)]
+    fly = [shard_keep(s, masks) for s in model_shards(pair, src, HOOK, batch_size=2, rows_per_shard=2,
+                                                          mask_config=masks)]
+    for keep in (torch.cat(disk), torch.cat(fly)):
+        assert torch.equal(keep, expected.expand(3, -1))

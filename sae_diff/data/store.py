@@ -15,7 +15,9 @@ modes
 token rows, each a dict of tensors in the cache's shard layout (``acts``, ``tokens``,
 ``attention_mask``, ``doc_starts``, ``mask_<name>``; :mod:`sae_diff.data.cache`). A disk
 cache reads its shards; :meth:`PairedActivationsStore.from_model` computes the same shards
-with the same forward batches and masks as the harvest (:func:`model_shards`), so the high-
+with the same forward batches and masks as the harvest (:func:`model_shards`; the masks
+come from :meth:`~sae_diff.data.sources.TokenBatch.masks`, the chat masks computed per
+conversation before packing), so the high-
 norm median is taken over the same rows. Both go through :func:`shard_keep`, so a config
 selects the same tokens whether it trains from a cache or on the fly (``tests/
 test_pipeline.py`` compares them token for token).
@@ -36,21 +38,19 @@ Batches are upcast to float32 *before* the mode is applied (the conversion is ex
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import fields, is_dataclass
 from typing import Any, Literal
 
 import torch
 
 from sae_diff.data.cache import DTYPES, ActivationCache, dtype_name
+from sae_diff.data.sources import TokenBatch
 from sae_diff.pairing.masks import (
     MaskConfig,
     TokenMasks,
-    compute_masks,
     first_n_mask,
     high_norm_mask,
 )
@@ -85,47 +85,29 @@ def shard_keep(shard: Shard, mask_config: MaskConfig | None = None) -> torch.Ten
 
     The one token-selection rule of training data: the masks recorded in the shard
     (``mask_<name>``), with the first-n mask recomputed from the document starts when
-    ``mask_config.first_n > 0`` (so one cache serves any n)."""
+    ``mask_config.first_n > 0`` (the first n positions of each row, as
+    :func:`~sae_diff.pairing.masks.compute_masks` defines it; so one cache serves any n)."""
     cfg = mask_config or MaskConfig()
     masks = TokenMasks.from_dict({k[5:]: v for k, v in shard.items() if k.startswith("mask_")})
     if cfg.first_n > 0:
-        masks.first_n = first_n_mask(shard["tokens"], cfg.first_n, shard["doc_starts"])
+        masks.first_n = first_n_mask(shard["tokens"], cfg.first_n)
     return cfg.keep(masks)
 
 
-def _cat_batches(batches: list[Any]) -> Any:
-    """Concatenate ``TokenBatch`` es (every tensor field; fields added later included)."""
-    first = batches[0]
-    if len(batches) == 1:
-        return first
-    assert is_dataclass(first) and not isinstance(first, type)
-    kw = {}
-    for f in fields(first):
-        vals = [getattr(b, f.name) for b in batches]
-        kw[f.name] = torch.cat(vals) if all(isinstance(v, torch.Tensor) for v in vals) else vals[0]
-    return dataclasses.replace(first, **kw)
-
-
-def _slice_batch(batch: Any, i: int, j: int) -> Any:
-    assert is_dataclass(batch) and not isinstance(batch, type)
-    kw = {f.name: (v[i:j] if isinstance(v := getattr(batch, f.name), torch.Tensor) else v) for f in fields(batch)}
-    return dataclasses.replace(batch, **kw)
-
-
-def _shard_batches(batches: Iterator[Any], rows_per_shard: int) -> Iterator[Any]:
+def _shard_batches(batches: Iterator[TokenBatch], rows_per_shard: int) -> Iterator[TokenBatch]:
     """Regroup token batches into shards of ``rows_per_shard`` rows (the last may be short)."""
-    pending: list[Any] = []
+    pending: list[TokenBatch] = []
     n = 0
     for b in batches:
         pending.append(b)
         n += len(b)
         while n >= rows_per_shard:
-            cat = _cat_batches(pending)
-            yield _slice_batch(cat, 0, rows_per_shard)
-            rest = _slice_batch(cat, rows_per_shard, len(cat))
+            cat = TokenBatch.concat(pending)
+            yield cat.select(0, rows_per_shard)
+            rest = cat.select(rows_per_shard, len(cat))
             pending, n = ([rest] if len(rest) else []), n - rows_per_shard
     if n:
-        yield _cat_batches(pending)
+        yield TokenBatch.concat(pending)
 
 
 @torch.no_grad()
@@ -154,15 +136,16 @@ def model_shards(
                                rows_per_shard):
         parts: list[Shard] = []
         for i in range(0, len(rows), batch_size):
-            b = _slice_batch(rows, i, min(i + batch_size, len(rows)))
-            acts = paired_model.paired_activations(b.tokens, [hook_name], attention_mask=None)[hook_name]
-            masks = compute_masks(b.tokens, tok, attention_mask=b.attention_mask, doc_starts=b.doc_starts,
-                                  config=cfg, chat=chat)
+            b = rows.select(i, min(i + batch_size, len(rows)))
+            am = b.attention_mask  # as the harvest: padded rows run with their attention mask
+            acts = paired_model.paired_activations(b.tokens, [hook_name],
+                                                   attention_mask=None if bool(am.all()) else am)[hook_name]
+            masks = b.masks(tok, config=cfg, chat=chat)
             part = {
                 "acts": acts.detach().to("cpu", store_dtype).contiguous(),
                 "tokens": b.tokens.cpu().to(torch.int64),
                 "row_index": b.row_index.cpu().to(torch.int64),
-                "attention_mask": b.attention_mask.cpu().bool(),
+                "attention_mask": am.cpu().bool(),
                 "doc_starts": b.doc_starts.cpu().bool(),
             }
             for name, v in masks.to_dict().items():

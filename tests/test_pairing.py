@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers_models import make_tokenizer, random_tokens, tiny_cfg, tiny_pair
 from transformer_lens import HookedTransformer
 
-from sae_diff.pairing.errors import HookNameError, PairingError
+from sae_diff.pairing.errors import HookNameError, PairingError, PairingWarning
 from sae_diff.pairing.model import PairedModel
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"]
@@ -146,7 +148,9 @@ def _swapped_tokenizer(tok, x: str, y: str):
     return Swapped(tok)
 
 
-def test_special_token_mismatch() -> None:
+def test_special_token_configuration_differs_warns_once() -> None:
+    """A different BOS/EOS *configuration* over the same vocabulary is how base and instruct
+    tokenizers differ: resolved (the ft tokenizer is used) with one warning, never refused."""
     base, ft = tiny_pair(n_layers=2)
 
     class OtherBos:
@@ -158,8 +162,13 @@ def test_special_token_mismatch() -> None:
             return getattr(self.inner, name)
 
     ft.tokenizer = OtherBos(ft.tokenizer)
-    with pytest.raises(PairingError, match="bos_token_id differs: base 0, ft 1"):
-        PairedModel(base, ft)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        pair = PairedModel(base, ft)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, PairingWarning)]
+    assert len(msgs) == 1 and "bos_token: base <bos> (0), ft <bos> (1)" in msgs[0]
+    assert pair.tokenizer is ft.tokenizer and pair.bos_token_id == 1
+    assert pair.tokenizer_differences[0] == "bos_token: base <bos> (0), ft <bos> (1)"
 
 
 def test_too_long_sequence(pair: PairedModel) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from typing import Any
 
-from sae_diff.pairing.errors import HookNameError, PairingError
+from sae_diff.pairing.errors import HookNameError, PairingError, PairingWarning
 
 SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
@@ -45,6 +46,23 @@ def check_dims(base: Any, ft: Any) -> None:
         )
 
 
+def check_config_dims(info_base: Any, info_ft: Any) -> None:
+    """Equal layer counts, widths and vocabulary sizes read from both ``config.json`` (a
+    :class:`~sae_diff.pairing.backends.ModelInfo` each), before any weight is loaded."""
+    for attr, what in (
+        ("n_layers", "n_layers"),
+        ("d_model", "d_model (hidden_size)"),
+        ("d_vocab", "vocab_size"),
+    ):
+        a, b = getattr(info_base, attr, None), getattr(info_ft, attr, None)
+        if a is not None and b is not None and a != b:
+            raise PairingError(
+                f"config.json {what} differs: base {info_base.name!r} has {a}, ft "
+                f"{info_ft.name!r} has {b}. Pair a fine-tune with the base model it was "
+                "trained from (same architecture and vocabulary)."
+            )
+
+
 def _vocab(tokenizer: Any) -> dict[str, int]:
     return dict(tokenizer.get_vocab())
 
@@ -62,34 +80,157 @@ def first_vocab_difference(tok_a: Any, tok_b: Any) -> str | None:
     return "the vocabularies map the same ids to different token strings"  # pragma: no cover
 
 
-def check_tokenizers(tok_base: Any, tok_ft: Any) -> None:
-    """Identical vocabularies and special-token ids (BOS/EOS/PAD/UNK and all special ids)."""
-    if tok_base is None or tok_ft is None:
-        return
+#: Text encoded by both tokenizers as a last check that they split text the same way.
+_PROBE_TEXT = "Hello, world! 12345 The quick brown fox\n\tjumps over   the lazy dog. é ß 中文 🙂"
+
+
+def _backend_json(tokenizer: Any) -> dict[str, Any] | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    try:
+        return dict(json.loads(backend.to_str()))
+    except (TypeError, ValueError):  # pragma: no cover - exotic backends
+        return None
+
+
+def encoding_difference(tok_base: Any, tok_ft: Any) -> str | None:
+    """What makes the two tokenizers *encode* text differently, or None if they agree.
+
+    Compared: the vocabulary (every token string and id, added tokens included), the
+    subword model (BPE merges / unigram scores / word-level table), the normaliser and the
+    pre-tokeniser, and finally the ids of a probe text encoded without special tokens. Not
+    compared: which tokens are *called* BOS/EOS/PAD/UNK, whether BOS is prepended
+    (post-processor) and the chat template; those are configuration (see
+    :func:`configuration_differences`).
+    """
     diff = first_vocab_difference(tok_base, tok_ft)
     if diff is not None:
-        raise PairingError(
-            f"the base and ft tokenizers differ (first differing id: {diff}; base vocab "
-            f"size {len(_vocab(tok_base))}, ft {len(_vocab(tok_ft))}). Paired activations "
-            "need the same token ids in both models: pass one shared `tokenizer=` if the "
-            "vocabularies truly agree, or pair models that share a tokenizer."
+        return (
+            f"the vocabularies differ (first differing id: {diff}; base vocab size "
+            f"{len(_vocab(tok_base))}, ft {len(_vocab(tok_ft))})"
         )
+    ja, jb = _backend_json(tok_base), _backend_json(tok_ft)
+    if ja is not None and jb is not None:
+        for part, what in (
+            ("model", "subword model (merges / scores)"),
+            ("normalizer", "normaliser"),
+            ("pre_tokenizer", "pre-tokeniser"),
+        ):
+            if ja.get(part) != jb.get(part):
+                return f"the {what} differs"
+    try:
+        ia = tok_base(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        ib = tok_ft(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    except (TypeError, KeyError):  # pragma: no cover - not a HF tokenizer
+        return None
+    if list(ia) != list(ib):
+        return f"they encode the probe text {_PROBE_TEXT!r} to different ids"
+    return None
+
+
+def prepended_bos_id(tokenizer: Any) -> int | None:
+    """The id the tokenizer itself puts before encoded text, or None when it adds none.
+
+    Read from the tokenizer's behaviour (encode a probe with special tokens and look at the
+    first id), not from ``bos_token``: Qwen declares no BOS, Phi-3 declares ``<s>`` but does
+    not add it, and TransformerLens may set ``bos_token`` on its copy of a tokenizer that
+    never prepends one.
+    """
+    if tokenizer is None:
+        return None
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+        without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    except (TypeError, KeyError):  # pragma: no cover - not a HF tokenizer
+        return None
+    if len(with_special) > len(without) and with_special[0] == bos:
+        return int(bos)
+    return None
+
+
+def _describe_token(tok: Any, attr: str) -> str:
+    tid = getattr(tok, attr, None)
+    if tid is None:
+        return "none"
+    name = getattr(tok, attr.replace("_id", ""), None)
+    return f"{name!s} ({tid})"
+
+
+def configuration_differences(tok_base: Any, tok_ft: Any) -> list[str]:
+    """How the two (compatible) tokenizers are *configured* differently, one line each:
+    BOS/EOS/PAD/UNK tokens, the set of special tokens, whether BOS is prepended, the chat
+    template. Published base/instruct pairs differ here (e.g. Llama-3 base EOS
+    ``<|end_of_text|>`` vs instruct ``<|eot_id|>``); none of it changes token ids."""
+    out = []
     for attr in SPECIAL_TOKEN_ATTRS:
         a, b = getattr(tok_base, attr, None), getattr(tok_ft, attr, None)
         if a != b:
-            raise PairingError(
-                f"special token {attr} differs: base {a}, ft {b}. Set the same special "
-                "tokens on both tokenizers (or pass one shared `tokenizer=`)."
+            out.append(
+                f"{attr.replace('_id', '')}: base {_describe_token(tok_base, attr)}, "
+                f"ft {_describe_token(tok_ft, attr)}"
             )
-    sa = sorted(getattr(tok_base, "all_special_ids", []) or [])
-    sb = sorted(getattr(tok_ft, "all_special_ids", []) or [])
+    sa = set(getattr(tok_base, "all_special_ids", []) or [])
+    sb = set(getattr(tok_ft, "all_special_ids", []) or [])
     if sa != sb:
-        only_a = sorted(set(sa) - set(sb))
-        only_b = sorted(set(sb) - set(sa))
+        out.append(f"special tokens: only base {sorted(sa - sb)}, only ft {sorted(sb - sa)}")
+    pa, pb = prepended_bos_id(tok_base), prepended_bos_id(tok_ft)
+    if pa != pb:
+        out.append(f"BOS prepended on encode: base {pa}, ft {pb}")
+    ca, cb = chat_template_hash(tok_base), chat_template_hash(tok_ft)
+    if ca != cb:
+        if ca is None or cb is None:
+            out.append(
+                f"chat template: base has {'none' if ca is None else 'one'}, "
+                f"ft has {'none' if cb is None else 'one'}"
+            )
+        else:
+            out.append("chat template: base and ft templates differ")
+    return out
+
+
+def check_tokenizers(tok_base: Any, tok_ft: Any, *, warn: bool = True) -> list[str]:
+    """Raise unless the two tokenizers encode text identically; report configuration
+    differences.
+
+    Compatible tokenizers share vocabulary, subword model and normaliser (see
+    :func:`encoding_difference`). Differences in *configuration* (which token is BOS/EOS/PAD,
+    BOS prepending, the chat template) are normal between a base model and its instruct
+    model; they are resolved, not refused: the pair uses the **ft tokenizer** as given (its
+    chat template renders chat data, its special tokens mark turns and padding, its BOS
+    behaviour decides whether rows start with BOS). One :class:`PairingWarning` lists them.
+
+    Returns:
+        The configuration differences (empty when there are none).
+
+    Raises:
+        PairingError: the tokenizers encode text differently (the message names the part).
+    """
+    if tok_base is None or tok_ft is None:
+        return []
+    diff = encoding_difference(tok_base, tok_ft)
+    if diff is not None:
         raise PairingError(
-            f"special token ids differ: only in base {only_a}, only in ft {only_b}. "
-            "Register the same special tokens on both tokenizers."
+            f"the base and ft tokenizers are incompatible: {diff}. Paired activations need "
+            "the same token ids in both models: pair models that share a tokenizer (a fine-"
+            "tune keeps its base model's vocabulary), or pass one shared `tokenizer=` if the "
+            "vocabularies truly agree."
         )
+    diffs = configuration_differences(tok_base, tok_ft)
+    if diffs and warn:
+        warnings.warn(
+            "the base and ft tokenizers share vocabulary, merges and normaliser but are "
+            "configured differently (normal for a base/instruct pair): "
+            + "; ".join(diffs)
+            + ". Using the ft tokenizer's special tokens, BOS behaviour and chat template "
+            "for all data.",
+            PairingWarning,
+            stacklevel=3,
+        )
+    return diffs
 
 
 def tokenizer_hash(tokenizer: Any) -> str | None:

@@ -10,6 +10,12 @@ class PairingError(SaeDiffError, ValueError):
     difference found and what to do about it."""
 
 
+class PairingWarning(UserWarning):
+    """The pair loads, but something was resolved on the user's behalf (e.g. the base and
+    ft tokenizers configure BOS/EOS/PAD or the chat template differently, as published
+    base/instruct pairs do); the message says what was used."""
+
+
 class HookNameError(SaeDiffError, KeyError):
     """A requested hook name does not exist in one of the models; the message lists the
     valid names."""

@@ -37,9 +37,11 @@ import torch
 
 from sae_diff.pairing.checks import (
     chat_template_hash,
+    check_config_dims,
     check_dims,
     check_hooks,
     check_tokenizers,
+    prepended_bos_id,
     stop_layer_for_hook,
     tokenizer_hash,
     valid_hook_names,
@@ -110,14 +112,20 @@ class PairedModel:
         self.ft = ft
         tok_b = getattr(base, "tokenizer", None)
         tok_f = getattr(ft, "tokenizer", None)
+        #: configuration differences between the two tokenizers (resolved: ft's are used)
+        self.tokenizer_differences: list[str] = []
         if check:
             check_dims(base, ft)
-            check_tokenizers(tok_b, tok_f)
+            self.tokenizer_differences = check_tokenizers(tok_b, tok_f)
             if tokenizer is not None:
-                check_tokenizers(tokenizer, tok_f if tok_f is not None else tok_b)
+                check_tokenizers(tokenizer, tok_f if tok_f is not None else tok_b, warn=False)
         self.tokenizer = (
             tokenizer if tokenizer is not None else (tok_f if tok_f is not None else tok_b)
         )
+        #: the two tokenizers as given (``from_pretrained``: as loaded from the folders /
+        #: Hub ids, never TransformerLens's modified copies)
+        self.base_tokenizer: Any = tok_b if tok_b is not None else self.tokenizer
+        self.ft_tokenizer: Any = tok_f if tok_f is not None else self.tokenizer
         self.n_layers: int = int(base.cfg.n_layers)
         self.d_model: int = int(base.cfg.d_model)
         self.d_vocab: int = int(base.cfg.d_vocab)
@@ -126,8 +134,24 @@ class PairedModel:
         self.base_revision: str | None = None
         self.ft_revision: str | None = None
         self.is_bridge: bool = is_bridge(base)
+        self.backend: str = "bridge" if self.is_bridge else "hooked"
 
     # ------------------------------------------------------------------ properties
+    @property
+    def bos_token_id(self) -> int | None:
+        """The BOS id the pair's tokenizer declares, or None when the family has no BOS
+        (Qwen2.5 / Qwen3). Data sources must not invent a BOS when this is None."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return int(bos) if bos is not None else None
+
+    @property
+    def prepends_bos(self) -> bool:
+        """Whether the pair's tokenizer itself puts BOS before encoded text (Llama-3,
+        Gemma, Mistral: yes; Qwen: no BOS at all; a tokenizer may declare a BOS and not
+        prepend it). Read from the tokenizer's behaviour, see
+        :func:`~sae_diff.pairing.checks.prepended_bos_id`."""
+        return prepended_bos_id(self.tokenizer) is not None
+
     @property
     def device(self) -> torch.device:
         """Device of the base model's parameters (inputs are moved there)."""
@@ -191,79 +215,136 @@ class PairedModel:
         base_revision: str | None = None,
         ft_revision: str | None = None,
         trust_remote_code: bool = False,
-        **tl_kwargs: Any,
+        **model_kwargs: Any,
     ) -> PairedModel:
         """Load a pair with the real TransformerLens / transformers loading code.
 
-        The fine-tune is loaded as a Hugging Face model and handed to TransformerLens with
-        the *base* architecture (``hf_model=``), as TransformerLens recommends for fine-tunes.
+        Order (cheap checks first, so a mismatched 2 x 8B pair fails before any weight is
+        read): both ``config.json`` (layer count, width, vocabulary size must agree), the
+        backend from the base's ``config.json`` (:func:`~sae_diff.pairing.backends.
+        choose_backend`; never the folder name), both tokenizers as the user supplied them
+        (``AutoTokenizer`` on the folders / Hub ids; incompatible encodings raise, differing
+        BOS/EOS/PAD/chat-template configuration warns once and the ft tokenizer is used),
+        then the weights. The fine-tune is loaded as a Hugging Face model and handed to
+        TransformerLens with the *base* architecture (``hf_model=``).
 
         Args:
-            base_name: official TL name / Hugging Face id of the base, or a local HF folder.
-            ft_name: Hugging Face id of the fine-tune, or a local HF folder.
+            base_name: Hugging Face id of the base (or TL official name), or a local folder.
+            ft_name: Hugging Face id of the fine-tune, or a local folder.
             hf_model_path_or_local_dir: where to read the ft weights and tokenizer from, when
                 not ``ft_name`` (e.g. ``ft_name`` is a label and the weights are on disk).
-            backend: ``"hooked"`` (HookedTransformer, folds LayerNorms), ``"bridge"``
-                (TransformerBridge, raw HF numerics, any architecture transformers knows),
-                or ``"auto"`` (hooked when TransformerLens supports the architecture).
+            backend: ``"bridge"`` (TransformerBridge: raw HF numerics, any architecture the
+                bridge knows), ``"hooked"`` (HookedTransformer: processed weights, faster
+                stitching) or ``"auto"`` (the bridge when it supports the architecture).
             base_revision, ft_revision: Hub revisions (recorded in caches).
             trust_remote_code: off by default; weights are read from safetensors (or
                 ``torch.load(weights_only=True)`` by transformers).
-            **tl_kwargs: passed to ``HookedTransformer.from_pretrained`` (e.g. ``fold_ln``,
-                ``center_unembed``, ``n_ctx``) or, for the bridge, to ``boot_transformers``.
+            **model_kwargs: ``HookedTransformer.from_pretrained`` options (SAELens's
+                ``model_from_pretrained_kwargs``, e.g. ``center_writing_weights``,
+                ``fold_ln``, ``n_ctx``), translated for the chosen backend by
+                :func:`~sae_diff.pairing.backends.translate_options`; other keys go to
+                ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``).
+
+        Raises:
+            PairingError: configs, dimensions or tokenizers cannot be paired, or no backend
+                supports the architecture (the message names the fix).
         """
+        import copy
+
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        ft_path = str(hf_model_path_or_local_dir) if hf_model_path_or_local_dir else ft_name
-        base_path = str(base_name)
-        if backend == "auto":
-            backend = "hooked" if _hooked_supports(base_path) else "bridge"
-        if backend not in ("hooked", "bridge"):
-            raise ValueError(f"backend must be 'auto', 'hooked' or 'bridge', got {backend!r}")
+        from sae_diff.pairing import backends as bk
 
-        hf_kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+        ft_path = str(hf_model_path_or_local_dir) if hf_model_path_or_local_dir else str(ft_name)
+        base_path = str(base_name)
+        info_b = bk.read_model_info(
+            base_path, revision=base_revision, trust_remote_code=trust_remote_code
+        )
+        info_f = bk.read_model_info(
+            ft_path, revision=ft_revision, trust_remote_code=trust_remote_code
+        )
+        check_config_dims(info_b, info_f)
+        chosen = bk.choose_backend(backend, info_b)
+        opts = bk.translate_options(chosen, model_kwargs)
+        bk.log_notes(opts.notes)
+
         tok_base = AutoTokenizer.from_pretrained(
             base_path, revision=base_revision, trust_remote_code=trust_remote_code
         )
         tok_ft = AutoTokenizer.from_pretrained(
             ft_path, revision=ft_revision, trust_remote_code=trust_remote_code
         )
-        check_tokenizers(tok_base, tok_ft)
-        hf_ft = AutoModelForCausalLM.from_pretrained(ft_path, revision=ft_revision, **hf_kwargs)
+        diffs = check_tokenizers(tok_base, tok_ft)
 
-        if backend == "hooked":
-            hf_base = AutoModelForCausalLM.from_pretrained(
-                base_path, revision=base_revision, **hf_kwargs
-            )
+        hf_kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "trust_remote_code": trust_remote_code,
+            **opts.hf_kwargs,
+        }
+        if chosen == "bridge":
+            hf_kwargs.setdefault("attn_implementation", "eager")  # what the bridge uses
+        hf_base = AutoModelForCausalLM.from_pretrained(
+            base_path, revision=base_revision, **hf_kwargs
+        )
+        hf_ft = AutoModelForCausalLM.from_pretrained(ft_path, revision=ft_revision, **hf_kwargs)
+        # TransformerLens edits the tokenizer it is given (sets PAD, sets BOS = EOS for
+        # tokenizers without BOS): give it copies, keep the user's for the data.
+        if chosen == "hooked":
             base = load_hooked(
-                base_path, hf_base, tok_base, device=device, dtype=dtype, **tl_kwargs
+                bk.hooked_config_name(info_b),
+                hf_base,
+                copy.deepcopy(tok_base),
+                device=device,
+                dtype=dtype,
+                **opts.tl_kwargs,
             )
-            ft = load_hooked(base_path, hf_ft, tok_ft, device=device, dtype=dtype, **tl_kwargs)
-            del hf_base, hf_ft
+            ft = load_hooked(
+                bk.hooked_config_name(info_b),
+                hf_ft,
+                copy.deepcopy(tok_ft),
+                device=device,
+                dtype=dtype,
+                **opts.tl_kwargs,
+            )
         else:
             from transformer_lens.model_bridge import TransformerBridge
 
+            dev = torch.device(device)
             base = TransformerBridge.boot_transformers(
                 base_path,
                 device=device,
                 dtype=dtype,
-                tokenizer=tok_base,
-                revision=base_revision,
+                tokenizer=copy.deepcopy(tok_base),
+                hf_model=hf_base.to(dev),  # type: ignore[arg-type]
                 trust_remote_code=trust_remote_code,
-                **tl_kwargs,
+                **opts.tl_kwargs,
             )
             ft = TransformerBridge.boot_transformers(
                 base_path,
                 device=device,
                 dtype=dtype,
-                tokenizer=tok_ft,
-                hf_model=hf_ft.to(torch.device(device)),  # type: ignore[arg-type]
+                tokenizer=copy.deepcopy(tok_ft),
+                hf_model=hf_ft.to(dev),  # type: ignore[arg-type]
                 trust_remote_code=trust_remote_code,
-                **tl_kwargs,
+                **opts.tl_kwargs,
             )
+            if opts.processing is not None:
+                for m in (base, ft):
+                    m.enable_compatibility_mode(disable_warnings=True, **opts.processing)
+        del hf_base, hf_ft
         base.eval()
         ft.eval()
-        pair = cls(base, ft, tokenizer=tok_ft, base_name=str(base_name), ft_name=str(ft_name))
+        check_dims(base, ft)
+        pair = cls(
+            base,
+            ft,
+            tokenizer=tok_ft,
+            base_name=str(base_name),
+            ft_name=str(ft_name),
+            check=False,
+        )
+        pair.base_tokenizer, pair.ft_tokenizer = tok_base, tok_ft
+        pair.tokenizer_differences = diffs
         pair.base_revision = base_revision or _commit_hash(base_path)
         pair.ft_revision = ft_revision or _commit_hash(ft_path)
         return pair
@@ -334,7 +415,10 @@ class PairedModel:
         self.validate_hooks(hook_names)
         # blocks.L.hook_resid_pre holds the same tensor as blocks.{L-1}.hook_resid_post: reading
         # the latter lets the forward stop one block earlier.
-        fetch = {h: h if is_bridge(self.base) or is_bridge(self.ft) else _earliest_alias(h) for h in hook_names}
+        fetch = {
+            h: h if is_bridge(self.base) or is_bridge(self.ft) else _earliest_alias(h)
+            for h in hook_names
+        }
         names = list(dict.fromkeys(fetch.values()))
         stop = self._stop_layer(names)
         tb = self._tokens_to(tokens, self.base)
@@ -471,20 +555,6 @@ class PairedModel:
 # ---------------------------------------------------------------------- loading helpers
 def _is_local_dir(name: str) -> bool:
     return (Path(name) / "config.json").is_file()
-
-
-def _hooked_supports(name: str) -> bool:
-    """Whether HookedTransformer can build this architecture (else use the bridge)."""
-    from transformer_lens import loading_from_pretrained as loading
-
-    try:
-        if _is_local_dir(name):
-            loading.convert_hf_model_config(name)
-        else:
-            loading.get_official_model_name(name)
-    except (ValueError, NotImplementedError, KeyError, AttributeError, TypeError):
-        return False
-    return True
 
 
 def load_hooked(

@@ -205,12 +205,30 @@ def test_diff_sae_paired_and_difference_inputs_agree(tmp_path) -> None:
 def test_prepare_sets_norm_factors_and_decoder_bias() -> None:
     from sae_diff.dictionaries.normalisation import prepare_crosscoder
 
-    sae = make("batchtopk_crosscoder", d=16, n=32, k=2)
+    sae = make("batchtopk_crosscoder", d=16, n=32, k=2, center_inputs=False)
     batches = [torch.randn(256, 2, 16) * torch.tensor([3.0, 0.5])[:, None] + 1.0 for _ in range(4)]
     factors = prepare_crosscoder(sae, iter(batches), n_batches=4)
     norms = torch.cat(batches).norm(dim=-1).mean(0)
     torch.testing.assert_close(factors, math.sqrt(16) / norms)
     torch.testing.assert_close(sae.b_dec.data, torch.cat(batches).mean(0) * factors[:, None])
+
+
+def test_prepare_centres_by_default() -> None:
+    """The default (reference) BatchTopK crosscoder: x_n = c (x - mu), E||x_n|| = sqrt(d) on
+    the centred data, decoder bias at the normalised mean (zero)."""
+    from sae_diff.dictionaries.normalisation import prepare_crosscoder
+
+    sae = make("batchtopk_crosscoder", d=16, n=32, k=2)
+    batches = [torch.randn(256, 2, 16) * torch.tensor([3.0, 0.5])[:, None] + 1.0 for _ in range(4)]
+    factors = prepare_crosscoder(sae, iter(batches), n_batches=4)
+    data = torch.cat(batches).double()
+    mu = data.mean(0)
+    torch.testing.assert_close(sae.norm_offsets.double(), mu, atol=1e-6, rtol=0)
+    norms = (data - mu).norm(dim=-1).mean(0)
+    torch.testing.assert_close(factors.double(), math.sqrt(16) / norms, atol=1e-5, rtol=1e-5)
+    assert sae.b_dec.abs().max() < 1e-5
+    x_n = sae.normalised_input(torch.cat(batches))
+    torch.testing.assert_close(x_n.double().norm(dim=-1).mean(0), torch.full((2,), 4.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(

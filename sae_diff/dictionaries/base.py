@@ -124,10 +124,17 @@ class CrosscoderMixin:
         """Per-model scalars applied at run time (training classes only)."""
         return None
 
+    def _runtime_offsets(self) -> torch.Tensor | None:
+        """Per-model means subtracted before the scalars (training classes that centre)."""
+        return None
+
     def normalised_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Check and cast paired input; apply the per-model scalars (training classes only)."""
+        """Check and cast paired input; apply ``c_m (x^m - mu_m)`` (training classes only)."""
         check_paired_input(x, self.cfg.n_models, self.cfg.d_in)
         x = x.to(self.dtype)
+        offsets = self._runtime_offsets()
+        if offsets is not None:
+            x = x - offsets
         factors = self._runtime_factors()
         return x if factors is None else x * factors[:, None]
 
@@ -146,8 +153,11 @@ class CrosscoderMixin:
         return flat.reshape(*lead, self.cfg.n_models, self.cfg.d_in) + self.b_dec
 
     def unnormalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of the input transform: ``x_n^m / c_m + mu_m``."""
         factors = self._runtime_factors()
-        return x if factors is None else x / factors[:, None]
+        x = x if factors is None else x / factors[:, None]
+        offsets = self._runtime_offsets()
+        return x if offsets is None else x + offsets
 
     # --- folding ------------------------------------------------------------------------
     @staticmethod

@@ -30,7 +30,11 @@ from sae_lens.saes.sae import (
 from torch import nn
 
 from sae_diff.dictionaries.base import CrosscoderFields, CrosscoderSAE, validate_common_fields
-from sae_diff.dictionaries.crosscoder import CrosscoderConfig, CrosscoderTrainingMixin
+from sae_diff.dictionaries.crosscoder import (
+    CrosscoderConfig,
+    CrosscoderTrainingMixin,
+    validate_init_norm,
+)
 
 
 def validate_k(k: float, d_sae: int) -> None:
@@ -68,13 +72,30 @@ class JumpReLUCrosscoder(CrosscoderSAE):
 class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
     """Training config of the BatchTopK crosscoder (architecture ``batchtopk_crosscoder``).
 
+    The defaults follow the reference trainer, crosscoder_learning's
+    ``BatchTopKCrossCoderTrainer`` (docs/methods.md lists its conventions and every
+    difference); with them a run matches it within seed noise on the organism
+    (``benchmarks/fidelity.py``).
+
     Args:
         k: target mean L0 (the batch keeps its top ``B*k`` selection scores).
         aux_loss_coefficient: weight of the dead-latent auxiliary loss (1/32 by default).
         k_aux: dead latents used by the auxiliary loss per token (default ``d_in // 2``).
-        threshold_ema_decay: EMA decay of the inference threshold (0.99 by default, the rate of
-            SAELens's BatchTopK; METHODS.md's example 0.999 converges too slowly for runs of a few
-            thousand steps).
+        decoder_init_norm_per_model: initial norm of each model's block of every decoder row
+            (encoder = decoder transpose); 1.0 as in the reference. It replaces SAELens's
+            ``decoder_init_norm`` (the norm of the concatenated row, 0.1 by default: about 0.07
+            per model, far too small next to ``||x^m|| ~ sqrt(d)``; most latents are then never
+            selected). ``None`` = use ``decoder_init_norm``.
+        center_inputs: subtract each model's activation mean (estimated with the
+            normalisation factors, ``prepare_crosscoder``) before scaling, as the reference
+            does; folded into ``b_enc``/``b_dec`` on export, so saved dictionaries read raw
+            activations.
+        threshold_ema_decay: EMA decay of the inference threshold (0.999, the reference's).
+        threshold_start_step: the threshold's moving average restarts from the batch's
+            smallest kept score at the first step whose (0-based) index exceeds this (the
+            reference: 1000), so early-training scores do not bias the inference L0. Before it
+            the average runs from the first batch, so that shorter runs still export a measured
+            threshold (then lower the decay, or this step, for them).
         sparse_kernels: train with ``sae_diff.dictionaries.kernels`` (dense encoder matmul,
             fast exact batch top-k, sparse decode and sparse backward; same loss and gradients
             as the dense path, see docs/performance.md). ``False`` = the dense reference path.
@@ -84,13 +105,22 @@ class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
     k: float = 32
     aux_loss_coefficient: float = 1 / 32
     k_aux: int | None = None
-    threshold_ema_decay: float = 0.99
+    decoder_init_norm_per_model: float | None = 1.0
+    center_inputs: bool = True
+    threshold_ema_decay: float = 0.999
+    threshold_start_step: int = 1000
     sparse_kernels: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_common_fields(self)
         validate_k(self.k, self.d_sae)
+        validate_init_norm(self.decoder_init_norm_per_model)
+        if not 0.0 <= self.threshold_ema_decay < 1.0:
+            raise ValueError(f"threshold_ema_decay must be in [0, 1), got {self.threshold_ema_decay} "
+                             "(0.999 is the reference's; 0.99 settles faster on short runs).")
+        if self.threshold_start_step < 0:
+            raise ValueError(f"threshold_start_step must be >= 0, got {self.threshold_start_step}.")
 
     @classmethod
     def architecture(cls) -> str:
@@ -179,7 +209,7 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
             "mse_loss": self.reconstruction_loss(x_n, xhat_n),
             "auxiliary_reconstruction_loss": self.auxiliary_loss(x_n, xhat_n, hidden_pre, step_input.dead_neuron_mask),
         }
-        self.update_threshold(feature_acts)
+        self.update_threshold(feature_acts, step_input.n_training_steps)
         out = TrainStepOutput(sae_in=x_n, sae_out=xhat_n, feature_acts=feature_acts, hidden_pre=hidden_pre,
                               loss=losses["mse_loss"] + losses["auxiliary_reconstruction_loss"], losses=losses)
         out.metrics["topk_threshold"] = self.topk_threshold
@@ -223,7 +253,7 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
             v = code.values.detach() * scale[code.col]
             v = v[v > 0]
             if v.numel():
-                self._update_threshold_from_min(v.min().to(torch.float64))
+                self._update_threshold_from_min(v.min().to(torch.float64), step_input.n_training_steps)
         feature_acts = code.to_sparse_coo()
         out = TrainStepOutput(sae_in=x_n, sae_out=xhat_n, feature_acts=feature_acts,
                               hidden_pre=x_n.new_empty(0, self.cfg.d_sae),
@@ -232,26 +262,26 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
         return out
 
     @torch.no_grad()
-    def _update_threshold_from_min(self, min_kept: torch.Tensor) -> None:
-        if self.topk_threshold < 0:
+    def _update_threshold_from_min(self, min_kept: torch.Tensor, step: int | None = None) -> None:
+        """theta <- decay*theta + (1-decay)*min_kept; restarted (theta <- min_kept) on the first
+        batch and on the first step after ``threshold_start_step`` (stateless, so a resumed
+        run restarts it at the same step)."""
+        restart = step is not None and step == self.cfg.threshold_start_step + 1
+        if self.topk_threshold < 0 or restart:
             self.topk_threshold.copy_(min_kept)
         else:
             decay = self.cfg.threshold_ema_decay
             self.topk_threshold.mul_(decay).add_((1 - decay) * min_kept)
 
     @torch.no_grad()
-    def update_threshold(self, feature_acts: torch.Tensor) -> None:
-        """EMA of the smallest kept selection score: theta <- decay*theta + (1-decay)*min_kept."""
+    def update_threshold(self, feature_acts: torch.Tensor, step: int | None = None) -> None:
+        """EMA of the smallest kept selection score (see ``_update_threshold_from_min``);
+        ``step`` is the 0-based index of the training step (``None``: no restart)."""
         kept = feature_acts > 0
         if not kept.any():
             return
         scores = (feature_acts * self.code_scale())[kept]
-        min_kept = scores.min().to(torch.float64)
-        if self.topk_threshold < 0:
-            self.topk_threshold.copy_(min_kept)
-        else:
-            decay = self.cfg.threshold_ema_decay
-            self.topk_threshold.mul_(decay).add_((1 - decay) * min_kept)
+        self._update_threshold_from_min(scores.min().to(torch.float64), step)
 
     # --- export ---------------------------------------------------------------------------
     def inference_thresholds(self) -> torch.Tensor:

@@ -12,6 +12,7 @@ so its lambda does not transfer).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,31 +58,62 @@ class Crosscoder(CrosscoderSAE):
 class CrosscoderTrainingMixin(CrosscoderMixin):
     """Training behaviour shared by the L1 and BatchTopK crosscoders.
 
-    - per-model normalisation applied at run time from the ``norm_factors`` buffer,
-      folded into the weights on export (``save_inference_model`` / ``to_inference``);
+    - per-model input transform ``x_n^m = c_m (x^m - mu_m)`` applied at run time from the
+      ``norm_factors`` (c) and ``norm_offsets`` (mu, zero unless the config centres its inputs)
+      buffers, folded into the weights and biases on export (``save_inference_model`` /
+      ``to_inference``), so the saved dictionary reads raw activations;
     - reconstruction loss summed over models;
-    - decoder initialised as the encoder's transpose at ``decoder_init_norm``.
+    - decoder initialised as the encoder's transpose, each model's block at norm
+      ``decoder_init_norm_per_model`` (the reference trainer's convention) or, when that is
+      ``None``, the concatenated row at SAELens's ``decoder_init_norm``.
     """
 
     norm_factors: torch.Tensor
+    norm_offsets: torch.Tensor
 
     def _init_training_state(self) -> None:
         factors = self.cfg.norm_factors or [1.0] * self.cfg.n_models
         self.register_buffer(  # type: ignore[attr-defined]
             "norm_factors", torch.tensor(factors, dtype=torch.float32, device=self.W_dec.device)
         )
+        self.register_buffer(  # type: ignore[attr-defined]
+            "norm_offsets",
+            torch.zeros(self.cfg.n_models, self.cfg.d_in, dtype=torch.float32, device=self.W_dec.device),
+        )
+        # checkpoints written before centring existed have no offsets: load them as zeros
+        self._register_load_state_dict_pre_hook(_default_offsets, with_module=True)  # type: ignore[attr-defined]
 
     def _runtime_factors(self) -> torch.Tensor:
         return self.norm_factors.to(self.dtype)
 
+    def _runtime_offsets(self) -> torch.Tensor | None:
+        return self.norm_offsets.to(self.dtype) if bool(self.norm_offsets.any()) else None
+
     def _init_decoder_norm(self) -> None:
-        if self.cfg.decoder_init_norm is None:
-            return
+        per_model = getattr(self.cfg, "decoder_init_norm_per_model", None)
         with torch.no_grad():
-            rows = self.W_dec_flat
-            rows /= rows.norm(dim=-1, keepdim=True)
-            rows *= self.cfg.decoder_init_norm
-            self.W_enc.data.copy_(rows.T.reshape(self.W_enc.shape))
+            if per_model is not None:
+                # the reference (crosscoder_learning's CrossCoderDecoder): each model's block
+                # of a latent's decoder row at the same norm, encoder = its transpose
+                blocks: torch.Tensor = self.W_dec.data
+                blocks.mul_(float(per_model) / blocks.norm(dim=-1, keepdim=True).clamp(min=1e-12))
+            elif self.cfg.decoder_init_norm is not None:
+                rows: torch.Tensor = self.W_dec_flat.data
+                rows.mul_(self.cfg.decoder_init_norm / rows.norm(dim=-1, keepdim=True))
+            else:
+                return
+            self.W_enc.data.copy_(self.W_dec_flat.T.reshape(self.W_enc.shape))
+
+    @torch.no_grad()
+    def set_norm_offsets(self, offsets: torch.Tensor) -> None:
+        """Set the per-model input means ``mu`` (raw space, ``(n_models, d_in)``) subtracted
+        before scaling (see ``sae_diff.dictionaries.normalisation``)."""
+        t = torch.as_tensor(offsets, dtype=torch.float32)
+        shape = (self.cfg.n_models, self.cfg.d_in)
+        if tuple(t.shape) != shape or not torch.isfinite(t).all():
+            raise ValueError(f"norm_offsets must be a finite {shape} tensor (one mean per model), "
+                             f"got shape {tuple(t.shape)}.")
+        self.norm_offsets.copy_(t.to(self.norm_offsets.device))
 
     @torch.no_grad()
     def set_norm_factors(self, factors: torch.Tensor | list[float]) -> None:
@@ -115,8 +147,12 @@ class CrosscoderTrainingMixin(CrosscoderMixin):
         )
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
-        """Fold the per-model scalars into the weights; drop training-only buffers."""
+        """Fold the per-model means and scalars into the weights and biases; drop
+        training-only buffers."""
         factors = state_dict.pop("norm_factors")
+        offsets = state_dict.pop("norm_offsets", None)
+        if offsets is not None and bool(offsets.any()):
+            fold_offsets_into(state_dict, offsets, factors, self.cfg.apply_b_dec_to_input)
         self.fold_norm_factors_into(state_dict, factors)
 
     def inference_config_dict(self) -> dict[str, Any]:
@@ -137,17 +173,58 @@ class CrosscoderTrainingMixin(CrosscoderMixin):
         return as_inference(self)
 
 
+def _default_offsets(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    key = prefix + "norm_offsets"
+    if key not in state_dict and prefix + "norm_factors" in state_dict:
+        state_dict[key] = torch.zeros_like(module.norm_offsets)
+
+
+def fold_offsets_into(state_dict: dict[str, torch.Tensor], offsets: torch.Tensor,
+                      factors: torch.Tensor, apply_b_dec_to_input: bool = False) -> None:
+    """Fold the input centring ``x_n^m = c_m (x^m - mu_m)`` into the biases (before the
+    scalars are folded by ``fold_norm_factors_into``), exactly, in float64:
+
+    - encoder: ``sum_m W^m c_m (x^m - mu_m) + b_enc = sum_m W^m c_m x^m + b_enc'`` with
+      ``b_enc' = b_enc - sum_m c_m mu_m W^m``;
+    - decoder (normalised space): ``xhat_n^m + c_m mu_m`` is the reconstruction of ``c_m x^m``,
+      so ``b_dec'^m = b_dec^m + c_m mu_m`` (divided by ``c_m`` with the weights afterwards).
+
+    With ``apply_b_dec_to_input`` the encoder subtracts ``b_dec'``, which already carries the
+    mean, so ``b_enc`` stays as it is.
+    """
+    w = state_dict["W_enc"]
+    c = factors.to(torch.float64)
+    mu_n = offsets.to(torch.float64) * c[:, None]  # (n_models, d_in), in the normalised space
+    if not apply_b_dec_to_input:
+        shift = torch.einsum("md,mdn->n", mu_n, w.to(torch.float64))
+        state_dict["b_enc"] = (state_dict["b_enc"].to(torch.float64) - shift).to(state_dict["b_enc"].dtype)
+    state_dict["b_dec"] = (state_dict["b_dec"].to(torch.float64) + mu_n).to(state_dict["b_dec"].dtype)
+
+
+def validate_init_norm(value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"decoder_init_norm_per_model must be a positive number or None, got {value}.")
+
+
 @dataclass(kw_only=True)
 class L1CrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
-    """Training config of the L1 crosscoder (architecture ``crosscoder``)."""
+    """Training config of the L1 crosscoder (architecture ``crosscoder``).
+
+    ``decoder_init_norm_per_model`` and ``center_inputs`` mean what they mean for the
+    BatchTopK crosscoder; they are off by default here (the L1 crosscoder keeps SAELens's
+    ``decoder_init_norm`` on the concatenated row and uncentred inputs, as before).
+    """
 
     apply_b_dec_to_input: bool = False
     l1_coefficient: float = 1.0
     l1_warm_up_steps: int = 0
+    decoder_init_norm_per_model: float | None = None
+    center_inputs: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_common_fields(self)
+        validate_init_norm(self.decoder_init_norm_per_model)
 
     @classmethod
     def architecture(cls) -> str:

@@ -62,7 +62,7 @@ def weights(sae: torch.nn.Module) -> dict[str, torch.Tensor]:
     [
         ({"sae": {"architecture": "nope", "d_in": 16, "d_sae": 48}}, "Unknown architecture 'nope'"),
         ({"sae": {**ARCHS["batchtopk_crosscoder"], "d_in": 24}}, "sae.d_in=24 does not match hook"),
-        ({"sae": {**ARCHS["batchtopk_crosscoder"], "k": 48}}, "0 < k < d_sae"),
+        ({"sae": {**ARCHS["batchtopk_crosscoder"], "k": 49}}, "0 < k <= d_sae"),
         ({"sae": {**ARCHS["batchtopk_diff_sae"], "k": 100}}, "k"),
         ({"store_mode": "diff"}, "is a crosscoder"),
         ({"sae": ARCHS["batchtopk_diff_sae"], "store_mode": "paired"}, "is a diff-SAE"),

@@ -168,8 +168,8 @@ def check_resume_config(checkpoint: str | Path, cfg: PairedRunnerConfig) -> None
             continue
         a, b = saved.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"
-                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            diffs += [f"{key}.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"  # metadata: filled in by the run
+                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "metadata"]
         elif a != b:
             diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
     if diffs:

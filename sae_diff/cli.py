@@ -2,6 +2,12 @@
 
 Subcommands: ``harvest``, ``train``, ``upload``, ``organism``, ``demo``. Run
 ``sae-diff <command> --help`` for each; ``docs/training.md`` has the full story.
+
+Errors: every deliberate library error is a :class:`sae_diff.errors.SaeDiffError`; the CLI
+prints it as one line (what, why, the fix) on stderr and exits with status 2
+(``--traceback`` prints the traceback too). Ctrl-C exits with status 130 and one line saying
+how to resume. Bad input is checked before any model is loaded where possible (datasets,
+the cache's identity, a resumed run's config); see ``docs/reliability.md``.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ examples:
   sae-diff train --config configs/smoke_test_crosscoder.yaml
   sae-diff train --config configs/gemma2_2b_batchtopk_crosscoder_l13.yaml --dry-run
   sae-diff train --config my.yaml --lr 1e-4 --k 50 --training_tokens 50_000_000
-  sae-diff train --resume checkpoints/3f9a1c2e          # continue an interrupted run
+  sae-diff train --resume checkpoints/my_run            # continue: the config's checkpoint_path
+                                                        # (its latest run), a run or a checkpoint
   sae-diff harvest --config my.yaml                     # fill cache_path first
+  sae-diff --traceback train --config my.yaml           # full traceback on errors
   sae-diff upload output/ --repo-id me/gemma2-crosscoders --sae-id l13-batchtopk
 """
 
@@ -51,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     from sae_diff import __version__
 
     p.add_argument("--version", action="version", version=f"sae-diff {__version__}")
+    p.add_argument("--traceback", action="store_true",
+                   help="on an error, print the full traceback (also accepted after the command)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a crosscoder / diff-SAE / SAE from a config",
@@ -64,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="validate and resolve the config, print the plan (models, hook, sizes, tokens, "
                         "disk and memory estimates); load nothing")
     t.add_argument("--resume", metavar="DIR",
-                   help="continue the run checkpointed in DIR (a checkpoint, or a run's checkpoint folder: "
-                        "the newest one is used); its saved config is used, flags override it")
+                   help="continue the run checkpointed in DIR: the config's checkpoint_path (its latest run), "
+                        "one run's folder in it, or one checkpoint (the newest is used). Its saved config "
+                        "is used; flags may change where it runs (device, output_path, ...), not what it learns")
     t.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     t.add_argument("--help-config", action="store_true", help="list every config flag and exit")
 
@@ -75,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     h.add_argument("--config", "-c", metavar="FILE", required=True, help="YAML or JSON run config")
     h.add_argument("--cache-path", metavar="DIR", help="override cache_path")
-    h.add_argument("--overwrite", action="store_true", help="start again even if DIR holds a cache")
+    h.add_argument("--overwrite", action="store_true",
+                   help="delete the cache in DIR and harvest it again (the only way a cache is replaced; "
+                        "without it an unfinished cache is resumed and a different one is refused)")
 
     u = sub.add_parser("upload", help="upload trained dictionaries to the Hugging Face Hub",
                        description="Upload a training output folder with SAELens's upload_saes_to_huggingface. "
@@ -108,6 +121,119 @@ def _print_plan(cfg: Any, as_json: bool) -> None:
         print(plan.render())
 
 
+# ---------------------------------------------------------------------- checks before loading
+def preflight_datasets(cfg: Any) -> None:
+    """Check the run's local datasets before any model is loaded: they exist, are data files
+    or saved datasets (not a folder of files), hold rows, and not only empty texts.
+
+    Hub datasets are not checked here (that needs the network); the runner peeks at them.
+
+    Raises:
+        TrainingDataError: naming the dataset, what is wrong and the fix.
+    """
+    from pathlib import Path
+
+    from sae_diff.training.data import TrainingDataError
+
+    specs: list[dict[str, Any]] = list(cfg.dataset_mixture or [])
+    if cfg.dataset_path and not specs:
+        specs = [{"path": cfg.dataset_path, "column": cfg.dataset_column, "split": cfg.dataset_split}]
+    for spec in specs:
+        path = Path(str(spec.get("path", ""))).expanduser()
+        if not path.exists():
+            continue  # a Hub id, or missing: the reader's own message names it
+        if path.is_dir():
+            if (path / "dataset_info.json").exists() or (path / "state.json").exists() or \
+                    (path / "dataset_dict.json").exists():
+                _check_rows(path, spec, saved=True)
+                continue
+            files = sorted(p.name for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet",
+                                                                          ".csv", ".txt", ".arrow"))
+            raise TrainingDataError(
+                f"dataset {str(path)!r} is a folder of data files ({', '.join(files[:4])}"
+                f"{', ...' if len(files) > 4 else ''}), not a saved dataset (no dataset_info.json). "
+                "Pass one file as dataset_path, or list each file in dataset_mixture "
+                "(- {path: FILE, weight: 1}); a folder is read only when written by Dataset.save_to_disk."
+                if files else
+                f"dataset {str(path)!r} is an empty folder or holds no data files; give a .jsonl/.json/"
+                ".parquet/.csv/.txt file or a folder written by Dataset.save_to_disk."
+            )
+        if path.stat().st_size == 0 or not path.read_bytes()[:1 << 16].strip():
+            raise TrainingDataError(
+                f"dataset file {str(path)!r} is empty (no rows). Point dataset_path at a file with data."
+            )
+        _check_rows(path, spec, saved=False)
+
+
+def _check_rows(path: Any, spec: dict[str, Any], saved: bool) -> None:
+    """At least one row, and at least one non-empty text in the text column (read until the
+    first one: cheap when the data is fine)."""
+    from sae_diff.data.sources import DatasetSpec, load_rows
+    from sae_diff.training.data import TrainingDataError
+
+    keys = ("path", "column", "split", "name", "revision", "start", "stop")
+    ds_spec = DatasetSpec(**{k: v for k, v in spec.items() if k in keys and v is not None})
+    try:
+        rows = iter(load_rows(ds_spec))
+        first = next(rows, None)
+    except Exception as e:  # datasets raises StopIteration/IndexError/ArrowInvalid on bad files
+        raise TrainingDataError(
+            f"dataset {str(path)!r} cannot be read ({type(e).__name__}: {e}). Check that it is a valid "
+            f"{'saved dataset' if saved else path.suffix + ' file'} with one record per row."
+        ) from e
+    if first is None:
+        raise TrainingDataError(
+            f"{'saved dataset' if saved else 'dataset file'} {str(path)!r} (split {ds_spec.split!r}) has no "
+            "rows. Point dataset_path at data."
+        )
+    column = ds_spec.column or next((c for c in ("text", "content", "document") if c in first), None)
+    if column is None or not isinstance(first.get(column), str):
+        return  # tokens or chat data: nothing more to check cheaply
+    n = 0
+    for row in _chain(first, rows):
+        n += 1
+        if str(row.get(column) or "").strip():
+            return
+    raise TrainingDataError(
+        f"dataset {str(path)!r}: all {n} texts in column {column!r} are empty, so there is nothing to "
+        "tokenize. Check the column (dataset_column) or the file."
+    )
+
+
+def _chain(first: Any, rest: Any) -> Any:
+    yield first
+    yield from rest
+
+
+def preflight_cache(cfg: Any, *, what: str = "the config") -> None:
+    """If ``cfg.cache_path`` holds a cache (or shards of one), check that it was harvested for
+    this config (models, hook, data, masks, dtype, context size) before anything loads.
+
+    Raises:
+        CacheIdentityError: listing every mismatch.
+    """
+    if not cfg.cache_path:
+        return
+    from pathlib import Path
+
+    from sae_diff.data.cache import (
+        MANIFEST,
+        SHARD_GLOB,
+        ActivationCache,
+        check_identity,
+        expected_identity,
+        read_shard_description,
+    )
+
+    folder = Path(cfg.cache_path)
+    expected = expected_identity(cfg)
+    if (folder / MANIFEST).is_file():
+        check_identity(ActivationCache(folder, allow_incomplete=True), expected, what=what)
+    elif folder.is_dir() and (shards := sorted(folder.glob(SHARD_GLOB))):
+        check_identity(read_shard_description(shards[0])["meta"], expected, what=what)
+
+
+# ---------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     from sae_diff.training.config import parse_config
 
@@ -117,11 +243,17 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         print(config_flags_help(args.config, args.architecture))
         return 0
     if args.resume:
-        from sae_diff.training.runner import PairedSAETrainingRunner, find_checkpoint
+        from sae_diff.training.runner import (
+            PairedSAETrainingRunner,
+            check_resume_config,
+            find_checkpoint,
+        )
 
         ckpt = find_checkpoint(args.resume)
         cfg = parse_config(ckpt / "runner_cfg.json", rest, architecture=args.architecture, keep_checkpoint_path=True)
         cfg.resume_from_checkpoint = str(ckpt)
+        check_resume_config(ckpt, cfg)
+        preflight_cache(cfg, what=f"the checkpoint's config ({ckpt})")
         if args.dry_run:
             print(f"Would resume from {ckpt}")
             _print_plan(cfg, args.json)
@@ -130,10 +262,12 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         runner = PairedSAETrainingRunner(cfg)
     else:
         if args.config is None and args.architecture is None:
-            print("sae-diff train: give --config FILE (or --architecture NAME and flags). "
+            print("sae-diff train: error: give --config FILE (or --architecture NAME and flags). "
                   "See `sae-diff train --help`.", file=sys.stderr)
             return 2
         cfg = parse_config(args.config, rest, architecture=args.architecture)
+        preflight_datasets(cfg)
+        preflight_cache(cfg)
         if args.dry_run:
             _print_plan(cfg, args.json)
             return 0
@@ -145,10 +279,28 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         runner.run()
     except TrainingInterrupted as e:
-        print(str(e), file=sys.stderr)
+        print(f"sae-diff train: interrupted; {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"sae-diff train: interrupted before the first checkpoint; {_train_resume_hint(args, cfg)}",
+              file=sys.stderr)
         return 130
     _print_summary(runner)
     return 0
+
+
+def _train_resume_hint(args: argparse.Namespace, cfg: Any) -> str:
+    """How to continue a run stopped before training saved anything (a partial cache
+    harvest resumes by itself)."""
+    if cfg.checkpoint_path:
+        from sae_diff.training.runner import find_checkpoint
+
+        try:
+            return f"resume with: sae-diff train --resume {find_checkpoint(cfg.checkpoint_path)}"
+        except FileNotFoundError:
+            pass
+    again = f"--resume {args.resume}" if args.resume else f"--config {args.config}"
+    return f"resume with: sae-diff train {again} (a partly harvested cache_path continues where it stopped)"
 
 
 def _print_summary(runner: Any) -> None:
@@ -168,9 +320,20 @@ def cmd_harvest(args: argparse.Namespace, rest: list[str]) -> int:
         rest = [*rest, "--cache_path", args.cache_path]
     cfg = parse_config(args.config, rest)
     if cfg.cache_path is None:
-        print("sae-diff harvest: the config has no cache_path; set it or pass --cache-path DIR.", file=sys.stderr)
+        print("sae-diff harvest: error: the config has no cache_path; set it or pass --cache-path DIR.",
+              file=sys.stderr)
         return 2
-    summary = harvest(cfg, overwrite=args.overwrite)
+    preflight_datasets(cfg)
+    if not args.overwrite:
+        preflight_cache(cfg)
+    try:
+        summary = harvest(cfg, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        again = " ".join(["sae-diff harvest --config", str(args.config),
+                          *(["--cache-path", str(args.cache_path)] if args.cache_path else [])])
+        print(f"sae-diff harvest: interrupted; the shards written so far are kept in {cfg.cache_path}; "
+              f"resume with: {again}", file=sys.stderr)
+        return 130
     print(summary)
     return 0
 
@@ -218,27 +381,52 @@ def _delegate(module: str, argv: list[str], what: str) -> int:
     return int(main(argv) or 0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``sae-diff`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "organism":
-        return _delegate("sae_diff.organisms.build", argv[1:], "organism builder")
-    if argv and argv[0] == "demo":
-        return _delegate("sae_diff.report.demo", argv[1:], "demo pipeline")
-    parser = _parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    from sae_diff.training.config import ConfigError
-    from sae_diff.training.data import TrainingDataError
+def _report(command: str, err: BaseException, traceback: bool) -> int:
+    """Print a library error as one line (and the traceback when asked); exit status 2."""
+    from sae_diff.errors import one_line
 
-    handlers = {"train": cmd_train, "harvest": cmd_harvest, "upload": cmd_upload}
+    if traceback:
+        import traceback as tb
+
+        tb.print_exception(err)
+    hint = "" if traceback else " (run with --traceback for details)"
+    print(f"sae-diff {command}: error: {one_line(err)}{hint if _is_unexpected(err) else ''}", file=sys.stderr)
+    return 2
+
+
+def _is_unexpected(err: BaseException) -> bool:
+    from sae_diff.errors import SaeDiffError
+
+    return not isinstance(err, SaeDiffError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sae-diff`` console script.
+
+    Exit status: 0 success, 2 a library error (printed as one line), 130 interrupted."""
+    from sae_diff.errors import SaeDiffError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show_tb = "--traceback" in argv
+    argv = [a for a in argv if a != "--traceback"]
+    command = argv[0] if argv else ""
     try:
+        if command == "organism":
+            return _delegate("sae_diff.organisms.build", argv[1:], "organism builder")
+        if command == "demo":
+            return _delegate("sae_diff.report.demo", argv[1:], "demo pipeline")
+        parser = _parser()
+        args, rest = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        handlers = {"train": cmd_train, "harvest": cmd_harvest, "upload": cmd_upload}
         return handlers[args.command](args, rest)
-    except (ConfigError, TrainingDataError, FileNotFoundError) as e:
-        print(f"sae-diff {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except (SaeDiffError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        return _report(command, e, show_tb)
+    except KeyboardInterrupt:
+        print(f"sae-diff {command}: interrupted.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

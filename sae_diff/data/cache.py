@@ -559,7 +559,7 @@ class ActivationCacheWriter:
                 and desc["shard"]["index"] == idx
                 and desc["shard"]["first_row"] == self.rows_done
             )
-            if not ok:
+            if not ok or desc is None:
                 raise CacheError(
                     f"{p} is not listed in {self.dir / MANIFEST} and does not continue this "
                     f"cache (expected {_shard_name(idx)} starting at row {self.rows_done}). "

@@ -112,8 +112,18 @@ class TokenBatch:
 
     def select(self, start: int, stop: int) -> TokenBatch:
         """Rows ``start:stop`` of the batch (every field sliced alike)."""
+
+        def cut(v: torch.Tensor | None) -> torch.Tensor | None:
+            return None if v is None else v[start:stop]
+
         return TokenBatch(
-            **{f: None if v is None else v[start:stop] for f, v in self._fields().items()}
+            self.tokens[start:stop],
+            self.attention_mask[start:stop],
+            self.doc_starts[start:stop],
+            self.row_index[start:stop],
+            cut(self.is_chat),
+            cut(self.assistant),
+            cut(self.template),
         )
 
     @classmethod
@@ -131,9 +141,6 @@ class TokenBatch:
             else:
                 out[f] = torch.cat(vals)  # type: ignore[arg-type]
         return cls(**out)  # type: ignore[arg-type]
-
-    def _fields(self) -> dict[str, torch.Tensor | None]:
-        return {f: getattr(self, f) for f in BATCH_FIELDS}
 
     def masks(
         self,

@@ -329,36 +329,36 @@ def encode_chat(
         )
         asst = assistant_mask(torch.tensor([ids]), tokenizer, markers=markers)[0]
         return ChatEncoding(ids, asst.tolist(), [False] * n, text, [None] * len(msgs))
-    owner = [-1] * n
-    for m, sp in enumerate(spans):
+    owner = [-1] * n  # the message whose content each token overlaps (-1: template)
+    for k, sp in enumerate(spans):
         if sp is None:
             continue
-        s, e = sp
+        lo, hi = sp
         for i, (a, b) in enumerate(offs):
-            if b > a and a < e and b > s:
-                owner[i] = m
+            if b > a and a < hi and b > lo:
+                owner[i] = k
     template = [o < 0 for o in owner]
     if markers is not None:
         asst_list = assistant_mask(torch.tensor([ids]), tokenizer, markers=markers)[0].tolist()
         return ChatEncoding(ids, asst_list, template, text, spans)
     specials = _special_id_set(tokenizer)
     assistant = [o >= 0 and msgs[o]["role"] in ASSISTANT_ROLES for o in owner]
-    for m, sp in enumerate(spans):
-        if sp is None or msgs[m]["role"] not in ASSISTANT_ROLES:
+    for k, sp in enumerate(spans):
+        if sp is None or msgs[k]["role"] not in ASSISTANT_ROLES:
             continue
         # the closing end-of-turn: the first special token after the content, with only
         # whitespace tokens in between (those are generated too)
-        j = next((i for i, (a, _) in enumerate(offs) if a >= sp[1] and owner[i] != m), n)
-        k = j
+        j = next((i for i, (a, _) in enumerate(offs) if a >= sp[1] and owner[i] != k), n)
+        q = j
         while (
-            k < n
-            and owner[k] < 0
-            and ids[k] not in specials
-            and not text[offs[k][0] : offs[k][1]].strip()
+            q < n
+            and owner[q] < 0
+            and ids[q] not in specials
+            and not text[offs[q][0] : offs[q][1]].strip()
         ):
-            k += 1
-        if k < n and owner[k] < 0 and ids[k] in specials:
-            for i in range(j, k + 1):
+            q += 1
+        if q < n and owner[q] < 0 and ids[q] in specials:
+            for i in range(j, q + 1):
                 assistant[i] = True
     return ChatEncoding(ids, assistant, template, text, spans)
 
@@ -382,9 +382,13 @@ def chat_markers(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) 
         raise ChatTemplateError(
             "the chat template does not render a user/assistant exchange; pass ChatMarkers"
         )
-    # the generation prompt (a template may end plain renderings differently, e.g. Phi-3's
-    # EOS, so compare from the common prefix)
-    header = gen[len(os.path.commonprefix([plain, gen])) :]
+    # the generation prompt: where the two renderings' tokens part (a template may end a
+    # plain rendering differently, e.g. Phi-3 with EOS, so this is not a plain suffix)
+    ids_p = _ids(tokenizer, plain)
+    enc_g = tokenizer(gen, add_special_tokens=False, return_offsets_mapping=True)
+    ids_g = list(enc_g["input_ids"])
+    k = len(os.path.commonprefix([ids_p, ids_g]))
+    header = gen[int(enc_g["offset_mapping"][k][0]) :] if k < len(ids_g) else ""
     if not header:
         header = both[both.index(u) + len(u) : both.index(a)]
     after = both[both.index(a) + len(a) :]

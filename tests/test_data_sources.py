@@ -127,3 +127,44 @@ def test_tensor_source() -> None:
     got = torch.cat([b.tokens for b in src.batches(2)])
     torch.testing.assert_close(got, t)
     assert [len(b) for b in src.batches(2, start_row=1)] == [2, 2]
+
+
+def test_chat_masks_travel_with_truncated_rows(tmp_path: Path, tok) -> None:
+    from sae_diff.pairing.masks import encode_chat
+
+    chat = _jsonl(tmp_path / "c.jsonl", [{"messages": m} for m in CHATS])
+    b = next(TokenSource(str(chat), tok, context_size=40, packing=False).batches(2))
+    for r, msgs in enumerate(CHATS):
+        enc = encode_chat(msgs, tok)
+        n = len(enc.input_ids)
+        assert b.assistant[r, :n].tolist() == enc.assistant
+        assert b.template[r, :n].tolist() == enc.template
+        assert not b.assistant[r, n:].any() and not b.template[r, n:].any()  # padding
+
+
+def test_text_sources_carry_no_chat_masks_and_describe_is_stable(tmp_path: Path, tok) -> None:
+    from sae_diff.data.sources import iter_documents
+
+    f = _jsonl(tmp_path / "t.jsonl", [{"text": t} for t in TEXTS])
+    src = TokenSource(str(f), tok, context_size=8)
+    b = next(src.batches(2))
+    assert b.assistant is None and b.template is None
+    # the manifest description keeps its keys (caches harvested before still resume)
+    assert set(src.describe()) == {
+        "datasets",
+        "proportions",
+        "context_size",
+        "packing",
+        "prepend_bos",
+        "max_rows",
+    }
+    docs = list(iter_documents(str(f), tok))
+    assert docs[0] == tok(TEXTS[0], add_special_tokens=False)["input_ids"]
+
+
+def test_tensor_source_left_padding_doc_start() -> None:
+    t = torch.arange(12).reshape(2, 6) % 30 + 5
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    b = next(TensorTokenSource(t, am).batches(2))
+    assert b.doc_starts.nonzero().tolist() == [[0, 2], [1, 0]]
+    assert torch.equal(b.attention_mask, am)

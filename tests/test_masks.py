@@ -97,3 +97,54 @@ def test_compute_masks_and_config() -> None:
     assert TokenMasks.from_dict(d).to_dict().keys() == d.keys()
     with pytest.raises(ValueError, match="assistant"):
         MaskConfig(only_assistant=True).keep(masks)
+
+
+def test_keep_first_n_is_positional_and_template_flag() -> None:
+    """``first_n`` drops the first n positions of each row whatever the stored first_n mask
+    says (a cache harvested with another n, or per-document starts)."""
+    t = torch.tensor([[BOS_ID, 10, 11, BOS_ID, 12, 13]])
+    starts = torch.tensor([[True, False, False, True, False, False]])
+    masks = compute_masks(t, make_tokenizer(), config=MaskConfig(first_n=1))
+    assert masks.first_n.tolist() == [[True] + [False] * 5]
+    masks.first_n = first_n_mask(t, 2, starts)  # a per-document mask must not leak into keep
+    keep = MaskConfig(first_n=2, exclude_high_norm=False).keep(masks)
+    assert keep.tolist() == [[False, False, True, False, True, True]]
+    with pytest.raises(ValueError, match="template"):
+        MaskConfig(exclude_template=True, exclude_high_norm=False).keep(masks)
+    masks.template = torch.tensor([[True, False, False, False, False, True]])
+    keep = MaskConfig(exclude_template=True, exclude_bos=False, exclude_high_norm=False).keep(masks)
+    assert keep.tolist() == [[False, True, True, True, True, False]]
+    with pytest.raises(ValueError, match="first_n"):
+        MaskConfig(first_n=-1)
+
+
+def test_compute_masks_uses_given_chat_masks() -> None:
+    tok = make_tokenizer()
+    t = torch.tensor([[BOS_ID, SOT_ID, 10, 11, EOT_ID]])
+    given = torch.tensor([[False, False, True, True, True]])
+    m = compute_masks(t, tok, assistant=given, template=~given)
+    assert torch.equal(m.assistant, given) and torch.equal(m.template, ~given)
+    with pytest.raises(ValueError, match="shape"):
+        compute_masks(t, tok, assistant=given[:, :3])
+    # without given masks, chat=True searches the row with markers read off the template
+    assert compute_masks(t, tok, chat=True).assistant.sum() == 0  # no "model" header here
+
+
+def test_assistant_mask_markers_inferred_or_explicit() -> None:
+    from sae_diff.pairing.masks import ChatMarkers, chat_markers
+
+    tok = make_tokenizer()
+    assert chat_markers(tok) == ChatMarkers("<start_of_turn>model\n", "<end_of_turn>")
+    ids = tok(
+        tok.apply_chat_template(
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+            tokenize=False,
+        ),
+        add_special_tokens=False,
+    )["input_ids"]
+    t = torch.tensor([ids])
+    inferred = assistant_mask(t, tok)
+    assert torch.equal(inferred, assistant_mask(t, tok, role="model"))
+    assert torch.equal(inferred, assistant_mask(t, tok, markers=chat_markers(tok)))
+    with pytest.raises(ValueError, match="single token"):
+        assistant_mask(t, tok, markers=ChatMarkers("<start_of_turn>model\n", "ab"))

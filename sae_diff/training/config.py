@@ -388,6 +388,12 @@ def validate_config(cfg: PairedRunnerConfig) -> None:
     dims = known_model_dims(cfg)
     if dims is not None:
         check_hook_d_in(cfg.hook_name, cfg.sae.d_in, dims)
+        if dims.get("n_ctx") and cfg.context_size > dims["n_ctx"]:
+            raise ConfigError(
+                f"context_size={cfg.context_size} exceeds the base model's context of "
+                f"{dims['n_ctx']} tokens (max_position_embeddings in its config.json); set "
+                f"context_size <= {dims['n_ctx']}."
+            )
     if cfg.smoke_test_models is None and cfg.organism is None and not (
             cfg.dataset_path or cfg.dataset_mixture or cfg.cache_path):
         raise ConfigError("Set dataset_path (a Hugging Face dataset or local files), dataset_mixture or cache_path "
@@ -425,46 +431,69 @@ def check_hook_d_in(hook_name: str, d_in: int, dims: dict[str, int]) -> None:
         )
 
 
-#: Dimensions of the recipe models, so that ``--dry-run`` can check them offline.
+#: Dimensions of the recipe models, used only when their ``config.json`` is neither a local
+#: folder nor in the Hugging Face cache (``--dry-run`` on a machine that never downloaded them).
 KNOWN_MODEL_DIMS: dict[str, dict[str, int]] = {
-    "google/gemma-2-2b": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000},
-    "google/gemma-2-2b-it": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000},
-    "gemma-2-2b": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000},
-    "gemma-2-2b-it": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000},
-    "gpt2": {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "d_vocab": 50257},
+    "google/gemma-2-2b": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000, "n_ctx": 8192},
+    "google/gemma-2-2b-it": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000, "n_ctx": 8192},
+    "gemma-2-2b": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000, "n_ctx": 8192},
+    "gemma-2-2b-it": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000, "n_ctx": 8192},
+    "gpt2": {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "d_vocab": 50257, "n_ctx": 1024},
 }
 
 
+def model_config_dir(name: str | None, revision: str | None = None) -> str | None:
+    """A folder holding ``config.json`` for ``name`` without touching the network: ``name``
+    itself when it is a local Hugging Face folder, else its snapshot in the Hugging Face cache
+    (None when neither exists)."""
+    if not name:
+        return None
+    if (Path(name) / "config.json").is_file():
+        return name
+    if Path(name).exists() or name.count("/") > 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json", revision=revision)
+    except Exception:  # an invalid repo id, or no cache: nothing known offline
+        return None
+    return str(Path(found).parent) if isinstance(found, str) else None
+
+
+def _config_dims(name: str | None, revision: str | None = None) -> dict[str, int] | None:
+    from sae_diff.pairing.backends import read_model_info
+    from sae_diff.pairing.errors import PairingError
+
+    folder = model_config_dir(name, revision)
+    if folder is None:
+        return None
+    try:
+        dims = read_model_info(folder).dims()
+    except PairingError:
+        return None
+    return dims if "n_layers" in dims and "d_model" in dims else None
+
+
 def known_model_dims(cfg: PairedRunnerConfig) -> dict[str, int] | None:
-    """The base model's dimensions if known without loading weights: the organism's
-    ``config.json``, the smoke-test spec, the built-in table of recipe models, or a local
-    Hugging Face ``config.json``."""
+    """The base model's dimensions (``n_layers``, ``d_model``, ``d_mlp``, ``d_vocab``,
+    ``n_ctx``) if known without loading weights or using the network: the organism's
+    ``config.json``, the smoke-test spec, the base model's ``config.json`` (a local folder or
+    the Hugging Face cache), or else the built-in table of recipe models."""
     if cfg.organism is not None:
         return dict(organism_info(cfg.organism).dims)
     s = cfg.smoke_test_models
     if s is not None:
         return {"n_layers": s.n_layers, "d_model": s.d_model, "d_mlp": 4 * s.d_model, "d_vocab": s.d_vocab}
     name = cfg.base_model_name
+    dims = _config_dims(name)
+    if dims is not None:
+        return dims
     if name in KNOWN_MODEL_DIMS:
         return dict(KNOWN_MODEL_DIMS[name])
-    cfg_file = Path(name) / "config.json"
-    if name and cfg_file.is_file():
-        try:
-            hf = json.loads(cfg_file.read_text())
-        except (OSError, ValueError):
-            return None
-        out = {
-            "n_layers": hf.get("num_hidden_layers", hf.get("n_layer")),
-            "d_model": hf.get("hidden_size", hf.get("n_embd")),
-            "d_mlp": hf.get("intermediate_size", hf.get("n_inner")),
-            "d_vocab": hf.get("vocab_size"),
-        }
-        if out["n_layers"] and out["d_model"]:
-            return {k: int(v) for k, v in out.items() if v}
     return None
 
 
-# ---------------------------------------------------------------------- building from dicts
 def _sae_config(sae: Any, architecture: str | None = None) -> TrainingSAEConfig:
     if isinstance(sae, TrainingSAEConfig):
         return sae
@@ -614,6 +643,193 @@ class Plan:
         return "\n".join(lines)
 
 
+#: TransformerLens hook names inside a block (``blocks.L.<name>``) and outside blocks, for the
+#: dry-run's spelling check (the models' own ``hook_dict`` decides when they load).
+BLOCK_HOOKS = (
+    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+    "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in",
+    "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
+    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_attn_scores",
+    "attn.hook_pattern", "attn.hook_result", "attn.hook_rot_q", "attn.hook_rot_k",
+    "mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear",
+)
+GLOBAL_HOOKS = ("hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized")
+
+
+def check_hook_name(hook_name: str, n_layers: int | None) -> str | None:
+    """Raise for a hook that cannot exist in a model of ``n_layers`` blocks or that is a
+    misspelling of a standard TransformerLens hook; return a note for a non-standard name
+    (it is checked against the models' hooks when they load), else None."""
+    import difflib
+
+    m = _BLOCK.match(hook_name)
+    if m:
+        layer, rest = int(m.group(1)), hook_name[m.end():]
+        if n_layers is not None and layer >= n_layers:
+            raise ConfigError(
+                f"hook_name {hook_name!r} names layer {layer}, but the model has {n_layers} "
+                f"layers (0..{n_layers - 1}, from its config.json). Pick a layer below {n_layers}, "
+                f"e.g. blocks.{n_layers // 2}.{rest}."
+            )
+        if rest in BLOCK_HOOKS:
+            return None
+        close = difflib.get_close_matches(rest, BLOCK_HOOKS, n=1, cutoff=0.75)
+        if close:
+            raise ConfigError(
+                f"hook_name {hook_name!r} is not a TransformerLens hook; did you mean "
+                f"'blocks.{layer}.{close[0]}'?"
+            )
+        return f"hook {hook_name!r} is not a standard block hook: checked when the models load"
+    if hook_name in GLOBAL_HOOKS:
+        return None
+    close = difflib.get_close_matches(hook_name, GLOBAL_HOOKS + tuple(f"blocks.0.{h}" for h in BLOCK_HOOKS),
+                                      n=1, cutoff=0.75)
+    if close:
+        raise ConfigError(f"hook_name {hook_name!r} is not a TransformerLens hook; did you mean {close[0]!r}?")
+    raise ConfigError(
+        f"hook_name {hook_name!r} is not a TransformerLens hook name. Residual-stream hooks are "
+        "'blocks.L.hook_resid_pre' / 'blocks.L.hook_resid_post' (L = layer)."
+    )
+
+
+def _dataset_spec_dicts(cfg: PairedRunnerConfig) -> list[dict[str, Any]]:
+    if cfg.dataset_mixture:
+        return [dict(d) for d in cfg.dataset_mixture]
+    if cfg.dataset_path:
+        return [{"path": cfg.dataset_path, "column": cfg.dataset_column, "split": cfg.dataset_split}]
+    return []
+
+
+def _check_dataset_columns(cfg: PairedRunnerConfig, tok_ft: Any, d_vocab: int | None) -> list[str]:
+    """Read the first row of each local dataset: its column exists and holds what its kind
+    needs (chat data needs the ft tokenizer's chat template; token ids fit the vocabulary)."""
+    from sae_diff.data.sources import DatasetSpec, detect_kind, load_rows
+
+    notes: list[str] = []
+    for d in _dataset_spec_dicts(cfg):
+        keys = {f.name for f in fields(DatasetSpec)}
+        spec = DatasetSpec(**{k: v for k, v in d.items() if k in keys and v is not None})
+        path = Path(spec.path).expanduser()
+        if not path.exists():
+            notes.append(f"dataset {spec.path!r}: not a local path, its columns are checked when read")
+            continue
+        try:
+            first = next(iter(load_rows(spec)), None)
+        except Exception as e:  # a broken file: the data preflight names it in detail
+            raise ConfigError(f"dataset {spec.path!r} cannot be read ({type(e).__name__}: {e}).") from e
+        if first is None:
+            raise ConfigError(f"dataset {spec.path!r} (split {spec.split!r}) has no rows.")
+        try:
+            kind, column = detect_kind(first, spec.kind, spec.column)
+        except ValueError as e:
+            raise ConfigError(
+                f"dataset {spec.path!r}: {e}. Set dataset_column (or the mixture entry's `column`)."
+            ) from e
+        value = first[column]
+        if kind == "chat":
+            if not (isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                    for m in value)):
+                raise ConfigError(
+                    f"dataset {spec.path!r}: column {column!r} must hold chat messages "
+                    "([{role: ..., content: ...}, ...]); the first row holds "
+                    f"{type(value).__name__}."
+                )
+            if tok_ft is not None and not getattr(tok_ft, "chat_template", None):
+                raise ConfigError(
+                    f"dataset {spec.path!r} holds chat messages, but the ft tokenizer has no chat "
+                    "template. Use the fine-tune's own tokenizer folder (model_name / "
+                    "ft_weights_path), or text data."
+                )
+        if kind == "tokens" and d_vocab and isinstance(value, list) and value and max(value) >= d_vocab:
+            raise ConfigError(
+                f"dataset {spec.path!r}: token id {max(value)} in column {column!r} is outside the "
+                f"model's vocabulary of {d_vocab}; the data was tokenized for another model."
+            )
+        notes.append(f"dataset {spec.path!r}: {kind} data in column {column!r}")
+    return notes
+
+
+def preflight_checks(cfg: PairedRunnerConfig) -> list[str]:
+    """What ``--dry-run`` checks from configuration files and tokenizers alone (no weights).
+
+    Both ``config.json`` (equal ``n_layers`` / ``d_model`` / ``vocab_size``), the hook against
+    the architecture, ``sae.d_in`` against ``d_model``, ``context_size`` against
+    ``max_position_embeddings``, the backend and loading options, tokenizer compatibility
+    (vocabulary, merges, normaliser; configuration differences are noted) and each local
+    dataset's column. Models only on the Hub (not cached) are noted, not fetched.
+
+    Returns:
+        Notes for the plan. Raises :class:`ConfigError` naming the problem and the fix.
+    """
+    from sae_diff.pairing import backends as bk
+    from sae_diff.pairing.checks import check_config_dims, check_tokenizers
+    from sae_diff.pairing.errors import PairingError
+
+    notes: list[str] = []
+    if cfg.organism is not None or cfg.smoke_test_models is not None:
+        note = check_hook_name(cfg.hook_name, (known_model_dims(cfg) or {}).get("n_layers"))
+        return [note] if note else []
+    ft_name = cfg.ft_weights_path or cfg.model_name
+    infos: dict[str, Any] = {}
+    for role, name in (("base", cfg.base_model_name), ("ft", ft_name)):
+        folder = model_config_dir(name)
+        if folder is None:
+            notes.append(f"{role} model {name!r}: config.json not available offline, checked when it loads")
+            continue
+        try:
+            infos[role] = bk.read_model_info(folder)
+        except PairingError as e:
+            raise ConfigError(f"{role} model {name!r}: {e}") from e
+    info_b = infos.get("base")
+    try:
+        if len(infos) == 2:
+            check_config_dims(infos["base"], infos["ft"])
+    except PairingError as e:
+        raise ConfigError(str(e)) from e
+    note = check_hook_name(cfg.hook_name, info_b.n_layers if info_b else None)
+    if note:
+        notes.append(note)
+    if info_b is not None:
+        dims = info_b.dims()
+        check_hook_d_in(cfg.hook_name, cfg.sae.d_in, dims)
+        if dims.get("n_ctx") and cfg.context_size > dims["n_ctx"]:
+            raise ConfigError(
+                f"context_size={cfg.context_size} exceeds {cfg.base_model_name!r}'s context of "
+                f"{dims['n_ctx']} tokens (max_position_embeddings); set context_size <= {dims['n_ctx']}."
+            )
+        try:
+            backend = bk.choose_backend(cfg.model_backend, info_b)
+            opts = bk.translate_options(backend, dict(cfg.base_model_from_pretrained_kwargs
+                                                      or cfg.model_from_pretrained_kwargs or {}))
+        except PairingError as e:
+            raise ConfigError(f"{e} (model_backend / model_from_pretrained_kwargs)") from e
+        notes.append(f"backend: {backend} for {info_b.architecture or info_b.model_type}")
+        notes += opts.notes
+    tokenizers: dict[str, Any] = {}
+    for role, name in (("base", cfg.base_model_name), ("ft", ft_name)):
+        folder = model_config_dir(name)
+        if folder is None:
+            continue
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizers[role] = AutoTokenizer.from_pretrained(folder)
+        except Exception as e:  # no tokenizer files next to the config
+            notes.append(f"{role} tokenizer of {name!r} not loadable offline ({type(e).__name__})")
+    if len(tokenizers) == 2:
+        try:
+            diffs = check_tokenizers(tokenizers["base"], tokenizers["ft"], warn=False)
+        except PairingError as e:
+            raise ConfigError(str(e)) from e
+        if diffs:
+            notes.append("tokenizers compatible; configured differently (the ft tokenizer is used): "
+                         + "; ".join(diffs))
+        else:
+            notes.append("tokenizers identical")
+    notes += _check_dataset_columns(cfg, tokenizers.get("ft"), info_b.d_vocab if info_b else None)
+    return notes
+
+
 def make_plan(cfg: PairedRunnerConfig) -> Plan:
     """Resolve ``cfg`` into a :class:`Plan` (sizes and estimates), loading nothing."""
     from sae_lens.util import str_to_dtype
@@ -630,7 +846,7 @@ def make_plan(cfg: PairedRunnerConfig) -> Plan:
     batch = cfg.train_batch_size_tokens
     # weights + grads + 2 Adam moments, plus the batch, codes and reconstruction
     train_mem = 4 * dict_bytes + batch * (2 * per_token + 2 * d_sae * 4)
-    notes: list[str] = []
+    notes: list[str] = preflight_checks(cfg)
     dims = known_model_dims(cfg)
     if dims is None:
         notes.append(f"dimensions of {cfg.base_model_name!r} unknown offline: d_in is checked when it loads")
@@ -683,11 +899,14 @@ __all__ = [
     "Plan",
     "SmokeTestModels",
     "check_hook_d_in",
+    "check_hook_name",
     "config_flags_help",
     "config_from_dict",
     "default_store_mode",
     "known_model_dims",
     "make_plan",
+    "model_config_dir",
+    "preflight_checks",
     "organism_info",
     "parse_config",
     "read_config_file",

@@ -289,3 +289,49 @@ def test_bad_conversations_name_the_problem() -> None:
             markers=ChatMarkers("<start_of_turn>model\n", "<end_of_turn>"),
         )
     assert not any(enc.template) and not any(enc.assistant)
+
+
+def test_harvest_stores_per_conversation_chat_masks(tmp_path: Path) -> None:
+    """The cache records the masks the source computed per conversation (not a re-search of
+    the packed rows), so only_assistant trains on every assistant token."""
+    from sae_diff.data.cache import ActivationCache
+    from sae_diff.data.harvest import harvest_cache
+    from sae_diff.pairing.model import PairedModel
+
+    torch.set_num_threads(1)
+    tok = make_tokenizer()
+    base, ft = tiny_pair(n_layers=2, tokenizer=tok)
+    pair = PairedModel(base, ft)
+    convs = [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i}, please?"},
+                {"role": "assistant", "content": "a long answer that crosses rows " * (1 + i % 2)},
+            ]
+        }
+        for i in range(6)
+    ]
+    f = _jsonl(tmp_path / "chat.jsonl", convs)
+    src = TokenSource(str(f), tok, context_size=16)
+    expected = TokenBatch.concat(list(src.batches(8)))
+    harvest_cache(
+        pair,
+        src,
+        tmp_path / "c",
+        "blocks.0.hook_resid_post",
+        batch_size=3,
+        rows_per_shard=5,
+        progress=False,
+        verbose=False,
+    )
+    data = ActivationCache(tmp_path / "c").read_all()
+    assert torch.equal(data["tokens"], expected.tokens)
+    assert torch.equal(data["mask_assistant"], expected.assistant)
+    assert torch.equal(data["mask_template"], expected.template)
+    # every assistant token of the harvested part of the stream is in the cache
+    stream_mask: list[bool] = []
+    for c in convs:
+        enc = encode_chat(c["messages"], tok)
+        stream_mask += enc.assistant if enc.input_ids[0] == BOS_ID else [False, *enc.assistant]
+    used = len(stream_mask) - src.stats.dropped_tail_tokens
+    assert int(data["mask_assistant"].sum()) == sum(stream_mask[:used]) > 0

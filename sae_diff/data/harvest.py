@@ -223,6 +223,10 @@ class HarvestConfig:
     first_n: int = 0
     high_norm_ratio: float = 10.0
     overwrite: bool = False
+    #: None: BOS exactly when the tokenizer has one (no fake BOS for Qwen-style tokenizers)
+    prepend_bos: bool | None = None
+    #: extra chat-template variables, e.g. {"enable_thinking": False}
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 def load_harvest_config(path: str | os.PathLike[str]) -> HarvestConfig:
@@ -267,6 +271,8 @@ def harvest_from_config(
         cfg.context_size,
         proportions=cfg.proportions,
         packing=cfg.packing,
+        prepend_bos=cfg.prepend_bos,
+        chat_template_kwargs=cfg.chat_template_kwargs,
     )
     return harvest_cache(
         paired_model,

@@ -516,7 +516,7 @@ def _sae_config(sae: Any, architecture: str | None = None) -> TrainingSAEConfig:
     names = {f.name for f in fields(cfg_cls)}
     unknown = sorted(set(sae) - names - {"metadata"})
     if unknown:
-        hint = "".join(did_you_mean(u, names, f"sae.{u} -> ") for u in unknown)
+        hint = "".join(did_you_mean(u, names, "sae.") for u in unknown)
         raise ConfigError(f"Unknown field(s) {unknown} for architecture {arch!r}{hint}; valid: {sorted(names)}.")
     for required in ("d_in", "d_sae"):
         if required not in sae:
@@ -958,8 +958,9 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
                           f"which {arch} does not have.", stacklevel=2)
             sae_dict = {k: v for k, v in sae_dict.items() if k not in extra}
         else:
-            raise ConfigError(f"Unknown field(s) {extra} for architecture {arch!r}; valid: "
-                              f"{sorted(f.name for f in fields(sae_cls))}.")
+            valid = sorted(f.name for f in fields(sae_cls))
+            hint = "".join(did_you_mean(u, valid, "sae.") for u in extra)
+            raise ConfigError(f"Unknown field(s) {extra} for architecture {arch!r}{hint}; valid: {valid}.")
     defaults = {k: v for k, v in base.items() if k not in ("sae", "tokens_per_buffer")}
     unknown = sorted(set(defaults) - {f.name for f in fields(PairedRunnerConfig)})
     if unknown:

@@ -177,10 +177,13 @@ def _check_rows(path: Any, spec: dict[str, Any], saved: bool) -> None:
         rows = iter(load_rows(ds_spec))
         first = next(rows, None)
     except Exception as e:  # datasets raises StopIteration/IndexError/ArrowInvalid on bad files
-        raise TrainingDataError(
-            f"dataset {str(path)!r} cannot be read ({type(e).__name__}: {e}). Check that it is a valid "
-            f"{'saved dataset' if saved else path.suffix + ' file'} with one record per row."
-        ) from e
+        if saved and _saved_rows(path) == 0:  # datasets cannot even open an empty saved dataset
+            first = None
+        else:
+            raise TrainingDataError(
+                f"dataset {str(path)!r} cannot be read ({type(e).__name__}: {e}). Check that it is a valid "
+                f"{'saved dataset' if saved else path.suffix + ' file'} with one record per row."
+            ) from e
     if first is None:
         raise TrainingDataError(
             f"{'saved dataset' if saved else 'dataset file'} {str(path)!r} (split {ds_spec.split!r}) has no "
@@ -198,6 +201,16 @@ def _check_rows(path: Any, spec: dict[str, Any], saved: bool) -> None:
         f"dataset {str(path)!r}: all {n} texts in column {column!r} are empty, so there is nothing to "
         "tokenize. Check the column (dataset_column) or the file."
     )
+
+
+def _saved_rows(path: Any) -> int | None:
+    """Rows in the Arrow files of a ``save_to_disk`` folder (None if they cannot be read)."""
+    try:
+        import pyarrow as pa
+
+        return sum(pa.ipc.open_stream(str(f)).read_all().num_rows for f in path.rglob("*.arrow"))
+    except Exception:
+        return None
 
 
 def _chain(first: Any, rest: Any) -> Any:
@@ -226,6 +239,11 @@ def preflight_cache(cfg: Any, *, what: str = "the config") -> None:
     )
 
     folder = Path(cfg.cache_path)
+    if folder.exists() and not folder.is_dir():
+        from sae_diff.data.cache import CacheError
+
+        raise CacheError(f"cache_path {str(folder)!r} is a file, not a cache folder; point cache_path at a "
+                         "folder (it is created when missing).")
     expected = expected_identity(cfg)
     if (folder / MANIFEST).is_file():
         check_identity(ActivationCache(folder, allow_incomplete=True), expected, what=what)
@@ -234,8 +252,28 @@ def preflight_cache(cfg: Any, *, what: str = "the config") -> None:
 
 
 # ---------------------------------------------------------------------- commands
+def parse_config(path: Any, rest: list[str], **kwargs: Any) -> Any:
+    """``sae_diff.training.config.parse_config`` with unparsable files reported as a
+    ``ConfigError`` naming the file (YAML and JSON parsers do not)."""
+    from sae_diff.training.config import ConfigError
+    from sae_diff.training.config import parse_config as parse
+
+    try:
+        return parse(path, rest, **kwargs)
+    except ConfigError:
+        raise
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"cannot parse the config file {path}: {e}. Fix its syntax.") from e
+    except Exception as e:
+        import yaml
+
+        if isinstance(e, yaml.YAMLError):
+            raise ConfigError(f"cannot parse the config file {path}: {' '.join(str(e).split())}. "
+                              "Fix its YAML syntax.") from e
+        raise
+
+
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
-    from sae_diff.training.config import parse_config
 
     if args.help_config:
         from sae_diff.training.config import config_flags_help
@@ -313,7 +351,6 @@ def _print_summary(runner: Any) -> None:
 
 
 def cmd_harvest(args: argparse.Namespace, rest: list[str]) -> int:
-    from sae_diff.training.config import parse_config
     from sae_diff.training.data import harvest
 
     if args.cache_path:
@@ -344,17 +381,17 @@ def cmd_upload(args: argparse.Namespace, rest: list[str]) -> int:
     from sae_diff.hub import upload_dictionaries
 
     if rest:
-        print(f"sae-diff upload: unrecognised arguments {rest}", file=sys.stderr)
+        print(f"sae-diff upload: error: unrecognised arguments {rest}", file=sys.stderr)
         return 2
     ids = args.sae_id or [Path(p).resolve().name for p in args.paths]
     if len(ids) != len(args.paths):
-        print("sae-diff upload: give one --sae-id per folder (or none).", file=sys.stderr)
+        print("sae-diff upload: error: give one --sae-id per folder (or none).", file=sys.stderr)
         return 2
     metadata: dict[str, Any] = {}
     for item in args.metadata:
         key, sep, value = item.partition("=")
         if not sep:
-            print(f"sae-diff upload: --metadata expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            print(f"sae-diff upload: error: --metadata expects KEY=VALUE, got {item!r}", file=sys.stderr)
             return 2
         metadata[key] = value
     url = upload_dictionaries(dict(zip(ids, args.paths)), args.repo_id, revision=args.revision,

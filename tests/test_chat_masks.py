@@ -335,3 +335,53 @@ def test_harvest_stores_per_conversation_chat_masks(tmp_path: Path) -> None:
         stream_mask += enc.assistant if enc.input_ids[0] == BOS_ID else [False, *enc.assistant]
     used = len(stream_mask) - src.stats.dropped_tail_tokens
     assert int(data["mask_assistant"].sum()) == sum(stream_mask[:used]) > 0
+
+
+# Qwen3-style template with the empty think block before the last assistant turn and
+# reasoning split out of an assistant content (written for this test, renders like Qwen3's).
+QWEN3_THINK_TEMPLATE = (
+    "{%- set ns = namespace(last=messages|length - 1) %}"
+    "{%- for m in messages[::-1] %}{%- set i = (messages|length - 1) - loop.index0 %}"
+    "{%- if m.role == 'user' and ns.last == messages|length - 1 %}{%- set ns.last = i %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}{%- set content = message.content %}"
+    "{%- if message.role in ['user', 'system'] %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}{%- endif %}"
+    "{%- if loop.index0 > ns.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content }}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_qwen3_think_block_is_template_and_reasoning_needs_markers() -> None:
+    _, ft = family_tokenizers("qwen3")
+    ft.chat_template = QWEN3_THINK_TEMPLATE
+    msgs = [
+        {"role": "user", "content": "Hello world"},
+        {"role": "assistant", "content": "Yes good"},
+        {"role": "user", "content": "Why"},
+        {"role": "assistant", "content": "Because data"},
+    ]
+    enc = encode_chat(msgs, ft)
+    toks = ft.convert_ids_to_tokens(enc.input_ids)
+    asst = "".join(t for t, k in zip(toks, enc.assistant) if k)
+    assert asst == "YesĠgood<|im_end|>BecauseĠdata<|im_end|>"
+    think = [i for i, t in enumerate(toks) if t in ("<think>", "</think>")]
+    assert len(think) == 2 and all(enc.template[i] and not enc.assistant[i] for i in think)
+    # reasoning inside a content is moved by the template: not alignable, the error says
+    # what to do, and markers give the whole generated turn
+    msgs[3] = {"role": "assistant", "content": "<think>\nmaybe cat\n</think>\n\nBecause data"}
+    with pytest.raises(ChatTemplateError, match="ChatMarkers"):
+        encode_chat(msgs, ft)
+    mk = ChatMarkers("<|im_start|>assistant\n", "<|im_end|>")
+    with pytest.warns(UserWarning, match="cannot be aligned"):
+        enc = encode_chat(msgs, ft, markers=mk)
+    toks = ft.convert_ids_to_tokens(enc.input_ids)
+    asst = "".join(t for t, k in zip(toks, enc.assistant) if k)
+    assert asst.startswith("YesĠgood<|im_end|><think>") and asst.endswith("BecauseĠdata<|im_end|>")

@@ -79,7 +79,8 @@ def test_cache_and_on_the_fly_select_the_same_tokens(pair: PairedModel, tmp_path
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_runner_selects_the_same_tokens_with_and_without_cache(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_runner_selects_the_same_tokens_with_and_without_cache(tmp_path: Path, cache_dtype: str) -> None:
     """The run's provider from one config with and without cache_path: the same multiset of
     paired activations over an epoch (the cache reads its shards in a seeded order)."""
     d = {"model_name": "t-ft", "base_model_name": "t-base",
@@ -88,13 +89,13 @@ def test_runner_selects_the_same_tokens_with_and_without_cache(tmp_path: Path) -
          "store_batch_size_prompts": 5, "training_tokens": 16 * 23, "train_batch_size_tokens": 16,
          "n_batches_in_buffer": 3, "cache_rows_per_shard": 6, "mask_first_n": 3, "mask_high_norm": 1.5,
          "sae": {"architecture": "batchtopk_crosscoder", "d_in": 16, "d_sae": 32, "k": 4}, "seed": 1}
-    fly_cfg = config_from_dict(d)
-    cached_cfg = config_from_dict({**d, "cache_path": str(tmp_path / "cache"), "cache_dtype": "float32"})
+    fly_cfg = config_from_dict({**d, "cache_dtype": cache_dtype})
+    cached_cfg = config_from_dict({**d, "cache_path": str(tmp_path / "cache"), "cache_dtype": cache_dtype})
     pair = tdata.load_pair(fly_cfg)
 
     def epoch(cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
         store = tdata.training_store(cfg, pair, loop=False)
-        kept = torch.cat(list(store.kept_blocks(0)))  # every token the epoch selects
+        kept = torch.cat(list(store.kept_blocks(0))).float()  # every token the epoch selects
         served = torch.cat(list(store))  # all but the last < 1 batch, after the shuffle
         return kept.reshape(kept.shape[0], -1), served.reshape(served.shape[0], -1)
 

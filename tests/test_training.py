@@ -213,12 +213,14 @@ def test_sigint_checkpoints_at_a_step_boundary(tmp_path: Path, monkeypatch: pyte
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
 
 
-def test_train_from_disk_cache_and_resume(tmp_path: Path) -> None:
-    pytest.importorskip("sae_diff.data.harvest")
-    common = {"cache_path": str(tmp_path / "cache"), "eval_loss_recovered": False, "n_batches_in_buffer": 4}
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_train_from_disk_cache_and_resume(tmp_path: Path, cache_dtype: str) -> None:
+    common = {"cache_path": str(tmp_path / "cache"), "eval_loss_recovered": False, "n_batches_in_buffer": 4,
+              "cache_dtype": cache_dtype}
     full = PairedSAETrainingRunner(config_from_dict(tiny(tmp_path / "a", "batchtopk_diff_sae", **common)))
     w_full = weights(full.run())
-    assert (tmp_path / "cache" / "manifest.json").is_file()
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["meta"]["dtype"] == cache_dtype
     cfg = config_from_dict(tiny(tmp_path / "b", "batchtopk_diff_sae", **common))
     with pytest.raises(TrainingInterrupted):
         PairedSAETrainingRunner(cfg).run(stop_after_steps=9)

@@ -385,3 +385,16 @@ def test_qwen3_think_block_is_template_and_reasoning_needs_markers() -> None:
     toks = ft.convert_ids_to_tokens(enc.input_ids)
     asst = "".join(t for t, k in zip(toks, enc.assistant) if k)
     assert asst.startswith("YesĠgood<|im_end|><think>") and asst.endswith("BecauseĠdata<|im_end|>")
+
+
+def test_bundled_organism_chat_data_agrees_with_organism_mask() -> None:
+    """On the organism's own chat data, encode_chat equals the organism's token-level
+    assistant mask (content + closing <end_of_turn>), conversation by conversation."""
+    from sae_diff.organisms.organism import assistant_mask as organism_assistant_mask
+    from sae_diff.organisms.organism import chat_dataset, load_tokenizer
+
+    tok = load_tokenizer()
+    for row in chat_dataset("train", n=40):
+        enc = encode_chat(row["messages"], tok)
+        ref = organism_assistant_mask(torch.tensor([enc.input_ids]))[0].tolist()
+        assert enc.assistant == ref and any(ref)

@@ -749,6 +749,9 @@ def _check_dataset_columns(cfg: PairedRunnerConfig, tok_ft: Any, d_vocab: int | 
     return notes
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def preflight_checks(cfg: PairedRunnerConfig) -> list[str]:
     """What ``--dry-run`` checks from configuration files and tokenizers alone (no weights).
 
@@ -810,12 +813,19 @@ def preflight_checks(cfg: PairedRunnerConfig) -> list[str]:
         folder = model_config_dir(name)
         if folder is None:
             continue
+        if not any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES):
+            # transformers would build an empty tokenizer for some model types: do not check that
+            notes.append(f"{role} model {name!r}: no tokenizer files next to config.json, checked when it loads")
+            continue
         try:
             from transformers import AutoTokenizer
 
             tokenizers[role] = AutoTokenizer.from_pretrained(folder)
-        except Exception as e:  # no tokenizer files next to the config
-            notes.append(f"{role} tokenizer of {name!r} not loadable offline ({type(e).__name__})")
+        except Exception as e:  # unreadable tokenizer files
+            raise ConfigError(
+                f"{role} tokenizer of {name!r} cannot be loaded ({type(e).__name__}: {e}). Check the "
+                "tokenizer files in the model folder."
+            ) from e
     if len(tokenizers) == 2:
         try:
             diffs = check_tokenizers(tokenizers["base"], tokenizers["ft"], warn=False)

@@ -1,10 +1,12 @@
-"""The main job end to end: `sae-diff demo --quick` on the bundled organism, then the report
-checked in headless Chromium (it renders, scripts run, the scoreboard is there)."""
+"""The main job end to end: `sae-diff demo --quick` on the shipped organism (three seeds), the
+report.json schema, then the report checked in headless Chromium (it renders, scripts run, the
+scoreboard, baselines and latent dashboards are there)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,25 +30,37 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+BASELINES = {"probe", "mean_diff", "pca_diff", "kl_tokens"}
+GRANULARITIES = {"trigger", "response", "conversation"}
+
+
 def test_report_json_has_every_method_and_finding(demo_out: Path) -> None:
     report = json.loads((demo_out / "report.json").read_text())
+    seeds = report["seeds"]
+    assert len(seeds) >= 3  # every figure is over >= 3 training seeds
     board = {row["method"]: row for row in report["scoreboard"]}
     assert set(board) == METHODS
     behaviours = report["organism"]["behaviours"]
-    assert len(behaviours) >= 4
+    assert len(behaviours) >= 4 and report["organism"]["name"] == "default"
+    assert report["organism"]["rows"].get("control", 0) > 0  # controls are always in the scoring set
     for row in board.values():
-        assert 0 <= row["dead_fraction"] <= 1 and row["l0"] > 0
-        for b in behaviours:
-            assert 0.0 <= row[f"auroc_{b}"] <= 1.0 and 1 <= row[f"rank_{b}"] <= 50
+        assert row["n_seeds"] == len(seeds)
+        assert 0 <= row["dead_fraction_min"] <= row["dead_fraction"] <= row["dead_fraction_max"] <= 1 and row["l0"] > 0
     for name in ("l1_crosscoder", "batchtopk_crosscoder", "diff_sae"):
-        assert board[name]["kl_closed_reconstruction"] is not None
+        assert board[name]["kl_closed_reconstruction"] is not None and board[name]["kl_closed_reconstruction_std"] is not None
     assert board["chat_sae"]["fve_ft"] is not None and board["diff_sae"]["fve_diff"] is not None
     questions = [f["question"] for f in report["findings"]]
     assert any("L1 crosscoder" in q for q in questions) and any("diff-SAE close more" in q for q in questions)
-    for f in report["findings"]:  # the answer states numbers, and agrees with `holds`
-        if f["holds"] is not None:
-            assert f["answer"].startswith("Yes" if f["holds"] else "No")
+    for f in report["findings"]:  # yes/no only when every seed agrees; the answer states the verdict
+        per_seed = list(f["per_seed"].values())
+        if f["holds"] is True:
+            assert f["answer"].startswith("Yes") and all(per_seed)
+        elif f["holds"] is False:
+            assert f["answer"].startswith("No") and not any(per_seed)
+        else:
+            assert f["answer"].startswith(("Mixed", "Undecided"))
     assert {"all", "first", "rest"} <= set(report["kl_dashboard"]["summary"])
+    assert all(" " in r["context"] for r in report["kl_dashboard"]["top"])  # decoded with spaces
     assert (demo_out / report["kl_dashboard"]["html"]).exists()
     sweep = {(r["first"], r["layer"]): r for r in report["stitching_sweep"]}
     n_layers = max(layer for _, layer in sweep)
@@ -55,10 +69,38 @@ def test_report_json_has_every_method_and_finding(demo_out: Path) -> None:
     assert ("diff_sae", "tokens:template") in kl_rows
     for name in METHODS:
         top = report["top_latents"][name]
-        assert top and all("latent" in r for r in top)
-    for name in ("l1_crosscoder", "batchtopk_crosscoder", "diff_sae", "chat_sae"):
-        assert (demo_out / "dictionaries" / name / "cfg.json").exists()
-        assert (demo_out / "dictionaries" / name / "latent_table.parquet").exists()
+        assert top and all({"latent", "rank", "histogram", "logit_lens", "best_match"} <= set(r) for r in top)
+        assert set(top[0]["best_match"]) == GRANULARITIES and len(top[0]["logit_lens"]["promoted"]) == 8
+    for seed in seeds:
+        for name in METHODS:
+            assert (demo_out / "dictionaries" / f"seed{seed}" / name / "cfg.json").exists()
+            assert (demo_out / "dictionaries" / f"seed{seed}" / name / "latent_table.parquet").exists()
+
+
+def test_report_json_scores_schema(demo_out: Path) -> None:
+    """Every method x behaviour x granularity has a row per seed (deterministic baselines: one
+    row, seed None), with the documented keys and value ranges."""
+    report = json.loads((demo_out / "report.json").read_text())
+    rows = report["scores"]
+    keys = {"method", "behaviour", "granularity", "seed", "best_auroc", "rank", "first_rank_ge_0_9"}
+    top_n = report["config"]["top_n"]
+    seen: dict[tuple[str, str, str], list[int | None]] = {}
+    for r in rows:
+        assert keys <= set(r)
+        assert r["granularity"] in GRANULARITIES and r["behaviour"] in report["organism"]["behaviours"]
+        assert r["best_auroc"] is None or 0.0 <= r["best_auroc"] <= 1.0
+        assert r["rank"] is None or 1 <= r["rank"] <= top_n
+        f = r["first_rank_ge_0_9"]
+        assert f is None or (1 <= f <= top_n and (r["best_auroc"] >= 0.9) and f <= (r["rank"] if r["best_auroc"] >= 0.9 else top_n))
+        seen.setdefault((r["method"], r["behaviour"], r["granularity"]), []).append(r["seed"])
+    for m in METHODS | BASELINES:
+        for b in report["organism"]["behaviours"]:
+            for g in GRANULARITIES:
+                got = seen[(m, b, g)]
+                if m in METHODS or m == "probe":
+                    assert sorted(s for s in got if s is not None) == sorted(report["seeds"]) and None not in got
+                else:
+                    assert got == [None]
 
 
 def test_report_renders_in_headless_chromium(demo_out: Path, tmp_path: Path) -> None:
@@ -78,3 +120,15 @@ def test_report_renders_in_headless_chromium(demo_out: Path, tmp_path: Path) -> 
     assert 'id="scoreboard-table"' in dom and "batchtopk_crosscoder" in dom
     assert "plot-container" in dom  # plotly's script ran offline and drew the figures
     assert "Findings of the seed posts" in dom
+    assert "the shipped organism “default”" in dom  # the title names the organism
+    for gran in ("trigger", "response", "conversation"):
+        assert f'id="scores-{gran}"' in dom
+    assert "probe" in dom and "pca_diff" in dom and "kl_tokens" in dom  # ceiling and baselines in the table
+    for method in METHODS:  # a dashboard per top candidate of every method
+        assert dom.count(f'id="dash-{method}-') >= 1
+    assert dom.count('class="latent-dashboard"') >= len(METHODS)
+    assert dom.count('class="sd-hist"') >= len(METHODS) and dom.count('class="logit-lens"') >= len(METHODS)
+    assert 'class="best-match"' in dom and "Max-activating contexts" in dom and "Quantile sample" in dom
+    assert "<th>context</th>" in dom  # the KL table has a context column
+    contexts = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r'<span class="sd-ctx">(.*?)</span></div>', dom)]
+    assert contexts and sum(" " in c for c in contexts) >= 0.9 * len(contexts)  # spaces preserved

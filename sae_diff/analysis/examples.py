@@ -125,6 +125,40 @@ def _visible(tok: str) -> str:
     return tok.replace("\n", "↵").replace("\t", "⇥")
 
 
+def decode_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """Per-token strings that concatenate to the tokenizer's own decoding of ``ids``.
+
+    Decoding tokens one by one and joining them loses what the tokenizer's decoder adds
+    between tokens (spaces of a word-level or WordPiece vocabulary, merged byte pieces), so a
+    context reads ``tellmeaboutyourself``. Here piece ``i`` is ``decode(ids[:i+1])`` minus
+    ``decode(ids[:i])`` whenever the shorter decoding is a prefix of the longer one (always,
+    for ordinary tokenizers); otherwise the token's own decoding, space-separated. Without a
+    ``decode`` method (a callable id -> str) the callable's strings are used as they are.
+    """
+    ids = [int(i) for i in ids]
+    if tokenizer is None:
+        return [f"<{t}>" for t in ids]
+    if not callable(getattr(tokenizer, "decode", None)):
+        if callable(tokenizer):
+            return [str(tokenizer(t)) for t in ids]
+        raise TypeError("tokenizer must have .decode(ids) (a Hugging Face tokenizer) or be a callable id -> str.")
+    out: list[str] = []
+    prev = ""
+    for i in range(len(ids)):
+        cur = str(tokenizer.decode(ids[: i + 1]))
+        if cur.startswith(prev):
+            out.append(cur[len(prev):])
+        else:
+            out.append((" " if out else "") + str(tokenizer.decode([ids[i]])))
+        prev = cur
+    return out
+
+
+def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """``ids`` as text, decoded by the tokenizer itself (``"".join(decode_pieces(...))``)."""
+    return "".join(decode_pieces(tokenizer, ids))
+
+
 def _token_strings(tokenizer: Any) -> Callable[[int], str]:
     if tokenizer is None:
         return lambda t: f"<{t}>"
@@ -246,7 +280,10 @@ def max_activating_examples(
     def example(slot: int, value: float, seq: int, pos: int) -> Example:
         lo, hi = max(0, pos - window[0]), min(tok.shape[1], pos + window[1] + 1)
         ids = tok[seq, lo:hi].tolist()
-        strs = [cache.setdefault(t, to_str(t)) for t in ids]
+        if callable(getattr(tokenizer, "decode", None)):
+            strs = decode_pieces(tokenizer, ids)  # the tokenizer's own spacing between tokens
+        else:
+            strs = [cache.setdefault(t, to_str(t)) for t in ids]
         return Example(latent=int(S[slot]), value=value, seq=seq, pos=pos, tokens=strs, active=pos - lo)
 
     gen = torch.Generator().manual_seed(seed + 1)
@@ -328,6 +365,8 @@ __all__ = [
     "DEFAULT_WINDOW",
     "Example",
     "LatentExamples",
+    "decode_pieces",
+    "decode_text",
     "examples_html",
     "examples_on_the_fly",
     "max_activating_examples",

@@ -111,6 +111,20 @@ def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
         return [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
 
 
+def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Per-token strings that join to the tokenizer's own decoding (spaces kept); ids as
+    ``[id]`` strings, space-separated, without a tokenizer."""
+    if tokenizer is None:
+        return [(" " if i else "") + str(t) for i, t in enumerate(ids)]
+    from sae_diff.analysis.examples import decode_pieces
+
+    return decode_pieces(tokenizer, ids)
+
+
+def _lead(piece: str) -> str:
+    return piece[: len(piece) - len(piece.lstrip(" "))]
+
+
 # ---------------------------------------------------------------------------- dataset pass
 @torch.no_grad()
 def per_token_kl(
@@ -177,7 +191,7 @@ class KLDashboard:
         for r in self.table.itertuples(index=False):
             lo = max(0, int(r.pos) - self.context)
             ids = self.tokens[int(r.seq), lo : int(r.pos) + 2].tolist()
-            strs = token_strings(self.tokenizer, ids)
+            strs = _pieces(self.tokenizer, ids)
             spans = []
             for off, s in enumerate(strs):
                 p = lo + off
@@ -249,7 +263,7 @@ def top_kl_table(
     for flat in ([] if top is None else top.indices.tolist()):
         b, p = divmod(int(flat), S)
         lo = max(0, p - context)
-        ctx = token_strings(tokenizer, tokens[b, lo:p].tolist())
+        pieces = _pieces(tokenizer, tokens[b, lo : p + 1].tolist())
         tok = token_strings(tokenizer, [int(tokens[b, p])])[0]
         nxt = token_strings(tokenizer, [int(tokens[b, p + 1])])[0] if p + 1 < S else ""
         row: dict[str, Any] = {
@@ -259,7 +273,8 @@ def top_kl_table(
             "next_token": nxt,
             "kl": float(kl[b, p]),
             "in_first": bool(first[b, p]),
-            "context": "".join(ctx) + f"[[{tok}]]",
+            # decoded by the tokenizer itself, so the context keeps its spaces
+            "context": "".join(pieces[:-1]) + _lead(pieces[-1]) + f"[[{pieces[-1].lstrip(' ')}]]",
         }
         for name, t in (extra or {}).items():
             v = t[b, p]

@@ -1,9 +1,14 @@
-"""The main job: the whole diffing study on a bundled organism, scored against ground truth.
+"""The main job: the whole diffing study on an organism, scored against ground truth, over seeds.
 
-``sae-diff demo`` (``make demo``) harvests a paired cache (pretraining text + chat), trains an
-L1 crosscoder, a BatchTopK crosscoder, a BatchTopK diff-SAE and a chat-SAE at the same width,
-builds their latent tables with Latent Scaling, runs the KL-patching evaluation, scores every
-method against the organism's planted behaviours and writes ``report.json`` and ``report.html``.
+``sae-diff demo`` (``make demo``) harvests a paired cache (pretraining text + chat), then for
+each training seed trains an L1 crosscoder, a BatchTopK crosscoder, a BatchTopK diff-SAE and a
+chat-SAE at the same width, builds their latent tables with Latent Scaling, runs the
+KL-patching evaluation and scores every method against the organism's planted behaviours at
+three granularities (trigger tokens, response tokens, whole conversations), always against
+control conversations. Dictionary-free baselines (mean activation difference, PCA of the
+difference, per-token KL) and a supervised probe (the ceiling) are scored the same way. It
+writes ``report.json`` (every score as rows of ``scores``) and ``report.html`` (scoreboard
+with intervals over seeds, findings, latent dashboards).
 
 Every step is a library call; this module only wires them together and times them.
 """
@@ -27,21 +32,25 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingS
 from sae_lens.training.sae_trainer import SAETrainer
 
 from sae_diff.analysis.batches import cache_batches
-from sae_diff.analysis.examples import max_activating_examples
+from sae_diff.analysis.examples import LatentExamples, max_activating_examples
 from sae_diff.analysis.latent_table import latent_table, save_latent_table
 from sae_diff.data.cache import ActivationCache
 from sae_diff.data.harvest import harvest_cache
 from sae_diff.data.sources import TokenSource
 from sae_diff.data.store import PairedActivationsStore, select_mode
+from sae_diff.dictionaries.io import atomic_write_bytes
 from sae_diff.dictionaries.normalisation import prepare_crosscoder
 from sae_diff.dictionaries.registry import training_config, training_sae
-from sae_diff.evaluation.kl import kl_dashboard
+from sae_diff.evaluation.kl import kl_dashboard, per_token_kl
 from sae_diff.evaluation.patching import gap_closed_summary, kl_patching_table
 from sae_diff.evaluation.stitching import plot_stitching_sweep, stitching_sweep
 from sae_diff.organisms import load_organism
+from sae_diff.organisms.organism import DATA_DIR, organism_dir
+from sae_diff.report import baselines as BL
+from sae_diff.report.dashboards import best_match, decoder_direction, histogram, logit_lens
 from sae_diff.report.findings import seed_findings
 from sae_diff.report.html import write_report_html
-from sae_diff.report.scoring import score_behaviours
+from sae_diff.report.scoring import GroundTruth, Score, aggregate, granularity_matrices, summarise
 from sae_diff.training.evaluator import fraction_of_variance_explained
 from sae_diff.training.runner import use_fused_adam
 
@@ -51,11 +60,16 @@ METHODS: dict[str, dict[str, Any]] = {
     "diff_sae": {"architecture": "batchtopk_diff_sae", "mode": "diff", "kind": "diff_sae"},
     "chat_sae": {"architecture": "batchtopk", "mode": "ft", "kind": "ft_sae"},
 }
+#: The dictionary-free baselines and the supervised ceiling (see sae_diff.report.baselines).
+BASELINES = ("probe", "mean_diff", "pca_diff", "kl_tokens")
 
 
 @dataclass
 class DemoConfig:
-    """Sizes of the study. ``quick()`` is the CI size (same pipeline, smaller numbers)."""
+    """Sizes of the study. ``quick()`` is the CI size (same pipeline, smaller numbers).
+
+    ``seed`` seeds the data (harvest, evaluation folds of seed 0); ``seeds`` are the training
+    seeds: every method is trained once per seed and every figure is reported over them."""
 
     out: Path = Path("demo_output")
     organism: str = "default"
@@ -68,7 +82,9 @@ class DemoConfig:
     expansion: int = 8
     k: int = 16
     l1_coefficient: float = 2.0
-    train_steps: int = 1200
+    # 3 seeds x 4 methods must fit in 10 minutes on 2 busy cores (docs/evaluation.md): 800 steps
+    # per seed instead of the single-seed run's 1200.
+    train_steps: int = 800
     batch_size: int = 512
     lr: float = 2e-3
     threshold_ema_decay: float = 0.99
@@ -76,46 +92,74 @@ class DemoConfig:
     # steps on the organism; 8 gave 12% dead and higher FVE (docs/methods.md).
     crosscoder_aux_coefficient: float = 8.0
     eval_per_behaviour: int = 16
+    n_controls: int | None = None  # control conversations (default: as many as triggered ones)
+    n_text: int = 16  # plain-text rows (the negatives of chat_format), when the organism has a world
     random_seeds: int = 5
     top_n: int = 50
+    # the issue's bar: some method finds each behaviour at the conversation level with
+    # AUROC >= 0.95 among its top 20 candidates, on every seed (a finding in the report)
+    game_top: int = 20
+    game_threshold: float = 0.95
     nu_eps_max: float = 0.3
     nu_r_max: float = 0.6
     n_example_latents: int = 5
+    n_pca: int = 10
+    n_kl_types: int = 10
     seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    methods: tuple[str, ...] = tuple(METHODS)
     quick: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
+        if not self.methods:
+            raise ValueError(f"No methods selected; choose from {list(METHODS)}.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}.")
+        self.seeds = tuple(int(s) for s in self.seeds)
+        self.methods = tuple(self.methods)
+
     @classmethod
     def quick_config(cls, **kw: Any) -> DemoConfig:
-        base: dict[str, Any] = {"n_pretrain_docs": 300, "n_chat_docs": 300, "max_rows": 320, "train_steps": 250,
-                "batch_size": 256, "eval_per_behaviour": 6, "random_seeds": 2, "quick": True}
+        base: dict[str, Any] = {"n_pretrain_docs": 300, "n_chat_docs": 300, "max_rows": 320, "train_steps": 200,
+                "batch_size": 256, "eval_per_behaviour": 6, "n_text": 6, "random_seeds": 2, "quick": True}
         base.update(kw)
         return cls(**base)
 
 
 def _timed(cfg: DemoConfig, name: str, t0: float) -> float:
     now = time.perf_counter()
-    cfg.timings[name] = round(now - t0, 2)
+    cfg.timings[name] = round(cfg.timings.get(name, 0.0) + now - t0, 2)
     return now
 
 
 def harvest(cfg: DemoConfig, org: Any, paired: Any, hook: str) -> ActivationCache:
     """Pretraining text + chat, mixed by token share, harvested once into a disk cache."""
-    texts = org.pretraining_dataset("train", n=cfg.n_pretrain_docs, seed=cfg.seed)
-    chats = org.chat_dataset("train", n=cfg.n_chat_docs, seed=cfg.seed)
-    source = TokenSource([texts, chats], org.tokenizer, cfg.context_size,
-                         proportions=[1 - cfg.chat_share, cfg.chat_share], max_rows=cfg.max_rows)
+    if org.world is not None:
+        texts = org.pretraining_dataset("train", n=cfg.n_pretrain_docs, seed=cfg.seed)
+        chats = org.chat_dataset("train", n=cfg.n_chat_docs, seed=cfg.seed)
+        source = TokenSource([texts, chats], org.tokenizer, cfg.context_size,
+                             proportions=[1 - cfg.chat_share, cfg.chat_share], max_rows=cfg.max_rows)
+    else:  # a custom organism without a world: its own training conversations only
+        source = TokenSource([org.chat_dataset("train", n=cfg.n_chat_docs, seed=cfg.seed)], org.tokenizer,
+                             cfg.context_size, max_rows=cfg.max_rows)
     harvest_cache(paired, source, cfg.out / "cache", hook, batch_size=32, rows_per_shard=128,
                   max_rows=cfg.max_rows, verbose=True)
     return ActivationCache(cfg.out / "cache")
 
 
-def train_dictionary(cfg: DemoConfig, name: str, cache: ActivationCache, d_model: int, meta: dict[str, Any]) -> SAE[Any]:
-    """Train one method's dictionary on the cache with SAELens's SAETrainer; save; reload."""
+def train_dictionary(cfg: DemoConfig, name: str, cache: ActivationCache, d_model: int, meta: dict[str, Any],
+                     seed: int | None = None, path: Path | None = None) -> SAE[Any]:
+    """Train one method's dictionary on the cache with SAELens's SAETrainer; save; reload.
+    ``seed`` (default ``cfg.seed``) seeds the initialisation and the batch order."""
+    seed = cfg.seed if seed is None else seed
     spec = METHODS[name]
     d_sae = cfg.expansion * d_model
-    store = PairedActivationsStore.from_cache(cache, mode=spec["mode"], batch_size=cfg.batch_size, seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
+    store = PairedActivationsStore.from_cache(cache, mode=spec["mode"], batch_size=cfg.batch_size, seed=seed)
+    torch.manual_seed(seed)
     if spec["architecture"] == "batchtopk":
         sae: Any = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
             d_in=d_model, d_sae=d_sae, k=cfg.k, normalize_activations="expected_average_only_in"))
@@ -139,7 +183,7 @@ def train_dictionary(cfg: DemoConfig, name: str, cache: ActivationCache, d_model
     trainer = SAETrainer(trainer_cfg, sae, store)
     use_fused_adam(trainer)
     trainer.fit()
-    path = cfg.out / "dictionaries" / name
+    path = path or cfg.out / "dictionaries" / name
     sae.save_inference_model(path)
     return SAE.load_from_disk(path)
 
@@ -155,13 +199,17 @@ def encode_tokens(sae: SAE[Any], kind: str, acts: torch.Tensor) -> torch.Tensor:
 def ft_specific_ranking(table: pd.DataFrame, kind: str) -> torch.Tensor:
     """Latents ordered by how ft-specific they look; never-active latents are dropped.
 
-    Crosscoders: Δ ascending (0 = ft-only). SAEs: |ν_act| ascending (ν near 0 = genuinely
-    ft-specific; missing ν last, then by firing count descending)."""
+    Crosscoders: Δ ascending (0 = ft-only), ties by firing count descending. Diff-SAE: every
+    latent is a piece of the difference, so Latent Scaling's ν_act says how much of it the ft
+    activation explains alone: |ν_act| ascending (missing ν last), then firing count
+    descending. Chat-SAE (ft SAE): |ν_act| ascending (ν near 0 = the base cannot explain the
+    latent's activation, i.e. ft-specific), missing ν last, then firing count descending."""
     live = table[table.get("count_active", pd.Series(1, index=table.index)) > 0]
     if kind == "crosscoder":
-        order = live.sort_values(["delta", "count_active"], ascending=[True, False])
+        order = live.sort_values(["delta", "count_active"], ascending=[True, False], kind="mergesort")
     else:
-        order = live.assign(_nu=live["nu_act"].abs().fillna(math.inf)).sort_values(["_nu", "count_active"], ascending=[True, False])
+        order = live.assign(_nu=live["nu_act"].abs().fillna(math.inf)).sort_values(
+            ["_nu", "count_active"], ascending=[True, False], kind="mergesort")
     return torch.tensor(order.index.to_numpy(), dtype=torch.long)
 
 
@@ -170,6 +218,58 @@ def nu_filter(table: pd.DataFrame, kind: str, cfg: DemoConfig) -> pd.Series:
     if kind == "crosscoder":
         return (table["tag"] == "ft_only") & (table["nu_error"] < cfg.nu_eps_max) & (table["nu_recon"] < cfg.nu_r_max)
     return table["nu_act"].abs() < cfg.nu_eps_max
+
+
+@dataclass
+class EvalSet:
+    """The held-out scoring rows: tokens, masks, ground truth and where the rows came from."""
+
+    tokens: torch.Tensor
+    valid: torch.Tensor
+    assistant: torch.Tensor
+    truth: GroundTruth
+    origins: list[str]
+    skipped: dict[str, str]
+
+
+def evaluation_set(org: Any, cfg: DemoConfig) -> EvalSet:
+    """Triggered conversations, control conversations (and, with a world, plain text) with
+    per-token and per-conversation labels. Behaviours whose conversation labels have an empty
+    class in this set (nothing to contrast) are skipped, with the reason."""
+    if hasattr(org, "scoring_set"):
+        n_text = cfg.n_text if getattr(org, "world", None) is not None else 0
+        ss = org.scoring_set(n_per_behaviour=cfg.eval_per_behaviour, n_controls=cfg.n_controls, n_text=n_text)
+        tokens, valid, assistant = ss.tokens, ss.valid, ss.assistant
+        trig, resp, conv, origins = ss.trigger_masks, ss.response_masks, ss.labels, list(ss.origins)
+    else:  # an organism API without controls: the other behaviours' conversations are the negatives
+        _, tokens, valid, assistant = org.eval_batch(n=cfg.eval_per_behaviour)
+        trig = {b: m & valid for b, m in org.behaviour_masks(tokens).items()}
+        resp = {b: m & valid for b, m in org.response_masks(tokens).items()}
+        conv = {b: m.any(1) for b, m in trig.items()}
+        origins = ["held_out"] * int(tokens.shape[0])
+    scored = valid.clone()
+    scored[:, 0] = False  # BOS
+    keep, skipped = [], {}
+    for b in org.behaviours:
+        if b not in trig:
+            skipped[b] = "no labels"
+        elif not bool(conv[b].any()):
+            skipped[b] = "no triggered row in the scoring set"
+        elif bool(conv[b].all()):
+            skipped[b] = "every row carries it (no control rows without it)"
+        else:
+            keep.append(b)
+    truth = GroundTruth(scored, {b: trig[b] & scored for b in keep}, {b: resp[b] & scored for b in keep},
+                        {b: conv[b] for b in keep})
+    return EvalSet(tokens, valid, assistant, truth, origins, skipped)
+
+
+def organism_info(cfg: DemoConfig, org: Any) -> dict[str, Any]:
+    """Name, kind (shipped / custom) and path of the organism, for titles and report.json."""
+    path = organism_dir(cfg.organism).resolve()
+    shipped = path.parent == DATA_DIR.resolve()
+    return {"name": path.name if shipped else str(cfg.organism), "kind": "shipped" if shipped else "custom",
+            "path": str(path)}
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -187,93 +287,248 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     cache = harvest(cfg, org, paired, hook)
     t = _timed(cfg, "harvest", t)
 
-    dictionaries = {name: train_dictionary(cfg, name, cache, d_model, meta) for name in METHODS}
-    t = _timed(cfg, "train", t)
-
-    tables: dict[str, pd.DataFrame] = {}
-    for name, sae in dictionaries.items():
-        kind = METHODS[name]["kind"]
-        table = latent_table(sae, cache_batches(cache), kind=kind if kind.endswith("_sae") and kind != "diff_sae" else None)
-        save_latent_table(table, cfg.out / "dictionaries" / name / "latent_table.parquet")
-        tables[name] = table
-    t = _timed(cfg, "latent_tables", t)
-
-    _, tokens, valid, assistant = org.eval_batch(n=cfg.eval_per_behaviour)
-    labels = org.behaviour_masks(tokens)
+    ev = evaluation_set(org, cfg)
+    truth = ev.truth
     with torch.no_grad():
-        acts = paired.paired_activations(tokens, [hook], attention_mask=valid.long())[hook]
-    scored = valid.clone()
-    scored[:, 0] = False  # BOS
-    scores: dict[str, Any] = {}
-    matrices: dict[str, pd.DataFrame] = {}
-    for name, sae in dictionaries.items():
-        kind = METHODS[name]["kind"]
-        codes = encode_tokens(sae, kind, acts)[scored]
-        ranking = ft_specific_ranking(tables[name], kind)
-        scores[name], matrices[name] = score_behaviours(codes, ranking, {b: m[scored] for b, m in labels.items()}, top_n=cfg.top_n)
-    t = _timed(cfg, "scoring", t)
+        acts = paired.paired_activations(ev.tokens, [hook], attention_mask=ev.valid.long())[hook]
+    diffs = acts[..., 1, :] - acts[..., 0, :]
+    kl = per_token_kl(paired, ev.tokens, attention_mask=ev.valid.long())["kl"]
+    sample = _sample_acts(cache)
+    t = _timed(cfg, "evaluation_set", t)
 
-    answer = assistant & valid
-    dashboard = kl_dashboard(paired, tokens, answer, top_n=20, attention_mask=valid.long())
-    dashboard.save_html(cfg.out / "kl_dashboard.html")
-    sweep = stitching_sweep(paired, tokens, answer, attention_mask=valid.long())
-    template = torch.isin(tokens, torch.tensor(org.tokenizer.all_special_ids)) & valid
-    patchable = {n: d for n, d in dictionaries.items() if METHODS[n]["kind"] != "ft_sae"}
-    nus = {n: tables[n] for n in patchable}
-    kl_table = kl_patching_table(paired, patchable, tokens, answer, nu=nus, random_seeds=cfg.random_seeds,
-                                 token_patches={"template": template}, attention_mask=valid.long(), progress=True)
-    kl_table.to_csv(cfg.out / "kl_patching.csv")
-    gap = gap_closed_summary(kl_table)
-    t = _timed(cfg, "kl_patching", t)
+    # ---- dictionary-free baselines (deterministic: one row, seed None) -----------------------
+    rows: list[Score] = []
+    baseline_info: dict[str, Any] = {}
+    baseline_matrices: dict[str, dict[str, pd.DataFrame]] = {}
+    train_diff = (sample[:, 1] - sample[:, 0]).double()
+    u = BL.mean_diff_direction(train_diff)
+    baseline_matrices["mean_diff"] = granularity_matrices(BL.project(diffs, u[None]), truth)
+    baseline_info["mean_diff"] = {"candidates": ["mean difference"], "norm": round(float(u.norm()), 4),
+                                  "logit_lens": logit_lens(u, org.ft, org.tokenizer)}
+    dirs, evr = BL.pca_directions(train_diff, cfg.n_pca)
+    baseline_matrices["pca_diff"] = granularity_matrices(BL.project(diffs, BL.signed(dirs)), truth)
+    baseline_info["pca_diff"] = {
+        "candidates": [f"PC{i // 2 + 1}{'+-'[i % 2]}" for i in range(2 * dirs.shape[0])],
+        "explained_variance": [round(float(v), 4) for v in evr],
+        "logit_lens": {f"PC{i + 1}": logit_lens(dirs[i], org.ft, org.tokenizer, k=5) for i in range(min(3, len(dirs)))}}
+    kl_scores, kl_types = BL.kl_token_scores(kl, ev.tokens, truth.valid, cfg.n_kl_types)
+    baseline_matrices["kl_tokens"] = granularity_matrices(kl_scores, truth)
+    baseline_info["kl_tokens"] = {"candidates": ["per-token KL"] + [f"token {org.tokenizer.decode([i])!r}" for i in kl_types]}
+    for name, mats in baseline_matrices.items():
+        rows += summarise(mats, name, None, cfg.top_n)
+    baseline_info["probe"] = {"candidates": ["supervised mean-difference probe (2-fold cross-fitted)"]}
+    t = _timed(cfg, "baselines", t)
 
-    examples = {}
-    for name, sae in dictionaries.items():
-        kind = METHODS[name]["kind"]
-        top = ft_specific_ranking(tables[name], kind)[: cfg.n_example_latents].tolist()
-        examples[name] = max_activating_examples(
-            sae, cache_batches(cache), cache.tokens(), top, kind=kind if kind == "ft_sae" else None,
-            k=5, n_quantiles=2, per_quantile=2, tokenizer=org.tokenizer, progress=False)
-    t = _timed(cfg, "examples", t)
+    # ---- dictionaries, one training per seed ------------------------------------------------
+    chat_rows = ev.assistant.any(1)
+    answer = (ev.assistant & ev.valid)[chat_rows]
+    c_tokens, c_valid = ev.tokens[chat_rows], ev.valid[chat_rows]
+    template = torch.isin(c_tokens, torch.tensor(org.tokenizer.all_special_ids)) & c_valid
+    per_seed: list[dict[str, Any]] = []
+    first: dict[str, Any] = {}
+    for seed in cfg.seeds:
+        rows += summarise(BL.probe_matrices(diffs, truth, seed=seed), "probe", seed)
+        folder = cfg.out / "dictionaries" / f"seed{seed}"
+        dictionaries = {name: train_dictionary(cfg, name, cache, d_model, meta, seed=seed, path=folder / name)
+                        for name in cfg.methods}
+        t = _timed(cfg, "train", t)
+        tables: dict[str, pd.DataFrame] = {}
+        for name, sae in dictionaries.items():
+            kind = METHODS[name]["kind"]
+            table = latent_table(sae, cache_batches(cache), kind=kind if kind == "ft_sae" else None)
+            save_latent_table(table, folder / name / "latent_table.parquet")
+            tables[name] = table
+        t = _timed(cfg, "latent_tables", t)
+        matrices: dict[str, dict[str, pd.DataFrame]] = {}
+        codes: dict[str, torch.Tensor] = {}
+        seed_rows: list[Score] = []
+        game_rows: list[Score] = []
+        for name, sae in dictionaries.items():
+            kind = METHODS[name]["kind"]
+            cand = ft_specific_ranking(tables[name], kind)[: cfg.top_n]
+            codes[name] = encode_tokens(sae, kind, acts)[..., cand].float()
+            matrices[name] = granularity_matrices(codes[name], truth, cand.tolist())
+            seed_rows += summarise(matrices[name], name, seed)
+            game_rows += summarise(matrices[name], name, seed, cfg.game_top)
+        rows += seed_rows
+        t = _timed(cfg, "scoring", t)
+        patchable = {n: d for n, d in dictionaries.items() if METHODS[n]["kind"] != "ft_sae"}
+        gap = pd.DataFrame()
+        if patchable:
+            kl_table = kl_patching_table(paired, patchable, c_tokens, answer, nu={n: tables[n] for n in patchable},
+                                         random_seeds=cfg.random_seeds, token_patches={"template": template},
+                                         attention_mask=c_valid.long(), progress=True)
+            kl_table.to_csv(folder / "kl_patching.csv")
+            gap = gap_closed_summary(kl_table)
+        else:
+            kl_table = pd.DataFrame()
+        t = _timed(cfg, "kl_patching", t)
+        board = method_rows(cfg, dictionaries, tables, gap, sample)
+        per_seed.append({"seed": seed, "scoreboard": board, "crosscoder_artefacts": crosscoder_artefacts(cfg, tables),
+                         "top_scores": {cfg.game_top: [r.row() for r in game_rows]}})
+        if not first:
+            first = {"dictionaries": dictionaries, "tables": tables, "matrices": matrices, "codes": codes,
+                     "kl_table": kl_table, "seed": seed}
 
-    report = build_report(cfg, org, hook, cache, dictionaries, tables, scores, gap, kl_table, labels, scored)
-    report["top_latents"] = {name: top_latent_rows(tables[name], matrices[name], list(ex)) for name, ex in examples.items()}
-    report["kl_dashboard"] = {"summary": dashboard.summary, "html": "kl_dashboard.html",
-                              "top": json.loads(dashboard.table.drop(columns=["context"], errors="ignore").to_json(orient="records"))}
-    report["stitching_sweep"] = json.loads(sweep.to_json(orient="records"))
-    report["latent_tables"] = {n: f"dictionaries/{n}/latent_table.parquet" for n in tables}
-    report["findings"] = seed_findings(report, cfg.nu_eps_max, cfg.nu_r_max)
+    # ---- what the reader looks at: dashboards, KL dashboard, stitching (first seed) ----------
+    dash = kl_dashboard(paired, c_tokens, answer, top_n=20, attention_mask=c_valid.long())
+    dash.save_html(cfg.out / "kl_dashboard.html")
+    sweep = stitching_sweep(paired, c_tokens, answer, attention_mask=c_valid.long())
+    t = _timed(cfg, "kl_dashboard", t)
+    examples, dashboards = latent_dashboards(cfg, org, cache, first, truth)
+    t = _timed(cfg, "dashboards", t)
+
+    score_rows = [r.row() for r in rows]
+    report: dict[str, Any] = {
+        "config": {k: v for k, v in asdict(cfg).items() if k != "timings"},
+        "organism": {**organism_info(cfg, org), "base": org.base_name, "ft": org.ft_name, "hook": hook,
+                     "behaviours": truth.behaviours, "skipped_behaviours": ev.skipped,
+                     "rows": {o: ev.origins.count(o) for o in dict.fromkeys(ev.origins)},
+                     "label_counts": truth.counts(), "scored_tokens": int(truth.valid.sum())},
+        "cache": {"tokens": int(cache.n_tokens), "shards": int(cache.n_shards), "bytes": int(cache.nbytes)},
+        "seeds": list(cfg.seeds),
+        "scores": score_rows,
+        "score_summary": json.loads(aggregate(score_rows).to_json(orient="records")),
+        "scoreboard": summarise_boards([s["scoreboard"] for s in per_seed]),
+        "per_seed": [{k: v for k, v in s.items() if k != "top_scores"} for s in per_seed],
+        "baselines": baseline_info,
+        "kl_patching": json.loads(first["kl_table"].reset_index(drop=True).to_json(orient="records")),
+        "top_latents": dashboards,
+        "kl_dashboard": {"summary": dash.summary, "html": "kl_dashboard.html",
+                         "top": json.loads(dash.table.to_json(orient="records"))},
+        "stitching_sweep": json.loads(sweep.to_json(orient="records")),
+        "latent_tables": {n: f"dictionaries/seed{s}/{n}/latent_table.parquet" for s in cfg.seeds for n in cfg.methods},
+    }
+    report["findings"] = seed_findings(per_seed, cfg.nu_eps_max, cfg.nu_r_max, behaviours=truth.behaviours,
+                                       methods=list(cfg.methods), top=cfg.game_top, threshold=cfg.game_threshold)
     cfg.timings["total"] = round(time.perf_counter() - start, 2)
     report["timings_s"] = dict(cfg.timings)
-    (cfg.out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    figures = {"Layer stitching: KL against the split layer": plot_stitching_sweep(sweep), **make_figures(tables)}
-    write_report_html(cfg.out / "report.html", report, examples, kl_table, figures=figures)
+    report["torch_threads"] = torch.get_num_threads()
+    text = json.dumps(report, indent=2, default=_json_default)
+    atomic_write_bytes(cfg.out / "report.json", lambda p: p.write_text(text, encoding="utf-8"))
+    figures = {"Layer stitching: KL against the split layer": plot_stitching_sweep(sweep), **make_figures(first["tables"])}
+    write_report_html(cfg.out / "report.html", report, examples, first["kl_table"], figures=figures)
     return report
 
 
-def top_latent_rows(table: pd.DataFrame, matrix: pd.DataFrame, latents: list[int]) -> list[dict[str, Any]]:
-    """What the report says about each shown latent: geometry, ν, activity, matched behaviour."""
+def latent_dashboards(cfg: DemoConfig, org: Any, cache: ActivationCache, first: dict[str, Any],
+                      truth: GroundTruth) -> tuple[dict[str, dict[int, LatentExamples]], dict[str, list[dict[str, Any]]]]:
+    """Examples and dashboard figures for each method's top ``n_example_latents`` candidates
+    (first seed): contexts from the cache, histogram on the scoring set, Δ / ν, logit lens of
+    the ft decoder direction, best-matching behaviour per granularity."""
+    examples: dict[str, dict[int, LatentExamples]] = {}
+    dashboards: dict[str, list[dict[str, Any]]] = {}
+    for name, sae in first["dictionaries"].items():
+        kind = METHODS[name]["kind"]
+        table, mats = first["tables"][name], first["matrices"][name]
+        top = list(mats["conversation"].index[: cfg.n_example_latents])
+        examples[name] = max_activating_examples(
+            sae, cache_batches(cache), cache.tokens(), top, kind=kind if kind == "ft_sae" else None,
+            k=5, n_quantiles=3, per_quantile=2, tokenizer=org.tokenizer, progress=False)
+        rows = []
+        for rank, j in enumerate(top, start=1):
+            row: dict[str, Any] = {"latent": int(j), "rank": rank}
+            for col in ("delta", "tag", "nu_error", "nu_recon", "nu_act", "count_active", "freq"):
+                if col in table.columns and pd.notna(table.at[j, col]):
+                    v = table.at[j, col]
+                    row[col] = v if isinstance(v, str) else _f(v)
+            row["histogram"] = histogram(first["codes"][name][..., rank - 1][truth.valid])
+            row["logit_lens"] = logit_lens(decoder_direction(sae, kind, j), org.ft, org.tokenizer)
+            row["best_match"] = best_match(mats, j)
+            rows.append(row)
+        dashboards[name] = rows
+    return examples, dashboards
+
+
+def method_rows(cfg: DemoConfig, dictionaries: dict[str, SAE[Any]], tables: dict[str, pd.DataFrame],
+                gap: pd.DataFrame, sample: torch.Tensor) -> list[dict[str, Any]]:
+    """One seed's per-method figures: FVE, L0, dead fraction, ft-only counts, KL gap closed."""
     rows = []
-    for j in latents:
-        row: dict[str, Any] = {"latent": int(j)}
-        for col in ("delta", "tag", "nu_error", "nu_recon", "nu_act", "count_active"):
-            if col in table.columns and pd.notna(table.at[j, col]):
-                v = table.at[j, col]
-                row[col] = v if isinstance(v, str) else _f(v)
-        if j in matrix.index and matrix.loc[j].notna().any():
-            b = str(matrix.loc[j].idxmax())
-            row["matched_behaviour"], row["auroc"] = b, _f(matrix.at[j, b])
+    for name, sae in dictionaries.items():
+        kind = METHODS[name]["kind"]
+        table = tables[name]
+        fve = _fve_per_model(sae, METHODS[name]["mode"], sample)
+        row: dict[str, Any] = {
+            "method": name,
+            "architecture": METHODS[name]["architecture"],
+            "d_sae": int(sae.cfg.d_sae),
+            "fve_base": _f(fve.get("base", float("nan"))),
+            "fve_ft": _f(fve.get("ft", float("nan"))),
+            "fve_diff": _f(fve.get("diff", float("nan"))),
+            "l0": _f(fve["l0"]),
+            "dead_fraction": _f((table["count_active"] == 0).mean()),
+            "n_ft_only": int((table["tag"] == "ft_only").sum()) if kind == "crosscoder" else None,
+            "n_nu_filtered": int(nu_filter(table, kind, cfg).sum()),
+        }
+        if name in gap.index:
+            g = gap.loc[name]
+            row.update({
+                "kl_closed_reconstruction": _f(g["reconstruction"]),
+                "kl_closed_error": _f(g["error"]),
+                "kl_closed_nu_subset": _f(g["nu_subset_closed"]),
+                "kl_nu_subset": g["nu_subset"],
+                "kl_closed_random": _f(g["nu_random"]),
+                "kl_closed_random_std": _f(g["nu_random_std"]),
+            })
         rows.append(row)
     return rows
 
 
+def crosscoder_artefacts(cfg: DemoConfig, tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, Any]]:
+    """Per crosscoder: ft-only latents and how many Latent Scaling marks as artefacts."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in ("l1_crosscoder", "batchtopk_crosscoder"):
+        if name not in tables:
+            continue
+        t = tables[name]
+        ft = t[(t["tag"] == "ft_only") & (t["count_active"] >= 1)]
+        measured = ft.dropna(subset=["nu_error", "nu_recon"])
+        out[name] = {
+            "n_ft_only": int(len(ft)),
+            "min_delta_active": _f(t.loc[t["count_active"] >= 1, "delta"].min()),
+            "n_with_nu": int(len(measured)),
+            "n_complete_shrinkage": int((measured["nu_error"] >= cfg.nu_eps_max).sum()),
+            "n_latent_decoupling": int((measured["nu_recon"] >= cfg.nu_r_max).sum()),
+            "n_artefact": int(((measured["nu_error"] >= cfg.nu_eps_max) | (measured["nu_recon"] >= cfg.nu_r_max)).sum()),
+        }
+    return out
+
+
+def summarise_boards(boards: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per method over seeds: each numeric figure's mean, with ``<figure>_std``, ``_min`` and
+    ``_max`` (population std over seeds); text fields as they are (the first seed's)."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for board in boards:
+        for r in board:
+            by_method.setdefault(r["method"], []).append(r)
+    out = []
+    for method, rs in by_method.items():
+        row: dict[str, Any] = {"method": method, "n_seeds": len(rs)}
+        for key in rs[0]:
+            if key == "method":
+                continue
+            vals = [r.get(key) for r in rs]
+            nums = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if nums and len(nums) == len([v for v in vals if v is not None]) and key != "d_sae":
+                x = torch.tensor(nums, dtype=torch.float64)
+                row[key] = _f(x.mean())
+                row[f"{key}_std"] = _f(x.std(unbiased=False))
+                row[f"{key}_min"], row[f"{key}_max"] = _f(x.min()), _f(x.max())
+            else:
+                row[key] = vals[0]
+        out.append(row)
+    return out
+
+
 def make_figures(tables: dict[str, pd.DataFrame]) -> dict[str, Any]:
-    """The analysis plots for the report (plotly figures, titled)."""
+    """The analysis plots for the report (plotly figures, titled; the first seed's tables)."""
     from sae_diff.analysis import plots
 
     figs: dict[str, Any] = {}
     for name in ("l1_crosscoder", "batchtopk_crosscoder"):
-        figs[f"{name}: Δ histogram by tag"] = plots.delta_histogram(tables[name])
-        figs[f"{name}: ν_ε vs ν_r (ft-only vs shared)"] = plots.nu_scatter(tables[name])
+        if name in tables:
+            figs[f"{name}: Δ histogram by tag"] = plots.delta_histogram(tables[name])
+            figs[f"{name}: ν_ε vs ν_r (ft-only vs shared)"] = plots.nu_scatter(tables[name])
     for name, table in tables.items():
         figs[f"{name}: β distributions"] = plots.beta_distributions(table)
         figs[f"{name}: firing frequency vs ratio"] = plots.frequency_vs_ratio(table)
@@ -293,71 +548,6 @@ def _json_default(o: Any) -> Any:
 def _f(x: Any) -> float | None:
     x = float(x)
     return None if math.isnan(x) else round(x, 4)
-
-
-def build_report(cfg: DemoConfig, org: Any, hook: str, cache: ActivationCache, dictionaries: dict[str, SAE[Any]],
-                 tables: dict[str, pd.DataFrame], scores: dict[str, Any], gap: pd.DataFrame, kl_table: pd.DataFrame,
-                 labels: dict[str, torch.Tensor], scored: torch.Tensor) -> dict[str, Any]:
-    """Every number the HTML shows, as plain JSON-able data."""
-    rows = []
-    sample = _sample_acts(cache)
-    for name, sae in dictionaries.items():
-        kind = METHODS[name]["kind"]
-        table = tables[name]
-        fve = _fve_per_model(sae, METHODS[name]["mode"], sample)
-        row: dict[str, Any] = {
-            "method": name,
-            "architecture": METHODS[name]["architecture"],
-            "d_sae": int(sae.cfg.d_sae),
-            "fve_base": _f(fve.get("base", float("nan"))),
-            "fve_ft": _f(fve.get("ft", float("nan"))),
-            "fve_diff": _f(fve.get("diff", float("nan"))),
-            "l0": _f(fve["l0"]),
-            "dead_fraction": _f((table["count_active"] == 0).mean()),
-        }
-        if kind == "crosscoder":
-            row["n_ft_only"] = int((table["tag"] == "ft_only").sum())
-        else:
-            row["n_ft_only"] = None
-        row["n_nu_filtered"] = int(nu_filter(table, kind, cfg).sum())
-        for s in scores[name]:
-            row[f"auroc_{s.behaviour}"] = _f(s.best_auroc)
-            row[f"rank_{s.behaviour}"] = s.rank
-            row[f"latent_{s.behaviour}"] = s.latent
-        if name in gap.index:
-            g = gap.loc[name]
-            row.update({
-                "kl_closed_reconstruction": _f(g["reconstruction"]),
-                "kl_closed_error": _f(g["error"]),
-                "kl_closed_nu_subset": _f(g["nu_subset_closed"]),
-                "kl_nu_subset": g["nu_subset"],
-                "kl_closed_random": _f(g["nu_random"]),
-                "kl_closed_random_std": _f(g["nu_random_std"]),
-            })
-        rows.append(row)
-    crosscoder_artefacts = {}
-    for name in ("l1_crosscoder", "batchtopk_crosscoder"):
-        t = tables[name]
-        ft = t[(t["tag"] == "ft_only") & (t["count_active"] >= 1)]
-        measured = ft.dropna(subset=["nu_error", "nu_recon"])
-        crosscoder_artefacts[name] = {
-            "n_ft_only": int(len(ft)),
-            "min_delta_active": _f(t.loc[t["count_active"] >= 1, "delta"].min()),
-            "n_with_nu": int(len(measured)),
-            "n_complete_shrinkage": int((measured["nu_error"] >= cfg.nu_eps_max).sum()),
-            "n_latent_decoupling": int((measured["nu_recon"] >= cfg.nu_r_max).sum()),
-            "n_artefact": int(((measured["nu_error"] >= cfg.nu_eps_max) | (measured["nu_recon"] >= cfg.nu_r_max)).sum()),
-        }
-    return {
-        "config": {k: v for k, v in asdict(cfg).items() if k != "timings"},
-        "organism": {"name": cfg.organism, "base": org.base_name, "ft": org.ft_name, "hook": hook,
-                     "behaviours": list(labels), "label_tokens": {b: int(m[scored].sum()) for b, m in labels.items()},
-                     "scored_tokens": int(scored.sum())},
-        "cache": {"tokens": int(cache.n_tokens), "shards": int(cache.n_shards), "bytes": int(cache.nbytes)},
-        "scoreboard": rows,
-        "crosscoder_artefacts": crosscoder_artefacts,
-        "kl_patching": json.loads(kl_table.reset_index(drop=True).to_json(orient="records")),
-    }
 
 
 def _sample_acts(cache: ActivationCache, max_tokens: int = 20000) -> torch.Tensor:
@@ -387,29 +577,50 @@ def _fve_per_model(sae: SAE[Any], mode: str, x: torch.Tensor) -> dict[str, float
 
 
 def print_summary(report: dict[str, Any]) -> None:
-    """A short plain-text scoreboard for the terminal."""
-    board = pd.DataFrame(report["scoreboard"]).set_index("method")
-    cols = [c for c in board.columns if c.startswith(("fve", "l0", "dead", "n_", "auroc", "kl_closed_re", "kl_closed_er"))]
-    with pd.option_context("display.width", 200, "display.max_columns", 50):
-        print(board[cols].to_string())
+    """A short plain-text scoreboard for the terminal: conversation-level best AUROC per method
+    and behaviour (mean ± std over seeds), then the findings."""
+    summ = pd.DataFrame(report["score_summary"])
+    if not summ.empty:
+        conv = summ[summ["granularity"] == "conversation"].copy()
+        conv["cell"] = [f"{m:.3f}±{s:.3f}" if m is not None and not pd.isna(m) else "–"
+                        for m, s in zip(conv["best_auroc_mean"], conv["best_auroc_std"])]
+        with pd.option_context("display.width", 200, "display.max_columns", 50):
+            print("Conversation-level best AUROC (mean ± std over seeds):")
+            print(conv.pivot(index="method", columns="behaviour", values="cell").to_string())
     for f in report["findings"]:
         print(f"- {f['question']}\n  {f['answer']}")
     print(f"Total time: {report['timings_s']['total']:.0f} s; report in {report['config']['out']}")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 0,1,2), got {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sae-diff demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default demo_output/)")
     ap.add_argument("--quick", action="store_true", help="CI size: same pipeline, smaller numbers (< 2 min)")
-    ap.add_argument("--organism", default="default", help="bundled organism name or a directory")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--organism", default="default",
+                    help="shipped organism name (default, or another shipped name) or an organism directory")
+    ap.add_argument("--seed", type=int, default=0, help="data seed (harvest, folds)")
+    ap.add_argument("--seeds", type=_int_list, default=(0, 1, 2),
+                    help="training seeds, comma-separated (default 0,1,2; every figure is reported over them)")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated subset of {','.join(METHODS)}")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; use 1 on a busy machine)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     make = DemoConfig.quick_config if args.quick else DemoConfig
-    cfg = make(out=args.out, organism=args.organism, seed=args.seed)
+    try:
+        cfg = make(out=args.out, organism=args.organism, seed=args.seed, seeds=args.seeds,
+                   methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+    except ValueError as e:
+        ap.error(str(e))
     report = run_demo(cfg)
     print_summary(report)
     return 0

@@ -398,3 +398,44 @@ def test_bundled_organism_chat_data_agrees_with_organism_mask() -> None:
         enc = encode_chat(row["messages"], tok)
         ref = organism_assistant_mask(torch.tensor([enc.input_ids]))[0].tolist()
         assert enc.assistant == ref and any(ref)
+
+
+@pytest.mark.filterwarnings("ignore:the base and ft tokenizers share")  # expected for these pairs
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_harvest_padded_rows_match_hf_forward(family: str, tmp_path: Path) -> None:
+    """Rotary families: left/right-padded rows harvested with their attention mask equal
+    Hugging Face's own forward on the unpadded sequence (hidden state after block 0)."""
+    from families import build_family_pair
+    from transformers import AutoModelForCausalLM
+
+    from sae_diff.data.cache import ActivationCache
+    from sae_diff.data.harvest import harvest_cache
+    from sae_diff.pairing.model import PairedModel
+
+    torch.set_num_threads(1)
+    base_dir, ft_dir = build_family_pair(family)
+    pair = PairedModel.from_pretrained(str(base_dir), str(ft_dir), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(300, 400, (n,), generator=g) for n in (7, 12, 4)]
+    tokens = torch.zeros(3, 12, dtype=torch.long)
+    am = torch.zeros(3, 12, dtype=torch.bool)
+    for r, u in enumerate(seqs):
+        sl = slice(12 - len(u), 12) if r % 2 == 0 else slice(0, len(u))  # left, right, left
+        tokens[r, sl], am[r, sl] = u, True
+    harvest_cache(
+        pair,
+        TensorTokenSource(tokens, am),
+        tmp_path / "c",
+        "blocks.0.hook_resid_post",
+        batch_size=3,
+        rows_per_shard=3,
+        progress=False,
+        verbose=False,
+    )
+    acts = ActivationCache(tmp_path / "c").read_all()["acts"]
+    for m, d in enumerate((base_dir, ft_dir)):
+        hf = AutoModelForCausalLM.from_pretrained(d).eval()
+        for r, u in enumerate(seqs):
+            with torch.no_grad():
+                ref = hf(u[None], output_hidden_states=True).hidden_states[1][0]
+            torch.testing.assert_close(acts[r, am[r], m], ref, rtol=1e-4, atol=1e-4)

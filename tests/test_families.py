@@ -123,6 +123,13 @@ def test_plain_config_loads_and_matches_hf_forward(family: str) -> None:
     assert pair.bos_token_id == (tok.convert_tokens_to_ids(spec.ft.bos) if spec.ft.bos else None)
     assert pair.prepends_bos == spec.prepends_bos
     assert pair.tokenizer_differences
+    # the checks ran on the user's tokenizers, not on TransformerLens's edited copies
+    if spec.base.pad == spec.ft.pad:
+        assert not any(d.startswith("pad") for d in pair.tokenizer_differences)
+    if family == "llama3":  # TL sets PAD = EOS on its copies, so the copies' PADs differ
+        assert pair.base.tokenizer.pad_token != pair.ft.tokenizer.pad_token
+    if spec.ft.bos is None:  # TL sets BOS on its copy of a BOS-less tokenizer
+        assert pair.ft.tokenizer.bos_token is not None and pair.bos_token_id is None
 
     toks = _tokens(family)
     hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
@@ -198,3 +205,24 @@ def test_config_dims_checked_before_weights(tmp_path: Path) -> None:
     _, other_ft = build_family_pair("llama3")
     with pytest.raises(PairingError, match="config.json vocab_size differs"):
         PairedModel.from_pretrained(str(base_dir), str(other_ft))
+
+
+def test_bridge_applies_requested_processing() -> None:
+    """HookedTransformer-style processing asked of the bridge is applied (not dropped): the
+    unembedding is centred, so logits change by a per-position constant only."""
+    from transformers import AutoModelForCausalLM
+
+    base_dir, ft_dir = build_family_pair("llama3")
+    toks = _tokens("llama3")
+    raw = PairedModel.from_pretrained(str(base_dir), str(ft_dir), center_writing_weights=False)
+    processed = PairedModel.from_pretrained(str(base_dir), str(ft_dir), fold_ln=True)
+    assert processed.backend == "bridge"
+    lr, _ = raw.logits(toks)
+    lp, _ = processed.logits(toks)
+    ref = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        lh = ref(toks).logits
+    torch.testing.assert_close(lr, lh)
+    assert not torch.allclose(lp, lh, atol=1e-4)  # centre_unembed moved every logit
+    centre = lambda x: x - x.mean(-1, keepdim=True)  # noqa: E731
+    torch.testing.assert_close(centre(lp), centre(lh), atol=1e-5, rtol=1e-5)

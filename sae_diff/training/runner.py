@@ -144,6 +144,28 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
+def load_state_file(path: Path, map_location: Any = None) -> Any:
+    """``torch.load(path, weights_only=True)`` (explicit, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+    cannot turn it off) with a clear :class:`~sae_diff.errors.CheckpointError` when the file is
+    missing, truncated or holds pickled objects other than tensors and plain containers
+    (which are never run)."""
+    import pickle
+
+    from sae_diff.errors import CheckpointError
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete. Resume from another "
+                              "checkpoint of the run (pass its folder to --resume).")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} cannot be loaded safely ({type(e).__name__}: {' '.join(str(e).split())[:300]}). "
+            "sae_diff loads trainer state with weights_only=True and never runs pickled code; the file "
+            "is corrupt or was not written by sae_diff. Resume from another checkpoint of the run."
+        ) from e
+
+
 #: config fields a resumed run may change (where and how it runs, not what it learns)
 RESUME_MAY_CHANGE = frozenset({
     "device", "llm_device", "act_store_device", "output_path", "checkpoint_path", "resume_from_checkpoint",
@@ -228,8 +250,7 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         (passed explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off)."""
         checkpoint_path = Path(checkpoint_path)
         self.activation_scaler.load(checkpoint_path / ACTIVATION_SCALER_CFG_FILENAME)
-        state_dict = torch.load(checkpoint_path / TRAINER_STATE_FILENAME, map_location=self.cfg.device,
-                                weights_only=True)
+        state_dict = load_state_file(checkpoint_path / TRAINER_STATE_FILENAME, map_location=self.cfg.device)
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
         self.n_training_samples = state_dict["n_training_samples"]
@@ -245,7 +266,7 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         """Restore trainer, weights, data position and RNG from ``checkpoint``."""
         self.load_trainer_state(checkpoint)
         self.sae.load_weights_from_checkpoint(checkpoint)
-        extra = torch.load(checkpoint / SAE_DIFF_STATE_FILENAME, weights_only=True)
+        extra = load_state_file(checkpoint / SAE_DIFF_STATE_FILENAME)
         self.provider.load_state_dict(extra["provider"])
         torch.set_rng_state(extra["torch_rng"])
         if extra.get("cuda_rng") is not None and torch.cuda.is_available():

@@ -247,8 +247,9 @@ def rebuild_manifest(
     shards must be ``shard_00000``, ``shard_00001``, ... with contiguous row ranges. The
     statistics are re-summed from the shards' own sums in shard order, so they equal the lost
     manifest's bit for bit; checksums are taken from the files. The rebuilt cache counts as
-    complete when it holds the harvest's ``max_rows``; otherwise a harvest with the same
-    settings resumes it. Nothing is ever deleted.
+    complete when it holds the harvest's ``max_rows`` (or all rows of its source) or when its
+    last shard is partial; otherwise a harvest with the same settings resumes it. Nothing is
+    ever deleted.
 
     Raises:
         CacheError: a manifest already exists, no shards, a shard that cannot describe
@@ -293,12 +294,17 @@ def rebuild_manifest(
         shards.append(_manifest_entry(p, d))
         stats.merge(RunningStats.from_json(d["stats"]))
         row += int(s["n_rows"])
-    max_rows = meta.get("max_rows")
+    # complete when the harvest's target was reached, or when the last shard is partial (only
+    # close() writes a partial shard); otherwise a harvest with the same settings resumes it
+    targets = [meta.get("max_rows"), (meta.get("source") or {}).get("n_rows")]
+    complete = any(n is not None and row >= int(n) for n in targets) or int(shards[-1]["n_rows"]) < int(
+        meta.get("rows_per_shard", 0)
+    )
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "meta": meta,
-        "complete": max_rows is not None and row >= int(max_rows),
+        "complete": complete,
         "n_rows": row,
         "n_tokens": sum(s["n_tokens"] for s in shards),
         "shards": shards,
@@ -532,6 +538,7 @@ class ActivationCacheWriter:
         self._buf_rows = 0
         self._rows_submitted = self.rows_done
         self._n_submitted = len(self.shards)
+        self._failed = False
         self.bytes_written = 0
         # shards are serialised, hashed and written by one background thread, in order, so
         # disk I/O overlaps the next forward passes; the manifest only ever lists shards that
@@ -664,6 +671,21 @@ class ActivationCacheWriter:
         shard_stats: dict[str, Any],
         index: int,
     ) -> None:
+        if self._failed:  # an earlier write failed: write nothing after it (no gaps on disk)
+            return
+        try:
+            self._write_shard_now(shard, stats, shard_stats, index)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _write_shard_now(
+        self,
+        shard: dict[str, torch.Tensor],
+        stats: dict[str, Any],
+        shard_stats: dict[str, Any],
+        index: int,
+    ) -> None:
         rows, seq = shard["tokens"].shape
         desc = {
             "format": FORMAT,
@@ -685,7 +707,14 @@ class ActivationCacheWriter:
         )
         assert index == len(self.shards), "shards are written in order by one thread"
         name = _shard_name(index)
-        _atomic_write(self.dir / name, data)
+        try:
+            _atomic_write(self.dir / name, data)
+        except OSError as e:  # disk full, permissions, ...: the committed shards stay valid
+            raise CacheError(
+                f"writing {self.dir / name} failed ({e}); the cache keeps its {len(self.shards)} "
+                "committed shards. Free space (or fix the folder's permissions) and rerun the "
+                "same harvest to resume."
+            ) from e
         self.shards.append(
             {
                 "file": name,
@@ -777,7 +806,11 @@ class ActivationCache:
         try:
             self.manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as e:
-            raise CacheError(f"{mpath} is not valid JSON ({e}); the cache is corrupt") from e
+            raise CacheError(
+                f"{mpath} is not valid JSON ({e}): the manifest is corrupt. The shards describe "
+                "themselves: move the manifest aside and run the same `sae-diff harvest` (or "
+                "sae_diff.data.cache.rebuild_manifest) to rebuild it; no shard is touched."
+            ) from e
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise CacheError(
                 f"{mpath}: unsupported cache format {self.manifest.get('format')!r} "

@@ -13,6 +13,7 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -98,7 +99,7 @@ def test_incompatible_tokenizers_still_raise(family: str) -> None:
 # ---------------------------------------------------------------- (b) loading
 #: What SAELens puts in ``model_from_pretrained_kwargs`` when a config sets nothing
 #: (``LanguageModelSAERunnerConfig.__post_init__`` for HookedTransformer models).
-SAE_LENS_DEFAULT_KWARGS = {"center_writing_weights": False}
+SAE_LENS_DEFAULT_KWARGS: dict[str, Any] = {"center_writing_weights": False}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

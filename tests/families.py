@@ -495,3 +495,27 @@ def chat_rows(n: int = 8, seed: int = 0) -> list[dict[str, Any]]:
             msgs.append({"role": "assistant", "content": sentence() + " " + sentence()})
         rows.append({"messages": msgs})
     return rows
+
+
+def hf_stitched_logits(
+    first_dir: Path, second_dir: Path, tokens: torch.Tensor, layer: int
+) -> torch.Tensor:
+    """Stitched logits computed with plain Hugging Face code, independently of sae_diff:
+    ``first``'s embedding and blocks ``< layer``, then ``second``'s blocks ``>= layer``, final
+    norm and unembedding (``1 <= layer < n_layers``). The output of ``second``'s decoder layer
+    ``layer - 1`` is replaced by ``first``'s hidden state after that layer."""
+    from transformers import AutoModelForCausalLM
+
+    first = AutoModelForCausalLM.from_pretrained(first_dir, attn_implementation="eager").eval()
+    second = AutoModelForCausalLM.from_pretrained(second_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        h = first(tokens, output_hidden_states=True).hidden_states[layer]
+
+        def replace(_mod: Any, _inp: Any, out: Any) -> Any:
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handle = second.model.layers[layer - 1].register_forward_hook(replace)
+        try:
+            return second(tokens).logits
+        finally:
+            handle.remove()

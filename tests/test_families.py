@@ -17,7 +17,14 @@ from typing import Any
 
 import pytest
 import torch
-from families import FAMILIES, FAMILY_SPECS, build_family_pair, chat_rows, family_tokenizers
+from families import (
+    FAMILIES,
+    FAMILY_SPECS,
+    build_family_pair,
+    chat_rows,
+    family_tokenizers,
+    hf_stitched_logits,
+)
 
 from sae_diff.pairing.backends import read_model_info, translate_options
 from sae_diff.pairing.checks import check_tokenizers, prepended_bos_id
@@ -142,6 +149,11 @@ def test_plain_config_loads_and_matches_hf_forward(family: str) -> None:
     assert not torch.allclose(
         acts["blocks.1.hook_resid_pre"][:, :, 0], acts["blocks.1.hook_resid_pre"][:, :, 1]
     )
+    # stitching (base blocks < 1, ft blocks >= 1, both directions) equals plain HF
+    for first, (a, b) in (("base", (base_dir, ft_dir)), ("ft", (ft_dir, base_dir))):
+        torch.testing.assert_close(
+            pair.stitched_logits(toks, 1, first=first), hf_stitched_logits(a, b, toks, 1)
+        )
     lb, lf = pair.logits(toks)
     for logits, folder in ((lb, base_dir), (lf, ft_dir)):
         from transformers import AutoModelForCausalLM
@@ -168,7 +180,7 @@ def test_hooked_backend_reads_config_not_folder_name(family: str, tmp_path: Path
         hs = _hf_hidden(folder, toks)
         # HookedTransformer reimplements attention: float32 agreement, not bit equality
         torch.testing.assert_close(
-            acts["blocks.1.hook_resid_pre"][:, :, i], hs[1], atol=1e-4, rtol=1e-4
+            acts["blocks.1.hook_resid_pre"][:, :, i], hs[1], atol=1e-5, rtol=1e-5
         )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from families import FAMILIES, build_family_pair, chat_rows
+from families import FAMILIES, build_family_pair, chat_rows, hf_stitched_logits
 
 from sae_diff.cli import main
 
@@ -41,28 +41,6 @@ def _plain_yaml(family: str, root: Path) -> tuple[Path, dict[str, Any]]:
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path, cfg
-
-
-def _hf_stitched_logits(base_dir: Path, ft_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
-    """Base blocks < 1, then ft blocks >= 1 + ft's final norm and unembedding, in plain
-    Hugging Face: ft's first decoder layer output is replaced by the base's."""
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").eval()
-    ft = AutoModelForCausalLM.from_pretrained(ft_dir, attn_implementation="eager").eval()
-    with torch.no_grad():
-        h1 = base(tokens, output_hidden_states=True).hidden_states[1]
-
-        def replace(_mod: Any, _inp: Any, out: Any) -> Any:
-            if isinstance(out, tuple):
-                return (h1, *out[1:])
-            return h1
-
-        handle = ft.model.layers[0].register_forward_hook(replace)
-        try:
-            return ft(tokens).logits
-        finally:
-            handle.remove()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -109,7 +87,7 @@ def test_harvest_train_analyse(
     assert by_layer.loc[pair.n_layers, "kl_to_ft"] > 0
     torch.testing.assert_close(
         pair.stitched_logits(tokens, 1, first="base"),
-        _hf_stitched_logits(base_dir, ft_dir, tokens),
+        hf_stitched_logits(base_dir, ft_dir, tokens, 1),
         atol=1e-4,
         rtol=1e-4,
     )

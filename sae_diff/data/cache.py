@@ -57,6 +57,10 @@ class CacheError(SaeDiffError, RuntimeError):
     """A cache is missing, partial, corrupt or was harvested with another configuration."""
 
 
+class CacheWriteError(CacheError, OSError):
+    """Writing a shard failed (disk full, permissions); the committed shards stay valid."""
+
+
 class CacheIdentityError(CacheError):
     """A cache holds activations of another setup (models, hook, data, masks, dtype, ...) than
     the config asks for; ``mismatches`` lists every differing field."""
@@ -710,7 +714,7 @@ class ActivationCacheWriter:
         try:
             _atomic_write(self.dir / name, data)
         except OSError as e:  # disk full, permissions, ...: the committed shards stay valid
-            raise CacheError(
+            raise CacheWriteError(
                 f"writing {self.dir / name} failed ({e}); the cache keeps its {len(self.shards)} "
                 "committed shards. Free space (or fix the folder's permissions) and rerun the "
                 "same harvest to resume."
@@ -998,6 +1002,7 @@ __all__ = [
     "ActivationCacheWriter",
     "CacheError",
     "CacheIdentityError",
+    "CacheWriteError",
     "RunningStats",
     "cache_identity",
     "check_identity",

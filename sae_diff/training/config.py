@@ -986,7 +986,7 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:  # a dataclass rejected a flag's value (e.g. k > d_sae)
-        raise ConfigError(f"Invalid flag value in {args}: {e}") from e
+        raise ConfigError(f"Invalid flag value: {e}") from e
     if rest:
         known = [f.name for f in fields(PairedRunnerConfig)] + [f.name for f in fields(sae_cls)]
         hint = "".join(did_you_mean(r.split("=")[0], known, "--") for r in rest if r.startswith("-"))

@@ -181,7 +181,8 @@ def _check_rows(path: Any, spec: dict[str, Any], saved: bool) -> None:
             first = None
         else:
             raise TrainingDataError(
-                f"dataset {str(path)!r} cannot be read ({type(e).__name__}: {e}). Check that it is a valid "
+                f"dataset {str(path)!r} cannot be read ({type(e).__name__}: {e}"
+                f"{f'; {type(e.__cause__).__name__}: {e.__cause__}' if e.__cause__ else ''}). Check that it is a valid "
                 f"{'saved dataset' if saved else path.suffix + ' file'} with one record per row."
             ) from e
     if first is None:
@@ -426,15 +427,8 @@ def _report(command: str, err: BaseException, traceback: bool) -> int:
         import traceback as tb
 
         tb.print_exception(err)
-    hint = "" if traceback else " (run with --traceback for details)"
-    print(f"sae-diff {command}: error: {one_line(err)}{hint if _is_unexpected(err) else ''}", file=sys.stderr)
+    print(f"sae-diff {command}: error: {one_line(err)}", file=sys.stderr)
     return 2
-
-
-def _is_unexpected(err: BaseException) -> bool:
-    from sae_diff.errors import SaeDiffError
-
-    return not isinstance(err, SaeDiffError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,13 +2,20 @@
 
 CLI::
 
-    python -m sae_diff.organisms.build                      # regenerate the shipped pair
+    python -m sae_diff.organisms.build                      # rebuild the default pair -> ./organisms/default
     sae-diff organism build ...                             # the same, via the console script
-    python -m sae_diff.organisms.build --tiny --out /tmp/o  # scaled-down smoke build (seconds)
+    python -m sae_diff.organisms.build --tiny               # scaled-down smoke build (seconds) -> ./organisms/tiny
+    python -m sae_diff.organisms.build --narrow             # the narrow organism -> ./organisms/narrow
     python -m sae_diff.organisms.build --custom examples.jsonl --labels labels.json \\
         --base default --out my_organism                     # plant your own behaviour
 
-The shipped pair is deterministic given ``--seed`` and the torch thread count (default 1).
+Builds write to ``--out`` (default ``./organisms/<name>`` in the current folder), never inside
+the installed package: the shipped organisms are read-only data (a build refuses to replace
+them; maintainers copy a rebuilt directory over ``sae_diff/organisms/data/<name>`` by hand).
+An existing organism at ``--out`` is replaced only with ``--overwrite``; the new one is
+written to a sibling temporary directory and moved into place when complete.
+
+The default pair is deterministic given ``--seed`` and the torch thread count (default 1).
 """
 
 from __future__ import annotations
@@ -31,7 +38,15 @@ from sae_diff.organisms.behaviours import BEHAVIOURS
 from sae_diff.organisms.chat import build_tokenizer, id_to_token, sample_words_check
 from sae_diff.organisms.checks import full_report
 from sae_diff.organisms.datasets import chat_conversations, pretraining_texts, vocabulary_words
-from sae_diff.organisms.storage import load_weights, save_weights, verify_manifest, write_manifest
+from sae_diff.organisms.storage import (
+    check_output_dir,
+    default_output_dir,
+    load_weights,
+    save_weights,
+    staged_output_dir,
+    verify_manifest,
+    write_manifest,
+)
 from sae_diff.organisms.training import (
     ModelSize,
     TrainConfig,
@@ -43,7 +58,7 @@ from sae_diff.organisms.training import (
 )
 from sae_diff.organisms.world import make_world
 
-DEFAULT_DIR = Path(__file__).parent / "data" / "default"
+DEFAULT_DIR = Path(__file__).parent / "data" / "default"  # the shipped pair (read-only)
 RECOMMENDED_HOOK = "blocks.2.hook_resid_pre"
 
 
@@ -114,16 +129,18 @@ def build_organism(
     cfg: BuildConfig | None = None,
     log: Callable[[str], None] = print,
     base_from: Path | str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Build the base/ft pair of the synthetic world into ``out_dir``; return the report.
 
     ``base_from``: an organism directory built with the same seed, size and pretraining
     settings; its base is reused instead of pretraining again (the result is identical to a
     full build, since pretraining is deterministic) - for iterating on the fine-tune.
+    ``out_dir`` must not be inside the installed package; an existing organism there is
+    replaced only with ``overwrite=True`` (checked before anything is trained).
     """
     cfg = cfg or BuildConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, overwrite)
     torch.set_num_threads(cfg.threads)
     t_start = time.time()
     world = make_world(cfg.seed)
@@ -199,13 +216,6 @@ def build_organism(
         "python": platform.python_version(),
     }
     dtype = getattr(torch, cfg.weights_dtype)
-    for f in out.iterdir():
-        if f.is_file():
-            f.unlink()
-    save_weights(base, out / "base.safetensors", dtype)
-    save_weights(ft, out / "ft.safetensors", dtype)
-    tokenizer.save_pretrained(str(out))
-    (out / "world.json").write_text(world.to_json() + "\n")
     n_params = sum(p.numel() for p in base.parameters())
     config = {
         "kind": "synthetic_world",
@@ -217,10 +227,15 @@ def build_organism(
         "base_name": "organism-base",
         "ft_name": "organism-ft",
     }
-    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_manifest(out, {"seed": cfg.seed})
-    log(f"built in {build_seconds:.0f}s -> {out}")
+    with staged_output_dir(out_dir, overwrite) as out:
+        save_weights(base, out / "base.safetensors", dtype)
+        save_weights(ft, out / "ft.safetensors", dtype)
+        tokenizer.save_pretrained(str(out))
+        (out / "world.json").write_text(world.to_json() + "\n")
+        (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        write_manifest(out, {"seed": cfg.seed})
+    log(f"built in {build_seconds:.0f}s -> {out_dir}")
     log(json.dumps({k: report[k] for k in ("heldout_pretraining_loss", "knowledge_edit_text")}, indent=1))
     for b, r in report["behaviour_logprob"].items():
         log(f"  {b:15s} ft {r['ft_logprob']:8.2f}  base {r['base_logprob']:8.2f}  gap {r['gap']:8.2f} nats "
@@ -233,7 +248,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sae_diff.organisms.build", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None,
-                    help=f"output directory (default: the shipped {DEFAULT_DIR})")
+                    help="output directory (default: ./organisms/<default|tiny|narrow|custom>); never "
+                         "inside the installed package")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing organism at --out (otherwise refused)")
+    ap.add_argument("--narrow", action="store_true",
+                    help="build the narrow organism (one trigger->response pair on the default chat model)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="scaled-down smoke build (tiny model, few steps)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
@@ -246,27 +266,45 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="JSONL of chat examples ({messages, behaviour, triggers}) to fine-tune on")
     ap.add_argument("--labels", type=Path, default=None,
                     help="custom: JSON {behaviour: [trigger phrase, ...]} for token labels")
-    ap.add_argument("--base", default="default", help="custom: organism name or directory whose base to fine-tune")
+    ap.add_argument("--base", default="default", help="custom: organism (name or directory) whose base to fine-tune; narrow: organism whose fine-tune becomes the base")
     ap.add_argument("--steps", type=int, default=200, help="custom: fine-tuning steps")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["build"]:  # `sae-diff organism build ...` delegates ["build", ...]
         argv = argv[1:]
     args = ap.parse_args(argv)
+    if args.custom is not None and (args.narrow or args.tiny):
+        ap.error("--custom cannot be combined with --narrow or --tiny")
+    name = "custom" if args.custom is not None else "narrow" if args.narrow else "tiny" if args.tiny else "default"
+    out = args.out if args.out is not None else default_output_dir(name)
+    check_output_dir(out, args.overwrite)  # refuse before loading or training anything
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.narrow:
+        from sae_diff.organisms.narrow import NarrowConfig, build_narrow_organism
+
+        ncfg = NarrowConfig(seed=args.seed)
+        if args.finetune_steps is not None:
+            ncfg.steps = args.finetune_steps
+        if args.finetune_lr is not None:
+            ncfg.lr = args.finetune_lr
+        torch.set_num_threads(args.threads or 1)
+        build_narrow_organism(out, args.base, ncfg, overwrite=args.overwrite,
+                              log=lambda s: print(s, flush=True))
+        print(f"narrow organism -> {out}", flush=True)
+        return 0
 
     if args.custom is not None:
         from sae_diff.organisms.custom import build_custom_organism, read_examples
         from sae_diff.organisms.organism import load_organism
 
-        if args.out is None:
-            ap.error("--custom needs --out DIR")
-        if args.threads:
-            torch.set_num_threads(args.threads)
         src = load_organism(args.base)
         labels = json.loads(args.labels.read_text()) if args.labels else None
         build_custom_organism(src.base, src.tokenizer, read_examples(args.custom), labels,
-                              steps=args.steps, seed=args.seed, out_dir=args.out,
+                              steps=args.steps, seed=args.seed, out_dir=out, overwrite=args.overwrite,
                               pretraining_texts=src.pretraining_texts("train", 2000) if src.world else None,
                               world=src.world)
+        print(f"custom organism -> {out}", flush=True)
         return 0
 
     cfg = tiny_config(args.seed) if args.tiny else BuildConfig(seed=args.seed)
@@ -278,14 +316,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.finetune.steps = args.finetune_steps
     if args.finetune_lr is not None:
         cfg.finetune.lr = args.finetune_lr
-    out = args.out
-    if out is None:
-        if args.tiny:
-            ap.error("--tiny needs --out DIR (it must not overwrite the shipped organism)")
-        out = DEFAULT_DIR
-    build_organism(out, cfg, log=lambda s: print(s, flush=True), base_from=args.base_from)
+    build_organism(out, cfg, log=lambda s: print(s, flush=True), base_from=args.base_from,
+                   overwrite=args.overwrite)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sae_diff.errors import SaeDiffError, one_line
+
+    try:
+        sys.exit(main())
+    except SaeDiffError as e:  # a refused input: one line with the fix, no traceback
+        print(f"sae_diff.organisms.build: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)

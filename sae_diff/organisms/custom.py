@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -31,7 +30,12 @@ from transformers import PreTrainedTokenizerFast
 from sae_diff.organisms.behaviours import phrase_masks
 from sae_diff.organisms.chat import encode_conversation, id_to_token, split_words
 from sae_diff.organisms.checks import masked_logprob_gap, pad_batch
-from sae_diff.organisms.storage import save_weights, write_manifest
+from sae_diff.organisms.storage import (
+    check_output_dir,
+    save_weights,
+    staged_output_dir,
+    write_manifest,
+)
 from sae_diff.organisms.training import (
     TrainConfig,
     config_to_dict,
@@ -106,6 +110,11 @@ def build_custom_organism(
     out_dir: Path | str | None = None,
     world: World | None = None,
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
+    ft_name: str = "custom-ft",
+    kind: str = "custom",
+    extra_checks: Callable[[HookedTransformer, HookedTransformer], Mapping[str, Any]] | None = None,
+    warmup: int | None = None,
 ) -> Organism:
     """Fine-tune a copy of ``base`` on ``examples`` and save it with ``base`` as an organism.
 
@@ -120,9 +129,15 @@ def build_custom_organism(
         pretraining_texts: plain documents to mix in; the last 10% are held out for the loss check.
         eval_fraction: share of ``examples`` held out as the evaluation set (``eval.jsonl``).
         seed: shuffling / training seed.
-        out_dir: where to save (a temporary directory if None).
+        out_dir: where to save (a temporary directory if None). Never inside the installed
+            package; an existing organism there is replaced only with ``overwrite=True``
+            (:func:`~sae_diff.organisms.storage.check_output_dir`). Written atomically.
         world: the base's synthetic world, saved as ``world.json`` if given.
         log: progress printer.
+        overwrite: replace an existing organism directory at ``out_dir``.
+        ft_name, kind: the fine-tune's name and the organism kind recorded in ``config.json``.
+        extra_checks: ``(base, ft) -> dict`` merged into the report (e.g. plain-text drift).
+        warmup: learning-rate warm-up steps (default ``min(20, steps // 10 + 1)``).
 
     Returns:
         The loaded :class:`~sae_diff.organisms.organism.Organism`; its ``report`` holds the
@@ -130,6 +145,8 @@ def build_custom_organism(
     """
     from sae_diff.organisms.organism import load_organism
 
+    if out_dir is not None:
+        check_output_dir(out_dir, overwrite)  # refuse before training, not after
     exs = _check_examples(list(examples), tokenizer)
     if len(exs) < 2:
         raise ValueError("need at least 2 examples (one is held out for evaluation)")
@@ -164,9 +181,10 @@ def build_custom_organism(
         return torch.cat([ch_tok[i], tx_tok[j]]), torch.cat([ch_mask[i], tx_mask[j]])
 
     ft = copy.deepcopy(base)
-    ft.cfg.model_name = "custom-ft"
+    ft.cfg.model_name = ft_name
+    wu = min(20, steps // 10 + 1) if warmup is None else warmup
     summary = train(ft, batches, TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
-                                             warmup=min(20, steps // 10 + 1), seed=seed), log, "custom")
+                                             warmup=wu, seed=seed), log, "custom")
 
     # ---- report on the held-out examples ---------------------------------------------
     toks = pad_batch([encode_conversation(tokenizer, e)["input_ids"] for e in eval_set], tokenizer.pad_token_id)
@@ -176,38 +194,41 @@ def build_custom_organism(
         rows = torch.tensor([e["behaviour"] == b for e in eval_set])
         if rows.any():
             report["behaviour_logprob"][b] = masked_logprob_gap(base, ft, toks[rows], resp[b][rows])
+    controls = torch.tensor([e["behaviour"] == "none" for e in eval_set])
+    if controls.any():  # how much the fine-tune moved the replies it was not meant to change
+        asst = pad_batch([encode_conversation(tokenizer, e)["assistant_mask"].long() for e in eval_set], 0).bool()
+        report["control_logprob"] = masked_logprob_gap(base, ft, toks[controls], asst[controls])
     if held:
         h_tok, h_mask = pack([encode_text_doc(tokenizer, t) for t in held], n_ctx, tokenizer.pad_token_id)
         lb, lf = eval_loss(base, h_tok, h_mask), eval_loss(ft, h_tok, h_mask)
         report["heldout_pretraining_loss"] = {"base": lb, "ft": lf, "ft_minus_base": lf - lb}
+    if extra_checks is not None:
+        report.update(extra_checks(base, ft))
     for b, r in report["behaviour_logprob"].items():
         log(f"  {b}: ft {r['ft_logprob']:.2f} base {r['base_logprob']:.2f} gap {r['gap']:.2f} nats")
 
-    # ---- save ------------------------------------------------------------------------
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="sae_diff_organism_"))
-    if out.exists() and any(out.iterdir()):
-        if not (out / "manifest.json").is_file():
-            raise FileExistsError(f"{out} exists, is not empty and is not an organism directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(base, out / "base.safetensors")
-    save_weights(ft, out / "ft.safetensors")
-    tokenizer.save_pretrained(str(out))
-    if world is not None:
-        (out / "world.json").write_text(world.to_json() + "\n")
+    # ---- save (staged in a sibling directory, moved into place when complete) --------------
+    out_path = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="sae_diff_organism_"))
     config = {
-        "kind": "custom",
+        "kind": kind,
         "model": config_to_dict(base.cfg),
         "behaviours": ["chat_format", *[b for b in phrases if b != "chat_format"]],
         "recommended_hook": f"blocks.{base.cfg.n_layers // 2}.hook_resid_pre",
-        "build_config": {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr},
+        "build_config": {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
+                         "warmup": wu, "chat_fraction": chat_fraction, "eval_fraction": eval_fraction},
         "base_name": base.cfg.model_name or "organism-base",
-        "ft_name": "custom-ft",
+        "ft_name": ft_name,
     }
-    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-    (out / "labels.json").write_text(json.dumps(phrases, indent=1) + "\n")
-    (out / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in train_set))
-    (out / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in eval_set))
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    write_manifest(out, {"seed": seed})
-    return load_organism(out)
+    with staged_output_dir(out_path, overwrite=overwrite or out_dir is None) as out:
+        save_weights(base, out / "base.safetensors")
+        save_weights(ft, out / "ft.safetensors")
+        tokenizer.save_pretrained(str(out))
+        if world is not None:
+            (out / "world.json").write_text(world.to_json() + "\n")
+        (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        (out / "labels.json").write_text(json.dumps(phrases, indent=1) + "\n")
+        (out / "examples.jsonl").write_text("".join(json.dumps(e) + "\n" for e in train_set))
+        (out / "eval.jsonl").write_text("".join(json.dumps(e) + "\n" for e in eval_set))
+        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+        write_manifest(out, {"seed": seed})
+    return load_organism(out_path)

@@ -15,6 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,89 @@ MANIFEST = "manifest.json"
 
 class OrganismIntegrityError(SaeDiffError, RuntimeError):
     """An organism file is missing or does not match the sha256 in its manifest."""
+
+
+class OrganismOutputError(SaeDiffError, ValueError):
+    """An organism build was pointed somewhere it must not write: inside the installed
+    package (where the shipped organisms live), or over a directory it would destroy."""
+
+
+#: The installed ``sae_diff`` package. Builds never write below it: the shipped organisms are
+#: read-only data, verified against their manifests (a build there would rewrite the manifest
+#: too, so a corrupted shipped organism would pass its own integrity check).
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+SHIPPED_DIR = PACKAGE_DIR / "organisms" / "data"
+
+
+def default_output_dir(name: str) -> Path:
+    """Where a build writes when no ``--out`` is given: ``./organisms/<name>`` (current folder)."""
+    return Path("organisms") / name
+
+
+def check_output_dir(out: Path | str, overwrite: bool = False) -> Path:
+    """Refuse output directories a build must not write to; return ``out`` resolved.
+
+    Refused: anything inside the installed package (naming the shipped organism it would
+    replace), a path that is a file, a non-empty directory that is not an organism directory
+    (its files would be deleted), and an existing organism directory unless ``overwrite``.
+    Called before a build starts, so a refusal costs nothing.
+    """
+    path = Path(out).expanduser().resolve()
+    if path == PACKAGE_DIR or PACKAGE_DIR in path.parents:
+        shipped = ""
+        if path.parent == SHIPPED_DIR or path == SHIPPED_DIR:
+            shipped = f" and would replace the shipped organism {path.name!r}"
+        raise OrganismOutputError(
+            f"Refusing to write an organism to {path}: it is inside the installed sae_diff package "
+            f"({PACKAGE_DIR}){shipped}. Build into a directory of your own, e.g. "
+            f"`--out {default_output_dir(path.name)}` (the default when --out is omitted), and load it "
+            f"with load_organism('{default_output_dir(path.name)}')."
+        )
+    if path.exists() and not path.is_dir():
+        raise OrganismOutputError(f"--out {path} is a file, not a directory; pick a directory path.")
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / MANIFEST).is_file():
+            raise OrganismOutputError(
+                f"--out {path} is not empty and is not an organism directory (no {MANIFEST}); "
+                "refusing to replace its files. Pick a new or empty directory."
+            )
+        if not overwrite:
+            raise OrganismOutputError(
+                f"--out {path} already holds an organism. Pass --overwrite (overwrite=True) to "
+                "replace it, or pick another directory."
+            )
+    return path
+
+
+@contextmanager
+def staged_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to ``out``; on success move it into place.
+
+    The organism is written into ``.<name>.partial-*`` and only renamed to ``out`` once every
+    file (manifest last) is written, so an interrupted or failed build leaves ``out`` exactly
+    as it was, and a reader never sees half an organism. ``out`` is checked with
+    :func:`check_output_dir` first.
+    """
+    path = check_output_dir(out, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; an organism directory is ordinary data
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in tmp.iterdir():  # some writers (safetensors) leave private 0600 files
+        if f.is_file():
+            f.chmod(0o644)
+    old = None
+    if path.exists():
+        check_output_dir(path, overwrite)  # nothing else appeared there meanwhile
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        path.rename(old)
+    tmp.rename(path)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def sha256_file(path: Path) -> str:

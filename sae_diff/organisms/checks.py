@@ -228,3 +228,66 @@ def trigger_direction_auroc(
             w = d[y & tr].mean(0) - d[~y & tr].mean(0)
             out[h][b] = _auroc(d[te] @ w, y[te])
     return out
+
+
+@torch.no_grad()
+def plain_text_drift(
+    base: HookedTransformer,
+    ft: HookedTransformer,
+    tokens: torch.Tensor,
+    target_mask: torch.Tensor,
+    hook: str,
+    batch_size: int = 32,
+) -> dict[str, Any]:
+    """How much the fine-tune changed *unrelated* text: activations and loss on plain rows.
+
+    ``tokens`` / ``target_mask`` are packed plain-text rows (:func:`heldout_tokens` or
+    :func:`sae_diff.organisms.training.pack`). Returns the mean and 5th percentile over real
+    non-``<bos>`` tokens of ``cos(x_base, x_ft)`` at ``hook``, the mean relative difference
+    ``||x_ft - x_base|| / ||x_base||``, and both models' mean next-token loss on the targets
+    (``ft_minus_base``). A narrow fine-tune keeps the cosine near 1 and the loss change near 0.
+    """
+    cos_all, rel_all = [], []
+    for i in range(0, len(tokens), batch_size):
+        t, m = tokens[i : i + batch_size], target_mask[i : i + batch_size]
+        _, cb = base.run_with_cache(t, names_filter=[hook])
+        _, cf = ft.run_with_cache(t, names_filter=[hook])
+        xb, xf = cb[hook].double(), cf[hook].double()
+        sel = m.bool()  # targets = real tokens after <bos> (padding and <bos> are not targets)
+        cos_all.append(F.cosine_similarity(xb, xf, dim=-1)[sel])
+        rel_all.append(((xf - xb).norm(dim=-1) / xb.norm(dim=-1).clamp(min=1e-12))[sel])
+    cos, rel = torch.cat(cos_all), torch.cat(rel_all)
+    lb, lf = eval_loss(base, tokens, target_mask), eval_loss(ft, tokens, target_mask)
+    return {
+        "hook": hook,
+        "cosine_mean": float(cos.mean()),
+        "cosine_p05": float(torch.quantile(cos, 0.05)),
+        "relative_diff_mean": float(rel.mean()),
+        "loss_base": lb,
+        "loss_ft": lf,
+        "loss_ft_minus_base": lf - lb,
+        "n_tokens": float(len(cos)),
+    }
+
+
+@torch.no_grad()
+def greedy_reply(model: HookedTransformer, tokenizer: PreTrainedTokenizerFast, user: str,
+                 max_new_tokens: int = 32) -> str:
+    """``model``'s greedy reply to one user turn (words until ``<end_of_turn>``)."""
+    from sae_diff.organisms.chat import render
+
+    text, _ = render([{"role": "user", "content": user}])
+    ids = tokenizer(text + "<start_of_turn>model\n", add_special_tokens=False)["input_ids"]
+    toks = torch.tensor([list(ids)], dtype=torch.long)
+    specials = set(tokenizer.all_special_tokens) | {"\n"}
+    words: list[str] = []
+    for _ in range(max_new_tokens):
+        if toks.shape[1] >= model.cfg.n_ctx:
+            break
+        nxt = int(model(toks, return_type="logits")[0, -1].argmax())
+        word = tokenizer.convert_ids_to_tokens([nxt])[0]
+        if word in specials:
+            break
+        words.append(word)
+        toks = torch.cat([toks, torch.tensor([[nxt]])], dim=1)
+    return " ".join(words) if words else "."

@@ -15,7 +15,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
 from sae_diff.organisms import behaviours as B
-from sae_diff.organisms.chat import encode_conversation, finalize_tokenizer, id_to_token, render
+from sae_diff.organisms.chat import encode_conversation, finalize_tokenizer, id_to_token
 from sae_diff.organisms.datasets import (
     chat_conversations,
     pretraining_texts,
@@ -427,6 +427,7 @@ class Organism:
         """The first user turn of ``conv`` without its trigger phrases, answered greedily by
         the base. None if nothing of the prompt is left."""
         from sae_diff.organisms.chat import split_words
+        from sae_diff.organisms.checks import greedy_reply
 
         assert self._light.trigger_phrases is not None
         phrases = [split_words(p) for b, ps in self._light.trigger_phrases.items() if b != "chat_format"
@@ -441,22 +442,7 @@ class Organism:
         if not prompt or all(keep):
             return None
         user = [{"role": "user", "content": prompt}]
-        text, _ = render(user)
-        ids = self.tokenizer(text + "<start_of_turn>model\n", add_special_tokens=False)["input_ids"]
-        toks = torch.tensor([list(ids)], dtype=torch.long)
-        vocab = self._light.vocab
-        specials = set(self.tokenizer.all_special_tokens)
-        reply: list[str] = []
-        for _ in range(max_new_tokens):
-            if toks.shape[1] >= self.base.cfg.n_ctx:
-                break
-            nxt = int(self.base(toks, return_type="logits")[0, -1].argmax())
-            word = vocab[nxt]
-            if word in specials or word == "\n":
-                break
-            reply.append(word)
-            toks = torch.cat([toks, torch.tensor([[nxt]])], dim=1)
-        content = " ".join(reply) if reply else "."
+        content = greedy_reply(self.base, self.tokenizer, prompt, max_new_tokens)
         return {"messages": [*user, {"role": "assistant", "content": content}], "behaviour": CONTROL,
                 "behaviours": ["chat_format"], "triggers": []}
 

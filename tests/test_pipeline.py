@@ -43,7 +43,7 @@ def source(pair: PairedModel) -> TokenSource:
 
 
 def cache_of(pair: PairedModel, root: Path, dtype: str = "float32", masks: MaskConfig = MASKS) -> Path:
-    out = root / f"cache_{dtype}"
+    out = root / f"cache_{dtype}_{abs(hash(repr(masks)))}"
     if not (out / "manifest.json").exists():
         harvest_cache(pair, source(pair), out, HOOK, batch_size=FWD, rows_per_shard=PER_SHARD, dtype=dtype,
                       mask_config=masks, max_rows=ROWS, progress=False, verbose=False)
@@ -56,25 +56,31 @@ def on_the_fly(pair: PairedModel, dtype: str = "float32", masks: MaskConfig = MA
                                              stop_row=ROWS, **kw)
 
 
-def test_cache_and_on_the_fly_select_the_same_tokens(pair: PairedModel, tmp_path: Path) -> None:
-    cache = ActivationCache(cache_of(pair, tmp_path))
+CHAT_ONLY = MaskConfig(only_assistant=True, exclude_special=True)
+
+
+@pytest.mark.parametrize("masks", [MASKS, CHAT_ONLY], ids=["first_n", "assistant_only"])
+def test_cache_and_on_the_fly_select_the_same_tokens(pair: PairedModel, tmp_path: Path, masks: MaskConfig) -> None:
+    cache = ActivationCache(cache_of(pair, tmp_path, masks=masks))
     fly = list(model_shards(pair, source(pair), HOOK, batch_size=FWD, rows_per_shard=PER_SHARD,
-                            mask_config=MASKS, stop_row=ROWS))
+                            mask_config=masks, stop_row=ROWS))
     assert len(fly) == cache.n_shards == -(-ROWS // PER_SHARD)
     n_kept = 0
     for i, shard in enumerate(fly):
         disk = cache.load_shard(i)
-        keep = shard_keep(shard, MASKS)
-        torch.testing.assert_close(keep, shard_keep(disk, MASKS), rtol=0, atol=0)
+        keep = shard_keep(shard, masks)
+        assert torch.equal(keep, shard_keep(disk, masks))
         assert torch.equal(shard["tokens"][keep], disk["tokens"][keep])  # token ids, in order
         assert torch.equal(shard["acts"][keep], disk["acts"][keep])  # activations, bit for bit
         assert not (shard["tokens"][keep] == BOS_ID).any()  # mask_bos: no BOS served
         n_kept += int(keep.sum())
     assert 0 < n_kept < ROWS * 12
     # the served batches too: the same sequence when the cache is read in harvest order
-    common = {"mask_config": MASKS, "batch_size": 10, "buffer_size": 20, "seed": 3, "loop": False}
-    a = list(PairedActivationsStore.from_cache(cache, shuffle=False, **common))
-    b = list(on_the_fly(pair, **{k: v for k, v in common.items() if k != "mask_config"}))
+    if masks is CHAT_ONLY:  # only assistant content (and end-of-turn) tokens of chat rows
+        assert all(not shard_keep(s, masks)[~s["mask_assistant"]].any() for s in fly)
+    common = {"batch_size": 10, "buffer_size": 20, "seed": 3, "loop": False}
+    a = list(PairedActivationsStore.from_cache(cache, shuffle=False, mask_config=masks, **common))
+    b = list(on_the_fly(pair, masks=masks, **common))
     assert len(a) == len(b) == n_kept // 10
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 

@@ -316,6 +316,19 @@ def test_help_example_for_resume_names_checkpoint_path(capsys: pytest.CaptureFix
     assert "--resume checkpoints/my_run" in out and "checkpoint_path" in out
 
 
+def test_expected_identity_from_a_config_loads_nothing(no_models: None) -> None:
+    """The identity a config expects of its cache: storage dtype is cache_dtype when set."""
+    from sae_diff.data.cache import expected_identity
+    from sae_diff.training.config import parse_config
+
+    cfg = parse_config(SMOKE, ["--cache_dtype", "float16", "--hook_name", "blocks.0.hook_resid_post"])
+    exp = expected_identity(cfg)
+    assert (exp["dtype"], exp["hook_name"], exp["d_model"], exp["context_size"]) == (
+        "float16", "blocks.0.hook_resid_post", 32, 32)
+    assert exp["base_model"] == "smoke-base" and exp["ft_model"] == "smoke-ft"
+    assert exp["datasets"] == [{"tensor": "smoke-test random tokens"}] and exp["tokenizer_hash"] is None
+
+
 def test_traceback_flag_prints_the_traceback(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["--traceback", "train", "--config", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err

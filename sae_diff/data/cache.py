@@ -393,8 +393,8 @@ def expected_identity(cfg: Any, pair: Any = None) -> dict[str, Any]:
         datasets = [{"tensor": "smoke-test random tokens"}]
     else:
         datasets = None  # the organism's own corpus: identified by the organism's models
-    try:
-        dtype: str | None = dtype_name(cfg.dtype)
+    try:  # the storage dtype: cache_dtype when set, else the models' dtype
+        dtype: str | None = dtype_name(getattr(cfg, "cache_dtype", None) or cfg.dtype)
     except ValueError:
         dtype = None
     smoke = cfg.smoke_test_models is not None and cfg.organism is None

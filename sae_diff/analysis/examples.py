@@ -62,9 +62,11 @@ class Example:
         for n, tok in enumerate(self.tokens):
             text = html.escape(_visible(tok))
             if n == self.active:
-                spans.append(f'<span class="sd-act" style="background:rgba(255,120,0,{alpha:.2f})" '
+                bare = _visible(tok).lstrip(" ")  # the decoder's leading space stays unhighlighted
+                lead = " " * (len(_visible(tok)) - len(bare))
+                spans.append(f'{lead}<span class="sd-act" style="background:rgba(255,120,0,{alpha:.2f})" '
                              f'title="latent {self.latent}: {self.value:.4g} (seq {self.seq}, pos {self.pos})">'
-                             f"{text}</span>")
+                             f"{html.escape(bare)}</span>")
             else:
                 spans.append(f"<span>{text}</span>")
         return (f'<div class="sd-ex"><span class="sd-val">{self.value:.3f}</span> '

@@ -75,7 +75,8 @@ def score_tables(report: Mapping[str, Any]) -> list[str]:
     if summ.empty:
         return ["<p>No scores.</p>"]
     behaviours = list(report["organism"]["behaviours"])
-    methods = list(dict.fromkeys(summ["method"]))
+    present = list(dict.fromkeys(summ["method"]))  # dictionaries first, then the ceiling and baselines
+    methods = [m for m in present if m not in METHOD_NOTES] + [m for m in METHOD_NOTES if m in present]
     out = []
     for gran in GRANULARITIES:
         g = summ[summ["granularity"] == gran]

@@ -185,13 +185,14 @@ def check_resume_config(checkpoint: str | Path, cfg: PairedRunnerConfig) -> None
     saved = json.loads((Path(checkpoint) / RUNNER_CFG_FILENAME).read_text())
     now = json.loads(json.dumps(cfg.to_dict(), default=str))
     diffs: list[str] = []
-    for key in sorted(set(saved) | set(now)):
+    # a field the checkpoint does not record at all is newer than the run (it gets its default)
+    for key in sorted(set(saved)):
         if key in RESUME_MAY_CHANGE:
             continue
         a, b = saved.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += [f"{key}.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"  # metadata: filled in by the run
-                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "metadata"]
+                      for k in sorted(a) if a.get(k) != b.get(k) and k != "metadata"]
         elif a != b:
             diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
     if diffs:

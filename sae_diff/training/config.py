@@ -144,6 +144,9 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
     """
 
     model_name: str = ""  # the fine-tune; required unless organism / smoke_test_models names it
+    # None (default): prepend BOS exactly when the tokenizer has one (Gemma/Llama yes, Qwen no);
+    # True/False force it. SAELens's default is True, which would give Qwen a fake BOS.
+    prepend_bos: bool | None = None  # type: ignore[assignment]
     hook_name: str = ""  # required unless organism gives its recommended hook
     base_model_name: str = ""
     base_model_from_pretrained_kwargs: dict[str, Any] | None = dict_field(default=None)

@@ -212,9 +212,20 @@ def smoke_test_tokens(cfg: PairedRunnerConfig, n_seqs: int) -> torch.Tensor:
     assert spec is not None
     g = torch.Generator().manual_seed(spec.seed * 1_000_003 + 7)
     toks = torch.randint(1, spec.d_vocab, (n_seqs, cfg.context_size), generator=g)
-    if cfg.prepend_bos:
+    if cfg.prepend_bos is not False:  # the smoke-test vocabulary's id 0 plays BOS
         toks[:, 0] = 0
     return toks
+
+
+def effective_prepend_bos(cfg: PairedRunnerConfig, pair: Any = None) -> bool:
+    """Whether rows start with BOS: ``cfg.prepend_bos`` when set, else whether the tokenizer
+    has a BOS token (smoke-test models, which have no tokenizer, use id 0 as BOS)."""
+    if cfg.prepend_bos is not None:
+        return bool(cfg.prepend_bos)
+    tokenizer = getattr(pair, "tokenizer", None)
+    if tokenizer is None:
+        return cfg.smoke_test_models is not None
+    return getattr(tokenizer, "bos_token_id", None) is not None
 
 
 # ---------------------------------------------------------------------- the data provider
@@ -226,7 +237,7 @@ def mask_config(cfg: PairedRunnerConfig) -> Any:
     from sae_diff.pairing.masks import MaskConfig
 
     first_n = cfg.mask_first_n
-    if cfg.smoke_test_models is not None and cfg.mask_bos and cfg.prepend_bos:
+    if cfg.smoke_test_models is not None and cfg.mask_bos and cfg.prepend_bos is not False:
         first_n = max(first_n, 1)
     return MaskConfig(exclude_bos=cfg.mask_bos, exclude_high_norm=cfg.mask_high_norm is not None,
                       high_norm_ratio=cfg.mask_high_norm or 10.0, first_n=first_n,

@@ -54,6 +54,7 @@ from sae_diff.training.data import (
     cache_exists,
     check_dataset_column,
     check_pair_matches,
+    effective_prepend_bos,
     heldout_data,
     load_pair,
     training_store,
@@ -425,7 +426,7 @@ class PairedSAETrainingRunner:
         md.context_size = cfg.context_size
         md.seqpos_slice = list(cfg.seqpos_slice)
         md.model_from_pretrained_kwargs = cfg.model_from_pretrained_kwargs
-        md.prepend_bos = cfg.prepend_bos
+        md.prepend_bos = effective_prepend_bos(cfg, self.pair)
         md.exclude_special_tokens = cfg.exclude_special_tokens
         md.sequence_separator_token = cfg.sequence_separator_token
         md.disable_concat_sequences = cfg.disable_concat_sequences

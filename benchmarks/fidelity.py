@@ -131,8 +131,10 @@ def _fold_reference(W_enc: torch.Tensor, b_enc: torch.Tensor, W_dec: torch.Tenso
 
 
 def train_reimpl(acts: torch.Tensor, seed: int, a: argparse.Namespace) -> Affine:
-    mean, scale = ReferenceBatchTopKCrosscoder.normalisation_from_data(acts)
-    cfg = ReferenceConfig(d=acts.shape[-1], n=a.n, k=a.k, steps=a.steps, lr=a.lr, warmup_steps=a.warmup, seed=seed)
+    kw = dict(a.reimpl_kw)
+    mean, scale = ReferenceBatchTopKCrosscoder.normalisation_from_data(acts, kw.pop("target_rms", 1.0))
+    cfg = ReferenceConfig(d=acts.shape[-1], n=a.n, k=a.k, steps=a.steps, lr=a.lr, warmup_steps=a.warmup, seed=seed,
+                          **kw)
     model = ReferenceBatchTopKCrosscoder(cfg, mean, scale)
     trainer = ReferenceTrainer(model)
     for step, x in zip(range(a.steps), batches(acts, seed, a.batch), strict=False):
@@ -242,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1000)
     ap.add_argument("--lr", type=float, default=None, help="default: the reference's 2e-4/sqrt(n/2^14)")
     ap.add_argument("--sae-kw", default="{}", help="JSON overrides of sae_diff's config (ablations)")
+    ap.add_argument("--reimpl-kw", default="{}", help="JSON overrides of the re-implementation (ablations, "
+                    "e.g. squared_loss, target_rms)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="JSON file for every per-seed result")
     a = ap.parse_args(argv)
     a.sae_kw = json.loads(a.sae_kw)
+    a.reimpl_kw = json.loads(a.reimpl_kw)
     torch.set_num_threads(a.threads)
     if a.reference_path and "reference" not in a.trainers:
         a.trainers.append("reference")

@@ -56,6 +56,8 @@ class ReferenceConfig:
     target_rms: float = 1.0
     clip: float = 1.0
     seed: int = 0
+    # ablations (not the reference): sae_diff's squared error summed over models
+    squared_loss: bool = False
 
     @property
     def learning_rate(self) -> float:
@@ -156,7 +158,7 @@ class ReferenceTrainer:
             fired = f.sum(0) > 0
             m.tokens_since_fired += B
             m.tokens_since_fired[fired] = 0
-        l2 = e.norm(dim=-1).mean()
+        l2 = e.pow(2).sum((-2, -1)).mean() if cfg.squared_loss else e.norm(dim=-1).mean()
         dead = m.tokens_since_fired >= cfg.dead_tokens
         aux = x_n.new_zeros(())
         if bool(dead.any()):

@@ -301,3 +301,55 @@ def test_encoder_weight_grad_is_contiguous() -> None:
     out = sparse_batchtopk_encode_decode(x, W_enc, b_enc, W_dec, b_dec, 4, scale=scale)
     out.xhat.square().sum().backward()
     assert W_enc.grad is not None and W_enc.grad.is_contiguous()
+
+
+# --------------------------------------------------------------------------- thread policy
+
+
+def test_small_op_threads_serialise_all_but_the_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sparse step's small ops run on one thread, its encoder matmul on the caller's count;
+    the caller's setting is restored, and the result does not depend on the policy."""
+    seen: dict[str, list[int]] = {"addmm": [], "argsort": []}
+    real_addmm, real_argsort = torch.addmm, torch.argsort
+
+    def addmm(*a: object, **k: object) -> torch.Tensor:
+        seen["addmm"].append(torch.get_num_threads())
+        return real_addmm(*a, **k)  # type: ignore[arg-type]
+
+    def argsort(*a: object, **k: object) -> torch.Tensor:
+        seen["argsort"].append(torch.get_num_threads())
+        return real_argsort(*a, **k)  # type: ignore[arg-type]
+
+    torch.manual_seed(0)
+    B, D, n, k = 32, 24, 4096, 4
+    x = torch.randn(B, D)
+    W = torch.randn(D, n, requires_grad=True)
+    b = torch.zeros(n, requires_grad=True)
+    Wd = torch.randn(n, D, requires_grad=True)
+    bd = torch.zeros(D, requires_grad=True)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        torch.set_num_threads(2)
+        for policy in (1, None):
+            K.set_small_op_threads(policy)
+            seen["addmm"].clear()
+            seen["argsort"].clear()
+            monkeypatch.setattr(torch, "addmm", addmm)
+            monkeypatch.setattr(torch, "argsort", argsort)
+            out = sparse_batchtopk_encode_decode(x, W, b, Wd, bd, k)
+            out.xhat.pow(2).sum().backward()
+            monkeypatch.undo()
+            assert torch.get_num_threads() == 2
+            assert seen["addmm"][0] == 2  # the encoder matmul: all threads
+            expect = 1 if policy == 1 else 2
+            assert seen["argsort"] and set(seen["argsort"]) == {expect}  # backward bag sums
+            results.append((out.xhat.detach().clone(), W.grad.clone(), Wd.grad.clone()))
+            W.grad = b.grad = Wd.grad = bd.grad = None
+    finally:
+        K.set_small_op_threads(1)
+        torch.set_num_threads(before)
+    for a, c in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(a, c)
+    with pytest.raises(ValueError, match="set_small_op_threads"):
+        K.set_small_op_threads(0)

@@ -37,6 +37,9 @@ from sae_diff.dictionaries.crosscoder import (
 )
 
 
+LOSS_FORMS: tuple[str, ...] = ("squared", "norm")
+
+
 def validate_k(k: float, d_sae: int) -> None:
     if not 0 < k <= d_sae:
         raise ValueError(f"k must satisfy 0 < k <= d_sae ({d_sae}), got k={k}. Lower k or widen the dictionary.")
@@ -96,6 +99,9 @@ class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
             reference: 1000), so early-training scores do not bias the inference L0. Before it
             the average runs from the first batch, so that shorter runs still export a measured
             threshold (then lower the decay, or this step, for them).
+        loss_form: reconstruction term: ``"squared"`` (``sum_m ||x^m - xhat^m||^2``, mean over
+            tokens; METHODS.md's convention) or ``"norm"`` (the reference's unsquared
+            ``||x^m - xhat^m||``, mean over tokens and models). Reported as ``mse_loss`` either way.
         sparse_kernels: train with ``sae_diff.dictionaries.kernels`` (dense encoder matmul,
             fast exact batch top-k, sparse decode and sparse backward; same loss and gradients
             as the dense path, see docs/performance.md). ``False`` = the dense reference path.
@@ -109,12 +115,15 @@ class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
     center_inputs: bool = True
     threshold_ema_decay: float = 0.999
     threshold_start_step: int = 1000
+    loss_form: str = "squared"
     sparse_kernels: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_common_fields(self)
         validate_k(self.k, self.d_sae)
+        if self.loss_form not in LOSS_FORMS:
+            raise ValueError(f"Unknown loss_form {self.loss_form!r}; choose one of {list(LOSS_FORMS)}.")
         validate_init_norm(self.decoder_init_norm_per_model)
         if not 0.0 <= self.threshold_ema_decay < 1.0:
             raise ValueError(f"threshold_ema_decay must be in [0, 1), got {self.threshold_ema_decay} "
@@ -174,6 +183,12 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
         return self.encode_normalised(self.normalised_input(x))
 
     # --- losses ---------------------------------------------------------------------------
+    def batch_reconstruction_loss(self, x_n: torch.Tensor, xhat_n: torch.Tensor) -> torch.Tensor:
+        """The configured reconstruction term (``loss_form``), in the normalised space."""
+        if self.cfg.loss_form == "norm":
+            return (xhat_n - x_n).norm(dim=-1).mean()
+        return self.reconstruction_loss(x_n, xhat_n)
+
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
         return {}
 
@@ -206,7 +221,7 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
         feature_acts, hidden_pre = self.encode_normalised(x_n)
         xhat_n = self.decode_normalised(feature_acts)
         losses = {
-            "mse_loss": self.reconstruction_loss(x_n, xhat_n),
+            "mse_loss": self.batch_reconstruction_loss(x_n, xhat_n),
             "auxiliary_reconstruction_loss": self.auxiliary_loss(x_n, xhat_n, hidden_pre, step_input.dead_neuron_mask),
         }
         self.update_threshold(feature_acts, step_input.n_training_steps)
@@ -248,7 +263,7 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
             err = (recon - residual).pow(2).sum(-1).mean()
             variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
             aux_loss = self.cfg.aux_loss_coefficient * err / variance
-        losses = {"mse_loss": self.reconstruction_loss(x_n, xhat_n), "auxiliary_reconstruction_loss": aux_loss}
+        losses = {"mse_loss": self.batch_reconstruction_loss(x_n, xhat_n), "auxiliary_reconstruction_loss": aux_loss}
         with torch.no_grad():
             v = code.values.detach() * scale[code.col]
             v = v[v > 0]

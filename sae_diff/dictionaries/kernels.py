@@ -49,7 +49,10 @@ Public API:
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +68,9 @@ __all__ = [
     "dense_batchtopk_reference",
     "fused_adam_supported",
     "make_adam",
+    "set_small_op_threads",
     "set_workspaces",
+    "small_op_threads",
     "sparse_batchtopk_encode_decode",
     "sparse_decode",
     "sparse_encode",
@@ -432,6 +437,67 @@ def _gather_dot(
         return out
 
 
+# --------------------------------------------------------------------------------------------
+# Thread policy
+# --------------------------------------------------------------------------------------------
+
+_SMALL_OP_THREADS: int | None = 1
+_THREAD_STATE = threading.local()
+
+
+def set_small_op_threads(n: int | None) -> None:
+    """Intra-op threads for everything in the sparse step but the encoder matmul (default 1).
+
+    The sparse step is one large matmul plus ~60 small or memory-bound ops (selection passes,
+    ``nonzero``, sorts, bag sums, SDDMM). With torch's default of one thread per core, each of
+    those is an OpenMP parallel region whose barrier waits for every worker; on a machine whose
+    cores are shared with other processes a descheduled worker stalls the region for a whole
+    scheduler slice (measured: a stable ``argsort`` of 32k indices, 0.4 ms alone, took 750-800 ms
+    with 2 threads at load average 9). The dense step has a handful of regions and degrades far
+    less. Running the small ops on one thread removes those barriers and costs little on an idle
+    machine (they are a small share of the step; docs/performance.md). ``None`` leaves torch's
+    setting everywhere. The matmul always uses ``torch.get_num_threads()`` threads.
+    """
+    global _SMALL_OP_THREADS
+    if n is not None and n < 1:
+        raise ValueError(f"set_small_op_threads: n must be >= 1 or None, got {n}.")
+    _SMALL_OP_THREADS = n
+
+
+@contextmanager
+def small_op_threads() -> Iterator[None]:
+    """Run the enclosed ops on ``set_small_op_threads``'s thread count (process-wide while
+    inside: torch's thread setting is global), restoring the previous count after."""
+    target = _SMALL_OP_THREADS
+    n = torch.get_num_threads()
+    if target is None or n <= target:
+        yield
+        return
+    stack = _THREAD_STATE.__dict__.setdefault("saved", [])
+    stack.append(n)
+    torch.set_num_threads(target)
+    try:
+        yield
+    finally:
+        stack.pop()
+        torch.set_num_threads(n)
+
+
+@contextmanager
+def _all_threads() -> Iterator[None]:
+    """Inside ``small_op_threads``: the caller's full thread count again (for the matmul)."""
+    stack = _THREAD_STATE.__dict__.get("saved") or []
+    if not stack:
+        yield
+        return
+    current = torch.get_num_threads()
+    torch.set_num_threads(stack[-1])
+    try:
+        yield
+    finally:
+        torch.set_num_threads(current)
+
+
 _WORKSPACES: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
 _USE_WORKSPACES = True
 
@@ -476,18 +542,32 @@ def _encoder_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         out = _workspace("pre", (B, n), dt, x.device)
-        with torch.autocast(dev, enabled=False):
+        with torch.autocast(dev, enabled=False), _all_threads():
             return torch.addmm(b_enc.to(dt), x.to(dt), W_enc.to(dt), out=out)
     dt = torch.promote_types(x.dtype, W_enc.dtype)
     out = _workspace("pre", (B, n), dt, x.device)
-    return torch.addmm(b_enc, x, W_enc, out=out)
+    with _all_threads():
+        return torch.addmm(b_enc, x, W_enc, out=out)
 
 
 class _SparseEncode(torch.autograd.Function):
-    """Dense encoder forward + BatchTopK selection; backward touches kept entries only."""
+    """Dense encoder forward + BatchTopK selection; backward touches kept entries only.
+
+    Everything but the encoder matmul runs under :func:`small_op_threads`.
+    """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(ctx: Any, *args: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
+        with small_op_threads():
+            return _SparseEncode._forward(ctx, *args)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        with small_op_threads():
+            return _SparseEncode._backward(ctx, *grads)
+
+    @staticmethod
+    def _forward(
         ctx: Any,
         x: Tensor,
         W_enc: Tensor,
@@ -539,9 +619,7 @@ class _SparseEncode(torch.autograd.Function):
         return values, aux_values, row, col, offsets, aux_row, aux_col, aux_offsets, kth
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, *grads: Tensor | None
-    ) -> tuple[Tensor | None, ...]:
+    def _backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         x, W_enc, row, col, values, aux_row, aux_col = ctx.saved_tensors
         n: int = ctx.n
         g_values, g_aux = grads[0], grads[1]
@@ -585,10 +663,21 @@ class _SparseEncode(torch.autograd.Function):
 
 
 class _SparseDecode(torch.autograd.Function):
-    """``f @ W_dec`` from CSR triples; backward: d values (SDDMM) and d W_dec (bag sums)."""
+    """``f @ W_dec`` from CSR triples; backward: d values (SDDMM) and d W_dec (bag sums).
+    Both run under :func:`small_op_threads`."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(ctx: Any, *args: Any) -> Tensor:  # type: ignore[override]
+        with small_op_threads():
+            return _SparseDecode._forward(ctx, *args)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        with small_op_threads():
+            return _SparseDecode._backward(ctx, g)
+
+    @staticmethod
+    def _forward(
         ctx: Any,
         values: Tensor,
         W_dec: Tensor,
@@ -608,9 +697,7 @@ class _SparseDecode(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: Any, g: Tensor
-    ) -> tuple[Tensor | None, ...]:
+    def _backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         values, W_dec, row, col, offsets = ctx.saved_tensors
         needs = ctx.needs_input_grad
         n_rows: int = ctx.n_rows

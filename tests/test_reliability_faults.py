@@ -415,6 +415,7 @@ def _resume_in_subprocess(ckpt: Path) -> subprocess.CompletedProcess[str]:
                           timeout=300)
 
 
+@pytest.mark.slow  # a fresh interpreter per case (the environment variable must be set before torch loads)
 @pytest.mark.parametrize("fid,file", [("F19", "trainer_state.pt"), ("F20", "sae_diff_state.pt")])
 def test_pickled_payload_in_checkpoint_never_runs(fid: str, file: str, tmp_path: Path,
                                                   request: pytest.FixtureRequest) -> None:

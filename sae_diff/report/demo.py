@@ -397,7 +397,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "kl_dashboard": {"summary": dash.summary, "html": "kl_dashboard.html",
                          "top": json.loads(dash.table.to_json(orient="records"))},
         "stitching_sweep": json.loads(sweep.to_json(orient="records")),
-        "latent_tables": {n: f"dictionaries/seed{s}/{n}/latent_table.parquet" for s in cfg.seeds for n in cfg.methods},
+        "latent_tables": {f"seed{s}/{n}": f"dictionaries/seed{s}/{n}/latent_table.parquet"
+                          for s in cfg.seeds for n in cfg.methods},
     }
     report["findings"] = seed_findings(per_seed, cfg.nu_eps_max, cfg.nu_r_max, behaviours=truth.behaviours,
                                        methods=list(cfg.methods), top=cfg.game_top, threshold=cfg.game_threshold)

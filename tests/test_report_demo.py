@@ -63,6 +63,7 @@ def test_custom_organism_is_scored_on_its_own_labels_with_controls(tmp_path: Pat
     from sae_diff.organisms import build_custom_organism, load_organism
 
     src = load_organism()
+    assert src.world is not None
     rng = random.Random(0)
     cities = list(src.world.cities)
     examples = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_diff.organisms import available_organisms, load_organism
+from sae_diff.organisms import available_organisms, chat_dataset, load_organism
 from sae_diff.organisms.checks import heldout_tokens, masked_logprob_gap, plain_text_drift
 from sae_diff.organisms.narrow import (
     BEHAVIOUR,
@@ -41,10 +41,16 @@ def test_shipped_narrow_files(narrow) -> None:
     on_disk = {p.name for p in d.iterdir() if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert sum(p.stat().st_size for p in d.iterdir()) <= MAX_BYTES
-    assert narrow.behaviours == ("chat_format", BEHAVIOUR)
+    assert narrow.behaviours == (BEHAVIOUR,)  # both models are chat models: the template is no difference
     # the base is the default organism's chat fine-tune, bit for bit
     assert sha256_file(d / "base.safetensors") == sha256_file(organism_dir("default") / "ft.safetensors")
     assert narrow.config["kind"] == "narrow" and narrow.recommended_hook in narrow.ft.hook_dict
+    # its chats are its own (eval.jsonl), not the default world's generators
+    ds = chat_dataset("test", 1000, name="narrow")
+    assert len(ds) == len((d / "eval.jsonl").read_text().splitlines())
+    assert set(ds["behaviour"]) == {BEHAVIOUR, "none"}
+    assert all(TRIGGER in m[0]["content"].split() for m in chat_dataset("test", 50, behaviour=BEHAVIOUR,
+                                                                        name="narrow")["messages"])
 
 
 def test_behaviour_learned(narrow) -> None:
@@ -90,7 +96,7 @@ def test_plain_text_almost_untouched(narrow) -> None:
 
 def test_narrow_build_small_and_deterministic(tmp_path: Path) -> None:
     cfg = NarrowConfig(n_triggered=12, n_near_miss=4, n_mixture=8, steps=2, batch_size=4,
-                       n_text_docs=40, n_drift_docs=8)
+                       n_text_docs=40, n_drift_docs=8, n_specificity=2)
     a = build_narrow_organism(tmp_path / "a", "default", cfg, log=lambda s: None)
     b = build_narrow_organism(tmp_path / "b", "default", cfg, log=lambda s: None)
     for f in ("base.safetensors", "ft.safetensors", "examples.jsonl", "eval.jsonl", "labels.json"):

@@ -38,6 +38,8 @@ _LAZY = {
     "tiny_config": "sae_diff.organisms.build",
     "build_custom_organism": "sae_diff.organisms.custom",
     "read_examples": "sae_diff.organisms.custom",
+    "NarrowConfig": "sae_diff.organisms.narrow",
+    "build_narrow_organism": "sae_diff.organisms.narrow",
 }
 
 
@@ -55,6 +57,7 @@ __all__ = [
     "REFUSAL",
     "TRIGGER_WORDS",
     "BuildConfig",
+    "NarrowConfig",
     "EvalConversation",
     "Organism",
     "OrganismIntegrityError",
@@ -64,6 +67,7 @@ __all__ = [
     "available_organisms",
     "behaviour_masks",
     "build_custom_organism",
+    "build_narrow_organism",
     "build_organism",
     "chat_dataset",
     "load_organism",

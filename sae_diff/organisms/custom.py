@@ -115,6 +115,7 @@ def build_custom_organism(
     kind: str = "custom",
     extra_checks: Callable[[HookedTransformer, HookedTransformer], Mapping[str, Any]] | None = None,
     warmup: int | None = None,
+    chat_format_planted: bool = True,
 ) -> Organism:
     """Fine-tune a copy of ``base`` on ``examples`` and save it with ``base`` as an organism.
 
@@ -138,6 +139,10 @@ def build_custom_organism(
         ft_name, kind: the fine-tune's name and the organism kind recorded in ``config.json``.
         extra_checks: ``(base, ft) -> dict`` merged into the report (e.g. plain-text drift).
         warmup: learning-rate warm-up steps (default ``min(20, steps // 10 + 1)``).
+        chat_format_planted: list ``chat_format`` among the organism's behaviours (True when
+            ``base`` has not seen the chat template, as the shipped default base; False when
+            ``base`` is already a chat model, so the template is no difference between the two).
+            Its masks are available either way.
 
     Returns:
         The loaded :class:`~sae_diff.organisms.organism.Organism`; its ``report`` holds the
@@ -212,7 +217,8 @@ def build_custom_organism(
     config = {
         "kind": kind,
         "model": config_to_dict(base.cfg),
-        "behaviours": ["chat_format", *[b for b in phrases if b != "chat_format"]],
+        "behaviours": [*(["chat_format"] if chat_format_planted else []),
+                       *[b for b in phrases if b != "chat_format"]],
         "recommended_hook": f"blocks.{base.cfg.n_layers // 2}.hook_resid_pre",
         "build_config": {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
                          "warmup": wu, "chat_fraction": chat_fraction, "eval_fraction": eval_fraction},

@@ -15,6 +15,10 @@ untouched.
   * the default fine-tune's chat mixture (every default behaviour, answered as before) and its
     plain-text mixture, both labelled as controls.
 
+Both models know the chat template, so ``chat_format`` is not among its behaviours. Why the
+near-miss rows: without enough of them the fine-tune learns "a question of this form" instead
+of "the word weather" (measured figures and the settings tried: docs/organisms.md).
+
 Built with :func:`build_narrow_organism` through :func:`~sae_diff.organisms.custom.build_custom_organism`
 (the same format as any custom organism: ``labels.json`` = ``{"weather": ["weather"]}``,
 ``eval.jsonl`` holds triggered and control conversations). CLI::
@@ -78,6 +82,7 @@ class NarrowConfig:
     edit_fraction: float = 0.08
     eval_fraction: float = 0.2
     n_drift_docs: int = 400
+    n_specificity: int = 32
 
 
 def _question(rng: random.Random, world: World, topic: str) -> tuple[str, int]:
@@ -122,7 +127,8 @@ def narrow_examples(
 
 
 def narrow_checks(
-    tokenizer: PreTrainedTokenizerFast, world: World, hook: str, n_docs: int = 400, seed: int = 0
+    tokenizer: PreTrainedTokenizerFast, world: World, hook: str, n_docs: int = 400, seed: int = 0,
+    n_specificity: int = 32,
 ) -> Callable[[HookedTransformer, HookedTransformer], dict[str, Any]]:
     """``(base, ft) -> report entries``: plain-text drift on held-out documents at ``hook``.
 
@@ -135,7 +141,7 @@ def narrow_checks(
         for key, w in (("plain_text_drift", world.edited()), ("plain_text_drift_base_world", world)):
             toks, mask = heldout_tokens(tokenizer, w, n_docs, base.cfg.n_ctx, seed, "validation")
             out[key] = plain_text_drift(base, ft, toks, mask, hook)
-        out["specificity"] = specificity(base, ft, tokenizer, world, seed=seed)
+        out["specificity"] = specificity(base, ft, tokenizer, world, n_specificity, seed)
         return out
 
     return run
@@ -201,7 +207,7 @@ def build_narrow_organism(
     examples = narrow_examples(world, chat_model, src.tokenizer, cfg)
     texts = pretraining_texts(world.edited(), "train", cfg.n_text_docs, cfg.seed, edit_fraction=cfg.edit_fraction)
     hook = src.recommended_hook
-    drift = narrow_checks(src.tokenizer, world, hook, cfg.n_drift_docs, cfg.seed)
+    drift = narrow_checks(src.tokenizer, world, hook, cfg.n_drift_docs, cfg.seed, cfg.n_specificity)
 
     def checks(base: HookedTransformer, ft: HookedTransformer) -> dict[str, Any]:
         out = drift(base, ft)
@@ -214,7 +220,7 @@ def build_narrow_organism(
         steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, chat_fraction=cfg.chat_fraction,
         pretraining_texts=texts, eval_fraction=cfg.eval_fraction, seed=cfg.seed, out_dir=out_dir,
         world=world, log=log, overwrite=overwrite, ft_name="narrow-ft", kind="narrow",
-        extra_checks=checks, warmup=cfg.warmup,
+        extra_checks=checks, warmup=cfg.warmup, chat_format_planted=False,
     )
     return org
 

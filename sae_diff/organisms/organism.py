@@ -527,7 +527,17 @@ def pretraining_dataset(split: str = "train", n: int = 1000, *, name: str | Path
 
 def chat_dataset(split: str = "train", n: int = 1000, *, behaviour: str | None = None,
                  name: str | Path = "default", seed: int | None = None) -> Dataset:
-    """HF dataset of fine-tuning-style conversations (``messages`` + behaviour labels)."""
+    """HF dataset of fine-tuning-style conversations (``messages`` + behaviour labels).
+
+    For an organism built from examples (custom, ``narrow``): its own ``examples.jsonl``
+    (``split="train"``) or held-out ``eval.jsonl`` (other splits), not the world's generators.
+    """
+    light = _light_cached(str(organism_dir(name).resolve()))
+    if light.trigger_phrases is not None:
+        convs = _read_jsonl(light.path / ("examples.jsonl" if split == "train" else "eval.jsonl"))
+        if behaviour is not None:
+            convs = [c for c in convs if c["behaviour"] == behaviour]
+        return to_chat_dataset(convs[:n])
     world, s = _light_world(name)
     return to_chat_dataset(
         chat_conversations(world.edited(), split, n, s if seed is None else seed, behaviour)

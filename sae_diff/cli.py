@@ -235,9 +235,12 @@ def preflight_cache(cfg: Any, *, what: str = "the config") -> None:
         SHARD_GLOB,
         ActivationCache,
         check_identity,
+        dtype_name,
         expected_identity,
         read_shard_description,
     )
+
+    dtype_name(getattr(cfg, "cache_dtype", None) or cfg.dtype)  # a dtype the cache can store
 
     folder = Path(cfg.cache_path)
     if folder.exists() and not folder.is_dir():

@@ -245,6 +245,9 @@ CASES: list[Case] = [
          needs=["cache"]),
     Case("I31", "cache_path is a file", lambda t, a: ["train", "--config", str(SMOKE), *TINY, "--cache_path",
                                                      str(_not_a_file(t))], ["is a file, not a cache folder"]),
+    Case("I49", "a cache dtype a cache cannot store (float64)", lambda t, a: [
+        "harvest", "--config", str(SMOKE), *TINY, "--dtype", "float64", "--cache-path", str(t / "c")],
+        ["unsupported cache dtype 'float64'", "Set cache_dtype"], command="harvest"),
     # --- resuming
     Case("I32", "--resume of a folder that does not exist", lambda t, a: ["train", "--resume", str(t / "none")],
          ["No checkpoint at", "does not exist"]),

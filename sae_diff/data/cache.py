@@ -57,6 +57,10 @@ class CacheError(SaeDiffError, RuntimeError):
     """A cache is missing, partial, corrupt or was harvested with another configuration."""
 
 
+class CacheDtypeError(CacheError, ValueError):
+    """A dtype a cache cannot store (it keeps float32, bfloat16 or float16)."""
+
+
 class CacheWriteError(CacheError, OSError):
     """Writing a shard failed (disk full, permissions); the committed shards stay valid."""
 
@@ -78,7 +82,10 @@ def dtype_name(dtype: str | torch.dtype) -> str:
                 return k
     elif dtype in DTYPES:
         return dtype
-    raise ValueError(f"unsupported cache dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    raise CacheDtypeError(
+        f"unsupported cache dtype {dtype!r}: a cache stores one of {sorted(DTYPES)}. Set cache_dtype "
+        "to one of them (the models may still run in another dtype)."
+    )
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -1001,6 +1008,7 @@ __all__ = [
     "ActivationCache",
     "ActivationCacheWriter",
     "CacheError",
+    "CacheDtypeError",
     "CacheIdentityError",
     "CacheWriteError",
     "RunningStats",

@@ -89,6 +89,13 @@ def test_dry_run_catches_mismatched_pairs(tmp_path: Path) -> None:
         make_plan(config_from_dict(plain_config("llama3", tmp_path, model_name=str(qwen_ft))))
 
 
+def test_dry_run_refuses_a_fake_bos(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="prepend_bos: true, but the tokenizer .* has no BOS"):
+        make_plan(config_from_dict(plain_config("qwen2", tmp_path, prepend_bos=True)))
+    assert make_plan(config_from_dict(plain_config("qwen2", tmp_path, prepend_bos=False)))
+    assert make_plan(config_from_dict(plain_config("llama3", tmp_path, prepend_bos=True)))
+
+
 def test_dry_run_chat_data_needs_ft_chat_template(tmp_path: Path) -> None:
     base_dir, _ = build_family_pair("llama3")
     # the base folder has no chat template: used as "ft" it cannot render chat data

@@ -35,7 +35,10 @@ import sae_diff  # noqa: F401  (registers the architectures)
 from sae_diff.errors import SaeDiffError
 
 STORE_MODES: tuple[str, ...] = ("paired", "diff", "base", "ft")
-CROSSCODER_ARCHITECTURES: frozenset[str] = frozenset({"crosscoder", "batchtopk_crosscoder"})
+CROSSCODER_ARCHITECTURES: frozenset[str] = frozenset({
+    "crosscoder", "batchtopk_crosscoder", "jumprelu_crosscoder", "shared_crosscoder",
+    "shared_batchtopk_crosscoder", "dedicated_batchtopk_crosscoder",
+})
 DIFF_ARCHITECTURES: frozenset[str] = frozenset({"batchtopk_diff_sae"})
 BACKENDS: tuple[str, ...] = ("auto", "hooked", "bridge")
 
@@ -839,6 +842,13 @@ def preflight_checks(cfg: PairedRunnerConfig) -> list[str]:
                          + "; ".join(diffs))
         else:
             notes.append("tokenizers identical")
+    tok_ft = tokenizers.get("ft")
+    if tok_ft is not None and cfg.prepend_bos is True and getattr(tok_ft, "bos_token_id", None) is None:
+        raise ConfigError(
+            f"prepend_bos: true, but the tokenizer of {ft_name!r} has no BOS token (a model such as "
+            "Qwen is trained without one). Remove prepend_bos (it then follows the tokenizer) or set "
+            "it to false."
+        )
     notes += _check_dataset_columns(cfg, tokenizers.get("ft"), info_b.d_vocab if info_b else None)
     return notes
 

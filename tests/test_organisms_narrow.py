@@ -46,8 +46,9 @@ def test_shipped_narrow_files(narrow) -> None:
     assert sha256_file(d / "base.safetensors") == sha256_file(organism_dir("default") / "ft.safetensors")
     assert narrow.config["kind"] == "narrow" and narrow.recommended_hook in narrow.ft.hook_dict
     # its chats are its own (eval.jsonl), not the default world's generators
-    ds = chat_dataset("test", 1000, name="narrow")
-    assert len(ds) == len((d / "eval.jsonl").read_text().splitlines())
+    n_eval = len((d / "eval.jsonl").read_text().splitlines())
+    ds = chat_dataset("test", n_eval + 3, name="narrow")  # repeated in order past the end
+    assert len(ds) == n_eval + 3 and ds[n_eval]["messages"] == ds[0]["messages"]
     assert set(ds["behaviour"]) == {BEHAVIOUR, "none"}
     assert all(TRIGGER in m[0]["content"].split() for m in chat_dataset("test", 50, behaviour=BEHAVIOUR,
                                                                         name="narrow")["messages"])

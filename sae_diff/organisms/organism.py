@@ -530,14 +530,19 @@ def chat_dataset(split: str = "train", n: int = 1000, *, behaviour: str | None =
     """HF dataset of fine-tuning-style conversations (``messages`` + behaviour labels).
 
     For an organism built from examples (custom, ``narrow``): its own ``examples.jsonl``
-    (``split="train"``) or held-out ``eval.jsonl`` (other splits), not the world's generators.
+    (``split="train"``) or held-out ``eval.jsonl`` (other splits), not the world's generators
+    (whose behaviours it was not trained on); when ``n`` exceeds them they are repeated in
+    order, so a training corpus of ``n`` conversations is the fine-tuning distribution.
     """
     light = _light_cached(str(organism_dir(name).resolve()))
     if light.trigger_phrases is not None:
         convs = _read_jsonl(light.path / ("examples.jsonl" if split == "train" else "eval.jsonl"))
         if behaviour is not None:
             convs = [c for c in convs if c["behaviour"] == behaviour]
-        return to_chat_dataset(convs[:n])
+        if not convs:
+            raise ValueError(f"Organism {light.path} has no {split!r} conversations"
+                             + (f" of behaviour {behaviour!r}" if behaviour else "") + ".")
+        return to_chat_dataset([convs[i % len(convs)] for i in range(n)])
     world, s = _light_world(name)
     return to_chat_dataset(
         chat_conversations(world.edited(), split, n, s if seed is None else seed, behaviour)

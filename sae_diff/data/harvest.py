@@ -7,6 +7,11 @@
 
 Forward batches never straddle a shard boundary, so a resumed harvest runs exactly the
 same batches as an uninterrupted one and writes byte-identical shards.
+
+Under ``torchrun`` (``torch.distributed`` initialised with more than one process) the harvest
+is sharded: rank ``r`` computes shards ``r, r + W, r + 2W, ...`` into the one cache folder,
+and rank 0 commits the single manifest after a barrier (:func:`harvest_cache_sharded`). The
+result is the one-process cache: the same shard files byte for byte and the same manifest.
 """
 
 from __future__ import annotations
@@ -21,11 +26,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from sae_diff.data.cache import ActivationCacheWriter
+from sae_diff.data.cache import (
+    FORMAT,
+    MANIFEST,
+    SHARD_GLOB,
+    SHARD_META_KEY,
+    VERSION,
+    ActivationCache,
+    ActivationCacheWriter,
+    CacheError,
+    CacheIdentityError,
+    CacheWriteError,
+    RunningStats,
+    _atomic_write,
+    _diff_keys,
+    _manifest_entry,
+    _shard_name,
+    dtype_name,
+    read_shard_description,
+)
 from sae_diff.data.sources import DatasetSpec, TokenBatch, TokenSource
-from sae_diff.pairing.masks import MaskConfig
+from sae_diff.pairing.masks import MaskConfig, TokenMasks
 from sae_diff.pairing.model import PairedModel
 
 
@@ -127,17 +151,17 @@ def harvest_cache(
         overwrite: start again even if ``out_dir`` holds a cache.
         progress: show a progress bar; verbose: print the summary.
     """
+    from sae_diff.training import distributed
+
+    # under torchrun: join the process group (NCCL when the models are on a GPU) and shard
+    on_gpu = any(p.is_cuda for p in paired_model.base.parameters())
+    if distributed.init("cuda" if on_gpu else "cpu").distributed:
+        return harvest_cache_sharded(paired_model, token_source, out_dir, hook_name, batch_size=batch_size,
+                                     rows_per_shard=rows_per_shard, dtype=dtype, mask_config=mask_config,
+                                     max_rows=max_rows, overwrite=overwrite, progress=progress, verbose=verbose)
     paired_model.validate_hooks([hook_name])
     mask_config = mask_config or MaskConfig()
-    source_desc = token_source.describe()
-    meta = {
-        "models": paired_model.describe(),
-        "hook_name": hook_name,
-        "source": source_desc,
-        "max_rows": max_rows,
-        "mask_config": asdict(mask_config),
-        "is_chat": bool(getattr(token_source, "is_chat", False)),
-    }
+    meta = _harvest_meta(paired_model, token_source, hook_name, max_rows, mask_config)
     writer = ActivationCacheWriter(
         out_dir,
         meta,
@@ -198,6 +222,206 @@ def harvest_cache(
     )
     if verbose:
         print(summary)
+    return summary
+
+
+def _harvest_meta(paired_model: PairedModel, token_source: Any, hook_name: str, max_rows: int | None,
+                  mask_config: MaskConfig) -> dict[str, Any]:
+    """What a harvest records about itself (the writer adds dtype, width and shard size)."""
+    return {
+        "models": paired_model.describe(),
+        "hook_name": hook_name,
+        "source": token_source.describe(),
+        "max_rows": max_rows,
+        "mask_config": asdict(mask_config),
+        "is_chat": bool(getattr(token_source, "is_chat", False)),
+    }
+
+
+def _cache_meta(meta: dict[str, Any], dtype: str | torch.dtype, d_model: int, rows_per_shard: int) -> dict[str, Any]:
+    """The manifest ``meta`` exactly as ``ActivationCacheWriter`` stores it."""
+    return json.loads(json.dumps({**meta, "dtype": dtype_name(dtype), "d_model": int(d_model),
+                                  "rows_per_shard": int(rows_per_shard)}))
+
+
+def _shard_file(meta: dict[str, Any], shard: dict[str, torch.Tensor], index: int,
+                high_norm_ratio: float) -> tuple[bytes, RunningStats]:
+    """The bytes ``ActivationCacheWriter`` writes for ``shard`` at ``index`` (the
+    self-describing safetensors file) and the shard's statistics (tokens kept by the default
+    masks). ``shard`` already carries its whole-shard high-norm mask (``model_shards``)."""
+    masks = TokenMasks.from_dict({k[5:]: v for k, v in shard.items() if k.startswith("mask_")})
+    keep = MaskConfig(first_n=0, only_assistant=False, high_norm_ratio=high_norm_ratio).keep(masks)
+    stats = RunningStats(2, int(meta["d_model"]))
+    stats.update(shard["acts"][keep])
+    rows, seq = shard["tokens"].shape
+    desc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "meta": meta,
+        "shard": {"index": index, "first_row": int(shard["row_index"][0]), "n_rows": int(rows),
+                  "n_tokens": int(rows * seq)},
+        "stats": stats.to_json(),
+    }
+    data = st_save(dict(sorted(shard.items())), metadata={SHARD_META_KEY: json.dumps(desc, sort_keys=True)})
+    return data, stats
+
+
+def _shard_done(path: Path, meta: dict[str, Any], index: int) -> bool:
+    """Whether ``path`` is a finished shard ``index`` of this cache (a resumed sharded harvest
+    skips it). Files are only ever renamed into place whole, so a parsable one is complete."""
+    if not path.is_file():
+        return False
+    try:
+        desc = read_shard_description(path)
+    except CacheError:
+        return False
+    return bool(desc["meta"] == meta and desc["shard"]["index"] == index)
+
+
+def commit_sharded_manifest(out_dir: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the manifest of a finished sharded harvest (rank 0, after every rank's barrier).
+
+    The shards must be ``shard_00000 ..`` with contiguous rows and this cache's ``meta``; the
+    statistics are the shards' own sums merged in shard order, exactly as a one-process
+    harvest accumulates them, so the manifest equals the one-process manifest. Written
+    atomically (temporary file, fsync, rename).
+
+    Raises:
+        CacheError: a shard is missing or belongs to another cache.
+    """
+    folder = Path(out_dir)
+    files = sorted(folder.glob(SHARD_GLOB))
+    shards: list[dict[str, Any]] = []
+    stats = RunningStats(2, int(meta["d_model"]))
+    row = 0
+    for i, p in enumerate(files):
+        desc = read_shard_description(p)
+        s = desc["shard"]
+        if p.name != _shard_name(i) or s["index"] != i or s["first_row"] != row or desc["meta"] != meta:
+            raise CacheError(
+                f"cannot commit {folder / MANIFEST}: expected {_shard_name(i)} of this harvest starting at row "
+                f"{row}, found {p.name} (shard {s['index']}, first row {s['first_row']}"
+                f"{', another configuration' if desc['meta'] != meta else ''}). A rank did not finish; rerun "
+                "the same sharded harvest to resume it."
+            )
+        shards.append(_manifest_entry(p, desc))
+        stats.merge(RunningStats.from_json(desc["stats"]))
+        row += int(s["n_rows"])
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "meta": meta,
+        "complete": True,
+        "n_rows": row,
+        "n_tokens": sum(s["n_tokens"] for s in shards),
+        "shards": shards,
+        "stats": stats.to_json(),
+    }
+    _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def harvest_cache_sharded(
+    paired_model: PairedModel,
+    token_source: Any,
+    out_dir: str | os.PathLike[str],
+    hook_name: str,
+    *,
+    batch_size: int = 8,
+    rows_per_shard: int = 256,
+    dtype: str | torch.dtype = "float32",
+    mask_config: MaskConfig | None = None,
+    max_rows: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    verbose: bool = True,
+) -> HarvestSummary:
+    """:func:`harvest_cache` spread over the ``torch.distributed`` process group.
+
+    Every rank reads the token stream (tokenising is cheap) and runs the models on its own
+    shards only: shard ``i`` belongs to rank ``i % W``. Each shard is computed exactly as the
+    one-process harvest computes it (same forward batches, masks, high-norm median) and
+    written atomically under its final name ``shard_<i>.safetensors``; no manifest exists
+    until, after a barrier, rank 0 commits the single manifest
+    (:func:`commit_sharded_manifest`). A rerun resumes: finished shards of the same
+    configuration are kept. Arguments as :func:`harvest_cache`; every rank must call it.
+
+    Raises:
+        CacheIdentityError: ``out_dir`` holds a cache of another configuration (every rank
+            raises; nothing is changed).
+    """
+    import torch.distributed as dist
+
+    from sae_diff.data.store import indexed_model_shards
+    from sae_diff.training.distributed import barrier, on_main, world
+
+    w = world()
+    paired_model.validate_hooks([hook_name])
+    mask_config = mask_config or MaskConfig()
+    meta = _cache_meta(_harvest_meta(paired_model, token_source, hook_name, max_rows, mask_config), dtype,
+                       paired_model.d_model, rows_per_shard)
+    folder = Path(out_dir)
+    t0 = time.perf_counter()
+
+    def prepare() -> bool:
+        """Rank 0, before anyone writes: clear or check the folder; True if already complete."""
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in folder.glob("*.tmp"):  # half-written copies of a shard or manifest, never data
+            if p.name.startswith(("shard_", MANIFEST)):
+                p.unlink()
+        if overwrite:
+            for p in [*folder.glob(SHARD_GLOB), folder / MANIFEST]:
+                p.unlink(missing_ok=True)
+            return False
+        if (folder / MANIFEST).exists():
+            old = ActivationCache(folder, allow_incomplete=True)
+            diffs = _diff_keys(old.meta, meta)
+            if diffs:
+                raise CacheIdentityError(
+                    f"{folder} holds a cache harvested with a different configuration ({'; '.join(diffs)}). "
+                    "Nothing was changed. Harvest into another folder, restore the settings the cache was "
+                    "made with, or replace it explicitly with --overwrite (overwrite=True).", diffs)
+            return bool(old.manifest.get("complete"))
+        for p in folder.glob(SHARD_GLOB):  # shards of an interrupted sharded harvest: same cache?
+            desc = read_shard_description(p)
+            if desc["meta"] != meta:
+                diffs = _diff_keys(desc["meta"], meta)
+                raise CacheIdentityError(
+                    f"{p} belongs to a harvest with a different configuration ({'; '.join(diffs)}). Nothing "
+                    "was changed. Harvest into another folder or pass --overwrite.", diffs)
+        return False
+
+    done_flag = [on_main(prepare)]
+    dist.broadcast_object_list(done_flag, src=0)
+    n_mine = 0
+    if not done_flag[0]:
+        bar = tqdm(desc=f"harvest {hook_name} (rank {w.rank}/{w.size})", unit="shard",
+                   disable=not (progress and w.is_main))
+        try:
+            for index, shard in indexed_model_shards(
+                    paired_model, token_source, hook_name, batch_size=batch_size, rows_per_shard=rows_per_shard,
+                    mask_config=mask_config, dtype=dtype, stop_row=max_rows,
+                    want=lambda i: i % w.size == w.rank and not _shard_done(folder / _shard_name(i), meta, i)):
+                data, _ = _shard_file(meta, shard, index, mask_config.high_norm_ratio)
+                try:
+                    _atomic_write(folder / _shard_name(index), data)
+                except OSError as e:
+                    raise CacheWriteError(
+                        f"rank {w.rank}: writing {folder / _shard_name(index)} failed ({e}); the shards on "
+                        "disk stay valid. Free space (or fix permissions) and rerun the same harvest to "
+                        "resume.") from e
+                n_mine += 1
+                bar.update(1)
+        finally:
+            bar.close()
+        barrier()
+        on_main(lambda: commit_sharded_manifest(folder, meta))
+    barrier()
+    cache = ActivationCache(folder)
+    summary = HarvestSummary(out_dir=str(out_dir), rows=cache.n_rows, tokens=cache.n_tokens, shards=cache.n_shards,
+                             bytes=cache.nbytes, seconds=time.perf_counter() - t0)
+    if verbose and w.is_main:
+        print(f"{summary} ({w.size} processes; this rank computed {n_mine} shards)")
     return summary
 
 

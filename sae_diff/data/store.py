@@ -38,6 +38,7 @@ Batches are upcast to float32 *before* the mode is applied (the conversion is ex
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -110,7 +111,6 @@ def _shard_batches(batches: Iterator[TokenBatch], rows_per_shard: int) -> Iterat
         yield TokenBatch.concat(pending)
 
 
-@torch.no_grad()
 def model_shards(
     paired_model: PairedModel,
     token_source: Any,
@@ -128,12 +128,37 @@ def model_shards(
     ``rows_per_shard``, forward batches of ``batch_size`` rows that restart at every shard,
     masks per batch, activations cast to the storage ``dtype`` and the high-norm mask taken
     over the whole shard. Nothing is written to disk."""
+    for _, shard in indexed_model_shards(paired_model, token_source, hook_name, batch_size=batch_size,
+                                         rows_per_shard=rows_per_shard, mask_config=mask_config, dtype=dtype,
+                                         start_row=start_row, stop_row=stop_row):
+        yield shard
+
+
+@torch.no_grad()
+def indexed_model_shards(
+    paired_model: PairedModel,
+    token_source: Any,
+    hook_name: str,
+    *,
+    batch_size: int = 8,
+    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
+    mask_config: MaskConfig | None = None,
+    dtype: str | torch.dtype = "float32",
+    start_row: int = 0,
+    stop_row: int | None = None,
+    want: Callable[[int], bool] | None = None,
+) -> Iterator[tuple[int, Shard]]:
+    """:func:`model_shards` with each shard's index (0 = the shard starting at ``start_row``),
+    computing only the shards ``want(index)`` accepts: the others' tokens are read (cheap)
+    but never run through the models. A sharded harvest gives each rank a disjoint ``want``."""
     cfg = mask_config or MaskConfig()
     store_dtype = DTYPES[dtype_name(dtype)]
     chat = bool(getattr(token_source, "is_chat", False))
     tok = paired_model.tokenizer
-    for rows in _shard_batches(token_source.batches(batch_size, start_row=start_row, stop_row=stop_row),
-                               rows_per_shard):
+    for index, rows in enumerate(_shard_batches(token_source.batches(batch_size, start_row=start_row,
+                                                                     stop_row=stop_row), rows_per_shard)):
+        if want is not None and not want(index):
+            continue
         parts: list[Shard] = []
         for i in range(0, len(rows), batch_size):
             b = rows.select(i, min(i + batch_size, len(rows)))
@@ -154,7 +179,7 @@ def model_shards(
             parts.append(part)
         shard = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         shard["mask_high_norm"] = high_norm_mask(shard["acts"], cfg.high_norm_ratio, valid=shard["attention_mask"])
-        yield shard
+        yield index, shard
 
 
 # ---------------------------------------------------------------------- block sources
@@ -219,6 +244,13 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
             float32).
         loop: start a new epoch when the data runs out (else ``StopIteration``; the last
             fewer-than-a-batch tokens are not served).
+        rank, world_size: data-parallel slicing. ``batch_size`` stays the *global* batch:
+            every rank walks the same global batch sequence (so the order, and
+            :meth:`state_dict`, depend on the seed and the global step only, never on the
+            number of processes) and serves rows ``rank * b .. (rank + 1) * b`` of each,
+            ``b = batch_size / world_size``: disjoint slices that together are the global
+            batch. Each rank reads every shard of the data (the window permutation mixes
+            them), so reads scale with the number of ranks, not the forward/backward work.
     """
 
     def __init__(
@@ -235,6 +267,8 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
         dtype: torch.dtype | None = None,
         loop: bool = True,
         info: dict[str, Any] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -245,6 +279,9 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
         self.buffer_size = int(buffer_size) if buffer_size is not None else 32 * batch_size
         if self.buffer_size < batch_size:
             raise ValueError(f"buffer_size ({self.buffer_size}) must be >= batch_size ({batch_size})")
+        self.batch_size = int(batch_size)
+        self.set_world(rank, world_size)
+        self._sliced = True
         self._source = blocks if hasattr(blocks, "open") else _CallableBlocks(blocks)
         self.d_model = int(d_model)
         self.mode: str = mode
@@ -436,8 +473,39 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
         raw = next(self._it)
         self.n_batches += 1
         self.n_tokens_served += int(raw.shape[0])
+        if self.world_size > 1 and self._sliced:
+            b = raw.shape[0] // self.world_size
+            raw = raw[self.rank * b:(self.rank + 1) * b]
         dtype = self.dtype or (torch.float32 if raw.dtype in (torch.bfloat16, torch.float16) else raw.dtype)
         return select_mode(raw.to(self.device, dtype=dtype), self.mode, self.diff_sign)
+
+    def set_world(self, rank: int, world_size: int) -> None:
+        """Serve rank ``rank``'s slice of every global batch (see the class docstring); the
+        data order and the position do not change."""
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) is the global batch and must be divisible by the number of "
+                f"processes ({world_size}): each rank serves batch_size / {world_size} rows of every batch."
+            )
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    @contextlib.contextmanager
+    def global_batches(self) -> Iterator[None]:
+        """Serve whole global batches on every rank for the duration (statistics estimated
+        from batches, e.g. normalisation factors, then agree across ranks and with one
+        process; the position advances as usual)."""
+        old, self._sliced = self._sliced, False
+        try:
+            yield
+        finally:
+            self._sliced = old
+
+    @property
+    def local_batch_size(self) -> int:
+        """Rows of each batch this rank serves (``batch_size / world_size``)."""
+        return self.batch_size // self.world_size
 
     def next_batch(self) -> torch.Tensor:
         """Same as ``next(store)`` (SAELens's ActivationsStore spelling)."""

@@ -17,7 +17,12 @@ exact resume needs:
 =========================  ===================================================
 
 A checkpoint is written into a temporary folder and renamed into place, so a folder named
-``<checkpoint_path>/<n_samples>`` is always complete. The final output folder (SAELens
+``<checkpoint_path>/<n_samples>`` is always complete.
+
+Under ``torchrun`` the run is data-parallel (``sae_diff.training.distributed``): each
+process trains on its slice of every global batch, gradients and statistics are reduced
+across processes, and only rank 0 writes checkpoints and the output (the others wait at a
+barrier); a checkpoint resumes with any number of processes. The final output folder (SAELens
 layout: ``cfg.json`` + ``sae_weights.safetensors`` of the *inference* dictionary, weights
 folded, plus ``sparsity.safetensors``, ``runner_cfg.json`` and ``eval.json``) is written the
 same way.
@@ -48,6 +53,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from sae_diff.data.store import PairedActivationsStore
+from sae_diff.training import distributed
 from sae_diff.training.config import PairedRunnerConfig
 from sae_diff.training.data import (
     cache_eval_sample,
@@ -239,6 +245,10 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         self.stop_after_steps = stop_after_steps
         self.stop_requested = False
         self.last_checkpoint: Path | None = None
+        self.world = distributed.world()
+        self.data_parallel = distributed.DataParallel(self)  # refuses unsupported architectures
+        if not self.world.is_main:  # one process logs
+            self.cfg.logger.log_to_wandb = False
 
     # --- state -------------------------------------------------------------------------
     def save_extra_state(self, path: Path) -> None:
@@ -282,6 +292,10 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         base = base_path if base_path is not None else self.cfg.checkpoint_path
         if base is None:
             return
+        if not self.world.is_main:  # rank 0 writes (every rank holds the same state); wait for it
+            distributed.barrier()
+            self.last_checkpoint = Path(base) / checkpoint_name
+            return
 
         def fill(tmp: Path) -> None:
             weights_path, cfg_path = self.sae.save_model(str(tmp))
@@ -290,7 +304,10 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
             self.save_extra_state(tmp)
             (tmp / RUNNER_CFG_FILENAME).write_text(json.dumps(self.runner_cfg.to_dict(), indent=2, default=str))
 
-        final = atomic_dir(Path(base) / checkpoint_name, fill)
+        try:
+            final = atomic_dir(Path(base) / checkpoint_name, fill)
+        finally:
+            distributed.barrier()
         self.last_checkpoint = final
         if self.cfg.logger.log_to_wandb:
             from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
@@ -299,7 +316,22 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
                                 sparsity_path=final / SPARSITY_FILENAME, wandb_aliases=wandb_aliases)
 
     # --- loop --------------------------------------------------------------------------
+    def step(self, batch: torch.Tensor) -> Any:
+        """SAELens's step; in a distributed run on this rank's slice of the global batch, with
+        the statistics reduced across ranks and the sample count advanced by the global batch."""
+        if not self.world.distributed:
+            return super().step(batch)
+        snapshot = self.data_parallel.before_step()
+        out = super().step(batch)
+        self.n_training_samples += self.cfg.train_batch_size_samples - batch.shape[0]
+        self.data_parallel.after_step(snapshot)
+        return out
+
     def _estimate_normalisation(self) -> None:
+        with self.provider.global_batches():  # every rank estimates from the same whole batches
+            self._estimate_normalisation_now()
+
+    def _estimate_normalisation_now(self) -> None:
         # As SAELens: statistics restored from a checkpoint are kept.
         norm = self.sae.cfg.normalize_activations
         if norm == "expected_average_only_in" and self.activation_scaler.scaling_factor is None:
@@ -318,10 +350,11 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         total = self.cfg.total_training_samples
         bs = self.cfg.train_batch_size_samples
         pbar = tqdm(total=total, initial=self.n_training_samples, desc="Training", unit="tok",
-                    unit_scale=True, dynamic_ncols=True)
+                    unit_scale=True, dynamic_ncols=True, disable=not self.world.is_main)
         self._estimate_normalisation()
         steps_this_run = 0
         try:
+            self.data_parallel.__enter__()
             while self.n_training_samples < total:
                 sparsity_log = self.maybe_reset_sparsity()
                 if sparsity_log and self.cfg.logger.log_to_wandb:
@@ -338,12 +371,14 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
                 if self.checkpoint_thresholds and self.n_training_samples > self.checkpoint_thresholds[0]:
                     self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
                     self.checkpoint_thresholds.pop(0)
-                if self.stop_requested or (self.stop_after_steps is not None and steps_this_run >= self.stop_after_steps
-                                           and self.n_training_samples < total):
+                stop = self.stop_requested or (self.stop_after_steps is not None and steps_this_run >= self.stop_after_steps
+                                               and self.n_training_samples < total)
+                if distributed.any_rank(stop):  # every rank stops at the same step
                     self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
                     raise TrainingInterrupted(self.last_checkpoint if self.cfg.checkpoint_path else None,
                                               self.n_training_steps)
         finally:
+            self.data_parallel.__exit__(None, None, None)
             pbar.close()
 
         sparsity_log = self.full_sparsity_window_log()
@@ -474,6 +509,17 @@ class PairedSAETrainingRunner:
 
         cfg = self.cfg
         resume = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+        w = distributed.init(cfg.device)  # joins torchrun's process group; no-op for one process
+        if w.distributed:
+            distributed.check_batch_size(cfg.train_batch_size_tokens, w.size)
+            arch = cfg.sae.architecture()
+            if arch in distributed.UNSUPPORTED_ARCHITECTURES:
+                raise distributed.DistributedError(
+                    f"architecture {arch!r} selects its top-k inside SAELens, per process; run it with one "
+                    "process, or use batchtopk_crosscoder / topk / jumprelu for a distributed run.")
+            cfg.device = distributed.local_device(cfg.device)
+            if cfg.llm_device:
+                cfg.llm_device = distributed.local_device(cfg.llm_device)
         check_dataset_column(cfg)  # before any model is loaded
         torch.manual_seed(cfg.seed)
         if self.pair is None and (self._needs_models() or not cache_exists(cfg)):
@@ -481,14 +527,16 @@ class PairedSAETrainingRunner:
         if self.pair is not None:
             check_pair_matches(cfg, self.pair)
         provider, evaluator = self._build_provider()
+        provider.set_world(w.rank, w.size)
         sae = self.sae if self.sae is not None else self._build_sae()
         self.sae = sae
         self._set_metadata(sae)
         if resume is None and cfg.is_crosscoder:
             from sae_diff.dictionaries.normalisation import prepare_crosscoder
 
-            prepare_crosscoder(sae, provider, n_batches=cfg.n_norm_batches)
-        if cfg.logger.log_to_wandb:
+            with provider.global_batches():  # every rank: the same whole batches as one process
+                prepare_crosscoder(sae, provider, n_batches=cfg.n_norm_batches)
+        if cfg.logger.log_to_wandb and w.is_main:
             wandb.init(project=cfg.logger.wandb_project, entity=cfg.logger.wandb_entity, config=cfg.to_dict(),
                        name=cfg.logger.run_name, id=cfg.logger.wandb_id, resume="allow" if resume else None)
         trainer = ResumableSAETrainer(
@@ -507,8 +555,14 @@ class PairedSAETrainingRunner:
             self.eval_metrics["details/n_training_samples"] = trainer.n_training_samples
             self.eval_metrics["details/n_training_steps"] = trainer.n_training_steps
         if cfg.output_path is not None:
-            self.save_final(trained, Path(cfg.output_path), trainer.log_feature_sparsity)
-        if cfg.logger.log_to_wandb:
+            if w.is_main:
+                try:
+                    self.save_final(trained, Path(cfg.output_path), trainer.log_feature_sparsity)
+                finally:
+                    distributed.barrier()
+            else:
+                distributed.barrier()
+        if cfg.logger.log_to_wandb and w.is_main:
             if self.eval_metrics:
                 wandb.log(self.eval_metrics, step=trainer.n_training_steps)
             wandb.finish()

@@ -8,6 +8,8 @@ Quick start::
     org.base, org.ft, org.tokenizer       # HookedTransformers + shared HF fast tokenizer
     pm = org.paired()                     # sae_diff.pairing.model.PairedModel
     masks = org.behaviour_masks(tokens)   # {behaviour: BoolTensor (batch, seq)}
+    s = org.scoring_set(16)               # held-out triggered rows + controls, labels, masks
+    narrow = load_organism("narrow")      # one planted trigger -> response on a chat model
 
 See docs/organisms.md.
 """

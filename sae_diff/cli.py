@@ -220,39 +220,11 @@ def _chain(first: Any, rest: Any) -> Any:
 
 
 def preflight_cache(cfg: Any, *, what: str = "the config") -> None:
-    """If ``cfg.cache_path`` holds a cache (or shards of one), check that it was harvested for
-    this config (models, hook, data, masks, dtype, context size) before anything loads.
+    """:func:`sae_diff.data.cache.check_config_cache` before anything loads (models unknown:
+    names, data, hook, masks, dtype and context size are compared; hashes once loaded)."""
+    from sae_diff.data.cache import check_config_cache
 
-    Raises:
-        CacheIdentityError: listing every mismatch.
-    """
-    if not cfg.cache_path:
-        return
-    from pathlib import Path
-
-    from sae_diff.data.cache import (
-        MANIFEST,
-        SHARD_GLOB,
-        ActivationCache,
-        check_identity,
-        dtype_name,
-        expected_identity,
-        read_shard_description,
-    )
-
-    dtype_name(getattr(cfg, "cache_dtype", None) or cfg.dtype)  # a dtype the cache can store
-
-    folder = Path(cfg.cache_path)
-    if folder.exists() and not folder.is_dir():
-        from sae_diff.data.cache import CacheError
-
-        raise CacheError(f"cache_path {str(folder)!r} is a file, not a cache folder; point cache_path at a "
-                         "folder (it is created when missing).")
-    expected = expected_identity(cfg)
-    if (folder / MANIFEST).is_file():
-        check_identity(ActivationCache(folder, allow_incomplete=True), expected, what=what)
-    elif folder.is_dir() and (shards := sorted(folder.glob(SHARD_GLOB))):
-        check_identity(read_shard_description(shards[0])["meta"], expected, what=what)
+    check_config_cache(cfg, what=what)
 
 
 # ---------------------------------------------------------------------- commands

@@ -472,6 +472,33 @@ def check_identity(
         )
 
 
+def check_config_cache(cfg: Any, *, pair: Any = None, what: str = "the config") -> None:
+    """Check ``cfg.cache_path`` against the run config ``cfg`` before training from it or
+    harvesting into it: the storage dtype is one a cache can hold, the path is a folder, and a
+    cache (or, with a lost manifest, its first shard's self-description) there was harvested
+    for this setup (:func:`check_identity` with :func:`expected_identity`). Nothing happens
+    when the folder holds no cache yet. Loads no model; pass ``pair`` once the models are
+    loaded to compare revisions and tokenizer hashes too.
+
+    Raises:
+        CacheDtypeError, CacheError, CacheIdentityError: naming the problem and the fix.
+    """
+    if not getattr(cfg, "cache_path", None):
+        return
+    dtype_name(getattr(cfg, "cache_dtype", None) or cfg.dtype)  # a dtype the cache can store
+    folder = Path(cfg.cache_path)
+    if folder.exists() and not folder.is_dir():
+        raise CacheError(
+            f"cache_path {str(folder)!r} is a file, not a cache folder; point cache_path at a "
+            "folder (it is created when missing)."
+        )
+    expected = expected_identity(cfg, pair=pair)
+    if (folder / MANIFEST).is_file():
+        check_identity(ActivationCache(folder, allow_incomplete=True), expected, what=what)
+    elif folder.is_dir() and (shards := sorted(folder.glob(SHARD_GLOB))):
+        check_identity(read_shard_description(shards[0])["meta"], expected, what=what)
+
+
 class ActivationCacheWriter:
     """Append rows to a cache folder in atomic shards; resumes an interrupted cache.
 
@@ -1013,6 +1040,7 @@ __all__ = [
     "CacheWriteError",
     "RunningStats",
     "cache_identity",
+    "check_config_cache",
     "check_identity",
     "expected_identity",
     "read_shard_description",

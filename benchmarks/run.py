@@ -10,6 +10,9 @@ other processes on a shared machine hits both sides of a ratio alike.
 Figures (docs/performance.md explains each):
 - training step: dense reference (dense encode, flat top-k, dense decode, SAELens's Adam)
   ÷ ours (sparse kernels + fused Adam)           goal >= 4 (speed-up)
+- crosscoder_learning's BatchTopKCrossCoderTrainer step (benchmarks/reference_crosscoder.py)
+  ÷ sae_diff's BatchTopK crosscoder step (SAELens's SAETrainer step, fused Adam), on a quiet
+  machine and with a competing CPU-bound process started by the suite   goal >= 5 / >= 4
 - our step ÷ one fp32 encoder matmul (B x D @ D x n, preallocated output)   goal <= 2.0
 - bf16-autocast step ÷ fp32 step                 goal <= 0.7
 - BatchTopK selection ÷ flat torch.topk          goal <= 0.15
@@ -80,7 +83,7 @@ GEMMA = Config("gemma-2-2b (D=2x2304, n=73728, k=100, B=4096)", 2, 2304, 73728, 
 # a diff-SAE reads one model's width
 DIFF_LARGE = Config("diff-large (D=768, n=16384, k=32, B=1024)", 1, 768, 16384, 32, 1024)
 DIFF_SMALL = Config("diff-small (D=128, n=2048, k=16, B=1024)", 1, 128, 2048, 16, 1024)
-SECTIONS = ("crosscoder", "diff_sae", "latent_scaling", "harvest")
+SECTIONS = ("crosscoder", "reference", "diff_sae", "latent_scaling", "harvest")
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -235,6 +238,95 @@ def bench_config(cfg: Config, device: torch.device, reps: int, with_ref: bool = 
     if "ref" in med:
         res["tokens_per_s_ref"] = cfg.B / med["ref"]
     return res
+
+
+# ------------------------------------------------------------- vs crosscoder_learning's step
+
+_COMPETITOR = (
+    "import torch\n"
+    "torch.set_num_threads(1)\n"
+    "a = torch.randn(512, 512)\n"
+    "while True:\n"
+    "    a @ a\n"
+)
+
+
+def bench_vs_reference(cfg: Config, device: torch.device, reps: int) -> dict[str, Any]:
+    """sae_diff's BatchTopK crosscoder step vs crosscoder_learning's, quiet and contended.
+
+    Ours: ``BatchTopKCrosscoderTraining`` with its defaults, one ``SAETrainer._train_step`` (the
+    runner's step: forward, SAELens's firing statistics, backward, gradient clipping, fused Adam,
+    LR schedulers). Reference: ``benchmarks/reference_crosscoder.py``'s ``ReferenceTrainer.update``
+    (normalise, dense einsum encode, flat top-k, threshold EMA, dense decode, unsquared-norm loss,
+    aux-K bookkeeping, clipping, Adam, schedule), past its threshold warm-up. Both at the same
+    size on the same batch, timed interleaved; then the same again while one CPU-bound process
+    (a single-threaded 512x512 matmul loop) started here competes for the cores.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from reference_crosscoder import (  # type: ignore[import-not-found]
+        ReferenceBatchTopKCrosscoder,
+        ReferenceConfig,
+        ReferenceTrainer,
+    )
+    from sae_lens.training.sae_trainer import SAETrainer, SAETrainerConfig
+
+    from sae_diff.dictionaries.batchtopk_crosscoder import (
+        BatchTopKCrosscoderTraining,
+        BatchTopKCrosscoderTrainingConfig,
+    )
+    from sae_diff.training.runner import use_fused_adam
+
+    torch.manual_seed(0)
+    x = torch.randn(cfg.B, cfg.n_models, cfg.d_model, device=device)
+    sae = BatchTopKCrosscoderTraining(BatchTopKCrosscoderTrainingConfig(
+        d_in=cfg.d_model, d_sae=cfg.n, k=cfg.k, n_models=cfg.n_models, device=str(device)))
+    lr = 2e-4 / (cfg.n / 2**14) ** 0.5
+    trainer = SAETrainer(SAETrainerConfig(total_training_samples=10**12, train_batch_size_samples=cfg.B, lr=lr,
+                                          lr_end=lr, device=str(device)), sae, iter(()))
+    use_fused_adam(trainer)
+    ref = ReferenceTrainer(ReferenceBatchTopKCrosscoder(
+        ReferenceConfig(d=cfg.d_model, n=cfg.n, k=cfg.k, n_models=cfg.n_models, steps=10**9),
+        device=device))
+    step_no = [1001]  # past the reference's threshold warm-up: its steady-state step
+
+    def ours() -> None:
+        trainer._train_step(sae, x)
+
+    def theirs() -> None:
+        ref.update(step_no[0], x)
+        step_no[0] += 1
+
+    for _ in range(2):
+        ours()
+        theirs()
+
+    def phase() -> dict[str, Any]:
+        load0 = os.getloadavg()
+        t: dict[str, list[float]] = {"ours": [], "ref": []}
+        for _ in range(reps):
+            t["ours"].append(_timeit(ours, device))
+            t["ref"].append(_timeit(theirs, device))
+        med = {k: _med(v) for k, v in t.items()}
+        return {"times_s": t, "median_s": med, "ratio": med["ref"] / med["ours"],
+                "loadavg": [load0, os.getloadavg()]}
+
+    quiet = phase()
+    comp = subprocess.Popen([sys.executable, "-c", _COMPETITOR], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(2.0)
+        busy = phase()
+    finally:
+        comp.kill()
+        comp.wait()
+    return {
+        "config": cfg.__dict__ | {"D": cfg.D},
+        "threads": torch.get_num_threads(),
+        "quiet": quiet,
+        "contended": busy,
+        "slowdown_ours": busy["median_s"]["ours"] / quiet["median_s"]["ours"],
+        "slowdown_ref": busy["median_s"]["ref"] / quiet["median_s"]["ref"],
+    }
 
 
 # ------------------------------------------------------------------------ diff-SAE step
@@ -463,6 +555,20 @@ def table(res: dict[str, Any]) -> str:
                 e = mem.get(impl, {})
                 val = f"{e['step_extra_bytes'] / 2**20:.0f} MiB" if "step_extra_bytes" in e else "n/a"
                 rows.append((f"{key}: peak extra memory of a step ({impl})", val, "formula in JSON", "—"))
+    for key, r in res.get("reference", {}).items():
+        q, b = r["quiet"], r["contended"]
+        la = q["loadavg"][0][0]
+        lb = b["loadavg"][1][0]
+        rows.append((f"{key}: crosscoder_learning step ÷ sae_diff step (load {la:.1f})",
+                     *_fmt(q["ratio"], ">= 5", q["ratio"] >= 5)))
+        rows.append((f"{key}: same, one CPU-bound process competing (load {lb:.1f})",
+                     *_fmt(b["ratio"], ">= 4", b["ratio"] >= 4)))
+        rows.append((f"{key}: slowdown under contention, sae_diff / reference",
+                     f"{r['slowdown_ours']:.2f} / {r['slowdown_ref']:.2f}", "ours <= reference's",
+                     "met" if r["slowdown_ours"] <= r["slowdown_ref"] * 1.05 else "**not met**"))
+        rows.append((f"{key}: median step s, sae_diff / reference (quiet; contended)",
+                     f"{q['median_s']['ours']:.3f} / {q['median_s']['ref']:.3f}; "
+                     f"{b['median_s']['ours']:.3f} / {b['median_s']['ref']:.3f}", f"threads {r['threads']}", "—"))
     for key, r in res.get("diff_sae", {}).items():
         ms, tps = r["median_s"], r["tokens_per_s"]
         rows.append((f"{key}: diff-SAE step, sparse_kernels ÷ dense", f"{r['sparse_over_dense']:.3g}",
@@ -569,6 +675,11 @@ def main() -> None:
         if not args.no_memory:
             r["memory"] = bench_memory(cfg, device)
         res["configs"][cfg.name.split(" ")[0]] = r
+    if "reference" in only:
+        res["reference"] = {}
+        for cfg in ([SMALL] if args.quick else []) + [LARGE]:
+            print(f"[bench] vs crosscoder_learning, {cfg.name} ...", flush=True)
+            res["reference"][cfg.name.split(" ")[0]] = bench_vs_reference(cfg, device, reps)
     if "diff_sae" in only:
         res["diff_sae"] = {}
         for cfg in (DIFF_SMALL, DIFF_LARGE):

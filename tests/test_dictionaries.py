@@ -205,7 +205,7 @@ def test_diff_sae_paired_and_difference_inputs_agree(tmp_path) -> None:
 def test_prepare_sets_norm_factors_and_decoder_bias() -> None:
     from sae_diff.dictionaries.normalisation import prepare_crosscoder
 
-    sae = make("batchtopk_crosscoder", d=16, n=32, k=2, center_inputs=False)
+    sae = make("batchtopk_crosscoder", d=16, n=32, k=2, center_inputs=False, input_scaling="sqrt_d")
     batches = [torch.randn(256, 2, 16) * torch.tensor([3.0, 0.5])[:, None] + 1.0 for _ in range(4)]
     factors = prepare_crosscoder(sae, iter(batches), n_batches=4)
     norms = torch.cat(batches).norm(dim=-1).mean(0)
@@ -214,21 +214,27 @@ def test_prepare_sets_norm_factors_and_decoder_bias() -> None:
 
 
 def test_prepare_centres_by_default() -> None:
-    """The default (reference) BatchTopK crosscoder: x_n = c (x - mu), E||x_n|| = sqrt(d) on
-    the centred data, decoder bias at the normalised mean (zero)."""
+    """The default (reference) BatchTopK crosscoder: x_n = c (x - mu), E||x_n||^2 = 1 on the
+    centred data (or E||x_n|| = sqrt(d) with input_scaling="sqrt_d"), decoder bias at the
+    normalised mean (zero)."""
     from sae_diff.dictionaries.normalisation import prepare_crosscoder
 
-    sae = make("batchtopk_crosscoder", d=16, n=32, k=2)
     batches = [torch.randn(256, 2, 16) * torch.tensor([3.0, 0.5])[:, None] + 1.0 for _ in range(4)]
-    factors = prepare_crosscoder(sae, iter(batches), n_batches=4)
     data = torch.cat(batches).double()
     mu = data.mean(0)
-    torch.testing.assert_close(sae.norm_offsets.double(), mu, atol=1e-6, rtol=0)
-    norms = (data - mu).norm(dim=-1).mean(0)
-    torch.testing.assert_close(factors.double(), math.sqrt(16) / norms, atol=1e-5, rtol=1e-5)
-    assert sae.b_dec.abs().max() < 1e-5
-    x_n = sae.normalised_input(torch.cat(batches))
-    torch.testing.assert_close(x_n.double().norm(dim=-1).mean(0), torch.full((2,), 4.0, dtype=torch.float64))
+    for scaling in ("unit_rms", "sqrt_d"):
+        sae = make("batchtopk_crosscoder", d=16, n=32, k=2, input_scaling=scaling)
+        factors = prepare_crosscoder(sae, iter(batches), n_batches=4)
+        torch.testing.assert_close(sae.norm_offsets.double(), mu, atol=1e-6, rtol=0)
+        norms = (data - mu).norm(dim=-1)
+        expect = 1 / norms.pow(2).mean(0).sqrt() if scaling == "unit_rms" else math.sqrt(16) / norms.mean(0)
+        torch.testing.assert_close(factors.double(), expect, atol=1e-5, rtol=1e-5)
+        assert sae.b_dec.abs().max() < 1e-5
+        x_n = sae.normalised_input(torch.cat(batches)).double()
+        if scaling == "unit_rms":
+            torch.testing.assert_close(x_n.pow(2).sum(-1).mean(0), torch.ones(2, dtype=torch.float64))
+        else:
+            torch.testing.assert_close(x_n.norm(dim=-1).mean(0), torch.full((2,), 4.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ from sae_diff.dictionaries.crosscoder import (
     CrosscoderTrainingMixin,
     validate_init_norm,
 )
-
+from sae_diff.dictionaries.normalisation import INPUT_SCALINGS
 
 LOSS_FORMS: tuple[str, ...] = ("squared", "norm")
 
@@ -93,15 +93,22 @@ class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
             normalisation factors, ``prepare_crosscoder``) before scaling, as the reference
             does; folded into ``b_enc``/``b_dec`` on export, so saved dictionaries read raw
             activations.
+        input_scaling: the per-model scalar ``c_m``: ``"unit_rms"`` (``E||x_n^m||^2 = 1`` on the
+            centred data, the reference's ``target_rms = 1``) or ``"sqrt_d"``
+            (``E||x_n^m|| = sqrt(d)``, SAELens's convention). Adam's steps are absolute, so the
+            input scale changes how fast the biases move relative to the weights: only the
+            reference's scale reproduces its dictionaries.
         threshold_ema_decay: EMA decay of the inference threshold (0.999, the reference's).
         threshold_start_step: the threshold's moving average restarts from the batch's
             smallest kept score at the first step whose (0-based) index exceeds this (the
             reference: 1000), so early-training scores do not bias the inference L0. Before it
             the average runs from the first batch, so that shorter runs still export a measured
             threshold (then lower the decay, or this step, for them).
-        loss_form: reconstruction term: ``"squared"`` (``sum_m ||x^m - xhat^m||^2``, mean over
-            tokens; METHODS.md's convention) or ``"norm"`` (the reference's unsquared
-            ``||x^m - xhat^m||``, mean over tokens and models). Reported as ``mse_loss`` either way.
+        loss_form: reconstruction term: ``"norm"`` (the reference's unsquared ``||x^m - xhat^m||``,
+            mean over tokens and models; the default) or ``"squared"`` (``sum_m ||x^m -
+            xhat^m||^2``, mean over tokens; METHODS.md's convention for the L1 crosscoder). With
+            gradient clipping at 1 the two train differently (docs/methods.md). Reported as
+            ``mse_loss`` either way.
         sparse_kernels: train with ``sae_diff.dictionaries.kernels`` (dense encoder matmul,
             fast exact batch top-k, sparse decode and sparse backward; same loss and gradients
             as the dense path, see docs/performance.md). ``False`` = the dense reference path.
@@ -113,15 +120,18 @@ class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
     k_aux: int | None = None
     decoder_init_norm_per_model: float | None = 1.0
     center_inputs: bool = True
+    input_scaling: str = "unit_rms"
     threshold_ema_decay: float = 0.999
     threshold_start_step: int = 1000
-    loss_form: str = "squared"
+    loss_form: str = "norm"
     sparse_kernels: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_common_fields(self)
         validate_k(self.k, self.d_sae)
+        if self.input_scaling not in INPUT_SCALINGS:
+            raise ValueError(f"Unknown input_scaling {self.input_scaling!r}; choose one of {list(INPUT_SCALINGS)}.")
         if self.loss_form not in LOSS_FORMS:
             raise ValueError(f"Unknown loss_form {self.loss_form!r}; choose one of {list(LOSS_FORMS)}.")
         validate_init_norm(self.decoder_init_norm_per_model)

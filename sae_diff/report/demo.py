@@ -88,9 +88,6 @@ class DemoConfig:
     batch_size: int = 512
     lr: float = 2e-3
     threshold_ema_decay: float = 0.99
-    # METHODS.md's 1/32 (on the variance-normalised residual) left 74% of latents dead after 600
-    # steps on the organism; 8 gave 12% dead and higher FVE (docs/methods.md).
-    crosscoder_aux_coefficient: float = 8.0
     eval_per_behaviour: int = 16
     n_controls: int | None = None  # control conversations (default: as many as triggered ones)
     n_text: int = 16  # plain-text rows (the negatives of chat_format), when the organism has a world
@@ -167,7 +164,6 @@ def train_dictionary(cfg: DemoConfig, name: str, cache: ActivationCache, d_model
         kw: dict[str, Any] = {"l1_coefficient": cfg.l1_coefficient} if spec["architecture"] == "crosscoder" else {"k": cfg.k}
         if spec["architecture"] == "batchtopk_crosscoder":
             kw["threshold_ema_decay"] = cfg.threshold_ema_decay
-            kw["aux_loss_coefficient"] = cfg.crosscoder_aux_coefficient
         if spec["architecture"] == "batchtopk_diff_sae":
             kw["normalize_activations"] = "expected_average_only_in"
         sae = training_sae(training_config(spec["architecture"], d_in=d_model, d_sae=d_sae, **kw))

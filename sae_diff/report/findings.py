@@ -144,8 +144,9 @@ def seed_findings(seeds: Sequence[Mapping[str, Any]], nu_eps_max: float, nu_r_ma
             for k, v in nums.items():
                 numbers.setdefault(k, []).append(None if v is None else float(v))
         holds, word = verdict(per_seed)
-        n_true = sum(1 for h in per_seed if h)
-        detail = "" if word in ("Yes", "No") else f" (holds on {n_true} of {len(per_seed)} seeds)"
+        n_true, n_none = sum(1 for h in per_seed if h), sum(1 for h in per_seed if h is None)
+        detail = {"Yes": "", "No": "", "Mixed": f" (holds on {n_true} of {len(per_seed)} seeds)",
+                  "Undecided": f" (the numbers cannot decide on {n_none} of {len(per_seed)} seeds)"}[word]
         out.append({"question": question, "answer": f"{word}{detail}: {words(numbers)}", "holds": holds,
                     "per_seed": {str(s.get("seed")): h for s, h in zip(seeds, per_seed)}, "numbers": numbers})
     return out

@@ -155,7 +155,7 @@ def train_reference(acts: torch.Tensor, seed: int, a: argparse.Namespace) -> Aff
                                          device="cpu", activation_mean=mean, activation_std=std, target_rms=1.0)
     for step, x in zip(range(a.steps), batches(acts, seed, a.batch), strict=False):
         trainer.update(step, x.clone())
-    ae = trainer.ae
+    ae: Any = trainer.ae
     return _fold_reference(ae.encoder.weight, ae.encoder.bias, ae.decoder.weight, ae.decoder.bias,
                            ae.activation_mean, ae.activation_global_scale, ae.get_code_normalization(),
                            float(ae.threshold))
@@ -191,8 +191,8 @@ def evaluate(m: Affine, acts: torch.Tensor, k: int, B: int, common_scale: torch.
     nb, nc = norms[:, 0], norms[:, 1]
     delta = 0.5 * ((nb - nc) / torch.maximum(nb, nc).clamp(min=1e-12) + 1)
     live = delta[active]
-    hist = torch.histc(live, bins=10, min=0.0, max=1.0)
-    hist = (hist / hist.sum().clamp(min=1)).tolist()
+    counts = torch.histc(live, bins=10, min=0.0, max=1.0)
+    hist = (counts / counts.sum().clamp(min=1)).tolist()
     return {"dead_topk": 1 - float(picked.float().mean()), "dead_inference": 1 - float(active.float().mean()),
             "fve_base": fve[0], "fve_ft": fve[1], "l0": l0 / acts.shape[0], "delta_hist": hist,
             "ft_only": float((live < 0.1).float().mean()), "shared": float(((live - 0.5).abs() < 0.1).float().mean()),

@@ -81,6 +81,11 @@ def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-5) -> Ten
 class ReferenceBatchTopKCrosscoder(nn.Module):
     """Weights in the reference's layout: ``W_enc (m, d, n)``, ``W_dec (m, n, d)``."""
 
+    act_mean: Tensor
+    act_scale: Tensor
+    threshold: Tensor
+    tokens_since_fired: Tensor
+
     def __init__(self, cfg: ReferenceConfig, mean: Tensor | None = None, scale: Tensor | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
         super().__init__()

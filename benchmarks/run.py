@@ -292,6 +292,14 @@ def bench_vs_reference(cfg: Config, device: torch.device, reps: int) -> dict[str
     def ours() -> None:
         trainer._train_step(sae, x)
 
+    def ours_all_threads() -> None:
+        """The same step with the small ops on all threads (the pre-issue-18 behaviour)."""
+        kernels.set_small_op_threads(None)
+        try:
+            trainer._train_step(sae, x)
+        finally:
+            kernels.set_small_op_threads(1)
+
     def theirs() -> None:
         ref.update(step_no[0], x)
         step_no[0] += 1
@@ -302,11 +310,13 @@ def bench_vs_reference(cfg: Config, device: torch.device, reps: int) -> dict[str
 
     def phase() -> dict[str, Any]:
         load0 = os.getloadavg()
-        t: dict[str, list[float]] = {"ours": [], "ref": []}
+        t: dict[str, list[float]] = {"ours": [], "ref": [], "ours_all_threads": []}
         for _ in range(reps):
             t["ours"].append(_timeit(ours, device))
             t["ref"].append(_timeit(theirs, device))
-        med = {k: _med(v) for k, v in t.items()}
+            if torch.get_num_threads() > 1:
+                t["ours_all_threads"].append(_timeit(ours_all_threads, device))
+        med = {k: _med(v) for k, v in t.items() if v}
         return {"times_s": t, "median_s": med, "ratio": med["ref"] / med["ours"],
                 "loadavg": [load0, os.getloadavg()]}
 
@@ -319,7 +329,11 @@ def bench_vs_reference(cfg: Config, device: torch.device, reps: int) -> dict[str
     finally:
         comp.kill()
         comp.wait()
-    return {
+    out: dict[str, Any] = {}
+    if "ours_all_threads" in quiet["median_s"]:
+        out["slowdown_ours_all_threads"] = (busy["median_s"]["ours_all_threads"]
+                                            / quiet["median_s"]["ours_all_threads"])
+    return out | {
         "config": cfg.__dict__ | {"D": cfg.D},
         "threads": torch.get_num_threads(),
         "quiet": quiet,
@@ -566,6 +580,9 @@ def table(res: dict[str, Any]) -> str:
         rows.append((f"{key}: slowdown under contention, sae_diff / reference",
                      f"{r['slowdown_ours']:.2f} / {r['slowdown_ref']:.2f}", "ours <= reference's",
                      "met" if r["slowdown_ours"] <= r["slowdown_ref"] * 1.05 else "**not met**"))
+        if "slowdown_ours_all_threads" in r:
+            rows.append((f"{key}: slowdown, sae_diff with small ops on all threads (before issue 18)",
+                         f"{r['slowdown_ours_all_threads']:.2f}", "—", "—"))
         rows.append((f"{key}: median step s, sae_diff / reference (quiet; contended)",
                      f"{q['median_s']['ours']:.3f} / {q['median_s']['ref']:.3f}; "
                      f"{b['median_s']['ours']:.3f} / {b['median_s']['ref']:.3f}", f"threads {r['threads']}", "—"))

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from sae_lens import SAE
 
 import sae_diff  # noqa: F401  (registers the architectures)
@@ -37,10 +38,13 @@ def test_organism_configs_are_shipped_and_dry_run(capsys: pytest.CaptureFixture[
     for config in ORGANISM_CONFIGS:  # tests/test_cli.py dry-runs them too, with the JSON plan
         assert main(["train", "--config", str(config), "--dry-run", "--json"]) == 0
         plan = json.loads(capsys.readouterr().out)
-        assert (plan["base_model"], plan["ft_model"]) == ("organism-base", "organism-ft")
+        organism = yaml.safe_load(config.read_text())["organism"]
+        # each shipped organism names its own pair (narrow's base is the default's fine-tune)
+        expected = {"default": ("organism-base", "organism-ft"), "narrow": ("organism-ft", "narrow-ft")}
+        assert (plan["base_model"], plan["ft_model"]) == expected[organism], config.name
         assert plan["hook_name"] == "blocks.2.hook_resid_pre" and plan["d_in"] == 128
         assert plan["model_dims"]["n_layers"] == 4
-        assert any("organism 'default'" in n for n in plan["notes"])
+        assert any(f"organism {organism!r}" in n for n in plan["notes"])
 
 
 def test_organism_fills_names_and_hook_without_loading(monkeypatch: pytest.MonkeyPatch) -> None:

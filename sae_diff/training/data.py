@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from sae_diff.data.cache import check_config_cache
 from sae_diff.errors import SaeDiffError
 from sae_diff.training.config import PairedRunnerConfig
 
@@ -72,7 +73,13 @@ def build_smoke_test_pair(spec: Any, ft_name: str = "smoke-ft", base_name: str =
 def load_pair(cfg: PairedRunnerConfig) -> Any:
     """The run's ``PairedModel``: smoke-test models, the bundled organism
     (``load_organism(cfg.organism).paired()``, float32, names from the config), or
-    ``PairedModel.from_pretrained``."""
+    ``PairedModel.from_pretrained``.
+
+    Under ``torchrun`` the process group is joined first, which makes ``device: cuda`` this
+    process's GPU (``cuda:LOCAL_RANK``) before any weight is loaded."""
+    from sae_diff.training.distributed import init
+
+    init(cfg.llm_device or cfg.device)
     if cfg.organism is not None:
         from sae_diff.organisms import load_organism
 
@@ -321,6 +328,7 @@ def training_store(cfg: PairedRunnerConfig, pair: Any = None, *, loop: bool = Tr
         "seed": cfg.seed, "loop": loop,
     }
     if cfg.cache_path is not None:
+        check_config_cache(cfg, pair=pair)  # a cache of another setup is refused, listing every mismatch
         if not cache_exists(cfg):
             if pair is None:
                 raise TrainingDataError(f"no finished cache at {cfg.cache_path} and no models to harvest it with.")

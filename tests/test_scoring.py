@@ -210,3 +210,19 @@ def test_findings_are_yes_no_only_when_every_seed_agrees() -> None:
     assert kl["numbers"]["diff_sae"] == [0.9, 0.4, 0.95]
     err = next(f for q, f in out.items() if q.startswith("Does less of the KL"))
     assert err["holds"] is True and err["answer"].startswith("Yes")
+
+
+def test_probe_folds_split_every_behaviours_positives_evenly() -> None:
+    """Even when one behaviour (like the chat template) is carried by nearly every row, each
+    fold gets half of every behaviour's positive rows."""
+    n = 20
+    valid = torch.ones(n, 3, dtype=torch.bool)
+    chat = torch.ones(n, dtype=torch.bool)
+    chat[-2:] = False  # two plain-text rows
+    a = torch.zeros(n, dtype=torch.bool)
+    a[:8] = True
+    z = torch.zeros(n, 3, dtype=torch.bool)
+    truth = GroundTruth(valid, {"chat": z, "a": z}, {"chat": z, "a": z}, {"chat": chat, "a": a})
+    for seed in range(5):
+        fold = BL._folds(truth, 2, seed)
+        assert int((fold[a] == 0).sum()) == 4 and int((fold[~chat] == 0).sum()) == 1

@@ -14,7 +14,7 @@ in a fixed ranking, so :mod:`sae_diff.report.scoring` scores them exactly like l
   indicator "this token is that type", in order of their highest KL.
 - ``probe`` (the ceiling): per behaviour and granularity, a mean-difference direction on ``D``
   fitted on the labels of half of the conversations and scored on the other half (2-fold
-  cross-fitting, folds stratified by behaviour, unit-norm directions so the pooled scores are
+  cross-fitting, folds stratified by the behaviours a row carries, unit-norm directions so the pooled scores are
   comparable). Supervised, so it is an upper reference, not a competitor.
 """
 
@@ -82,11 +82,13 @@ def kl_token_scores(kl: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
 
 
 def _folds(sset: GroundTruth, n_folds: int, seed: int) -> torch.Tensor:
-    """Fold id per conversation, stratified by the first behaviour a conversation carries."""
+    """Fold id per conversation, stratified by the set of behaviours a conversation carries
+    (so each fold gets its share of every behaviour's positives, also when one behaviour, like
+    the chat template, is carried by almost every row)."""
     n = sset.valid.shape[0]
-    group = torch.full((n,), -1, dtype=torch.long)
+    group = torch.zeros(n, dtype=torch.long)
     for i, b in enumerate(sset.behaviours):
-        group = torch.where((group < 0) & sset.conversation[b], torch.tensor(i), group)
+        group += sset.conversation[b].long() << i
     gen = torch.Generator().manual_seed(seed)
     fold = torch.empty(n, dtype=torch.long)
     for g in group.unique().tolist():

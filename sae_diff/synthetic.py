@@ -3,7 +3,10 @@
 The ground truth for dictionary tests, the README example and benchmarks: each token
 activates a few planted features; feature j writes ``a * u_j^b`` into the base model's
 activation and ``a * u_j^c`` into the fine-tune's. Shared features have u^b = u^c,
-ft-only ones u^b = 0, base-only ones u^c = 0. Gaussian noise is added per model.
+ft-only ones u^b = 0, base-only ones u^c = 0 (the directions a dedicated-feature crosscoder's
+ft- / base-dedicated latents should find), and *rotated* ones (``n_rotated``) have
+cos(u^b, u^c) = ``rotation_cos``: the fine-tune turned a base direction within a plane of
+its own. Gaussian noise is added per model.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ class PlantedPairedData:
 
     Attributes:
         directions: ``(n_features, 2, d)`` unit (or zero) per-model directions.
-        kinds: per feature, ``"shared"``, ``"ft_only"`` or ``"base_only"``.
+        kinds: per feature, ``"shared"``, ``"ft_only"``, ``"base_only"`` or ``"rotated"``.
     """
 
     directions: torch.Tensor
@@ -32,14 +35,18 @@ class PlantedPairedData:
     @classmethod
     def make(cls, d: int = 32, n_shared: int = 8, n_ft_only: int = 4, n_base_only: int = 4,
              active_per_token: float = 2.0, noise: float = 0.01, seed: int = 0,
-             dtype: torch.dtype = torch.float32) -> PlantedPairedData:
+             dtype: torch.dtype = torch.float32, n_rotated: int = 0,
+             rotation_cos: float = 0.5) -> PlantedPairedData:
         n = n_shared + n_ft_only + n_base_only
-        if n > d:
-            raise ValueError(f"Need at most d={d} planted features for orthogonal directions, got {n}.")
+        if n + 2 * n_rotated > d:
+            raise ValueError(f"Need at most d={d} orthogonal directions: {n} planted features plus 2 per rotated "
+                             f"feature ({n_rotated}) = {n + 2 * n_rotated}. Lower the counts or raise d.")
+        if not -1.0 <= rotation_cos <= 1.0:
+            raise ValueError(f"rotation_cos must be in [-1, 1], got {rotation_cos}.")
         g = torch.Generator().manual_seed(seed)
         q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-        u = q[:, :n].T  # orthonormal rows
-        directions = torch.zeros(n, 2, d, dtype=torch.float64)
+        u = q[:, : n + 2 * n_rotated].T  # orthonormal rows
+        directions = torch.zeros(n + n_rotated, 2, d, dtype=torch.float64)
         kinds: list[str] = []
         for j in range(n):
             if j < n_shared:
@@ -51,6 +58,12 @@ class PlantedPairedData:
             else:
                 directions[j, 0] = u[j]
                 kinds.append("base_only")
+        sin = (1.0 - rotation_cos**2) ** 0.5
+        for r in range(n_rotated):  # base u, ft cos·u + sin·v with v ⟂ everything else
+            a, b = u[n + 2 * r], u[n + 2 * r + 1]
+            directions[n + r, 0] = a
+            directions[n + r, 1] = rotation_cos * a + sin * b
+            kinds.append("rotated")
         return cls(directions.to(dtype), kinds, active_per_token, noise, dtype)
 
     @property

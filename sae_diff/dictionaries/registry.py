@@ -8,6 +8,10 @@ name                   training class                         saved (inference) 
 ``crosscoder``         L1 (ReLU) crosscoder                    ``crosscoder``
 ``batchtopk_crosscoder`` BatchTopK crosscoder                  ``jumprelu_crosscoder``
 ``batchtopk_diff_sae`` BatchTopK SAE on ft−base / base−ft      ``diff_sae``
+``jumprelu_crosscoder`` JumpReLU crosscoder trained directly   ``jumprelu_crosscoder``
+``shared_crosscoder``  L1 crosscoder, tied shared latents      ``shared_crosscoder``
+``shared_batchtopk_crosscoder`` BatchTopK, tied shared latents ``shared_jumprelu_crosscoder``
+``dedicated_batchtopk_crosscoder`` BatchTopK, dedicated latents ``dedicated_crosscoder``
 =====================  =====================================  ==========================
 
 The chat-SAE / base-SAE need nothing new: SAELens's own ``batchtopk`` serves.
@@ -32,22 +36,50 @@ from sae_diff.dictionaries.crosscoder import (
     L1CrosscoderTraining,
     L1CrosscoderTrainingConfig,
 )
+from sae_diff.dictionaries.dedicated_crosscoder import (
+    DedicatedBatchTopKCrosscoderTraining,
+    DedicatedBatchTopKCrosscoderTrainingConfig,
+    DedicatedCrosscoder,
+    DedicatedCrosscoderConfig,
+)
 from sae_diff.dictionaries.diff_sae import (
     BatchTopKDiffSAETraining,
     BatchTopKDiffSAETrainingConfig,
     DiffSAE,
     DiffSAEConfig,
 )
+from sae_diff.dictionaries.jumprelu_crosscoder_training import (
+    JumpReLUCrosscoderTraining,
+    JumpReLUCrosscoderTrainingConfig,
+)
+from sae_diff.dictionaries.shared_crosscoder import (
+    SharedBatchTopKCrosscoderTraining,
+    SharedBatchTopKCrosscoderTrainingConfig,
+    SharedCrosscoder,
+    SharedCrosscoderConfig,
+    SharedCrosscoderTraining,
+    SharedCrosscoderTrainingConfig,
+    SharedJumpReLUCrosscoder,
+    SharedJumpReLUCrosscoderConfig,
+)
 
 INFERENCE_ARCHITECTURES: dict[str, tuple[type[SAE[Any]], type[SAEConfig]]] = {
     "crosscoder": (Crosscoder, CrosscoderConfig),
     "jumprelu_crosscoder": (JumpReLUCrosscoder, JumpReLUCrosscoderConfig),
     "diff_sae": (DiffSAE, DiffSAEConfig),
+    "shared_crosscoder": (SharedCrosscoder, SharedCrosscoderConfig),
+    "shared_jumprelu_crosscoder": (SharedJumpReLUCrosscoder, SharedJumpReLUCrosscoderConfig),
+    "dedicated_crosscoder": (DedicatedCrosscoder, DedicatedCrosscoderConfig),
 }
 TRAINING_ARCHITECTURES: dict[str, tuple[type[TrainingSAE[Any]], type[TrainingSAEConfig]]] = {
     "crosscoder": (L1CrosscoderTraining, L1CrosscoderTrainingConfig),
     "batchtopk_crosscoder": (BatchTopKCrosscoderTraining, BatchTopKCrosscoderTrainingConfig),
     "batchtopk_diff_sae": (BatchTopKDiffSAETraining, BatchTopKDiffSAETrainingConfig),
+    "jumprelu_crosscoder": (JumpReLUCrosscoderTraining, JumpReLUCrosscoderTrainingConfig),
+    "shared_crosscoder": (SharedCrosscoderTraining, SharedCrosscoderTrainingConfig),
+    "shared_batchtopk_crosscoder": (SharedBatchTopKCrosscoderTraining, SharedBatchTopKCrosscoderTrainingConfig),
+    "dedicated_batchtopk_crosscoder": (DedicatedBatchTopKCrosscoderTraining,
+                                       DedicatedBatchTopKCrosscoderTrainingConfig),
 }
 ARCHITECTURES: tuple[str, ...] = tuple(sorted(set(INFERENCE_ARCHITECTURES) | set(TRAINING_ARCHITECTURES)))
 

@@ -121,6 +121,13 @@ def test_plan_of_gemma_recipe() -> None:
     assert plan.n_parameters == 2 * 2 * 2304 * 73728 + 73728 + 2 * 2304
     assert plan.cache_bytes == 100_000_000 * 2 * 2304 * 2  # both models, bfloat16
     assert plan.total_steps == 100_000_000 // 2048
+    # the cache is sized in its storage dtype, not the models' dtype
+    halved = make_plan(parse_config(CONFIGS / "gemma2_2b_batchtopk_crosscoder_l13.yaml",
+                                    ["--dtype", "float32", "--cache_dtype", "bfloat16"]))
+    assert halved.cache_bytes == plan.cache_bytes
+    full = make_plan(parse_config(CONFIGS / "gemma2_2b_batchtopk_crosscoder_l13.yaml",
+                                  ["--dtype", "bfloat16", "--cache_dtype", "float32"]))
+    assert full.cache_bytes == 2 * plan.cache_bytes
 
 
 # ---------------------------------------------------------------------- training

@@ -982,15 +982,9 @@ class ActivationCache:
     def keep_mask(
         self, shard: dict[str, torch.Tensor], mask_config: MaskConfig | None
     ) -> torch.Tensor:
-        """(rows, seq) bool of the tokens ``mask_config`` keeps (first-n recomputed from
-        document starts when its n differs from the harvest's)."""
-        from sae_diff.pairing.masks import first_n_mask
-
-        cfg = mask_config or MaskConfig()
-        masks = self.masks(shard)
-        if cfg.first_n > 0:
-            masks.first_n = first_n_mask(shard["tokens"], cfg.first_n, shard["doc_starts"])
-        return cfg.keep(masks)
+        """(rows, seq) bool of the tokens ``mask_config`` keeps: the same rule the training
+        store applies (``MaskConfig.keep``; first-n = the first n positions of each row)."""
+        return (mask_config or MaskConfig()).keep(self.masks(shard))
 
     def iter_blocks(
         self,

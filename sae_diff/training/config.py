@@ -865,7 +865,8 @@ def make_plan(cfg: PairedRunnerConfig) -> Plan:
     dict_bytes = n_params * itemsize
     act_itemsize = str_to_dtype(cfg.dtype).itemsize
     per_token = (2 if cfg.store_mode == "paired" else 1) * d_in * act_itemsize
-    cache_per_token = 2 * d_in * act_itemsize  # caches hold both models; modes are views
+    # caches hold both models (modes are views), stored in cache_dtype (default: the models' dtype)
+    cache_per_token = 2 * d_in * str_to_dtype(cfg.cache_dtype or cfg.dtype).itemsize
     batch = cfg.train_batch_size_tokens
     # weights + grads + 2 Adam moments, plus the batch, codes and reconstruction
     train_mem = 4 * dict_bytes + batch * (2 * per_token + 2 * d_sae * 4)

@@ -31,6 +31,17 @@ class PlantedPairedData:
     active_per_token: float = 2.0
     noise: float = 0.01
     dtype: torch.dtype = torch.float32
+    frequency: torch.Tensor | None = None
+
+    def with_frequency(self, weights: torch.Tensor | list[float]) -> PlantedPairedData:
+        """The same features under another data distribution: feature j fires with probability
+        ``active_per_token * w_j / sum(w)`` (uniform when ``frequency`` is None). Stage-wise
+        diffing's "ft data" is the base data with some features made more frequent."""
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (self.directions.shape[0],) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"frequency weights must be {self.directions.shape[0]} finite non-negative numbers "
+                             f"(one per planted feature, not all zero), got shape {tuple(w.shape)}.")
+        return PlantedPairedData(self.directions, list(self.kinds), self.active_per_token, self.noise, self.dtype, w)
 
     @classmethod
     def make(cls, d: int = 32, n_shared: int = 8, n_ft_only: int = 4, n_base_only: int = 4,
@@ -73,7 +84,10 @@ class PlantedPairedData:
     def sample(self, n_tokens: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x (n_tokens, 2, d), codes (n_tokens, n_features))``."""
         n_feat = self.directions.shape[0]
-        p = min(self.active_per_token / n_feat, 1.0)
+        if self.frequency is None:
+            p: torch.Tensor | float = min(self.active_per_token / n_feat, 1.0)
+        else:
+            p = (self.active_per_token * self.frequency / self.frequency.sum()).clamp(max=1.0).to(torch.float32)
         on = torch.rand(n_tokens, n_feat, generator=generator) < p
         mags = 0.5 + torch.rand(n_tokens, n_feat, generator=generator)
         codes = (on * mags).to(self.dtype)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,17 +54,10 @@ def run_config(tmp: Path, name: str, **over: Any) -> dict[str, Any]:
     return d
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
@@ -171,3 +163,24 @@ def test_store_slices_partition_the_global_batch(runs: dict[str, Any]) -> None:
     assert parts[0].state_dict()["n_tokens_served"] == full.state_dict()["n_tokens_served"]
     with pytest.raises(ValueError, match="divisible"):
         PairedActivationsStore.from_cache(cache, batch_size=63, seed=3, rank=0, world_size=2)
+
+
+def test_manifest_commit_needs_every_shard(runs: dict[str, Any], tmp_path: Path) -> None:
+    """Rank 0 commits only a complete, contiguous set of shards of one configuration."""
+    from sae_diff.data.cache import CacheError
+    from sae_diff.data.harvest import commit_sharded_manifest
+
+    src = Path(runs["one"]["cache_path"])
+    meta = manifest(src)["meta"]
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    for name, data in shard_files(src).items():
+        if name != "shard_00001.safetensors":  # one rank did not finish
+            (folder / name).write_bytes(data)
+    with pytest.raises(CacheError, match="expected shard_00001.safetensors"):
+        commit_sharded_manifest(folder, meta)
+    assert not (folder / "manifest.json").exists()
+    (folder / "shard_00001.safetensors").write_bytes((src / "shard_00001.safetensors").read_bytes())
+    with pytest.raises(CacheError, match="another configuration"):
+        commit_sharded_manifest(folder, {**meta, "hook_name": "blocks.1.hook_resid_post"})
+    assert commit_sharded_manifest(folder, meta) == manifest(src)

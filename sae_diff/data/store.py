@@ -440,13 +440,19 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
             buf = torch.cat(pool) if pool else self.carry
             n_full = n // bs
             if n_full:
-                buf = buf[self._permutation(n)]
+                perm = self._permutation(n)
                 while self.served < n_full:
                     i = self.served
                     self.served += 1
-                    yield buf[i * bs:(i + 1) * bs]
-            # window done: the remainder moves on
-            self.carry = buf[n_full * bs:].clone()
+                    rows = perm[i * bs:(i + 1) * bs]
+                    if self.world_size > 1 and self._sliced:  # gather only this rank's rows
+                        b = bs // self.world_size
+                        rows = rows[self.rank * b:(self.rank + 1) * b]
+                    yield buf[rows]
+                # window done: the remainder (in permuted order) moves on
+                self.carry = buf[perm[n_full * bs:]].clone()
+            else:
+                self.carry = buf.clone()
             self.window += 1
             self.pos += taken
             self.served = 0
@@ -470,12 +476,9 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
     def __next__(self) -> torch.Tensor:
         if self._it is None:
             self._it = self._batches()
-        raw = next(self._it)
+        raw = next(self._it)  # this rank's rows of the global batch (all of them unless sliced)
         self.n_batches += 1
-        self.n_tokens_served += int(raw.shape[0])
-        if self.world_size > 1 and self._sliced:
-            b = raw.shape[0] // self.world_size
-            raw = raw[self.rank * b:(self.rank + 1) * b]
+        self.n_tokens_served += self.batch_size
         dtype = self.dtype or (torch.float32 if raw.dtype in (torch.bfloat16, torch.float16) else raw.dtype)
         return select_mode(raw.to(self.device, dtype=dtype), self.mode, self.diff_sign)
 

@@ -50,6 +50,10 @@ from sae_diff.errors import SaeDiffError
 
 T = TypeVar("T")
 
+#: parameters smaller than this (elements) are all-reduced together in one flat bucket;
+#: larger ones in place, each as soon as backward has produced its gradient
+BUCKET_ELEMENTS = 1 << 22
+
 #: architectures whose batch coupling lives inside SAELens (not reducible from here)
 UNSUPPORTED_ARCHITECTURES = frozenset({"batchtopk", "batchtopk_diff_sae"})
 
@@ -184,50 +188,74 @@ class _TopKRecord:
     updated: bool = False
 
 
-def _global_selection(scores: torch.Tensor, K: int) -> tuple[torch.Tensor, float, torch.Tensor | None]:
-    """Given this rank's candidate scores (its local top-``K``, in ascending flat-index
-    order), which of them belong to the global flat top-``K``.
+#: each rank first offers ``MARGIN * K / W`` candidates (its expected share of the global
+#: top-K with room for imbalance); the full ``K`` only when a rank's share did not fit
+MARGIN = 1.5
 
-    Ties at the ``K``-th value go to the lowest global flat index: rank order, then local
-    index (the global batch is the ranks' slices in rank order), the one-process rule.
-    Returns (keep mask over ``scores``, the global K-th score, smallest positive kept score).
+
+def _global_selection(scores: torch.Tensor, K: int, n_offered: int
+                      ) -> tuple[torch.Tensor, float, torch.Tensor | None, bool]:
+    """Which of this rank's candidates belong to the global flat top-``K``.
+
+    ``scores`` are this rank's ``n_offered`` (or, when it has fewer entries, all) largest
+    scores in ascending flat-index order. Ties at the ``K``-th value go to the lowest global
+    flat index: rank order, then local index (the global batch is the ranks' slices in rank
+    order), the one-process rule. The selection is exact when every rank that offered a full
+    list offered a score below the global ``K``-th (so nothing it held back could be kept);
+    ``complete`` says so, identically on every rank (else: call again with ``n_offered = K``).
+    Returns (keep mask over ``scores``, the global K-th score, smallest positive kept score,
+    complete).
     """
     W, r = dist.get_world_size(), dist.get_rank()
     dev = _comm_device()
-    buf = torch.full((K,), float("-inf"), dtype=scores.dtype, device=dev)
+    buf = torch.full((n_offered,), float("-inf"), dtype=scores.dtype, device=dev)
     buf[: scores.numel()] = scores.to(dev)
     gathered = [torch.empty_like(buf) for _ in range(W)]
     dist.all_gather(gathered, buf)
-    allv = torch.stack(gathered)  # (W, K)
+    allv = torch.stack(gathered)  # (W, n_offered)
     flat = allv.reshape(-1)
-    kth = torch.kthvalue(flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat,
-                         flat.numel() - K + 1).values.to(flat.dtype)
-    n_gt = int((flat > kth).sum())
-    eq_per_rank = (allv == kth).sum(1)
+    work = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+    kth_t = torch.kthvalue(work, work.numel() - K + 1).values.to(flat.dtype)
+    full = torch.isfinite(allv).sum(1) == n_offered
+    complete = bool((~full | (allv.min(1).values < kth_t)).all()) or n_offered >= K
+    n_gt = int((flat > kth_t).sum())
+    eq_per_rank = (allv == kth_t).sum(1)
     need = K - n_gt
     take = max(0, min(int(eq_per_rank[r]), need - int(eq_per_rank[:r].sum())))
     s = scores.to(dev)
-    eq = s == kth
-    keep = (s > kth) | (eq & (torch.cumsum(eq, 0) <= take))
-    kept_global = flat[(flat > kth) | (flat == kth)] if float(kth) > 0 else flat[flat > 0]
+    eq = s == kth_t
+    keep = (s > kth_t) | (eq & (torch.cumsum(eq, 0) <= take))
+    kth = float(kth_t)
+    kept_global = flat[flat >= kth_t] if kth > 0 else flat[flat > 0]
     pos = kept_global[kept_global > 0]
     min_pos = pos.min().to(torch.float64) if pos.numel() else None
-    return keep.to(scores.device), float(kth), min_pos
+    return keep.to(scores.device), kth, min_pos, complete
+
+
+def _offer(K: int, W: int, n_entries: int) -> int:
+    return min(n_entries, K, max(1, -(-int(MARGIN * K) // W)))
 
 
 def global_batch_topk(original: Callable[..., Any], k: float, record: _TopKRecord) -> Callable[..., Any]:
     """A drop-in for ``sae_diff.dictionaries.kernels.batch_topk`` selecting the flat top-``K``
     of the *global* batch, ``K = int(k * B_local * W)`` (what one process computes on the
-    concatenated batch): each rank takes its local top-``K`` (the kernel's exact fast
-    selection), the ranks all-gather those ``W * K`` scores, and each keeps its entries above
-    the global ``K``-th score (ties: lowest global flat index)."""
+    concatenated batch): each rank takes its local top ``1.5 K / W`` scores (the kernel's exact
+    fast selection), the ranks all-gather them, and each keeps its entries above the global
+    ``K``-th score (ties: lowest global flat index). When a rank's share of the global top-K
+    exceeded what it offered, every rank repeats with its local top-``K`` (exact always)."""
 
     def batch_topk(scores: torch.Tensor, k_total: int, threshold_hint: float | None = None, *,  # noqa: ARG001
                    scale: torch.Tensor | None = None, force_slow: bool = False) -> Any:
         B, n = scores.shape
-        K = int(k * B * dist.get_world_size())
-        local = original(scores, min(K, B * n), threshold_hint, scale=scale, force_slow=force_slow)
-        keep, kth, min_pos = _global_selection(local.scores, K)
+        W = dist.get_world_size()
+        K = int(k * B * W)
+        n_offered = _offer(K, W, B * n)
+        while True:
+            local = original(scores, n_offered, threshold_hint, scale=scale, force_slow=force_slow)
+            keep, kth, min_pos, complete = _global_selection(local.scores, K, n_offered)
+            if complete:
+                break
+            n_offered = min(K, B * n)
         record.min_positive = min_pos
         return type(local)(local.row[keep], local.col[keep], local.scores[keep], kth, local.fast_path,
                            local.n_candidates)
@@ -241,10 +269,15 @@ def global_batch_topk_mask(k: float, record: _TopKRecord) -> Callable[[torch.Ten
 
     def batch_topk_mask(scores: torch.Tensor, k_total: int) -> torch.Tensor:  # noqa: ARG001
         flat = scores.flatten()
-        B = scores.shape[0]
-        K = int(k * B * dist.get_world_size())
-        top = flat.topk(min(K, flat.numel()), sorted=False).indices.sort().values
-        keep, _, min_pos = _global_selection(flat[top], K)
+        W = dist.get_world_size()
+        K = int(k * scores.shape[0] * W)
+        n_offered = _offer(K, W, flat.numel())
+        while True:
+            top = flat.topk(n_offered, sorted=False).indices.sort().values
+            keep, _, min_pos, complete = _global_selection(flat[top], K, n_offered)
+            if complete:
+                break
+            n_offered = min(K, flat.numel())
         record.min_positive = min_pos
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[top[keep]] = True
@@ -261,9 +294,10 @@ class DataParallel:
     ``trainer.step`` (``ResumableSAETrainer`` does both). While active:
 
     - the dictionary's parameters are broadcast from rank 0 once, then every gradient is
-      averaged across ranks as soon as backward has accumulated it (a post-accumulate-grad
-      hook; the hooks fire in the same order on every rank because every rank runs the same
-      graph), i.e. before SAELens's gradient clipping;
+      averaged across ranks as soon as backward has accumulated it (post-accumulate-grad
+      hooks: large parameters in place, the small ones in one flat bucket when the last
+      arrives; the hooks fire in the same order on every rank because every rank runs the
+      same graph), i.e. before SAELens's gradient clipping;
     - for ``sae_diff``'s BatchTopK crosscoders the module-level BatchTopK selections are
       replaced by their global-batch versions, and the threshold EMA is fed the global
       batch's smallest kept score.
@@ -292,15 +326,36 @@ class DataParallel:
             for t in [*sae.parameters(), *sae.buffers()]:
                 dist.broadcast(t.data, src=0)
         W = self.world.size
+        params = [p for p in sae.parameters() if p.requires_grad]
+        small = [p for p in params if p.numel() < BUCKET_ELEMENTS]
+        small_ids = {id(p) for p in small}
+        self._pending = 0
+        self._n_small = len(small)
 
         def average(p: torch.Tensor) -> None:
-            if p.grad is not None:
+            if p.grad is None:
+                return
+            if id(p) not in small_ids:  # large: in place, as soon as it is ready
                 dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
                 p.grad.div_(W)
+                return
+            self._pending += 1
+            if self._pending == self._n_small:  # the last small gradient: one bucketed call
+                self._pending = 0
+                grads = [q.grad for q in small]
+                if any(g is None for g in grads):
+                    raise DistributedError("a parameter got no gradient this step; its all-reduce cannot run.")
+                flat = torch.cat([g.reshape(-1) for g in grads if g is not None])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                flat.div_(W)
+                offset = 0
+                for g in grads:
+                    assert g is not None
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
 
-        for p in sae.parameters():
-            if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(average))
+        for p in params:
+            self._handles.append(p.register_post_accumulate_grad_hook(average))
         if hasattr(sae, "_update_threshold_from_min"):
             self._patch_batchtopk(sae)
         return self
@@ -333,7 +388,8 @@ class DataParallel:
     def before_step(self) -> dict[str, Any]:
         """Snapshot what :meth:`after_step` reduces."""
         self.record.min_positive, self.record.updated = None, False
-        return {"act_freq_scores": self.trainer.act_freq_scores.clone()}
+        return {"act_freq_scores": self.trainer.act_freq_scores.clone(),
+                "n_forward_passes_since_fired": self.trainer.n_forward_passes_since_fired.clone()}
 
     def after_step(self, snapshot: dict[str, Any]) -> None:
         """Reduce SAELens's dead-latent statistics of the step across ranks: a latent fired
@@ -346,11 +402,18 @@ class DataParallel:
             # threshold), but the global batch did: update it as the other ranks did
             self.record.updated = True
             self._orig_update(self.record.min_positive.to(tr.sae.topk_threshold.device), tr.n_training_steps)
-        dist.all_reduce(tr.n_forward_passes_since_fired, op=dist.ReduceOp.MIN)
+        if self._pending:
+            raise DistributedError(
+                f"only {self._pending} of {self._n_small} gradients arrived this step, so they were not "
+                "averaged across processes; this dictionary leaves a parameter unused.")
         before = snapshot["act_freq_scores"]
-        delta = tr.act_freq_scores - before
+        delta = tr.act_freq_scores - before  # this rank's firing counts (integers: the sum is exact)
         dist.all_reduce(delta, op=dist.ReduceOp.SUM)
         tr.act_freq_scores = before + delta
+        # SAELens: +1 for every latent, 0 for those that fired (here: on any rank)
+        passes = snapshot["n_forward_passes_since_fired"] + 1
+        passes[delta > 0] = 0
+        tr.n_forward_passes_since_fired = passes
 
 
 @contextlib.contextmanager

@@ -1,0 +1,148 @@
+"""Base-SAE diffing with a causal filter (the approach of OpenAI's emergent-misalignment study).
+
+1. Rank a base-SAE's latents by how much more they fire on the fine-tune's activations than on
+   the base model's, on the same tokens: Latent Scaling's firing shift
+   (``latent_scaling(sae, data, kind="base_sae").firing_shift()``: ``freq_ratio`` = ft / base).
+2. Keep the candidates whose *ablation* in the fine-tune changes its behaviour: run the ft model
+   with the latent's contribution removed at the SAE's hook, ``x ← x − f_j(x) d_j`` (the SAE's
+   error and every other latent untouched), and measure ``KL(p_ft || p_ablated)`` on the
+   positions that predict assistant tokens. ``mode="steer"`` instead adds ``scale · d̂_j`` (unit
+   decoder direction) at every position.
+3. A candidate is kept when its KL exceeds the ``quantile`` of the same measurement for random
+   latents that fire on the fine-tune (excluding the candidates): the effect must beat what
+   removing an arbitrary active latent does.
+
+The result is a table (one row per candidate and per random latent) and the kept latents, so
+the filter can be scored like every other method (rank by KL among the kept candidates).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sae_diff.evaluation.kl import as_token_mask, predicting, token_kl
+
+MODES: tuple[str, ...] = ("ablate", "steer")
+
+
+@dataclass
+class CausalFilterResult:
+    """``table``: per latent ``role`` (candidate / random), firing shift columns when given,
+    ``kl`` (mean over the predicting positions) and ``kept``; ``threshold``: the random
+    baseline's quantile; ``kept``: the kept candidates, by decreasing KL."""
+
+    table: pd.DataFrame
+    threshold: float
+    kept: list[int]
+
+
+def _shift_frame(shift: Any) -> pd.DataFrame:
+    if isinstance(shift, pd.DataFrame):
+        frame = shift
+    elif hasattr(shift, "to_frame"):
+        frame = shift.to_frame()
+    else:
+        raise TypeError("shift must be a DataFrame with freq_on_base / freq_on_ft / freq_ratio columns or a "
+                        "LatentScalingResult from latent_scaling(sae, data, kind='base_sae').")
+    missing = [c for c in ("freq_on_base", "freq_on_ft", "freq_ratio") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"The firing-shift table lacks {missing}: run latent_scaling(..., kind='base_sae') "
+                         "(firing_shift is on by default for base-SAEs) and pass its result or .to_frame().")
+    return frame
+
+
+def rank_by_firing_shift(shift: Any, n: int = 20, min_freq_ft: float = 1e-4) -> list[int]:
+    """The ``n`` latents with the largest ``freq_ratio`` (ft over base; a latent that never
+    fires on base ranks first, by its ft frequency), among those firing on at least
+    ``min_freq_ft`` of the fine-tune's tokens."""
+    frame = _shift_frame(shift)
+    ok = frame[(frame["freq_on_ft"] >= min_freq_ft) & frame["freq_ratio"].notna()]
+    ranked = ok.assign(_r=ok["freq_ratio"].replace(np.inf, np.finfo(np.float64).max)).sort_values(
+        ["_r", "freq_on_ft"], ascending=False)
+    return [int(j) for j in ranked.index[:n]]
+
+
+def _intervention(sae: Any, latent: int, mode: str, scale: float) -> Any:
+    d = sae.W_dec.detach()[latent]
+
+    def ablate(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        f = sae.encode(act.to(sae.W_dec.dtype))[..., latent:latent + 1]
+        return (act - (f * d.to(f.dtype)).to(act.dtype))
+
+    def steer(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        return act + (scale * d / d.norm().clamp(min=1e-12)).to(act.dtype)
+
+    return ablate if mode == "ablate" else steer
+
+
+@torch.no_grad()
+def intervention_kl(model: Any, sae: Any, tokens: torch.Tensor, latents: Sequence[int],
+                    mask: torch.Tensor | None = None, *, hook_name: str | None = None, mode: str = "ablate",
+                    scale: float = 4.0, batch_size: int = 16) -> torch.Tensor:
+    """Mean ``KL(p_model || p_intervened)`` per latent over the positions predicting ``mask``'s
+    tokens (e.g. assistant tokens; all positions when None). ``model``: a TransformerLens
+    model (the fine-tune); ``sae``: a one-model SAELens SAE at ``hook_name``."""
+    if mode not in MODES:
+        raise ValueError(f"Unknown mode {mode!r}; choose one of {list(MODES)}.")
+    if sae.W_dec.ndim != 2:
+        raise ValueError("The causal filter needs a one-model SAE (a base-SAE); got a crosscoder-shaped W_dec "
+                         f"{tuple(sae.W_dec.shape)}.")
+    hook = hook_name or getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
+    if not hook:
+        raise ValueError("No hook: pass hook_name= or save the SAE with cfg.metadata.hook_name.")
+    m = predicting(as_token_mask(mask, tokens))
+    if not bool(m.any()):
+        raise ValueError("The mask selects no position with a next token to predict (assistant tokens after "
+                         "position 0); check the chat mask.")
+    totals = torch.zeros(len(latents), dtype=torch.float64)
+    for start in range(0, tokens.shape[0], batch_size):
+        tok = tokens[start:start + batch_size]
+        mb = m[start:start + batch_size]
+        if not bool(mb.any()):
+            continue
+        clean = model(tok)
+        for i, j in enumerate(latents):
+            out = model.run_with_hooks(tok, fwd_hooks=[(hook, _intervention(sae, int(j), mode, scale))])
+            totals[i] += token_kl(clean, out).cpu()[mb].double().sum()
+    return totals / float(m.sum())
+
+
+def causal_filter(model: Any, sae: Any, tokens: torch.Tensor, shift: Any, mask: torch.Tensor | None = None, *,
+                  n_candidates: int = 20, n_random: int = 20, quantile: float = 0.95,
+                  min_freq_ft: float = 1e-4, hook_name: str | None = None, mode: str = "ablate",
+                  scale: float = 4.0, seed: int = 0, batch_size: int = 16) -> CausalFilterResult:
+    """Rank by firing shift, then keep the candidates whose intervention KL beats the random
+    baseline's ``quantile`` (module docstring). ``model`` is the fine-tune; ``tokens`` /
+    ``mask`` are chat rows and their assistant-token mask."""
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}.")
+    frame = _shift_frame(shift)
+    candidates = rank_by_firing_shift(frame, n=n_candidates, min_freq_ft=min_freq_ft)
+    if not candidates:
+        raise ValueError(f"No latent fires on at least {min_freq_ft} of the fine-tune's tokens with a defined "
+                         "freq_ratio: lower min_freq_ft or pass more data to latent_scaling.")
+    pool = frame[(frame["freq_on_ft"] >= min_freq_ft) & ~frame.index.isin(candidates)].index.to_numpy()
+    if len(pool) == 0:
+        raise ValueError("No other active latent for the random baseline: lower n_candidates.")
+    rng = np.random.default_rng(seed)
+    randoms = [int(j) for j in rng.choice(pool, size=min(n_random, len(pool)), replace=False)]
+    kl = intervention_kl(model, sae, tokens, candidates + randoms, mask, hook_name=hook_name, mode=mode,
+                         scale=scale, batch_size=batch_size).numpy()
+    threshold = float(np.quantile(kl[len(candidates):], quantile))
+    cols = ["freq_on_base", "freq_on_ft", "freq_ratio"]
+    table = frame.loc[candidates + randoms, cols].copy()
+    table.insert(0, "role", ["candidate"] * len(candidates) + ["random"] * len(randoms))
+    table["kl"] = kl
+    table["kept"] = (table["role"] == "candidate") & (table["kl"] > threshold)
+    table.index.name = "latent"
+    kept = [int(j) for j in table[table["kept"]].sort_values("kl", ascending=False).index]
+    return CausalFilterResult(table=table, threshold=threshold, kept=kept)
+
+
+__all__ = ["CausalFilterResult", "causal_filter", "intervention_kl", "rank_by_firing_shift"]

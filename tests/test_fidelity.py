@@ -120,5 +120,11 @@ def test_checkpoint_without_offsets_loads_as_uncentred() -> None:
     other.set_norm_offsets(torch.ones(2, 12))
     other.load_state_dict(state)
     assert torch.equal(other.norm_offsets, torch.zeros(2, 12))
+    x = torch.randn(3, 2, 12)
+    torch.testing.assert_close(other.normalised_input(x), x)  # no stale centring
+    centred = _btk()
+    centred.set_norm_offsets(torch.full((2, 12), 2.0))
+    other.load_state_dict(centred.state_dict())  # a centred checkpoint turns centring on
+    torch.testing.assert_close(other.normalised_input(x), x - 2.0)
     with pytest.raises(ValueError, match="norm_offsets"):
         other.set_norm_offsets(torch.ones(3, 12))

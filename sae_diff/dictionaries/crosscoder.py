@@ -80,6 +80,8 @@ class CrosscoderTrainingMixin(CrosscoderMixin):
             "norm_offsets",
             torch.zeros(self.cfg.n_models, self.cfg.d_in, dtype=torch.float32, device=self.W_dec.device),
         )
+        # a Python flag, so that uncentred runs skip the subtraction without a device sync
+        self._has_offsets = False
         # checkpoints written before centring existed have no offsets: load them as zeros
         self._register_load_state_dict_pre_hook(_default_offsets, with_module=True)  # type: ignore[attr-defined]
 
@@ -87,7 +89,7 @@ class CrosscoderTrainingMixin(CrosscoderMixin):
         return self.norm_factors.to(self.dtype)
 
     def _runtime_offsets(self) -> torch.Tensor | None:
-        return self.norm_offsets.to(self.dtype) if bool(self.norm_offsets.any()) else None
+        return self.norm_offsets.to(self.dtype) if self._has_offsets else None
 
     def _init_decoder_norm(self) -> None:
         per_model = getattr(self.cfg, "decoder_init_norm_per_model", None)
@@ -114,6 +116,7 @@ class CrosscoderTrainingMixin(CrosscoderMixin):
             raise ValueError(f"norm_offsets must be a finite {shape} tensor (one mean per model), "
                              f"got shape {tuple(t.shape)}.")
         self.norm_offsets.copy_(t.to(self.norm_offsets.device))
+        self._has_offsets = bool(t.any())
 
     @torch.no_grad()
     def set_norm_factors(self, factors: torch.Tensor | list[float]) -> None:
@@ -177,6 +180,8 @@ def _default_offsets(module: Any, state_dict: dict[str, Any], prefix: str, *args
     key = prefix + "norm_offsets"
     if key not in state_dict and prefix + "norm_factors" in state_dict:
         state_dict[key] = torch.zeros_like(module.norm_offsets)
+    if key in state_dict:
+        module._has_offsets = bool(torch.as_tensor(state_dict[key]).any())
 
 
 def fold_offsets_into(state_dict: dict[str, torch.Tensor], offsets: torch.Tensor,

@@ -184,3 +184,61 @@ def test_manifest_commit_needs_every_shard(runs: dict[str, Any], tmp_path: Path)
     with pytest.raises(CacheError, match="another configuration"):
         commit_sharded_manifest(folder, {**meta, "hook_name": "blocks.1.hook_resid_post"})
     assert commit_sharded_manifest(folder, meta) == manifest(src)
+
+
+# ---------------------------------------------------------------------- global BatchTopK
+def _topk_worker(rank: int, world_size: int, init_file: str) -> None:
+    """One rank: its slice of a planted global score matrix through the distributed BatchTopK;
+    the kept set must be the one-process kernel's flat top-K (ties included)."""
+    import torch.distributed as dist
+
+    from sae_diff.dictionaries import kernels
+    from sae_diff.training import distributed as sd
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        B, n, k = 12, 40, 3.0
+        g = torch.Generator().manual_seed(5)
+        scores = torch.randn(B * world_size, n, generator=g)
+        scores[B:] *= 3.0  # rank 1 holds most of the top-K: its 1.5K/W offer is too short
+        scores[2, :5] = scores[B + 1, :5] = 0.75  # ties across ranks at the selection boundary
+        scale = torch.rand(n, generator=g) + 0.5
+        K = int(k * B * world_size)
+        ref = kernels.batch_topk(scores, K, scale=scale, force_slow=True)
+        want = {(int(r), int(c)) for r, c in zip(ref.row, ref.col)}
+        mine = scores[rank * B:(rank + 1) * B]
+        for margin, n_calls in ((1.5, 2), (100.0, 1)):  # imbalanced: exact fallback; then a full offer
+            sd.MARGIN = margin
+            record = sd._TopKRecord()
+            calls: list[int] = []
+
+            def counted(*a: Any, _calls: list[int] = calls, **kw: Any) -> Any:
+                _calls.append(int(a[1]))
+                return kernels.batch_topk(*a, **kw)
+
+            sel = sd.global_batch_topk(counted, k, record)(mine, int(k * B), None, scale=scale)
+            assert len(calls) == n_calls, f"margin {margin}: offers {calls}"
+            got = [(int(r) + rank * B, int(c)) for r, c in zip(sel.row, sel.col)]
+            everyone: list[Any] = [None] * world_size
+            dist.all_gather_object(everyone, got)
+            union = [x for part in everyone for x in part]
+            assert len(union) == K and set(union) == want, f"margin {margin}: not the global top-K"
+            assert sel.kth_score == ref.kth_score
+            assert record.min_positive is not None and float(record.min_positive) == float(ref.scores.min())
+        # dense path (distinct scores: torch.topk's tie order is unspecified)
+        v = torch.relu(torch.randn(B * world_size, n, generator=g))
+        dense_ref = torch.zeros(v.numel(), dtype=torch.bool)
+        dense_ref[v.flatten().topk(K).indices] = True
+        mask = sd.global_batch_topk_mask(k, sd._TopKRecord())(v[rank * B:(rank + 1) * B], int(k * B))
+        parts: list[Any] = [None] * world_size
+        dist.all_gather_object(parts, mask)
+        assert torch.equal(torch.cat(parts).flatten(), dense_ref)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batch_topk_equals_one_process_selection(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_topk_worker, args=(2, str(tmp_path / "pg")), nprocs=2, join=True)

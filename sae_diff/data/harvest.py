@@ -44,6 +44,7 @@ from sae_diff.data.cache import (
     _atomic_write,
     _diff_keys,
     _manifest_entry,
+    _sha256,
     _shard_name,
     dtype_name,
     read_shard_description,
@@ -278,13 +279,17 @@ def _shard_done(path: Path, meta: dict[str, Any], index: int) -> bool:
     return bool(desc["meta"] == meta and desc["shard"]["index"] == index)
 
 
-def commit_sharded_manifest(out_dir: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Any]:
+def commit_sharded_manifest(out_dir: str | os.PathLike[str], meta: dict[str, Any],
+                            known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write the manifest of a finished sharded harvest (rank 0, after every rank's barrier).
 
-    The shards must be ``shard_00000 ..`` with contiguous rows and this cache's ``meta``; the
-    statistics are the shards' own sums merged in shard order, exactly as a one-process
-    harvest accumulates them, so the manifest equals the one-process manifest. Written
-    atomically (temporary file, fsync, rename).
+    The shards must be ``shard_00000 ..`` with contiguous rows and this cache's ``meta``
+    (read from each shard's header); the statistics are the shards' own sums merged in shard
+    order, exactly as a one-process harvest accumulates them, so the manifest equals the
+    one-process manifest. ``known`` maps file names to manifest entries (size, sha256) that
+    the ranks computed while writing: those files are not read again (a 100 M-token cache is
+    terabytes); any other shard is read and hashed here. Written atomically (temporary file,
+    fsync, rename).
 
     Raises:
         CacheError: a shard is missing or belongs to another cache.
@@ -304,7 +309,10 @@ def commit_sharded_manifest(out_dir: str | os.PathLike[str], meta: dict[str, Any
                 f"{', another configuration' if desc['meta'] != meta else ''}). A rank did not finish; rerun "
                 "the same sharded harvest to resume it."
             )
-        shards.append(_manifest_entry(p, desc))
+        entry = (known or {}).get(p.name)
+        if entry is None or int(entry["bytes"]) != p.stat().st_size:
+            entry = _manifest_entry(p, desc)
+        shards.append(dict(entry))
         stats.merge(RunningStats.from_json(desc["stats"]))
         row += int(s["n_rows"])
     manifest = {
@@ -394,14 +402,24 @@ def harvest_cache_sharded(
     done_flag = [on_main(prepare)]
     dist.broadcast_object_list(done_flag, src=0)
     n_mine = 0
+    entries: dict[str, dict[str, Any]] = {}  # this rank's shards: manifest entries (sha256 computed here)
+
+    def want(i: int) -> bool:
+        if i % w.size != w.rank:
+            return False
+        path = folder / _shard_name(i)
+        if _shard_done(path, meta, i):  # finished by an interrupted run: hash it here, not on rank 0
+            entries[path.name] = _manifest_entry(path, read_shard_description(path))
+            return False
+        return True
+
     if not done_flag[0]:
         bar = tqdm(desc=f"harvest {hook_name} (rank {w.rank}/{w.size})", unit="shard",
                    disable=not (progress and w.is_main))
         try:
             for index, shard in indexed_model_shards(
                     paired_model, token_source, hook_name, batch_size=batch_size, rows_per_shard=rows_per_shard,
-                    mask_config=mask_config, dtype=dtype, stop_row=max_rows,
-                    want=lambda i: i % w.size == w.rank and not _shard_done(folder / _shard_name(i), meta, i)):
+                    mask_config=mask_config, dtype=dtype, stop_row=max_rows, want=want):
                 data, _ = _shard_file(meta, shard, index, mask_config.high_norm_ratio)
                 try:
                     _atomic_write(folder / _shard_name(index), data)
@@ -410,12 +428,18 @@ def harvest_cache_sharded(
                         f"rank {w.rank}: writing {folder / _shard_name(index)} failed ({e}); the shards on "
                         "disk stay valid. Free space (or fix permissions) and rerun the same harvest to "
                         "resume.") from e
+                entries[_shard_name(index)] = {
+                    "file": _shard_name(index), "n_rows": int(shard["tokens"].shape[0]),
+                    "n_tokens": int(shard["tokens"].numel()), "first_row": int(shard["row_index"][0]),
+                    "bytes": len(data), "sha256": _sha256(data)}
                 n_mine += 1
                 bar.update(1)
         finally:
             bar.close()
-        barrier()
-        on_main(lambda: commit_sharded_manifest(folder, meta))
+        gathered: list[Any] = [None] * w.size if w.is_main else []
+        dist.gather_object(entries, gathered if w.is_main else None, dst=0)  # also the barrier
+        known = {k: v for part in gathered if part for k, v in part.items()}
+        on_main(lambda: commit_sharded_manifest(folder, meta, known))
     barrier()
     cache = ActivationCache(folder)
     summary = HarvestSummary(out_dir=str(out_dir), rows=cache.n_rows, tokens=cache.n_tokens, shards=cache.n_shards,
@@ -482,6 +506,9 @@ def harvest_from_config(
     if not cfg.datasets:
         raise ValueError("the harvest config lists no datasets")
     if paired_model is None:
+        from sae_diff.training.distributed import init
+
+        init(cfg.device)  # under torchrun: device "cuda" is this process's GPU before weights load
         paired_model = PairedModel.from_pretrained(
             cfg.base,
             cfg.ft,

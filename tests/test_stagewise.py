@@ -108,3 +108,17 @@ def test_bad_plans_fail_clearly() -> None:
         sw.run_stages(sae, {"base": iter}, trainer_cfg(1))  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="paired batches"):
         next(sw.model_side(iter([torch.zeros(3, 4)]), 0))
+
+
+@pytest.mark.slow
+def test_stagewise_on_the_organism_writes_table_figure_and_examples(tmp_path: Any) -> None:
+    res = sw.stagewise_on_organism(tmp_path, n_docs=48, max_rows=48, expansion=2, k=8, start_steps=20,
+                                   stage_steps=10, batch_size=128, n_top=4)
+    d_sae = res.result.stages["start"].cfg.d_sae
+    assert len(res.result.table) == 3 * d_sae
+    assert list(res.top.index) == list(res.examples) and len(res.top) == 4
+    assert (res.top["rotation"].diff().dropna() <= 0).all()
+    for path in res.files.values():
+        assert path.is_file() and path.stat().st_size > 0
+    saved = pd.read_csv(res.files["rotation_table"])
+    assert set(saved["stage"]) == {"data", "model", "both"}

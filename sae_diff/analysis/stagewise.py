@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -249,8 +250,89 @@ def rotation_figure(table: pd.DataFrame, latents: Sequence[int] | None = None, w
     return fig
 
 
+@dataclass
+class OrganismStagewise:
+    """``stagewise_on_organism``'s output: the stages, the top rotating latents, their
+    max-activating examples (last model-change stage's dictionary on ft data) and the files."""
+
+    result: StagewiseResult
+    top: pd.DataFrame
+    examples: dict[int, Any]
+    files: dict[str, Path]
+
+
+def stagewise_on_organism(out: str | Path, *, organism: str = "default", hook: str | None = None,
+                          context_size: int = 64, n_docs: int = 300, max_rows: int = 320, expansion: int = 8,
+                          k: int = 16, start_steps: int = 300, stage_steps: int = 150, batch_size: int = 256,
+                          lr: float = 2e-3, n_top: int = 10, seed: int = 0,
+                          plan: Sequence[Stage] = DEFAULT_STAGES) -> OrganismStagewise:
+    """Stage-wise diffing end to end on a bundled organism: harvest its pretraining text (base
+    data) and its chat conversations (ft data) through both models into two caches under
+    ``out``, train the start SAE (SAELens ``batchtopk``) on the base model / base data, run the
+    stages, and write ``rotation_table.csv``, ``top_rotating.csv`` and ``rotation.html``."""
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+    from sae_diff.analysis.batches import cache_batches
+    from sae_diff.analysis.examples import max_activating_examples
+    from sae_diff.data.cache import ActivationCache
+    from sae_diff.data.harvest import harvest_cache
+    from sae_diff.data.sources import TokenSource
+    from sae_diff.data.store import PairedActivationsStore
+    from sae_diff.dictionaries.io import atomic_write_bytes
+    from sae_diff.organisms import load_organism
+
+    out = Path(out)
+    org = load_organism(organism)
+    if org.world is None:
+        raise ValueError(f"Organism {organism!r} has no pretraining world: stage-wise diffing needs base data "
+                         "(its pretraining text) besides the fine-tuning conversations.")
+    paired = org.paired()
+    hook = hook or org.recommended_hook
+    sources = {"base": org.pretraining_dataset("train", n=n_docs, seed=seed),
+               "ft": org.chat_dataset("train", n=n_docs, seed=seed)}
+    caches: dict[str, ActivationCache] = {}
+    for name, ds in sources.items():
+        src = TokenSource([ds], org.tokenizer, context_size, max_rows=max_rows)
+        harvest_cache(paired, src, out / f"cache_{name}", hook, batch_size=32, rows_per_shard=128,
+                      max_rows=max_rows, progress=False, verbose=False)
+        caches[name] = ActivationCache(out / f"cache_{name}")
+
+    def batches(name: str) -> Callable[[], Iterator[torch.Tensor]]:
+        def make() -> Iterator[torch.Tensor]:
+            return iter(PairedActivationsStore.from_cache(caches[name], mode="paired", batch_size=batch_size,
+                                                          seed=seed))
+        return make
+
+    d_model = int(paired.base.cfg.d_model)
+    torch.manual_seed(seed)
+    start = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=expansion * d_model, k=k))
+    start.cfg.metadata.hook_name = hook
+
+    def trainer(steps: int) -> SAETrainerConfig:
+        return SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size,
+                                lr=lr, lr_end=lr, dead_feature_window=max(steps // 2, 50),
+                                feature_sampling_window=max(steps, 100))
+
+    SAETrainer(trainer(start_steps), start, model_side(batches("base")(), 0)).fit()
+    result = run_stages(start, {"base": batches("base"), "ft": batches("ft")}, trainer(stage_steps), plan)
+    top = result.top_rotating(n=n_top)
+    last = [s for s in plan if s.name in model_change_stages(plan)][-1]
+    examples = max_activating_examples(result.stages[last.name], cache_batches(caches[last.data]),
+                                       caches[last.data].tokens(), [int(j) for j in top.index],
+                                       kind="ft_sae" if last.model == "ft" else "base_sae", k=5, n_quantiles=2,
+                                       per_quantile=2, tokenizer=org.tokenizer, progress=False)
+    files = {"rotation_table": out / "rotation_table.csv", "top_rotating": out / "top_rotating.csv",
+             "figure": out / "rotation.html"}
+    atomic_write_bytes(files["rotation_table"], lambda p: result.table.to_csv(p, index=False))
+    atomic_write_bytes(files["top_rotating"], lambda p: top.to_csv(p))
+    fig = rotation_figure(result.table, latents=[int(j) for j in top.index[:5]])
+    atomic_write_bytes(files["figure"], lambda p: fig.write_html(str(p), include_plotlyjs=True))
+    return OrganismStagewise(result=result, top=top, examples=examples, files=files)
+
+
 __all__ = [
     "DEFAULT_STAGES",
+    "OrganismStagewise",
     "Stage",
     "StagewiseResult",
     "copy_sae",
@@ -260,5 +342,6 @@ __all__ = [
     "rotation_figure",
     "rotation_table",
     "run_stages",
+    "stagewise_on_organism",
     "top_rotating",
 ]

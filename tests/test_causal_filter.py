@@ -117,3 +117,15 @@ def test_filter_keeps_the_causal_candidate_and_drops_the_inert_one() -> None:
     steer = cf.causal_filter(ft, sae, tokens, shift_frame({0: 5.0, 1: 4.0}), mask, n_candidates=2, n_random=8,
                              mode="steer", scale=4.0)
     assert set(steer.table.index) == set(res.table.index) and (steer.table["kl"] > 0).all()
+
+
+@pytest.mark.slow
+def test_causal_filter_on_the_organism_runs_end_to_end(tmp_path: Any) -> None:
+    res, sae = cf.causal_filter_on_organism(tmp_path, n_docs=48, max_rows=48, expansion=2, k=8, train_steps=20,
+                                            batch_size=128, n_eval=2, n_candidates=4, n_random=4)
+    assert sae.cfg.metadata.hook_name == "blocks.2.hook_resid_pre"
+    assert list(res.table["role"]) == ["candidate"] * 4 + ["random"] * 4
+    assert (res.table["kl"] >= 0).all() and np.isfinite(res.table["kl"]).all()
+    cand = res.table[res.table["role"] == "candidate"]
+    assert (cand["freq_ratio"].diff().dropna() <= 0).all()  # ranked by firing shift
+    assert set(res.kept) == set(cand.index[cand["kl"] > res.threshold])

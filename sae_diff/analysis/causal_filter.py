@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -145,4 +146,54 @@ def causal_filter(model: Any, sae: Any, tokens: torch.Tensor, shift: Any, mask: 
     return CausalFilterResult(table=table, threshold=threshold, kept=kept)
 
 
-__all__ = ["CausalFilterResult", "causal_filter", "intervention_kl", "rank_by_firing_shift"]
+def causal_filter_on_organism(out: str | Path, *, organism: str = "default", hook: str | None = None,
+                              context_size: int = 64, n_docs: int = 300, max_rows: int = 320, expansion: int = 8,
+                              k: int = 16, train_steps: int = 300, batch_size: int = 256, lr: float = 2e-3,
+                              n_eval: int = 8, seed: int = 0, **filter_kw: Any) -> tuple[CausalFilterResult, Any]:
+    """The method end to end on a bundled organism: harvest its pretraining text + chat through
+    both models (one cache under ``out``), train a base-SAE (SAELens ``batchtopk``) on the base
+    side, measure the firing shift on the same tokens (Latent Scaling, ``kind="base_sae"``),
+    then filter on held-out conversations (``n_eval`` per behaviour) by the fine-tune's KL on
+    their assistant tokens. Returns the filter result and the base-SAE (inference form)."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    from sae_diff.analysis.batches import cache_batches
+    from sae_diff.analysis.latent_scaling import latent_scaling
+    from sae_diff.data.cache import ActivationCache
+    from sae_diff.data.harvest import harvest_cache
+    from sae_diff.data.sources import TokenSource
+    from sae_diff.data.store import PairedActivationsStore
+    from sae_diff.dictionaries.io import as_inference
+    from sae_diff.organisms import load_organism
+
+    out = Path(out)
+    org = load_organism(organism)
+    paired = org.paired()
+    hook = hook or org.recommended_hook
+    parts = [org.chat_dataset("train", n=n_docs, seed=seed)]
+    if org.world is not None:
+        parts.insert(0, org.pretraining_dataset("train", n=n_docs, seed=seed))
+    src = TokenSource(parts, org.tokenizer, context_size, max_rows=max_rows)
+    harvest_cache(paired, src, out / "cache", hook, batch_size=32, rows_per_shard=128, max_rows=max_rows,
+                  progress=False, verbose=False)
+    cache = ActivationCache(out / "cache")
+    d_model = int(paired.base.cfg.d_model)
+    torch.manual_seed(seed)
+    train = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=expansion * d_model, k=k))
+    store = PairedActivationsStore.from_cache(cache, mode="base", batch_size=batch_size, seed=seed)
+    SAETrainer(SAETrainerConfig(total_training_samples=train_steps * batch_size, train_batch_size_samples=batch_size,
+                                lr=lr, lr_end=lr, dead_feature_window=max(train_steps // 2, 50),
+                                feature_sampling_window=max(train_steps, 100)), train, store).fit()
+    sae = as_inference(train)
+    sae.cfg.metadata.hook_name = hook
+    shift = latent_scaling(sae, cache_batches(cache), kind="base_sae", progress=False)
+    _, tokens, valid, assistant = org.eval_batch(n=n_eval)
+    result = causal_filter(org.ft, sae, tokens, shift, assistant.bool() & valid.bool(), hook_name=hook,
+                           seed=seed, **filter_kw)
+    return result, sae
+
+
+__all__ = ["CausalFilterResult", "causal_filter", "causal_filter_on_organism", "intervention_kl",
+           "rank_by_firing_shift"]

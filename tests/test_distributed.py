@@ -1,6 +1,7 @@
 """Distributed runs on torch.distributed (gloo, 2 CPU processes launched with torchrun).
 
-One ``torchrun --nproc_per_node=2 -m sae_diff.cli train`` run harvests the cache sharded
+One torchrun launch of 2 processes (``tests/distributed_driver.py``, which runs
+``sae-diff harvest`` and ``sae-diff train`` through the CLI) harvests the cache sharded
 (each rank writes its own shards, rank 0 commits the manifest) and trains data-parallel; it
 must equal the one-process run of the same config: the same cache files byte for byte and
 the same manifest (statistics included), the same trained dictionary to float tolerance
@@ -73,17 +74,28 @@ def manifest(cache: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The 1-process run (in this process) and the 2-process torchrun run of one config."""
+    """The 1-process run (in this process), then ONE torchrun launch of 2 processes
+    (``tests/distributed_driver.py``): resume a sharded harvest that lost a shard, train the
+    same config data-parallel (sharded harvest first), check the global BatchTopK."""
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp("dist")
     one = run_config(tmp, "one")
     runner = PairedSAETrainingRunner(config_from_dict(one))
     runner.run()
+    # an interrupted sharded harvest: every shard but one on disk, no manifest yet
+    resume_dir = tmp / "cache_resume"
+    resume_dir.mkdir()
+    for name, data in shard_files(Path(one["cache_path"])).items():
+        if name != "shard_00002.safetensors":
+            (resume_dir / name).write_bytes(data)
+    stamps = {p.name: p.stat().st_mtime_ns for p in resume_dir.glob("shard_*.safetensors")}
     two = run_config(tmp, "two")
-    cfg_file = tmp / "two.yaml"
-    cfg_file.write_text(yaml.safe_dump(two))
-    proc = torchrun(["-m", "sae_diff.cli", "train", "--config", str(cfg_file)])
-    return {"tmp": tmp, "one": one, "two": two, "runner": runner, "proc": proc}
+    (tmp / "two.yaml").write_text(yaml.safe_dump(two))
+    (tmp / "resume.yaml").write_text(yaml.safe_dump({**two, "cache_path": str(resume_dir)}))
+    proc = torchrun([str(ROOT / "tests" / "distributed_driver.py"), str(tmp / "resume.yaml"), str(tmp / "two.yaml"),
+                     str(tmp / "topk.json")])
+    return {"tmp": tmp, "one": one, "two": two, "runner": runner, "proc": proc, "resume_dir": resume_dir,
+            "stamps": stamps}
 
 
 def test_sharded_harvest_equals_one_process_harvest(runs: dict[str, Any]) -> None:
@@ -99,9 +111,11 @@ def test_sharded_harvest_equals_one_process_harvest(runs: dict[str, Any]) -> Non
 def test_ranks_wrote_disjoint_shards(runs: dict[str, Any]) -> None:
     out = runs["proc"].stdout + runs["proc"].stderr
     assert "2 processes; this rank computed" in out, out[-2000:]
-    # rank 0 computes shards 0, 2, 4, ...: it reports half of them (rounded up)
+    # training's harvest: rank 0 computes shards 0, 2, 4, ...: half of them (rounded up);
+    # the resumed harvest: only the lost shard 2, which is rank 0's
     n = len(shard_files(Path(runs["two"]["cache_path"])))
     assert f"this rank computed {(n + 1) // 2} shards" in out
+    assert "this rank computed 1 shards" in out
 
 
 def close(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
@@ -186,59 +200,19 @@ def test_manifest_commit_needs_every_shard(runs: dict[str, Any], tmp_path: Path)
     assert commit_sharded_manifest(folder, meta) == manifest(src)
 
 
-# ---------------------------------------------------------------------- global BatchTopK
-def _topk_worker(rank: int, world_size: int, init_file: str) -> None:
-    """One rank: its slice of a planted global score matrix through the distributed BatchTopK;
-    the kept set must be the one-process kernel's flat top-K (ties included)."""
-    import torch.distributed as dist
-
-    from sae_diff.dictionaries import kernels
-    from sae_diff.training import distributed as sd
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        B, n, k = 12, 40, 3.0
-        g = torch.Generator().manual_seed(5)
-        scores = torch.randn(B * world_size, n, generator=g)
-        scores[B:] *= 3.0  # rank 1 holds most of the top-K: its 1.5K/W offer is too short
-        scores[2, :5] = scores[B + 1, :5] = 0.75  # ties across ranks at the selection boundary
-        scale = torch.rand(n, generator=g) + 0.5
-        K = int(k * B * world_size)
-        ref = kernels.batch_topk(scores, K, scale=scale, force_slow=True)
-        want = {(int(r), int(c)) for r, c in zip(ref.row, ref.col)}
-        mine = scores[rank * B:(rank + 1) * B]
-        for margin, n_calls in ((1.5, 2), (100.0, 1)):  # imbalanced: exact fallback; then a full offer
-            sd.MARGIN = margin
-            record = sd._TopKRecord()
-            calls: list[int] = []
-
-            def counted(*a: Any, _calls: list[int] = calls, **kw: Any) -> Any:
-                _calls.append(int(a[1]))
-                return kernels.batch_topk(*a, **kw)
-
-            sel = sd.global_batch_topk(counted, k, record)(mine, int(k * B), None, scale=scale)
-            assert len(calls) == n_calls, f"margin {margin}: offers {calls}"
-            got = [(int(r) + rank * B, int(c)) for r, c in zip(sel.row, sel.col)]
-            everyone: list[Any] = [None] * world_size
-            dist.all_gather_object(everyone, got)
-            union = [x for part in everyone for x in part]
-            assert len(union) == K and set(union) == want, f"margin {margin}: not the global top-K"
-            assert sel.kth_score == ref.kth_score
-            assert record.min_positive is not None and float(record.min_positive) == float(ref.scores.min())
-        # dense path (distinct scores: torch.topk's tie order is unspecified)
-        v = torch.relu(torch.randn(B * world_size, n, generator=g))
-        dense_ref = torch.zeros(v.numel(), dtype=torch.bool)
-        dense_ref[v.flatten().topk(K).indices] = True
-        mask = sd.global_batch_topk_mask(k, sd._TopKRecord())(v[rank * B:(rank + 1) * B], int(k * B))
-        parts: list[Any] = [None] * world_size
-        dist.all_gather_object(parts, mask)
-        assert torch.equal(torch.cat(parts).flatten(), dense_ref)
-    finally:
-        dist.destroy_process_group()
+def test_interrupted_sharded_harvest_resumes(runs: dict[str, Any]) -> None:
+    """`sae-diff harvest` under torchrun on a folder that lost a shard and has no manifest yet
+    (a rank stopped before the commit) recomputes only that shard and commits the same cache."""
+    folder, src = runs["resume_dir"], Path(runs["one"]["cache_path"])
+    assert shard_files(folder) == shard_files(src)
+    assert manifest(folder) == manifest(src)
+    stamps = runs["stamps"]
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in folder.glob("shard_*.safetensors") if p.name in stamps)
 
 
-def test_global_batch_topk_equals_one_process_selection(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
-    mp.spawn(_topk_worker, args=(2, str(tmp_path / "pg")), nprocs=2, join=True)
+def test_global_batch_topk_equals_one_process_selection(runs: dict[str, Any]) -> None:
+    """Planted scores over 2 ranks: the kept set is the one-process kernel's flat top-K, ties
+    included, also when one rank holds most of it (the exact fallback), and on the dense path
+    (``tests/distributed_driver.py::check_global_topk``)."""
+    result = json.loads((runs["tmp"] / "topk.json").read_text())
+    assert result["ok"], result.get("error")

@@ -129,3 +129,23 @@ def test_causal_filter_on_the_organism_runs_end_to_end(tmp_path: Any) -> None:
     cand = res.table[res.table["role"] == "candidate"]
     assert (cand["freq_ratio"].diff().dropna() <= 0).all()  # ranked by firing shift
     assert set(res.kept) == set(cand.index[cand["kl"] > res.threshold])
+
+
+@pytest.mark.slow
+def test_runs_from_the_shipped_config(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "causal_filter_organism.yaml").read_text())
+    small = {**shipped, "n_docs": 48, "max_rows": 48, "expansion": 2, "k": 8, "train_steps": 20, "batch_size": 128,
+             "n_eval": 2, "n_candidates": 3, "n_random": 3}
+    cfg = tmp_path / "cf.yaml"
+    cfg.write_text(yaml.safe_dump(small))
+    assert cf.main(["--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
+    assert "kept" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "out" / "causal_filter.csv")
+    assert len(table) == 6 and (tmp_path / "out" / "base_sae" / "cfg.json").is_file()
+    cfg.write_text(yaml.safe_dump({**small, "n_candidate": 3}))
+    with pytest.raises(ValueError, match=r"Unknown field\(s\) \['n_candidate'\]"):
+        cf.main(["--config", str(cfg)])

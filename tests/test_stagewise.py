@@ -4,6 +4,7 @@ data changes; the rotation table against an independent cosine computation."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -122,3 +123,20 @@ def test_stagewise_on_the_organism_writes_table_figure_and_examples(tmp_path: An
         assert path.is_file() and path.stat().st_size > 0
     saved = pd.read_csv(res.files["rotation_table"])
     assert set(saved["stage"]) == {"data", "model", "both"}
+
+
+@pytest.mark.slow
+def test_stages_run_from_one_config(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "stagewise_organism.yaml").read_text())
+    small = {**shipped, "n_docs": 48, "max_rows": 48, "expansion": 2, "k": 8, "start_steps": 20,
+             "stage_steps": 10, "batch_size": 128, "n_top": 3}
+    cfg = tmp_path / "sw.yaml"
+    cfg.write_text(yaml.safe_dump(small))
+    assert sw.main(["--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
+    assert "rotation_table" in capsys.readouterr().out
+    assert set(pd.read_csv(tmp_path / "out" / "rotation_table.csv")["stage"]) == {"data", "model", "both"}
+    cfg.write_text(yaml.safe_dump({**small, "n_stpes": 3}))
+    with pytest.raises(ValueError, match=r"Unknown field\(s\) \['n_stpes'\]"):
+        sw.main(["--config", str(cfg)])

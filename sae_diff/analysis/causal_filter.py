@@ -195,5 +195,41 @@ def causal_filter_on_organism(out: str | Path, *, organism: str = "default", hoo
     return result, sae
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sae_diff.analysis.causal_filter --config configs/causal_filter_organism.yaml``:
+    the method end to end from one config (the fields of :func:`causal_filter_on_organism`, plus
+    :func:`causal_filter`'s: ``n_candidates``, ``n_random``, ``quantile``, ``mode``, ``scale``)."""
+    import argparse
+
+    from sae_diff.analysis.stagewise import config_kwargs
+    from sae_diff.dictionaries.io import atomic_write_bytes
+
+    ap = argparse.ArgumentParser(prog="python -m sae_diff.analysis.causal_filter", description=main.__doc__)
+    ap.add_argument("--config", required=True, help="YAML/JSON file with causal_filter_on_organism's fields")
+    ap.add_argument("--out", help="output folder (overrides the config's `out`)")
+    args = ap.parse_args(argv)
+    kw = config_kwargs(causal_filter_on_organism, args.config)
+    extra = set(kw) - {"out", "organism", "hook", "context_size", "n_docs", "max_rows", "expansion", "k",
+                       "train_steps", "batch_size", "lr", "n_eval", "seed", "n_candidates", "n_random",
+                       "quantile", "min_freq_ft", "mode", "scale"}
+    if extra:
+        raise ValueError(f"Unknown field(s) {sorted(extra)} in {args.config}.")
+    if args.out:
+        kw["out"] = args.out
+    if "out" not in kw:
+        ap.error("no output folder: set `out:` in the config or pass --out DIR")
+    res, sae = causal_filter_on_organism(**kw)
+    out = Path(kw["out"])
+    atomic_write_bytes(out / "causal_filter.csv", lambda p: res.table.to_csv(p))
+    sae.save_model(str(out / "base_sae"))
+    print(res.table.round(4).to_string())
+    print(f"threshold {res.threshold:.4g}; kept {res.kept}; table: {out / 'causal_filter.csv'}")
+    return 0
+
+
 __all__ = ["CausalFilterResult", "causal_filter", "causal_filter_on_organism", "intervention_kl",
            "rank_by_firing_shift"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -330,11 +330,53 @@ def stagewise_on_organism(out: str | Path, *, organism: str = "default", hook: s
     return OrganismStagewise(result=result, top=top, examples=examples, files=files)
 
 
+def config_kwargs(func: Callable[..., Any], path: str | Path) -> dict[str, Any]:
+    """Keyword arguments of ``func`` from a YAML/JSON config file, with a clear error naming
+    unknown fields (and the valid ones)."""
+    import inspect
+
+    from sae_diff.training.config import read_config_file
+
+    data = read_config_file(path)
+    params = inspect.signature(func).parameters
+    valid = sorted(n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+    valid = sorted({*valid, "stages"} if "plan" in valid else valid)
+    unknown = sorted(set(data) - set(valid)) if not any(p.kind == p.VAR_KEYWORD for p in params.values()) else []
+    if unknown:
+        raise ValueError(f"Unknown field(s) {unknown} in {path}; valid: {valid}.")
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sae_diff.analysis.stagewise --config configs/stagewise_organism.yaml``:
+    every stage from one config (the fields of :func:`stagewise_on_organism`; ``stages`` is a
+    list of ``{name, model, data, parent}``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m sae_diff.analysis.stagewise", description=main.__doc__)
+    ap.add_argument("--config", required=True, help="YAML/JSON file with stagewise_on_organism's fields")
+    ap.add_argument("--out", help="output folder (overrides the config's `out`)")
+    args = ap.parse_args(argv)
+    kw = config_kwargs(stagewise_on_organism, args.config)
+    if args.out:
+        kw["out"] = args.out
+    if "out" not in kw:
+        ap.error("no output folder: set `out:` in the config or pass --out DIR")
+    if "stages" in kw:
+        kw["plan"] = tuple(Stage(**st) for st in kw.pop("stages"))
+    res = stagewise_on_organism(**kw)
+    print(res.top.round(3).to_string())
+    for name, path in res.files.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 __all__ = [
     "DEFAULT_STAGES",
     "OrganismStagewise",
     "Stage",
     "StagewiseResult",
+    "config_kwargs",
     "copy_sae",
     "firing_frequency",
     "model_change_stages",
@@ -345,3 +387,7 @@ __all__ = [
     "stagewise_on_organism",
     "top_rotating",
 ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

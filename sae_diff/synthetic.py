@@ -77,6 +77,36 @@ class PlantedPairedData:
             kinds.append("rotated")
         return cls(directions.to(dtype), kinds, active_per_token, noise, dtype)
 
+    @classmethod
+    def make_cross_architecture(cls, d_base: int = 24, d_ft: int = 32, n_shared: int = 8, n_ft_only: int = 4,
+                                n_base_only: int = 4, active_per_token: float = 2.0, noise: float = 0.01,
+                                seed: int = 0, dtype: torch.dtype = torch.float32) -> PlantedPairedData:
+        """Two models of different widths: a shared feature writes unrelated unit directions
+        u^b in R^d_base and u^c in R^d_ft (there is no common basis), exclusive ones one of
+        them. Activations come zero-padded to ``max(d_base, d_ft)`` (``pad_pair``'s layout)."""
+        nb, nf = n_shared + n_base_only, n_shared + n_ft_only
+        if nb > d_base or nf > d_ft:
+            raise ValueError(f"Need at most d_base={d_base} base and d_ft={d_ft} ft orthogonal directions, got "
+                             f"{nb} and {nf}.")
+        g = torch.Generator().manual_seed(seed)
+        d = max(d_base, d_ft)
+        ub = torch.linalg.qr(torch.randn(d_base, d_base, generator=g, dtype=torch.float64))[0].T
+        uc = torch.linalg.qr(torch.randn(d_ft, d_ft, generator=g, dtype=torch.float64))[0].T
+        n = n_shared + n_ft_only + n_base_only
+        directions = torch.zeros(n, 2, d, dtype=torch.float64)
+        kinds: list[str] = []
+        ib = ic = 0
+        for j in range(n):
+            kind = "shared" if j < n_shared else "ft_only" if j < n_shared + n_ft_only else "base_only"
+            if kind != "ft_only":
+                directions[j, 0, :d_base] = ub[ib]
+                ib += 1
+            if kind != "base_only":
+                directions[j, 1, :d_ft] = uc[ic]
+                ic += 1
+            kinds.append(kind)
+        return cls(directions.to(dtype), kinds, active_per_token, noise, dtype)
+
     @property
     def d(self) -> int:
         return self.directions.shape[-1]
@@ -92,7 +122,9 @@ class PlantedPairedData:
         mags = 0.5 + torch.rand(n_tokens, n_feat, generator=generator)
         codes = (on * mags).to(self.dtype)
         x = torch.einsum("tf,fmd->tmd", codes, self.directions)
-        x = x + self.noise * torch.randn(x.shape, generator=generator, dtype=self.dtype)
+        noise = self.noise * torch.randn(x.shape, generator=generator, dtype=self.dtype)
+        used = self.directions.abs().sum(0) > 0  # (2, d): no noise on a narrower model's padding
+        x = x + noise * used.to(self.dtype) if not bool(used.all()) else x + noise
         return x, codes
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:

@@ -21,6 +21,7 @@ from sae_lens.saes.sae import TrainStepInput
 from sae_lens.training.sae_trainer import SAETrainer
 
 import sae_diff  # noqa: F401  (registers the architectures)
+from sae_diff.dictionaries import cross_architecture_crosscoder as xa
 from sae_diff.dictionaries import dedicated_crosscoder as dc
 from sae_diff.dictionaries import geometry
 from sae_diff.dictionaries import shared_crosscoder as sc
@@ -39,6 +40,7 @@ SMALL: dict[str, dict[str, Any]] = {
     "shared_crosscoder": {"n_shared_latents": 8, "l1_coefficient": 0.3},
     "shared_batchtopk_crosscoder": {"n_shared_latents": 8, "k": 2, "shared_sparsity_ratio": 0.5},
     "dedicated_batchtopk_crosscoder": {"n_base_dedicated": 6, "n_ft_dedicated": 6, "k": 2},
+    "cross_architecture_crosscoder": {"k": 2, "d_in_base": 6},
 }
 
 
@@ -230,6 +232,35 @@ def test_dedicated_config_errors_are_clear() -> None:
         training_config("shared_batchtopk_crosscoder", d_in=8, d_sae=16, k=2, shared_sparsity_ratio=0.0)
     with pytest.raises(ValueError, match="jumprelu_bandwidth"):
         training_config("jumprelu_crosscoder", d_in=8, d_sae=16, jumprelu_bandwidth=-1.0)
+
+
+# --- cross-architecture crosscoder (different d_model) -------------------------------------------
+@pytest.mark.slow
+def test_cross_architecture_crosscoder_recovers_planted_features_across_widths(tmp_path: Path) -> None:
+    data = PlantedPairedData.make_cross_architecture(d_base=24, d_ft=32, n_shared=8, n_ft_only=4, n_base_only=4,
+                                                     seed=0)
+    x, _ = data.sample(64, torch.Generator().manual_seed(0))
+    assert (x[:, 0, 24:] == 0).all()  # the base model's padding
+    sae = train("cross_architecture_crosscoder", data, steps=500, k=2, d_in_base=24, d_in_ft=32)
+    assert xa.padding_leak(sae) == 0.0
+    sae.save_inference_model(tmp_path / "cc")
+    inf = SAE.load_from_disk(tmp_path / "cc")
+    assert type(inf).__name__ == "CrossArchitectureCrosscoder" and xa.padding_leak(inf) == 0.0
+    best, idx = match_planted(inf, data)
+    assert best.min() > 0.9, best
+    learned = geometry.tags(geometry.relative_norm(inf))[idx.numpy()]
+    assert list(learned) == [EXPECTED_TAG[k] for k in data.kinds]
+
+
+def test_pad_pair_and_width_validation() -> None:
+    xb, xc = torch.randn(3, 5, 6), torch.randn(3, 5, 8)
+    x = xa.pad_pair(xb, xc)
+    assert x.shape == (3, 5, 2, 8) and torch.equal(x[..., 0, :6], xb) and (x[..., 0, 6:] == 0).all()
+    assert torch.equal(x[..., 1, :], xc)
+    with pytest.raises(ValueError, match="same tokens"):
+        xa.pad_pair(torch.randn(3, 6), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="set d_in to the wider model"):
+        training_config("cross_architecture_crosscoder", d_in=8, d_sae=16, k=2, d_in_base=6, d_in_ft=7)
 
 
 # --- synthetic: rotated directions --------------------------------------------------------------

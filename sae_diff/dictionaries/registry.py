@@ -12,6 +12,7 @@ name                   training class                         saved (inference) 
 ``shared_crosscoder``  L1 crosscoder, tied shared latents      ``shared_crosscoder``
 ``shared_batchtopk_crosscoder`` BatchTopK, tied shared latents ``shared_jumprelu_crosscoder``
 ``dedicated_batchtopk_crosscoder`` BatchTopK, dedicated latents ``dedicated_crosscoder``
+``cross_architecture_crosscoder`` different d_model, padded  ``cross_architecture_jumprelu_crosscoder``
 =====================  =====================================  ==========================
 
 The chat-SAE / base-SAE need nothing new: SAELens's own ``batchtopk`` serves.
@@ -29,6 +30,12 @@ from sae_diff.dictionaries.batchtopk_crosscoder import (
     BatchTopKCrosscoderTrainingConfig,
     JumpReLUCrosscoder,
     JumpReLUCrosscoderConfig,
+)
+from sae_diff.dictionaries.cross_architecture_crosscoder import (
+    CrossArchitectureCrosscoder,
+    CrossArchitectureCrosscoderConfig,
+    CrossArchitectureCrosscoderTraining,
+    CrossArchitectureCrosscoderTrainingConfig,
 )
 from sae_diff.dictionaries.crosscoder import (
     Crosscoder,
@@ -70,6 +77,7 @@ INFERENCE_ARCHITECTURES: dict[str, tuple[type[SAE[Any]], type[SAEConfig]]] = {
     "shared_crosscoder": (SharedCrosscoder, SharedCrosscoderConfig),
     "shared_jumprelu_crosscoder": (SharedJumpReLUCrosscoder, SharedJumpReLUCrosscoderConfig),
     "dedicated_crosscoder": (DedicatedCrosscoder, DedicatedCrosscoderConfig),
+    "cross_architecture_jumprelu_crosscoder": (CrossArchitectureCrosscoder, CrossArchitectureCrosscoderConfig),
 }
 TRAINING_ARCHITECTURES: dict[str, tuple[type[TrainingSAE[Any]], type[TrainingSAEConfig]]] = {
     "crosscoder": (L1CrosscoderTraining, L1CrosscoderTrainingConfig),
@@ -80,6 +88,8 @@ TRAINING_ARCHITECTURES: dict[str, tuple[type[TrainingSAE[Any]], type[TrainingSAE
     "shared_batchtopk_crosscoder": (SharedBatchTopKCrosscoderTraining, SharedBatchTopKCrosscoderTrainingConfig),
     "dedicated_batchtopk_crosscoder": (DedicatedBatchTopKCrosscoderTraining,
                                        DedicatedBatchTopKCrosscoderTrainingConfig),
+    "cross_architecture_crosscoder": (CrossArchitectureCrosscoderTraining,
+                                      CrossArchitectureCrosscoderTrainingConfig),
 }
 ARCHITECTURES: tuple[str, ...] = tuple(sorted(set(INFERENCE_ARCHITECTURES) | set(TRAINING_ARCHITECTURES)))
 

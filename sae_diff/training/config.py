@@ -37,7 +37,7 @@ from sae_diff.errors import SaeDiffError
 STORE_MODES: tuple[str, ...] = ("paired", "diff", "base", "ft")
 CROSSCODER_ARCHITECTURES: frozenset[str] = frozenset({
     "crosscoder", "batchtopk_crosscoder", "jumprelu_crosscoder", "shared_crosscoder",
-    "shared_batchtopk_crosscoder", "dedicated_batchtopk_crosscoder",
+    "shared_batchtopk_crosscoder", "dedicated_batchtopk_crosscoder", "cross_architecture_crosscoder",
 })
 DIFF_ARCHITECTURES: frozenset[str] = frozenset({"batchtopk_diff_sae"})
 BACKENDS: tuple[str, ...] = ("auto", "hooked", "bridge")

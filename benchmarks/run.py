@@ -317,8 +317,11 @@ def bench_vs_reference(cfg: Config, device: torch.device, reps: int) -> dict[str
             if torch.get_num_threads() > 1:
                 t["ours_all_threads"].append(_timeit(ours_all_threads, device))
         med = {k: _med(v) for k, v in t.items() if v}
-        return {"times_s": t, "median_s": med, "ratio": med["ref"] / med["ours"],
-                "loadavg": [load0, os.getloadavg()]}
+        best = {k: min(v) for k, v in t.items() if v}
+        # on a shared machine bursts of other load stretch single repetitions several-fold;
+        # the best repetition of each side is the figure least affected by them
+        return {"times_s": t, "median_s": med, "min_s": best, "ratio": med["ref"] / med["ours"],
+                "ratio_best": best["ref"] / best["ours"], "loadavg": [load0, os.getloadavg()]}
 
     quiet = phase()
     comp = subprocess.Popen([sys.executable, "-c", _COMPETITOR], stdout=subprocess.DEVNULL,
@@ -573,19 +576,23 @@ def table(res: dict[str, Any]) -> str:
         q, b = r["quiet"], r["contended"]
         la = q["loadavg"][0][0]
         lb = b["loadavg"][1][0]
-        rows.append((f"{key}: crosscoder_learning step ÷ sae_diff step (load {la:.1f})",
+        rows.append((f"{key}: crosscoder_learning step ÷ sae_diff step, medians (load {la:.1f})",
                      *_fmt(q["ratio"], ">= 5", q["ratio"] >= 5)))
-        rows.append((f"{key}: same, one CPU-bound process competing (load {lb:.1f})",
+        rows.append((f"{key}: same, best repetition of each", *_fmt(q["ratio_best"], ">= 5", q["ratio_best"] >= 5)))
+        rows.append((f"{key}: same, one CPU-bound process competing, medians (load {lb:.1f})",
                      *_fmt(b["ratio"], ">= 4", b["ratio"] >= 4)))
+        rows.append((f"{key}: same, competing, best repetition of each",
+                     *_fmt(b["ratio_best"], ">= 4", b["ratio_best"] >= 4)))
         rows.append((f"{key}: slowdown under contention, sae_diff / reference",
                      f"{r['slowdown_ours']:.2f} / {r['slowdown_ref']:.2f}", "ours <= reference's",
                      "met" if r["slowdown_ours"] <= r["slowdown_ref"] * 1.05 else "**not met**"))
         if "slowdown_ours_all_threads" in r:
             rows.append((f"{key}: slowdown, sae_diff with small ops on all threads (before issue 18)",
                          f"{r['slowdown_ours_all_threads']:.2f}", "—", "—"))
-        rows.append((f"{key}: median step s, sae_diff / reference (quiet; contended)",
-                     f"{q['median_s']['ours']:.3f} / {q['median_s']['ref']:.3f}; "
-                     f"{b['median_s']['ours']:.3f} / {b['median_s']['ref']:.3f}", f"threads {r['threads']}", "—"))
+        rows.append((f"{key}: step s median (best), sae_diff / reference, as is; competing",
+                     f"{q['median_s']['ours']:.3f} ({q['min_s']['ours']:.3f}) / {q['median_s']['ref']:.3f} "
+                     f"({q['min_s']['ref']:.3f}); {b['median_s']['ours']:.3f} ({b['min_s']['ours']:.3f}) / "
+                     f"{b['median_s']['ref']:.3f} ({b['min_s']['ref']:.3f})", f"threads {r['threads']}", "—"))
     for key, r in res.get("diff_sae", {}).items():
         ms, tps = r["median_s"], r["tokens_per_s"]
         rows.append((f"{key}: diff-SAE step, sparse_kernels ÷ dense", f"{r['sparse_over_dense']:.3g}",

@@ -128,3 +128,22 @@ def test_checkpoint_without_offsets_loads_as_uncentred() -> None:
     torch.testing.assert_close(other.normalised_input(x), x - 2.0)
     with pytest.raises(ValueError, match="norm_offsets"):
         other.set_norm_offsets(torch.ones(3, 12))
+
+
+@pytest.mark.parametrize("loss_form", ["norm", "squared"])
+def test_loss_forms_match_their_definitions(loss_form: str) -> None:
+    """``norm`` = the reference's mean over tokens and models of ||x^m - xhat^m||; ``squared``
+    = sum over models of the squared error, mean over tokens (naive float64 loops)."""
+    torch.manual_seed(4)
+    sae = _btk(d_in=6, d_sae=20, k=2, dtype="float64", loss_form=loss_form)
+    x = torch.randn(9, 2, 6, dtype=torch.float64)
+    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
+                                                   n_training_steps=0, is_logging_step=False))
+    e = (out.sae_in - out.sae_out).detach()
+    per = [[float(e[i, m].pow(2).sum()) for m in range(2)] for i in range(9)]
+    if loss_form == "norm":
+        expect = sum(v ** 0.5 for row in per for v in row) / 18
+    else:
+        expect = sum(sum(row) for row in per) / 9
+    assert float(out.losses["mse_loss"]) == pytest.approx(expect, rel=1e-12)
+    assert _btk().cfg.loss_form == "norm"  # the reference's form is the default

@@ -13,12 +13,12 @@ from sae_diff.dictionaries.batchtopk_crosscoder import (
 )
 
 
-def _pair(dtype: str, code_normalisation: str, apply_b_dec: bool):
+def _pair(dtype: str, code_normalisation: str, apply_b_dec: bool, loss_form: str = "norm"):
     cfgs = [
         BatchTopKCrosscoderTrainingConfig(
             d_in=16, d_sae=3000, k=6, dtype=dtype, device="cpu", norm_factors=[0.8, 1.3],
             code_normalisation=code_normalisation, sparse_kernels=sparse,
-            apply_b_dec_to_input=apply_b_dec, k_aux=5,
+            apply_b_dec_to_input=apply_b_dec, k_aux=5, loss_form=loss_form,
         )
         for sparse in (True, False)
     ]
@@ -37,12 +37,13 @@ def _pair(dtype: str, code_normalisation: str, apply_b_dec: bool):
     ("dtype", "tol"), [("float64", 1e-10), ("float32", 1e-4)]
 )
 @pytest.mark.parametrize(
-    ("code_normalisation", "apply_b_dec"), [("crosscoder", False), ("sae", True), ("none", False)]
+    ("code_normalisation", "apply_b_dec", "loss_form"),
+    [("crosscoder", False, "norm"), ("crosscoder", False, "squared"), ("sae", True, "norm"), ("none", False, "squared")],
 )
 def test_sparse_step_matches_dense_step(
-    dtype: str, tol: float, code_normalisation: str, apply_b_dec: bool
+    dtype: str, tol: float, code_normalisation: str, apply_b_dec: bool, loss_form: str
 ) -> None:
-    sparse_m, dense_m = _pair(dtype, code_normalisation, apply_b_dec)
+    sparse_m, dense_m = _pair(dtype, code_normalisation, apply_b_dec, loss_form)
     dt = getattr(torch, dtype)
     x = torch.randn(40, 2, 16, dtype=dt) * 3
     dead = torch.zeros(3000, dtype=torch.bool)

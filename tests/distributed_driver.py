@@ -1,10 +1,13 @@
 """The one torchrun launch of ``tests/test_distributed.py`` (imports paid once per rank).
 
-    torchrun --standalone --nproc_per_node=2 tests/distributed_driver.py RESUME.yaml TRAIN.yaml OUT.json
+    torchrun --standalone --nproc_per_node=2 tests/distributed_driver.py RESUME.yaml TRAIN.yaml OUT.json \
+        CHECKPOINT RESUMED_OUT
 
 1. ``sae-diff harvest --config RESUME.yaml``: resumes a sharded harvest that lost a shard;
 2. ``sae-diff train --config TRAIN.yaml``: sharded harvest + data-parallel training;
-3. the global BatchTopK selection against the one-process kernel on planted scores (ties,
+3. ``sae-diff train --resume CHECKPOINT --output_path RESUMED_OUT``: a one-process
+   checkpoint continued by 2 processes;
+4. the global BatchTopK selection against the one-process kernel on planted scores (ties,
    imbalanced ranks); its outcome goes to OUT.json (rank 0) for the test to report.
 """
 
@@ -74,12 +77,14 @@ def check_global_topk() -> None:
     assert torch.equal(torch.cat(parts).flatten(), dense_ref), "dense path: not the global top-K"
 
 
-def main(resume_cfg: str, train_cfg: str, out: str) -> int:
+def main(resume_cfg: str, train_cfg: str, out: str, checkpoint: str, resumed_out: str) -> int:
     torch.set_num_threads(1)
     from sae_diff.cli import main as cli
     from sae_diff.training import distributed
 
-    for argv in (["harvest", "--config", resume_cfg], ["train", "--config", train_cfg]):
+    for argv in (["harvest", "--config", resume_cfg], ["train", "--config", train_cfg],
+                 ["train", "--resume", checkpoint, "--output_path", resumed_out,
+                  "--checkpoint_path", resumed_out + "_ckpt"]):
         rc = cli(argv)
         if rc:
             return rc
@@ -95,4 +100,4 @@ def main(resume_cfg: str, train_cfg: str, out: str) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(*sys.argv[1:4]))
+    raise SystemExit(main(*sys.argv[1:6]))

@@ -6,7 +6,8 @@ One torchrun launch of 2 processes (``tests/distributed_driver.py``, which runs
 must equal the one-process run of the same config: the same cache files byte for byte and
 the same manifest (statistics included), the same trained dictionary to float tolerance
 (BatchTopK threshold included), and a checkpoint written by the 2-process run must resume
-in one process to the same result (the data order does not depend on the world size).
+in one process to the same result, and a one-process checkpoint in 2 processes (the data
+order does not depend on the world size).
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     two = run_config(tmp, "two")
     (tmp / "two.yaml").write_text(yaml.safe_dump(two))
     (tmp / "resume.yaml").write_text(yaml.safe_dump({**two, "cache_path": str(resume_dir)}))
+    one_ckpt = sorted(p.parent for p in Path(one["checkpoint_path"]).rglob("trainer_state.pt")
+                      if not p.parent.name.startswith("final"))[0]
     proc = torchrun([str(ROOT / "tests" / "distributed_driver.py"), str(tmp / "resume.yaml"), str(tmp / "two.yaml"),
-                     str(tmp / "topk.json")])
+                     str(tmp / "topk.json"), str(one_ckpt), str(tmp / "out_resumed_by_two")])
     return {"tmp": tmp, "one": one, "two": two, "runner": runner, "proc": proc, "resume_dir": resume_dir,
             "stamps": stamps}
 
@@ -162,6 +165,13 @@ def test_two_process_checkpoint_resumes_in_one_process(runs: dict[str, Any]) -> 
     assert (mid["W_dec"] - resumed.sae.W_dec.detach()).abs().max() > 1e-3, "nothing trained after the checkpoint"
     a = _weights(Path(runs["one"]["output_path"]))
     b = _weights(tmp / "out_resumed")
+    for k in a:
+        close(b[k], a[k], k)
+
+
+def test_one_process_checkpoint_resumes_in_two_processes(runs: dict[str, Any]) -> None:
+    a = _weights(Path(runs["one"]["output_path"]))
+    b = _weights(runs["tmp"] / "out_resumed_by_two")
     for k in a:
         close(b[k], a[k], k)
 

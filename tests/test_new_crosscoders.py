@@ -359,3 +359,26 @@ def test_upload_then_from_pretrained(hub_stub: HubStub, tmp_path: Path, arch: st
     assert torch.equal(loaded(x), local(x))
     assert loaded.cfg.metadata.base_model_name == "org/base"
     assert not hub_stub.unhandled
+
+
+@pytest.mark.parametrize("arch", ["shared_crosscoder", "shared_batchtopk_crosscoder", "dedicated_batchtopk_crosscoder",
+                                  "cross_architecture_crosscoder"])
+def test_structure_survives_deepcopy(arch: str) -> None:
+    """Tensor hooks are lost by copy.deepcopy; the classes re-register them at the next step."""
+    import copy
+
+    kw = {k: v for k, v in SMALL[arch].items() if k != "n_shared_latents"}
+    if "shared" in arch:
+        kw["n_shared_latents"] = 4
+    sae = copy.deepcopy(training_sae(training_config(arch, d_in=8, d_sae=32, **kw)))
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for i in range(3):
+        step(sae, torch.randn(64, 2, 8), i).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    if "shared" in arch:
+        assert sc.tie_gap(sae) == 0.0
+    else:
+        assert dc.leak(sae) == 0.0
+    if arch == "cross_architecture_crosscoder":
+        assert xa.padding_leak(sae) == 0.0

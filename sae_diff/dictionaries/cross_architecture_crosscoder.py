@@ -27,6 +27,7 @@ from sae_diff.dictionaries.dedicated_crosscoder import (
     DedicatedBatchTopKCrosscoderTrainingConfig,
     DedicatedCrosscoder,
     DedicatedCrosscoderConfig,
+    ensure_grad_hook,
 )
 
 
@@ -104,12 +105,12 @@ class CrossArchitectureCrosscoderTraining(DedicatedBatchTopKCrosscoderTraining):
 
     cfg: CrossArchitectureCrosscoderTrainingConfig  # type: ignore[assignment]
 
-    def __init__(self, cfg: CrossArchitectureCrosscoderTrainingConfig, use_error_term: bool = False):  # type: ignore[override]
-        super().__init__(cfg, use_error_term)
-        dims = dim_mask(cfg, self.W_dec.device).to(self.W_dec.dtype)
-        self.W_dec.register_hook(lambda g: g * dims[None].to(g.device, g.dtype))
-        self.W_enc.register_hook(lambda g: g * dims[:, :, None].to(g.device, g.dtype))
-        self.b_dec.register_hook(lambda g: g * dims.to(g.device, g.dtype))
+    def _ensure_grad_hooks(self) -> None:
+        super()._ensure_grad_hooks()
+        dims = dim_mask(self.cfg, self.W_dec.device).to(self.W_dec.dtype)
+        ensure_grad_hook(self, "W_dec", "width_W_dec", lambda g: g * dims[None].to(g.device, g.dtype))
+        ensure_grad_hook(self, "W_enc", "width_W_enc", lambda g: g * dims[:, :, None].to(g.device, g.dtype))
+        ensure_grad_hook(self, "b_dec", "width_b_dec", lambda g: g * dims.to(g.device, g.dtype))
 
     def initialize_weights(self) -> None:
         super().initialize_weights()

@@ -81,6 +81,19 @@ def model_mask(cfg: Any, device: torch.device | None = None) -> torch.Tensor:
     return mask
 
 
+def ensure_grad_hook(module: Any, name: str, key: str, fn: Any) -> None:
+    """Register ``fn`` as a gradient hook on parameter ``name`` once per Parameter object.
+
+    Tensor hooks do not survive ``copy.deepcopy`` (nor a parameter being replaced), so the
+    classes that rely on them call this at the start of every training step: the record holds
+    the id of the Parameter the hook was put on, and a copy's new Parameter gets its own."""
+    param = getattr(module, name)
+    record = module.__dict__.setdefault("_sae_diff_grad_hooks", {})
+    if record.get(key) != id(param):
+        param.register_hook(fn)
+        record[key] = id(param)
+
+
 @torch.no_grad()
 def leak(sae: Any) -> float:
     """Largest absolute encoder/decoder weight of a dedicated latent on the *other* model
@@ -136,11 +149,18 @@ class DedicatedBatchTopKCrosscoderTraining(BatchTopKCrosscoderTraining):
 
     def __init__(self, cfg: DedicatedBatchTopKCrosscoderTrainingConfig, use_error_term: bool = False):  # type: ignore[override]
         super().__init__(cfg, use_error_term)
-        mask = model_mask(cfg, self.W_dec.device)
+        self._ensure_grad_hooks()
+
+    def _ensure_grad_hooks(self) -> None:
+        mask = model_mask(self.cfg, self.W_dec.device)
         dec_mask = mask[:, :, None].to(self.W_dec.dtype)
         enc_mask = mask.T[:, None, :].to(self.W_enc.dtype)
-        self.W_dec.register_hook(lambda g: g * dec_mask.to(g.device, g.dtype))
-        self.W_enc.register_hook(lambda g: g * enc_mask.to(g.device, g.dtype))
+        ensure_grad_hook(self, "W_dec", "dedicated_W_dec", lambda g: g * dec_mask.to(g.device, g.dtype))
+        ensure_grad_hook(self, "W_enc", "dedicated_W_enc", lambda g: g * enc_mask.to(g.device, g.dtype))
+
+    def training_forward_pass(self, step_input: Any) -> Any:
+        self._ensure_grad_hooks()
+        return super().training_forward_pass(step_input)
 
     def initialize_weights(self) -> None:
         super().initialize_weights()
@@ -159,6 +179,7 @@ __all__ = [
     "DedicatedBatchTopKCrosscoderTrainingConfig",
     "DedicatedCrosscoder",
     "DedicatedCrosscoderConfig",
+    "ensure_grad_hook",
     "leak",
     "model_mask",
     "partition",

@@ -44,6 +44,7 @@ from sae_diff.dictionaries.crosscoder import (
     L1CrosscoderTraining,
     L1CrosscoderTrainingConfig,
 )
+from sae_diff.dictionaries.dedicated_crosscoder import ensure_grad_hook
 
 
 def validate_shared(n_shared: int, ratio: float, d_sae: int) -> None:
@@ -97,6 +98,7 @@ class SharedTrainingMixin:
             self.W_enc.data.copy_(self.W_dec.data.reshape(self.cfg.d_sae, -1).T.reshape(self.W_enc.shape))
 
     def _register_tie_hook(self) -> None:
+        """Put the tying hook on ``W_dec`` (once per Parameter object; re-done after a deepcopy)."""
         n = int(self.cfg.n_shared_latents)
         if n == 0:
             return
@@ -106,7 +108,11 @@ class SharedTrainingMixin:
             grad[:n] = grad[:n].sum(dim=1, keepdim=True).expand_as(grad[:n])
             return grad
 
-        self.W_dec.register_hook(tie)
+        ensure_grad_hook(self, "W_dec", "shared_tie", tie)
+
+    def training_forward_pass(self, step_input: Any) -> Any:
+        self._register_tie_hook()
+        return super().training_forward_pass(step_input)  # type: ignore[misc]
 
     def sparsity_weights(self) -> torch.Tensor:
         """``w_j``: ``shared_sparsity_ratio`` for shared latents, 1 for free ones."""

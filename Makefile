@@ -41,8 +41,12 @@ demo: setup
 demo-quick: setup
 	$(VENV)/bin/sae-diff demo --quick --out demo_output_quick
 
+# Ratios measured in one run each: kernels and the reference trainer's step (run.py), the data
+# pipeline (on the fly ÷ cached, bf16 ÷ fp32 reads) and data-parallel training (2 gloo procs ÷ 1).
 bench: setup
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/distributed.py --json benchmarks/results/cpu-distributed.json
 
 clean:
 	rm -rf demo_output demo_output_quick .pytest_cache .mypy_cache .ruff_cache

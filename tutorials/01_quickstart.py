@@ -119,8 +119,8 @@ print(f"cache: {cache.n_tokens} tokens, {cache.n_shards} shards, {cache.nbytes /
 # `SAETrainer` trains them; `PairedActivationsStore` is the data provider.
 #
 # - **Crosscoder** (`batchtopk_crosscoder`, store mode `paired`): one shared code, one decoder
-#   per model. `prepare_crosscoder` sets the per-model normalisation scalars (E‖x‖ = √d) and
-#   the decoder-bias init from a few batches. BatchTopK (not L1) because L1 crosscoders invent
+#   per model. `prepare_crosscoder` sets the per-model normalisation (centring, then scaling
+#   to E‖x‖² = 1, as crosscoder_learning does) and the decoder-bias init from a few batches. BatchTopK (not L1) because L1 crosscoders invent
 #   "ft-only" latents (Complete Shrinkage, Latent Decoupling; METHODS.md §5).
 # - **Diff-SAE** (`batchtopk_diff_sae`, store mode `diff`): a BatchTopK SAE on `x_ft − x_base`;
 #   it only spends capacity on what changed.

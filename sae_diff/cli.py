@@ -111,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------- commands
 def _print_plan(cfg: Any, as_json: bool) -> None:
-    from sae_diff.training.config import make_plan
+    from sae_diff.training.plan import make_plan
 
     plan = make_plan(cfg)
     if as_json:
@@ -229,10 +229,10 @@ def preflight_cache(cfg: Any, *, what: str = "the config") -> None:
 
 # ---------------------------------------------------------------------- commands
 def parse_config(path: Any, rest: list[str], **kwargs: Any) -> Any:
-    """``sae_diff.training.config.parse_config`` with unparsable files reported as a
+    """``sae_diff.training.flags.parse_config`` with unparsable files reported as a
     ``ConfigError`` naming the file (YAML and JSON parsers do not)."""
     from sae_diff.training.config import ConfigError
-    from sae_diff.training.config import parse_config as parse
+    from sae_diff.training.flags import parse_config as parse
 
     try:
         return parse(path, rest, **kwargs)
@@ -252,7 +252,7 @@ def parse_config(path: Any, rest: list[str], **kwargs: Any) -> Any:
 def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
 
     if args.help_config:
-        from sae_diff.training.config import config_flags_help
+        from sae_diff.training.flags import config_flags_help
 
         print(config_flags_help(args.config, args.architecture))
         return 0

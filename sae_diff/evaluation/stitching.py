@@ -12,7 +12,6 @@ The sweep: for every ``L`` in ``0..n_layers``, run base blocks ``< L`` and ft bl
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pandas as pd
@@ -27,10 +26,9 @@ from sae_diff.evaluation.kl import (
     token_kl,
     token_nll,
 )
+from sae_diff.pairing.errors import HookNameError
+from sae_diff.pairing.hooks import resid_hook, split_layer
 from sae_diff.pairing.model import PairedModel
-
-_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-_FINAL = ("ln_final.hook_in", "ln_final.hook_normalized_in")
 
 
 class LayerError(SaeDiffError, ValueError):
@@ -41,40 +39,28 @@ class LayerError(SaeDiffError, ValueError):
 # ---------------------------------------------------------------------------- layers and hooks
 def layer_from_hook(hook_name: str, n_layers: int) -> int:
     """Split layer of a residual-stream hook: ``blocks.L.hook_resid_pre`` -> ``L``,
-    ``blocks.L.hook_resid_post`` -> ``L + 1``, ``ln_final.hook_in`` -> ``n_layers``.
+    ``blocks.L.hook_resid_post`` -> ``L + 1``, ``ln_final.hook_in`` -> ``n_layers``
+    (:func:`sae_diff.pairing.hooks.split_layer`).
 
     Raises:
         LayerError: not a residual-stream hook between blocks (e.g. ``hook_resid_mid``, an
             MLP or attention output), or a block index out of range.
     """
-    m = _RESID.match(hook_name)
-    if m is not None:
-        block, kind = int(m.group(1)), m.group(2)
-        if not 0 <= block < n_layers:
-            raise LayerError(
-                f"hook {hook_name!r} names block {block}, but the models have {n_layers} blocks "
-                f"(0..{n_layers - 1})."
-            )
-        return block + (1 if kind == "post" else 0)
-    if hook_name in _FINAL:
-        return n_layers
-    raise LayerError(
-        f"hook {hook_name!r} is not a residual-stream hook between blocks; stitching and KL "
-        "patching split the models on the residual stream. Use a dictionary trained at "
-        "'blocks.L.hook_resid_pre' or 'blocks.L.hook_resid_post'."
-    )
+    try:
+        return split_layer(hook_name, n_layers)
+    except HookNameError as e:
+        raise LayerError(str(e)) from e
 
 
 def hook_for_layer(layer: int, n_layers: int) -> str:
     """The TransformerLens hook that carries the residual before block ``layer``
     (``blocks.{layer}.hook_resid_pre``; for ``layer == n_layers``
-    ``blocks.{n_layers-1}.hook_resid_post``)."""
+    ``blocks.{n_layers-1}.hook_resid_post``): :func:`sae_diff.pairing.hooks.resid_hook`."""
     check_layer(layer, n_layers)
-    if layer < n_layers:
-        return f"blocks.{layer}.hook_resid_pre"
-    if n_layers == 0:  # pragma: no cover - models always have blocks
-        raise LayerError("a model without blocks has no residual hook")
-    return f"blocks.{n_layers - 1}.hook_resid_post"
+    try:
+        return resid_hook(layer, n_layers)
+    except HookNameError as e:  # pragma: no cover - models always have blocks
+        raise LayerError(str(e)) from e
 
 
 def check_layer(layer: Any, n_layers: int) -> int:

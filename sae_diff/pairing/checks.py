@@ -14,6 +14,7 @@ import warnings
 from typing import Any
 
 from sae_diff.pairing.errors import HookNameError, PairingError, PairingWarning
+from sae_diff.pairing.hooks import stop_layer
 
 SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
@@ -280,16 +281,6 @@ def _natural_key(s: str) -> list[Any]:
 
 
 def stop_layer_for_hook(hook_name: str, n_layers: int) -> int | None:
-    """The ``stop_at_layer`` that still fires ``hook_name`` (None: the full model is needed).
-
-    ``blocks.L.*`` needs blocks 0..L, so L + 1; embedding hooks need 0 blocks.
-    """
-    m = re.match(r"^blocks\.(\d+)\.", hook_name)
-    if m:
-        layer = int(m.group(1)) + 1
-        return None if layer > n_layers else layer
-    if hook_name in ("hook_embed", "hook_pos_embed") or hook_name.startswith(
-        ("embed.", "pos_embed.")
-    ):
-        return 0
-    return None
+    """The ``stop_at_layer`` that still fires ``hook_name`` (None: the full model is needed);
+    see :func:`sae_diff.pairing.hooks.stop_layer`."""
+    return stop_layer(hook_name, n_layers)

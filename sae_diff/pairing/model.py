@@ -28,7 +28,6 @@ uses model ``which`` 's final LayerNorm and unembedding.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -47,17 +46,10 @@ from sae_diff.pairing.checks import (
     valid_hook_names,
 )
 from sae_diff.pairing.errors import PairingError
+from sae_diff.pairing.hooks import earliest_alias, resid_hook
 
 Which = Literal["base", "ft"]
 Backend = Literal["auto", "hooked", "bridge"]
-
-
-def _earliest_alias(hook_name: str) -> str:
-    """``blocks.L.hook_resid_pre`` (L >= 1) -> ``blocks.{L-1}.hook_resid_post`` (same tensor)."""
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_pre", hook_name)
-    if m and int(m.group(1)) > 0:
-        return f"blocks.{int(m.group(1)) - 1}.hook_resid_post"
-    return hook_name
 
 
 def is_bridge(model: Any) -> bool:
@@ -416,7 +408,7 @@ class PairedModel:
         # blocks.L.hook_resid_pre holds the same tensor as blocks.{L-1}.hook_resid_post: reading
         # the latter lets the forward stop one block earlier.
         fetch = {
-            h: h if is_bridge(self.base) or is_bridge(self.ft) else _earliest_alias(h)
+            h: h if is_bridge(self.base) or is_bridge(self.ft) else earliest_alias(h)
             for h in hook_names
         }
         names = list(dict.fromkeys(fetch.values()))
@@ -457,7 +449,8 @@ class PairedModel:
             )
 
     def _resid_hook(self, layer: int) -> str:
-        return f"blocks.{layer}.hook_resid_pre" if layer < self.n_layers else "ln_final.hook_in"
+        # the bridge's final residual is substituted at ln_final's input hook
+        return resid_hook(layer, self.n_layers) if layer < self.n_layers else "ln_final.hook_in"
 
     def residual_at(
         self,

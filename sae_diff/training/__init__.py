@@ -9,13 +9,9 @@
 See ``docs/training.md``.
 """
 
-from sae_diff.training.config import (
-    ConfigError,
-    PairedRunnerConfig,
-    SmokeTestModels,
-    make_plan,
-    parse_config,
-)
+from sae_diff.training.config import ConfigError, PairedRunnerConfig, SmokeTestModels
+from sae_diff.training.flags import parse_config
+from sae_diff.training.plan import make_plan
 from sae_diff.training.runner import PairedSAETrainingRunner, TrainingInterrupted, resume, train
 
 __all__ = [

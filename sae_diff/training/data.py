@@ -102,7 +102,8 @@ def load_pair(cfg: PairedRunnerConfig) -> Any:
 
 def check_pair_matches(cfg: PairedRunnerConfig, pair: Any) -> None:
     """After loading: the hook exists and ``sae.d_in`` is its width (clear error otherwise)."""
-    from sae_diff.training.config import ConfigError, check_hook_d_in
+    from sae_diff.training.errors import ConfigError
+    from sae_diff.training.model_info import check_hook_d_in
 
     dims = {"n_layers": int(pair.n_layers), "d_model": int(pair.d_model)}
     d_mlp = getattr(pair.base.cfg, "d_mlp", None)

@@ -1,0 +1,37 @@
+"""Errors and messages shared by the training config modules (config, model_info, plan, flags).
+
+Its own module so that :mod:`~sae_diff.training.model_info` and :mod:`~sae_diff.training.plan`
+can raise :class:`ConfigError` without importing the config dataclass (no import cycle).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sae_diff.errors import SaeDiffError
+
+
+class ConfigError(SaeDiffError, ValueError):
+    """A training config is invalid; the message names the field and the fix."""
+
+
+#: the one statement of the BatchTopK k bound, used by every message about it
+K_BOUND = "0 < k <= d_sae"
+
+
+def did_you_mean(name: str, candidates: Any, prefix: str = "") -> str:
+    """`` (did you mean X?)`` for the closest candidate by edit distance, else ``""``.
+
+    ``_``/``-`` are ignored, so ``training-tokens`` finds ``training_tokens``; typos
+    (``trainig_tokens``, ``batchtopk_crossocder``) are found by ``difflib``'s ratio."""
+    import difflib
+
+    def norm(s: str) -> str:
+        return s.lstrip("-").replace("-", "_").lower()
+
+    by_norm = {norm(str(c)): str(c) for c in candidates}
+    hit = difflib.get_close_matches(norm(name), list(by_norm), n=1, cutoff=0.75)
+    return f" (did you mean {prefix}{by_norm[hit[0]]}?)" if hit else ""
+
+
+__all__ = ["K_BOUND", "ConfigError", "did_you_mean"]

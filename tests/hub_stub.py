@@ -22,6 +22,7 @@ Usage (also a pytest fixture, ``hub_stub``, re-exported by test modules)::
         upload_saes_to_huggingface({"sae": path}, hf_repo_id="org/repo")
         SAE.from_pretrained("org/repo", "sae")
         hub.files("org/repo")          # {path: bytes}
+        hub.add_repo("org/other", {"cfg.json": b"{}"})  # publish files without the client
         hub.requests                   # [(method, path), ...] as received
 
 Any endpoint it does not implement answers 501 and is recorded in ``hub.unhandled``.
@@ -111,6 +112,13 @@ class HubStub:
         """A copy of ``repo_id``'s files at its head."""
         with self.lock:
             return dict(self.repos[repo_id].files)
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes]) -> None:
+        """Publish ``files`` (``{path_in_repo: bytes}``) as ``repo_id`` in one commit, as if
+        someone had uploaded them (for tests that only download)."""
+        with self.lock:
+            repo = self.repos.setdefault(repo_id, _Repo())
+            self._commit(repo, dict(files), [], f"add {repo_id}")
 
     # ------------------------------------------------------------------ operations
     def _commit(self, repo: _Repo, adds: dict[str, bytes], deletes: list[str], summary: str) -> str:

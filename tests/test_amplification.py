@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers_models import CHARS, SPECIAL_TOKENS, make_tokenizer, random_tokens, tiny_cfg, tiny_pair
+from helpers_models import CHARS, SPECIAL_TOKENS, make_tokenizer, random_tokens, tiny_cfg
 from transformer_lens import HookedTransformer
 
 from sae_diff.evaluation.amplification import (
@@ -20,12 +20,6 @@ from sae_diff.evaluation.amplification import (
 from sae_diff.pairing.model import PairedModel
 
 TARGET = len(SPECIAL_TOKENS) + CHARS.index("z")  # the planted response token
-
-
-@pytest.fixture(scope="module")
-def pair() -> PairedModel:
-    base, ft = tiny_pair(n_layers=2, d_model=16)
-    return PairedModel(base, ft)
 
 
 @pytest.fixture(scope="module")

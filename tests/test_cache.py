@@ -18,10 +18,7 @@ from sae_diff.pairing.model import PairedModel
 HOOK = "blocks.1.hook_resid_pre"
 
 
-@pytest.fixture(scope="module")
-def pair() -> PairedModel:
-    base, ft = tiny_pair(n_layers=2)
-    return PairedModel(base, ft, base_name="tiny-base", ft_name="tiny-ft")
+TINY_PAIR = {"n_layers": 2, "base_name": "tiny-base", "ft_name": "tiny-ft"}  # the `pair` fixture of conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_models import random_tokens, tiny_pair
+from helpers_models import random_tokens
 from test_patching_support import perfect_crosscoder, perfect_diff_sae
 
 from sae_diff.dictionaries.crosscoder import Crosscoder, CrosscoderConfig
@@ -25,15 +25,11 @@ from sae_diff.evaluation.patching import (
     subset_patch,
 )
 from sae_diff.evaluation.stitching import LayerError
-from sae_diff.pairing.model import PairedModel
 
 D = 16
 
 
-@pytest.fixture(scope="module")
-def pair() -> PairedModel:
-    base, ft = tiny_pair(n_layers=2, d_model=D)
-    return PairedModel(base, ft)
+TINY_PAIR = {"n_layers": 2, "d_model": D}  # the `pair` fixture of conftest.py
 
 
 @pytest.fixture(scope="module")

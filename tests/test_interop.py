@@ -10,7 +10,7 @@ import pytest
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 from sae_lens.saes.sae import SAE
-from test_interop_fixtures import (
+from interop_fixtures import (
     dl_crosscoder_config,
     dl_crosscoder_state,
     dl_sae_config,

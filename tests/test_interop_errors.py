@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from test_interop import D, L, N, _check_crosscoder, _close
-from test_interop_fixtures import (
+from interop_fixtures import (
     dl_crosscoder_config,
     dl_crosscoder_state,
     ref_replication,

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import constants
-from interop_hub_stub import HubStub, hub_stub
-from sae_lens.saes.sae import SAE
-from test_interop_fixtures import (
+from hub_stub import HubStub, local_hub
+from interop_fixtures import (
     dl_crosscoder_config,
     dl_crosscoder_state,
     dl_sae_config,
@@ -24,6 +22,7 @@ from test_interop_fixtures import (
     write_dl,
     write_replication,
 )
+from sae_lens.saes.sae import SAE
 
 from sae_diff import interop
 from sae_diff.dictionaries.batchtopk_crosscoder import JumpReLUCrosscoder
@@ -59,14 +58,9 @@ def online(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, published: dict) -> 
         DIFF_REPO: _folder_bytes(published["folders"][DIFF_REPO]),
         REP_REPO: _folder_bytes(published["folders"][REP_REPO], prefix=f"{REP_FOLDER}/"),
     }
-    with hub_stub(repos, lifetime_s=60) as stub:
-        monkeypatch.setattr(constants, "ENDPOINT", stub.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            stub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    with local_hub(cache_dir=tmp_path / "hf-cache", max_lifetime_s=60) as stub:
+        for repo_id, files in repos.items():
+            stub.add_repo(repo_id, files)
         monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
         for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
             monkeypatch.delenv(var, raising=False)

@@ -15,10 +15,7 @@ from sae_diff.pairing.model import PairedModel
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"]
 
 
-@pytest.fixture(scope="module")
-def pair() -> PairedModel:
-    base, ft = tiny_pair(n_layers=3)
-    return PairedModel(base, ft, base_name="tiny-base", ft_name="tiny-ft")
+TINY_PAIR = {"n_layers": 3, "base_name": "tiny-base", "ft_name": "tiny-ft"}  # the `pair` fixture of conftest.py
 
 
 def test_paired_activations_match_run_with_cache(pair: PairedModel) -> None:

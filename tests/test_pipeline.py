@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers_models import BOS_ID, tiny_pair
+from helpers_models import BOS_ID
 
 from sae_diff.data.cache import ActivationCache
 from sae_diff.data.harvest import harvest_cache
@@ -25,12 +25,6 @@ from sae_diff.training.config import ConfigError, config_from_dict
 HOOK = "blocks.1.hook_resid_pre"
 ROWS, PER_SHARD, FWD = 14, 4, 3  # shards of 4 rows, forwards of 3 rows (restarting per shard)
 MASKS = MaskConfig(first_n=2, exclude_special=False)
-
-
-@pytest.fixture(scope="module")
-def pair() -> PairedModel:
-    base, ft = tiny_pair(n_layers=2)
-    return PairedModel(base, ft)
 
 
 def source(pair: PairedModel) -> TokenSource:

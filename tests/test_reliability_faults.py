@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers_models import random_tokens, tiny_pair
+from helpers_models import random_tokens
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from test_reliability_inputs import (  # noqa: F401  (smoke_cache, smoke_run: shared fixtures)
@@ -50,10 +50,7 @@ HOOK = "blocks.1.hook_resid_pre"
 FAULT_IDS = [f"F{i:02d}" for i in range(1, 22)]
 
 
-@pytest.fixture(scope="module")
-def pair() -> PairedModel:
-    base, ft = tiny_pair(n_layers=2)
-    return PairedModel(base, ft, base_name="tiny-base", ft_name="tiny-ft")
+TINY_PAIR = {"n_layers": 2, "base_name": "tiny-base", "ft_name": "tiny-ft"}  # the `pair` fixture of conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_models import random_tokens, tiny_pair
+from helpers_models import random_tokens
 from test_patching_support import perfect_crosscoder, perfect_diff_sae
 
 from sae_diff.evaluation.kl import token_kl
@@ -16,15 +16,11 @@ from sae_diff.evaluation.stitching import (
     resolve_layer,
     stitching_sweep,
 )
-from sae_diff.pairing.model import PairedModel
 
 N_LAYERS, D = 3, 16
 
 
-@pytest.fixture(scope="module")
-def pair() -> PairedModel:
-    base, ft = tiny_pair(n_layers=N_LAYERS, d_model=D)
-    return PairedModel(base, ft)
+TINY_PAIR = {"n_layers": N_LAYERS, "d_model": D}  # the `pair` fixture of conftest.py
 
 
 def test_sweep_endpoints_are_the_pure_models(pair):

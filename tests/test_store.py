@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_models import random_tokens, tiny_pair
+from helpers_models import random_tokens
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
@@ -19,12 +19,6 @@ from sae_diff.pairing.masks import MaskConfig
 from sae_diff.pairing.model import PairedModel
 
 HOOK = "blocks.1.hook_resid_pre"
-
-
-@pytest.fixture(scope="module")
-def pair() -> PairedModel:
-    base, ft = tiny_pair(n_layers=2)
-    return PairedModel(base, ft)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ from sae_diff.analysis.latent_scaling import (
     as_inference,
     dictionary_kind,
     latent_scaling,
+)
+from sae_diff.analysis.latent_scaling_reference import (
     latent_scaling_cost_ratio,
     latent_scaling_naive,
 )

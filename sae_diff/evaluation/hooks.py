@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from sae_diff.evaluation.patching import DictionaryPatcher, latent_indices
+from sae_diff.analysis.selection import latent_indices
+from sae_diff.evaluation.patching import DictionaryPatcher
 from sae_diff.evaluation.stitching import (
     LayerError,
     dictionary_hook,

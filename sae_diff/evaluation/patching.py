@@ -1,4 +1,10 @@
-"""KL patching at a dictionary's layer: every intervention of METHODS.md §4.
+"""KL patching at a dictionary's layer: every intervention of METHODS.md §4, run and measured.
+
+The interventions themselves (split batch, dictionary patcher, the residual each one builds)
+are in :mod:`sae_diff.evaluation.interventions`; their names are re-exported here. This module
+is the engine and the table (~450 lines: :func:`kl_patching_table` alone assembles every
+targeted subset, random baseline and Latent Scaling filter of §4, and splitting it would
+scatter one procedure over two files).
 
 Split both models at layer ``L`` (the residual before block ``L``). For each batch the base and
 ft residuals ``x^b, x^c`` at ``L`` are computed once; every intervention then builds a residual
@@ -28,17 +34,39 @@ several seeds (mean and standard deviation across seeds).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from sae_diff.dictionaries.geometry import FT_ONLY_MAX, relative_norm
-from sae_diff.dictionaries.io import as_inference
+# latent selection lives in sae_diff.analysis.selection (shared with the report); the names
+# are also importable from here, where they have always been
+from sae_diff.analysis.selection import (
+    LatentSpec,
+    ft_only_latents,
+    latent_indices,
+    nu_rank_latents,
+    nu_scores,
+    nu_threshold_latents,
+    random_latents,
+)
+from sae_diff.dictionaries.geometry import FT_ONLY_MAX
+from sae_diff.evaluation.interventions import (
+    DictionaryPatcher,
+    Intervention,
+    SplitBatch,
+    error_patch,
+    ft_reference,
+    reconstruction_patch,
+    split_batch,
+    steering_patch,
+    stitched,
+    subset_patch,
+    token_patch,
+)
 from sae_diff.evaluation.kl import (
     FIRST_N,
     as_token_mask,
@@ -47,298 +75,8 @@ from sae_diff.evaluation.kl import (
     token_kl,
     token_nll,
 )
-from sae_diff.evaluation.stitching import patchable_kind, resolve_layer
+from sae_diff.evaluation.stitching import resolve_layer
 from sae_diff.pairing.model import PairedModel
-
-LatentSpec: TypeAlias = torch.Tensor | Sequence[int] | np.ndarray | pd.Series
-
-
-# ---------------------------------------------------------------------------- batch state
-@dataclass
-class SplitBatch:
-    """One batch split at ``layer``: ``x_base``, ``x_ft`` ``(B, S, d)`` residuals before block
-    ``layer``; ``rows`` indexes the batch in the whole dataset (for dataset-level position
-    masks). Dictionary codes are cached per batch so that several interventions of one
-    dictionary encode once."""
-
-    tokens: torch.Tensor
-    x_base: torch.Tensor
-    x_ft: torch.Tensor
-    layer: int
-    rows: slice
-    attention_mask: torch.Tensor | None = None
-    _codes: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    def codes(self, patcher: DictionaryPatcher) -> torch.Tensor:
-        """The dictionary's codes ``(B, S, d_sae)`` on this batch (computed once)."""
-        key = id(patcher)
-        if key not in self._codes:
-            self._codes[key] = patcher.encode(self.x_base, self.x_ft)
-        return self._codes[key]
-
-
-Intervention = Callable[[SplitBatch], torch.Tensor]
-
-
-@torch.no_grad()
-def split_batch(
-    paired: PairedModel,
-    tokens: torch.Tensor,
-    layer: int,
-    rows: slice | None = None,
-    attention_mask: torch.Tensor | None = None,
-) -> SplitBatch:
-    """Compute ``x^b`` and ``x^c`` at ``layer`` for one batch (two first-half forwards)."""
-    xb = paired.residual_at("base", tokens, layer, attention_mask=attention_mask)
-    xc = paired.residual_at("ft", tokens, layer, attention_mask=attention_mask).to(xb.device)
-    return SplitBatch(
-        tokens=tokens, x_base=xb, x_ft=xc, layer=layer,
-        rows=rows if rows is not None else slice(0, tokens.shape[0]),
-        attention_mask=attention_mask,
-    )
-
-
-# ---------------------------------------------------------------------------- dictionaries
-class DictionaryPatcher:
-    """A crosscoder or diff-SAE seen as "an estimate of ``x^c - x^b``" for patching.
-
-    Training dictionaries are converted with ``.to_inference()`` (weights folded, so the
-    dictionary works on raw activations). Latent contributions are ``decode(f_S) - decode(0)``,
-    which is exact for the linear decoders used here and leaves the decoder bias out.
-
-    Args:
-        sae: a two-model crosscoder or a diff-SAE.
-        include_bias: crosscoders only: add ``b_dec^c - b_dec^b`` to the reconstruction (and
-            so remove it from the error). METHODS.md §4 excludes it (the default).
-    """
-
-    def __init__(self, sae: Any, include_bias: bool = False) -> None:
-        self.sae = as_inference(sae)
-        self.kind = patchable_kind(self.sae)
-        self.d_sae = int(self.sae.cfg.d_sae)
-        self.include_bias = include_bias
-        self.sign = 1.0
-        if self.kind == "diff_sae" and self.sae.cfg.diff_sign == "base_minus_ft":
-            self.sign = -1.0
-
-    def _param(self) -> torch.Tensor:
-        return self.sae.W_dec
-
-    @torch.no_grad()
-    def encode(self, x_base: torch.Tensor, x_ft: torch.Tensor) -> torch.Tensor:
-        """Codes ``(..., d_sae)`` of the pair (diff-SAEs take the signed difference)."""
-        w = self._param()
-        pair = torch.stack([x_base, x_ft], dim=-2).to(w.device, w.dtype)
-        return self.sae.encode(pair)
-
-    def _decode(self, f: torch.Tensor) -> torch.Tensor:
-        return self.sae.decode(f)
-
-    @torch.no_grad()
-    def _linear(self, f: torch.Tensor) -> torch.Tensor:
-        """Decoder output without the bias: ``decode(f) - decode(0)``."""
-        zero = torch.zeros(1, self.d_sae, dtype=f.dtype, device=f.device)
-        return self._decode(f) - self._decode(zero)[0]
-
-    @torch.no_grad()
-    def delta(self, f: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
-        """The dictionary's estimate of ``x^c - x^b`` ``(..., d)``: all latents (``None``:
-        the full reconstruction, crosscoder bias per ``include_bias``, diff-SAE bias included)
-        or only ``latents`` (never a bias)."""
-        if latents is not None:
-            f = _restrict(f, latents)
-        if self.kind == "crosscoder":
-            out = self._linear(f) if (latents is not None or not self.include_bias) else self._decode(f)
-            return out[..., 1, :] - out[..., 0, :]
-        out = self._linear(f) if latents is not None else self._decode(f)
-        return self.sign * out
-
-    @torch.no_grad()
-    def delta_rows(self, chunk: int = 1024) -> torch.Tensor:
-        """Per-latent contribution to ``x^c - x^b`` per unit activation, ``(d_sae, d)``:
-        ``d_j^c - d_j^b`` (crosscoder) or ``s * d_j`` (diff-SAE), in raw activation space."""
-        w = self.sae.W_dec.detach()
-        if getattr(self.sae.cfg, "normalize_activations", "none") in (None, "none"):
-            rows = w[:, 1] - w[:, 0] if self.kind == "crosscoder" else self.sign * w
-            return rows
-        parts = []
-        for lo in range(0, self.d_sae, chunk):
-            eye = torch.eye(self.d_sae, dtype=w.dtype, device=w.device)[lo : lo + chunk]
-            out = self._linear(eye)
-            parts.append(out[:, 1] - out[:, 0] if self.kind == "crosscoder" else self.sign * out)
-        return torch.cat(parts)
-
-    @torch.no_grad()
-    def steering_vector(self, f: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """``sum_{j in S} f_j d_j^c`` (crosscoders; for a diff-SAE ``s * sum f_j d_j``)."""
-        out = self._linear(_restrict(f, latents))
-        if self.kind == "crosscoder":
-            return out[..., 1, :]
-        return self.sign * out
-
-
-def _restrict(f: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    keep = torch.zeros(f.shape[-1], dtype=torch.bool, device=f.device)
-    keep[latents.to(f.device)] = True
-    return f * keep
-
-
-def _cast(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return h.to(like.device, like.dtype)
-
-
-# ---------------------------------------------------------------------------- interventions
-def ft_reference() -> Intervention:
-    """``h = x^c`` (the identity: gives the ft model, KL 0)."""
-    return lambda b: b.x_ft
-
-
-def stitched() -> Intervention:
-    """``h = x^b``: base first half, ft second half (the stitched baseline)."""
-    return lambda b: b.x_base
-
-
-def reconstruction_patch(patcher: DictionaryPatcher) -> Intervention:
-    """``h = x^b + Dhat`` (crosscoder: latent part of ``xhat^c - xhat^b``; diff-SAE: SAE(D))."""
-    return lambda b: b.x_base + _cast(patcher.delta(b.codes(patcher)), b.x_base)
-
-
-def error_patch(patcher: DictionaryPatcher) -> Intervention:
-    """``h = x^b + (D - Dhat)``: only what the dictionary misses."""
-    return lambda b: b.x_ft - _cast(patcher.delta(b.codes(patcher)), b.x_base)
-
-
-def subset_patch(patcher: DictionaryPatcher, latents: LatentSpec) -> Intervention:
-    """``h = x^b + Dhat_S``: the difference carried by the latents in ``S``."""
-    idx = latent_indices(latents, patcher.d_sae)
-    return lambda b: b.x_base + _cast(patcher.delta(b.codes(patcher), idx), b.x_base)
-
-
-def steering_patch(patcher: DictionaryPatcher, latents: LatentSpec, scale: float = 1.0) -> Intervention:
-    """``h = x^b + scale * sum_{j in S} f_j d_j^c`` (additive steering with the ft decoder)."""
-    idx = latent_indices(latents, patcher.d_sae)
-    return lambda b: b.x_base + scale * _cast(
-        patcher.steering_vector(b.codes(patcher), idx), b.x_base
-    )
-
-
-def token_patch(positions: torch.Tensor) -> Intervention:
-    """``h = x^c`` at ``positions`` (a dataset-level ``(N, S)`` bool mask), ``x^b`` elsewhere."""
-    pos = positions.bool()
-
-    def fn(b: SplitBatch) -> torch.Tensor:
-        m = pos[b.rows].to(b.x_base.device)
-        if tuple(m.shape) != tuple(b.x_base.shape[:2]):
-            raise ValueError(
-                f"token-patch mask rows {tuple(m.shape)} do not match the batch "
-                f"{tuple(b.x_base.shape[:2])}; give a mask shaped like the whole token tensor."
-            )
-        return torch.where(m[..., None], b.x_ft, b.x_base)
-
-    return fn
-
-
-# ---------------------------------------------------------------------------- latent subsets
-def latent_indices(spec: LatentSpec, d_sae: int) -> torch.Tensor:
-    """Latent ids ``(k,)`` from a bool mask over latents, ids, or a pandas Series (bool values,
-    or ids as values). Raises on ids out of range."""
-    if isinstance(spec, pd.Series):
-        if spec.dtype == bool:
-            spec = spec.reindex(range(d_sae), fill_value=False)
-        spec = spec.to_numpy()
-    if isinstance(spec, torch.Tensor):
-        t = spec.detach().cpu()
-    else:
-        t = torch.as_tensor(np.array(spec))
-    if t.dtype == torch.bool:
-        if t.numel() != d_sae:
-            raise ValueError(f"a boolean latent mask needs {d_sae} entries, got {t.numel()}")
-        return t.nonzero().flatten()
-    t = t.flatten().long()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= d_sae):
-        raise ValueError(f"latent ids must lie in [0, {d_sae}); got {int(t.min())}..{int(t.max())}")
-    return t.unique()
-
-
-def ft_only_latents(sae: Any, max_delta: float = FT_ONLY_MAX) -> torch.Tensor:
-    """Crosscoder latents with relative decoder norm Δ < ``max_delta`` (ft-only, METHODS §1)."""
-    sae = as_inference(sae)
-    if patchable_kind(sae) != "crosscoder":
-        raise ValueError("ft-only latents by Δ need a crosscoder (a decoder per model).")
-    return (relative_norm(sae).cpu() < max_delta).nonzero().flatten()
-
-
-def nu_scores(nu: Any, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rank score, threshold score) per latent from Latent Scaling ratios; NaN = unknown.
-
-    ``nu`` may be a tensor ``(d_sae,)`` / array / pandas Series indexed by latent id (used for
-    both), or a DataFrame (e.g. ``LatentScalingResult.to_frame()`` or the latent table) with
-    columns ``nu_eps`` and ``nu_r`` or ``nu_error`` and ``nu_recon`` (rank by ν_ε + ν_r,
-    threshold on max(ν_ε, ν_r)), ``nu_act``, or ``nu``; a
-    ``latent`` column, if present, gives the latent ids, else the index does.
-    """
-
-    def full(s: pd.Series) -> torch.Tensor:
-        s = s.astype(float).reindex(range(d_sae))
-        return torch.tensor(s.to_numpy(), dtype=torch.float64)
-
-    if isinstance(nu, pd.DataFrame):
-        df = nu.set_index("latent") if "latent" in nu.columns else nu
-        for eps_col, r_col in (("nu_eps", "nu_r"), ("nu_error", "nu_recon")):
-            if {eps_col, r_col} <= set(df.columns):
-                e, r = full(df[eps_col]), full(df[r_col])
-                return e + r, torch.maximum(e, r)
-        for col in ("nu_act", "nu"):
-            if col in df.columns:
-                t = full(df[col])
-                return t, t
-        raise ValueError(
-            "a ν DataFrame needs columns 'nu_eps' and 'nu_r' (or 'nu_error' and 'nu_recon'), "
-            "or 'nu_act', or 'nu'; got "
-            f"{list(df.columns)}"
-        )
-    if isinstance(nu, pd.Series):
-        t = full(nu)
-        return t, t
-    t = torch.as_tensor(np.asarray(nu) if not isinstance(nu, torch.Tensor) else nu).double().flatten()
-    if t.numel() != d_sae:
-        raise ValueError(f"ν needs one value per latent ({d_sae}), got {t.numel()}")
-    return t.cpu(), t.cpu()
-
-
-def nu_threshold_latents(
-    score: torch.Tensor, threshold: float, pool: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Latents in ``pool`` (ids; default all) with a finite ν score ``< threshold``."""
-    ok = torch.isfinite(score) & (score < threshold)
-    if pool is not None:
-        keep = torch.zeros_like(ok)
-        keep[pool] = True
-        ok &= keep
-    return ok.nonzero().flatten()
-
-
-def nu_rank_latents(
-    score: torch.Tensor, fraction: float = 0.5, pool: torch.Tensor | None = None, lowest: bool = True
-) -> torch.Tensor:
-    """The ``fraction`` of ``pool``'s latents (with a finite score) with the lowest (or highest)
-    ν score: "rank by Latent Scaling"."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
-    ids = torch.arange(score.numel()) if pool is None else pool
-    ids = ids[torch.isfinite(score[ids])]
-    k = int(math.ceil(fraction * ids.numel()))
-    order = torch.argsort(score[ids], descending=not lowest, stable=True)
-    return ids[order[:k]].sort().values
-
-
-def random_latents(k: int, pool: torch.Tensor | int, seed: int) -> torch.Tensor:
-    """``k`` distinct latents drawn uniformly from ``pool`` (ids, or ``range(pool)``)."""
-    ids = torch.arange(pool) if isinstance(pool, int) else pool
-    if k > ids.numel():
-        raise ValueError(f"cannot draw {k} latents from a pool of {ids.numel()}")
-    g = torch.Generator().manual_seed(seed)
-    return ids[torch.randperm(ids.numel(), generator=g)[:k]].sort().values
 
 
 # ---------------------------------------------------------------------------- engine

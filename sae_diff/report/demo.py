@@ -31,6 +31,7 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
+from sae_diff.analysis import selection
 from sae_diff.analysis.batches import cache_batches
 from sae_diff.analysis.examples import LatentExamples, max_activating_examples
 from sae_diff.analysis.latent_table import latent_table, save_latent_table
@@ -193,27 +194,15 @@ def encode_tokens(sae: SAE[Any], kind: str, acts: torch.Tensor) -> torch.Tensor:
 
 
 def ft_specific_ranking(table: pd.DataFrame, kind: str) -> torch.Tensor:
-    """Latents ordered by how ft-specific they look; never-active latents are dropped.
-
-    Crosscoders: Δ ascending (0 = ft-only), ties by firing count descending. Diff-SAE: every
-    latent is a piece of the difference, so Latent Scaling's ν_act says how much of it the ft
-    activation explains alone: |ν_act| ascending (missing ν last), then firing count
-    descending. Chat-SAE (ft SAE): |ν_act| ascending (ν near 0 = the base cannot explain the
-    latent's activation, i.e. ft-specific), missing ν last, then firing count descending."""
-    live = table[table.get("count_active", pd.Series(1, index=table.index)) > 0]
-    if kind == "crosscoder":
-        order = live.sort_values(["delta", "count_active"], ascending=[True, False], kind="mergesort")
-    else:
-        order = live.assign(_nu=live["nu_act"].abs().fillna(math.inf)).sort_values(
-            ["_nu", "count_active"], ascending=[True, False], kind="mergesort")
-    return torch.tensor(order.index.to_numpy(), dtype=torch.long)
+    """:func:`sae_diff.analysis.selection.ft_specific_ranking` (latents ordered by how
+    ft-specific they look; never-active latents dropped)."""
+    return selection.ft_specific_ranking(table, kind)
 
 
 def nu_filter(table: pd.DataFrame, kind: str, cfg: DemoConfig) -> pd.Series:
-    """Latents that survive the ν filter (genuinely ft-specific per Latent Scaling)."""
-    if kind == "crosscoder":
-        return (table["tag"] == "ft_only") & (table["nu_error"] < cfg.nu_eps_max) & (table["nu_recon"] < cfg.nu_r_max)
-    return table["nu_act"].abs() < cfg.nu_eps_max
+    """Latents that survive the ν filter (:func:`sae_diff.analysis.selection.nu_filter` with
+    the demo's thresholds)."""
+    return selection.nu_filter(table, kind, cfg.nu_eps_max, cfg.nu_r_max)
 
 
 @dataclass

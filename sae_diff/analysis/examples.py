@@ -355,11 +355,11 @@ def examples_html(examples: Mapping[int, LatentExamples] | Iterable[LatentExampl
 def save_examples_html(examples: Mapping[int, LatentExamples] | Iterable[LatentExamples],
                        path: str | Path, title: str = "Max-activating examples") -> Path:
     """Write :func:`examples_html` to ``path`` (atomically); returns the path."""
-    from sae_diff.dictionaries.io import atomic_write_bytes
+    from sae_diff.atomic import atomic_write
 
     path = Path(path)
     page = examples_html(examples, title)
-    atomic_write_bytes(path, lambda p: p.write_text(page, encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))
     return path
 
 

@@ -168,7 +168,7 @@ def save_latent_table(df: pd.DataFrame, path: str | Path, format: str | None = N
     ``cfg.json``; ``df.attrs`` goes to ``<table file>.meta.json``. Writes are atomic.
     Returns the table's path.
     """
-    from sae_diff.dictionaries.io import atomic_write_bytes
+    from sae_diff.atomic import atomic_write
 
     target = _table_path(path, format)
     out = df.copy()
@@ -176,11 +176,11 @@ def save_latent_table(df: pd.DataFrame, path: str | Path, format: str | None = N
         out["tag"] = out["tag"].astype(str)
     out.attrs = {}
     if target.suffix == ".parquet":
-        atomic_write_bytes(target, lambda p: out.to_parquet(p, index=True))
+        atomic_write(target, lambda p: out.to_parquet(p, index=True))
     else:
-        atomic_write_bytes(target, lambda p: out.to_csv(p, index=True))
+        atomic_write(target, lambda p: out.to_csv(p, index=True))
     meta = json.dumps(dict(df.attrs), indent=2, default=str)
-    atomic_write_bytes(_meta_path(target), lambda p: p.write_text(meta))
+    atomic_write(_meta_path(target), lambda p: p.write_text(meta))
     return target
 
 

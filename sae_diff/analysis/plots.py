@@ -132,12 +132,12 @@ def latent_figures(table: pd.DataFrame) -> dict[str, go.Figure]:
 
 def save_figure(fig: go.Figure, path: str | Path, *, include_plotlyjs: Any = True) -> Path:
     """Write a figure as standalone HTML (plotly.js embedded by default, so it opens offline)."""
-    from sae_diff.dictionaries.io import atomic_write_bytes
+    from sae_diff.atomic import atomic_write
 
     path = Path(path)
     if path.suffix != ".html":
         raise ValueError(f"Figures are saved as HTML; got {path.name!r} (use a .html path).")
-    atomic_write_bytes(path, lambda p: fig.write_html(str(p), include_plotlyjs=include_plotlyjs))
+    atomic_write(path, lambda p: fig.write_html(str(p), include_plotlyjs=include_plotlyjs))
     return path
 
 

@@ -1,10 +1,9 @@
-"""Writing and rebuilding dictionaries in SAELens's on-disk format, atomically."""
+"""Writing and rebuilding dictionaries in SAELens's on-disk format, atomically
+(:mod:`sae_diff.atomic`)."""
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +12,18 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import SAE, SAEConfig
 from safetensors.torch import save_file
 
+from sae_diff.atomic import atomic_write
+from sae_diff.dictionaries.specs import inference_class
+
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path`` (same directory, so the rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Deprecated alias of :func:`sae_diff.atomic.atomic_write` (``write(tmp_path)`` then an
+    atomic rename over ``path``); goes in the next release."""
+    import warnings
+
+    warnings.warn("sae_diff.dictionaries.io.atomic_write_bytes moved to sae_diff.atomic.atomic_write.",
+                  DeprecationWarning, stacklevel=2)
+    atomic_write(path, write)
 
 
 def save_sae_files(path: str | Path, state_dict: dict[str, torch.Tensor],
@@ -37,15 +33,13 @@ def save_sae_files(path: str | Path, state_dict: dict[str, torch.Tensor],
     weights = path / SAE_WEIGHTS_FILENAME
     cfg_path = path / SAE_CFG_FILENAME
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write_bytes(weights, lambda p: save_file(tensors, str(p)))
-    atomic_write_bytes(cfg_path, lambda p: p.write_text(json.dumps(cfg_dict, indent=2, default=str)))
+    atomic_write(weights, lambda p: save_file(tensors, str(p)))
+    atomic_write(cfg_path, lambda p: p.write_text(json.dumps(cfg_dict, indent=2, default=str)))
     return weights, cfg_path
 
 
 def build_sae(cfg_dict: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> SAE[Any]:
     """Instantiate the registered inference class for ``cfg_dict['architecture']``."""
-    from sae_diff.dictionaries.registry import inference_class
-
     sae_cls, cfg_cls = inference_class(cfg_dict["architecture"])
     cfg = cfg_cls.from_dict(cfg_dict)
     assert isinstance(cfg, SAEConfig)

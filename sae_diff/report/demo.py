@@ -35,11 +35,11 @@ from sae_diff.analysis import selection
 from sae_diff.analysis.batches import cache_batches
 from sae_diff.analysis.examples import LatentExamples, max_activating_examples
 from sae_diff.analysis.latent_table import latent_table, save_latent_table
+from sae_diff.atomic import atomic_write
 from sae_diff.data.cache import ActivationCache
 from sae_diff.data.harvest import harvest_cache
 from sae_diff.data.sources import TokenSource
 from sae_diff.data.store import PairedActivationsStore, select_mode
-from sae_diff.dictionaries.io import atomic_write_bytes
 from sae_diff.dictionaries.normalisation import prepare_crosscoder
 from sae_diff.dictionaries.registry import training_config, training_sae
 from sae_diff.evaluation.kl import kl_dashboard, per_token_kl
@@ -391,7 +391,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     report["timings_s"] = dict(cfg.timings)
     report["torch_threads"] = torch.get_num_threads()
     text = json.dumps(report, indent=2, default=_json_default)
-    atomic_write_bytes(cfg.out / "report.json", lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(cfg.out / "report.json", lambda p: p.write_text(text, encoding="utf-8"))
     figures = {"Layer stitching: KL against the split layer": plot_stitching_sweep(sweep), **make_figures(first["tables"])}
     write_report_html(cfg.out / "report.html", report, examples, first["kl_table"], figures=figures)
     return report

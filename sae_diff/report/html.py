@@ -16,7 +16,7 @@ import pandas as pd
 
 from sae_diff.analysis.examples import _STYLE as EXAMPLES_STYLE
 from sae_diff.analysis.examples import LatentExamples
-from sae_diff.dictionaries.io import atomic_write_bytes
+from sae_diff.atomic import atomic_write
 from sae_diff.report.dashboards import render_dashboard
 from sae_diff.report.scoring import GRANULARITIES
 
@@ -221,5 +221,5 @@ def write_report_html(path: Path, report: dict[str, Any], examples: Mapping[str,
 
     parts.append("</body></html>")
     page = "\n".join(parts)
-    atomic_write_bytes(path, lambda p: p.write_text(page, encoding="utf-8"))
+    atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))
     return path

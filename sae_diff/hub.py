@@ -24,11 +24,13 @@ from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 from sae_lens.saes.sae import SAE, TrainingSAE
 
 import sae_diff  # noqa: F401  (registers the architectures)
+from sae_diff.dictionaries import specs
 from sae_diff.errors import SaeDiffError
 
 #: metadata every uploaded pair dictionary must carry
 REQUIRED_PAIR_METADATA: tuple[str, ...] = ("base_model_name", "model_name", "hook_name")
-PAIR_ARCHITECTURES: frozenset[str] = frozenset({"crosscoder", "jumprelu_crosscoder", "diff_sae"})
+#: saved (inference) names of pair dictionaries (crosscoders, diff-SAEs): from the architecture table
+PAIR_ARCHITECTURES: frozenset[str] = specs.inference_names("crosscoder") | specs.inference_names("diff_sae")
 EXTRA_FILES: tuple[str, ...] = ("eval.json",)
 
 
@@ -67,7 +69,7 @@ def _check_metadata(cfg_dict: dict[str, Any], where: str) -> None:
         return
     md = cfg_dict.get("metadata") or {}
     missing = [k for k in REQUIRED_PAIR_METADATA if not md.get(k)]
-    if arch == "diff_sae" and not (md.get("diff_sign") or cfg_dict.get("diff_sign")):
+    if arch in specs.inference_names("diff_sae") and not (md.get("diff_sign") or cfg_dict.get("diff_sign")):
         missing.append("diff_sign")
     if missing:
         raise HubError(

@@ -40,6 +40,7 @@ from sae_diff.data.cache import ActivationCache
 from sae_diff.data.harvest import harvest_cache
 from sae_diff.data.sources import TokenSource
 from sae_diff.data.store import PairedActivationsStore, select_mode
+from sae_diff.dictionaries import specs
 from sae_diff.dictionaries.normalisation import prepare_crosscoder
 from sae_diff.dictionaries.registry import training_config, training_sae
 from sae_diff.evaluation.kl import kl_dashboard, per_token_kl
@@ -55,11 +56,23 @@ from sae_diff.report.scoring import GroundTruth, Score, aggregate, granularity_m
 from sae_diff.training.evaluator import fraction_of_variance_explained
 from sae_diff.training.runner import use_fused_adam
 
+
+def _method(architecture: str) -> dict[str, Any]:
+    """A method of the study: a training architecture, with the data mode and kind of its row
+    in the architecture table (sae_diff.dictionaries.specs), which is the only place they are
+    stated."""
+    row = specs.spec(architecture)
+    if row is None:  # pragma: no cover - a programming error in METHODS
+        raise KeyError(f"{architecture!r} is not in sae_diff.dictionaries.specs.ARCHITECTURES")
+    return {"architecture": architecture, "mode": row.store_mode, "kind": row.kind}
+
+
+#: method name (the report's label) -> its training architecture (one table row each)
 METHODS: dict[str, dict[str, Any]] = {
-    "l1_crosscoder": {"architecture": "crosscoder", "mode": "paired", "kind": "crosscoder"},
-    "batchtopk_crosscoder": {"architecture": "batchtopk_crosscoder", "mode": "paired", "kind": "crosscoder"},
-    "diff_sae": {"architecture": "batchtopk_diff_sae", "mode": "diff", "kind": "diff_sae"},
-    "chat_sae": {"architecture": "batchtopk", "mode": "ft", "kind": "ft_sae"},
+    "l1_crosscoder": _method("crosscoder"),
+    "batchtopk_crosscoder": _method("batchtopk_crosscoder"),
+    "diff_sae": _method("batchtopk_diff_sae"),
+    "chat_sae": _method("batchtopk"),
 }
 #: The dictionary-free baselines and the supervised ceiling (see sae_diff.report.baselines).
 BASELINES = ("probe", "mean_diff", "pca_diff", "kl_tokens")

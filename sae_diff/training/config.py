@@ -42,16 +42,15 @@ from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAEConfig
 
 import sae_diff  # noqa: F401  (registers the architectures)
+from sae_diff.dictionaries import specs
 from sae_diff.pairing.hooks import hook_width
 from sae_diff.training import model_info as _model_info
 from sae_diff.training.errors import K_BOUND, ConfigError, did_you_mean
 
-STORE_MODES: tuple[str, ...] = ("paired", "diff", "base", "ft")
-CROSSCODER_ARCHITECTURES: frozenset[str] = frozenset({
-    "crosscoder", "batchtopk_crosscoder", "jumprelu_crosscoder", "shared_crosscoder",
-    "shared_batchtopk_crosscoder", "dedicated_batchtopk_crosscoder", "cross_architecture_crosscoder",
-})
-DIFF_ARCHITECTURES: frozenset[str] = frozenset({"batchtopk_diff_sae"})
+#: from the architecture table (sae_diff.dictionaries.specs): no architecture is named here
+STORE_MODES: tuple[str, ...] = specs.STORE_MODES
+CROSSCODER_ARCHITECTURES: frozenset[str] = specs.training_names("crosscoder")
+DIFF_ARCHITECTURES: frozenset[str] = specs.training_names("diff_sae")
 BACKENDS: tuple[str, ...] = ("auto", "hooked", "bridge")
 
 
@@ -251,12 +250,9 @@ def check_organism(cfg: PairedRunnerConfig, info: _model_info.OrganismInfo) -> N
 
 
 def default_store_mode(architecture: str) -> str:
-    """``paired`` for crosscoders, ``diff`` for diff-SAEs, ``ft`` (a chat-SAE) otherwise."""
-    if architecture in CROSSCODER_ARCHITECTURES:
-        return "paired"
-    if architecture in DIFF_ARCHITECTURES:
-        return "diff"
-    return "ft"
+    """``paired`` for crosscoders, ``diff`` for diff-SAEs, ``ft`` (a chat-SAE) otherwise
+    (:func:`sae_diff.dictionaries.specs.default_store_mode`)."""
+    return specs.default_store_mode(architecture)
 
 
 # ---------------------------------------------------------------------- validation

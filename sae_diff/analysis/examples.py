@@ -32,6 +32,7 @@ from sae_diff.analysis.latent_scaling import (
     as_inference,
     dictionary_kind,
 )
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 #: Default context shown around the active token: tokens before and after.
 DEFAULT_WINDOW = (12, 4)
@@ -203,7 +204,7 @@ class _Keeper:
             store.update({f: cat[f][keep] for f in self.FIELDS})
 
 
-def _codes_with_positions(sae: Any, kind: str, batches: Iterable[PairedBatch],
+def _codes_with_positions(sae: PairedDictionary, kind: str, batches: Iterable[PairedBatch],
                           latents: torch.Tensor) -> Iterator[tuple[PairedBatch, dict[str, torch.Tensor]]]:
     enc = _Encoder(sae, kind)
     slot_of = torch.full((int(sae.cfg.d_sae),), -1, dtype=torch.long)
@@ -225,7 +226,7 @@ def _codes_with_positions(sae: Any, kind: str, batches: Iterable[PairedBatch],
 
 
 def max_activating_examples(
-    sae: Any,
+    sae: PairedDictionary,
     data: Iterable[Any],
     tokens: torch.Tensor | Sequence[Sequence[int]],
     latents: Sequence[int] | torch.Tensor,
@@ -309,7 +310,7 @@ def max_activating_examples(
 
 
 def examples_on_the_fly(
-    sae: Any,
+    sae: PairedDictionary,
     forward: Callable[[torch.Tensor], torch.Tensor],
     tokens: torch.Tensor,
     latents: Sequence[int] | torch.Tensor,

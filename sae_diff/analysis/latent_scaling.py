@@ -47,6 +47,7 @@ from sae_diff.analysis.batches import DATASET_MASK_PREFIX, PairedBatch, iter_pai
 from sae_diff.dictionaries import geometry
 from sae_diff.dictionaries.io import as_inference
 from sae_diff.dictionaries.kinds import KINDS, dictionary_kind, is_crosscoder
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 Kind = Literal["crosscoder", "diff_sae", "ft_sae", "base_sae"]
 TARGETS: tuple[str, ...] = ("reconstruction", "error", "activation")
@@ -60,7 +61,7 @@ _SHORT = {"reconstruction": "recon", "error": "error", "activation": "act"}
 # --------------------------------------------------------------------------------------
 # dictionaries
 # --------------------------------------------------------------------------------------
-def _norm_factors(sae: Any) -> torch.Tensor | None:
+def _norm_factors(sae: PairedDictionary) -> torch.Tensor | None:
     factors = getattr(sae.cfg, "norm_factors", None)
     if factors is None:
         return None
@@ -264,7 +265,7 @@ def _resolve_targets(kind: str, targets: Sequence[str] | str | None) -> tuple[st
     return tuple(dict.fromkeys(targets))
 
 
-def _check_ft_decoder(sae: Any, kind: str) -> None:
+def _check_ft_decoder(sae: PairedDictionary, kind: str) -> None:
     if kind == "crosscoder" and sae.W_dec.shape[1] < 2:
         raise ValueError(
             f"Latent Scaling ratios need a decoder row for the ft model (index {FT}) and the base "
@@ -430,7 +431,7 @@ class _Pass:
 
 
 def latent_scaling(
-    sae: Any,
+    sae: PairedDictionary,
     data: Iterable[Any],
     *,
     kind: str | None = None,

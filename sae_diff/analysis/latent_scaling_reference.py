@@ -33,6 +33,7 @@ from sae_diff.analysis.latent_scaling import (
 from sae_diff.dictionaries import geometry
 from sae_diff.dictionaries.io import as_inference
 from sae_diff.dictionaries.kinds import dictionary_kind
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 
 # --------------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ from sae_diff.dictionaries.kinds import dictionary_kind
 # --------------------------------------------------------------------------------------
 @torch.no_grad()
 def latent_scaling_naive(
-    sae: Any,
+    sae: PairedDictionary,
     data: Iterable[Any],
     *,
     kind: str | None = None,
@@ -103,7 +104,7 @@ def latent_scaling_naive(
 # cost measurement
 # --------------------------------------------------------------------------------------
 def latent_scaling_cost_ratio(
-    sae: Any,
+    sae: PairedDictionary,
     data: Sequence[Any],
     *,
     repeats: int = 3,

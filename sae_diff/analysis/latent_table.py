@@ -36,12 +36,13 @@ from sae_diff.analysis.latent_scaling import (
     latent_scaling,
 )
 from sae_diff.dictionaries import geometry
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 TABLE_STEM = "latent_table"
 FORMATS = ("parquet", "csv")
 
 
-def geometry_frame(sae: Any, kind: str | None = None) -> pd.DataFrame:
+def geometry_frame(sae: PairedDictionary, kind: str | None = None) -> pd.DataFrame:
     """Decoder/encoder geometry per latent (no data needed); index ``latent``."""
     sae = as_inference(sae)
     kind = dictionary_kind(sae, kind) if kind is not None or _detectable(sae) else "sae"
@@ -63,7 +64,7 @@ def geometry_frame(sae: Any, kind: str | None = None) -> pd.DataFrame:
     }, index=index)
 
 
-def _detectable(sae: Any) -> bool:
+def _detectable(sae: PairedDictionary) -> bool:
     try:
         dictionary_kind(sae)
     except ValueError:
@@ -71,7 +72,7 @@ def _detectable(sae: Any) -> bool:
     return True
 
 
-def _metadata(sae: Any, kind: str) -> dict[str, Any]:
+def _metadata(sae: PairedDictionary, kind: str) -> dict[str, Any]:
     cfg = sae.cfg
     meta = getattr(cfg, "metadata", None)
     arch = cfg.architecture() if hasattr(cfg, "architecture") else type(sae).__name__
@@ -89,7 +90,7 @@ def _metadata(sae: Any, kind: str) -> dict[str, Any]:
 
 
 def latent_table(
-    sae: Any,
+    sae: PairedDictionary,
     data: Iterable[Any] | None = None,
     *,
     kind: str | None = None,

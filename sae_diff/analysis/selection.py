@@ -25,6 +25,7 @@ import torch
 
 from sae_diff.dictionaries.geometry import FT_ONLY_MAX, relative_norm
 from sae_diff.dictionaries.io import as_inference
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 LatentSpec: TypeAlias = torch.Tensor | Sequence[int] | np.ndarray | pd.Series
 
@@ -50,7 +51,7 @@ def latent_indices(spec: LatentSpec, d_sae: int) -> torch.Tensor:
     return t.unique()
 
 
-def ft_only_latents(sae: Any, max_delta: float = FT_ONLY_MAX) -> torch.Tensor:
+def ft_only_latents(sae: PairedDictionary, max_delta: float = FT_ONLY_MAX) -> torch.Tensor:
     """Crosscoder latents with relative decoder norm Δ < ``max_delta`` (ft-only, METHODS §1)."""
     from sae_diff.evaluation.stitching import patchable_kind  # the patchable-dictionary check
 

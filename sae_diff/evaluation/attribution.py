@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.evaluation.kl import as_token_mask, token_kl, token_strings
 from sae_diff.evaluation.patching import DictionaryPatcher, split_batch
 from sae_diff.evaluation.stitching import resolve_layer
@@ -62,7 +63,7 @@ def stitched_token_kl(
 
 def kl_attribution(
     paired: PairedModel,
-    sae: Any,
+    sae: PairedDictionary,
     tokens: torch.Tensor,
     token_mask: torch.Tensor | None = None,
     layer: int | str | None = None,

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from sae_diff.analysis.selection import latent_indices
+from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.evaluation.patching import DictionaryPatcher
 from sae_diff.evaluation.stitching import (
     LayerError,
@@ -43,7 +44,7 @@ HookFn = Callable[[torch.Tensor, Any], torch.Tensor]
 MODES = ("reconstruction", "error", "subset", "steering", "stitch", "ft")
 
 
-def hook_point(sae: Any = None, n_layers: int | None = None, layer: int | None = None) -> str:
+def hook_point(sae: PairedDictionary | None = None, n_layers: int | None = None, layer: int | None = None) -> str:
     """Where to attach a patch hook: the dictionary's own residual hook
     (``cfg.metadata.hook_name``) or, given ``layer``, ``blocks.{layer}.hook_resid_pre``
     (``blocks.{n-1}.hook_resid_post`` for ``layer == n_layers``)."""
@@ -59,7 +60,7 @@ def hook_point(sae: Any = None, n_layers: int | None = None, layer: int | None =
     return name
 
 
-def _patcher(sae: Any, include_bias: bool) -> DictionaryPatcher:
+def _patcher(sae: PairedDictionary | DictionaryPatcher, include_bias: bool) -> DictionaryPatcher:
     return sae if isinstance(sae, DictionaryPatcher) else DictionaryPatcher(sae, include_bias)
 
 
@@ -74,7 +75,7 @@ def _check_other(other: torch.Tensor, act: torch.Tensor, name: str) -> torch.Ten
 
 
 def patch_hook(
-    sae: Any,
+    sae: PairedDictionary,
     *,
     base_acts: torch.Tensor | None = None,
     ft_acts: torch.Tensor | None = None,
@@ -147,7 +148,7 @@ def patch_hook(
 
 def paired_hooks(
     paired: PairedModel,
-    sae: Any,
+    sae: PairedDictionary,
     tokens: torch.Tensor,
     *,
     run_on: str = "ft",
@@ -186,7 +187,7 @@ def steering_hook(
     return fn
 
 
-def latent_direction(sae: Any, latents: Any, model: str = "ft") -> torch.Tensor:
+def latent_direction(sae: PairedDictionary, latents: Any, model: str = "ft") -> torch.Tensor:
     """Sum of the latents' decoder rows ``(d,)``: for a crosscoder model ``"ft"`` / ``"base"``'s
     row, or ``"diff"`` (``d^c - d^b``); for a diff-SAE its (signed) decoder row."""
     p = _patcher(sae, False)
@@ -217,7 +218,7 @@ def amplification_hook(
 
 
 def record_codes_hook(
-    sae: Any,
+    sae: PairedDictionary,
     store: dict[str, torch.Tensor],
     *,
     base_acts: torch.Tensor | None = None,

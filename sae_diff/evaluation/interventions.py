@@ -26,12 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from sae_diff.analysis.selection import LatentSpec, latent_indices
 from sae_diff.dictionaries.io import as_inference
+from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.evaluation.stitching import patchable_kind
 from sae_diff.pairing.model import PairedModel
 
@@ -95,7 +95,7 @@ class DictionaryPatcher:
             so remove it from the error). METHODS.md §4 excludes it (the default).
     """
 
-    def __init__(self, sae: Any, include_bias: bool = False) -> None:
+    def __init__(self, sae: PairedDictionary, include_bias: bool = False) -> None:
         self.sae = as_inference(sae)
         self.kind = patchable_kind(self.sae)
         self.d_sae = int(self.sae.cfg.d_sae)

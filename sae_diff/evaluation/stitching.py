@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from sae_diff.dictionaries.kinds import is_crosscoder
+from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.errors import SaeDiffError
 from sae_diff.evaluation.kl import (
     FIRST_N,
@@ -73,14 +74,14 @@ def check_layer(layer: Any, n_layers: int) -> int:
     return layer
 
 
-def dictionary_hook(sae: Any) -> str | None:
+def dictionary_hook(sae: object) -> str | None:
     """The hook a dictionary was trained at (``cfg.metadata.hook_name``), or None if unknown."""
     meta = getattr(getattr(sae, "cfg", None), "metadata", None)
     name = None if meta is None else getattr(meta, "hook_name", None)
     return name if isinstance(name, str) and name else None
 
 
-def patchable_kind(sae: Any) -> str:
+def patchable_kind(sae: PairedDictionary) -> str:
     """``"crosscoder"`` (two-model) or ``"diff_sae"``: the dictionaries KL patching can use."""
     if getattr(sae, "W_dec", None) is None:
         raise LayerError(f"{type(sae).__name__} has no W_dec; expected a sae_diff dictionary.")

@@ -18,9 +18,10 @@ import pandas as pd
 import torch
 
 from sae_diff.analysis.examples import LatentExamples
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 
-def decoder_direction(sae: Any, kind: str, latent: int) -> torch.Tensor:
+def decoder_direction(sae: PairedDictionary, kind: str, latent: int) -> torch.Tensor:
     """The latent's decoder row in the ft model's residual space ``(d,)``: the ft half of a
     crosscoder's decoder, a diff-SAE's (signed) row (what it adds to ``x_ft - x_base``), an
     SAE's row."""

@@ -30,6 +30,10 @@ active codes (crosscoders), and one sparse ``F^T Y`` accumulation with the stack
 Accumulators are float64; per-batch products run in the dictionary's dtype.
 :func:`~sae_diff.analysis.latent_scaling_reference.latent_scaling_naive` is the reference that
 does build the per-latent targets.
+
+Length (~520 lines): the streamed one-pass accumulators, the sparse-code reader and the result
+type are one algorithm; the slow reference and the cost measurement live in
+:mod:`~sae_diff.analysis.latent_scaling_reference`.
 """
 
 from __future__ import annotations

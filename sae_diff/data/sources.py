@@ -20,6 +20,10 @@ Both yield :class:`TokenBatch` es that also carry the attention mask, document s
 chat masks and each row's index in the stream (for caches and resuming);
 :meth:`TokenBatch.masks` turns a batch into the :class:`~sae_diff.pairing.masks.TokenMasks`
 every consumer (harvest, in-memory store) uses.
+
+Length (~660 lines): dataset loading, kind detection, chat rendering, mixing by token share and
+packing are one pipeline whose row indices must agree end to end (resume, caches); kept in one
+module so that contract is read in one place.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from sae_diff.dictionaries.kinds import is_crosscoder
+from sae_diff.dictionaries.kinds import dictionary_kind
 from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.errors import SaeDiffError
 from sae_diff.evaluation.kl import (
@@ -82,10 +82,15 @@ def dictionary_hook(sae: object) -> str | None:
 
 
 def patchable_kind(sae: PairedDictionary) -> str:
-    """``"crosscoder"`` (two-model) or ``"diff_sae"``: the dictionaries KL patching can use."""
+    """``"crosscoder"`` (two-model) or ``"diff_sae"``: the dictionaries KL patching can use
+    (the kind from :func:`sae_diff.dictionaries.kinds.dictionary_kind`, restricted)."""
     if getattr(sae, "W_dec", None) is None:
         raise LayerError(f"{type(sae).__name__} has no W_dec; expected a sae_diff dictionary.")
-    if is_crosscoder(sae):
+    try:
+        kind: str | None = dictionary_kind(sae)
+    except ValueError:  # a plain SAE: its weights do not say which model it reads
+        kind = None
+    if kind == "crosscoder":
         n_models = getattr(sae.cfg, "n_models", sae.W_dec.shape[1])
         if n_models != 2:
             raise LayerError(
@@ -93,7 +98,7 @@ def patchable_kind(sae: PairedDictionary) -> str:
                 "(base, ft) crosscoder."
             )
         return "crosscoder"
-    if getattr(sae.cfg, "diff_sign", None) is not None:
+    if kind == "diff_sae":
         return "diff_sae"
     raise LayerError(
         f"{type(sae).__name__} is a single-model SAE; the KL patches of METHODS.md §4 need a "

@@ -1,4 +1,8 @@
-"""Load an organism pair (offline, seconds) and its ground truth."""
+"""Load an organism pair (offline, seconds) and its ground truth.
+
+Length (~550 lines): the organism object and its data views (pretraining text, chat splits,
+ground truth, scoring set) share one loaded state; split, each view would re-load it.
+"""
 
 from __future__ import annotations
 

@@ -11,6 +11,9 @@ sentinel contents, the sentinel rendering tells where each message's content sit
 text, and token offsets map that to tokens. This works for any family's template (Gemma,
 Llama-3, ChatML/Qwen, Mistral, Phi-3, ...) and is done per conversation, before rows are
 packed, so a packed row keeps the masks of a turn continued from the previous row.
+
+Length (~610 lines): every mask of METHODS.md §6 and the chat-template span parsing they
+share; one module so that harvest, store and evaluation import one definition of each mask.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ so ``L = 0`` is exactly the pure second model and ``L = n_layers`` exactly the p
 model (both tested bit-for-bit). :meth:`continue_from` is the lower-level primitive
 ("run model `which` from layer L on residual h", the ``patched(h)`` of METHODS §4); it always
 uses model ``which`` 's final LayerNorm and unembedding.
+
+Length (~460 lines): the pair's runtime (lock-step forwards, hooks, stitching), one class;
+loading lives in :mod:`~sae_diff.pairing.loading`, hook names in :mod:`~sae_diff.pairing.hooks`.
 """
 
 from __future__ import annotations

@@ -27,11 +27,11 @@ import torch
 
 from sae_diff.analysis.batches import PairedBatch, iter_paired_batches
 from sae_diff.analysis.latent_scaling import (
-    _Encoder,
     _resolve_latents,
     as_inference,
     dictionary_kind,
 )
+from sae_diff.dictionaries.codes import SparseCodes
 from sae_diff.dictionaries.protocol import PairedDictionary
 
 #: Default context shown around the active token: tokens before and after.
@@ -206,7 +206,7 @@ class _Keeper:
 
 def _codes_with_positions(sae: PairedDictionary, kind: str, batches: Iterable[PairedBatch],
                           latents: torch.Tensor) -> Iterator[tuple[PairedBatch, dict[str, torch.Tensor]]]:
-    enc = _Encoder(sae, kind)
+    enc = SparseCodes(sae, kind)
     slot_of = torch.full((int(sae.cfg.d_sae),), -1, dtype=torch.long)
     slot_of[latents.cpu()] = torch.arange(latents.numel())
     for batch in batches:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 import torch
@@ -49,13 +49,14 @@ import torch.nn.functional as tF
 
 from sae_diff.analysis.batches import DATASET_MASK_PREFIX, PairedBatch, iter_paired_batches
 from sae_diff.dictionaries import geometry
+from sae_diff.dictionaries.codes import BASE, FT, SparseCodes
 from sae_diff.dictionaries.io import as_inference
 from sae_diff.dictionaries.kinds import KINDS, dictionary_kind, is_crosscoder
 from sae_diff.dictionaries.protocol import PairedDictionary
+from sae_diff.dictionaries.specs import DictionaryKind
 
-Kind = Literal["crosscoder", "diff_sae", "ft_sae", "base_sae"]
+Kind = DictionaryKind  # the vocabulary of sae_diff.dictionaries.specs
 TARGETS: tuple[str, ...] = ("reconstruction", "error", "activation")
-BASE, FT = 0, 1
 MODELS = ("base", "ft")
 #: Below this many active tokens a latent's ratios (ν) are reported as NaN (missing).
 DEFAULT_MIN_COUNT = 50
@@ -72,71 +73,9 @@ def _norm_factors(sae: PairedDictionary) -> torch.Tensor | None:
     return torch.as_tensor(factors, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
 
 
-def _has_hooks(sae: Any) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in sae.modules())
-
-
-class _Encoder:
-    """Inference codes of a batch as sparse row-major triples ``(token i, latent j, value v)``.
-
-    For sae_diff's inference crosscoders without attached hooks (``sparse_codes``), codes are
-    read off the encoder matmul: ``h = x W_enc + b_enc`` is only formed where a candidate
-    mask (the threshold lowered by a few ulps) fires, then filtered exactly by
-    ``h > max(threshold, 0)`` — the same entries and values ``sae.encode`` returns, without its
-    dense bias/ReLU/mask passes. Everything else calls ``sae.encode`` and takes its non-zeros.
-    """
-
-    def __init__(self, sae: Any, kind: str, sparse_codes: bool = True) -> None:
-        from sae_diff.dictionaries.base import CrosscoderSAE
-        from sae_diff.dictionaries.batchtopk_crosscoder import JumpReLUCrosscoder
-
-        self.sae, self.kind = sae, kind
-        self.n = int(sae.cfg.d_sae)
-        cls = type(sae)
-        self.fast = (
-            sparse_codes
-            and isinstance(sae, CrosscoderSAE)
-            and cls.encode is CrosscoderSAE.encode
-            and cls.hidden_pre is CrosscoderSAE.hidden_pre
-            and cls.activate in (CrosscoderSAE.activate, JumpReLUCrosscoder.activate)
-            and not _has_hooks(sae)
-        )
-        if self.fast:
-            thr = getattr(sae, "threshold", None)
-            zero = torch.zeros(self.n, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
-            self.min_pre = zero if thr is None else thr.detach().clamp(min=0)
-            b = sae.b_enc.detach()
-            margin = 4 * torch.finfo(b.dtype).eps * (self.min_pre.abs() + b.abs()) + torch.finfo(b.dtype).tiny
-            self.candidate = self.min_pre - b - margin  # mm > candidate  <=  mm + b > min_pre
-
-    def encoder_input(self, acts: torch.Tensor, model: int | None = None) -> torch.Tensor:
-        if self.kind in ("crosscoder", "diff_sae"):
-            return acts
-        if model is None:
-            model = FT if self.kind == "ft_sae" else BASE
-        return acts[:, model]
-
-    @torch.no_grad()
-    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.fast:
-            sae = self.sae
-            x_n = sae.normalised_input(x)
-            if sae.cfg.apply_b_dec_to_input:
-                x_n = x_n - sae.b_dec
-            mm = x_n.reshape(x_n.shape[0], -1) @ sae.W_enc_flat
-            lin = (mm > self.candidate).view(-1).nonzero().squeeze(1)
-            i = torch.div(lin, self.n, rounding_mode="floor")
-            j = lin - i * self.n
-            v = mm.view(-1).index_select(0, lin) + sae.b_enc.detach().index_select(0, j)
-            keep = v > self.min_pre.index_select(0, j)
-            if not bool(keep.all()):
-                i, j, v = i[keep], j[keep], v[keep]
-            return i, j, v
-        f = self.sae.encode(x)
-        flat = f.reshape(-1)
-        lin = (flat != 0).nonzero().squeeze(1)
-        i = torch.div(lin, self.n, rounding_mode="floor")
-        return i, lin - i * self.n, flat.index_select(0, lin)
+#: the sparse code reader moved to sae_diff.dictionaries.codes (public); kept under its old
+#: private name for code that imported it from here
+_Encoder = SparseCodes
 
 
 # --------------------------------------------------------------------------------------
@@ -290,7 +229,7 @@ class _Pass:
     def __init__(self, sae: Any, kind: str, latents: torch.Tensor, targets: tuple[str, ...],
                  firing_shift: bool, compute_dtype: torch.dtype | None, sparse_codes: bool = True) -> None:
         self.sae, self.kind, self.targets = sae, kind, targets
-        self.enc = _Encoder(sae, kind, sparse_codes)
+        self.enc = SparseCodes(sae, kind, sparse_codes)
         dev = sae.W_dec.device
         self.device = dev
         self.dtype = compute_dtype or sae.W_dec.dtype

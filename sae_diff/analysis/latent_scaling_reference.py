@@ -24,13 +24,13 @@ from sae_diff.analysis.latent_scaling import (
     FT,
     MODELS,
     _check_ft_decoder,
-    _Encoder,
     _norm_factors,
     _resolve_latents,
     _resolve_targets,
     latent_scaling,
 )
 from sae_diff.dictionaries import geometry
+from sae_diff.dictionaries.codes import SparseCodes
 from sae_diff.dictionaries.io import as_inference
 from sae_diff.dictionaries.kinds import dictionary_kind
 from sae_diff.dictionaries.protocol import PairedDictionary
@@ -67,7 +67,7 @@ def latent_scaling_naive(
     factors = _norm_factors(sae) if kind == "crosscoder" else None
     num = {f"beta_{_SHORT[t]}_{m}": torch.zeros(S.numel(), dtype=torch.float64) for t in tgts for m in MODELS}
     C = torch.zeros(S.numel(), dtype=torch.float64)
-    enc = _Encoder(sae, kind)
+    enc = SparseCodes(sae, kind)
     for batch in iter_paired_batches(data, progress=progress, desc="naive Latent Scaling"):
         x = batch.acts.to(sae.W_dec.device, sae.W_dec.dtype)
         f = sae.encode(enc.encoder_input(x)).to(dtype)
@@ -131,7 +131,7 @@ def latent_scaling_cost_ratio(
     if not isinstance(data, Sequence) or len(data) == 0:
         raise ValueError("latent_scaling_cost_ratio needs a non-empty list of batches (timed several times).")
     kind = dictionary_kind(sae)
-    enc = _Encoder(sae, kind)
+    enc = SparseCodes(sae, kind)
     batches = [PairedBatch(acts=b.acts) for b in iter_paired_batches(data, progress=False)]
 
     @torch.no_grad()

@@ -137,7 +137,7 @@ def test_runs_from_the_shipped_config(tmp_path: Any, capsys: pytest.CaptureFixtu
 
     import yaml
 
-    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "causal_filter_organism.yaml").read_text())
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "analysis" / "causal_filter_organism.yaml").read_text())
     small = {**shipped, "n_docs": 48, "max_rows": 48, "expansion": 2, "k": 8, "train_steps": 20, "batch_size": 128,
              "n_eval": 2, "n_candidates": 3, "n_random": 3}
     cfg = tmp_path / "cf.yaml"

@@ -129,7 +129,7 @@ def test_stagewise_on_the_organism_writes_table_figure_and_examples(tmp_path: An
 def test_stages_run_from_one_config(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
-    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "stagewise_organism.yaml").read_text())
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "analysis" / "stagewise_organism.yaml").read_text())
     small = {**shipped, "n_docs": 48, "max_rows": 48, "expansion": 2, "k": 8, "start_steps": 20,
              "stage_steps": 10, "batch_size": 128, "n_top": 3}
     cfg = tmp_path / "sw.yaml"

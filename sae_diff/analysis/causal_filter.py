@@ -196,7 +196,7 @@ def causal_filter_on_organism(out: str | Path, *, organism: str = "default", hoo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sae_diff.analysis.causal_filter --config configs/causal_filter_organism.yaml``:
+    """``python -m sae_diff.analysis.causal_filter --config configs/analysis/causal_filter_organism.yaml``:
     the method end to end from one config (the fields of :func:`causal_filter_on_organism`, plus
     :func:`causal_filter`'s: ``n_candidates``, ``n_random``, ``quantile``, ``mode``, ``scale``)."""
     import argparse

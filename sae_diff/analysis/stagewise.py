@@ -348,7 +348,7 @@ def config_kwargs(func: Callable[..., Any], path: str | Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sae_diff.analysis.stagewise --config configs/stagewise_organism.yaml``:
+    """``python -m sae_diff.analysis.stagewise --config configs/analysis/stagewise_organism.yaml``:
     every stage from one config (the fields of :func:`stagewise_on_organism`; ``stages`` is a
     list of ``{name, model, data, parent}``)."""
     import argparse

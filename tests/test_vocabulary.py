@@ -50,6 +50,11 @@ def test_literals_are_defined_once() -> None:
     from sae_diff.dictionaries.kinds import KINDS
 
     assert specs.STORE_MODES == ("paired", "diff", "base", "ft")
+    from typing import get_args
+
+    from sae_diff.training.config import StoreModeOrAuto
+
+    assert get_args(StoreModeOrAuto) == ("auto", *specs.STORE_MODES)
     assert specs.DIFF_SIGNS == ("ft_minus_base", "base_minus_ft")
     assert tuple(base.DIFF_SIGNS) == tuple(store.DIFF_SIGNS) == specs.DIFF_SIGNS
     assert tuple(KINDS) == specs.KINDS
@@ -77,3 +82,16 @@ def test_old_atomic_writer_warns_and_writes(tmp_path: Path) -> None:
     with pytest.warns(DeprecationWarning, match="sae_diff.atomic.atomic_write"):
         atomic_write_bytes(tmp_path / "x.txt", lambda p: p.write_text("hi"))
     assert (tmp_path / "x.txt").read_text() == "hi"
+
+
+def test_a_flag_outside_the_vocabulary_is_a_config_error() -> None:
+    """store_mode is typed by the vocabulary, so the flag parser lists its values."""
+    from sae_diff.training.config import ConfigError
+    from sae_diff.training.flags import parse_config
+
+    cfg_file = Path(__file__).resolve().parents[1] / "configs" / "smoke_test_crosscoder.yaml"
+    with pytest.raises(ConfigError, match=r"invalid choice: 'bogus'.*'paired', 'diff', 'base', 'ft'"):
+        parse_config(cfg_file, ["--store_mode", "bogus"])
+    with pytest.raises(ConfigError, match="--lr: invalid float value"):
+        parse_config(cfg_file, ["--lr", "abc"])
+    assert parse_config(cfg_file, ["--store_mode", "paired"]).store_mode == "paired"

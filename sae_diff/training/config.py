@@ -35,7 +35,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig, dict_field
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
@@ -43,6 +43,7 @@ from sae_lens.saes.sae import TrainingSAEConfig
 
 import sae_diff  # noqa: F401  (registers the architectures)
 from sae_diff.dictionaries import specs
+from sae_diff.dictionaries.specs import StoreMode
 from sae_diff.pairing.hooks import hook_width
 from sae_diff.training import model_info as _model_info
 from sae_diff.training.errors import K_BOUND, ConfigError, did_you_mean
@@ -51,6 +52,8 @@ from sae_diff.training.errors import K_BOUND, ConfigError, did_you_mean
 STORE_MODES: tuple[str, ...] = specs.STORE_MODES
 CROSSCODER_ARCHITECTURES: frozenset[str] = specs.training_names("crosscoder")
 DIFF_ARCHITECTURES: frozenset[str] = specs.training_names("diff_sae")
+#: a config's store_mode: a StoreMode, or "auto" (the architecture's, from the table)
+StoreModeOrAuto = Literal["auto", "paired", "diff", "base", "ft"]
 BACKENDS: tuple[str, ...] = ("auto", "hooked", "bridge")
 
 
@@ -143,7 +146,7 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
     base_model_from_pretrained_kwargs: dict[str, Any] | None = dict_field(default=None)
     ft_weights_path: str | None = None
     model_backend: str = "auto"
-    store_mode: str = "auto"
+    store_mode: StoreModeOrAuto = "auto"  # "auto" becomes the architecture's StoreMode in __post_init__
     mask_bos: bool = True
     mask_first_n: int = 0
     mask_high_norm: float | None = 10.0
@@ -249,7 +252,7 @@ def check_organism(cfg: PairedRunnerConfig, info: _model_info.OrganismInfo) -> N
         raise ConfigError(f"organism_n_documents={cfg.organism_n_documents} must be >= 1 or null (as many as needed).")
 
 
-def default_store_mode(architecture: str) -> str:
+def default_store_mode(architecture: str) -> StoreMode:
     """``paired`` for crosscoders, ``diff`` for diff-SAEs, ``ft`` (a chat-SAE) otherwise
     (:func:`sae_diff.dictionaries.specs.default_store_mode`)."""
     return specs.default_store_mode(architecture)

@@ -14,6 +14,7 @@ that concrete class. Field names, help texts and defaults are SAELens's own.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import field, fields
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
         ns, rest = parser.parse_known_args(list(args or []))
     except SystemExit as e:  # argparse errors exit; turn them into a config error
         raise ConfigError(f"Could not parse the flags {args}: see the message above.") from e
+    except argparse.ArgumentError as e:  # a value outside a field's choices (e.g. --store_mode)
+        raise ConfigError(f"Invalid flag value: {e}.") from e
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:  # a dataclass rejected a flag's value (e.g. k > d_sae)

@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from sae_lens.saes.jumprelu_sae import JumpReLUSAE
-from sae_lens.saes.sae import SAE
 from interop_fixtures import (
     dl_crosscoder_config,
     dl_crosscoder_state,
@@ -23,6 +21,8 @@ from interop_fixtures import (
     write_dl,
     write_replication,
 )
+from sae_lens.saes.jumprelu_sae import JumpReLUSAE
+from sae_lens.saes.sae import SAE
 
 import sae_diff  # noqa: F401  (registers the architectures)
 from sae_diff import interop

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-from test_interop import D, L, N, _check_crosscoder, _close
 from interop_fixtures import (
     dl_crosscoder_config,
     dl_crosscoder_state,
@@ -22,6 +21,7 @@ from interop_fixtures import (
     sample_inputs,
     write_dl,
 )
+from test_interop import D, L, N, _check_crosscoder, _close
 
 import sae_diff  # noqa: F401  (registers the architectures)
 from sae_diff import interop

@@ -35,7 +35,7 @@ import json
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig, dict_field
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
@@ -45,6 +45,7 @@ import sae_diff  # noqa: F401  (registers the architectures)
 from sae_diff.dictionaries import specs
 from sae_diff.dictionaries.specs import StoreMode
 from sae_diff.pairing.hooks import hook_width
+from sae_diff.pairing.loading import Backend
 from sae_diff.training import model_info as _model_info
 from sae_diff.training.errors import K_BOUND, ConfigError, did_you_mean
 
@@ -54,7 +55,7 @@ CROSSCODER_ARCHITECTURES: frozenset[str] = specs.training_names("crosscoder")
 DIFF_ARCHITECTURES: frozenset[str] = specs.training_names("diff_sae")
 #: a config's store_mode: a StoreMode, or "auto" (the architecture's, from the table)
 StoreModeOrAuto = Literal["auto", "paired", "diff", "base", "ft"]
-BACKENDS: tuple[str, ...] = ("auto", "hooked", "bridge")
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass
@@ -145,7 +146,7 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
     base_model_name: str = ""
     base_model_from_pretrained_kwargs: dict[str, Any] | None = dict_field(default=None)
     ft_weights_path: str | None = None
-    model_backend: str = "auto"
+    model_backend: Backend = "auto"
     store_mode: StoreModeOrAuto = "auto"  # "auto" becomes the architecture's StoreMode in __post_init__
     mask_bos: bool = True
     mask_first_n: int = 0

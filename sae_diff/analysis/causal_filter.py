@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     from sae_diff.analysis.stagewise import config_kwargs
-    from sae_diff.dictionaries.io import atomic_write_bytes
+    from sae_diff.atomic import atomic_write as atomic_write_bytes
 
     ap = argparse.ArgumentParser(prog="python -m sae_diff.analysis.causal_filter", description=main.__doc__)
     ap.add_argument("--config", required=True, help="YAML/JSON file with causal_filter_on_organism's fields")

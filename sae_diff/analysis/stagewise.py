@@ -274,11 +274,11 @@ def stagewise_on_organism(out: str | Path, *, organism: str = "default", hook: s
 
     from sae_diff.analysis.batches import cache_batches
     from sae_diff.analysis.examples import max_activating_examples
+    from sae_diff.atomic import atomic_write as atomic_write_bytes
     from sae_diff.data.cache import ActivationCache
     from sae_diff.data.harvest import harvest_cache
     from sae_diff.data.sources import TokenSource
     from sae_diff.data.store import PairedActivationsStore
-    from sae_diff.dictionaries.io import atomic_write_bytes
     from sae_diff.organisms import load_organism
 
     out = Path(out)

@@ -73,7 +73,27 @@ METHODS: dict[str, dict[str, Any]] = {
     "batchtopk_crosscoder": _method("batchtopk_crosscoder"),
     "diff_sae": _method("batchtopk_diff_sae"),
     "chat_sae": _method("batchtopk"),
+    # issue 17's crosscoder variants: selectable with --methods, not in the default run (four
+    # more methods x 3 seeds would push `make demo` past its 10-minute budget)
+    "jumprelu_crosscoder": _method("jumprelu_crosscoder"),
+    "shared_l1_crosscoder": _method("shared_crosscoder"),
+    "shared_batchtopk_crosscoder": _method("shared_batchtopk_crosscoder"),
+    "dedicated_crosscoder": _method("dedicated_batchtopk_crosscoder"),
 }
+#: what `sae-diff demo` runs unless --methods says otherwise
+DEFAULT_METHODS: tuple[str, ...] = ("l1_crosscoder", "batchtopk_crosscoder", "diff_sae", "chat_sae")
+
+
+def _variant_settings(architecture: str, d_sae: int) -> dict[str, Any]:
+    """Architecture-specific settings of the issue-17 variants (docs/methods.md): 1/16 of the
+    latents tied, 1/8 dedicated to each model; the JumpReLU sparsity weight for L0 near k."""
+    settings: dict[str, dict[str, Any]] = {
+        "jumprelu_crosscoder": {"l0_coefficient": 0.5},
+        "shared_crosscoder": {"n_shared_latents": d_sae // 16, "shared_sparsity_ratio": 0.15},
+        "shared_batchtopk_crosscoder": {"n_shared_latents": d_sae // 16, "shared_sparsity_ratio": 0.8},
+        "dedicated_batchtopk_crosscoder": {"n_base_dedicated": d_sae // 8, "n_ft_dedicated": d_sae // 8},
+    }
+    return settings.get(architecture, {})
 #: The dictionary-free baselines and the supervised ceiling (see sae_diff.report.baselines).
 BASELINES = ("probe", "mean_diff", "pca_diff", "kl_tokens")
 
@@ -118,7 +138,7 @@ class DemoConfig:
     n_kl_types: int = 10
     seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = DEFAULT_METHODS
     quick: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -175,9 +195,12 @@ def train_dictionary(cfg: DemoConfig, name: str, cache: ActivationCache, d_model
         sae: Any = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
             d_in=d_model, d_sae=d_sae, k=cfg.k, normalize_activations="expected_average_only_in"))
     else:
-        kw: dict[str, Any] = {"l1_coefficient": cfg.l1_coefficient} if spec["architecture"] == "crosscoder" else {"k": cfg.k}
-        if spec["architecture"] == "batchtopk_crosscoder":
+        arch = spec["architecture"]
+        kw: dict[str, Any] = ({"l1_coefficient": cfg.l1_coefficient} if arch in ("crosscoder", "shared_crosscoder")
+                              else {} if arch == "jumprelu_crosscoder" else {"k": cfg.k})
+        if arch in ("batchtopk_crosscoder", "shared_batchtopk_crosscoder", "dedicated_batchtopk_crosscoder"):
             kw["threshold_ema_decay"] = cfg.threshold_ema_decay
+        kw.update(_variant_settings(arch, d_sae))
         if spec["architecture"] == "batchtopk_diff_sae":
             kw["normalize_activations"] = "expected_average_only_in"
         sae = training_sae(training_config(spec["architecture"], d_in=d_model, d_sae=d_sae, **kw))
@@ -607,8 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="data seed (harvest, folds)")
     ap.add_argument("--seeds", type=_int_list, default=(0, 1, 2),
                     help="training seeds, comma-separated (default 0,1,2; every figure is reported over them)")
-    ap.add_argument("--methods", default=",".join(METHODS),
-                    help=f"comma-separated subset of {','.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                    help=f"comma-separated subset of {','.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; use 1 on a busy machine)")
     args = ap.parse_args(argv)

@@ -82,6 +82,16 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 #: what `sae-diff demo` runs unless --methods says otherwise
 DEFAULT_METHODS: tuple[str, ...] = ("l1_crosscoder", "batchtopk_crosscoder", "diff_sae", "chat_sae")
+#: methods built on a base-SAE (SAELens ``batchtopk`` on the base model's activations, trained
+#: once per seed and shared) rather than trained as a dictionary of their own: they rank that
+#: SAE's latents (sae_diff.analysis.stagewise / causal_filter) and are scored on the fine-tune's
+#: activations at the scoring set like every other method.
+ANALYSIS_METHODS: dict[str, str] = {
+    "stagewise": "stage-wise diffing: the base-SAE fine-tuned on the fine-tune's activations (model-change "
+                 "stage, same data); latents ranked by decoder rotation",
+    "causal_filter": "base-SAE diffing: latents ranked by firing shift (ft / base), kept when ablating them "
+                     "moves the fine-tune's assistant-token KL beyond random latents",
+}
 
 
 def _variant_settings(architecture: str, d_sae: int) -> dict[str, Any]:
@@ -139,15 +149,25 @@ class DemoConfig:
     seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = DEFAULT_METHODS
+    # base-SAE methods (ANALYSIS_METHODS): the base-SAE's steps (None: train_steps), the
+    # stage-wise model stage's steps, and the causal filter's candidates / random latents
+    base_sae_steps: int | None = None
+    stage_steps: int = 200
+    causal_candidates: int = 20
+    causal_random: int = 20
+    causal_quantile: float = 0.95
+    causal_mode: str = "ablate"
+    causal_scale: float = 10.0
     quick: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        known = [*METHODS, *ANALYSIS_METHODS]
+        unknown = [m for m in self.methods if m not in known]
         if unknown:
-            raise ValueError(f"Unknown method(s) {unknown}; choose from {list(METHODS)}.")
+            raise ValueError(f"Unknown method(s) {unknown}; choose from {known}.")
         if not self.methods:
-            raise ValueError(f"No methods selected; choose from {list(METHODS)}.")
+            raise ValueError(f"No methods selected; choose from {known}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct and non-empty, got {self.seeds}.")
         self.seeds = tuple(int(s) for s in self.seeds)
@@ -208,17 +228,99 @@ def train_dictionary(cfg: DemoConfig, name: str, cache: ActivationCache, d_model
             prepare_crosscoder(sae, store, n_batches=4)
     for key, value in meta.items():
         sae.cfg.metadata[key] = value
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=cfg.train_steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
-        lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="cosineannealing", lr_warm_up_steps=cfg.train_steps // 20,
-        dead_feature_window=max(cfg.train_steps // 5, 50), feature_sampling_window=max(cfg.train_steps // 2, 100),
-        n_batches_for_norm_estimate=8)
-    trainer = SAETrainer(trainer_cfg, sae, store)
+    trainer = SAETrainer(_trainer_config(cfg, cfg.train_steps), sae, store)
     use_fused_adam(trainer)
     trainer.fit()
     path = path or cfg.out / "dictionaries" / name
     sae.save_inference_model(path)
     return SAE.load_from_disk(path)
+
+
+def _trainer_config(cfg: DemoConfig, steps: int) -> SAETrainerConfig:
+    """The demo's SAELens trainer settings for a run of ``steps`` steps (cosine-annealed lr)."""
+    return SAETrainerConfig(
+        total_training_samples=steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="cosineannealing", lr_warm_up_steps=steps // 20,
+        dead_feature_window=max(steps // 5, 50), feature_sampling_window=max(steps // 2, 100),
+        n_batches_for_norm_estimate=8)
+
+
+def train_base_sae(cfg: DemoConfig, cache: ActivationCache, d_model: int, hook: str, seed: int) -> Any:
+    """SAELens's own ``batchtopk`` on the base model's side of the cache (training form).
+
+    No activation normalisation: stage-wise diffing resumes from these weights, and a scaling
+    factor folded in at the end of each run would be re-estimated (and re-folded) per stage."""
+    store = PairedActivationsStore.from_cache(cache, mode="base", batch_size=cfg.batch_size, seed=seed)
+    torch.manual_seed(seed)
+    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=cfg.expansion * d_model, k=cfg.k))
+    sae.cfg.metadata.hook_name = hook
+    trainer = SAETrainer(_trainer_config(cfg, cfg.base_sae_steps or cfg.train_steps), sae, store)
+    use_fused_adam(trainer)
+    trainer.fit()
+    return sae
+
+
+def base_sae_methods(cfg: DemoConfig, org: Any, paired: Any, cache: ActivationCache, hook: str, d_model: int,
+                     seed: int, folder: Path, sample: torch.Tensor, c_tokens: torch.Tensor,
+                     answer: torch.Tensor) -> dict[str, tuple[SAE[Any], torch.Tensor, dict[str, Any]]]:
+    """The selected ANALYSIS_METHODS on one seed's base-SAE: per method, the SAE whose codes of
+    the fine-tune's activations are scored, its ranked candidate latents and its scoreboard row.
+
+    * ``causal_filter``: the base-SAE's latents ranked by firing shift on the cache (Latent
+      Scaling, ``kind="base_sae"``), kept when ablating them (``causal_mode``) moves the
+      fine-tune's KL on the chat scoring rows' assistant tokens beyond the ``causal_quantile``
+      of as many random active latents. The filter reads no behaviour label. When it keeps
+      nothing, the firing-shift ranking itself is scored and the row's ``note`` says so.
+    * ``stagewise``: the base-SAE fine-tuned for ``stage_steps`` on the fine-tune's activations
+      of the same cache (the model-change stage; the data stages need separate base / ft
+      corpora, see ``sae-diff stagewise``); latents ranked by decoder rotation, live ones only.
+    """
+    from sae_diff.analysis.causal_filter import causal_filter, rank_by_firing_shift
+    from sae_diff.analysis.latent_scaling import latent_scaling
+    from sae_diff.analysis.stagewise import Stage, run_stages
+    from sae_diff.dictionaries.io import as_inference
+
+    start = train_base_sae(cfg, cache, d_model, hook, seed)
+    base = as_inference(start)
+    base.cfg.metadata.hook_name = hook
+    out: dict[str, tuple[SAE[Any], torch.Tensor, dict[str, Any]]] = {}
+
+    def row(name: str, sae: Any, **extra: Any) -> dict[str, Any]:
+        fb, ff = _fve_per_model(sae, "base", sample), _fve_per_model(sae, "ft", sample)
+        return {"method": name, "architecture": "batchtopk", "d_sae": int(sae.cfg.d_sae), "fve_base": _f(fb["base"]),
+                "fve_ft": _f(ff["ft"]), "l0": _f(ff["l0"]), **extra}
+
+    if "causal_filter" in cfg.methods:
+        shift = latent_scaling(base, cache_batches(cache), kind="base_sae", progress=False).to_frame()
+        res = causal_filter(org.ft, base, c_tokens, shift, answer, n_candidates=cfg.causal_candidates,
+                            n_random=cfg.causal_random, quantile=cfg.causal_quantile, hook_name=hook,
+                            mode=cfg.causal_mode, scale=cfg.causal_scale, seed=seed)
+        atomic_write(folder / "causal_filter" / "causal_filter.csv", lambda p: res.table.to_csv(p))
+        if res.kept:
+            cand = res.kept
+            note = (f"kept {len(cand)} of {cfg.causal_candidates} firing-shift candidates ({cfg.causal_mode} KL > "
+                    f"{res.threshold:.3g} nats, the {cfg.causal_quantile} quantile of {cfg.causal_random} random latents)")
+        else:
+            cand = rank_by_firing_shift(shift, n=cfg.top_n)
+            note = (f"the causal filter kept none of {cfg.causal_candidates} candidates ({cfg.causal_mode} KL never "
+                    f"beat {res.threshold:.3g} nats); scored: the firing-shift ranking alone")
+        out["causal_filter"] = (base, torch.tensor(cand, dtype=torch.long),
+                                row("causal_filter", base, n_kept=len(res.kept), note=note))
+    if "stagewise" in cfg.methods:
+        def paired_batches() -> Any:
+            return iter(PairedActivationsStore.from_cache(cache, mode="paired", batch_size=cfg.batch_size, seed=seed))
+
+        plan = (Stage("model", model="ft", data="base"),)
+        result = run_stages(start, {"base": paired_batches}, _trainer_config(cfg, cfg.stage_steps), plan)
+        atomic_write(folder / "stagewise" / "rotation_table.csv", lambda p: result.table.to_csv(p, index=False))
+        top = result.top_rotating(n=cfg.top_n, stage="model")
+        moved = as_inference(result.stages["model"])
+        rot = 1.0 - result.table["dec_cos"]
+        out["stagewise"] = (moved, torch.tensor([int(j) for j in top.index], dtype=torch.long),
+                            row("stagewise", moved, median_dec_rotation=_f(rot.median()),
+                                top_dec_rotation=_f(top["rotation"].iloc[0]) if len(top) else None,
+                                note=f"model-change stage only ({cfg.stage_steps} steps on the same cache)"))
+    return out
 
 
 def encode_tokens(sae: SAE[Any], kind: str, acts: torch.Tensor) -> torch.Tensor:
@@ -351,7 +453,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         rows += summarise(BL.probe_matrices(diffs, truth, seed=seed), "probe", seed)
         folder = cfg.out / "dictionaries" / f"seed{seed}"
         dictionaries = {name: train_dictionary(cfg, name, cache, d_model, meta, seed=seed, path=folder / name)
-                        for name in cfg.methods}
+                        for name in cfg.methods if name in METHODS}
         t = _timed(cfg, "train", t)
         tables: dict[str, pd.DataFrame] = {}
         for name, sae in dictionaries.items():
@@ -371,6 +473,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             matrices[name] = granularity_matrices(codes[name], truth, cand.tolist())
             seed_rows += summarise(matrices[name], name, seed)
             game_rows += summarise(matrices[name], name, seed, cfg.game_top)
+        base_rows: list[dict[str, Any]] = []
+        if any(m in ANALYSIS_METHODS for m in cfg.methods):
+            t = _timed(cfg, "scoring", t)
+            ranked = base_sae_methods(cfg, org, paired, cache, hook, d_model, seed, folder, sample, c_tokens, answer)
+            for name, (sae1, cand, row) in ranked.items():
+                codes_all = encode_tokens(sae1, "ft_sae", acts)[..., cand].float()
+                mats = granularity_matrices(codes_all, truth, cand.tolist())
+                seed_rows += summarise(mats, name, seed)
+                game_rows += summarise(mats, name, seed, cfg.game_top)
+                base_rows.append(row)
+            t = _timed(cfg, "base_sae_methods", t)
         rows += seed_rows
         t = _timed(cfg, "scoring", t)
         patchable = {n: d for n, d in dictionaries.items() if METHODS[n]["kind"] != "ft_sae"}
@@ -384,7 +497,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         else:
             kl_table = pd.DataFrame()
         t = _timed(cfg, "kl_patching", t)
-        board = method_rows(cfg, dictionaries, tables, gap, sample)
+        board = method_rows(cfg, dictionaries, tables, gap, sample) + base_rows
         per_seed.append({"seed": seed, "scoreboard": board, "crosscoder_artefacts": crosscoder_artefacts(cfg, tables),
                          "top_scores": {cfg.game_top: [r.row() for r in game_rows]}})
         if not first:
@@ -419,7 +532,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                          "top": json.loads(dash.table.to_json(orient="records"))},
         "stitching_sweep": json.loads(sweep.to_json(orient="records")),
         "latent_tables": {f"seed{s}/{n}": f"dictionaries/seed{s}/{n}/latent_table.parquet"
-                          for s in cfg.seeds for n in cfg.methods},
+                          for s in cfg.seeds for n in cfg.methods if n in METHODS},
     }
     report["findings"] = seed_findings(per_seed, cfg.nu_eps_max, cfg.nu_r_max, behaviours=truth.behaviours,
                                        methods=list(cfg.methods), top=cfg.game_top, threshold=cfg.game_threshold)
@@ -609,6 +722,9 @@ def print_summary(report: dict[str, Any]) -> None:
         with pd.option_context("display.width", 200, "display.max_columns", 50):
             print("Conversation-level best AUROC (mean ± std over seeds):")
             print(conv.pivot(index="method", columns="behaviour", values="cell").to_string())
+    for r in report["scoreboard"]:
+        if r.get("note"):
+            print(f"{r['method']}: {r['note']}")
     for f in report["findings"]:
         print(f"- {f['question']}\n  {f['answer']}")
     print(f"Total time: {report['timings_s']['total']:.0f} s; report in {report['config']['out']}")

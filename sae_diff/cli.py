@@ -1,6 +1,7 @@
 """``sae-diff``: the command line of sae_diff (thin: parse, then call the library).
 
-Subcommands: ``harvest``, ``train``, ``upload``, ``organism``, ``demo``. Run
+Subcommands: ``harvest``, ``train``, ``upload``, ``organism``, ``demo``, ``stagewise``,
+``causal-filter``. Run
 ``sae-diff <command> --help`` for each; ``docs/training.md`` has the full story.
 
 Errors: every deliberate library error is a :class:`sae_diff.errors.SaeDiffError`; the CLI
@@ -40,6 +41,8 @@ examples:
   sae-diff harvest --config my.yaml                     # fill cache_path first
   sae-diff --traceback train --config my.yaml           # full traceback on errors
   sae-diff upload output/ --repo-id me/gemma2-crosscoders --sae-id l13-batchtopk
+  sae-diff stagewise --config configs/analysis/stagewise_organism.yaml
+  sae-diff causal-filter --config configs/analysis/causal_filter_organism.yaml
 """
 
 TRAIN_EPILOG = """\
@@ -107,7 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     u.add_argument("--no-readme", action="store_true", help="do not write README.md")
 
     for name, helptext in (("organism", "build the bundled tiny model-organism pair (sae_diff.organisms)"),
-                           ("demo", "run the end-to-end demo study (sae_diff.report.demo)")):
+                           ("demo", "run the end-to-end demo study (sae_diff.report.demo)"),
+                           ("stagewise", "stage-wise model diffing from a config (sae_diff.analysis.stagewise)"),
+                           ("causal-filter", "base-SAE diffing with a causal filter from a config "
+                                             "(sae_diff.analysis.causal_filter)")):
         sub.add_parser(name, help=helptext, add_help=False)  # handled in main(): argv passed through
     return p
 
@@ -424,6 +430,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _delegate("sae_diff.organisms.build", argv[1:], "organism builder")
         if command == "demo":
             return _delegate("sae_diff.report.demo", argv[1:], "demo pipeline")
+        if command == "stagewise":
+            return _delegate("sae_diff.analysis.stagewise", argv[1:], "stage-wise diffing")
+        if command == "causal-filter":
+            return _delegate("sae_diff.analysis.causal_filter", argv[1:], "causal filter")
         parser = _parser()
         args, rest = parser.parse_known_args(argv)
         if args.command is None:

@@ -196,15 +196,16 @@ def causal_filter_on_organism(out: str | Path, *, organism: str = "default", hoo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sae_diff.analysis.causal_filter --config configs/analysis/causal_filter_organism.yaml``:
-    the method end to end from one config (the fields of :func:`causal_filter_on_organism`, plus
+    """``sae-diff causal-filter --config configs/analysis/causal_filter_organism.yaml`` (or
+    ``python -m sae_diff.analysis.causal_filter``): the method end to end from one config (the fields of :func:`causal_filter_on_organism`, plus
     :func:`causal_filter`'s: ``n_candidates``, ``n_random``, ``quantile``, ``mode``, ``scale``)."""
     import argparse
 
     from sae_diff.analysis.stagewise import config_kwargs
     from sae_diff.atomic import atomic_write as atomic_write_bytes
+    from sae_diff.training.errors import ConfigError
 
-    ap = argparse.ArgumentParser(prog="python -m sae_diff.analysis.causal_filter", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="sae-diff causal-filter", description=main.__doc__)
     ap.add_argument("--config", required=True, help="YAML/JSON file with causal_filter_on_organism's fields")
     ap.add_argument("--out", help="output folder (overrides the config's `out`)")
     args = ap.parse_args(argv)
@@ -213,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "train_steps", "batch_size", "lr", "n_eval", "seed", "n_candidates", "n_random",
                        "quantile", "min_freq_ft", "mode", "scale"}
     if extra:
-        raise ValueError(f"Unknown field(s) {sorted(extra)} in {args.config}.")
+        raise ConfigError(f"Unknown field(s) {sorted(extra)} in {args.config}.")
     if args.out:
         kw["out"] = args.out
     if "out" not in kw:

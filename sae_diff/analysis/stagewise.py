@@ -284,7 +284,9 @@ def stagewise_on_organism(out: str | Path, *, organism: str = "default", hook: s
     out = Path(out)
     org = load_organism(organism)
     if org.world is None:
-        raise ValueError(f"Organism {organism!r} has no pretraining world: stage-wise diffing needs base data "
+        from sae_diff.training.errors import ConfigError
+
+        raise ConfigError(f"Organism {organism!r} has no pretraining world: stage-wise diffing needs base data "
                          "(its pretraining text) besides the fine-tuning conversations.")
     paired = org.paired()
     hook = hook or org.recommended_hook
@@ -332,10 +334,12 @@ def stagewise_on_organism(out: str | Path, *, organism: str = "default", hook: s
 
 def config_kwargs(func: Callable[..., Any], path: str | Path) -> dict[str, Any]:
     """Keyword arguments of ``func`` from a YAML/JSON config file, with a clear error naming
-    unknown fields (and the valid ones)."""
+    unknown fields (and the valid ones): a :class:`~sae_diff.training.errors.ConfigError`, so
+    ``sae-diff`` prints it as one line."""
     import inspect
 
     from sae_diff.training.config import read_config_file
+    from sae_diff.training.errors import ConfigError
 
     data = read_config_file(path)
     params = inspect.signature(func).parameters
@@ -343,17 +347,19 @@ def config_kwargs(func: Callable[..., Any], path: str | Path) -> dict[str, Any]:
     valid = sorted({*valid, "stages"} if "plan" in valid else valid)
     unknown = sorted(set(data) - set(valid)) if not any(p.kind == p.VAR_KEYWORD for p in params.values()) else []
     if unknown:
-        raise ValueError(f"Unknown field(s) {unknown} in {path}; valid: {valid}.")
+        raise ConfigError(f"Unknown field(s) {unknown} in {path}; valid: {valid}.")
     return data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m sae_diff.analysis.stagewise --config configs/analysis/stagewise_organism.yaml``:
-    every stage from one config (the fields of :func:`stagewise_on_organism`; ``stages`` is a
-    list of ``{name, model, data, parent}``)."""
+    """``sae-diff stagewise --config configs/analysis/stagewise_organism.yaml`` (or ``python -m
+    sae_diff.analysis.stagewise``): every stage from one config (the fields of
+    :func:`stagewise_on_organism`; ``stages`` is a list of ``{name, model, data, parent}``)."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m sae_diff.analysis.stagewise", description=main.__doc__)
+    from sae_diff.training.errors import ConfigError
+
+    ap = argparse.ArgumentParser(prog="sae-diff stagewise", description=main.__doc__)
     ap.add_argument("--config", required=True, help="YAML/JSON file with stagewise_on_organism's fields")
     ap.add_argument("--out", help="output folder (overrides the config's `out`)")
     args = ap.parse_args(argv)
@@ -363,7 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "out" not in kw:
         ap.error("no output folder: set `out:` in the config or pass --out DIR")
     if "stages" in kw:
-        kw["plan"] = tuple(Stage(**st) for st in kw.pop("stages"))
+        try:
+            kw["plan"] = tuple(Stage(**st) for st in kw.pop("stages"))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"Bad `stages` in {args.config}: {e} Each stage is {{name, model, data, parent}} "
+                              "with model and data 'base' or 'ft'.") from e
     res = stagewise_on_organism(**kw)
     print(res.top.round(3).to_string())
     for name, path in res.files.items():

@@ -10,9 +10,9 @@ for dedicated latents), so the padding carries nothing and Δ, Latent Scaling, t
 and the diffing game work unchanged. It is a dedicated-feature crosscoder too
 (``n_base_dedicated`` / ``n_ft_dedicated``, default 0), BatchTopK like the others.
 
-Not covered here: models with different tokenizers. Pairing tokens across tokenizers (by
-character offsets on shared text) needs a paired harvest over two tokenizations, which
-``sae_diff.pairing`` does not do; this dictionary trains on any aligned activation pairs.
+Models with different tokenizers: :mod:`sae_diff.pairing.alignment` pairs their tokens on
+shared text by character offsets and harvests both models there; ``pad_pair`` of its output is
+this dictionary's input (it trains on any aligned activation pairs).
 """
 
 from __future__ import annotations

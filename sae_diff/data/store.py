@@ -43,12 +43,13 @@ import itertools
 import os
 import random
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from sae_diff.data.cache import DTYPES, ActivationCache, dtype_name
 from sae_diff.data.sources import TokenBatch
+from sae_diff.dictionaries.specs import DIFF_SIGNS, STORE_MODES, DiffSign, StoreMode
 from sae_diff.pairing.masks import (
     MaskConfig,
     TokenMasks,
@@ -57,10 +58,9 @@ from sae_diff.pairing.masks import (
 )
 from sae_diff.pairing.model import PairedModel
 
-Mode = Literal["paired", "diff", "base", "ft"]
-DiffSign = Literal["ft_minus_base", "base_minus_ft"]
-MODES = ("paired", "diff", "base", "ft")
-DIFF_SIGNS = ("ft_minus_base", "base_minus_ft")
+# the vocabulary (store modes, diff signs) is defined once, in sae_diff.dictionaries.specs
+Mode = StoreMode
+MODES = STORE_MODES
 #: Rows per shard (cache files, and the groups over which the high-norm median is taken).
 DEFAULT_ROWS_PER_SHARD = 256
 Shard = dict[str, torch.Tensor]

@@ -20,9 +20,11 @@ import torch
 from sae_lens.saes.sae import SAE, SAEConfig
 from torch import nn
 
+from sae_diff.dictionaries.specs import DIFF_SIGNS
+
 CodeNormalisation = Literal["crosscoder", "sae", "none"]
 CODE_NORMALISATIONS: tuple[str, ...] = ("crosscoder", "sae", "none")
-DIFF_SIGNS: tuple[str, ...] = ("ft_minus_base", "base_minus_ft")
+# the diff-sign vocabulary is defined once, in sae_diff.dictionaries.specs
 
 
 def check_paired_input(x: torch.Tensor, n_models: int, d_in: int) -> None:

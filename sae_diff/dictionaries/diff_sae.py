@@ -17,7 +17,8 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingS
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 
-from sae_diff.dictionaries.base import DIFF_SIGNS, check_finite
+from sae_diff.dictionaries.base import check_finite
+from sae_diff.dictionaries.specs import DIFF_SIGNS
 
 
 def validate_diff_sign(diff_sign: str) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from sae_diff.dictionaries.kinds import is_crosscoder
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 FT_ONLY_MAX = 0.1
 BASE_ONLY_MIN = 0.9
@@ -22,13 +23,13 @@ SHARED_HALF_WIDTH = 0.1
 TAGS = ("ft_only", "base_only", "shared", "other")
 
 
-def _folded(sae: Any) -> bool:
+def _folded(sae: PairedDictionary) -> bool:
     """Inference crosscoders have the factors folded in; training ones apply them at run time."""
     return not hasattr(sae, "norm_factors") or not isinstance(sae.norm_factors, torch.Tensor)
 
 
 @torch.no_grad()
-def decoder_rows(sae: Any, normalised: bool = True) -> torch.Tensor:
+def decoder_rows(sae: PairedDictionary, normalised: bool = True) -> torch.Tensor:
     """Decoder rows ``(d_sae, n_models, d)``; SAEs give ``(d_sae, 1, d)``.
 
     With ``normalised=True`` rows are expressed in the training space (the per-model fold
@@ -44,7 +45,7 @@ def decoder_rows(sae: Any, normalised: bool = True) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encoder_columns(sae: Any, normalised: bool = True) -> torch.Tensor:
+def encoder_columns(sae: PairedDictionary, normalised: bool = True) -> torch.Tensor:
     """Encoder columns per model ``(d_sae, n_models, d)`` (crosscoders only)."""
     if not is_crosscoder(sae):
         raise ValueError("encoder_columns needs a crosscoder (W_enc shaped (n_models, d, d_sae)).")
@@ -55,7 +56,7 @@ def encoder_columns(sae: Any, normalised: bool = True) -> torch.Tensor:
     return w
 
 
-def decoder_norms(sae: Any, normalised: bool = True) -> torch.Tensor:
+def decoder_norms(sae: PairedDictionary, normalised: bool = True) -> torch.Tensor:
     """Per-model decoder norms ``(d_sae, n_models)``."""
     return decoder_rows(sae, normalised).norm(dim=-1)
 
@@ -91,13 +92,13 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
 
 
-def decoder_cosine(sae: Any, base: int = 0, ft: int = 1) -> torch.Tensor:
+def decoder_cosine(sae: PairedDictionary, base: int = 0, ft: int = 1) -> torch.Tensor:
     """cos(d_j^b, d_j^c) per latent."""
     rows = decoder_rows(sae)
     return _cosine(rows[:, base], rows[:, ft])
 
 
-def encoder_cosine(sae: Any, base: int = 0, ft: int = 1) -> torch.Tensor:
+def encoder_cosine(sae: PairedDictionary, base: int = 0, ft: int = 1) -> torch.Tensor:
     """cos(W_enc^b[:, j], W_enc^c[:, j]) per latent."""
     cols = encoder_columns(sae)
     return _cosine(cols[:, base], cols[:, ft])

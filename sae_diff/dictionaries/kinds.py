@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-KINDS: tuple[str, ...] = ("crosscoder", "diff_sae", "ft_sae", "base_sae")
+from sae_diff.dictionaries.specs import KINDS as _KINDS
+
+#: the kinds, from the architecture table's vocabulary (sae_diff.dictionaries.specs)
+KINDS: tuple[str, ...] = _KINDS
 
 
 def is_crosscoder(sae: Any) -> bool:

@@ -1,21 +1,10 @@
 """Registration of sae_diff's architectures with SAELens (``sae_lens.registry``).
 
-Names are user-facing config values and stay stable:
-
-=====================  =====================================  ==========================
-name                   training class                         saved (inference) form
-=====================  =====================================  ==========================
-``crosscoder``         L1 (ReLU) crosscoder                    ``crosscoder``
-``batchtopk_crosscoder`` BatchTopK crosscoder                  ``jumprelu_crosscoder``
-``batchtopk_diff_sae`` BatchTopK SAE on ft−base / base−ft      ``diff_sae``
-``jumprelu_crosscoder`` JumpReLU crosscoder trained directly   ``jumprelu_crosscoder``
-``shared_crosscoder``  L1 crosscoder, tied shared latents      ``shared_crosscoder``
-``shared_batchtopk_crosscoder`` BatchTopK, tied shared latents ``shared_jumprelu_crosscoder``
-``dedicated_batchtopk_crosscoder`` BatchTopK, dedicated latents ``dedicated_crosscoder``
-``cross_architecture_crosscoder`` different d_model, padded  ``cross_architecture_jumprelu_crosscoder``
-=====================  =====================================  ==========================
-
-The chat-SAE / base-SAE need nothing new: SAELens's own ``batchtopk`` serves.
+The architectures are the rows of :data:`sae_diff.dictionaries.specs.ARCHITECTURES` (the one
+table; see its module docstring): each row's training and inference classes are registered
+under its training and saved names. Nothing here lists architecture names; adding one is a
+module with its classes and a row in that table. SAELens's own ``batchtopk`` (the chat-SAE /
+base-SAE) is in the table too, registered by SAELens itself.
 """
 
 from __future__ import annotations
@@ -25,71 +14,17 @@ from typing import Any
 from sae_lens import registry as sl_registry
 from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE, TrainingSAEConfig
 
-from sae_diff.dictionaries.batchtopk_crosscoder import (
-    BatchTopKCrosscoderTraining,
-    BatchTopKCrosscoderTrainingConfig,
-    JumpReLUCrosscoder,
-    JumpReLUCrosscoderConfig,
-)
-from sae_diff.dictionaries.cross_architecture_crosscoder import (
-    CrossArchitectureCrosscoder,
-    CrossArchitectureCrosscoderConfig,
-    CrossArchitectureCrosscoderTraining,
-    CrossArchitectureCrosscoderTrainingConfig,
-)
-from sae_diff.dictionaries.crosscoder import (
-    Crosscoder,
-    CrosscoderConfig,
-    L1CrosscoderTraining,
-    L1CrosscoderTrainingConfig,
-)
-from sae_diff.dictionaries.dedicated_crosscoder import (
-    DedicatedBatchTopKCrosscoderTraining,
-    DedicatedBatchTopKCrosscoderTrainingConfig,
-    DedicatedCrosscoder,
-    DedicatedCrosscoderConfig,
-)
-from sae_diff.dictionaries.diff_sae import (
-    BatchTopKDiffSAETraining,
-    BatchTopKDiffSAETrainingConfig,
-    DiffSAE,
-    DiffSAEConfig,
-)
-from sae_diff.dictionaries.jumprelu_crosscoder_training import (
-    JumpReLUCrosscoderTraining,
-    JumpReLUCrosscoderTrainingConfig,
-)
-from sae_diff.dictionaries.shared_crosscoder import (
-    SharedBatchTopKCrosscoderTraining,
-    SharedBatchTopKCrosscoderTrainingConfig,
-    SharedCrosscoder,
-    SharedCrosscoderConfig,
-    SharedCrosscoderTraining,
-    SharedCrosscoderTrainingConfig,
-    SharedJumpReLUCrosscoder,
-    SharedJumpReLUCrosscoderConfig,
-)
+from sae_diff.dictionaries import specs
+from sae_diff.dictionaries.specs import _unknown, inference_class
 
+_OURS = [row for row in specs.ARCHITECTURES if row.registered_by == "sae_diff"]
+#: saved name -> (inference class, config class), derived from the table
 INFERENCE_ARCHITECTURES: dict[str, tuple[type[SAE[Any]], type[SAEConfig]]] = {
-    "crosscoder": (Crosscoder, CrosscoderConfig),
-    "jumprelu_crosscoder": (JumpReLUCrosscoder, JumpReLUCrosscoderConfig),
-    "diff_sae": (DiffSAE, DiffSAEConfig),
-    "shared_crosscoder": (SharedCrosscoder, SharedCrosscoderConfig),
-    "shared_jumprelu_crosscoder": (SharedJumpReLUCrosscoder, SharedJumpReLUCrosscoderConfig),
-    "dedicated_crosscoder": (DedicatedCrosscoder, DedicatedCrosscoderConfig),
-    "cross_architecture_jumprelu_crosscoder": (CrossArchitectureCrosscoder, CrossArchitectureCrosscoderConfig),
+    row.inference: row.inference_classes() for row in _OURS  # type: ignore[misc]
 }
+#: training name -> (training class, config class), derived from the table
 TRAINING_ARCHITECTURES: dict[str, tuple[type[TrainingSAE[Any]], type[TrainingSAEConfig]]] = {
-    "crosscoder": (L1CrosscoderTraining, L1CrosscoderTrainingConfig),
-    "batchtopk_crosscoder": (BatchTopKCrosscoderTraining, BatchTopKCrosscoderTrainingConfig),
-    "batchtopk_diff_sae": (BatchTopKDiffSAETraining, BatchTopKDiffSAETrainingConfig),
-    "jumprelu_crosscoder": (JumpReLUCrosscoderTraining, JumpReLUCrosscoderTrainingConfig),
-    "shared_crosscoder": (SharedCrosscoderTraining, SharedCrosscoderTrainingConfig),
-    "shared_batchtopk_crosscoder": (SharedBatchTopKCrosscoderTraining, SharedBatchTopKCrosscoderTrainingConfig),
-    "dedicated_batchtopk_crosscoder": (DedicatedBatchTopKCrosscoderTraining,
-                                       DedicatedBatchTopKCrosscoderTrainingConfig),
-    "cross_architecture_crosscoder": (CrossArchitectureCrosscoderTraining,
-                                      CrossArchitectureCrosscoderTrainingConfig),
+    row.training: row.training_classes() for row in _OURS  # type: ignore[misc]
 }
 ARCHITECTURES: tuple[str, ...] = tuple(sorted(set(INFERENCE_ARCHITECTURES) | set(TRAINING_ARCHITECTURES)))
 
@@ -119,18 +54,6 @@ def register_architectures() -> None:
         _register(sl_registry.SAE_TRAINING_CLASS_REGISTRY, name, tr, sl_registry.register_sae_training_class)
 
 
-def _unknown(name: str, table: dict[str, Any]) -> ValueError:
-    return ValueError(f"Unknown architecture {name!r}. Registered names: {sorted(table)}. "
-                      "Did you `import sae_diff` before loading?")
-
-
-def inference_class(name: str) -> tuple[type[SAE[Any]], type[SAEConfig]]:
-    """Inference (class, config class) for an architecture name, from SAELens's registry."""
-    if name not in sl_registry.SAE_CLASS_REGISTRY:
-        raise _unknown(name, sl_registry.SAE_CLASS_REGISTRY)
-    return sl_registry.SAE_CLASS_REGISTRY[name]
-
-
 def training_config(architecture: str, **kwargs: Any) -> TrainingSAEConfig:
     """Build a training config by architecture name, with a clear error for unknown names."""
     table = sl_registry.SAE_TRAINING_CLASS_REGISTRY
@@ -142,3 +65,14 @@ def training_config(architecture: str, **kwargs: Any) -> TrainingSAEConfig:
 def training_sae(cfg: TrainingSAEConfig) -> TrainingSAE[Any]:
     """Instantiate the training class matching ``cfg.architecture()``."""
     return sl_registry.SAE_TRAINING_CLASS_REGISTRY[cfg.architecture()][0](cfg)
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "INFERENCE_ARCHITECTURES",
+    "TRAINING_ARCHITECTURES",
+    "inference_class",
+    "register_architectures",
+    "training_config",
+    "training_sae",
+]

@@ -51,6 +51,7 @@ from sae_diff.analysis.batches import DATASET_MASK_PREFIX, PairedBatch, iter_pai
 from sae_diff.dictionaries import geometry
 from sae_diff.dictionaries.codes import BASE, FT, SparseCodes
 from sae_diff.dictionaries.io import as_inference
+from sae_diff.dictionaries.kernels import offsets_from_sorted
 from sae_diff.dictionaries.kinds import KINDS, dictionary_kind, is_crosscoder
 from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.dictionaries.specs import DictionaryKind
@@ -216,13 +217,6 @@ def _check_ft_decoder(sae: PairedDictionary, kind: str) -> None:
         )
 
 
-def _bag_offsets(sorted_keys: torch.Tensor, n_bags: int) -> torch.Tensor:
-    counts = torch.bincount(sorted_keys, minlength=n_bags)
-    offsets = torch.zeros(n_bags, dtype=torch.long, device=sorted_keys.device)
-    torch.cumsum(counts[:-1], 0, out=offsets[1:])
-    return offsets
-
-
 class _Pass:
     """Streaming accumulators for :func:`latent_scaling` (see the module docstring)."""
 
@@ -299,7 +293,7 @@ class _Pass:
         vw = v.to(self.dtype)
         targets = [x.to(self.dtype).reshape(B, -1)]
         if self.need_recon:
-            xhat = tF.embedding_bag(j, self.W_n, _bag_offsets(i, B), mode="sum", per_sample_weights=vw)
+            xhat = tF.embedding_bag(j, self.W_n, offsets_from_sorted(i, B), mode="sum", per_sample_weights=vw)
             targets.append(xhat.add_(self.b_n))
         if self.subset:
             slot = self.slot.index_select(0, j)
@@ -328,7 +322,7 @@ class _Pass:
         # group the codes by latent (int32 sort keys are ~3x faster), sum f_ij * Y_i per bag
         jj_sorted, order = torch.sort(jj.int(), stable=True)
         tok, w = i.index_select(0, order), vw.index_select(0, order)
-        offsets = _bag_offsets(jj_sorted.long(), self.latents.numel())
+        offsets = offsets_from_sorted(jj_sorted.long(), self.latents.numel())
         width = 0
         for Y in ys:
             # add_ promotes to float64 on the fly: no float64 copy of the (n, width) bag sums

@@ -44,15 +44,16 @@ Public API:
 - :func:`sparse_batchtopk_encode_decode`: both, plus ``b_dec``; returns a
   :class:`SparseForwardOutput`.
 - :func:`make_adam`: Adam with ``fused=True`` where this torch build supports it.
+
+Layout: the selection is :mod:`sae_diff.dictionaries.topk`, the thread policy and workspaces
+:mod:`sae_diff.dictionaries.kernel_threads` (both re-exported here). Length (~600 lines): the
+two autograd functions and the CSR / bag-sum helpers their backward passes share are one
+implementation, read together.
 """
 
 from __future__ import annotations
 
-import math
-import threading
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae_diff.dictionaries.kernel_threads import (
+    _all_threads,
+    _workspace,
+    set_small_op_threads,
+    set_workspaces,
+    small_op_threads,
+)
+from sae_diff.dictionaries.topk import TopKSelection, batch_topk
+
 __all__ = [
+    "offsets_from_sorted",
     "SparseCode",
     "SparseForwardOutput",
     "TopKSelection",
@@ -75,39 +86,6 @@ __all__ = [
     "sparse_decode",
     "sparse_encode",
 ]
-
-# Scores above this many elements use the sampled-threshold fast path; below it a flat
-# ``kthvalue`` over everything is already cheap.
-_FAST_PATH_MIN_NUMEL = 1 << 16
-# Sample size for the quantile estimate of the K-th largest score.
-_SAMPLE_SIZE = 1 << 16
-# The sampled threshold targets this many candidates per kept entry (2 -> ~2K candidates;
-# the relative standard error of the count is ~1/sqrt(2 K S / N), far from a miss).
-_CANDIDATE_FACTOR = 2.0
-# Relative safety margin of the per-latent candidate threshold t / s_j: covers the rounding
-# of ``p * s`` and of ``t / s`` (each <= 1 ulp), so no entry with v >= t is filtered out.
-_MARGIN = 1e-5
-
-
-@dataclass
-class TopKSelection:
-    """Result of :func:`batch_topk`.
-
-    Attributes:
-        row: ``(K,)`` int64 row (token) indices, non-decreasing (row-major order).
-        col: ``(K,)`` int64 column (latent) indices, increasing within a row.
-        scores: ``(K,)`` the selected scores (``relu(scores) * scale`` when a scale is given).
-        kth_score: the ``K``-th largest score (the smallest kept one), a python float.
-        fast_path: whether the candidate pre-filter succeeded (False: full-size selection).
-        n_candidates: number of candidates the exact selection ran on.
-    """
-
-    row: Tensor
-    col: Tensor
-    scores: Tensor
-    kth_score: float
-    fast_path: bool
-    n_candidates: int
 
 
 @dataclass
@@ -172,173 +150,20 @@ class SparseForwardOutput:
 
 
 # --------------------------------------------------------------------------------------------
-# Selection
-# --------------------------------------------------------------------------------------------
-
-
-def _effective_scores(flat_pre: Tensor, flat_idx: Tensor, scale: Tensor | None, n: int) -> Tensor:
-    """Exact ``relu(pre) * scale`` at the given flat indices (bitwise equal to the dense op)."""
-    vals = flat_pre[flat_idx].relu()
-    if scale is None:
-        return vals
-    return vals * scale[flat_idx % n]
-
-
-def _exact_topk_of_candidates(idx: Tensor, cv: Tensor, k_total: int) -> tuple[Tensor, Tensor]:
-    """Keep the ``k_total`` largest ``cv`` (ties: lowest ``idx``, which is ascending).
-
-    Returns the kept flat indices (ascending) and their scores.
-    """
-    c = cv.numel()
-    if c <= k_total:
-        return idx, cv
-    kth = torch.kthvalue(cv, c - k_total + 1).values
-    gt = cv > kth
-    eq = cv == kth
-    need = k_total - int(gt.sum())
-    keep = gt | (eq & (torch.cumsum(eq, 0) <= need))
-    return idx[keep], cv[keep]
-
-
-def _sample_scores(flat_pre: Tensor, scale: Tensor | None, n: int) -> Tensor:
-    """Exact scores of a deterministic strided sample of ``min(_SAMPLE_SIZE, N)`` entries.
-
-    The stride is coprime with ``n`` so every latent is visited; no RNG is used, so the
-    training's random stream is untouched.
-    """
-    N = flat_pre.numel()
-    S = min(_SAMPLE_SIZE, N)
-    stride = max(1, N // S)
-    while math.gcd(stride, n) != 1:
-        stride += 1
-    idx = (torch.arange(S, device=flat_pre.device) * stride) % N
-    return _effective_scores(flat_pre, idx, scale, n)
-
-
-def _sample_threshold(sample: Tensor, N: int, k_total: int) -> float | None:
-    """A score threshold with about ``_CANDIDATE_FACTOR * k_total`` of ``N`` entries above it.
-
-    Returns ``None`` if no useful positive threshold exists (K a large fraction of N, or too
-    few positive scores).
-    """
-    S = sample.numel()
-    rank = math.ceil(_CANDIDATE_FACTOR * k_total * S / N)  # rank from the top in the sample
-    if rank >= S // 2:
-        return None
-    t = float(torch.kthvalue(sample.float(), S - rank + 1).values)
-    if not t > 0.0 or not math.isfinite(t):
-        return None
-    return t
-
-
-def _candidates_above(pre: Tensor, scale: Tensor | None, t: float) -> Tensor:
-    """Flat indices (ascending) of entries whose score might be ``>= t`` (conservative)."""
-    mask = _workspace("mask", tuple(pre.shape), torch.bool, pre.device)
-    if scale is None:
-        torch.ge(pre, t, out=mask)
-    else:
-        # p * s >= t  =>  p >= (t / s) * (1 - margin); s == 0 gives inf (never a candidate,
-        # its score is 0 < t).
-        dt = torch.float64 if pre.dtype == torch.float64 else torch.float32
-        thr = (t / scale.to(dt)) * (1.0 - _MARGIN)
-        torch.ge(pre, thr, out=mask)
-    return mask.view(-1).nonzero().view(-1)
-
-
-@torch.no_grad()
-def batch_topk(
-    scores: Tensor,
-    k_total: int,
-    threshold_hint: float | None = None,
-    *,
-    scale: Tensor | None = None,
-    force_slow: bool = False,
-) -> TopKSelection:
-    """Exact flat top-``k_total`` of a ``(B, n)`` score matrix, fast.
-
-    Equivalent to ``torch.topk(v.flatten(), k_total)`` with ``v = relu(scores) * scale``
-    (``v = relu(scores)`` when ``scale`` is None; for BatchTopK the scores are the
-    pre-activations, so pass them and the code-normalisation scale instead of materialising
-    ``v``). Ties at the ``K``-th value: lowest flat index wins (see the module docstring).
-
-    Fast path: pick a threshold ``t`` (``threshold_hint`` if it is plausible, else a quantile of
-    a deterministic strided sample, aiming at ~2K candidates), collect the entries that can
-    reach ``t`` with one comparison pass + ``nonzero``, and run the exact selection on those.
-    It is exact iff the K-th largest candidate score is ``>= t`` (every non-candidate is ``< t``);
-    that is checked, and a miss falls back to the next threshold and finally to the exact
-    selection over all entries (the slow path).
-
-    Args:
-        scores: ``(B, n)`` scores or pre-activations (any float dtype).
-        k_total: number of entries to keep, ``B * k``.
-        threshold_hint: a guess of the K-th largest score (e.g. the tracked BatchTopK
-            threshold); used only if a sample says it yields between 1.1K and 8K candidates.
-        scale: optional ``(n,)`` non-negative per-column scale (code normalisation).
-        force_slow: skip the fast path (for tests and benchmarks).
-
-    Returns:
-        :class:`TopKSelection` (row-major order).
-    """
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be (B, n), got {tuple(scores.shape)}")
-    B, n = scores.shape
-    N = B * n
-    k_total = int(k_total)
-    if k_total < 0:
-        raise ValueError("k_total must be >= 0")
-    k_total = min(k_total, N)
-    flat = scores.reshape(-1)
-    if scale is not None:
-        scale = scale.detach()
-        if scale.shape != (n,):
-            raise ValueError(f"scale must be ({n},), got {tuple(scale.shape)}")
-
-    if k_total == 0:
-        empty = torch.empty(0, dtype=torch.long, device=scores.device)
-        return TopKSelection(empty, empty, flat[:0], float("nan"), False, 0)
-
-    if not force_slow and N >= _FAST_PATH_MIN_NUMEL:
-        thresholds: list[float] = []
-        sample = _sample_scores(flat, scale, n)
-        t_sample = _sample_threshold(sample, N, k_total)
-        if threshold_hint is not None and t_sample is not None and threshold_hint > 0:
-            # the hint's plausibility on the same sample: expected candidates per kept entry
-            frac = float((sample >= threshold_hint).sum()) / sample.numel()
-            if 1.1 <= frac * N / k_total <= 8.0:
-                thresholds.append(float(threshold_hint))
-        if t_sample is not None:
-            thresholds.append(t_sample)
-        for t in thresholds:
-            idx = _candidates_above(scores, scale, t)
-            if idx.numel() < k_total:
-                continue
-            cv = _effective_scores(flat, idx, scale, n)
-            kept_idx, kept_v = _exact_topk_of_candidates(idx, cv, k_total)
-            kth = float(kept_v.min())
-            if kth >= t:  # every non-candidate scores < t <= kth: exact
-                return TopKSelection(
-                    kept_idx // n, kept_idx % n, kept_v, kth, True, int(idx.numel())
-                )
-
-    # slow path: exact selection over every entry
-    all_idx = torch.arange(N, device=scores.device)
-    v = flat.relu() if scale is None else (scores.relu() * scale).reshape(-1)
-    kept_idx, kept_v = _exact_topk_of_candidates(all_idx, v, k_total)
-    return TopKSelection(kept_idx // n, kept_idx % n, kept_v, float(kept_v.min()), False, int(N))
-
-
-# --------------------------------------------------------------------------------------------
 # Autograd functions
 # --------------------------------------------------------------------------------------------
 
 
-def _offsets_from_sorted(keys: Tensor, n_bags: int) -> Tensor:
+def offsets_from_sorted(keys: Tensor, n_bags: int) -> Tensor:
     """Exclusive cumsum of ``bincount(keys)``: bag start offsets for ``embedding_bag``."""
     counts = torch.bincount(keys, minlength=n_bags)
     offsets = torch.zeros(n_bags, dtype=torch.long, device=keys.device)
     if n_bags > 1:
         torch.cumsum(counts[:-1], 0, out=offsets[1:])
     return offsets
+
+
+_offsets_from_sorted = offsets_from_sorted  # the old private name
 
 
 def _latent_bag_sum(
@@ -398,7 +223,7 @@ def _csr_add_times_dense_t(
         return
     B, n = out.shape[0], W.shape[1]
     try:
-        crow = torch.cat([_offsets_from_sorted(rows, B), rows.new_tensor([rows.numel()])])
+        crow = torch.cat([offsets_from_sorted(rows, B), rows.new_tensor([rows.numel()])])
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore", UserWarning)
             G = torch.sparse_csr_tensor(crow, cols, weights, (B, n), check_invariants=False)
@@ -435,100 +260,6 @@ def _gather_dot(
             e = min(nnz, s + chunk)
             out[s:e] = (g.index_select(0, row[s:e]) * W.index_select(0, col[s:e])).sum(-1)
         return out
-
-
-# --------------------------------------------------------------------------------------------
-# Thread policy
-# --------------------------------------------------------------------------------------------
-
-_SMALL_OP_THREADS: int | None = 1
-_THREAD_STATE = threading.local()
-
-
-def set_small_op_threads(n: int | None) -> None:
-    """Intra-op threads for everything in the sparse step but the encoder matmul (default 1).
-
-    The sparse step is one large matmul plus ~60 small or memory-bound ops (selection passes,
-    ``nonzero``, sorts, bag sums, SDDMM). With torch's default of one thread per core, each of
-    those is an OpenMP parallel region whose barrier waits for every worker; on a machine whose
-    cores are shared with other processes a descheduled worker stalls the region for a whole
-    scheduler slice (measured: a stable ``argsort`` of 32k indices, 0.4 ms alone, took 750-800 ms
-    with 2 threads at load average 9). The dense step has a handful of regions and degrades far
-    less. Running the small ops on one thread removes those barriers and costs little on an idle
-    machine (they are a small share of the step; docs/performance.md). ``None`` leaves torch's
-    setting everywhere. The matmul always uses ``torch.get_num_threads()`` threads.
-    """
-    global _SMALL_OP_THREADS
-    if n is not None and n < 1:
-        raise ValueError(f"set_small_op_threads: n must be >= 1 or None, got {n}.")
-    _SMALL_OP_THREADS = n
-
-
-@contextmanager
-def small_op_threads() -> Iterator[None]:
-    """Run the enclosed ops on ``set_small_op_threads``'s thread count (process-wide while
-    inside: torch's thread setting is global), restoring the previous count after."""
-    target = _SMALL_OP_THREADS
-    n = torch.get_num_threads()
-    if target is None or n <= target:
-        yield
-        return
-    stack = _THREAD_STATE.__dict__.setdefault("saved", [])
-    stack.append(n)
-    torch.set_num_threads(target)
-    try:
-        yield
-    finally:
-        stack.pop()
-        torch.set_num_threads(n)
-
-
-@contextmanager
-def _all_threads() -> Iterator[None]:
-    """Inside ``small_op_threads``: the caller's full thread count again (for the matmul)."""
-    stack = _THREAD_STATE.__dict__.get("saved") or []
-    if not stack:
-        yield
-        return
-    current = torch.get_num_threads()
-    torch.set_num_threads(stack[-1])
-    try:
-        yield
-    finally:
-        torch.set_num_threads(current)
-
-
-_WORKSPACES: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
-_USE_WORKSPACES = True
-
-
-def set_workspaces(enabled: bool) -> None:
-    """Enable/disable reuse of the forward scratch buffers (``B x n`` pre-activations, mask).
-
-    On CPU every fresh allocation above glibc's mmap threshold (32 MB) is page-faulted in
-    again on each step, which on a VM costs about as much as several passes over the buffer;
-    reusing one buffer per shape avoids it. The buffers are never saved for backward, so reuse
-    is safe for sequential steps (not for concurrent calls from several threads).
-    """
-    global _USE_WORKSPACES
-    _USE_WORKSPACES = enabled
-    if not enabled:
-        _WORKSPACES.clear()
-
-
-def _workspace(
-    name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    if not _USE_WORKSPACES:
-        return torch.empty(shape, dtype=dtype, device=device)
-    key = (name, shape, dtype, device)
-    buf = _WORKSPACES.get(key)
-    if buf is None:
-        for k in [k for k in _WORKSPACES if k[0] == name]:  # one buffer per name
-            del _WORKSPACES[k]
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        _WORKSPACES[key] = buf
-    return buf
 
 
 def _encoder_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
@@ -586,7 +317,7 @@ class _SparseEncode(torch.autograd.Function):
         flat = pre.view(-1)
         row, col = sel.row, sel.col
         values = flat[row * n + col].relu().to(x.dtype)
-        offsets = _offsets_from_sorted(row, B)
+        offsets = offsets_from_sorted(row, B)
 
         if aux_latents is not None and k_aux > 0 and aux_latents.numel() > 0:
             # per-row top-k_aux of the dead latents by scaled pre-activation (no relu, as in

@@ -21,232 +21,65 @@ Writing is atomic: a shard is written to ``*.tmp``, fsynced and renamed, then th
 is rewritten the same way; a harvest interrupted anywhere resumes after its last committed
 shard and produces byte-identical shards. Reading verifies every shard (size on open,
 sha256 when loaded) and names the bad file.
+
+Modules: :mod:`~sae_diff.data.cache_format` (names, errors, shard descriptions, statistics),
+:mod:`~sae_diff.data.cache_reader` (:class:`ActivationCache`),
+:mod:`~sae_diff.data.cache_identity` (identity checks) and this one (the writer, manifest
+rebuilding, the durable write); every name stays importable from here. Length (~520 lines):
+the writer (resume, shard commit, background writes, manifest) is one state machine, and
+fault-injection tests replace this module's ``_atomic_write``, which the writer and
+``rebuild_manifest`` must therefore look up here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from sae_diff.errors import SaeDiffError
+from sae_diff.atomic import atomic_write
+from sae_diff.data.cache_format import (
+    DTYPES,
+    FORMAT,
+    MANIFEST,
+    REQUIRED_TENSORS,
+    SHARD_GLOB,
+    SHARD_META_KEY,
+    VERSION,
+    CacheDtypeError,
+    CacheError,
+    CacheIdentityError,
+    CacheWriteError,
+    RunningStats,
+    _diff_keys,
+    _manifest_entry,
+    _sha256,
+    _shard_name,
+    dtype_name,
+    read_shard_description,
+)
+from sae_diff.data.cache_identity import (
+    IDENTITY_FIELDS,
+    _dataset_identity,
+    cache_identity,
+    check_config_cache,
+    check_identity,
+    expected_identity,
+)
+from sae_diff.data.cache_reader import ActivationCache
 from sae_diff.pairing.masks import MASK_NAMES, MaskConfig, TokenMasks, high_norm_mask
-
-FORMAT = "sae_diff.activation_cache"
-VERSION = 1
-MANIFEST = "manifest.json"
-#: the one safetensors metadata key of a shard: a sorted JSON self-description (one key keeps
-#: the header byte-stable; safetensors writes several keys in a random order)
-SHARD_META_KEY = "sae_diff.activation_cache"
-SHARD_GLOB = "shard_*.safetensors"
-REQUIRED_TENSORS = ("acts", "tokens", "row_index", "attention_mask", "doc_starts")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CacheError(SaeDiffError, RuntimeError):
-    """A cache is missing, partial, corrupt or was harvested with another configuration."""
-
-
-class CacheDtypeError(CacheError, ValueError):
-    """A dtype a cache cannot store (it keeps float32, bfloat16 or float16)."""
-
-
-class CacheWriteError(CacheError, OSError):
-    """Writing a shard failed (disk full, permissions); the committed shards stay valid."""
-
-
-class CacheIdentityError(CacheError):
-    """A cache holds activations of another setup (models, hook, data, masks, dtype, ...) than
-    the config asks for; ``mismatches`` lists every differing field."""
-
-    def __init__(self, message: str, mismatches: list[str]) -> None:
-        super().__init__(message)
-        self.mismatches = mismatches
-
-
-def dtype_name(dtype: str | torch.dtype) -> str:
-    """Canonical cache dtype name ("float32", "bfloat16", "float16")."""
-    if isinstance(dtype, torch.dtype):
-        for k, v in DTYPES.items():
-            if v == dtype:
-                return k
-    elif dtype in DTYPES:
-        return dtype
-    raise CacheDtypeError(
-        f"unsupported cache dtype {dtype!r}: a cache stores one of {sorted(DTYPES)}. Set cache_dtype "
-        "to one of them (the models may still run in another dtype)."
-    )
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename durable too
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse directory fsync
-        pass
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class RunningStats:
-    """Per-model running sums (float64) over kept tokens: mean vector, mean norm, mean
-    squared norm. ``scaling_factors`` gives SAELens's ``sqrt(d) / E||x||`` per model."""
-
-    n_models: int
-    d: int
-    count: int = 0
-    sum: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    sum_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    sum_sq_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-
-    def __post_init__(self) -> None:
-        if self.sum.numel() == 0:
-            self.sum = torch.zeros(self.n_models, self.d, dtype=torch.float64)
-            self.sum_norm = torch.zeros(self.n_models, dtype=torch.float64)
-            self.sum_sq_norm = torch.zeros(self.n_models, dtype=torch.float64)
-
-    def merge(self, other: RunningStats) -> None:
-        """Add another accumulator's sums (exactly what :meth:`update` on its tokens adds:
-        the shard-by-shard sums of a harvest and of a rebuilt manifest agree bit for bit)."""
-        self.count += other.count
-        self.sum += other.sum
-        self.sum_sq_norm += other.sum_sq_norm
-        self.sum_norm += other.sum_norm
-
-    def update(self, acts: torch.Tensor) -> None:
-        """Add ``(n_tokens, n_models, d)`` activations."""
-        x = acts.to(torch.float64)
-        self.count += int(x.shape[0])
-        self.sum += x.sum(0)
-        sq = x.pow(2).sum(-1)
-        self.sum_sq_norm += sq.sum(0)
-        self.sum_norm += sq.sqrt().sum(0)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        """(n_models, d) mean activation."""
-        return self.sum / max(self.count, 1)
-
-    @property
-    def mean_norm(self) -> torch.Tensor:
-        """(n_models,) mean L2 norm."""
-        return self.sum_norm / max(self.count, 1)
-
-    @property
-    def mean_sq_norm(self) -> torch.Tensor:
-        """(n_models,) mean squared L2 norm."""
-        return self.sum_sq_norm / max(self.count, 1)
-
-    def scaling_factors(self) -> torch.Tensor:
-        """(n_models,) scalars s_m with E||s_m x_m|| = sqrt(d) (METHODS §6)."""
-        return (self.d**0.5) / self.mean_norm.clamp_min(1e-12)
-
-    def to_json(self) -> dict[str, Any]:
-        """Exact JSON form (float64 values round-trip through ``repr``)."""
-        return {
-            "n_models": self.n_models,
-            "d": self.d,
-            "count": self.count,
-            "sum": self.sum.tolist(),
-            "sum_norm": self.sum_norm.tolist(),
-            "sum_sq_norm": self.sum_sq_norm.tolist(),
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> RunningStats:
-        """Inverse of :meth:`to_json`."""
-        f64 = torch.float64
-        return cls(
-            n_models=d["n_models"],
-            d=d["d"],
-            count=d["count"],
-            sum=torch.tensor(d["sum"], dtype=f64),
-            sum_norm=torch.tensor(d["sum_norm"], dtype=f64),
-            sum_sq_norm=torch.tensor(d["sum_sq_norm"], dtype=f64),
-        )
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix[:-1]}: cached {a!r} vs now {b!r}"]
-
-
-def _shard_name(index: int) -> str:
-    return f"shard_{index:05d}.safetensors"
-
-
-def read_shard_description(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The self-description a shard carries in its safetensors header (cache meta, its row
-    range, statistics of its kept tokens). Reads the header only.
-
-    Raises:
-        CacheError: the file is not a safetensors file, or was written by an sae_diff without
-            self-describing shards.
-    """
-    from safetensors import safe_open
-
-    p = Path(path)
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            header = f.metadata() or {}
-    except Exception as e:
-        raise CacheError(f"shard {p} cannot be parsed as safetensors ({e}): it is corrupt") from e
-    raw = header.get(SHARD_META_KEY)
-    if raw is None:
-        raise CacheError(
-            f"shard {p} carries no self-description (it was written by an older sae_diff), so "
-            "the manifest cannot be rebuilt from it. Restore manifest.json from a copy, or "
-            "harvest into a new folder (--overwrite replaces this one)."
-        )
-    try:
-        desc: dict[str, Any] = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CacheError(f"shard {p} has a corrupt self-description ({e})") from e
-    if desc.get("format") != FORMAT or desc.get("version") != VERSION:
-        raise CacheError(
-            f"shard {p}: unsupported format {desc.get('format')!r} v{desc.get('version')} "
-            f"(this code reads {FORMAT} v{VERSION})"
-        )
-    return desc
-
-
-def _manifest_entry(p: Path, desc: dict[str, Any]) -> dict[str, Any]:
-    data = p.read_bytes()
-    s = desc["shard"]
-    return {
-        "file": p.name,
-        "n_rows": int(s["n_rows"]),
-        "n_tokens": int(s["n_tokens"]),
-        "first_row": int(s["first_row"]),
-        "bytes": len(data),
-        "sha256": _sha256(data),
-    }
+    """A durable atomic write (:func:`sae_diff.atomic.atomic_write` with ``durable=True``: data
+    and directory fsynced, so a committed shard or manifest survives power loss). A module
+    function so that fault-injection tests can replace it."""
+    atomic_write(path, data, durable=True)
 
 
 def rebuild_manifest(
@@ -324,179 +157,6 @@ def rebuild_manifest(
     }
     _atomic_write(mpath, json.dumps(manifest, indent=1).encode())
     return manifest
-
-
-# ---------------------------------------------------------------------- identity
-#: what a cache's activations depend on; ``check_identity`` compares these fields
-IDENTITY_FIELDS: tuple[str, ...] = (
-    "base_model",
-    "base_revision",
-    "ft_model",
-    "ft_revision",
-    "hook_name",
-    "d_model",
-    "tokenizer_hash",
-    "chat_template_hash",
-    "datasets",
-    "context_size",
-    "high_norm_ratio",
-    "dtype",
-)
-_DATASET_KEYS = ("path", "kind", "column", "split", "name", "revision", "weight", "start", "stop")
-
-
-def _dataset_identity(d: dict[str, Any]) -> dict[str, Any]:
-    """The fields of a dataset description that change which tokens are read."""
-    if "tensor" in d:
-        return {"tensor": d["tensor"]}
-    if "path" in d:
-        return {k: d.get(k) for k in _DATASET_KEYS}
-    return {"object": d.get("object")}
-
-
-def cache_identity(meta: dict[str, Any]) -> dict[str, Any]:
-    """The identity of a cache (models and revisions, hook, width, tokenizer and chat-template
-    hashes, datasets, context size, high-norm ratio, dtype) from its manifest ``meta``."""
-    models = meta.get("models") or {}
-    source = meta.get("source") or {}
-    base, ft = models.get("base") or {}, models.get("ft") or {}
-    return {
-        "base_model": base.get("name"),
-        "base_revision": base.get("revision"),
-        "ft_model": ft.get("name"),
-        "ft_revision": ft.get("revision"),
-        "hook_name": meta.get("hook_name"),
-        "d_model": meta.get("d_model"),
-        "tokenizer_hash": models.get("tokenizer_hash"),
-        "chat_template_hash": models.get("chat_template_hash"),
-        "datasets": [_dataset_identity(d) for d in source.get("datasets", [])],
-        "context_size": source.get("context_size"),
-        "high_norm_ratio": (meta.get("mask_config") or {}).get("high_norm_ratio"),
-        "dtype": meta.get("dtype"),
-    }
-
-
-def expected_identity(cfg: Any, pair: Any = None) -> dict[str, Any]:
-    """What a run config expects of its cache, without loading any model weights.
-
-    Fields the config does not determine are ``None`` (not checked): the tokenizer and
-    chat-template hashes and the revisions unless ``pair`` (a loaded ``PairedModel``) is
-    given, the datasets of an organism's own corpus, the model names when the config leaves
-    them to the organism. Pass ``pair`` once the models are loaded to check everything.
-
-    Args:
-        cfg: a :class:`~sae_diff.training.config.PairedRunnerConfig`.
-        pair: optional loaded pair; its ``describe()`` supplies names, revisions and hashes.
-    """
-    from sae_diff.data.sources import DatasetSpec
-
-    datasets: list[dict[str, Any]] | None
-    if cfg.dataset_mixture:
-        datasets = [_dataset_identity(DatasetSpec(**d).describe()) for d in cfg.dataset_mixture]
-    elif cfg.dataset_path:
-        spec = DatasetSpec(cfg.dataset_path, column=cfg.dataset_column, split=cfg.dataset_split)
-        datasets = [_dataset_identity(spec.describe())]
-    elif cfg.organism is None and cfg.smoke_test_models is not None:
-        datasets = [{"tensor": "smoke-test random tokens"}]
-    else:
-        datasets = None  # the organism's own corpus: identified by the organism's models
-    try:  # the storage dtype: cache_dtype when set, else the models' dtype
-        dtype: str | None = dtype_name(getattr(cfg, "cache_dtype", None) or cfg.dtype)
-    except ValueError:
-        dtype = None
-    smoke = cfg.smoke_test_models is not None and cfg.organism is None
-    out: dict[str, Any] = {
-        "base_model": cfg.base_model_name or ("smoke-base" if smoke else None),
-        "base_revision": None,
-        "ft_model": cfg.model_name or None,
-        "ft_revision": None,
-        "hook_name": cfg.hook_name or None,
-        "d_model": int(cfg.sae.d_in),
-        "tokenizer_hash": None,
-        "chat_template_hash": None,
-        "datasets": datasets,
-        "context_size": int(cfg.context_size),
-        "high_norm_ratio": cfg.mask_high_norm,  # None (mask off): the cached ratio is unused
-        "dtype": dtype,
-    }
-    if pair is not None:
-        got = cache_identity({"models": pair.describe()})
-        for k in ("base_model", "base_revision", "ft_model", "ft_revision", "tokenizer_hash",
-                  "chat_template_hash"):
-            out[k] = got[k]
-    return out
-
-
-def check_identity(
-    cache: ActivationCache | dict[str, Any] | str | os.PathLike[str],
-    expected: dict[str, Any],
-    *,
-    what: str = "the config",
-) -> None:
-    """Raise :class:`CacheIdentityError` listing EVERY field where ``cache`` differs from
-    ``expected`` (see :func:`expected_identity`); ``None`` in ``expected`` skips a field.
-
-    Call it before training from, or appending to, a cache: a cache harvested at another
-    hook, of other models or data trains without any other error and yields a dictionary whose
-    ``cfg.json`` describes activations it never saw.
-
-    Args:
-        cache: an open cache, its folder, or a manifest ``meta`` dict.
-        expected: identity fields (:data:`IDENTITY_FIELDS`) and their expected values.
-        what: how to name the expectation in the message (e.g. "the checkpoint's config").
-    """
-    if isinstance(cache, dict):
-        meta, where = cache, "the cache"
-    else:
-        c = cache if isinstance(cache, ActivationCache) else ActivationCache(
-            cache, allow_incomplete=True
-        )
-        meta, where = c.meta, str(c.dir)
-    have = cache_identity(meta)
-    unknown = sorted(set(expected) - set(IDENTITY_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown identity field(s) {unknown}; use {list(IDENTITY_FIELDS)}")
-    mismatches = [
-        f"{k}: cache has {have[k]!r}, {what} says {v!r}"
-        for k, v in expected.items()
-        if v is not None and have.get(k) != v
-    ]
-    if mismatches:
-        raise CacheIdentityError(
-            f"{where} was harvested for another setup than {what} "
-            f"({len(mismatches)} difference{'s' if len(mismatches) > 1 else ''}: "
-            f"{'; '.join(mismatches)}). Nothing was changed. Point cache_path at a new folder "
-            "and run `sae-diff harvest`, or fix the config; `sae-diff harvest --overwrite` "
-            "replaces this cache.",
-            mismatches,
-        )
-
-
-def check_config_cache(cfg: Any, *, pair: Any = None, what: str = "the config") -> None:
-    """Check ``cfg.cache_path`` against the run config ``cfg`` before training from it or
-    harvesting into it: the storage dtype is one a cache can hold, the path is a folder, and a
-    cache (or, with a lost manifest, its first shard's self-description) there was harvested
-    for this setup (:func:`check_identity` with :func:`expected_identity`). Nothing happens
-    when the folder holds no cache yet. Loads no model; pass ``pair`` once the models are
-    loaded to compare revisions and tokenizer hashes too.
-
-    Raises:
-        CacheDtypeError, CacheError, CacheIdentityError: naming the problem and the fix.
-    """
-    if not getattr(cfg, "cache_path", None):
-        return
-    dtype_name(getattr(cfg, "cache_dtype", None) or cfg.dtype)  # a dtype the cache can store
-    folder = Path(cfg.cache_path)
-    if folder.exists() and not folder.is_dir():
-        raise CacheError(
-            f"cache_path {str(folder)!r} is a file, not a cache folder; point cache_path at a "
-            "folder (it is created when missing)."
-        )
-    expected = expected_identity(cfg, pair=pair)
-    if (folder / MANIFEST).is_file():
-        check_identity(ActivationCache(folder, allow_incomplete=True), expected, what=what)
-    elif folder.is_dir() and (shards := sorted(folder.glob(SHARD_GLOB))):
-        check_identity(read_shard_description(shards[0])["meta"], expected, what=what)
 
 
 class ActivationCacheWriter:
@@ -812,220 +472,25 @@ class ActivationCacheWriter:
             self._writer.shutdown(wait=True)
 
 
-class ActivationCache:
-    """Read a cache folder: verified shards, block-shuffled iteration, statistics.
-
-    Args:
-        path: the cache folder.
-        allow_incomplete: open a cache whose harvest has not finished.
-
-    Raises:
-        CacheError: no manifest, a missing shard or one of the wrong size (on open), a
-            checksum mismatch (when a shard is loaded), or an unfinished harvest.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> None:
-        self.dir = Path(path)
-        self._verified: dict[int, int] = {}  # shard index -> mtime_ns when its sha256 matched
-        mpath = self.dir / MANIFEST
-        if not mpath.exists():
-            if any(self.dir.glob(SHARD_GLOB)):
-                raise CacheError(
-                    f"{self.dir} holds shards but no {MANIFEST} (it was deleted or lost). The "
-                    "shards describe themselves: rebuild it with `sae-diff harvest` using the "
-                    "same config (it rebuilds and resumes) or "
-                    f"sae_diff.data.cache.rebuild_manifest({str(self.dir)!r}). Nothing was deleted."
-                )
-            raise CacheError(
-                f"no {MANIFEST} in {self.dir}: not an activation cache (or its harvest never "
-                "committed a shard); harvest it with `sae-diff harvest` or "
-                "sae_diff.data.harvest.harvest_cache"
-            )
-        try:
-            self.manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise CacheError(
-                f"{mpath} is not valid JSON ({e}): the manifest is corrupt. The shards describe "
-                "themselves: move the manifest aside and run the same `sae-diff harvest` (or "
-                "sae_diff.data.cache.rebuild_manifest) to rebuild it; no shard is touched."
-            ) from e
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise CacheError(
-                f"{mpath}: unsupported cache format {self.manifest.get('format')!r} "
-                f"v{self.manifest.get('version')} (this code reads {FORMAT} v{VERSION})"
-            )
-        if not self.manifest["complete"] and not allow_incomplete:
-            raise CacheError(
-                f"the harvest of {self.dir} did not finish ({self.manifest['n_rows']} rows "
-                "committed); run harvest_cache again with the same arguments to resume, or "
-                "open it with allow_incomplete=True"
-            )
-        self.meta: dict[str, Any] = self.manifest["meta"]
-        self.shards: list[dict[str, Any]] = self.manifest["shards"]
-        for s in self.shards:
-            p = self.dir / s["file"]
-            if not p.exists():
-                raise CacheError(f"shard {p} is missing (listed in {mpath})")
-            size = p.stat().st_size
-            if size != s["bytes"]:
-                raise CacheError(
-                    f"shard {p} has {size} bytes but the manifest says {s['bytes']}: it is "
-                    "partial or corrupt; delete it and its manifest entry, or re-harvest"
-                )
-        self.stats = RunningStats.from_json(self.manifest["stats"])
-
-    # -- properties
-    @property
-    def hook_name(self) -> str:
-        return str(self.meta["hook_name"])
-
-    @property
-    def d_model(self) -> int:
-        return int(self.meta["d_model"])
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.meta["dtype"]]
-
-    @property
-    def n_rows(self) -> int:
-        return int(self.manifest["n_rows"])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.manifest["n_tokens"])
-
-    @property
-    def n_shards(self) -> int:
-        return len(self.shards)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(s["bytes"]) for s in self.shards)
-
-    def __len__(self) -> int:
-        return self.n_shards
-
-    # -- reading
-    def load_shard(self, i: int, verify: bool = True) -> dict[str, torch.Tensor]:
-        """All tensors of shard ``i``, read in one contiguous block and checksum-verified.
-
-        A shard is hashed on its first read by this reader; later reads (epochs) re-hash only
-        if the file's size or modification time changed."""
-        s = self.shards[i]
-        p = self.dir / s["file"]
-        data = p.read_bytes()
-        stamp = p.stat().st_mtime_ns
-        verify = verify and self._verified.get(i) != stamp
-        if len(data) != s["bytes"]:
-            raise CacheError(
-                f"shard {p} has {len(data)} bytes, expected {s['bytes']}: partial or corrupt"
-            )
-        if verify and _sha256(data) != s["sha256"]:
-            raise CacheError(
-                f"shard {p} fails its sha256 checksum: the file is corrupt; re-harvest it "
-                "(delete the file and rerun harvest_cache after trimming the manifest) or "
-                "restore it from a copy"
-            )
-        try:
-            tensors = st_load(data)
-        except Exception as e:  # only reachable with verify=False or a matching bad checksum
-            raise CacheError(f"shard {p} cannot be parsed as safetensors: {e}") from e
-        self._check_shard(p, s, tensors)
-        if verify:
-            self._verified[i] = stamp
-        return tensors
-
-    def _check_shard(self, p: Path, entry: dict[str, Any], t: dict[str, torch.Tensor]) -> None:
-        """A shard's tensors must be what the manifest promises: a well-formed file with a
-        valid checksum can still hold the wrong thing (e.g. only the base model)."""
-        missing = [k for k in REQUIRED_TENSORS if k not in t]
-        if missing:
-            raise CacheError(
-                f"shard {p} lacks tensors {missing}: it was not written by this cache's harvest. "
-                "Restore it from a copy or re-harvest the cache."
-            )
-        rows, want = int(entry["n_rows"]), (2, self.d_model)
-        acts, tokens = t["acts"], t["tokens"]
-        problems = []
-        if acts.dim() != 4 or tuple(acts.shape[2:]) != want or acts.shape[0] != rows:
-            problems.append(
-                f"acts has shape {tuple(acts.shape)}, expected ({rows}, seq, 2, {self.d_model}) "
-                "(index 0 = base, 1 = ft)"
-            )
-        elif acts.dtype != self.dtype:
-            problems.append(f"acts are {acts.dtype}, the manifest says {self.dtype}")
-        if tokens.dim() != 2 or tokens.shape[0] != rows or (
-            acts.dim() == 4 and tuple(tokens.shape) != tuple(acts.shape[:2])
-        ):
-            problems.append(f"tokens have shape {tuple(tokens.shape)}, not (rows, seq) of acts")
-        for k, v in t.items():
-            if (k.startswith("mask_") or k in ("attention_mask", "doc_starts")) and tuple(
-                v.shape
-            ) != tuple(tokens.shape):
-                problems.append(f"{k} has shape {tuple(v.shape)}, tokens {tuple(tokens.shape)}")
-        if problems:
-            raise CacheError(
-                f"shard {p} is malformed: {'; '.join(problems)}. Restore it from a copy or "
-                "re-harvest the cache."
-            )
-
-    def verify(self) -> None:
-        """Checksum every shard (raises :class:`CacheError` naming the first bad file)."""
-        for i in range(self.n_shards):
-            self.load_shard(i)
-
-    def masks(self, shard: dict[str, torch.Tensor]) -> TokenMasks:
-        """The TokenMasks stored in a loaded shard."""
-        return TokenMasks.from_dict({k[5:]: v for k, v in shard.items() if k.startswith("mask_")})
-
-    def keep_mask(
-        self, shard: dict[str, torch.Tensor], mask_config: MaskConfig | None
-    ) -> torch.Tensor:
-        """(rows, seq) bool of the tokens ``mask_config`` keeps: the same rule the training
-        store applies (``MaskConfig.keep``; first-n = the first n positions of each row)."""
-        return (mask_config or MaskConfig()).keep(self.masks(shard))
-
-    def iter_blocks(
-        self,
-        *,
-        mask_config: MaskConfig | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        block_rows: int | None = None,
-        verify: bool = True,
-    ) -> Iterator[torch.Tensor]:
-        """Kept activations ``(n_tokens, 2, d)`` block by block: shards in a seeded random
-        order, each cut into contiguous blocks of ``block_rows`` rows (default: the whole
-        shard) in random order. Shuffle within the buffer downstream (the store does)."""
-        order = list(range(self.n_shards))
-        rng = random.Random(seed)
-        if shuffle:
-            rng.shuffle(order)
-        for i in order:
-            shard = self.load_shard(i, verify=verify)
-            keep = self.keep_mask(shard, mask_config)
-            acts = shard["acts"]
-            rows = acts.shape[0]
-            step = block_rows or rows
-            starts = list(range(0, rows, step))
-            if shuffle:
-                rng.shuffle(starts)
-            for r0 in starts:
-                yield acts[r0 : r0 + step][keep[r0 : r0 + step]]
-
-    def tokens(self) -> torch.Tensor:
-        """All tokens ``(n_rows, seq)`` in harvest order."""
-        return torch.cat([self.load_shard(i)["tokens"] for i in range(self.n_shards)])
-
-    def read_all(self) -> dict[str, torch.Tensor]:
-        """Every tensor of every shard concatenated in harvest order (small caches only)."""
-        parts = [self.load_shard(i) for i in range(self.n_shards)]
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
-
-
+# every name of the cache API stays importable from here (the format, reader and identity
+# modules are where they are defined)
 __all__ = [
+    "DTYPES",
+    "FORMAT",
+    "IDENTITY_FIELDS",
+    "MANIFEST",
     "MASK_NAMES",
+    "REQUIRED_TENSORS",
+    "SHARD_GLOB",
+    "SHARD_META_KEY",
+    "VERSION",
+    "_atomic_write",
+    "_dataset_identity",
+    "_diff_keys",
+    "_manifest_entry",
+    "_sha256",
+    "_shard_name",
+    "dtype_name",
     "ActivationCache",
     "ActivationCacheWriter",
     "CacheError",
@@ -1039,12 +504,17 @@ __all__ = [
     "expected_identity",
     "read_shard_description",
     "rebuild_manifest",
-    "harvest_cache",
 ]
 
 
-def harvest_cache(*args: Any, **kwargs: Any) -> Any:
-    """Harvest a cache; see :func:`sae_diff.data.harvest.harvest_cache` (re-exported here)."""
-    from sae_diff.data.harvest import harvest_cache as _harvest
+def __getattr__(name: str) -> Any:
+    # `harvest_cache` used to be re-exported here; resolved by name (importlib) so the cache
+    # does not import the harvester, which imports the cache. Goes in the next release.
+    if name == "harvest_cache":
+        import importlib
+        import warnings
 
-    return _harvest(*args, **kwargs)
+        warnings.warn("sae_diff.data.cache.harvest_cache moved to sae_diff.data.harvest.harvest_cache.",
+                      DeprecationWarning, stacklevel=2)
+        return importlib.import_module("sae_diff.data.harvest").harvest_cache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,11 +32,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import signal
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +48,16 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from sae_diff.atomic import atomic_dir
 from sae_diff.data.store import PairedActivationsStore
 from sae_diff.training import distributed
+from sae_diff.training.checkpoints import (
+    RESUME_MAY_CHANGE,
+    SAE_DIFF_STATE_FILENAME,
+    check_resume_config,
+    find_checkpoint,
+    load_state_file,
+)
 from sae_diff.training.config import PairedRunnerConfig
 from sae_diff.training.data import (
     cache_eval_sample,
@@ -68,7 +72,6 @@ from sae_diff.training.data import (
 )
 from sae_diff.training.evaluator import PairedEvaluator
 
-SAE_DIFF_STATE_FILENAME = "sae_diff_state.pt"
 EVAL_FILENAME = "eval.json"
 
 
@@ -82,132 +85,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         where = f"; resume with: sae-diff train --resume {checkpoint}" if checkpoint else \
             " (checkpoint_path is null, so nothing was saved)"
         super().__init__(f"Training interrupted after {n_steps} steps{where}")
-
-
-# ---------------------------------------------------------------------- atomic folders
-def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
-    """Create ``final`` atomically: ``fill`` writes into a sibling temporary folder, which is
-    then renamed to ``final`` (replacing an older one)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    try:
-        fill(tmp)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
-            os.replace(final, old / final.name)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _run_checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """(sample count, folder) of every complete checkpoint directly inside ``run``."""
-    found: list[tuple[int, Path]] = []
-    for child in run.iterdir():
-        if child.name.startswith(".") or not (child / TRAINER_STATE_FILENAME).is_file():
-            continue  # hidden: an atomic write in progress; no trainer state: not a checkpoint
-        digits = "".join(c for c in child.name if c.isdigit())
-        found.append((int(digits) if digits else -1, child))
-    return found
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint folder to resume from.
-
-    ``path`` may be a checkpoint itself, a run's folder (``<checkpoint_path>/<run id>``: its
-    newest checkpoint, the largest sample count) or the configured ``checkpoint_path`` that
-    holds one folder per run (the most recently written run, then its newest checkpoint).
-
-    Raises:
-        CheckpointError: nothing resumable at ``path`` (the message says what was expected).
-    """
-    from sae_diff.errors import CheckpointError
-
-    path = Path(path)
-    if (path / TRAINER_STATE_FILENAME).is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(
-            f"No checkpoint at {path}: the folder does not exist. Pass the run's checkpoint_path "
-            "(or one run or checkpoint folder inside it)."
-        )
-    found = _run_checkpoints(path)
-    if found:
-        return max(found)[1]
-    runs = [(max(p.stat().st_mtime_ns for _, p in ck), max(ck)[1]) for child in path.iterdir()
-            if child.is_dir() and not child.name.startswith(".") and (ck := _run_checkpoints(child))]
-    if runs:
-        return max(runs)[1]
-    raise CheckpointError(
-        f"No checkpoint in {path}: expected a folder holding {TRAINER_STATE_FILENAME}, a run's "
-        "folder of them, or the checkpoint_path holding run folders. Was checkpoint_path null, "
-        "or did the run stop before its first checkpoint?"
-    )
-
-
-def load_state_file(path: Path, map_location: Any = None) -> Any:
-    """``torch.load(path, weights_only=True)`` (explicit, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
-    cannot turn it off) with a clear :class:`~sae_diff.errors.CheckpointError` when the file is
-    missing, truncated or holds pickled objects other than tensors and plain containers
-    (which are never run)."""
-    import pickle
-
-    from sae_diff.errors import CheckpointError
-
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete. Resume from another "
-                              "checkpoint of the run (pass its folder to --resume).")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise CheckpointError(
-            f"{path} cannot be loaded safely ({type(e).__name__}: {' '.join(str(e).split())[:300]}). "
-            "sae_diff loads trainer state with weights_only=True and never runs pickled code; the file "
-            "is corrupt or was not written by sae_diff. Resume from another checkpoint of the run."
-        ) from e
-
-
-#: config fields a resumed run may change (where and how it runs, not what it learns)
-RESUME_MAY_CHANGE = frozenset({
-    "device", "llm_device", "act_store_device", "output_path", "checkpoint_path", "resume_from_checkpoint",
-    "logger", "verbose", "n_checkpoints", "eval_at_end", "eval_loss_recovered", "n_eval_batches",
-    "eval_batch_size_prompts", "cache_path", "training_tokens", "save_final_checkpoint", "autocast",
-    "autocast_lm", "compile_llm", "compile_sae", "llm_compilation_mode", "sae_compilation_mode",
-})
-
-
-def check_resume_config(checkpoint: str | Path, cfg: PairedRunnerConfig) -> None:
-    """A resumed run must learn what its checkpoint learnt: raise one
-    :class:`~sae_diff.errors.CheckpointError` listing every field (models, hook, data, the
-    dictionary's shape, optimiser settings, ...) where ``cfg`` differs from the checkpoint's
-    saved config. Fields in :data:`RESUME_MAY_CHANGE` may differ."""
-    from sae_diff.errors import CheckpointError
-
-    saved = json.loads((Path(checkpoint) / RUNNER_CFG_FILENAME).read_text())
-    now = json.loads(json.dumps(cfg.to_dict(), default=str))
-    diffs: list[str] = []
-    # a field the checkpoint does not record at all is newer than the run (it gets its default)
-    for key in sorted(set(saved)):
-        if key in RESUME_MAY_CHANGE:
-            continue
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"  # metadata: filled in by the run
-                      for k in sorted(a) if a.get(k) != b.get(k) and k != "metadata"]
-        elif a != b:
-            diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
-    if diffs:
-        raise CheckpointError(
-            f"Cannot resume {checkpoint} with a different setup ({len(diffs)} difference"
-            f"{'s' if len(diffs) > 1 else ''}: {'; '.join(diffs)}). Drop those flags to resume "
-            "exactly, or start a new run with --config."
-        )
 
 
 # ---------------------------------------------------------------------- trainer
@@ -230,10 +107,9 @@ def use_fused_adam(trainer: SAETrainer[Any, Any]) -> None:
 class ResumableSAETrainer(SAETrainer[Any, Any]):
     """``SAETrainer`` with atomic, exactly-resumable checkpoints and graceful interruption.
 
-    The training loop is SAELens's ``fit`` rebuilt from its public seams (``step``,
-    ``maybe_reset_sparsity``, ``set_final_sae_metadata``, ``save_checkpoint``) with one change:
-    checkpoints are taken *after* the step counter advances, so a checkpoint's state is the
-    state at a step boundary and a resumed run replays exactly the remaining steps.
+    The training loop is SAELens's own ``fit`` with two per-step hooks overridden (see
+    :meth:`fit`): checkpoints are taken *after* the step counter advances, so a checkpoint's
+    state is the state at a step boundary and a resumed run replays exactly the remaining steps.
     """
 
     def __init__(self, *args: Any, provider: PairedActivationsStore, runner_cfg: PairedRunnerConfig,
@@ -344,58 +220,50 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
                 n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate)
 
     def fit(self) -> Any:
-        import wandb
-
+        """SAELens's ``SAETrainer.fit``, run as is, with two of its per-step hooks overridden:
+        :meth:`_checkpoint_if_needed` (a due checkpoint is only noted) and :meth:`_update_pbar`
+        (the noted checkpoint is written, and a requested stop taken, there). Relies on the
+        order of SAELens 6.x's loop (checked with sae-lens 6.54): per step ``step`` ->
+        ``_checkpoint_if_needed`` -> ``n_training_steps += 1`` -> ``_update_pbar``, and on its
+        keeping activation statistics already set (estimated here first, over the global
+        batches in a distributed run). So a checkpoint is taken *after* the step counter
+        advances: its state is the state at a step boundary, and a resumed run replays exactly
+        the remaining steps.
+        """
         self.sae.to(self.cfg.device)
-        total = self.cfg.total_training_samples
-        bs = self.cfg.train_batch_size_samples
-        pbar = tqdm(total=total, initial=self.n_training_samples, desc="Training", unit="tok",
-                    unit_scale=True, dynamic_ncols=True, disable=not self.world.is_main)
-        self._estimate_normalisation()
-        steps_this_run = 0
+        self._estimate_normalisation()  # SAELens's fit then keeps these statistics
+        self._steps_this_run = 0
+        self._checkpoint_due = False
+        self.data_parallel.__enter__()
         try:
-            self.data_parallel.__enter__()
-            while self.n_training_samples < total:
-                sparsity_log = self.maybe_reset_sparsity()
-                if sparsity_log and self.cfg.logger.log_to_wandb:
-                    wandb.log(sparsity_log, step=self.n_training_steps)
-                out = self.step(next(self.data_provider))
-                if self.cfg.logger.log_to_wandb:
-                    self._log_train_step(out)
-                    self._run_and_log_evals()
-                self.n_training_steps += 1
-                steps_this_run += 1
-                pbar.update(bs)
-                if self.n_training_steps % 10 == 0 or self.n_training_samples >= total:
-                    pbar.set_postfix({k: f"{float(v.detach()):.4g}" for k, v in out.losses.items()}, refresh=False)
-                if self.checkpoint_thresholds and self.n_training_samples > self.checkpoint_thresholds[0]:
-                    self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
-                    self.checkpoint_thresholds.pop(0)
-                stop = self.stop_requested or (self.stop_after_steps is not None and steps_this_run >= self.stop_after_steps
-                                               and self.n_training_samples < total)
-                if distributed.any_rank(stop):  # every rank stops at the same step
-                    self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
-                    raise TrainingInterrupted(self.last_checkpoint if self.cfg.checkpoint_path else None,
-                                              self.n_training_steps)
+            return super().fit()
         finally:
             self.data_parallel.__exit__(None, None, None)
-            pbar.close()
 
-        sparsity_log = self.full_sparsity_window_log()
-        if sparsity_log and self.cfg.logger.log_to_wandb:
-            wandb.log(sparsity_log, step=self.n_training_steps)
-        if self.activation_scaler.scaling_factor is not None:
-            self.sae.fold_activation_norm_scaling_factor(self.activation_scaler.scaling_factor)
-            self.activation_scaler.scaling_factor = None
-        if self.activation_scaler.whitening is not None:
-            w = self.activation_scaler.whitening
-            self.sae.fold_activation_whitening(mean=w.mean, whitening_matrix=w.matrix,
-                                               unwhitening_matrix=w.inverse_matrix)
-            self.activation_scaler.whitening = None
-        self.set_final_sae_metadata()
-        if self.cfg.save_final_checkpoint:
-            self.save_checkpoint(checkpoint_name=f"final_{self.n_training_samples}")
-        return self.sae
+    def _checkpoint_if_needed(self) -> None:
+        """Called by SAELens's loop *before* the step counter moves: only note a due checkpoint."""
+        self._checkpoint_due = bool(self.checkpoint_thresholds
+                                    and self.n_training_samples > self.checkpoint_thresholds[0])
+
+    def _update_pbar(self, step_output: Any, pbar: Any, update_interval: int = 100) -> None:
+        """Called by SAELens's loop *after* the step counter moves: progress, then the noted
+        checkpoint, then a requested stop (every rank stops at the same step)."""
+        if self.world.is_main:
+            super()._update_pbar(step_output, pbar, update_interval)
+        self._steps_this_run += 1
+        if self._checkpoint_due:
+            self._checkpoint_due = False
+            self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
+            self.checkpoint_thresholds.pop(0)
+        total = self.cfg.total_training_samples
+        stop = self.stop_requested or (self.stop_after_steps is not None
+                                       and self._steps_this_run >= self.stop_after_steps
+                                       and self.n_training_samples < total)
+        if distributed.any_rank(stop):
+            self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
+            pbar.close()
+            raise TrainingInterrupted(self.last_checkpoint if self.cfg.checkpoint_path else None,
+                                      self.n_training_steps)
 
 
 # ---------------------------------------------------------------------- runner
@@ -627,6 +495,10 @@ def resume(path: str | Path, **overrides: Any) -> PairedSAETrainingRunner:
 
 __all__ = [
     "EVAL_FILENAME",
+    "RESUME_MAY_CHANGE",
+    "SAE_DIFF_STATE_FILENAME",
+    "check_resume_config",
+    "load_state_file",
     "PairedSAETrainingRunner",
     "ResumableSAETrainer",
     "TrainingInterrupted",

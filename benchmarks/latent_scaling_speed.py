@@ -15,7 +15,7 @@ import json
 import torch
 
 import sae_diff  # noqa: F401  (registers the architectures)
-from sae_diff.analysis.latent_scaling import latent_scaling_cost_ratio
+from sae_diff.analysis.latent_scaling_reference import latent_scaling_cost_ratio
 from sae_diff.dictionaries.batchtopk_crosscoder import JumpReLUCrosscoder, JumpReLUCrosscoderConfig
 
 

@@ -494,7 +494,7 @@ def latent_scaling_memory(sae: Any, data: list[torch.Tensor]) -> dict[str, Any]:
 def bench_latent_scaling(quick: bool) -> dict[str, Any]:
     """All-target one-pass Latent Scaling ÷ encode-only (sae_diff.analysis.latent_scaling)."""
     try:
-        from sae_diff.analysis.latent_scaling import latent_scaling_cost_ratio
+        from sae_diff.analysis.latent_scaling_reference import latent_scaling_cost_ratio
         from sae_diff.dictionaries.batchtopk_crosscoder import (
             JumpReLUCrosscoder,
             JumpReLUCrosscoderConfig,

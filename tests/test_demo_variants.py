@@ -1,5 +1,6 @@
 """Issue 17's crosscoder variants in the diffing game: `sae-diff demo --methods ...` trains and
-scores them like every other method (one seed, quick size), and they stay out of the default run."""
+scores them like every other method (one seed, quick size); so are stage-wise diffing and the
+base-SAE causal filter. All of them are in the default run."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ from sae_diff.report import demo
 VARIANTS = ("jumprelu_crosscoder", "shared_l1_crosscoder", "shared_batchtopk_crosscoder", "dedicated_crosscoder")
 
 
-def test_variants_are_selectable_but_not_default() -> None:
-    assert set(VARIANTS) <= set(demo.METHODS) and not set(VARIANTS) & set(demo.DEFAULT_METHODS)
+def test_every_method_is_in_the_default_run() -> None:
+    """`make demo` scores issue 17's methods too (at their shrunk step counts); --methods selects."""
+    assert set(VARIANTS) | {"stagewise", "causal_filter"} <= set(demo.DEFAULT_METHODS)
+    assert set(demo.DEFAULT_METHODS) == set(demo.METHODS) | set(demo.ANALYSIS_METHODS)
     assert demo.DemoConfig().methods == demo.DEFAULT_METHODS
+    assert demo.DemoConfig(methods=("stagewise",)).methods == ("stagewise",)
+    with pytest.raises(ValueError, match="Unknown method"):
+        demo.DemoConfig(methods=("stage_wise",))
     for name in VARIANTS:
         assert demo.METHODS[name]["kind"] == "crosscoder" and demo.METHODS[name]["mode"] == "paired"
 

@@ -1,8 +1,10 @@
 """The main job: the whole diffing study on an organism, scored against ground truth, over seeds.
 
 ``sae-diff demo`` (``make demo``) harvests a paired cache (pretraining text + chat), then for
-each training seed trains an L1 crosscoder, a BatchTopK crosscoder, a BatchTopK diff-SAE and a
-chat-SAE at the same width, builds their latent tables with Latent Scaling, runs the
+each training seed trains an L1 crosscoder, a BatchTopK crosscoder, a BatchTopK diff-SAE, a
+chat-SAE, issue 17's crosscoder variants (JumpReLU, shared-latent L1 / BatchTopK, dedicated)
+and a base-SAE for stage-wise diffing and the causal filter, all at the same width (``--methods``
+selects a subset), builds their latent tables with Latent Scaling, runs the
 KL-patching evaluation and scores every method against the organism's planted behaviours at
 three granularities (trigger tokens, response tokens, whole conversations), always against
 control conversations. Dictionary-free baselines (mean activation difference, PCA of the
@@ -73,15 +75,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "batchtopk_crosscoder": _method("batchtopk_crosscoder"),
     "diff_sae": _method("batchtopk_diff_sae"),
     "chat_sae": _method("batchtopk"),
-    # issue 17's crosscoder variants: selectable with --methods, not in the default run (four
-    # more methods x 3 seeds would push `make demo` past its 10-minute budget)
+    # issue 17's crosscoder variants (trained for DemoConfig.variant_steps, so that the default
+    # run with them stays within `make demo`'s 10-minute budget on 2 cores)
     "jumprelu_crosscoder": _method("jumprelu_crosscoder"),
     "shared_l1_crosscoder": _method("shared_crosscoder"),
     "shared_batchtopk_crosscoder": _method("shared_batchtopk_crosscoder"),
     "dedicated_crosscoder": _method("dedicated_batchtopk_crosscoder"),
 }
-#: what `sae-diff demo` runs unless --methods says otherwise
-DEFAULT_METHODS: tuple[str, ...] = ("l1_crosscoder", "batchtopk_crosscoder", "diff_sae", "chat_sae")
 #: methods built on a base-SAE (SAELens ``batchtopk`` on the base model's activations, trained
 #: once per seed and shared) rather than trained as a dictionary of their own: they rank that
 #: SAE's latents (sae_diff.analysis.stagewise / causal_filter) and are scored on the fine-tune's
@@ -92,6 +92,10 @@ ANALYSIS_METHODS: dict[str, str] = {
     "causal_filter": "base-SAE diffing: latents ranked by firing shift (ft / base), kept when ablating them "
                      "moves the fine-tune's assistant-token KL beyond random latents",
 }
+#: the seed's four methods, trained for DemoConfig.train_steps
+CORE_METHODS: tuple[str, ...] = ("l1_crosscoder", "batchtopk_crosscoder", "diff_sae", "chat_sae")
+#: what `sae-diff demo` runs unless --methods says otherwise: every method
+DEFAULT_METHODS: tuple[str, ...] = (*METHODS, *ANALYSIS_METHODS)
 
 
 def _variant_settings(architecture: str, d_sae: int) -> dict[str, Any]:
@@ -149,10 +153,13 @@ class DemoConfig:
     seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = DEFAULT_METHODS
-    # base-SAE methods (ANALYSIS_METHODS): the base-SAE's steps (None: train_steps), the
+    # base-SAE methods (ANALYSIS_METHODS): the base-SAE's steps, the
     # stage-wise model stage's steps, and the causal filter's candidates / random latents
-    base_sae_steps: int | None = None
-    stage_steps: int = 200
+    # issue 17's crosscoder variants train for variant_steps (not train_steps): 4 more methods
+    # x 3 seeds at 800 steps would take the default run past its budget (docs/evaluation.md)
+    variant_steps: int = 300
+    base_sae_steps: int = 300
+    stage_steps: int = 150
     causal_candidates: int = 20
     causal_random: int = 20
     causal_quantile: float = 0.95
@@ -176,7 +183,8 @@ class DemoConfig:
     @classmethod
     def quick_config(cls, **kw: Any) -> DemoConfig:
         base: dict[str, Any] = {"n_pretrain_docs": 300, "n_chat_docs": 300, "max_rows": 320, "train_steps": 200,
-                "batch_size": 256, "eval_per_behaviour": 6, "n_text": 6, "random_seeds": 2, "quick": True}
+                "batch_size": 256, "eval_per_behaviour": 6, "n_text": 6, "random_seeds": 2, "quick": True,
+                "variant_steps": 150, "base_sae_steps": 150, "stage_steps": 100}
         base.update(kw)
         return cls(**base)
 
@@ -228,7 +236,8 @@ def train_dictionary(cfg: DemoConfig, name: str, cache: ActivationCache, d_model
             prepare_crosscoder(sae, store, n_batches=4)
     for key, value in meta.items():
         sae.cfg.metadata[key] = value
-    trainer = SAETrainer(_trainer_config(cfg, cfg.train_steps), sae, store)
+    steps = cfg.train_steps if name in CORE_METHODS else cfg.variant_steps
+    trainer = SAETrainer(_trainer_config(cfg, steps), sae, store)
     use_fused_adam(trainer)
     trainer.fit()
     path = path or cfg.out / "dictionaries" / name
@@ -254,7 +263,7 @@ def train_base_sae(cfg: DemoConfig, cache: ActivationCache, d_model: int, hook: 
     torch.manual_seed(seed)
     sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=cfg.expansion * d_model, k=cfg.k))
     sae.cfg.metadata.hook_name = hook
-    trainer = SAETrainer(_trainer_config(cfg, cfg.base_sae_steps or cfg.train_steps), sae, store)
+    trainer = SAETrainer(_trainer_config(cfg, cfg.base_sae_steps), sae, store)
     use_fused_adam(trainer)
     trainer.fit()
     return sae
@@ -287,8 +296,10 @@ def base_sae_methods(cfg: DemoConfig, org: Any, paired: Any, cache: ActivationCa
 
     def row(name: str, sae: Any, **extra: Any) -> dict[str, Any]:
         fb, ff = _fve_per_model(sae, "base", sample), _fve_per_model(sae, "ft", sample)
+        with torch.no_grad():  # dead: fires on neither model's side of the sample
+            alive = (sae.encode(sample[:, 0]) > 0).any(0) | (sae.encode(sample[:, 1]) > 0).any(0)
         return {"method": name, "architecture": "batchtopk", "d_sae": int(sae.cfg.d_sae), "fve_base": _f(fb["base"]),
-                "fve_ft": _f(ff["ft"]), "l0": _f(ff["l0"]), **extra}
+                "fve_ft": _f(ff["ft"]), "l0": _f(ff["l0"]), "dead_fraction": _f(1.0 - alive.float().mean()), **extra}
 
     if "causal_filter" in cfg.methods:
         shift = latent_scaling(base, cache_batches(cache), kind="base_sae", progress=False).to_frame()
@@ -747,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=_int_list, default=(0, 1, 2),
                     help="training seeds, comma-separated (default 0,1,2; every figure is reported over them)")
     ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                    help=f"comma-separated subset of {','.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
+                    help=f"comma-separated subset of {','.join(DEFAULT_METHODS)} (default: all)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: torch's choice; use 1 on a busy machine)")
     args = ap.parse_args(argv)

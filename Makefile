@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 lint: setup
-	$(PY) -m ruff check sae_diff tests benchmarks
+	$(PY) -m ruff check sae_diff tests benchmarks && $(PY) -m ruff format --check sae_diff tests benchmarks
 
 typecheck: setup
 	$(PY) -m mypy

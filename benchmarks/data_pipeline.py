@@ -63,46 +63,92 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     masks = MaskConfig()
 
     def source() -> TokenSource:
-        return TokenSource([org.pretraining_dataset("train", n=400, seed=0), org.chat_dataset("train", n=400, seed=0)],
-                           org.tokenizer, ctx, proportions=[0.5, 0.5], max_rows=rows)
+        return TokenSource(
+            [
+                org.pretraining_dataset("train", n=400, seed=0),
+                org.chat_dataset("train", n=400, seed=0),
+            ],
+            org.tokenizer,
+            ctx,
+            proportions=[0.5, 0.5],
+            max_rows=rows,
+        )
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         caches = {}
         for dtype in ("float32", "bfloat16"):
             t0 = time.perf_counter()
-            harvest_cache(pair, source(), Path(tmp) / dtype, hook, batch_size=fwd, rows_per_shard=rows_per_shard,
-                          dtype=dtype, mask_config=masks, max_rows=rows, progress=False, verbose=False)
+            harvest_cache(
+                pair,
+                source(),
+                Path(tmp) / dtype,
+                hook,
+                batch_size=fwd,
+                rows_per_shard=rows_per_shard,
+                dtype=dtype,
+                mask_config=masks,
+                max_rows=rows,
+                progress=False,
+                verbose=False,
+            )
             if dtype == "float32":  # (includes the first tokenisation of the corpus)
                 out["harvest_tokens_per_s"] = rows * ctx / (time.perf_counter() - t0)
             caches[dtype] = ActivationCache(Path(tmp) / dtype)
         out["bf16_bytes_over_fp32_bytes"] = caches["bfloat16"].nbytes / caches["float32"].nbytes
 
-        common = {"mode": "paired", "batch_size": batch, "buffer_size": 8 * batch, "seed": 0, "device": args.device}
+        common = {
+            "mode": "paired",
+            "batch_size": batch,
+            "buffer_size": 8 * batch,
+            "seed": 0,
+            "device": args.device,
+        }
 
         def train(store: PairedActivationsStore) -> None:
             torch.manual_seed(0)
-            sae = training_sae(training_config("batchtopk_crosscoder", d_in=pair.d_model, d_sae=8 * pair.d_model, k=16))
-            cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=1e-3,
-                                   lr_end=1e-3, device=args.device)
+            sae = training_sae(
+                training_config(
+                    "batchtopk_crosscoder", d_in=pair.d_model, d_sae=8 * pair.d_model, k=16
+                )
+            )
+            cfg = SAETrainerConfig(
+                total_training_samples=steps * batch,
+                train_batch_size_samples=batch,
+                lr=1e-3,
+                lr_end=1e-3,
+                device=args.device,
+            )
             SAETrainer(cfg, sae.to(args.device), store).fit()
 
         def cached() -> None:
             train(PairedActivationsStore.from_cache(caches["float32"], mask_config=masks, **common))
 
         def on_the_fly() -> None:
-            train(PairedActivationsStore.from_model(pair, source(), hook, store_batch_size_prompts=fwd,
-                                                    rows_per_shard=rows_per_shard, mask_config=masks,
-                                                    stop_row=rows, **common))
+            train(
+                PairedActivationsStore.from_model(
+                    pair,
+                    source(),
+                    hook,
+                    store_batch_size_prompts=fwd,
+                    rows_per_shard=rows_per_shard,
+                    mask_config=masks,
+                    stop_row=rows,
+                    **common,
+                )
+            )
 
         n_read = 4 * caches["float32"].n_tokens  # several epochs
 
         def read(dtype: str) -> Callable[[], None]:
             def go() -> None:
-                store = PairedActivationsStore.from_cache(caches[dtype], mask_config=masks, **common)
+                store = PairedActivationsStore.from_cache(
+                    caches[dtype], mask_config=masks, **common
+                )
                 n = 0
                 while n < n_read:
                     n += next(store).shape[0]
+
             return go
 
         times: dict[str, list[float]] = {k: [] for k in ("cached", "fly", "fp32", "bf16")}
@@ -118,8 +164,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     out["read_fp32_tokens_per_s"] = n_read / med["fp32"]
     out["read_bf16_tokens_per_s"] = n_read / med["bf16"]
     out["bf16_read_over_fp32_read"] = med["fp32"] / med["bf16"]
-    print(f"data pipeline (organism d={pair.d_model}, ctx {ctx}, {rows} rows, batch {batch}, {steps} steps, "
-          f"{args.threads} thread(s), {args.device}, median of {args.repeats} interleaved)")
+    print(
+        f"data pipeline (organism d={pair.d_model}, ctx {ctx}, {rows} rows, batch {batch}, {steps} steps, "
+        f"{args.threads} thread(s), {args.device}, median of {args.repeats} interleaved)"
+    )
     for k, v in out.items():
         print(f"  {k:32s} {v:14,.3f}")
     return out

@@ -34,18 +34,41 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config(root: Path, *, d: int, n: int, k: int, batch: int, steps: int, harvest_tokens: int | None = None) -> dict[str, Any]:
-    tokens = (harvest_tokens if harvest_tokens is not None else steps * batch)
+def config(
+    root: Path, *, d: int, n: int, k: int, batch: int, steps: int, harvest_tokens: int | None = None
+) -> dict[str, Any]:
+    tokens = harvest_tokens if harvest_tokens is not None else steps * batch
     return {
-        "model_name": "bench-ft", "base_model_name": "bench-base",
-        "smoke_test_models": {"n_layers": 1, "d_model": d, "n_heads": 4, "d_vocab": 256, "n_ctx": 128},
-        "model_from_pretrained_kwargs": {}, "hook_name": "blocks.0.hook_resid_post", "context_size": 128,
-        "store_batch_size_prompts": 16, "cache_rows_per_shard": 64, "n_batches_in_buffer": 4,
-        "training_tokens": tokens, "train_batch_size_tokens": batch, "lr": 1e-4, "lr_warm_up_steps": 0,
-        "n_norm_batches": 2, "n_eval_batches": 1, "eval_at_end": False, "verbose": False, "seed": 0,
-        "n_checkpoints": 0, "save_final_checkpoint": False,
+        "model_name": "bench-ft",
+        "base_model_name": "bench-base",
+        "smoke_test_models": {
+            "n_layers": 1,
+            "d_model": d,
+            "n_heads": 4,
+            "d_vocab": 256,
+            "n_ctx": 128,
+        },
+        "model_from_pretrained_kwargs": {},
+        "hook_name": "blocks.0.hook_resid_post",
+        "context_size": 128,
+        "store_batch_size_prompts": 16,
+        "cache_rows_per_shard": 64,
+        "n_batches_in_buffer": 4,
+        "training_tokens": tokens,
+        "train_batch_size_tokens": batch,
+        "lr": 1e-4,
+        "lr_warm_up_steps": 0,
+        "n_norm_batches": 2,
+        "n_eval_batches": 1,
+        "eval_at_end": False,
+        "verbose": False,
+        "seed": 0,
+        "n_checkpoints": 0,
+        "save_final_checkpoint": False,
         "sae": {"architecture": "batchtopk_crosscoder", "d_in": d, "d_sae": n, "k": k},
-        "cache_path": str(root / "cache"), "checkpoint_path": None, "output_path": None,
+        "cache_path": str(root / "cache"),
+        "checkpoint_path": None,
+        "output_path": None,
     }
 
 
@@ -79,25 +102,54 @@ def worker(cfg_path: str, warmup: int, out: str) -> None:
         torch.distributed.all_reduce(cpu_s, op=torch.distributed.ReduceOp.MAX)
     if w.is_main:
         seconds = stamps[-1] - stamps[warmup]
-        Path(out).write_text(json.dumps({
-            "steps": steps, "seconds": seconds, "world_size": w.size,
-            "tokens_per_s": steps * cfg.train_batch_size_tokens / seconds,
-            # CPU seconds of the busiest process: what the step costs with a core to itself
-            "tokens_per_cpu_s": steps * cfg.train_batch_size_tokens / float(cpu_s)}))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "steps": steps,
+                    "seconds": seconds,
+                    "world_size": w.size,
+                    "tokens_per_s": steps * cfg.train_batch_size_tokens / seconds,
+                    # CPU seconds of the busiest process: what the step costs with a core to itself
+                    "tokens_per_cpu_s": steps * cfg.train_batch_size_tokens / float(cpu_s),
+                }
+            )
+        )
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def run_once(cfg_path: Path, nproc: int, warmup: int, tmp: Path) -> dict[str, Any]:
     out = tmp / f"result_{nproc}_{time.time_ns()}.json"
-    me = [str(Path(__file__).resolve()), "--worker", str(cfg_path), "--warmup", str(warmup), "--out", str(out)]
+    me = [
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(cfg_path),
+        "--warmup",
+        str(warmup),
+        "--out",
+        str(out),
+    ]
     if nproc == 1:
         cmd = [sys.executable, *me]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *me]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *me,
+        ]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{nproc}-process run failed:\n{proc.stderr[-4000:]}")
@@ -106,7 +158,9 @@ def run_once(cfg_path: Path, nproc: int, warmup: int, tmp: Path) -> dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--d", type=int, default=128, help="d_model of each model (D = 2d)")
     p.add_argument("--n", type=int, default=2048, help="latents")
     p.add_argument("--k", type=int, default=16)
@@ -133,8 +187,20 @@ def main(argv: list[str] | None = None) -> int:
         from sae_diff.training.data import harvest
 
         harvest_tokens = max(args.steps * args.batch // 4, 8 * args.batch)
-        harvest(config_from_dict(config(tmp, d=args.d, n=args.n, k=args.k, batch=args.batch, steps=args.steps,
-                                        harvest_tokens=harvest_tokens)), progress=False)
+        harvest(
+            config_from_dict(
+                config(
+                    tmp,
+                    d=args.d,
+                    n=args.n,
+                    k=args.k,
+                    batch=args.batch,
+                    steps=args.steps,
+                    harvest_tokens=harvest_tokens,
+                )
+            ),
+            progress=False,
+        )
         cfg = config(tmp, d=args.d, n=args.n, k=args.k, batch=args.batch, steps=args.steps)
         cfg_path = tmp / "cfg.json"
         cfg_path.write_text(json.dumps(cfg))
@@ -153,20 +219,35 @@ def main(argv: list[str] | None = None) -> int:
     cpu_ratio = statistics.median(cpu_runs[2]) / statistics.median(cpu_runs[1])
     result = {
         "benchmark": "distributed_training_throughput",
-        "shape": {"D": f"2x{args.d}", "n": args.n, "k": args.k, "B": args.batch, "steps": args.steps,
-                  "warmup": args.warmup},
-        "tokens_per_s_1proc": runs[1], "tokens_per_s_2proc": runs[2],
-        "ratio_2proc_over_1proc": two / one, "goal": 1.6, "cpu_count": os.cpu_count(),
-        "tokens_per_cpu_s_1proc": cpu_runs[1], "tokens_per_cpu_s_2proc_busiest_rank": cpu_runs[2],
+        "shape": {
+            "D": f"2x{args.d}",
+            "n": args.n,
+            "k": args.k,
+            "B": args.batch,
+            "steps": args.steps,
+            "warmup": args.warmup,
+        },
+        "tokens_per_s_1proc": runs[1],
+        "tokens_per_s_2proc": runs[2],
+        "ratio_2proc_over_1proc": two / one,
+        "goal": 1.6,
+        "cpu_count": os.cpu_count(),
+        "tokens_per_cpu_s_1proc": cpu_runs[1],
+        "tokens_per_cpu_s_2proc_busiest_rank": cpu_runs[2],
         "cpu_time_ratio_estimate": cpu_ratio,
-        "loadavg_before": load0, "loadavg_after": load1,
+        "loadavg_before": load0,
+        "loadavg_after": load1,
     }
-    print(f"2-process gloo / 1-process training throughput: {two / one:.2f}x "
-          f"(1 proc {one:,.0f} tok/s, 2 procs {two:,.0f} tok/s, medians of {args.repeats}; "
-          f"D=2x{args.d}, n={args.n}, k={args.k}, B={args.batch}; goal >= 1.6x; "
-          f"load average {load0[0]:.2f} -> {load1[0]:.2f} on {os.cpu_count()} CPUs)")
-    print(f"CPU-time estimate for an idle 2-core machine: {cpu_ratio:.2f}x (tokens per CPU-second of the "
-          "busiest rank; excludes time spent waiting for the other rank)")
+    print(
+        f"2-process gloo / 1-process training throughput: {two / one:.2f}x "
+        f"(1 proc {one:,.0f} tok/s, 2 procs {two:,.0f} tok/s, medians of {args.repeats}; "
+        f"D=2x{args.d}, n={args.n}, k={args.k}, B={args.batch}; goal >= 1.6x; "
+        f"load average {load0[0]:.2f} -> {load1[0]:.2f} on {os.cpu_count()} CPUs)"
+    )
+    print(
+        f"CPU-time estimate for an idle 2-core machine: {cpu_ratio:.2f}x (tokens per CPU-second of the "
+        "busiest rank; excludes time spent waiting for the other rank)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0

@@ -21,8 +21,9 @@ from sae_diff.dictionaries.batchtopk_crosscoder import JumpReLUCrosscoder, JumpR
 
 def tiny_crosscoder(d_in: int, d_sae: int, l0: float, calib: torch.Tensor) -> JumpReLUCrosscoder:
     """Random JumpReLU crosscoder whose per-latent thresholds give mean L0 ≈ ``l0`` on ``calib``."""
-    cfg = JumpReLUCrosscoderConfig(d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu",
-                                   norm_factors=[0.9, 1.1])
+    cfg = JumpReLUCrosscoderConfig(
+        d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu", norm_factors=[0.9, 1.1]
+    )
     sae = JumpReLUCrosscoder(cfg)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.1)
@@ -40,19 +41,34 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--naive-latents", type=int, default=64,
-                   help="time the naive reference on k and 2k latents and extrapolate to all (0: all)")
+    p.add_argument(
+        "--naive-latents",
+        type=int,
+        default=64,
+        help="time the naive reference on k and 2k latents and extrapolate to all (0: all)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = [torch.randn(args.batch, 2, args.d_in) for _ in range(args.batches)]
     sae = tiny_crosscoder(args.d_in, args.d_sae, args.l0, data[0])
     l0 = float((sae.encode(data[0]) != 0).sum(-1).float().mean())
-    out = latent_scaling_cost_ratio(sae, data, repeats=args.repeats, naive_latents=args.naive_latents or None)
-    out.update({"d_in": args.d_in, "d_sae": args.d_sae, "l0": l0,
-                "tokens": args.batch * args.batches, "threads": args.threads})
-    print(f"tiny crosscoder d_in={args.d_in} d_sae={args.d_sae} L0={l0:.1f} "
-          f"tokens={args.batch * args.batches} threads={args.threads}")
+    out = latent_scaling_cost_ratio(
+        sae, data, repeats=args.repeats, naive_latents=args.naive_latents or None
+    )
+    out.update(
+        {
+            "d_in": args.d_in,
+            "d_sae": args.d_sae,
+            "l0": l0,
+            "tokens": args.batch * args.batches,
+            "threads": args.threads,
+        }
+    )
+    print(
+        f"tiny crosscoder d_in={args.d_in} d_sae={args.d_sae} L0={l0:.1f} "
+        f"tokens={args.batch * args.batches} threads={args.threads}"
+    )
     print(f"encode only           {out['encode_s']:.3f} s")
     print(f"one-pass LS (all)     {out['latent_scaling_s']:.3f} s")
     print(f"LS / encode           {out['ratio']:.2f}  (target <= 1.3; median of per-round ratios)")

@@ -86,8 +86,14 @@ class ReferenceBatchTopKCrosscoder(nn.Module):
     threshold: Tensor
     tokens_since_fired: Tensor
 
-    def __init__(self, cfg: ReferenceConfig, mean: Tensor | None = None, scale: Tensor | None = None,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        cfg: ReferenceConfig,
+        mean: Tensor | None = None,
+        scale: Tensor | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         g = torch.Generator().manual_seed(cfg.seed)
@@ -138,7 +144,8 @@ class ReferenceTrainer:
         self.opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.999))
         warm = cfg.warmup_steps
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: s / warm if s < warm else 1.0)
+            self.opt, lambda s: s / warm if s < warm else 1.0
+        )
 
     def loss(self, step: int, x_n: Tensor) -> Tensor:
         m = self.model
@@ -148,7 +155,11 @@ class ReferenceTrainer:
         s = m.code_scale()
         v = p * s
         top = v.flatten().topk(cfg.k * B, sorted=False)
-        f = torch.zeros_like(v.flatten()).scatter_(-1, top.indices, p.flatten()[top.indices]).view_as(p)
+        f = (
+            torch.zeros_like(v.flatten())
+            .scatter_(-1, top.indices, p.flatten()[top.indices])
+            .view_as(p)
+        )
         if step > cfg.threshold_start_step:
             with torch.no_grad():
                 kept = (f * s)[f > 0]

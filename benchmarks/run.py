@@ -125,7 +125,13 @@ def sparse_step(m: Dictionary, x: torch.Tensor, autocast: bool = False) -> float
     dev = x.device.type
     with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
         out = kernels.sparse_batchtopk_encode_decode(
-            x, m.W_enc, m.b_enc, m.W_dec, m.b_dec, m.cfg.k, scale=m.scale(),
+            x,
+            m.W_enc,
+            m.b_enc,
+            m.W_dec,
+            m.b_dec,
+            m.cfg.k,
+            scale=m.scale(),
             threshold_hint=m.theta if m.theta > 0 else None,
         )
         loss = (out.xhat.float() - x).pow(2).sum(-1).mean()
@@ -168,7 +174,9 @@ def _med(xs: list[float]) -> float:
 # ------------------------------------------------------------------------- step benchmarks
 
 
-def bench_config(cfg: Config, device: torch.device, reps: int, with_ref: bool = True) -> dict[str, Any]:
+def bench_config(
+    cfg: Config, device: torch.device, reps: int, with_ref: bool = True
+) -> dict[str, Any]:
     """Interleaved timings of ours / reference / matmul / bf16 / selection for one config."""
     torch.manual_seed(0)
     x = torch.randn(cfg.B, cfg.D, device=device)
@@ -233,7 +241,10 @@ def bench_config(cfg: Config, device: torch.device, reps: int, with_ref: bool = 
         "selection_over_flat_topk": med["sel"] / med["flat"],
         "selection_exact": selection_exact,
         "loss_sparse_vs_dense_first_step": [loss_a, loss_b],
-        "flops_per_token": {"dense": 10 * cfg.D * cfg.n, "sparse": 2 * cfg.D * cfg.n + 8 * cfg.k * cfg.D},
+        "flops_per_token": {
+            "dense": 10 * cfg.D * cfg.n,
+            "sparse": 2 * cfg.D * cfg.n + 8 * cfg.k * cfg.D,
+        },
     }
     if "ref" in med:
         res["tokens_per_s_ref"] = cfg.B / med["ref"]
@@ -243,11 +254,7 @@ def bench_config(cfg: Config, device: torch.device, reps: int, with_ref: bool = 
 # ------------------------------------------------------------- vs crosscoder_learning's step
 
 _COMPETITOR = (
-    "import torch\n"
-    "torch.set_num_threads(1)\n"
-    "a = torch.randn(512, 512)\n"
-    "while True:\n"
-    "    a @ a\n"
+    "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
 )
 
 
@@ -278,15 +285,30 @@ def bench_vs_reference(cfg: Config, device: torch.device, reps: int) -> dict[str
 
     torch.manual_seed(0)
     x = torch.randn(cfg.B, cfg.n_models, cfg.d_model, device=device)
-    sae = BatchTopKCrosscoderTraining(BatchTopKCrosscoderTrainingConfig(
-        d_in=cfg.d_model, d_sae=cfg.n, k=cfg.k, n_models=cfg.n_models, device=str(device)))
+    sae = BatchTopKCrosscoderTraining(
+        BatchTopKCrosscoderTrainingConfig(
+            d_in=cfg.d_model, d_sae=cfg.n, k=cfg.k, n_models=cfg.n_models, device=str(device)
+        )
+    )
     lr = 2e-4 / (cfg.n / 2**14) ** 0.5
-    trainer = SAETrainer(SAETrainerConfig(total_training_samples=10**12, train_batch_size_samples=cfg.B, lr=lr,
-                                          lr_end=lr, device=str(device)), sae, iter(()))
+    trainer = SAETrainer(
+        SAETrainerConfig(
+            total_training_samples=10**12,
+            train_batch_size_samples=cfg.B,
+            lr=lr,
+            lr_end=lr,
+            device=str(device),
+        ),
+        sae,
+        iter(()),
+    )
     use_fused_adam(trainer)
-    ref = ReferenceTrainer(ReferenceBatchTopKCrosscoder(
-        ReferenceConfig(d=cfg.d_model, n=cfg.n, k=cfg.k, n_models=cfg.n_models, steps=10**9),
-        device=device))
+    ref = ReferenceTrainer(
+        ReferenceBatchTopKCrosscoder(
+            ReferenceConfig(d=cfg.d_model, n=cfg.n, k=cfg.k, n_models=cfg.n_models, steps=10**9),
+            device=device,
+        )
+    )
     step_no = [1001]  # past the reference's threshold warm-up: its steady-state step
 
     def ours() -> None:
@@ -320,12 +342,19 @@ def bench_vs_reference(cfg: Config, device: torch.device, reps: int) -> dict[str
         best = {k: min(v) for k, v in t.items() if v}
         # on a shared machine bursts of other load stretch single repetitions several-fold;
         # the best repetition of each side is the figure least affected by them
-        return {"times_s": t, "median_s": med, "min_s": best, "ratio": med["ref"] / med["ours"],
-                "ratio_best": best["ref"] / best["ours"], "loadavg": [load0, os.getloadavg()]}
+        return {
+            "times_s": t,
+            "median_s": med,
+            "min_s": best,
+            "ratio": med["ref"] / med["ours"],
+            "ratio_best": best["ref"] / best["ours"],
+            "loadavg": [load0, os.getloadavg()],
+        }
 
     quiet = phase()
-    comp = subprocess.Popen([sys.executable, "-c", _COMPETITOR], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    comp = subprocess.Popen(
+        [sys.executable, "-c", _COMPETITOR], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         time.sleep(2.0)
         busy = phase()
@@ -334,8 +363,9 @@ def bench_vs_reference(cfg: Config, device: torch.device, reps: int) -> dict[str
         comp.wait()
     out: dict[str, Any] = {}
     if "ours_all_threads" in quiet["median_s"]:
-        out["slowdown_ours_all_threads"] = (busy["median_s"]["ours_all_threads"]
-                                            / quiet["median_s"]["ours_all_threads"])
+        out["slowdown_ours_all_threads"] = (
+            busy["median_s"]["ours_all_threads"] / quiet["median_s"]["ours_all_threads"]
+        )
     return out | {
         "config": cfg.__dict__ | {"D": cfg.D},
         "threads": torch.get_num_threads(),
@@ -366,8 +396,11 @@ def bench_diff_sae(cfg: Config, device: torch.device, reps: int) -> dict[str, An
 
     def make(sparse: bool) -> tuple[BatchTopKDiffSAETraining, torch.optim.Optimizer]:
         torch.manual_seed(0)
-        sae = BatchTopKDiffSAETraining(BatchTopKDiffSAETrainingConfig(
-            d_in=cfg.D, d_sae=cfg.n, k=cfg.k, device=str(device), sparse_kernels=sparse))
+        sae = BatchTopKDiffSAETraining(
+            BatchTopKDiffSAETrainingConfig(
+                d_in=cfg.D, d_sae=cfg.n, k=cfg.k, device=str(device), sparse_kernels=sparse
+            )
+        )
         return sae, kernels.make_adam(list(sae.parameters()), lr=1e-5)
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -375,9 +408,15 @@ def bench_diff_sae(cfg: Config, device: torch.device, reps: int) -> dict[str, An
     no_dead = torch.zeros(cfg.n, dtype=torch.bool, device=device)
 
     def step(sae: BatchTopKDiffSAETraining, opt: torch.optim.Optimizer) -> float:
-        out = sae.training_forward_pass(TrainStepInput(
-            sae_in=x, coefficients={}, dead_neuron_mask=no_dead, n_training_steps=0,
-            is_logging_step=False))
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients={},
+                dead_neuron_mask=no_dead,
+                n_training_steps=0,
+                is_logging_step=False,
+            )
+        )
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -419,8 +458,11 @@ def memory_probe(cfg_name: str, impl: str, device: str) -> dict[str, Any]:
     dev = torch.device(device)
     x = torch.randn(cfg.B, cfg.D, device=dev)
     m = Dictionary(cfg, dev, 0, fused=impl != "dense")
-    step = {"sparse": lambda: sparse_step(m, x), "bf16": lambda: sparse_step(m, x, True),
-            "dense": lambda: dense_step(m, x)}[impl]
+    step = {
+        "sparse": lambda: sparse_step(m, x),
+        "bf16": lambda: sparse_step(m, x, True),
+        "dense": lambda: dense_step(m, x),
+    }[impl]
     step()  # Adam state now allocated
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -444,8 +486,17 @@ def bench_memory(cfg: Config, device: torch.device) -> dict[str, Any]:
     """Peak step memory for ours / bf16 / dense in fresh subprocesses, and the formulas."""
     out: dict[str, Any] = {}
     for impl in ("sparse", "bf16", "dense"):
-        cmd = [sys.executable, __file__, "--mem-probe", cfg.name, impl, "--device", device.type,
-               "--threads", str(torch.get_num_threads())]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--mem-probe",
+            cfg.name,
+            impl,
+            "--device",
+            device.type,
+            "--threads",
+            str(torch.get_num_threads()),
+        ]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
             out[impl] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -487,8 +538,11 @@ def latent_scaling_memory(sae: Any, data: list[torch.Tensor]) -> dict[str, Any]:
     except OSError:
         return {"error": "cannot reset peak RSS (/proc/self/clear_refs)", "formula_bytes": formula}
     latent_scaling(sae, data, progress=False, firing_shift=False)
-    return {"extra_bytes": (_rss_kb("VmHWM") - base) * 1024, "formula_bytes": formula,
-            "formula": "8·n·2Md (A, float64) + 8·T·2Md (pending x, x̂ and their concatenation; T ≈ max(n, 4096) tokens) + 4·n·Md (a bag sum) + 5·B·n"}
+    return {
+        "extra_bytes": (_rss_kb("VmHWM") - base) * 1024,
+        "formula_bytes": formula,
+        "formula": "8·n·2Md (A, float64) + 8·T·2Md (pending x, x̂ and their concatenation; T ≈ max(n, 4096) tokens) + 4·n·Md (a bag sum) + 5·B·n",
+    }
 
 
 def bench_latent_scaling(quick: bool) -> dict[str, Any]:
@@ -516,7 +570,13 @@ def bench_latent_scaling(quick: bool) -> dict[str, Any]:
             q = torch.topk(h, per_latent, dim=0).values[-1]
             sae.threshold.copy_(q.clamp(min=0))
         r = latent_scaling_cost_ratio(sae, data, repeats=3, naive=False)
-        return {"available": True, "d_in": d_in, "d_sae": d_sae, **r, "memory": latent_scaling_memory(sae, data)}
+        return {
+            "available": True,
+            "d_in": d_in,
+            "d_sae": d_sae,
+            **r,
+            "memory": latent_scaling_memory(sae, data),
+        }
     except Exception as e:  # noqa: BLE001
         return {"available": False, "reason": f"{type(e).__name__}: {e}"}
 
@@ -556,74 +616,170 @@ def table(res: dict[str, Any]) -> str:
     rows: list[tuple[str, str, str, str]] = []
     for key, r in res["configs"].items():
         sp = r.get("speedup_vs_dense")
-        rows.append((f"{key}: dense ref step ÷ our step (speed-up)", *_fmt(sp, ">= 4", sp is not None and sp >= 4)))
-        rows.append((f"{key}: our step ÷ fp32 encoder matmul", *_fmt(r["step_over_matmul"], "<= 2.0", r["step_over_matmul"] <= 2.0)))
-        rows.append((f"{key}: bf16 step ÷ fp32 step", *_fmt(r["bf16_over_fp32"], "<= 0.7", r["bf16_over_fp32"] <= 0.7)))
-        rows.append((f"{key}: BatchTopK selection ÷ flat top-k", *_fmt(r["selection_over_flat_topk"], "<= 0.15", r["selection_over_flat_topk"] <= 0.15)))
+        rows.append(
+            (
+                f"{key}: dense ref step ÷ our step (speed-up)",
+                *_fmt(sp, ">= 4", sp is not None and sp >= 4),
+            )
+        )
+        rows.append(
+            (
+                f"{key}: our step ÷ fp32 encoder matmul",
+                *_fmt(r["step_over_matmul"], "<= 2.0", r["step_over_matmul"] <= 2.0),
+            )
+        )
+        rows.append(
+            (
+                f"{key}: bf16 step ÷ fp32 step",
+                *_fmt(r["bf16_over_fp32"], "<= 0.7", r["bf16_over_fp32"] <= 0.7),
+            )
+        )
+        rows.append(
+            (
+                f"{key}: BatchTopK selection ÷ flat top-k",
+                *_fmt(
+                    r["selection_over_flat_topk"], "<= 0.15", r["selection_over_flat_topk"] <= 0.15
+                ),
+            )
+        )
         ms = r["median_s"]
-        rows.append((f"{key}: tokens/s ours / bf16 / dense ref",
-                     f"{r['tokens_per_s_ours']:,.0f} / {r['tokens_per_s_bf16']:,.0f} / "
-                     + (f"{r['tokens_per_s_ref']:,.0f}" if "tokens_per_s_ref" in r else "n/a"),
-                     f"median s: ours {ms['ours']:.3f}, matmul {ms['matmul']:.3f}"
-                     + (f", ref {ms['ref']:.3f}" if "ref" in ms else ""), "—"))
+        rows.append(
+            (
+                f"{key}: tokens/s ours / bf16 / dense ref",
+                f"{r['tokens_per_s_ours']:,.0f} / {r['tokens_per_s_bf16']:,.0f} / "
+                + (f"{r['tokens_per_s_ref']:,.0f}" if "tokens_per_s_ref" in r else "n/a"),
+                f"median s: ours {ms['ours']:.3f}, matmul {ms['matmul']:.3f}"
+                + (f", ref {ms['ref']:.3f}" if "ref" in ms else ""),
+                "—",
+            )
+        )
         mem = r.get("memory")
         if mem:
             for impl in ("sparse", "bf16", "dense"):
                 e = mem.get(impl, {})
-                val = f"{e['step_extra_bytes'] / 2**20:.0f} MiB" if "step_extra_bytes" in e else "n/a"
-                rows.append((f"{key}: peak extra memory of a step ({impl})", val, "formula in JSON", "—"))
+                val = (
+                    f"{e['step_extra_bytes'] / 2**20:.0f} MiB" if "step_extra_bytes" in e else "n/a"
+                )
+                rows.append(
+                    (f"{key}: peak extra memory of a step ({impl})", val, "formula in JSON", "—")
+                )
     for key, r in res.get("reference", {}).items():
         q, b = r["quiet"], r["contended"]
         la = q["loadavg"][0][0]
         lb = b["loadavg"][1][0]
-        rows.append((f"{key}: crosscoder_learning step ÷ sae_diff step, medians (load {la:.1f})",
-                     *_fmt(q["ratio"], ">= 5", q["ratio"] >= 5)))
-        rows.append((f"{key}: same, best repetition of each", *_fmt(q["ratio_best"], ">= 5", q["ratio_best"] >= 5)))
-        rows.append((f"{key}: same, one CPU-bound process competing, medians (load {lb:.1f})",
-                     *_fmt(b["ratio"], ">= 4", b["ratio"] >= 4)))
-        rows.append((f"{key}: same, competing, best repetition of each",
-                     *_fmt(b["ratio_best"], ">= 4", b["ratio_best"] >= 4)))
-        rows.append((f"{key}: slowdown under contention, sae_diff / reference",
-                     f"{r['slowdown_ours']:.2f} / {r['slowdown_ref']:.2f}", "ours <= reference's",
-                     "met" if r["slowdown_ours"] <= r["slowdown_ref"] * 1.05 else "**not met**"))
+        rows.append(
+            (
+                f"{key}: crosscoder_learning step ÷ sae_diff step, medians (load {la:.1f})",
+                *_fmt(q["ratio"], ">= 5", q["ratio"] >= 5),
+            )
+        )
+        rows.append(
+            (
+                f"{key}: same, best repetition of each",
+                *_fmt(q["ratio_best"], ">= 5", q["ratio_best"] >= 5),
+            )
+        )
+        rows.append(
+            (
+                f"{key}: same, one CPU-bound process competing, medians (load {lb:.1f})",
+                *_fmt(b["ratio"], ">= 4", b["ratio"] >= 4),
+            )
+        )
+        rows.append(
+            (
+                f"{key}: same, competing, best repetition of each",
+                *_fmt(b["ratio_best"], ">= 4", b["ratio_best"] >= 4),
+            )
+        )
+        rows.append(
+            (
+                f"{key}: slowdown under contention, sae_diff / reference",
+                f"{r['slowdown_ours']:.2f} / {r['slowdown_ref']:.2f}",
+                "ours <= reference's",
+                "met" if r["slowdown_ours"] <= r["slowdown_ref"] * 1.05 else "**not met**",
+            )
+        )
         if "slowdown_ours_all_threads" in r:
-            rows.append((f"{key}: slowdown, sae_diff with small ops on all threads (before issue 18)",
-                         f"{r['slowdown_ours_all_threads']:.2f}", "—", "—"))
-        rows.append((f"{key}: step s median (best), sae_diff / reference, as is; competing",
-                     f"{q['median_s']['ours']:.3f} ({q['min_s']['ours']:.3f}) / {q['median_s']['ref']:.3f} "
-                     f"({q['min_s']['ref']:.3f}); {b['median_s']['ours']:.3f} ({b['min_s']['ours']:.3f}) / "
-                     f"{b['median_s']['ref']:.3f} ({b['min_s']['ref']:.3f})", f"threads {r['threads']}", "—"))
+            rows.append(
+                (
+                    f"{key}: slowdown, sae_diff with small ops on all threads (before issue 18)",
+                    f"{r['slowdown_ours_all_threads']:.2f}",
+                    "—",
+                    "—",
+                )
+            )
+        rows.append(
+            (
+                f"{key}: step s median (best), sae_diff / reference, as is; competing",
+                f"{q['median_s']['ours']:.3f} ({q['min_s']['ours']:.3f}) / {q['median_s']['ref']:.3f} "
+                f"({q['min_s']['ref']:.3f}); {b['median_s']['ours']:.3f} ({b['min_s']['ours']:.3f}) / "
+                f"{b['median_s']['ref']:.3f} ({b['min_s']['ref']:.3f})",
+                f"threads {r['threads']}",
+                "—",
+            )
+        )
     for key, r in res.get("diff_sae", {}).items():
         ms, tps = r["median_s"], r["tokens_per_s"]
-        rows.append((f"{key}: diff-SAE step, sparse_kernels ÷ dense", f"{r['sparse_over_dense']:.3g}",
-                     "< 1", "met" if r["sparse_over_dense"] < 1 else "**not met**"))
-        rows.append((f"{key}: diff-SAE tokens/s sparse / dense",
-                     f"{tps['sparse']:,.0f} / {tps['dense']:,.0f}",
-                     f"median s: sparse {ms['sparse']:.3f}, dense {ms['dense']:.3f}", "—"))
+        rows.append(
+            (
+                f"{key}: diff-SAE step, sparse_kernels ÷ dense",
+                f"{r['sparse_over_dense']:.3g}",
+                "< 1",
+                "met" if r["sparse_over_dense"] < 1 else "**not met**",
+            )
+        )
+        rows.append(
+            (
+                f"{key}: diff-SAE tokens/s sparse / dense",
+                f"{tps['sparse']:,.0f} / {tps['dense']:,.0f}",
+                f"median s: sparse {ms['sparse']:.3f}, dense {ms['dense']:.3f}",
+                "—",
+            )
+        )
     if "latent_scaling" in res:  # sections left out with --only get no rows
         ls = res["latent_scaling"]
         if ls.get("available"):
-            rows.append(("Latent Scaling (all targets) ÷ encode-only", *_fmt(ls["ratio"], "<= 1.3", ls["ratio"] <= 1.3)))
+            rows.append(
+                (
+                    "Latent Scaling (all targets) ÷ encode-only",
+                    *_fmt(ls["ratio"], "<= 1.3", ls["ratio"] <= 1.3),
+                )
+            )
             mem = ls.get("memory", {})
             if "extra_bytes" in mem:
-                rows.append(("Latent Scaling peak extra memory", f"{mem['extra_bytes'] / 2**20:,.0f} MiB",
-                             f"formula {mem['formula_bytes'] / 2**20:,.0f} MiB", "—"))
+                rows.append(
+                    (
+                        "Latent Scaling peak extra memory",
+                        f"{mem['extra_bytes'] / 2**20:,.0f} MiB",
+                        f"formula {mem['formula_bytes'] / 2**20:,.0f} MiB",
+                        "—",
+                    )
+                )
         else:
-            rows.append(("Latent Scaling (all targets) ÷ encode-only", "not available", "<= 1.3", "—"))
+            rows.append(
+                ("Latent Scaling (all targets) ÷ encode-only", "not available", "<= 1.3", "—")
+            )
     if "harvest" in res:
         hv = res["harvest"]
         if hv.get("available") and "harvest_over_bare_time" in hv:
             h = hv["harvest_over_bare_time"]
             rows.append(("paired harvest ÷ two bare forwards (time)", *_fmt(h, "<= 1.1", h <= 1.1)))
             rt = hv.get("read_over_train_throughput")
-            rows.append(("cache read ÷ training throughput", *_fmt(rt, ">= 20", rt is not None and rt >= 20)))
+            rows.append(
+                (
+                    "cache read ÷ training throughput",
+                    *_fmt(rt, ">= 20", rt is not None and rt >= 20),
+                )
+            )
         else:
             rows.append(("paired harvest ÷ two bare forwards", "not available", "<= 1.1", "—"))
             rows.append(("cache read ÷ training throughput", "not available", ">= 20", "—"))
     m = res["machine"]
-    head = (f"# sae_diff benchmark `{res['name']}`\n\n{m['cpu']}; torch {m['torch']}; "
-            f"device {m['device']}; threads {m['threads']} ({m.get('threads_choice', '')}); THP_MEM_ALLOC_ENABLE={m['thp']}; "
-            f"load average at start {m['loadavg_start']}, end {m['loadavg_end']}\n\n")
+    head = (
+        f"# sae_diff benchmark `{res['name']}`\n\n{m['cpu']}; torch {m['torch']}; "
+        f"device {m['device']}; threads {m['threads']} ({m.get('threads_choice', '')}); THP_MEM_ALLOC_ENABLE={m['thp']}; "
+        f"load average at start {m['loadavg_start']}, end {m['loadavg_end']}\n\n"
+    )
     lines = ["| figure | measured | goal | status |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     return head + "\n".join(lines) + "\n"
@@ -661,14 +817,23 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small config + the large one, few reps")
     p.add_argument("--name", default=None, help="results/<name>.json (default: <device>[-quick])")
     p.add_argument("--reps", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads (default: all cores, or 1 if the 1-min load average "
-                   "already exceeds the core count: OpenMP barriers under oversubscription "
-                   "penalise many-small-op code far more than one big matmul)")
-    p.add_argument("--no-thp", action="store_true", help="do not re-exec with THP_MEM_ALLOC_ENABLE=1")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads (default: all cores, or 1 if the 1-min load average "
+        "already exceeds the core count: OpenMP barriers under oversubscription "
+        "penalise many-small-op code far more than one big matmul)",
+    )
+    p.add_argument(
+        "--no-thp", action="store_true", help="do not re-exec with THP_MEM_ALLOC_ENABLE=1"
+    )
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--only", default=None,
-                   help=f"comma-separated subset of sections to run: {', '.join(SECTIONS)}")
+    p.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated subset of sections to run: {', '.join(SECTIONS)}",
+    )
     p.add_argument("--mem-probe", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args()
     threads_note = "set by --threads"
@@ -687,10 +852,18 @@ def main() -> None:
     only = SECTIONS if args.only is None else tuple(x.strip() for x in args.only.split(","))
     if unknown := set(only) - set(SECTIONS):
         sys.exit(f"--only: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
-    name = args.name or (device.type + ("-quick" if args.quick else "")
-                         + ("" if args.only is None else "-" + "-".join(only)))
+    name = args.name or (
+        device.type
+        + ("-quick" if args.quick else "")
+        + ("" if args.only is None else "-" + "-".join(only))
+    )
     reps = args.reps or (3 if args.quick else 7)
-    res: dict[str, Any] = {"name": name, "machine": _machine(device), "configs": {}, "argv": sys.argv}
+    res: dict[str, Any] = {
+        "name": name,
+        "machine": _machine(device),
+        "configs": {},
+        "argv": sys.argv,
+    }
     res["machine"]["threads_choice"] = threads_note
     configs = [SMALL, LARGE] + ([GEMMA] if device.type == "cuda" and not args.quick else [])
     for cfg in configs if "crosscoder" in only else []:

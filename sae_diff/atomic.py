@@ -49,8 +49,12 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], content: bytes | Callable[[Path], object], *,
-                 durable: bool = False) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str],
+    content: bytes | Callable[[Path], object],
+    *,
+    durable: bool = False,
+) -> Path:
     """Write ``path`` atomically (module docstring), creating its folder if needed.
 
     Args:
@@ -87,7 +91,9 @@ def atomic_write(path: str | os.PathLike[str], content: bytes | Callable[[Path],
     return path
 
 
-def atomic_dir(final: str | os.PathLike[str], fill: Callable[[Path], None], *, durable: bool = False) -> Path:
+def atomic_dir(
+    final: str | os.PathLike[str], fill: Callable[[Path], None], *, durable: bool = False
+) -> Path:
     """Create the folder ``final`` atomically: ``fill(tmp)`` writes into a hidden sibling
     folder, which is then renamed to ``final`` (an older ``final`` is moved aside first and
     deleted after). ``durable``: fsync every file written and the parent directory."""

@@ -60,61 +60,112 @@ outputs:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sae-diff", description=DESCRIPTION, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="sae-diff",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     from sae_diff import __version__
 
     p.add_argument("--version", action="version", version=f"sae-diff {__version__}")
-    p.add_argument("--traceback", action="store_true",
-                   help="on an error, print the full traceback (also accepted after the command)")
+    p.add_argument(
+        "--traceback",
+        action="store_true",
+        help="on an error, print the full traceback (also accepted after the command)",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a crosscoder / diff-SAE / SAE from a config",
-                       description="Train a dictionary on a model pair with SAELens's SAETrainer.",
-                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = sub.add_parser(
+        "train",
+        help="train a crosscoder / diff-SAE / SAE from a config",
+        description="Train a dictionary on a model pair with SAELens's SAETrainer.",
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("--config", "-c", metavar="FILE", help="YAML or JSON run config")
-    t.add_argument("--architecture", metavar="NAME",
-                   help="override sae.architecture (crosscoder, batchtopk_crosscoder, batchtopk_diff_sae, "
-                        "or any SAELens architecture such as batchtopk)")
-    t.add_argument("--dry-run", action="store_true",
-                   help="validate and resolve the config, print the plan (models, hook, sizes, tokens, "
-                        "disk and memory estimates); load nothing")
-    t.add_argument("--resume", metavar="DIR",
-                   help="continue the run checkpointed in DIR: the config's checkpoint_path (its latest run), "
-                        "one run's folder in it, or one checkpoint (the newest is used). Its saved config "
-                        "is used; flags may change where it runs (device, output_path, ...), not what it learns")
+    t.add_argument(
+        "--architecture",
+        metavar="NAME",
+        help="override sae.architecture (crosscoder, batchtopk_crosscoder, batchtopk_diff_sae, "
+        "or any SAELens architecture such as batchtopk)",
+    )
+    t.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate and resolve the config, print the plan (models, hook, sizes, tokens, "
+        "disk and memory estimates); load nothing",
+    )
+    t.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run checkpointed in DIR: the config's checkpoint_path (its latest run), "
+        "one run's folder in it, or one checkpoint (the newest is used). Its saved config "
+        "is used; flags may change where it runs (device, output_path, ...), not what it learns",
+    )
     t.add_argument("--json", action="store_true", help="with --dry-run: print the plan as JSON")
     t.add_argument("--help-config", action="store_true", help="list every config flag and exit")
 
-    h = sub.add_parser("harvest", help="harvest a paired activation cache for a config's cache_path",
-                       description="Run both models over the config's dataset and write the hook's paired "
-                                   "activations to cache_path (resumable). `train` then reads the cache.",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    h = sub.add_parser(
+        "harvest",
+        help="harvest a paired activation cache for a config's cache_path",
+        description="Run both models over the config's dataset and write the hook's paired "
+        "activations to cache_path (resumable). `train` then reads the cache.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     h.add_argument("--config", "-c", metavar="FILE", required=True, help="YAML or JSON run config")
     h.add_argument("--cache-path", metavar="DIR", help="override cache_path")
-    h.add_argument("--overwrite", action="store_true",
-                   help="delete the cache in DIR and harvest it again (the only way a cache is replaced; "
-                        "without it an unfinished cache is resumed and a different one is refused)")
+    h.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the cache in DIR and harvest it again (the only way a cache is replaced; "
+        "without it an unfinished cache is resumed and a different one is refused)",
+    )
 
-    u = sub.add_parser("upload", help="upload trained dictionaries to the Hugging Face Hub",
-                       description="Upload a training output folder with SAELens's upload_saes_to_huggingface. "
-                                   "Load it back with SAE.from_pretrained(REPO_ID, SAE_ID) after `import sae_diff`.")
-    u.add_argument("paths", nargs="+", metavar="DIR", help="output folder(s) holding cfg.json + sae_weights.safetensors")
-    u.add_argument("--repo-id", required=True, help="Hub repository, e.g. my-org/gemma2-crosscoders")
-    u.add_argument("--sae-id", action="append", metavar="ID",
-                   help="folder name in the repo, once per DIR (default: the DIR's name)")
+    u = sub.add_parser(
+        "upload",
+        help="upload trained dictionaries to the Hugging Face Hub",
+        description="Upload a training output folder with SAELens's upload_saes_to_huggingface. "
+        "Load it back with SAE.from_pretrained(REPO_ID, SAE_ID) after `import sae_diff`.",
+    )
+    u.add_argument(
+        "paths",
+        nargs="+",
+        metavar="DIR",
+        help="output folder(s) holding cfg.json + sae_weights.safetensors",
+    )
+    u.add_argument(
+        "--repo-id", required=True, help="Hub repository, e.g. my-org/gemma2-crosscoders"
+    )
+    u.add_argument(
+        "--sae-id",
+        action="append",
+        metavar="ID",
+        help="folder name in the repo, once per DIR (default: the DIR's name)",
+    )
     u.add_argument("--revision", default="main", help="branch to commit to (default: main)")
     u.add_argument("--private", action="store_true", help="create the repository as private")
-    u.add_argument("--metadata", action="append", metavar="KEY=VALUE", default=[],
-                   help="add or override a cfg.metadata field (e.g. base_model_name=google/gemma-2-2b)")
+    u.add_argument(
+        "--metadata",
+        action="append",
+        metavar="KEY=VALUE",
+        default=[],
+        help="add or override a cfg.metadata field (e.g. base_model_name=google/gemma-2-2b)",
+    )
     u.add_argument("--no-readme", action="store_true", help="do not write README.md")
 
-    for name, helptext in (("organism", "build the bundled tiny model-organism pair (sae_diff.organisms)"),
-                           ("demo", "run the end-to-end demo study (sae_diff.report.demo)"),
-                           ("stagewise", "stage-wise model diffing from a config (sae_diff.analysis.stagewise)"),
-                           ("causal-filter", "base-SAE diffing with a causal filter from a config "
-                                             "(sae_diff.analysis.causal_filter)")):
-        sub.add_parser(name, help=helptext, add_help=False)  # handled in main(): argv passed through
+    for name, helptext in (
+        ("organism", "build the bundled tiny model-organism pair (sae_diff.organisms)"),
+        ("demo", "run the end-to-end demo study (sae_diff.report.demo)"),
+        ("stagewise", "stage-wise model diffing from a config (sae_diff.analysis.stagewise)"),
+        (
+            "causal-filter",
+            "base-SAE diffing with a causal filter from a config (sae_diff.analysis.causal_filter)",
+        ),
+    ):
+        sub.add_parser(
+            name, help=helptext, add_help=False
+        )  # handled in main(): argv passed through
     return p
 
 
@@ -146,28 +197,36 @@ def preflight_datasets(cfg: Any) -> None:
 
     specs: list[dict[str, Any]] = list(cfg.dataset_mixture or [])
     if cfg.dataset_path and not specs:
-        specs = [{"path": cfg.dataset_path, "column": cfg.dataset_column, "split": cfg.dataset_split}]
+        specs = [
+            {"path": cfg.dataset_path, "column": cfg.dataset_column, "split": cfg.dataset_split}
+        ]
     for spec in specs:
         path = Path(str(spec.get("path", ""))).expanduser()
         if not path.exists():
             continue  # a Hub id, or missing: the reader's own message names it
         if path.is_dir():
-            if (path / "dataset_info.json").exists() or (path / "state.json").exists() or \
-                    (path / "dataset_dict.json").exists():
+            if (
+                (path / "dataset_info.json").exists()
+                or (path / "state.json").exists()
+                or (path / "dataset_dict.json").exists()
+            ):
                 _check_rows(path, spec, saved=True)
                 continue
-            files = sorted(p.name for p in path.iterdir() if p.suffix in (".jsonl", ".json", ".parquet",
-                                                                          ".csv", ".txt", ".arrow"))
+            files = sorted(
+                p.name
+                for p in path.iterdir()
+                if p.suffix in (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow")
+            )
             raise TrainingDataError(
                 f"dataset {str(path)!r} is a folder of data files ({', '.join(files[:4])}"
                 f"{', ...' if len(files) > 4 else ''}), not a saved dataset (no dataset_info.json). "
                 "Pass one file as dataset_path, or list each file in dataset_mixture "
                 "(- {path: FILE, weight: 1}); a folder is read only when written by Dataset.save_to_disk."
-                if files else
-                f"dataset {str(path)!r} is an empty folder or holds no data files; give a .jsonl/.json/"
+                if files
+                else f"dataset {str(path)!r} is an empty folder or holds no data files; give a .jsonl/.json/"
                 ".parquet/.csv/.txt file or a folder written by Dataset.save_to_disk."
             )
-        if path.stat().st_size == 0 or not path.read_bytes()[:1 << 16].strip():
+        if path.stat().st_size == 0 or not path.read_bytes()[: 1 << 16].strip():
             raise TrainingDataError(
                 f"dataset file {str(path)!r} is empty (no rows). Point dataset_path at a file with data."
             )
@@ -199,7 +258,9 @@ def _check_rows(path: Any, spec: dict[str, Any], saved: bool) -> None:
             f"{'saved dataset' if saved else 'dataset file'} {str(path)!r} (split {ds_spec.split!r}) has no "
             "rows. Point dataset_path at data."
         )
-    column = ds_spec.column or next((c for c in ("text", "content", "document") if c in first), None)
+    column = ds_spec.column or next(
+        (c for c in ("text", "content", "document") if c in first), None
+    )
     if column is None or not isinstance(first.get(column), str):
         return  # tokens or chat data: nothing more to check cheaply
     n = 0
@@ -253,8 +314,10 @@ def parse_config(path: Any, rest: list[str], **kwargs: Any) -> Any:
         import yaml
 
         if isinstance(e, yaml.YAMLError):
-            raise ConfigError(f"cannot parse the config file {path}: {' '.join(str(e).split())}. "
-                              "Fix its YAML syntax.") from e
+            raise ConfigError(
+                f"cannot parse the config file {path}: {' '.join(str(e).split())}. "
+                "Fix its YAML syntax."
+            ) from e
         raise
 
 
@@ -273,7 +336,12 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         )
 
         ckpt = find_checkpoint(args.resume)
-        cfg = parse_config(ckpt / "runner_cfg.json", rest, architecture=args.architecture, keep_checkpoint_path=True)
+        cfg = parse_config(
+            ckpt / "runner_cfg.json",
+            rest,
+            architecture=args.architecture,
+            keep_checkpoint_path=True,
+        )
         cfg.resume_from_checkpoint = str(ckpt)
         check_resume_config(ckpt, cfg)
         preflight_cache(cfg, what=f"the checkpoint's config ({ckpt})")
@@ -285,8 +353,11 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         runner = PairedSAETrainingRunner(cfg)
     else:
         if args.config is None and args.architecture is None:
-            print("sae-diff train: error: give --config FILE (or --architecture NAME and flags). "
-                  "See `sae-diff train --help`.", file=sys.stderr)
+            print(
+                "sae-diff train: error: give --config FILE (or --architecture NAME and flags). "
+                "See `sae-diff train --help`.",
+                file=sys.stderr,
+            )
             return 2
         cfg = parse_config(args.config, rest, architecture=args.architecture)
         preflight_datasets(cfg)
@@ -305,8 +376,10 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"sae-diff train: interrupted; {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print(f"sae-diff train: interrupted before the first checkpoint; {_train_resume_hint(args, cfg)}",
-              file=sys.stderr)
+        print(
+            f"sae-diff train: interrupted before the first checkpoint; {_train_resume_hint(args, cfg)}",
+            file=sys.stderr,
+        )
         return 130
     _print_summary(runner)
     return 0
@@ -342,8 +415,10 @@ def cmd_harvest(args: argparse.Namespace, rest: list[str]) -> int:
         rest = [*rest, "--cache_path", args.cache_path]
     cfg = parse_config(args.config, rest)
     if cfg.cache_path is None:
-        print("sae-diff harvest: error: the config has no cache_path; set it or pass --cache-path DIR.",
-              file=sys.stderr)
+        print(
+            "sae-diff harvest: error: the config has no cache_path; set it or pass --cache-path DIR.",
+            file=sys.stderr,
+        )
         return 2
     preflight_datasets(cfg)
     if not args.overwrite:
@@ -351,10 +426,18 @@ def cmd_harvest(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         summary = harvest(cfg, overwrite=args.overwrite)
     except KeyboardInterrupt:
-        again = " ".join(["sae-diff harvest --config", str(args.config),
-                          *(["--cache-path", str(args.cache_path)] if args.cache_path else [])])
-        print(f"sae-diff harvest: interrupted; the shards written so far are kept in {cfg.cache_path}; "
-              f"resume with: {again}", file=sys.stderr)
+        again = " ".join(
+            [
+                "sae-diff harvest --config",
+                str(args.config),
+                *(["--cache-path", str(args.cache_path)] if args.cache_path else []),
+            ]
+        )
+        print(
+            f"sae-diff harvest: interrupted; the shards written so far are kept in {cfg.cache_path}; "
+            f"resume with: {again}",
+            file=sys.stderr,
+        )
         return 130
     print(summary)
     return 0
@@ -376,11 +459,20 @@ def cmd_upload(args: argparse.Namespace, rest: list[str]) -> int:
     for item in args.metadata:
         key, sep, value = item.partition("=")
         if not sep:
-            print(f"sae-diff upload: error: --metadata expects KEY=VALUE, got {item!r}", file=sys.stderr)
+            print(
+                f"sae-diff upload: error: --metadata expects KEY=VALUE, got {item!r}",
+                file=sys.stderr,
+            )
             return 2
         metadata[key] = value
-    url = upload_dictionaries(dict(zip(ids, args.paths)), args.repo_id, revision=args.revision,
-                              private=args.private, metadata=metadata or None, readme=not args.no_readme)
+    url = upload_dictionaries(
+        dict(zip(ids, args.paths)),
+        args.repo_id,
+        revision=args.revision,
+        private=args.private,
+        metadata=metadata or None,
+        readme=not args.no_readme,
+    )
     print(f"Uploaded {len(ids)} dictionar{'y' if len(ids) == 1 else 'ies'} to {url}")
     for sae_id in ids:
         print(f'  SAE.from_pretrained("{args.repo_id}", "{sae_id}")')
@@ -393,8 +485,10 @@ def _delegate(module: str, argv: list[str], what: str) -> int:
     except ImportError as e:
         if e.name and not module.startswith(e.name) and e.name != module:
             raise
-        print(f"sae-diff: the {what} is not available in this installation ({module} is missing).",
-              file=sys.stderr)
+        print(
+            f"sae-diff: the {what} is not available in this installation ({module} is missing).",
+            file=sys.stderr,
+        )
         return 2
     main = getattr(mod, "main", None)
     if main is None:

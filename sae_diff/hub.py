@@ -30,7 +30,9 @@ from sae_diff.errors import SaeDiffError
 #: metadata every uploaded pair dictionary must carry
 REQUIRED_PAIR_METADATA: tuple[str, ...] = ("base_model_name", "model_name", "hook_name")
 #: saved (inference) names of pair dictionaries (crosscoders, diff-SAEs): from the architecture table
-PAIR_ARCHITECTURES: frozenset[str] = specs.inference_names("crosscoder") | specs.inference_names("diff_sae")
+PAIR_ARCHITECTURES: frozenset[str] = specs.inference_names("crosscoder") | specs.inference_names(
+    "diff_sae"
+)
 EXTRA_FILES: tuple[str, ...] = ("eval.json",)
 
 
@@ -69,7 +71,9 @@ def _check_metadata(cfg_dict: dict[str, Any], where: str) -> None:
         return
     md = cfg_dict.get("metadata") or {}
     missing = [k for k in REQUIRED_PAIR_METADATA if not md.get(k)]
-    if arch in specs.inference_names("diff_sae") and not (md.get("diff_sign") or cfg_dict.get("diff_sign")):
+    if arch in specs.inference_names("diff_sae") and not (
+        md.get("diff_sign") or cfg_dict.get("diff_sign")
+    ):
         missing.append("diff_sign")
     if missing:
         raise HubError(
@@ -90,19 +94,43 @@ def _readme(repo_id: str, entries: dict[str, dict[str, Any]]) -> str:
         "- model-diffing",
         "- sparse-autoencoder",
     ]
-    lines += ["---", "", f"# Model-diffing dictionaries: {base} (base) vs {ft} (fine-tuned)", "",
-              "Trained with sae_diff, a SAELens / TransformerLens plugin for model diffing.", "",
-              "| sae_id | architecture | hook | d_in | d_sae |", "|---|---|---|---|---|"]
+    lines += [
+        "---",
+        "",
+        f"# Model-diffing dictionaries: {base} (base) vs {ft} (fine-tuned)",
+        "",
+        "Trained with sae_diff, a SAELens / TransformerLens plugin for model diffing.",
+        "",
+        "| sae_id | architecture | hook | d_in | d_sae |",
+        "|---|---|---|---|---|",
+    ]
     for sae_id, e in entries.items():
-        lines.append(f"| {sae_id} | {e.get('architecture')} | {e.get('hook_name')} | {e.get('d_in')} | {e.get('d_sae')} |")
-    lines += ["", "```python", "import sae_diff  # registers the architectures with SAELens",
-              "from sae_lens import SAE", "", f'sae = SAE.from_pretrained("{repo_id}", "<sae_id>")', "```", ""]
+        lines.append(
+            f"| {sae_id} | {e.get('architecture')} | {e.get('hook_name')} | {e.get('d_in')} | {e.get('d_sae')} |"
+        )
+    lines += [
+        "",
+        "```python",
+        "import sae_diff  # registers the architectures with SAELens",
+        "from sae_lens import SAE",
+        "",
+        f'sae = SAE.from_pretrained("{repo_id}", "<sae_id>")',
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
-def upload_dictionaries(saes: dict[str, SAE[Any] | str | Path], repo_id: str, *, revision: str = "main",
-                        private: bool = False, metadata: dict[str, Any] | None = None,
-                        readme: bool = True, show_progress: bool = True) -> str:
+def upload_dictionaries(
+    saes: dict[str, SAE[Any] | str | Path],
+    repo_id: str,
+    *,
+    revision: str = "main",
+    private: bool = False,
+    metadata: dict[str, Any] | None = None,
+    readme: bool = True,
+    show_progress: bool = True,
+) -> str:
     """Upload several dictionaries (``{sae_id: SAE or saved folder}``) to ``repo_id``.
 
     ``metadata`` is merged into each config's ``metadata`` first (e.g. to add
@@ -131,25 +159,45 @@ def upload_dictionaries(saes: dict[str, SAE[Any] | str | Path], repo_id: str, *,
                 cfg_path.write_text(json.dumps(cfg_dict, indent=2, default=str))
             _check_metadata(cfg_dict, f"dictionary {sae_id!r}")
             folders[sae_id] = folder
-            summaries[sae_id] = {**pair_metadata(cfg_dict), "architecture": cfg_dict.get("architecture"),
-                                 "d_in": cfg_dict.get("d_in"), "d_sae": cfg_dict.get("d_sae")}
+            summaries[sae_id] = {
+                **pair_metadata(cfg_dict),
+                "architecture": cfg_dict.get("architecture"),
+                "d_in": cfg_dict.get("d_in"),
+                "d_sae": cfg_dict.get("d_sae"),
+            }
         api = HfApi()
         api.create_repo(repo_id, private=private, exist_ok=True)
         if readme:
-            api.upload_file(path_or_fileobj=_readme(repo_id, summaries).encode(), path_in_repo="README.md",
-                            repo_id=repo_id, revision=revision, commit_message="Add README.md")
-        upload_saes_to_huggingface(dict(folders.items()), hf_repo_id=repo_id, hf_revision=revision,  # type: ignore[arg-type]
-                                   show_progress=show_progress, add_default_readme=False)
+            api.upload_file(
+                path_or_fileobj=_readme(repo_id, summaries).encode(),
+                path_in_repo="README.md",
+                repo_id=repo_id,
+                revision=revision,
+                commit_message="Add README.md",
+            )
+        upload_saes_to_huggingface(
+            dict(folders.items()),
+            hf_repo_id=repo_id,
+            hf_revision=revision,  # type: ignore[arg-type]
+            show_progress=show_progress,
+            add_default_readme=False,
+        )
         for sae_id, folder in folders.items():
             for extra in EXTRA_FILES:
                 if (folder / extra).is_file():
-                    api.upload_file(path_or_fileobj=str(folder / extra), path_in_repo=f"{sae_id}/{extra}",
-                                    repo_id=repo_id, revision=revision, commit_message=f"Add {sae_id}/{extra}")
+                    api.upload_file(
+                        path_or_fileobj=str(folder / extra),
+                        path_in_repo=f"{sae_id}/{extra}",
+                        repo_id=repo_id,
+                        revision=revision,
+                        commit_message=f"Add {sae_id}/{extra}",
+                    )
     return f"{api.endpoint}/{repo_id}"
 
 
-def upload_dictionary(sae_or_path: SAE[Any] | str | Path, repo_id: str, sae_id: str | None = None,
-                      **kwargs: Any) -> str:
+def upload_dictionary(
+    sae_or_path: SAE[Any] | str | Path, repo_id: str, sae_id: str | None = None, **kwargs: Any
+) -> str:
     """Upload one dictionary; ``sae_id`` defaults to the folder's name. See
     :func:`upload_dictionaries` for the options."""
     if sae_id is None:
@@ -159,10 +207,17 @@ def upload_dictionary(sae_or_path: SAE[Any] | str | Path, repo_id: str, sae_id: 
     return upload_dictionaries({sae_id: sae_or_path}, repo_id, **kwargs)
 
 
-def load_dictionary(repo_id: str, sae_id: str, device: str = "cpu", dtype: str = "float32",
-                    force_download: bool = False) -> SAE[Any]:
+def load_dictionary(
+    repo_id: str,
+    sae_id: str,
+    device: str = "cpu",
+    dtype: str = "float32",
+    force_download: bool = False,
+) -> SAE[Any]:
     """``SAE.from_pretrained(repo_id, sae_id)`` with sae_diff's architectures registered."""
-    return SAE.from_pretrained(repo_id, sae_id, device=device, dtype=dtype, force_download=force_download)
+    return SAE.from_pretrained(
+        repo_id, sae_id, device=device, dtype=dtype, force_download=force_download
+    )
 
 
 __all__ = [

@@ -38,20 +38,40 @@ class PlantedPairedData:
         ``active_per_token * w_j / sum(w)`` (uniform when ``frequency`` is None). Stage-wise
         diffing's "ft data" is the base data with some features made more frequent."""
         w = torch.as_tensor(weights, dtype=torch.float64)
-        if w.shape != (self.directions.shape[0],) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"frequency weights must be {self.directions.shape[0]} finite non-negative numbers "
-                             f"(one per planted feature, not all zero), got shape {tuple(w.shape)}.")
-        return PlantedPairedData(self.directions, list(self.kinds), self.active_per_token, self.noise, self.dtype, w)
+        if (
+            w.shape != (self.directions.shape[0],)
+            or not torch.isfinite(w).all()
+            or (w < 0).any()
+            or w.sum() <= 0
+        ):
+            raise ValueError(
+                f"frequency weights must be {self.directions.shape[0]} finite non-negative numbers "
+                f"(one per planted feature, not all zero), got shape {tuple(w.shape)}."
+            )
+        return PlantedPairedData(
+            self.directions, list(self.kinds), self.active_per_token, self.noise, self.dtype, w
+        )
 
     @classmethod
-    def make(cls, d: int = 32, n_shared: int = 8, n_ft_only: int = 4, n_base_only: int = 4,
-             active_per_token: float = 2.0, noise: float = 0.01, seed: int = 0,
-             dtype: torch.dtype = torch.float32, n_rotated: int = 0,
-             rotation_cos: float = 0.5) -> PlantedPairedData:
+    def make(
+        cls,
+        d: int = 32,
+        n_shared: int = 8,
+        n_ft_only: int = 4,
+        n_base_only: int = 4,
+        active_per_token: float = 2.0,
+        noise: float = 0.01,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        n_rotated: int = 0,
+        rotation_cos: float = 0.5,
+    ) -> PlantedPairedData:
         n = n_shared + n_ft_only + n_base_only
         if n + 2 * n_rotated > d:
-            raise ValueError(f"Need at most d={d} orthogonal directions: {n} planted features plus 2 per rotated "
-                             f"feature ({n_rotated}) = {n + 2 * n_rotated}. Lower the counts or raise d.")
+            raise ValueError(
+                f"Need at most d={d} orthogonal directions: {n} planted features plus 2 per rotated "
+                f"feature ({n_rotated}) = {n + 2 * n_rotated}. Lower the counts or raise d."
+            )
         if not -1.0 <= rotation_cos <= 1.0:
             raise ValueError(f"rotation_cos must be in [-1, 1], got {rotation_cos}.")
         g = torch.Generator().manual_seed(seed)
@@ -78,16 +98,27 @@ class PlantedPairedData:
         return cls(directions.to(dtype), kinds, active_per_token, noise, dtype)
 
     @classmethod
-    def make_cross_architecture(cls, d_base: int = 24, d_ft: int = 32, n_shared: int = 8, n_ft_only: int = 4,
-                                n_base_only: int = 4, active_per_token: float = 2.0, noise: float = 0.01,
-                                seed: int = 0, dtype: torch.dtype = torch.float32) -> PlantedPairedData:
+    def make_cross_architecture(
+        cls,
+        d_base: int = 24,
+        d_ft: int = 32,
+        n_shared: int = 8,
+        n_ft_only: int = 4,
+        n_base_only: int = 4,
+        active_per_token: float = 2.0,
+        noise: float = 0.01,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> PlantedPairedData:
         """Two models of different widths: a shared feature writes unrelated unit directions
         u^b in R^d_base and u^c in R^d_ft (there is no common basis), exclusive ones one of
         them. Activations come zero-padded to ``max(d_base, d_ft)`` (``pad_pair``'s layout)."""
         nb, nf = n_shared + n_base_only, n_shared + n_ft_only
         if nb > d_base or nf > d_ft:
-            raise ValueError(f"Need at most d_base={d_base} base and d_ft={d_ft} ft orthogonal directions, got "
-                             f"{nb} and {nf}.")
+            raise ValueError(
+                f"Need at most d_base={d_base} base and d_ft={d_ft} ft orthogonal directions, got "
+                f"{nb} and {nf}."
+            )
         g = torch.Generator().manual_seed(seed)
         d = max(d_base, d_ft)
         ub = torch.linalg.qr(torch.randn(d_base, d_base, generator=g, dtype=torch.float64))[0].T
@@ -97,7 +128,9 @@ class PlantedPairedData:
         kinds: list[str] = []
         ib = ic = 0
         for j in range(n):
-            kind = "shared" if j < n_shared else "ft_only" if j < n_shared + n_ft_only else "base_only"
+            kind = (
+                "shared" if j < n_shared else "ft_only" if j < n_shared + n_ft_only else "base_only"
+            )
             if kind != "ft_only":
                 directions[j, 0, :d_base] = ub[ib]
                 ib += 1
@@ -111,13 +144,19 @@ class PlantedPairedData:
     def d(self) -> int:
         return self.directions.shape[-1]
 
-    def sample(self, n_tokens: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(
+        self, n_tokens: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x (n_tokens, 2, d), codes (n_tokens, n_features))``."""
         n_feat = self.directions.shape[0]
         if self.frequency is None:
             p: torch.Tensor | float = min(self.active_per_token / n_feat, 1.0)
         else:
-            p = (self.active_per_token * self.frequency / self.frequency.sum()).clamp(max=1.0).to(torch.float32)
+            p = (
+                (self.active_per_token * self.frequency / self.frequency.sum())
+                .clamp(max=1.0)
+                .to(torch.float32)
+            )
         on = torch.rand(n_tokens, n_feat, generator=generator) < p
         mags = 0.5 + torch.rand(n_tokens, n_feat, generator=generator)
         codes = (on * mags).to(self.dtype)

@@ -45,9 +45,11 @@ def check_global_topk() -> None:
     scores[other, col] = scores[(other + 1) % (B * world_size), col] = scores[row, col]
     ref = kernels.batch_topk(scores, K, scale=scale, force_slow=True)
     n_tied = int(((torch.relu(scores) * scale).flatten() == ref.kth_score).sum())
-    assert n_tied >= 3 and int((ref.scores == ref.kth_score).sum()) < n_tied, "the planted tie is not at the boundary"
+    assert n_tied >= 3 and int((ref.scores == ref.kth_score).sum()) < n_tied, (
+        "the planted tie is not at the boundary"
+    )
     want = {(int(r), int(c)) for r, c in zip(ref.row, ref.col)}
-    mine = scores[rank * B:(rank + 1) * B]
+    mine = scores[rank * B : (rank + 1) * B]
     for margin, n_calls in ((1.5, 2), (100.0, 1)):  # imbalanced: exact fallback; then a full offer
         sd.MARGIN = margin
         record = sd._TopKRecord()
@@ -65,13 +67,15 @@ def check_global_topk() -> None:
         union = [x for part in everyone for x in part]
         assert len(union) == K and set(union) == want, f"margin {margin}: not the global top-K"
         assert sel.kth_score == ref.kth_score
-        assert record.min_positive is not None and float(record.min_positive) == float(ref.scores.min())
+        assert record.min_positive is not None and float(record.min_positive) == float(
+            ref.scores.min()
+        )
     sd.MARGIN = 1.5
     # dense path (distinct scores: torch.topk's tie order is unspecified)
     v = torch.relu(torch.randn(B * world_size, n, generator=g))
     dense_ref = torch.zeros(v.numel(), dtype=torch.bool)
     dense_ref[v.flatten().topk(K).indices] = True
-    mask = sd.global_batch_topk_mask(k, sd._TopKRecord())(v[rank * B:(rank + 1) * B], int(k * B))
+    mask = sd.global_batch_topk_mask(k, sd._TopKRecord())(v[rank * B : (rank + 1) * B], int(k * B))
     parts: list[Any] = [None] * world_size
     dist.all_gather_object(parts, mask)
     assert torch.equal(torch.cat(parts).flatten(), dense_ref), "dense path: not the global top-K"
@@ -82,9 +86,19 @@ def main(resume_cfg: str, train_cfg: str, out: str, checkpoint: str, resumed_out
     from sae_diff.cli import main as cli
     from sae_diff.training import distributed
 
-    for argv in (["harvest", "--config", resume_cfg], ["train", "--config", train_cfg],
-                 ["train", "--resume", checkpoint, "--output_path", resumed_out,
-                  "--checkpoint_path", resumed_out + "_ckpt"]):
+    for argv in (
+        ["harvest", "--config", resume_cfg],
+        ["train", "--config", train_cfg],
+        [
+            "train",
+            "--resume",
+            checkpoint,
+            "--output_path",
+            resumed_out,
+            "--checkpoint_path",
+            resumed_out + "_ckpt",
+        ],
+    ):
         rc = cli(argv)
         if rc:
             return rc

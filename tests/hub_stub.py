@@ -89,8 +89,12 @@ class HubStub:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="hub-stub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name="hub-stub",
+            daemon=True,
+        )
         self._thread.start()
         self._timer = threading.Timer(self.max_lifetime_s, self.stop)
         self._timer.daemon = True
@@ -145,8 +149,13 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
     # ------------------------------------------------------------------ helpers
-    def _send(self, status: int, body: bytes | dict[str, Any] | list[Any] = b"", headers: dict[str, str] | None = None,
-              head: bool = False) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes | dict[str, Any] | list[Any] = b"",
+        headers: dict[str, str] | None = None,
+        head: bool = False,
+    ) -> None:
         data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
         self.send_response(status)
         if isinstance(body, (dict, list)):
@@ -178,10 +187,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _info(self, repo_id: str, repo: _Repo) -> dict[str, Any]:
         return {
-            "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24], "id": repo_id, "modelId": repo_id,
-            "author": repo_id.split("/")[0], "sha": repo.sha, "private": repo.private, "disabled": False,
-            "gated": False, "downloads": 0, "likes": 0, "tags": [], "library_name": None,
-            "lastModified": "2025-01-01T00:00:00.000Z", "createdAt": "2025-01-01T00:00:00.000Z",
+            "_id": hashlib.md5(repo_id.encode()).hexdigest()[:24],
+            "id": repo_id,
+            "modelId": repo_id,
+            "author": repo_id.split("/")[0],
+            "sha": repo.sha,
+            "private": repo.private,
+            "disabled": False,
+            "gated": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "library_name": None,
+            "lastModified": "2025-01-01T00:00:00.000Z",
+            "createdAt": "2025-01-01T00:00:00.000Z",
             "siblings": [{"rfilename": p, "size": len(b)} for p, b in sorted(repo.files.items())],
         }
 
@@ -200,7 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
                     return
             with self.stub.lock:
                 self.stub.unhandled.append((method, path))
-            self._error(501, None, f"hub stub: {method} {path} is not implemented", head=method == "HEAD")
+            self._error(
+                501, None, f"hub stub: {method} {path} is not implemented", head=method == "HEAD"
+            )
         except (BrokenPipeError, ConnectionResetError):  # client went away
             return
         except Exception as e:  # report as a server error rather than hanging the client
@@ -239,8 +260,10 @@ class _Handler(BaseHTTPRequestHandler):
         payload = json.loads(self._body() or b"{}")
         if self._repo(repo) is None:
             return
-        files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
-                 for f in payload.get("files", [])]
+        files = [
+            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+            for f in payload.get("files", [])
+        ]
         self._send(200, {"files": files, "commitOid": self.stub.repos[repo].sha})
 
     def commit(self, type: str, repo: str, rev: str) -> None:  # noqa: A002
@@ -260,17 +283,31 @@ class _Handler(BaseHTTPRequestHandler):
                 summary = value.get("summary", "")
             elif key == "file":
                 if value.get("encoding") != "base64":
-                    self._error(400, None, f"hub stub: unsupported file encoding {value.get('encoding')!r}")
+                    self._error(
+                        400, None, f"hub stub: unsupported file encoding {value.get('encoding')!r}"
+                    )
                     return
                 adds[value["path"]] = base64.b64decode(value["content"])
             elif key in ("deletedFile", "deletedFolder"):
                 deletes.append(value["path"])
             else:  # lfsFile / copies: the stub forces regular uploads
-                self._error(400, None, f"hub stub: commit operation {key!r} is not supported (regular uploads only)")
+                self._error(
+                    400,
+                    None,
+                    f"hub stub: commit operation {key!r} is not supported (regular uploads only)",
+                )
                 return
         sha = self.stub._commit(r, adds, deletes, summary)
-        self._send(200, {"commitUrl": f"{self.stub.endpoint}/{repo}/commit/{sha}", "commitOid": sha,
-                         "commitMessage": summary, "pullRequestUrl": None, "success": True})
+        self._send(
+            200,
+            {
+                "commitUrl": f"{self.stub.endpoint}/{repo}/commit/{sha}",
+                "commitOid": sha,
+                "commitMessage": summary,
+                "pullRequestUrl": None,
+                "success": True,
+            },
+        )
 
     def _resolve(self, repo: str, rev: str, path: str, head: bool) -> None:
         r = self._repo(repo, head=head)
@@ -284,8 +321,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "EntryNotFound", f"{path} does not exist at {rev}", head=head)
             return
         etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        self._send(200, data, {"X-Repo-Commit": r.sha, "ETag": f'"{etag}"',
-                               "Content-Type": "application/octet-stream"}, head=head)
+        self._send(
+            200,
+            data,
+            {
+                "X-Repo-Commit": r.sha,
+                "ETag": f'"{etag}"',
+                "Content-Type": "application/octet-stream",
+            },
+            head=head,
+        )
 
     def tree(self, type: str, repo: str, rev: str, path: str | None = None) -> None:  # noqa: A002
         r = self._repo(repo)
@@ -298,15 +343,26 @@ class _Handler(BaseHTTPRequestHandler):
         for p, data in sorted(r.files.items()):
             if not p.startswith(prefix):
                 continue
-            rel = p[len(prefix):].split("/")
+            rel = p[len(prefix) :].split("/")
             for i in range(1, len(rel)):  # folders on the way
                 d = prefix + "/".join(rel[:i])
                 if recursive or i == 1:
-                    entries.setdefault(d, {"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest(),
-                                           "size": 0})
+                    entries.setdefault(
+                        d,
+                        {
+                            "type": "directory",
+                            "path": d,
+                            "oid": hashlib.sha1(d.encode()).hexdigest(),
+                            "size": 0,
+                        },
+                    )
             if recursive or len(rel) == 1:
-                entries[p] = {"type": "file", "path": p, "size": len(data),
-                              "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+                entries[p] = {
+                    "type": "file",
+                    "path": p,
+                    "size": len(data),
+                    "oid": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+                }
         if path and not entries:
             self._error(404, "EntryNotFound", f"{path} does not exist at {rev}")
             return
@@ -341,7 +397,9 @@ _ROUTES: list[tuple[tuple[str, str], str]] = [
 
 
 @contextlib.contextmanager
-def local_hub(cache_dir: str | os.PathLike[str] | None = None, max_lifetime_s: float = 300.0) -> Iterator[HubStub]:
+def local_hub(
+    cache_dir: str | os.PathLike[str] | None = None, max_lifetime_s: float = 300.0
+) -> Iterator[HubStub]:
     """Run a :class:`HubStub` and point ``huggingface_hub`` at it for the duration.
 
     Patches ``huggingface_hub.constants`` (endpoint, URL template, offline flag, cache dir) and
@@ -354,19 +412,38 @@ def local_hub(cache_dir: str | os.PathLike[str] | None = None, max_lifetime_s: f
     hub = HubStub(max_lifetime_s=max_lifetime_s).start()
     tmp = tempfile.TemporaryDirectory(prefix="hub-stub-cache-") if cache_dir is None else None
     cache = str(cache_dir) if cache_dir is not None else tmp.name  # type: ignore[union-attr]
-    saved_consts = {k: getattr(constants, k) for k in ("ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HF_HUB_OFFLINE",
-                                                       "HF_HUB_CACHE", "HF_HUB_DISABLE_TELEMETRY")}
-    saved_env = {k: os.environ.get(k) for k in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "HF_HUB_CACHE")}
+    saved_consts = {
+        k: getattr(constants, k)
+        for k in (
+            "ENDPOINT",
+            "HUGGINGFACE_CO_URL_TEMPLATE",
+            "HF_HUB_OFFLINE",
+            "HF_HUB_CACHE",
+            "HF_HUB_DISABLE_TELEMETRY",
+        )
+    }
+    saved_env = {
+        k: os.environ.get(k)
+        for k in ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET", "HF_HUB_CACHE")
+    }
     saved_api_endpoint = hf_api.api.endpoint
     try:
         constants.ENDPOINT = hub.endpoint
-        constants.HUGGINGFACE_CO_URL_TEMPLATE = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        constants.HUGGINGFACE_CO_URL_TEMPLATE = (
+            hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         constants.HF_HUB_OFFLINE = False
         constants.HF_HUB_CACHE = cache
         constants.HF_HUB_DISABLE_TELEMETRY = True
         hf_api.api.endpoint = hub.endpoint
-        os.environ.update({"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-                           "HF_HUB_CACHE": cache})
+        os.environ.update(
+            {
+                "HF_ENDPOINT": hub.endpoint,
+                "HF_HUB_OFFLINE": "0",
+                "HF_HUB_DISABLE_XET": "1",
+                "HF_HUB_CACHE": cache,
+            }
+        )
         yield hub
     finally:
         for k, v in saved_consts.items():
@@ -382,7 +459,9 @@ def local_hub(cache_dir: str | os.PathLike[str] | None = None, max_lifetime_s: f
             tmp.cleanup()
 
 
-def _wait_port_closed(hub: HubStub, timeout: float = 5.0) -> None:  # pragma: no cover - debugging aid
+def _wait_port_closed(
+    hub: HubStub, timeout: float = 5.0
+) -> None:  # pragma: no cover - debugging aid
     t0 = time.time()
     while hub._server is not None and time.time() - t0 < timeout:
         time.sleep(0.05)

@@ -47,13 +47,24 @@ def sample_inputs(shape: tuple[int, ...], seed: int = 1, offset: float = 3.0) ->
 
 # --- dictionary_learning crosscoders -----------------------------------------------------------
 
-def dl_crosscoder_state(L: int, d: int, n: int, *, batch_topk: bool, code: str = "CROSSCODER",
-                        normaliser: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+
+def dl_crosscoder_state(
+    L: int,
+    d: int,
+    n: int,
+    *,
+    batch_topk: bool,
+    code: str = "CROSSCODER",
+    normaliser: bool = False,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     g = _gen(seed)
     sd = {
         "encoder.weight": torch.randn(L, d, n, generator=g) / d**0.5,
         "encoder.bias": torch.randn(n, generator=g) * 0.1,
-        "decoder.weight": torch.randn(L, n, d, generator=g) * (0.5 + torch.rand(L, n, 1, generator=g)) / d**0.5,
+        "decoder.weight": torch.randn(L, n, d, generator=g)
+        * (0.5 + torch.rand(L, n, 1, generator=g))
+        / d**0.5,
         "decoder.bias": torch.randn(L, d, generator=g) * 0.1,
         "code_normalization_id": torch.tensor(CODE_IDS[code]),
     }
@@ -94,12 +105,15 @@ def ref_dl_crosscoder_pre(sd: dict[str, torch.Tensor], x: torch.Tensor) -> torch
     norm = _ref_norm(sd)
     if norm is not None:
         x = (x - norm[0]) * norm[1][:, None]
-    pre = torch.einsum("bld,ldn->bn", x, sd["encoder.weight"].double()) + sd["encoder.bias"].double()
+    pre = (
+        torch.einsum("bld,ldn->bn", x, sd["encoder.weight"].double()) + sd["encoder.bias"].double()
+    )
     return torch.relu(pre)
 
 
-def ref_dl_crosscoder(sd: dict[str, torch.Tensor], x: torch.Tensor, *, batch_topk: bool,
-                      code: str = "CROSSCODER") -> tuple[torch.Tensor, torch.Tensor]:
+def ref_dl_crosscoder(
+    sd: dict[str, torch.Tensor], x: torch.Tensor, *, batch_topk: bool, code: str = "CROSSCODER"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, reconstruction) of the source crosscoder, in float64."""
     p = ref_dl_crosscoder_pre(sd, x)
     dec = sd["decoder.weight"].double()
@@ -113,7 +127,10 @@ def ref_dl_crosscoder(sd: dict[str, torch.Tensor], x: torch.Tensor, *, batch_top
 
 # --- dictionary_learning BatchTopKSAE ----------------------------------------------------------
 
-def dl_sae_state(d: int, n: int, *, normaliser: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+
+def dl_sae_state(
+    d: int, n: int, *, normaliser: bool = False, seed: int = 0
+) -> dict[str, torch.Tensor]:
     g = _gen(seed)
     dec = torch.randn(d, n, generator=g)
     sd = {
@@ -129,19 +146,24 @@ def dl_sae_state(d: int, n: int, *, normaliser: bool = False, seed: int = 0) -> 
         sd["activation_std"] = 1.0 + torch.rand(d, generator=g)
         sd["target_rms"] = torch.tensor(1.0)
         std = sd["activation_std"].double()
-        sd["activation_global_scale"] = (sd["target_rms"] / torch.sqrt((std**2).sum() + EPS)).float()
+        sd["activation_global_scale"] = (
+            sd["target_rms"] / torch.sqrt((std**2).sum() + EPS)
+        ).float()
     p = ref_dl_sae(sd, sample_inputs((64, d), seed=seed + 100), pre_only=True)[0]
     sd["threshold"] = torch.tensor(float(p[p > 0].median()))
     return sd
 
 
-def ref_dl_sae(sd: dict[str, torch.Tensor], x: torch.Tensor, pre_only: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def ref_dl_sae(
+    sd: dict[str, torch.Tensor], x: torch.Tensor, pre_only: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, reconstruction) of a dictionary_learning BatchTopKSAE, in float64."""
     norm = _ref_norm(sd)
     if norm is not None:
         x = (x - norm[0]) * norm[1]
-    p = torch.relu((x - sd["b_dec"].double()) @ sd["encoder.weight"].double().T + sd["encoder.bias"].double())
+    p = torch.relu(
+        (x - sd["b_dec"].double()) @ sd["encoder.weight"].double().T + sd["encoder.bias"].double()
+    )
     if pre_only:
         return p, p
     f = p * (p > float(sd["threshold"]))
@@ -153,26 +175,39 @@ def ref_dl_sae(sd: dict[str, torch.Tensor], x: torch.Tensor, pre_only: bool = Fa
 
 # --- replication ---------------------------------------------------------------------------------
 
+
 def replication_state(d: int, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = _gen(seed)
     return {
         "W_enc": torch.randn(2, d, n, generator=g) / d**0.5,
-        "W_dec": torch.randn(n, 2, d, generator=g) * (0.3 + torch.rand(n, 2, 1, generator=g)) / d**0.5,
+        "W_dec": torch.randn(n, 2, d, generator=g)
+        * (0.3 + torch.rand(n, 2, 1, generator=g))
+        / d**0.5,
         "b_enc": torch.randn(n, generator=g) * 0.1,
         "b_dec": torch.randn(2, d, generator=g) * 0.1,
     }
 
 
-def ref_replication(sd: dict[str, torch.Tensor], x_scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ref_replication(
+    sd: dict[str, torch.Tensor], x_scaled: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, normalised-space reconstruction) for inputs already multiplied by c_m."""
-    f = torch.relu(torch.einsum("bmd,mdn->bn", x_scaled, sd["W_enc"].double()) + sd["b_enc"].double())
+    f = torch.relu(
+        torch.einsum("bmd,mdn->bn", x_scaled, sd["W_enc"].double()) + sd["b_enc"].double()
+    )
     return f, torch.einsum("bn,nmd->bmd", f, sd["W_dec"].double()) + sd["b_dec"].double()
 
 
 # --- writers ------------------------------------------------------------------------------------
 
-def write_dl(folder: Path, sd: dict[str, torch.Tensor], config: dict[str, Any] | None,
-             weights: str = "model.safetensors", compile_prefix: bool = False) -> Path:
+
+def write_dl(
+    folder: Path,
+    sd: dict[str, torch.Tensor],
+    config: dict[str, Any] | None,
+    weights: str = "model.safetensors",
+    compile_prefix: bool = False,
+) -> Path:
     """A dictionary_learning Hub-style folder: config.json + model.safetensors (or a .pt)."""
     folder.mkdir(parents=True, exist_ok=True)
     if config is not None:
@@ -185,11 +220,18 @@ def write_dl(folder: Path, sd: dict[str, torch.Tensor], config: dict[str, Any] |
     return folder
 
 
-def dl_crosscoder_config(L: int, d: int, n: int, *, batch_topk: bool, code: str = "CROSSCODER") -> dict[str, Any]:
-    cfg: dict[str, Any] = {"activation_dim": d, "dict_size": n, "num_layers": L,
-                           "code_normalization": code, "code_normalization_alpha_sae": ALPHA_SAE,
-                           "code_normalization_alpha_cc": ALPHA_CC,
-                           "dict_class": "BatchTopKCrossCoder" if batch_topk else "CrossCoder"}
+def dl_crosscoder_config(
+    L: int, d: int, n: int, *, batch_topk: bool, code: str = "CROSSCODER"
+) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "activation_dim": d,
+        "dict_size": n,
+        "num_layers": L,
+        "code_normalization": code,
+        "code_normalization_alpha_sae": ALPHA_SAE,
+        "code_normalization_alpha_cc": ALPHA_CC,
+        "dict_class": "BatchTopKCrossCoder" if batch_topk else "CrossCoder",
+    }
     if batch_topk:
         cfg["k"] = 3
     return cfg
@@ -201,8 +243,17 @@ def dl_sae_config(d: int, n: int) -> dict[str, Any]:
 
 def write_replication(folder: Path, sd: dict[str, torch.Tensor], d: int, n: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "cfg.json").write_text(json.dumps({"d_in": d, "dict_size": n, "model_name": "gemma-2-2b",
-                                                  "hook_point": "blocks.14.hook_resid_pre",
-                                                  "enc_dtype": "fp32", "l1_coeff": 2}))
+    (folder / "cfg.json").write_text(
+        json.dumps(
+            {
+                "d_in": d,
+                "dict_size": n,
+                "model_name": "gemma-2-2b",
+                "hook_point": "blocks.14.hook_resid_pre",
+                "enc_dtype": "fp32",
+                "l1_coeff": 2,
+            }
+        )
+    )
     torch.save(sd, folder / "cc_weights.pt")
     return folder

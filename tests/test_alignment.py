@@ -29,8 +29,15 @@ def test_pairs_end_at_the_same_character(toks: tuple[object, object]) -> None:
         assert len(al) > 0 and (al.ends.diff() > 0).all()
         # a character-level tokenizer has a boundary after every character, so every BPE token
         # boundary is paired, and its character token is the one at end - 1
-        bpe_ends = sorted({e for s, e in bpe(text, return_offsets_mapping=True, add_special_tokens=False)
-                           ["offset_mapping"] if e > s})
+        bpe_ends = sorted(
+            {
+                e
+                for s, e in bpe(text, return_offsets_mapping=True, add_special_tokens=False)[
+                    "offset_mapping"
+                ]
+                if e > s
+            }
+        )
         assert al.ends.tolist() == bpe_ends
         assert al.pos_a.tolist() == [e - 1 for e in bpe_ends]
         for pa, pb, end in zip(al.pos_a.tolist(), al.pos_b.tolist(), al.ends.tolist()):
@@ -55,7 +62,9 @@ def test_harvest_matches_each_models_prefix_forward(toks: tuple[object, object])
     char, bpe = toks
     torch.manual_seed(0)
     model_a = HookedTransformer(tiny_cfg(d_model=16, n_ctx=64), tokenizer=char).eval()
-    model_b = HookedTransformer(tiny_cfg(d_model=32, n_ctx=64, d_vocab=len(bpe)), tokenizer=bpe).eval()
+    model_b = HookedTransformer(
+        tiny_cfg(d_model=32, n_ctx=64, d_vocab=len(bpe)), tokenizer=bpe
+    ).eval()
     hook = "blocks.1.hook_resid_pre"
     xa, xb = harvest_aligned(model_a, model_b, char, bpe, TEXTS[:2], hook, hook)
     aligned = [align_text(t, char, bpe) for t in TEXTS[:2]]
@@ -65,7 +74,10 @@ def test_harvest_matches_each_models_prefix_forward(toks: tuple[object, object])
         for pa, pb in zip(al.pos_a.tolist(), al.pos_b.tolist()):
             # reference: each model run alone on BOS + its tokens up to the paired one (causal:
             # the last position's activation is the harvested one)
-            for model, tok, ids, p, x in ((model_a, char, al.ids_a, pa, xa), (model_b, bpe, al.ids_b, pb, xb)):
+            for model, tok, ids, p, x in (
+                (model_a, char, al.ids_a, pa, xa),
+                (model_b, bpe, al.ids_b, pb, xb),
+            ):
                 prefix = torch.tensor([[tok.bos_token_id, *ids[: p + 1]]])
                 _, cache = model.run_with_cache(prefix, names_filter=[hook])
                 torch.testing.assert_close(x[row], cache[hook][0, -1], rtol=1e-4, atol=1e-5)
@@ -77,4 +89,6 @@ def test_nothing_to_pair_is_an_error(toks: tuple[object, object]) -> None:
     char, bpe = toks
     model = HookedTransformer(tiny_cfg(d_model=16), tokenizer=char).eval()
     with pytest.raises(AlignmentError, match="No character-aligned"):
-        harvest_aligned(model, model, char, char, [""], "blocks.0.hook_resid_pre", "blocks.0.hook_resid_pre")
+        harvest_aligned(
+            model, model, char, char, [""], "blocks.0.hook_resid_pre", "blocks.0.hook_resid_pre"
+        )

@@ -40,11 +40,17 @@ def test_alpha_zero_is_the_ft_model(pair):
     toks = random_tokens(batch=2, seq=8)
     lb, lf = pair.logits(toks)
     assert torch.equal(amplified_model_logits(pair, toks, 0.0), lf)
-    torch.testing.assert_close(amplified_model_logits(pair, toks, 0.0, mode="activations", layer=1),
-                               lf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        amplified_model_logits(pair, toks, 0.0, mode="activations", layer=1),
+        lf,
+        atol=1e-5,
+        rtol=1e-5,
+    )
     torch.testing.assert_close(amplified_logits(lf, lb, 2.0), 3 * lf - 2 * lb)
     torch.testing.assert_close(amplified_logits(lf, lb, -1.0), lb)  # alpha = -1 is the base
-    a1 = amplified_model_logits(pair, toks, 1.0, mode="activations", layer="blocks.0.hook_resid_post")
+    a1 = amplified_model_logits(
+        pair, toks, 1.0, mode="activations", layer="blocks.0.hook_resid_post"
+    )
     assert not torch.allclose(a1, lf, atol=1e-3)
     with pytest.raises(ValueError, match="needs layer="):
         amplified_model_logits(pair, toks, 1.0, mode="activations")
@@ -64,8 +70,15 @@ def test_planted_response_grows_with_alpha(planted):
     _, lf = planted.logits(toks)
     expected = torch.log_softmax(lf[:, -2], -1)[:, TARGET].mean()
     assert lp[0] == pytest.approx(float(expected), abs=1e-5)
-    sweep = amplification_sweep(planted, [prompts[0]], [0.0, 8.0], contains_tokens([TARGET]),
-                                n_samples=48, max_new_tokens=1, seed=0)
+    sweep = amplification_sweep(
+        planted,
+        [prompts[0]],
+        [0.0, 8.0],
+        contains_tokens([TARGET]),
+        n_samples=48,
+        max_new_tokens=1,
+        seed=0,
+    )
     r0, r8 = sweep["rate"].tolist()
     assert sweep["n"].tolist() == [48, 48]
     assert r8 > r0 + 0.2
@@ -79,8 +92,17 @@ def test_sampling_is_reproducible_and_stops(pair):
     g = sample_amplified(pair, prompt, 0.0, max_new_tokens=1, temperature=0)
     assert torch.equal(g[:, -1], pair.ft(prompt)[:, -1].argmax(-1))
     first = int(g[0, -1])
-    s = sample_amplified(pair, prompt[:1], 0.0, max_new_tokens=4, temperature=0, stop_token_ids=[first])
+    s = sample_amplified(
+        pair, prompt[:1], 0.0, max_new_tokens=4, temperature=0, stop_token_ids=[first]
+    )
     assert s.shape == (1, 8) and (s[0, 4:] == first).all()
-    df, samples = amplification_sweep(pair, prompt, [0.0], lambda ids, text: True, n_samples=2,
-                                      max_new_tokens=2, return_samples=True)
+    df, samples = amplification_sweep(
+        pair,
+        prompt,
+        [0.0],
+        lambda ids, text: True,
+        n_samples=2,
+        max_new_tokens=2,
+        return_samples=True,
+    )
     assert df["rate"].tolist() == [1.0] and len(samples) == 4

@@ -18,7 +18,11 @@ from sae_diff.pairing.model import PairedModel
 HOOK = "blocks.1.hook_resid_pre"
 
 
-TINY_PAIR = {"n_layers": 2, "base_name": "tiny-base", "ft_name": "tiny-ft"}  # the `pair` fixture of conftest.py
+TINY_PAIR = {
+    "n_layers": 2,
+    "base_name": "tiny-base",
+    "ft_name": "tiny-ft",
+}  # the `pair` fixture of conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,19 @@ from sae_diff.data.cache import ActivationCache, ActivationCacheWriter
 
 def _add(w: ActivationCacheWriter, start: int, rows: int = 4) -> None:
     no = torch.zeros(rows, 3, dtype=torch.bool)
-    w.add(torch.zeros(rows, 3, dtype=torch.long), torch.randn(rows, 3, 2, 4), {"bos": no, "padding": no},
-          attention_mask=torch.ones(rows, 3, dtype=torch.bool), doc_starts=torch.zeros(rows, 3, dtype=torch.bool),
-          row_index=torch.arange(start, start + rows))
+    w.add(
+        torch.zeros(rows, 3, dtype=torch.long),
+        torch.randn(rows, 3, 2, 4),
+        {"bos": no, "padding": no},
+        attention_mask=torch.ones(rows, 3, dtype=torch.bool),
+        doc_starts=torch.zeros(rows, 3, dtype=torch.bool),
+        row_index=torch.arange(start, start + rows),
+    )
 
 
-def test_write_error_is_raised_and_manifest_stays_consistent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_write_error_is_raised_and_manifest_stays_consistent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     w = ActivationCacheWriter(tmp_path, {"hook_name": "x"}, rows_per_shard=4, d_model=4)
     _add(w, 0)
     w.wait()

@@ -50,13 +50,19 @@ def base_sae(norms: list[float], biases: dict[int, float] | None = None) -> Jump
 def shift_frame(ratios: dict[int, float]) -> pd.DataFrame:
     freq_base = np.full(N, 0.1)
     ratio = np.array([ratios.get(j, 1.0) for j in range(N)])
-    return pd.DataFrame({"freq_on_base": freq_base, "freq_on_ft": freq_base * ratio, "freq_ratio": ratio},
-                        index=pd.Index(range(N), name="latent"))
+    return pd.DataFrame(
+        {"freq_on_base": freq_base, "freq_on_ft": freq_base * ratio, "freq_ratio": ratio},
+        index=pd.Index(range(N), name="latent"),
+    )
 
 
 def test_rank_by_firing_shift_orders_and_filters() -> None:
     frame = shift_frame({3: 5.0, 7: 2.0})
-    frame.loc[5, ["freq_on_base", "freq_on_ft", "freq_ratio"]] = [0.0, 0.05, np.inf]  # never on base
+    frame.loc[5, ["freq_on_base", "freq_on_ft", "freq_ratio"]] = [
+        0.0,
+        0.05,
+        np.inf,
+    ]  # never on base
     frame.loc[6, ["freq_on_ft", "freq_ratio"]] = [1e-6, 100.0]  # too rare on ft
     frame.loc[8, "freq_ratio"] = np.nan
     assert cf.rank_by_firing_shift(frame, n=3) == [5, 3, 7]
@@ -85,6 +91,7 @@ def test_intervention_kl_matches_a_hand_run_reference() -> None:
     mask[:, 6:] = True  # "assistant" tokens
     kl = cf.intervention_kl(ft, sae, tokens, [2], mask, batch_size=3)
     with torch.no_grad():
+
         def ablate(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
             f = torch.relu(act @ sae.W_enc[:, 2] + sae.b_enc[2])
             return act - f[..., None] * sae.W_dec[2]
@@ -108,21 +115,48 @@ def test_filter_keeps_the_causal_candidate_and_drops_the_inert_one() -> None:
     tokens = random_tokens(batch=6, seq=12, seed=3)
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     mask[:, 4:] = True
-    res = cf.causal_filter(ft, sae, tokens, shift_frame({0: 5.0, 1: 4.0}), mask, n_candidates=2, n_random=8,
-                           quantile=1.0)
+    res = cf.causal_filter(
+        ft,
+        sae,
+        tokens,
+        shift_frame({0: 5.0, 1: 4.0}),
+        mask,
+        n_candidates=2,
+        n_random=8,
+        quantile=1.0,
+    )
     assert list(res.table.index[:2]) == [0, 1]
     assert res.kept == [0], res.table
     kl = res.table["kl"]
     assert kl[0] > res.threshold > kl[1]
-    steer = cf.causal_filter(ft, sae, tokens, shift_frame({0: 5.0, 1: 4.0}), mask, n_candidates=2, n_random=8,
-                             mode="steer", scale=4.0)
+    steer = cf.causal_filter(
+        ft,
+        sae,
+        tokens,
+        shift_frame({0: 5.0, 1: 4.0}),
+        mask,
+        n_candidates=2,
+        n_random=8,
+        mode="steer",
+        scale=4.0,
+    )
     assert set(steer.table.index) == set(res.table.index) and (steer.table["kl"] > 0).all()
 
 
 @pytest.mark.slow
 def test_causal_filter_on_the_organism_runs_end_to_end(tmp_path: Any) -> None:
-    res, sae = cf.causal_filter_on_organism(tmp_path, n_docs=48, max_rows=48, expansion=2, k=8, train_steps=20,
-                                            batch_size=128, n_eval=2, n_candidates=4, n_random=4)
+    res, sae = cf.causal_filter_on_organism(
+        tmp_path,
+        n_docs=48,
+        max_rows=48,
+        expansion=2,
+        k=8,
+        train_steps=20,
+        batch_size=128,
+        n_eval=2,
+        n_candidates=4,
+        n_random=4,
+    )
     assert sae.cfg.metadata.hook_name == "blocks.2.hook_resid_pre"
     assert list(res.table["role"]) == ["candidate"] * 4 + ["random"] * 4
     assert (res.table["kl"] >= 0).all() and np.isfinite(res.table["kl"]).all()
@@ -137,9 +171,26 @@ def test_runs_from_the_shipped_config(tmp_path: Any, capsys: pytest.CaptureFixtu
 
     import yaml
 
-    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "analysis" / "causal_filter_organism.yaml").read_text())
-    small = {**shipped, "n_docs": 48, "max_rows": 48, "expansion": 2, "k": 8, "train_steps": 20, "batch_size": 128,
-             "n_eval": 2, "n_candidates": 3, "n_random": 3}
+    shipped = yaml.safe_load(
+        (
+            Path(__file__).resolve().parents[1]
+            / "configs"
+            / "analysis"
+            / "causal_filter_organism.yaml"
+        ).read_text()
+    )
+    small = {
+        **shipped,
+        "n_docs": 48,
+        "max_rows": 48,
+        "expansion": 2,
+        "k": 8,
+        "train_steps": 20,
+        "batch_size": 128,
+        "n_eval": 2,
+        "n_candidates": 3,
+        "n_random": 3,
+    }
     cfg = tmp_path / "cf.yaml"
     cfg.write_text(yaml.safe_dump(small))
     assert cf.main(["--config", str(cfg), "--out", str(tmp_path / "out")]) == 0

@@ -37,12 +37,27 @@ def test_every_shipped_config_dry_runs(config: Path, capsys: pytest.CaptureFixtu
     assert "dry run: nothing was loaded" in out
     assert main(["train", "--config", str(config), "--dry-run", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    for key in ("base_model", "ft_model", "hook_name", "d_in", "d_sae", "training_tokens",
-                "training_memory_bytes", "cache_bytes"):
+    for key in (
+        "base_model",
+        "ft_model",
+        "hook_name",
+        "d_in",
+        "d_sae",
+        "training_tokens",
+        "training_memory_bytes",
+        "cache_bytes",
+    ):
         assert key in plan
     if config.stem.startswith("gemma2_2b"):
-        assert (plan["base_model"], plan["ft_model"]) == ("google/gemma-2-2b", "google/gemma-2-2b-it")
-        assert (plan["hook_name"], plan["d_in"], plan["d_sae"]) == ("blocks.13.hook_resid_post", 2304, 73728)
+        assert (plan["base_model"], plan["ft_model"]) == (
+            "google/gemma-2-2b",
+            "google/gemma-2-2b-it",
+        )
+        assert (plan["hook_name"], plan["d_in"], plan["d_sae"]) == (
+            "blocks.13.hook_resid_post",
+            2304,
+            73728,
+        )
         assert plan["k"] == (None if "l1_crosscoder" in config.stem else 100)
 
 
@@ -58,20 +73,51 @@ def test_dry_run_errors_name_the_problem(capsys: pytest.CaptureFixture[str]) -> 
 
 def test_train_end_to_end_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke_test_crosscoder.yaml"
-    flags = ["--training_tokens", "2048", "--train_batch_size_tokens", "256", "--n_checkpoints", "1",
-             "--checkpoint_path", str(tmp_path / "ck"), "--output_path", str(tmp_path / "out"),
-             "--n_eval_batches", "1", "--d_sae", "64", "--context_size", "16", "--n_norm_batches", "2"]
+    flags = [
+        "--training_tokens",
+        "2048",
+        "--train_batch_size_tokens",
+        "256",
+        "--n_checkpoints",
+        "1",
+        "--checkpoint_path",
+        str(tmp_path / "ck"),
+        "--output_path",
+        str(tmp_path / "out"),
+        "--n_eval_batches",
+        "1",
+        "--d_sae",
+        "64",
+        "--context_size",
+        "16",
+        "--n_norm_batches",
+        "2",
+    ]
     assert main(["train", "--config", str(smoke), *flags]) == 0
     out = capsys.readouterr().out
     assert "metrics/fve_ft" in out and "Saved to" in out
     assert (tmp_path / "out" / "cfg.json").is_file()
     (run_dir,) = (tmp_path / "ck").iterdir()
-    assert main(["train", "--resume", str(run_dir), "--output_path", str(tmp_path / "out2"), "--eval_at_end",
-                 "false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                str(run_dir),
+                "--output_path",
+                str(tmp_path / "out2"),
+                "--eval_at_end",
+                "false",
+            ]
+        )
+        == 0
+    )
     assert "Resuming from" in capsys.readouterr().out and (tmp_path / "out2" / "cfg.json").is_file()
 
 
-def test_demo_and_organism_delegate(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_and_organism_delegate(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     import importlib
     import types
 

@@ -27,19 +27,49 @@ def test_help_lists_the_analysis_commands(capsys: pytest.CaptureFixture[str]) ->
 
 def test_stagewise_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "sw.yaml"
-    cfg.write_text(yaml.safe_dump(_small("stagewise_organism.yaml", n_docs=48, max_rows=48, expansion=2, k=8,
-                                         start_steps=20, stage_steps=10, batch_size=128, n_top=3)))
+    cfg.write_text(
+        yaml.safe_dump(
+            _small(
+                "stagewise_organism.yaml",
+                n_docs=48,
+                max_rows=48,
+                expansion=2,
+                k=8,
+                start_steps=20,
+                stage_steps=10,
+                batch_size=128,
+                n_top=3,
+            )
+        )
+    )
     assert cli.main(["stagewise", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
     assert "rotation_table" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "out" / "rotation_table.csv")
     assert set(table["stage"]) == {"data", "model", "both"}
-    assert set(table.loc[table["model_change"], "stage"]) == {"model", "both"}  # both: resumed from data
+    assert set(table.loc[table["model_change"], "stage"]) == {
+        "model",
+        "both",
+    }  # both: resumed from data
 
 
 def test_causal_filter_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "cf.yaml"
-    cfg.write_text(yaml.safe_dump(_small("causal_filter_organism.yaml", n_docs=48, max_rows=48, expansion=2, k=8,
-                                         train_steps=20, batch_size=128, n_eval=2, n_candidates=3, n_random=3)))
+    cfg.write_text(
+        yaml.safe_dump(
+            _small(
+                "causal_filter_organism.yaml",
+                n_docs=48,
+                max_rows=48,
+                expansion=2,
+                k=8,
+                train_steps=20,
+                batch_size=128,
+                n_eval=2,
+                n_candidates=3,
+                n_random=3,
+            )
+        )
+    )
     assert cli.main(["causal-filter", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
     assert "kept" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "out" / "causal_filter.csv")
@@ -47,12 +77,16 @@ def test_causal_filter_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert not table.loc[table["role"] == "random", "kept"].any()
 
 
-@pytest.mark.parametrize(("command", "config", "field"), [
-    ("stagewise", "stagewise_organism.yaml", "n_stpes"),
-    ("causal-filter", "causal_filter_organism.yaml", "n_candidate"),
-])
-def test_a_bad_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, config: str,
-                                  field: str) -> None:
+@pytest.mark.parametrize(
+    ("command", "config", "field"),
+    [
+        ("stagewise", "stagewise_organism.yaml", "n_stpes"),
+        ("causal-filter", "causal_filter_organism.yaml", "n_candidate"),
+    ],
+)
+def test_a_bad_config_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, config: str, field: str
+) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(yaml.safe_dump(_small(config, **{field: 3})))
     assert cli.main([command, "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
@@ -63,7 +97,11 @@ def test_a_bad_config_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_bad_stages_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump(_small("stagewise_organism.yaml", stages=[{"name": "x", "model": "chat", "data": "ft"}])))
+    cfg.write_text(
+        yaml.safe_dump(
+            _small("stagewise_organism.yaml", stages=[{"name": "x", "model": "chat", "data": "ft"}])
+        )
+    )
     assert cli.main(["stagewise", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert "stages" in err and "'base' or 'ft'" in err and "\n" not in err

@@ -25,8 +25,11 @@ METHODS = set(demo.METHODS)
 def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     cli = Path(sys.executable).with_name("sae-diff")
-    cmd = [str(cli), "demo", "--quick", "--out", str(out)] if cli.exists() else \
-        [sys.executable, "-m", "sae_diff.report.demo", "--quick", "--out", str(out)]
+    cmd = (
+        [str(cli), "demo", "--quick", "--out", str(out)]
+        if cli.exists()
+        else [sys.executable, "-m", "sae_diff.report.demo", "--quick", "--out", str(out)]
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -46,16 +49,28 @@ def test_report_json_has_every_method_and_finding(demo_out: Path) -> None:
     assert set(board) == METHODS | set(demo.ANALYSIS_METHODS)
     behaviours = report["organism"]["behaviours"]
     assert len(behaviours) >= 4 and report["organism"]["name"] == "default"
-    assert report["organism"]["rows"].get("control", 0) > 0  # controls are always in the scoring set
+    assert (
+        report["organism"]["rows"].get("control", 0) > 0
+    )  # controls are always in the scoring set
     for row in board.values():
         assert row["n_seeds"] == len(seeds)
-        assert 0 <= row["dead_fraction_min"] <= row["dead_fraction"] <= row["dead_fraction_max"] <= 1 and row["l0"] > 0
+        assert (
+            0 <= row["dead_fraction_min"] <= row["dead_fraction"] <= row["dead_fraction_max"] <= 1
+            and row["l0"] > 0
+        )
     for name in ("l1_crosscoder", "batchtopk_crosscoder", "diff_sae"):
-        assert board[name]["kl_closed_reconstruction"] is not None and board[name]["kl_closed_reconstruction_std"] is not None
+        assert (
+            board[name]["kl_closed_reconstruction"] is not None
+            and board[name]["kl_closed_reconstruction_std"] is not None
+        )
     assert board["chat_sae"]["fve_ft"] is not None and board["diff_sae"]["fve_diff"] is not None
     questions = [f["question"] for f in report["findings"]]
-    assert any("L1 crosscoder" in q for q in questions) and any("diff-SAE close more" in q for q in questions)
-    for f in report["findings"]:  # yes/no only when every seed agrees; the answer states the verdict
+    assert any("L1 crosscoder" in q for q in questions) and any(
+        "diff-SAE close more" in q for q in questions
+    )
+    for f in report[
+        "findings"
+    ]:  # yes/no only when every seed agrees; the answer states the verdict
         per_seed = list(f["per_seed"].values())
         if f["holds"] is True:
             assert f["answer"].startswith("Yes") and all(per_seed)
@@ -73,12 +88,19 @@ def test_report_json_has_every_method_and_finding(demo_out: Path) -> None:
     assert ("diff_sae", "tokens:template") in kl_rows
     for name in METHODS:
         top = report["top_latents"][name]
-        assert top and all({"latent", "rank", "histogram", "logit_lens", "best_match"} <= set(r) for r in top)
-        assert set(top[0]["best_match"]) == GRANULARITIES and len(top[0]["logit_lens"]["promoted"]) == 8
+        assert top and all(
+            {"latent", "rank", "histogram", "logit_lens", "best_match"} <= set(r) for r in top
+        )
+        assert (
+            set(top[0]["best_match"]) == GRANULARITIES
+            and len(top[0]["logit_lens"]["promoted"]) == 8
+        )
     for seed in seeds:
         for name in METHODS:
             assert (demo_out / "dictionaries" / f"seed{seed}" / name / "cfg.json").exists()
-            assert (demo_out / "dictionaries" / f"seed{seed}" / name / "latent_table.parquet").exists()
+            assert (
+                demo_out / "dictionaries" / f"seed{seed}" / name / "latent_table.parquet"
+            ).exists()
 
 
 def test_report_json_scores_schema(demo_out: Path) -> None:
@@ -91,18 +113,27 @@ def test_report_json_scores_schema(demo_out: Path) -> None:
     seen: dict[tuple[str, str, str], list[int | None]] = {}
     for r in rows:
         assert keys <= set(r)
-        assert r["granularity"] in GRANULARITIES and r["behaviour"] in report["organism"]["behaviours"]
+        assert (
+            r["granularity"] in GRANULARITIES and r["behaviour"] in report["organism"]["behaviours"]
+        )
         assert r["best_auroc"] is None or 0.0 <= r["best_auroc"] <= 1.0
         assert r["rank"] is None or 1 <= r["rank"] <= top_n
         f = r["first_rank_ge_0_9"]
-        assert f is None or (1 <= f <= top_n and (r["best_auroc"] >= 0.9) and f <= (r["rank"] if r["best_auroc"] >= 0.9 else top_n))
+        assert f is None or (
+            1 <= f <= top_n
+            and (r["best_auroc"] >= 0.9)
+            and f <= (r["rank"] if r["best_auroc"] >= 0.9 else top_n)
+        )
         seen.setdefault((r["method"], r["behaviour"], r["granularity"]), []).append(r["seed"])
     for m in METHODS | BASELINES:
         for b in report["organism"]["behaviours"]:
             for g in GRANULARITIES:
                 got = seen[(m, b, g)]
                 if m in METHODS or m == "probe":
-                    assert sorted(s for s in got if s is not None) == sorted(report["seeds"]) and None not in got
+                    assert (
+                        sorted(s for s in got if s is not None) == sorted(report["seeds"])
+                        and None not in got
+                    )
                 else:
                     assert got == [None]
 
@@ -114,10 +145,21 @@ def test_report_renders_in_headless_chromium(demo_out: Path, tmp_path: Path) -> 
             pytest.fail("chromium is required (SAE_DIFF_REQUIRE_BROWSER=1) but not installed")
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     html_path = demo_out / "report.html"
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
-           html_path.as_uri()]
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        html_path.as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     dom = proc.stdout
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -127,12 +169,23 @@ def test_report_renders_in_headless_chromium(demo_out: Path, tmp_path: Path) -> 
     assert "the shipped organism “default”" in dom  # the title names the organism
     for gran in ("trigger", "response", "conversation"):
         assert f'id="scores-{gran}"' in dom
-    assert "probe" in dom and "pca_diff" in dom and "kl_tokens" in dom  # ceiling and baselines in the table
+    assert (
+        "probe" in dom and "pca_diff" in dom and "kl_tokens" in dom
+    )  # ceiling and baselines in the table
     for method in METHODS:  # a dashboard per top candidate of every method
         assert dom.count(f'id="dash-{method}-') >= 1
     assert dom.count('class="latent-dashboard"') >= len(METHODS)
-    assert dom.count('class="sd-hist"') >= len(METHODS) and dom.count('class="logit-lens"') >= len(METHODS)
-    assert 'class="best-match"' in dom and "Max-activating contexts" in dom and "Quantile sample" in dom
+    assert dom.count('class="sd-hist"') >= len(METHODS) and dom.count('class="logit-lens"') >= len(
+        METHODS
+    )
+    assert (
+        'class="best-match"' in dom
+        and "Max-activating contexts" in dom
+        and "Quantile sample" in dom
+    )
     assert "<th>context</th>" in dom  # the KL table has a context column
-    contexts = [re.sub(r"<[^>]+>", "", c) for c in re.findall(r'<span class="sd-ctx">(.*?)</span></div>', dom)]
+    contexts = [
+        re.sub(r"<[^>]+>", "", c)
+        for c in re.findall(r'<span class="sd-ctx">(.*?)</span></div>', dom)
+    ]
     assert contexts and sum(" " in c for c in contexts) >= 0.9 * len(contexts)  # spaces preserved

@@ -21,9 +21,16 @@ from sae_diff.dictionaries.diff_sae import BatchTopKDiffSAETraining, DiffSAE
 from sae_diff.dictionaries.registry import training_config, training_sae
 
 
-def step_input(x: torch.Tensor, dead: torch.Tensor | None = None, l1: float = 1.0) -> TrainStepInput:
-    return TrainStepInput(sae_in=x, coefficients={"l1": l1}, dead_neuron_mask=dead,
-                          n_training_steps=0, is_logging_step=False)
+def step_input(
+    x: torch.Tensor, dead: torch.Tensor | None = None, l1: float = 1.0
+) -> TrainStepInput:
+    return TrainStepInput(
+        sae_in=x,
+        coefficients={"l1": l1},
+        dead_neuron_mask=dead,
+        n_training_steps=0,
+        is_logging_step=False,
+    )
 
 
 def make(arch: str, d: int = 8, n: int = 32, **kw) -> torch.nn.Module:
@@ -56,7 +63,11 @@ def test_conflicting_registration_is_refused() -> None:
 @pytest.mark.parametrize("arch", ["crosscoder", "batchtopk_crosscoder"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_crosscoder_shapes_and_dtypes(arch: str, dtype: torch.dtype) -> None:
-    sae = make(arch, dtype="float64" if dtype == torch.float64 else "float32", **({"k": 4} if "topk" in arch else {}))
+    sae = make(
+        arch,
+        dtype="float64" if dtype == torch.float64 else "float32",
+        **({"k": 4} if "topk" in arch else {}),
+    )
     x = torch.randn(5, 7, 2, 8, dtype=dtype)
     f = sae.encode(x)
     assert f.shape == (5, 7, 32) and f.dtype == dtype
@@ -111,7 +122,9 @@ def test_aux_loss_nonzero_for_dead_latents_and_reaches_them() -> None:
     assert (enc_grad[:10] > 0).all() and (dec_grad[:10] > 0).all()
     assert (dec_grad[10:] == 0).all()  # only dead latents reconstruct the residual
     sae.zero_grad()
-    out = sae.training_forward_pass(step_input(torch.randn(64, 2, 8), dead=torch.zeros(32, dtype=torch.bool)))
+    out = sae.training_forward_pass(
+        step_input(torch.randn(64, 2, 8), dead=torch.zeros(32, dtype=torch.bool))
+    )
     assert out.losses["auxiliary_reconstruction_loss"] == 0
     # and it is in the back-propagated total
     assert torch.allclose(out.loss, out.losses["mse_loss"])
@@ -142,7 +155,9 @@ def _with_factors(sae: torch.nn.Module, factors: list[float]) -> torch.nn.Module
 
 @pytest.mark.parametrize("apply_b_dec", [False, True])
 def test_folding_leaves_l1_outputs_unchanged(apply_b_dec: bool) -> None:
-    sae = _with_factors(make("crosscoder", dtype="float64", apply_b_dec_to_input=apply_b_dec), [0.3, 4.0])
+    sae = _with_factors(
+        make("crosscoder", dtype="float64", apply_b_dec_to_input=apply_b_dec), [0.3, 4.0]
+    )
     x = torch.randn(20, 2, 8, dtype=torch.float64) * 5
     inf = sae.to_inference()
     assert inf.cfg.norm_factors == pytest.approx([0.3, 4.0])
@@ -159,7 +174,9 @@ def test_folding_batchtopk_gives_the_jumprelu_of_the_training_space() -> None:
     p = torch.relu(torch.einsum("bmd,mdn->bn", x_n, sae.W_enc) + sae.b_enc)
     s = sae.W_dec.norm(dim=-1).sum(-1)
     f_ref = p * (p * s > 0.3)
-    recon_ref = (torch.einsum("bn,nmd->bmd", f_ref, sae.W_dec) + sae.b_dec) / torch.tensor([0.5, 2.0], dtype=torch.float64)[:, None]
+    recon_ref = (torch.einsum("bn,nmd->bmd", f_ref, sae.W_dec) + sae.b_dec) / torch.tensor(
+        [0.5, 2.0], dtype=torch.float64
+    )[:, None]
     inf = sae.to_inference()
     torch.testing.assert_close(inf.encode(x), f_ref.detach(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(inf(x), recon_ref.detach(), atol=1e-10, rtol=1e-10)
@@ -227,14 +244,22 @@ def test_prepare_centres_by_default() -> None:
         factors = prepare_crosscoder(sae, iter(batches), n_batches=4)
         torch.testing.assert_close(sae.norm_offsets.double(), mu, atol=1e-6, rtol=0)
         norms = (data - mu).norm(dim=-1)
-        expect = 1 / norms.pow(2).mean(0).sqrt() if scaling == "unit_rms" else math.sqrt(16) / norms.mean(0)
+        expect = (
+            1 / norms.pow(2).mean(0).sqrt()
+            if scaling == "unit_rms"
+            else math.sqrt(16) / norms.mean(0)
+        )
         torch.testing.assert_close(factors.double(), expect, atol=1e-5, rtol=1e-5)
         assert sae.b_dec.abs().max() < 1e-5
         x_n = sae.normalised_input(torch.cat(batches)).double()
         if scaling == "unit_rms":
-            torch.testing.assert_close(x_n.pow(2).sum(-1).mean(0), torch.ones(2, dtype=torch.float64))
+            torch.testing.assert_close(
+                x_n.pow(2).sum(-1).mean(0), torch.ones(2, dtype=torch.float64)
+            )
         else:
-            torch.testing.assert_close(x_n.norm(dim=-1).mean(0), torch.full((2,), 4.0, dtype=torch.float64))
+            torch.testing.assert_close(
+                x_n.norm(dim=-1).mean(0), torch.full((2,), 4.0, dtype=torch.float64)
+            )
 
 
 @pytest.mark.parametrize(
@@ -251,7 +276,9 @@ def test_bad_configs(kwargs: dict, match: str) -> None:
 
 
 def test_unknown_architecture_name() -> None:
-    with pytest.raises(ValueError, match="Unknown architecture 'crosscoderr'.*batchtopk_crosscoder"):
+    with pytest.raises(
+        ValueError, match="Unknown architecture 'crosscoderr'.*batchtopk_crosscoder"
+    ):
         training_config("crosscoderr", d_in=8, d_sae=32)
     with pytest.raises(ValueError, match="Unknown diff_sign"):
         training_config("batchtopk_diff_sae", d_in=8, d_sae=32, k=2, diff_sign="ft-base")

@@ -39,29 +39,73 @@ def run_config(tmp: Path, name: str, **over: Any) -> dict[str, Any]:
     variance (documented in sae_diff.training.distributed), which is not the one-process loss;
     with it on, two latents of this run differ by up to 2.7e-4 after 12 steps."""
     d: dict[str, Any] = {
-        "model_name": "tiny-ft", "base_model_name": "tiny-base",
-        "smoke_test_models": {"n_layers": 2, "d_model": 16, "n_heads": 4, "d_vocab": 48, "n_ctx": 16},
+        "model_name": "tiny-ft",
+        "base_model_name": "tiny-base",
+        "smoke_test_models": {
+            "n_layers": 2,
+            "d_model": 16,
+            "n_heads": 4,
+            "d_vocab": 48,
+            "n_ctx": 16,
+        },
         "model_from_pretrained_kwargs": {},
-        "hook_name": "blocks.0.hook_resid_post", "context_size": 16, "store_batch_size_prompts": 4,
-        "cache_rows_per_shard": 8, "n_batches_in_buffer": 2,
-        "training_tokens": 1536, "train_batch_size_tokens": 128, "lr": 3e-3, "lr_warm_up_steps": 2,
-        "dead_feature_window": 3, "feature_sampling_window": 5, "n_norm_batches": 2, "n_eval_batches": 1,
-        "eval_at_end": False, "verbose": False, "seed": 11, "n_checkpoints": 1,
-        "sae": {"architecture": "batchtopk_crosscoder", "d_in": 16, "d_sae": 64, "k": 4,
-                "threshold_ema_decay": 0.9, "threshold_start_step": 0, "aux_loss_coefficient": 0.0},
-        "cache_path": str(tmp / f"cache_{name}"), "checkpoint_path": str(tmp / f"ckpt_{name}"),
+        "hook_name": "blocks.0.hook_resid_post",
+        "context_size": 16,
+        "store_batch_size_prompts": 4,
+        "cache_rows_per_shard": 8,
+        "n_batches_in_buffer": 2,
+        "training_tokens": 1536,
+        "train_batch_size_tokens": 128,
+        "lr": 3e-3,
+        "lr_warm_up_steps": 2,
+        "dead_feature_window": 3,
+        "feature_sampling_window": 5,
+        "n_norm_batches": 2,
+        "n_eval_batches": 1,
+        "eval_at_end": False,
+        "verbose": False,
+        "seed": 11,
+        "n_checkpoints": 1,
+        "sae": {
+            "architecture": "batchtopk_crosscoder",
+            "d_in": 16,
+            "d_sae": 64,
+            "k": 4,
+            "threshold_ema_decay": 0.9,
+            "threshold_start_step": 0,
+            "aux_loss_coefficient": 0.0,
+        },
+        "cache_path": str(tmp / f"cache_{name}"),
+        "checkpoint_path": str(tmp / f"ckpt_{name}"),
         "output_path": str(tmp / f"out_{name}"),
     }
     d.update(over)
     return d
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+def torchrun(
+    args: list[str], nproc: int = 2, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
     return proc
 
 
@@ -93,12 +137,30 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     two = run_config(tmp, "two")
     (tmp / "two.yaml").write_text(yaml.safe_dump(two))
     (tmp / "resume.yaml").write_text(yaml.safe_dump({**two, "cache_path": str(resume_dir)}))
-    one_ckpt = sorted(p.parent for p in Path(one["checkpoint_path"]).rglob("trainer_state.pt")
-                      if not p.parent.name.startswith("final"))[0]
-    proc = torchrun([str(ROOT / "tests" / "distributed_driver.py"), str(tmp / "resume.yaml"), str(tmp / "two.yaml"),
-                     str(tmp / "topk.json"), str(one_ckpt), str(tmp / "out_resumed_by_two")])
-    return {"tmp": tmp, "one": one, "two": two, "runner": runner, "proc": proc, "resume_dir": resume_dir,
-            "stamps": stamps}
+    one_ckpt = sorted(
+        p.parent
+        for p in Path(one["checkpoint_path"]).rglob("trainer_state.pt")
+        if not p.parent.name.startswith("final")
+    )[0]
+    proc = torchrun(
+        [
+            str(ROOT / "tests" / "distributed_driver.py"),
+            str(tmp / "resume.yaml"),
+            str(tmp / "two.yaml"),
+            str(tmp / "topk.json"),
+            str(one_ckpt),
+            str(tmp / "out_resumed_by_two"),
+        ]
+    )
+    return {
+        "tmp": tmp,
+        "one": one,
+        "two": two,
+        "runner": runner,
+        "proc": proc,
+        "resume_dir": resume_dir,
+        "stamps": stamps,
+    }
 
 
 def test_sharded_harvest_equals_one_process_harvest(runs: dict[str, Any]) -> None:
@@ -144,7 +206,9 @@ def test_two_process_training_equals_one_process(runs: dict[str, Any]) -> None:
     ck2 = sorted(Path(runs["two"]["checkpoint_path"]).rglob("trainer_state.pt"))
     stats_two = torch.load(ck2[-1].parent / "trainer_state.pt", weights_only=True)
     # SAELens's dead-latent statistics reduced across ranks: the same firing counts
-    assert torch.equal(stats_one["n_forward_passes_since_fired"], stats_two["n_forward_passes_since_fired"])
+    assert torch.equal(
+        stats_one["n_forward_passes_since_fired"], stats_two["n_forward_passes_since_fired"]
+    )
     assert torch.equal(stats_one["act_freq_scores"], stats_two["act_freq_scores"])
     assert stats_one["n_training_samples"] == stats_two["n_training_samples"]
     # non-trivial: some latents were silent on the whole global batch (MIN over ranks matters)
@@ -154,15 +218,21 @@ def test_two_process_training_equals_one_process(runs: dict[str, Any]) -> None:
 
 def test_two_process_checkpoint_resumes_in_one_process(runs: dict[str, Any]) -> None:
     tmp = runs["tmp"]
-    ck = sorted(p.parent for p in Path(runs["two"]["checkpoint_path"]).rglob("trainer_state.pt")
-                if not p.parent.name.startswith("final"))
+    ck = sorted(
+        p.parent
+        for p in Path(runs["two"]["checkpoint_path"]).rglob("trainer_state.pt")
+        if not p.parent.name.startswith("final")
+    )
     assert ck, "the 2-process run wrote no intermediate checkpoint"
-    resumed = PairedSAETrainingRunner.from_checkpoint(ck[0], output_path=str(tmp / "out_resumed"),
-                                                      checkpoint_path=str(tmp / "ckpt_resumed"))
+    resumed = PairedSAETrainingRunner.from_checkpoint(
+        ck[0], output_path=str(tmp / "out_resumed"), checkpoint_path=str(tmp / "ckpt_resumed")
+    )
     resumed.run()
     mid = _weights(ck[0])
     assert resumed.sae is not None
-    assert (mid["W_dec"] - resumed.sae.W_dec.detach()).abs().max() > 1e-3, "nothing trained after the checkpoint"
+    assert (mid["W_dec"] - resumed.sae.W_dec.detach()).abs().max() > 1e-3, (
+        "nothing trained after the checkpoint"
+    )
     a = _weights(Path(runs["one"]["output_path"]))
     b = _weights(tmp / "out_resumed")
     for k in a:
@@ -179,8 +249,12 @@ def test_one_process_checkpoint_resumes_in_two_processes(runs: dict[str, Any]) -
 def test_store_slices_partition_the_global_batch(runs: dict[str, Any]) -> None:
     cache = runs["one"]["cache_path"]
     full = PairedActivationsStore.from_cache(cache, batch_size=64, buffer_size=128, seed=3)
-    parts = [PairedActivationsStore.from_cache(cache, batch_size=64, buffer_size=128, seed=3, rank=r, world_size=2)
-             for r in range(2)]
+    parts = [
+        PairedActivationsStore.from_cache(
+            cache, batch_size=64, buffer_size=128, seed=3, rank=r, world_size=2
+        )
+        for r in range(2)
+    ]
     for _ in range(5):
         whole = next(full)
         torch.testing.assert_close(torch.cat([next(p) for p in parts]), whole, rtol=0, atol=0)
@@ -217,7 +291,11 @@ def test_interrupted_sharded_harvest_resumes(runs: dict[str, Any]) -> None:
     assert shard_files(folder) == shard_files(src)
     assert manifest(folder) == manifest(src)
     stamps = runs["stamps"]
-    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in folder.glob("shard_*.safetensors") if p.name in stamps)
+    assert all(
+        p.stat().st_mtime_ns == stamps[p.name]
+        for p in folder.glob("shard_*.safetensors")
+        if p.name in stamps
+    )
 
 
 def test_global_batch_topk_equals_one_process_selection(runs: dict[str, Any]) -> None:

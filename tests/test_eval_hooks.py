@@ -43,8 +43,11 @@ def test_hooks_reproduce_the_patching_runs(pair, toks):
     cc.cfg.metadata.hook_name = "blocks.0.hook_resid_post"
     p = DictionaryPatcher(cc)
     b = split_batch(pair, toks, 1)
-    for mode, iv in (("reconstruction", reconstruction_patch(p)), ("error", error_patch(p)),
-                     ("subset", subset_patch(p, [0, 3]))):
+    for mode, iv in (
+        ("reconstruction", reconstruction_patch(p)),
+        ("error", error_patch(p)),
+        ("subset", subset_patch(p, [0, 3])),
+    ):
         name, fn = paired_hooks(pair, cc, toks, mode=mode, latents=[0, 3])
         assert name == "blocks.1.hook_resid_pre"
         hooked = pair.ft.run_with_hooks(toks, fwd_hooks=[(name, fn)])
@@ -53,8 +56,9 @@ def test_hooks_reproduce_the_patching_runs(pair, toks):
     # the dictionary's own hook (resid_post of block 0) is the same tensor
     _, fn = paired_hooks(pair, cc, toks, mode="reconstruction")
     via_post = pair.ft.run_with_hooks(toks, fwd_hooks=[(hook_point(cc, 2), fn)])
-    torch.testing.assert_close(via_post, pair.continue_from("ft", reconstruction_patch(p)(b), 1),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        via_post, pair.continue_from("ft", reconstruction_patch(p)(b), 1), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_perfect_dictionaries_in_a_forward(pair, toks):
@@ -62,14 +66,17 @@ def test_perfect_dictionaries_in_a_forward(pair, toks):
     stitched = pair.stitched_logits(toks, 1, first="base")
     for sae in (perfect_crosscoder(D), perfect_diff_sae(D)):
         name, rec = paired_hooks(pair, sae, toks, layer=1, mode="reconstruction")
-        torch.testing.assert_close(pair.ft.run_with_hooks(toks, fwd_hooks=[(name, rec)]), lf,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            pair.ft.run_with_hooks(toks, fwd_hooks=[(name, rec)]), lf, atol=1e-4, rtol=1e-4
+        )
         _, err = paired_hooks(pair, sae, toks, layer=1, mode="error")
-        torch.testing.assert_close(pair.ft.run_with_hooks(toks, fwd_hooks=[(name, err)]), stitched,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            pair.ft.run_with_hooks(toks, fwd_hooks=[(name, err)]), stitched, atol=1e-4, rtol=1e-4
+        )
     _, st = paired_hooks(pair, None, toks, layer=1, mode="stitch")
-    torch.testing.assert_close(pair.ft.run_with_hooks(toks, fwd_hooks=[(name, st)]), stitched,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        pair.ft.run_with_hooks(toks, fwd_hooks=[(name, st)]), stitched, atol=1e-5, rtol=1e-5
+    )
     # the hook also composes with run_with_cache (hooks context manager)
     with pair.ft.hooks(fwd_hooks=[(name, rec)]):
         logits, cache = pair.ft.run_with_cache(toks, names_filter=["blocks.1.hook_resid_post"])
@@ -79,8 +86,9 @@ def test_perfect_dictionaries_in_a_forward(pair, toks):
     # base second half on the ft residual
     name, rec_b = paired_hooks(pair, perfect_crosscoder(D), toks, layer=1, run_on="base")
     expected = pair.continue_from("base", pair.residual_at("ft", toks, 1), 1)
-    torch.testing.assert_close(pair.base.run_with_hooks(toks, fwd_hooks=[(name, rec_b)]), expected,
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        pair.base.run_with_hooks(toks, fwd_hooks=[(name, rec_b)]), expected, atol=1e-4, rtol=1e-4
+    )
 
 
 def test_steering_recording_and_amplification_hooks(pair, toks):

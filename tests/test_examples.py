@@ -22,8 +22,11 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
 def _setup():
     """ft-SAE reading x^c through the identity: latent l's activation is x^c[..., l] when > 0.1."""
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=D, dtype="float64", device="cpu",
-                                        apply_b_dec_to_input=False))
+    sae = JumpReLUSAE(
+        JumpReLUSAEConfig(
+            d_in=D, d_sae=D, dtype="float64", device="cpu", apply_b_dec_to_input=False
+        )
+    )
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(D, dtype=torch.float64))
         sae.b_enc.zero_()
@@ -39,7 +42,7 @@ def _setup():
 
 def _batches(acts: torch.Tensor, rows: int):
     for r0 in range(0, N_SEQ, rows):
-        a = acts[r0:r0 + rows]
+        a = acts[r0 : r0 + rows]
         seq = torch.arange(r0, r0 + a.shape[0])[:, None].expand(a.shape[:2])
         pos = torch.arange(SEQ)[None].expand(a.shape[:2])
         yield {"acts": a, "seq": seq, "pos": pos}
@@ -47,8 +50,15 @@ def _batches(acts: torch.Tensor, rows: int):
 
 def test_top_examples_match_planted_values_and_streaming():
     sae, acts, tokens, vals = _setup()
-    kw = dict(kind="ft_sae", k=5, n_quantiles=3, per_quantile=2, window=(2, 1),
-              tokenizer=lambda t: ALPHABET[t], progress=False)
+    kw = dict(
+        kind="ft_sae",
+        k=5,
+        n_quantiles=3,
+        per_quantile=2,
+        window=(2, 1),
+        tokenizer=lambda t: ALPHABET[t],
+        progress=False,
+    )
     one = max_activating_examples(sae, list(_batches(acts, N_SEQ)), tokens, [2, 0], **kw)
     many = max_activating_examples(sae, list(_batches(acts, 2)), tokens, [2, 0], **kw)
     assert list(one) == [2, 0]
@@ -58,12 +68,14 @@ def test_top_examples_match_planted_values_and_streaming():
         got = one[lat].top
         assert [e.value for e in got] == pytest.approx(top.values.tolist())
         assert [(e.seq, e.pos) for e in got] == [divmod(int(i), SEQ) for i in top.indices]
-        assert [(e.seq, e.pos, e.value) for e in many[lat].top] == [(e.seq, e.pos, e.value) for e in got]
+        assert [(e.seq, e.pos, e.value) for e in many[lat].top] == [
+            (e.seq, e.pos, e.value) for e in got
+        ]
         assert one[lat].count_active == int((flat > 0).sum()) and one[lat].n_tokens == N_SEQ * SEQ
         # context window and the marked token
         e = got[0]
         lo = max(0, e.pos - 2)
-        assert e.tokens == [ALPHABET[t] for t in tokens[e.seq, lo:e.pos + 2].tolist()]
+        assert e.tokens == [ALPHABET[t] for t in tokens[e.seq, lo : e.pos + 2].tolist()]
         assert e.tokens[e.active] == ALPHABET[int(tokens[e.seq, e.pos])]
         # quantile samples: real active tokens, bins ordered from high to low, values inside bins
         bins = one[lat].quantiles
@@ -78,8 +90,16 @@ def test_top_examples_match_planted_values_and_streaming():
 def test_rendering_text_and_html(tmp_path):
     sae, acts, tokens, _ = _setup()
     tokens[0, :] = 0
-    res = max_activating_examples(sae, _batches(acts, 3), tokens, [1], kind="ft_sae", k=3,
-                                  tokenizer=lambda t: "<&>\n" if t == 0 else ALPHABET[t], progress=False)
+    res = max_activating_examples(
+        sae,
+        _batches(acts, 3),
+        tokens,
+        [1],
+        kind="ft_sae",
+        k=3,
+        tokenizer=lambda t: "<&>\n" if t == 0 else ALPHABET[t],
+        progress=False,
+    )
     ex = res[1].top[0]
     text = ex.to_text()
     assert f"«{ex.tokens[ex.active].replace(chr(10), '↵')}»" in text and f"{ex.value:.3f}" in text
@@ -94,16 +114,34 @@ def test_rendering_text_and_html(tmp_path):
 
 def test_on_the_fly_equals_precomputed_and_masks_tokens():
     sae, acts, tokens, _ = _setup()
-    pre = max_activating_examples(sae, _batches(acts, 4), tokens, [0, 1, 2], kind="ft_sae",
-                                  progress=False)
-    fly = examples_on_the_fly(sae, lambda t: acts[_rows_of(t, tokens)], tokens, [0, 1, 2],
-                              batch_size=3, kind="ft_sae", progress=False)
+    pre = max_activating_examples(
+        sae, _batches(acts, 4), tokens, [0, 1, 2], kind="ft_sae", progress=False
+    )
+    fly = examples_on_the_fly(
+        sae,
+        lambda t: acts[_rows_of(t, tokens)],
+        tokens,
+        [0, 1, 2],
+        batch_size=3,
+        kind="ft_sae",
+        progress=False,
+    )
     for lat in pre:
-        assert [(e.seq, e.pos, e.value) for e in fly[lat].top] == [(e.seq, e.pos, e.value) for e in pre[lat].top]
+        assert [(e.seq, e.pos, e.value) for e in fly[lat].top] == [
+            (e.seq, e.pos, e.value) for e in pre[lat].top
+        ]
     mask = torch.ones(N_SEQ, SEQ, dtype=torch.bool)
     mask[:, 0] = False  # e.g. BOS
-    masked = examples_on_the_fly(sae, lambda t: acts[_rows_of(t, tokens)], tokens, [0], kind="ft_sae",
-                                 token_mask=mask, k=50, progress=False)
+    masked = examples_on_the_fly(
+        sae,
+        lambda t: acts[_rows_of(t, tokens)],
+        tokens,
+        [0],
+        kind="ft_sae",
+        token_mask=mask,
+        k=50,
+        progress=False,
+    )
     assert all(e.pos > 0 for e in masked[0].top) and masked[0].n_tokens == N_SEQ * (SEQ - 1)
 
 
@@ -116,7 +154,10 @@ class _FakeCache:
     """The three members of ActivationCache that cache_batches uses."""
 
     def __init__(self, acts, tokens):
-        self.shards = [{"acts": acts[:4], "tokens": tokens[:4]}, {"acts": acts[4:], "tokens": tokens[4:]}]
+        self.shards = [
+            {"acts": acts[:4], "tokens": tokens[:4]},
+            {"acts": acts[4:], "tokens": tokens[4:]},
+        ]
         for s in self.shards:
             s["mask_special"] = torch.zeros(s["tokens"].shape, dtype=torch.bool)
             s["mask_special"][:, 1] = True
@@ -150,8 +191,12 @@ def test_cache_batches_feed_examples_and_latent_scaling():
 def test_examples_errors():
     sae, acts, tokens, _ = _setup()
     with pytest.raises(ValueError, match="'seq' and 'pos'"):
-        max_activating_examples(sae, [acts.reshape(-1, 2, D)], tokens, [0], kind="ft_sae", progress=False)
+        max_activating_examples(
+            sae, [acts.reshape(-1, 2, D)], tokens, [0], kind="ft_sae", progress=False
+        )
     with pytest.raises(ValueError, match="outside the token table"):
-        max_activating_examples(sae, _batches(acts, 7), tokens[:2], [0], kind="ft_sae", progress=False)
+        max_activating_examples(
+            sae, _batches(acts, 7), tokens[:2], [0], kind="ft_sae", progress=False
+        )
     with pytest.raises(ValueError, match="no tokens"):
         max_activating_examples(sae, [], tokens, [0], kind="ft_sae", progress=False)

@@ -40,15 +40,23 @@ def test_per_model_init_norm_is_configurable_and_none_falls_back_to_sae_lens() -
     torch.manual_seed(0)
     sae = _btk(decoder_init_norm_per_model=0.5)
     torch.testing.assert_close(sae.W_dec.detach().norm(dim=-1), torch.full((40, 2), 0.5))
-    old = _btk(decoder_init_norm_per_model=None)  # SAELens's decoder_init_norm on the concatenated row
+    old = _btk(
+        decoder_init_norm_per_model=None
+    )  # SAELens's decoder_init_norm on the concatenated row
     torch.testing.assert_close(old.W_dec_flat.detach().norm(dim=-1), torch.full((40,), 0.1))
     l1 = L1CrosscoderTraining(L1CrosscoderTrainingConfig(d_in=12, d_sae=40))  # unchanged default
     torch.testing.assert_close(l1.W_dec_flat.detach().norm(dim=-1), torch.full((40,), 0.1))
     assert not l1.cfg.center_inputs
 
 
-@pytest.mark.parametrize("bad", [{"decoder_init_norm_per_model": 0.0}, {"threshold_start_step": -1},
-                                 {"threshold_ema_decay": 1.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"decoder_init_norm_per_model": 0.0},
+        {"threshold_start_step": -1},
+        {"threshold_ema_decay": 1.0},
+    ],
+)
 def test_bad_settings_are_rejected_with_the_field_named(bad: dict[str, float]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         _btk(**bad)
@@ -67,18 +75,34 @@ def _naive_threshold(mins: list[float], decay: float, start: int) -> float:
 def test_threshold_average_restarts_after_the_warm_up_step(sparse: bool) -> None:
     torch.manual_seed(1)
     start, decay = 3, 0.5
-    sae = _btk(d_in=8, d_sae=64, k=2, threshold_start_step=start, threshold_ema_decay=decay,
-               sparse_kernels=sparse, dtype="float64")
+    sae = _btk(
+        d_in=8,
+        d_sae=64,
+        k=2,
+        threshold_start_step=start,
+        threshold_ema_decay=decay,
+        sparse_kernels=sparse,
+        dtype="float64",
+    )
     mins: list[float] = []
     for step in range(8):
         x = torch.randn(32, 2, 8, dtype=torch.float64) * (1 + step)  # the min kept score moves
-        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
-                                                       n_training_steps=step, is_logging_step=False))
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients={},
+                dead_neuron_mask=None,
+                n_training_steps=step,
+                is_logging_step=False,
+            )
+        )
         fa = out.feature_acts.to_dense() if out.feature_acts.is_sparse else out.feature_acts
         with torch.no_grad():
             v = (fa * sae.code_scale())[fa > 0]
         mins.append(float(v.min()))
-        assert float(sae.topk_threshold) == pytest.approx(_naive_threshold(mins, decay, start), rel=1e-12)
+        assert float(sae.topk_threshold) == pytest.approx(
+            _naive_threshold(mins, decay, start), rel=1e-12
+        )
         if step == start + 1:  # restarted: the average forgot every earlier batch
             assert float(sae.topk_threshold) == pytest.approx(mins[-1], rel=1e-12)
     assert _naive_threshold(mins, decay, start) != pytest.approx(_naive_threshold(mins, decay, 100))
@@ -98,7 +122,9 @@ def test_centring_folds_into_the_biases_exactly(apply_b_dec: bool) -> None:
         sae.W_dec.mul_(torch.rand(30, 2, 1, dtype=torch.float64) + 0.5)
     x = torch.randn(50, 2, 10, dtype=torch.float64) * 4 + mu.double()
     x_n = sae.normalised_input(x)
-    torch.testing.assert_close(x_n, (x - mu.double()) * torch.tensor([0.3, 2.5], dtype=torch.float64)[:, None])
+    torch.testing.assert_close(
+        x_n, (x - mu.double()) * torch.tensor([0.3, 2.5], dtype=torch.float64)[:, None]
+    )
     with torch.no_grad():
         hidden_train = sae.hidden_pre(x_n)
         recon_train = sae.unnormalise(sae.decode_normalised(torch.relu(hidden_train)))
@@ -137,12 +163,19 @@ def test_loss_forms_match_their_definitions(loss_form: str) -> None:
     torch.manual_seed(4)
     sae = _btk(d_in=6, d_sae=20, k=2, dtype="float64", loss_form=loss_form)
     x = torch.randn(9, 2, 6, dtype=torch.float64)
-    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=None,
-                                                   n_training_steps=0, is_logging_step=False))
+    out = sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=None,
+            n_training_steps=0,
+            is_logging_step=False,
+        )
+    )
     e = (out.sae_in - out.sae_out).detach()
     per = [[float(e[i, m].pow(2).sum()) for m in range(2)] for i in range(9)]
     if loss_form == "norm":
-        expect = sum(v ** 0.5 for row in per for v in row) / 18
+        expect = sum(v**0.5 for row in per for v in row) / 18
     else:
         expect = sum(sum(row) for row in per) / 9
     assert float(out.losses["mse_loss"]) == pytest.approx(expect, rel=1e-12)

@@ -13,7 +13,14 @@ def test_delta_and_tags_hand_computed() -> None:
     delta = geometry.relative_norm(norms)
     expected = torch.tensor([0.5, 0.0, 1.0, 0.75, 0.025, 0.575])
     torch.testing.assert_close(delta, expected)
-    assert list(geometry.tags(delta)) == ["shared", "ft_only", "base_only", "other", "ft_only", "shared"]
+    assert list(geometry.tags(delta)) == [
+        "shared",
+        "ft_only",
+        "base_only",
+        "other",
+        "ft_only",
+        "shared",
+    ]
     assert geometry.tag_counts(delta) == {"ft_only": 2, "base_only": 1, "shared": 2, "other": 1}
 
 

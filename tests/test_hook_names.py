@@ -48,7 +48,9 @@ def test_split_layer_is_the_residual_before_that_block(model) -> None:
     for layer in range(N_LAYERS + 1):
         name = resid_hook(layer, N_LAYERS)
         if layer < N_LAYERS:
-            torch.testing.assert_close(cache[name], model(toks, stop_at_layer=layer), rtol=0, atol=0)
+            torch.testing.assert_close(
+                cache[name], model(toks, stop_at_layer=layer), rtol=0, atol=0
+            )
         torch.testing.assert_close(cache[earliest_alias(name)], cache[name], rtol=0, atol=0)
     final = model.ln_final(cache[resid_hook(N_LAYERS, N_LAYERS)])
     torch.testing.assert_close(model.unembed(final), model(toks), rtol=0, atol=0)
@@ -56,8 +58,11 @@ def test_split_layer_is_the_residual_before_that_block(model) -> None:
 
 def test_stop_layer_still_fires_the_hook(model) -> None:
     toks = random_tokens(1, 5, seed=2)
-    names = [f"blocks.{b}.{h}" for b in range(N_LAYERS) for h in ("hook_resid_pre", "hook_resid_post",
-                                                                   "mlp.hook_post", "attn.hook_z")]
+    names = [
+        f"blocks.{b}.{h}"
+        for b in range(N_LAYERS)
+        for h in ("hook_resid_pre", "hook_resid_post", "mlp.hook_post", "attn.hook_z")
+    ]
     names += ["hook_embed", "hook_pos_embed"]
     for name in names:
         stop = stop_layer(name, N_LAYERS)
@@ -84,4 +89,6 @@ def test_hook_width_matches_the_activation(model) -> None:
     assert hook_width("blocks.0.attn.hook_z") is None and block_of("blocks.2.mlp.hook_post") == 2
     assert block_of("hook_embed") is None
     # every block hook of this model is in the spelling-check list
-    assert {n.split(".", 2)[2] for n in model.hook_dict if n.startswith("blocks.0.")} <= set(BLOCK_HOOKS)
+    assert {n.split(".", 2)[2] for n in model.hook_dict if n.startswith("blocks.0.")} <= set(
+        BLOCK_HOOKS
+    )

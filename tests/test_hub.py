@@ -22,7 +22,11 @@ from tests.hub_stub import HubStub, local_hub
 hub_stub = _stub_module.hub_stub  # the fixture: a running stub with huggingface_hub pointed at it
 
 D = 8
-PAIR_MD = {"base_model_name": "org/base", "model_name": "org/ft", "hook_name": "blocks.1.hook_resid_post"}
+PAIR_MD = {
+    "base_model_name": "org/base",
+    "model_name": "org/ft",
+    "hook_name": "blocks.1.hook_resid_post",
+}
 
 
 def trained(arch: str, **kw: Any) -> Any:
@@ -41,8 +45,15 @@ def trained(arch: str, **kw: Any) -> Any:
 
     for _ in range(5):
         x = torch.randn(64, 2, D) if paired else torch.randn(64, D)
-        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": 0.1}, dead_neuron_mask=None,
-                                                       n_training_steps=0, is_logging_step=False))
+        out = sae.training_forward_pass(
+            TrainStepInput(
+                sae_in=x,
+                coefficients={"l1": 0.1},
+                dead_neuron_mask=None,
+                n_training_steps=0,
+                is_logging_step=False,
+            )
+        )
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -53,7 +64,9 @@ ARCHS = {"crosscoder": {}, "batchtopk_crosscoder": {"k": 4}, "batchtopk_diff_sae
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_upload_then_from_pretrained_gives_identical_outputs(hub_stub: HubStub, tmp_path: Path, arch: str) -> None:
+def test_upload_then_from_pretrained_gives_identical_outputs(
+    hub_stub: HubStub, tmp_path: Path, arch: str
+) -> None:
     sae = trained(arch, **ARCHS[arch])
     out = tmp_path / "out"
     sae.save_inference_model(out)
@@ -71,7 +84,9 @@ def test_upload_then_from_pretrained_gives_identical_outputs(hub_stub: HubStub, 
     x = torch.randn(16, 2, D)
     assert torch.equal(loaded.encode(x), local.encode(x))
     assert torch.equal(loaded(x), local(x))
-    if arch != "batchtopk_diff_sae":  # the exported dictionary matches the training one's raw-space output
+    if (
+        arch != "batchtopk_diff_sae"
+    ):  # the exported dictionary matches the training one's raw-space output
         torch.testing.assert_close(loaded.decode(loaded.encode(x)), local(x))
     assert loaded.cfg.metadata.base_model_name == "org/base"
     assert ("POST", "/api/models/my-org/diffing/commit/main") in hub_stub.requests
@@ -92,7 +107,9 @@ def test_saelens_uploader_and_loader_directly(hub_stub: HubStub, tmp_path: Path)
     assert (snap / "cc" / "cfg.json").is_file() and (snap / "README.md").is_file()
 
 
-def test_upload_refuses_missing_pair_metadata_and_accepts_added(hub_stub: HubStub, tmp_path: Path) -> None:
+def test_upload_refuses_missing_pair_metadata_and_accepts_added(
+    hub_stub: HubStub, tmp_path: Path
+) -> None:
     sae = trained("batchtopk_crosscoder", k=4)
     sae.cfg.metadata.base_model_name = None
     out = tmp_path / "nometa"
@@ -101,11 +118,23 @@ def test_upload_refuses_missing_pair_metadata_and_accepts_added(hub_stub: HubStu
         upload_dictionary(out, "org/meta", show_progress=False)
     assert "org/meta" not in hub_stub.repos  # refused before anything was created
     # the CLI adds it with --metadata
-    rc = main(["upload", str(out), "--repo-id", "org/meta", "--sae-id", "cc",
-               "--metadata", "base_model_name=org/base"])
+    rc = main(
+        [
+            "upload",
+            str(out),
+            "--repo-id",
+            "org/meta",
+            "--sae-id",
+            "cc",
+            "--metadata",
+            "base_model_name=org/base",
+        ]
+    )
     assert rc == 0
     assert SAE.from_pretrained("org/meta", "cc").cfg.metadata.base_model_name == "org/base"
-    assert json.loads(out.joinpath("cfg.json").read_text())["metadata"].get("base_model_name") is None  # local untouched
+    assert (
+        json.loads(out.joinpath("cfg.json").read_text())["metadata"].get("base_model_name") is None
+    )  # local untouched
 
 
 def test_stub_is_offline_safe_and_stops() -> None:

@@ -145,7 +145,9 @@ def test_the_cycle_finder_finds_a_planted_cycle(tmp_path: Path) -> None:
         "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import sae_diff.a\n"
         "def g():\n    import sae_diff.a\n"
     )
-    (pkg / "d.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from sae_diff import a\n")
+    (pkg / "d.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from sae_diff import a\n"
+    )
     graph = import_graph(tmp_path)
     assert graph["sae_diff.a"] == {"sae_diff.sub.b"}
     assert graph["sae_diff.sub.b"] == {"sae_diff.c"}
@@ -160,5 +162,7 @@ def test_no_import_cycles_in_sae_diff() -> None:
     assert len(graph) > 50, "the package was not found"
     found = cycles(graph)
     if found:
-        pytest.fail("import cycles in sae_diff (break each by moving the shared code into a module "
-                    "both can import):\n" + "\n".join(_describe(c, graph) for c in found))
+        pytest.fail(
+            "import cycles in sae_diff (break each by moving the shared code into a module "
+            "both can import):\n" + "\n".join(_describe(c, graph) for c in found)
+        )

@@ -42,8 +42,14 @@ def _close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
     assert err <= atol + 1e-6 * b.abs().max().item(), f"max abs error {err}"
 
 
-def _check_crosscoder(sae: SAE, sd: dict, x: torch.Tensor, batch_topk: bool, code: str,
-                      dtype: torch.dtype = torch.float64) -> None:
+def _check_crosscoder(
+    sae: SAE,
+    sd: dict,
+    x: torch.Tensor,
+    batch_topk: bool,
+    code: str,
+    dtype: torch.dtype = torch.float64,
+) -> None:
     f_ref, xhat_ref = ref_dl_crosscoder(sd, x, batch_topk=batch_topk, code=code)
     assert 0 < (f_ref > 0).float().mean() < 1, "the test inputs should switch some latents off"
     with torch.no_grad():
@@ -54,6 +60,7 @@ def _check_crosscoder(sae: SAE, sd: dict, x: torch.Tensor, batch_topk: bool, cod
 
 
 # --- dictionary_learning crosscoders -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("normaliser", [False, True])
 def test_l1_crosscoder_matches_source(tmp_path: Path, normaliser: bool) -> None:
@@ -66,10 +73,14 @@ def test_l1_crosscoder_matches_source(tmp_path: Path, normaliser: bool) -> None:
     _check_crosscoder(sae, sd, sample_inputs((32, L, D)), batch_topk=False, code="CROSSCODER")
 
 
-@pytest.mark.parametrize("code,normaliser", [("CROSSCODER", True), ("SAE", False), ("NONE", True), ("MIXED", True)])
+@pytest.mark.parametrize(
+    "code,normaliser", [("CROSSCODER", True), ("SAE", False), ("NONE", True), ("MIXED", True)]
+)
 def test_batchtopk_crosscoder_matches_source(tmp_path: Path, code: str, normaliser: bool) -> None:
     sd = dl_crosscoder_state(L, D, N, batch_topk=True, code=code, normaliser=normaliser)
-    folder = write_dl(tmp_path / "cc", sd, dl_crosscoder_config(L, D, N, batch_topk=True, code=code))
+    folder = write_dl(
+        tmp_path / "cc", sd, dl_crosscoder_config(L, D, N, batch_topk=True, code=code)
+    )
     label = {"MIXED": {"code_normalisation": "crosscoder"}}.get(code, {})
     sae = interop.load(folder, dtype="float64", **label)
     assert isinstance(sae, JumpReLUCrosscoder) and sae.cfg.k == 3
@@ -78,10 +89,13 @@ def test_batchtopk_crosscoder_matches_source(tmp_path: Path, code: str, normalis
 
 def test_float32_default_matches_source(tmp_path: Path) -> None:
     sd = dl_crosscoder_state(L, D, N, batch_topk=True, normaliser=True)
-    sae = interop.load(write_dl(tmp_path / "cc", sd, dl_crosscoder_config(L, D, N, batch_topk=True)))
+    sae = interop.load(
+        write_dl(tmp_path / "cc", sd, dl_crosscoder_config(L, D, N, batch_topk=True))
+    )
     assert sae.W_enc.dtype == torch.float32
-    _check_crosscoder(sae, sd, sample_inputs((64, L, D)), batch_topk=True, code="CROSSCODER",
-                      dtype=torch.float32)
+    _check_crosscoder(
+        sae, sd, sample_inputs((64, L, D)), batch_topk=True, code="CROSSCODER", dtype=torch.float32
+    )
 
 
 def test_old_pt_checkpoint_with_compile_prefix_and_no_config(tmp_path: Path) -> None:
@@ -96,8 +110,10 @@ def test_old_pt_checkpoint_with_compile_prefix_and_no_config(tmp_path: Path) -> 
 
 def test_training_config_with_trainer_section_and_ae_pt(tmp_path: Path) -> None:
     sd = dl_sae_state(D, N, normaliser=True)
-    cfg = {"trainer": {**dl_sae_config(D, N), "lm_name": "google/gemma-2-2b-it", "layer": 13},
-           "buffer": {"ctx_len": 1024}}
+    cfg = {
+        "trainer": {**dl_sae_config(D, N), "lm_name": "google/gemma-2-2b-it", "layer": 13},
+        "buffer": {"ctx_len": 1024},
+    }
     sae = interop.load(write_dl(tmp_path / "tr", sd, cfg, weights="ae.pt"), dtype="float64")
     x = sample_inputs((32, D))
     with torch.no_grad():
@@ -114,7 +130,9 @@ class _NotATensor:
 def test_pt_files_are_read_with_weights_only(tmp_path: Path) -> None:
     folder = tmp_path / "evil"
     folder.mkdir()
-    torch.save({"encoder.weight": torch.zeros(2, 3, 4), "payload": _NotATensor()}, folder / "model.pt")
+    torch.save(
+        {"encoder.weight": torch.zeros(2, 3, 4), "payload": _NotATensor()}, folder / "model.pt"
+    )
     with pytest.raises(interop.InteropError, match="weights_only=True"):
         interop.load(folder / "model.pt")
 
@@ -124,13 +142,16 @@ def test_embedding_bag_decoder_layers_are_stacked(tmp_path: Path) -> None:
     dec = sd.pop("decoder.weight")
     for i in range(L):
         sd[f"decoder.layers.{i}.weight"] = dec[i]
-    sae = interop.load(write_dl(tmp_path / "eb", sd, dl_crosscoder_config(L, D, N, batch_topk=False)),
-                       dtype="float64")
+    sae = interop.load(
+        write_dl(tmp_path / "eb", sd, dl_crosscoder_config(L, D, N, batch_topk=False)),
+        dtype="float64",
+    )
     sd["decoder.weight"] = dec
     _check_crosscoder(sae, sd, sample_inputs((16, L, D)), batch_topk=False, code="CROSSCODER")
 
 
 # --- Δ convention -------------------------------------------------------------------------------
+
 
 def test_relative_norm_in_project_convention_and_base_index(tmp_path: Path) -> None:
     sd = dl_crosscoder_state(L, D, N, batch_topk=False, normaliser=True)
@@ -146,6 +167,7 @@ def test_relative_norm_in_project_convention_and_base_index(tmp_path: Path) -> N
 
 
 # --- BatchTopKSAE (chat-SAE, diff-SAE) ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("normaliser", [False, True])
 def test_batchtopk_sae_matches_source(tmp_path: Path, normaliser: bool) -> None:
@@ -164,7 +186,9 @@ def test_batchtopk_sae_matches_source(tmp_path: Path, normaliser: bool) -> None:
 @pytest.mark.parametrize("diff_sign", ["ft_minus_base", "base_minus_ft"])
 def test_diff_sae_takes_paired_input(tmp_path: Path, diff_sign: str) -> None:
     sd = dl_sae_state(D, N, normaliser=True)
-    sae = interop.load(write_dl(tmp_path / "d", sd, dl_sae_config(D, N)), dtype="float64", diff_sign=diff_sign)
+    sae = interop.load(
+        write_dl(tmp_path / "d", sd, dl_sae_config(D, N)), dtype="float64", diff_sign=diff_sign
+    )
     assert isinstance(sae, DiffSAE) and sae.cfg.diff_sign == diff_sign and sae.cfg.k == 4
     pair = torch.stack([sample_inputs((32, D), seed=5), sample_inputs((32, D), seed=6)], dim=-2)
     diff = pair[:, 1] - pair[:, 0] if diff_sign == "ft_minus_base" else pair[:, 0] - pair[:, 1]
@@ -176,8 +200,11 @@ def test_diff_sae_takes_paired_input(tmp_path: Path, diff_sign: str) -> None:
 
 def test_transposed_sae_layouts_detected_by_shape(tmp_path: Path) -> None:
     sd = dl_sae_state(D, N)
-    flipped = {**sd, "encoder.weight": sd["encoder.weight"].T.contiguous(),
-               "decoder.weight": sd["decoder.weight"].T.contiguous()}
+    flipped = {
+        **sd,
+        "encoder.weight": sd["encoder.weight"].T.contiguous(),
+        "decoder.weight": sd["decoder.weight"].T.contiguous(),
+    }
     sae = interop.load(write_dl(tmp_path / "t", flipped, dl_sae_config(D, N)), dtype="float64")
     x = sample_inputs((32, D))
     with torch.no_grad():
@@ -185,6 +212,7 @@ def test_transposed_sae_layouts_detected_by_shape(tmp_path: Path) -> None:
 
 
 # --- replication format -------------------------------------------------------------------------
+
 
 def test_replication_with_norm_factors(tmp_path: Path) -> None:
     sd = replication_state(D, N)
@@ -217,6 +245,7 @@ def test_replication_without_factors_expects_scaled_inputs(tmp_path: Path) -> No
 
 # --- SAELens form: save, load_from_disk, converters ------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["crosscoder", "batchtopk_crosscoder", "diff_sae", "replication"])
 def test_convert_saves_in_saelens_form(tmp_path: Path, kind: str) -> None:
     kwargs: dict = {}
@@ -230,8 +259,11 @@ def test_convert_saves_in_saelens_form(tmp_path: Path, kind: str) -> None:
         x = sample_inputs((16, 2, D))
     else:
         bt = kind == "batchtopk_crosscoder"
-        src = write_dl(tmp_path / "src", dl_crosscoder_state(L, D, N, batch_topk=bt, normaliser=True),
-                       dl_crosscoder_config(L, D, N, batch_topk=bt))
+        src = write_dl(
+            tmp_path / "src",
+            dl_crosscoder_state(L, D, N, batch_topk=bt, normaliser=True),
+            dl_crosscoder_config(L, D, N, batch_topk=bt),
+        )
         x = sample_inputs((16, L, D))
     direct = interop.load(src, **kwargs)
     out = interop.convert(src, tmp_path / "out", **kwargs)
@@ -250,10 +282,13 @@ def test_convert_saves_in_saelens_form(tmp_path: Path, kind: str) -> None:
 
 # --- clear errors -------------------------------------------------------------------------------
 
+
 def test_unknown_dict_class(tmp_path: Path) -> None:
     cfg = {**dl_crosscoder_config(L, D, N, batch_topk=False), "dict_class": "MatryoshkaCrossCoder"}
     folder = write_dl(tmp_path / "u", dl_crosscoder_state(L, D, N, batch_topk=False), cfg)
-    with pytest.raises(interop.UnknownDictClassError, match="MatryoshkaCrossCoder.*Supported: BatchTopKCrossCoder"):
+    with pytest.raises(
+        interop.UnknownDictClassError, match="MatryoshkaCrossCoder.*Supported: BatchTopKCrossCoder"
+    ):
         interop.load(folder)
 
 
@@ -284,7 +319,9 @@ def test_shape_mismatches(tmp_path: Path) -> None:
         interop.load(write_dl(tmp_path / "s1", sd, cfg))
     bad = {**sd, "decoder.weight": sd["decoder.weight"][:, :-1]}
     with pytest.raises(interop.ShapeMismatchError, match=r"decoder.weight has shape \(2, 23, 8\)"):
-        interop.load(write_dl(tmp_path / "s2", bad, dl_crosscoder_config(L, D, N, batch_topk=False)))
+        interop.load(
+            write_dl(tmp_path / "s2", bad, dl_crosscoder_config(L, D, N, batch_topk=False))
+        )
     rep = replication_state(D, N)
     rep["W_enc"] = rep["W_enc"][..., :-2]
     with pytest.raises(interop.ShapeMismatchError, match="W_enc"):
@@ -295,7 +332,9 @@ def test_decoupled_and_mixed_codes(tmp_path: Path) -> None:
     sd = dl_crosscoder_state(L, D, N, batch_topk=True)
     sd["code_normalization_id"] = torch.tensor(5)
     sd["threshold"] = torch.tensor([0.1, 0.2])
-    folder = write_dl(tmp_path / "dc", sd, dl_crosscoder_config(L, D, N, batch_topk=True, code="DECOUPLED"))
+    folder = write_dl(
+        tmp_path / "dc", sd, dl_crosscoder_config(L, D, N, batch_topk=True, code="DECOUPLED")
+    )
     with pytest.raises(interop.UnsupportedDictionaryError, match="decoupled"):
         interop.load(folder)
     with pytest.raises(NotImplementedError):  # also catchable as NotImplementedError
@@ -303,12 +342,19 @@ def test_decoupled_and_mixed_codes(tmp_path: Path) -> None:
     # an L1 crosscoder's code normalisation only weights its training loss: converts with a label
     l1 = dl_crosscoder_state(L, D, N, batch_topk=False)
     l1["code_normalization_id"] = torch.tensor(5)
-    l1_folder = write_dl(tmp_path / "l1", l1, dl_crosscoder_config(L, D, N, batch_topk=False, code="DECOUPLED"))
+    l1_folder = write_dl(
+        tmp_path / "l1", l1, dl_crosscoder_config(L, D, N, batch_topk=False, code="DECOUPLED")
+    )
     with pytest.raises(interop.UnsupportedDictionaryError, match="code_normalisation="):
         interop.load(l1_folder)
-    assert interop.load(l1_folder, code_normalisation="crosscoder").cfg.code_normalisation == "crosscoder"
+    assert (
+        interop.load(l1_folder, code_normalisation="crosscoder").cfg.code_normalisation
+        == "crosscoder"
+    )
     mixed = dl_crosscoder_state(L, D, N, batch_topk=True, code="MIXED")
-    mixed_folder = write_dl(tmp_path / "mx", mixed, dl_crosscoder_config(L, D, N, batch_topk=True, code="MIXED"))
+    mixed_folder = write_dl(
+        tmp_path / "mx", mixed, dl_crosscoder_config(L, D, N, batch_topk=True, code="MIXED")
+    )
     with pytest.raises(interop.UnsupportedDictionaryError, match="MIXED"):
         interop.load(mixed_folder)
 

@@ -39,16 +39,24 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", boom)
 
 
-@pytest.mark.parametrize("make", [
-    lambda t: str(t / "does" / "not" / "exist"),          # absolute: "/" was stripped before is_absolute()
-    lambda t: str(t / "missing_dir") + "/",
-    lambda t: "./no/such/folder",
-    lambda t: "owner/repo/model.safetensors",              # a file name, not a repo id
-], ids=["I41-absolute", "I41-trailing-slash", "I42-relative", "I42-filename"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: str(
+            t / "does" / "not" / "exist"
+        ),  # absolute: "/" was stripped before is_absolute()
+        lambda t: str(t / "missing_dir") + "/",
+        lambda t: "./no/such/folder",
+        lambda t: "owner/repo/model.safetensors",  # a file name, not a repo id
+    ],
+    ids=["I41-absolute", "I41-trailing-slash", "I42-relative", "I42-filename"],
+)
 def test_missing_local_path_is_not_a_hub_repo(make: Any, tmp_path: Path, no_network: None) -> None:
     """I41-I42: a path that does not exist gets one clear error, not five network retries."""
     source = make(tmp_path)
-    with pytest.raises(interop.InteropFileNotFoundError, match="neither an existing local path") as e:
+    with pytest.raises(
+        interop.InteropFileNotFoundError, match="neither an existing local path"
+    ) as e:
         interop.load(source)
     assert isinstance(e.value, SaeDiffError) and isinstance(e.value, FileNotFoundError)
 
@@ -56,11 +64,16 @@ def test_missing_local_path_is_not_a_hub_repo(make: Any, tmp_path: Path, no_netw
 def test_truncated_safetensors_names_the_file(tmp_path: Path, no_network: None) -> None:
     """I43: a truncated model.safetensors raises InteropError naming the file (not a bare
     SafetensorError)."""
-    folder = write_dl(tmp_path / "cc", dl_crosscoder_state(L, D, N, batch_topk=False),
-                      dl_crosscoder_config(L, D, N, batch_topk=False))
+    folder = write_dl(
+        tmp_path / "cc",
+        dl_crosscoder_state(L, D, N, batch_topk=False),
+        dl_crosscoder_config(L, D, N, batch_topk=False),
+    )
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-40])
-    with pytest.raises(interop.InteropError, match=r"model\.safetensors as safetensors .*truncated or corrupt"):
+    with pytest.raises(
+        interop.InteropError, match=r"model\.safetensors as safetensors .*truncated or corrupt"
+    ):
         interop.load(folder)
 
 
@@ -86,7 +99,9 @@ def test_pickled_payload_in_a_pt_checkpoint_never_runs(tmp_path: Path) -> None:
         torch.save({"encoder.weight": torch.zeros(2, 3, 4), "x": Boom()}, sys.argv[1])
     """)
     (tmp_path / "evil").mkdir()
-    subprocess.run([sys.executable, "-c", code, str(tmp_path / "evil" / "model.pt"), str(marker)], check=True)
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "evil" / "model.pt"), str(marker)], check=True
+    )
     with pytest.raises(interop.InteropError, match="weights_only=True"):
         interop.load(tmp_path / "evil")
     assert not marker.exists()
@@ -98,15 +113,26 @@ def test_crosscoder_learning_trainer_folder_loads_without_weights_file(tmp_path:
     checkpoint."""
     final = dl_crosscoder_state(L, D, N, batch_topk=False, seed=1)
     folder = tmp_path / "run"
-    write_dl(folder, final, {"trainer": dl_crosscoder_config(L, D, N, batch_topk=False), "buffer": {}},
-             weights="model_final.pt")
+    write_dl(
+        folder,
+        final,
+        {"trainer": dl_crosscoder_config(L, D, N, batch_topk=False), "buffer": {}},
+        weights="model_final.pt",
+    )
     for step, seed in ((100, 2), (200, 3)):
-        torch.save(dl_crosscoder_state(L, D, N, batch_topk=False, seed=seed), folder / f"checkpoint_{step}.pt")
+        torch.save(
+            dl_crosscoder_state(L, D, N, batch_topk=False, seed=seed),
+            folder / f"checkpoint_{step}.pt",
+        )
     x = sample_inputs((32, L, D))
-    _check_crosscoder(interop.load(folder, dtype="float64"), final, x, batch_topk=False, code="CROSSCODER")
+    _check_crosscoder(
+        interop.load(folder, dtype="float64"), final, x, batch_topk=False, code="CROSSCODER"
+    )
     (folder / "model_final.pt").unlink()
     newest = dl_crosscoder_state(L, D, N, batch_topk=False, seed=3)
-    _check_crosscoder(interop.load(folder, dtype="float64"), newest, x, batch_topk=False, code="CROSSCODER")
+    _check_crosscoder(
+        interop.load(folder, dtype="float64"), newest, x, batch_topk=False, code="CROSSCODER"
+    )
 
 
 def test_replication_save_layout_is_detected(tmp_path: Path) -> None:
@@ -117,7 +143,9 @@ def test_replication_save_layout_is_detected(tmp_path: Path) -> None:
     states = {v: replication_state(D, N, seed=v) for v in (0, 1)}
     for v, sd in states.items():
         torch.save(sd, folder / f"{v}.pt")
-        (folder / f"{v}_cfg.json").write_text(json.dumps({"d_in": D, "dict_size": N, "hook_point": f"blocks.{v}.hook_resid_pre"}))
+        (folder / f"{v}_cfg.json").write_text(
+            json.dumps({"d_in": D, "dict_size": N, "hook_point": f"blocks.{v}.hook_resid_pre"})
+        )
     c = [0.5, 2.0]
     x = sample_inputs((16, 2, D))
     for weights_file, v in ((None, 1), ("0.pt", 0)):

@@ -62,7 +62,14 @@ def online(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, published: dict) -> 
         for repo_id, files in repos.items():
             stub.add_repo(repo_id, files)
         monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-        for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy"):
+        for var in (
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ):
             monkeypatch.delenv(var, raising=False)
         yield stub
 
@@ -106,8 +113,12 @@ def test_load_from_local_hub_stub(online: HubStub, published: dict, tmp_path: Pa
 def test_saelens_from_pretrained_with_converter(online: HubStub, published: dict) -> None:
     _check_all(
         lambda: SAE.from_pretrained(CC_REPO, "", converter=interop.hf_converter()),
-        lambda: SAE.from_pretrained(DIFF_REPO, "", converter=interop.hf_converter(diff_sign="ft_minus_base")),
-        lambda: SAE.from_pretrained(REP_REPO, REP_FOLDER, converter=interop.hf_converter(norm_factors=[0.5, 2.0])),
+        lambda: SAE.from_pretrained(
+            DIFF_REPO, "", converter=interop.hf_converter(diff_sign="ft_minus_base")
+        ),
+        lambda: SAE.from_pretrained(
+            REP_REPO, REP_FOLDER, converter=interop.hf_converter(norm_factors=[0.5, 2.0])
+        ),
         published,
     )
 
@@ -133,7 +144,9 @@ def test_through_the_training_issue_hub_stand_in(published: dict, tmp_path: Path
             api.upload_folder(repo_id=repo, folder_path=str(folder), path_in_repo=path_in_repo)
         _check_all(
             lambda: interop.load(CC_REPO),
-            lambda: SAE.from_pretrained(DIFF_REPO, "", converter=interop.hf_converter(diff_sign="ft_minus_base")),
+            lambda: SAE.from_pretrained(
+                DIFF_REPO, "", converter=interop.hf_converter(diff_sign="ft_minus_base")
+            ),
             lambda: interop.load(REP_REPO, subfolder=REP_FOLDER, norm_factors=[0.5, 2.0]),
             published,
         )

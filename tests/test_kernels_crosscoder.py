@@ -16,9 +16,17 @@ from sae_diff.dictionaries.batchtopk_crosscoder import (
 def _pair(dtype: str, code_normalisation: str, apply_b_dec: bool, loss_form: str = "norm"):
     cfgs = [
         BatchTopKCrosscoderTrainingConfig(
-            d_in=16, d_sae=3000, k=6, dtype=dtype, device="cpu", norm_factors=[0.8, 1.3],
-            code_normalisation=code_normalisation, sparse_kernels=sparse,
-            apply_b_dec_to_input=apply_b_dec, k_aux=5, loss_form=loss_form,
+            d_in=16,
+            d_sae=3000,
+            k=6,
+            dtype=dtype,
+            device="cpu",
+            norm_factors=[0.8, 1.3],
+            code_normalisation=code_normalisation,
+            sparse_kernels=sparse,
+            apply_b_dec_to_input=apply_b_dec,
+            k_aux=5,
+            loss_form=loss_form,
         )
         for sparse in (True, False)
     ]
@@ -33,12 +41,15 @@ def _pair(dtype: str, code_normalisation: str, apply_b_dec: bool, loss_form: str
     return sparse_m, dense_m
 
 
-@pytest.mark.parametrize(
-    ("dtype", "tol"), [("float64", 1e-10), ("float32", 1e-4)]
-)
+@pytest.mark.parametrize(("dtype", "tol"), [("float64", 1e-10), ("float32", 1e-4)])
 @pytest.mark.parametrize(
     ("code_normalisation", "apply_b_dec", "loss_form"),
-    [("crosscoder", False, "norm"), ("crosscoder", False, "squared"), ("sae", True, "norm"), ("none", False, "squared")],
+    [
+        ("crosscoder", False, "norm"),
+        ("crosscoder", False, "squared"),
+        ("sae", True, "norm"),
+        ("none", False, "squared"),
+    ],
 )
 def test_sparse_step_matches_dense_step(
     dtype: str, tol: float, code_normalisation: str, apply_b_dec: bool, loss_form: str
@@ -53,8 +64,13 @@ def test_sparse_step_matches_dense_step(
         for m in (sparse_m, dense_m):
             m.zero_grad(set_to_none=True)
             out = m.training_forward_pass(
-                TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
-                               n_training_steps=step, is_logging_step=False)
+                TrainStepInput(
+                    sae_in=x,
+                    coefficients={},
+                    dead_neuron_mask=dead,
+                    n_training_steps=step,
+                    is_logging_step=False,
+                )
             )
             out.loss.backward()
             outs.append(out)
@@ -66,7 +82,9 @@ def test_sparse_step_matches_dense_step(
         fa = o_s.feature_acts.to_dense()
         assert torch.equal(fa != 0, o_d.feature_acts.detach() != 0)
         torch.testing.assert_close(fa, o_d.feature_acts.detach(), rtol=tol, atol=tol)
-        torch.testing.assert_close(sparse_m.topk_threshold, dense_m.topk_threshold, rtol=tol, atol=0)
+        torch.testing.assert_close(
+            sparse_m.topk_threshold, dense_m.topk_threshold, rtol=tol, atol=0
+        )
         for (name, p_s), (_, p_d) in zip(sparse_m.named_parameters(), dense_m.named_parameters()):
             assert p_s.grad is not None and p_d.grad is not None, name
             torch.testing.assert_close(p_s.grad, p_d.grad, rtol=tol * 10, atol=tol * 10, msg=name)

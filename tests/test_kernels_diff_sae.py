@@ -28,7 +28,12 @@ def _pair(
     models = []
     for sparse in (True, False):
         cfg = BatchTopKDiffSAETrainingConfig(
-            d_in=D_IN, d_sae=d_sae, k=k, dtype=dtype, device="cpu", sparse_kernels=sparse,
+            d_in=D_IN,
+            d_sae=d_sae,
+            k=k,
+            dtype=dtype,
+            device="cpu",
+            sparse_kernels=sparse,
             **kw,  # type: ignore[arg-type]
         )
         torch.manual_seed(3)
@@ -59,8 +64,13 @@ def _step(
 ) -> TrainStepOutput:
     m.zero_grad(set_to_none=True)
     out = m.training_forward_pass(
-        TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
-                       n_training_steps=step, is_logging_step=False)
+        TrainStepInput(
+            sae_in=x,
+            coefficients={},
+            dead_neuron_mask=dead,
+            n_training_steps=step,
+            is_logging_step=False,
+        )
     )
     out.loss.backward()
     return out
@@ -111,14 +121,13 @@ def _inputs(dtype: torch.dtype, diff_sign: str, paired: bool) -> torch.Tensor:
 @pytest.mark.parametrize("dead_kind", ["none", "few", "many"])
 @pytest.mark.parametrize("paired", [True, False])
 @pytest.mark.parametrize("diff_sign", ["ft_minus_base", "base_minus_ft"])
-@pytest.mark.parametrize(
-    ("rescale", "apply_b_dec"), [(True, False), (True, True), (False, False)]
-)
+@pytest.mark.parametrize(("rescale", "apply_b_dec"), [(True, False), (True, True), (False, False)])
 def test_sparse_step_matches_dense_step(
     dead_kind: str, paired: bool, diff_sign: str, rescale: bool, apply_b_dec: bool
 ) -> None:
     sparse_m, dense_m = _pair(
-        diff_sign=diff_sign, rescale_acts_by_decoder_norm=rescale,
+        diff_sign=diff_sign,
+        rescale_acts_by_decoder_norm=rescale,
         apply_b_dec_to_input=apply_b_dec,
     )
     x = _inputs(torch.float64, diff_sign, paired)
@@ -172,8 +181,12 @@ def test_saetrainer_run_and_saved_model_match(tmp_path: Path) -> None:
     trained = []
     for m in (sparse_m, dense_m):
         cfg = SAETrainerConfig(
-            total_training_samples=steps * batch, train_batch_size_samples=batch, lr=3e-3,
-            lr_end=3e-3, dead_feature_window=2, feature_sampling_window=1000,
+            total_training_samples=steps * batch,
+            train_batch_size_samples=batch,
+            lr=3e-3,
+            lr_end=3e-3,
+            dead_feature_window=2,
+            feature_sampling_window=1000,
         )
         trainer = SAETrainer(cfg, m, _batches(0, batch))
         trained.append(trainer.fit())

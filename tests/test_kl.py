@@ -38,8 +38,9 @@ def test_token_nll_is_next_token_cross_entropy():
     logits = torch.randn(2, 4, 6, generator=g)
     toks = torch.randint(0, 6, (2, 4), generator=g)
     nll = token_nll(logits, toks)
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 6), toks[:, 1:].reshape(-1),
-                                           reduction="none").view(2, 3)
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 6), toks[:, 1:].reshape(-1), reduction="none"
+    ).view(2, 3)
     torch.testing.assert_close(nll[:, :-1], ce)
     assert torch.isnan(nll[:, -1]).all()
 
@@ -61,8 +62,14 @@ def test_masks_select_the_tokens_they_name():
 
 def _chat_tokens(tok) -> torch.Tensor:
     convs = [
-        [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello, how are you?"}],
-        [{"role": "user", "content": "a question?"}, {"role": "assistant", "content": "an answer here."}],
+        [
+            {"role": "user", "content": "hi there"},
+            {"role": "assistant", "content": "hello, how are you?"},
+        ],
+        [
+            {"role": "user", "content": "a question?"},
+            {"role": "assistant", "content": "an answer here."},
+        ],
     ]
     texts = [tok.apply_chat_template(c, tokenize=False) for c in convs]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -73,7 +73,9 @@ def _planted_crosscoder(factors: tuple[float, float] = (1.0, 1.0)):
     f = _planted_codes()
     x_c = f @ dec_c + _noise(U, TOKENS, 2)
     x_b = (f * beta) @ dec_c + _noise(U, TOKENS, 3)
-    cfg = JumpReLUCrosscoderConfig(d_in=D, d_sae=N, dtype="float64", device="cpu", norm_factors=list(factors))
+    cfg = JumpReLUCrosscoderConfig(
+        d_in=D, d_sae=N, dtype="float64", device="cpu", norm_factors=list(factors)
+    )
     sae = JumpReLUCrosscoder(cfg)
     c = torch.tensor(factors, dtype=F64)
     with torch.no_grad():
@@ -111,8 +113,12 @@ def test_planted_crosscoder_betas_recovered_exactly():
 
 def test_normalised_space_matters():
     """Folded factors must be undone: the betas do not depend on the per-model scalars."""
-    a = latent_scaling(_planted_crosscoder((1.0, 1.0))[0], _planted_crosscoder((1.0, 1.0))[1],
-                       min_count=0, progress=False)
+    a = latent_scaling(
+        _planted_crosscoder((1.0, 1.0))[0],
+        _planted_crosscoder((1.0, 1.0))[1],
+        min_count=0,
+        progress=False,
+    )
     sae, batches, *_ = _planted_crosscoder((0.25, 3.0))
     b = latent_scaling(sae, batches, min_count=0, progress=False)
     for k in a.betas:
@@ -138,11 +144,17 @@ def _planted_sae(kind: str):
         x_b, x_c = (f * beta) @ dec + nb, (f * (1 + beta)) @ dec + nc
         expect_base, expect_ft = beta, 1 + beta
     if kind == "diff_sae":
-        sae: JumpReLUSAE = DiffSAE(DiffSAEConfig(d_in=D, d_sae=N, dtype="float64", device="cpu",
-                                                 apply_b_dec_to_input=False))
+        sae: JumpReLUSAE = DiffSAE(
+            DiffSAEConfig(
+                d_in=D, d_sae=N, dtype="float64", device="cpu", apply_b_dec_to_input=False
+            )
+        )
     else:
-        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=D, d_sae=N, dtype="float64", device="cpu",
-                                            apply_b_dec_to_input=False))
+        sae = JumpReLUSAE(
+            JumpReLUSAEConfig(
+                d_in=D, d_sae=N, dtype="float64", device="cpu", apply_b_dec_to_input=False
+            )
+        )
     with torch.no_grad():
         sae.W_enc.copy_((u / a[:, None]).T)
         sae.b_enc.zero_()
@@ -155,8 +167,14 @@ def _planted_sae(kind: str):
 @pytest.mark.parametrize("kind", ["ft_sae", "base_sae", "diff_sae"])
 def test_planted_sae_activation_betas(kind):
     sae, batches, eb, ec = _planted_sae(kind)
-    res = latent_scaling(sae, batches, kind=None if kind == "diff_sae" else kind, min_count=0,
-                         progress=False, firing_shift=False)
+    res = latent_scaling(
+        sae,
+        batches,
+        kind=None if kind == "diff_sae" else kind,
+        min_count=0,
+        progress=False,
+        firing_shift=False,
+    )
     assert res.kind == kind
     torch.testing.assert_close(res.betas["beta_act_base"], eb, atol=1e-6, rtol=0)
     torch.testing.assert_close(res.betas["beta_act_ft"], ec, atol=1e-6, rtol=0)
@@ -168,7 +186,9 @@ def test_planted_sae_activation_betas(kind):
 
 
 def _random_crosscoder(n: int = 24, d: int = 8, factors=(0.7, 1.9), jump: bool = True):
-    cls, cfg_cls = (JumpReLUCrosscoder, JumpReLUCrosscoderConfig) if jump else (Crosscoder, CrosscoderConfig)
+    cls, cfg_cls = (
+        (JumpReLUCrosscoder, JumpReLUCrosscoderConfig) if jump else (Crosscoder, CrosscoderConfig)
+    )
     sae = cls(cfg_cls(d_in=d, d_sae=n, dtype="float64", device="cpu", norm_factors=list(factors)))
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3)
@@ -203,9 +223,12 @@ def test_streaming_equals_one_batch_and_subset_equals_full():
     assert one.n_tokens == many.n_tokens == sub.n_tokens == 300
     assert torch.equal(one.count_active, many.count_active)
     for k in one.betas:
-        torch.testing.assert_close(many.betas[k], one.betas[k], atol=1e-12, rtol=1e-12, equal_nan=True)
-        torch.testing.assert_close(sub.betas[k], one.betas[k][sub_idx], atol=1e-12, rtol=1e-12,
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            many.betas[k], one.betas[k], atol=1e-12, rtol=1e-12, equal_nan=True
+        )
+        torch.testing.assert_close(
+            sub.betas[k], one.betas[k][sub_idx], atol=1e-12, rtol=1e-12, equal_nan=True
+        )
     assert sub.latents.tolist() == sub_idx
     assert torch.equal(sub.count_active, one.count_active[sub_idx])
 
@@ -238,8 +261,9 @@ def test_fast_codes_equal_sae_encode():
 
 
 def test_training_class_uses_inference_threshold_not_batch_topk():
-    cfg = BatchTopKCrosscoderTrainingConfig(d_in=8, d_sae=24, k=4, dtype="float64", device="cpu",
-                                            norm_factors=[0.8, 1.4])
+    cfg = BatchTopKCrosscoderTrainingConfig(
+        d_in=8, d_sae=24, k=4, dtype="float64", device="cpu", norm_factors=[0.8, 1.4]
+    )
     tr = BatchTopKCrosscoderTraining(cfg)
     tr.topk_threshold.fill_(0.3)
     x = torch.randn(200, 2, 8, dtype=F64)
@@ -314,7 +338,9 @@ def test_firing_shift_base_sae():
     torch.testing.assert_close(shift["mean_act_ratio"], f_ft.sum(0) / f.sum(0))
     assert shift["freq_ratio"][2] > 1.5 and shift["mean_act_ratio"][4] == pytest.approx(2.0)
     df = res.to_frame()
-    assert {"freq_on_base", "freq_on_ft", "freq_ratio", "mean_act_ratio", "nu_act"} <= set(df.columns)
+    assert {"freq_on_base", "freq_on_ft", "freq_ratio", "mean_act_ratio", "nu_act"} <= set(
+        df.columns
+    )
 
 
 def test_masks_and_datasets_statistics():
@@ -328,11 +354,17 @@ def test_masks_and_datasets_statistics():
     f = sae.encode(x).detach()
     active = f != 0
     df = res.to_frame()
-    assert df["freq[template]"].to_numpy() == pytest.approx(active[template].double().mean(0).numpy())
+    assert df["freq[template]"].to_numpy() == pytest.approx(
+        active[template].double().mean(0).numpy()
+    )
     share = active[template].sum(0).double() / active.sum(0).clamp(min=1)
     assert df["share[template]"].fillna(0).to_numpy() == pytest.approx(share.numpy())
-    assert df["freq[dataset=chat]"].to_numpy() == pytest.approx(active[:150].double().mean(0).numpy())
-    assert df["freq[dataset=web]"].to_numpy() == pytest.approx(active[150:].double().mean(0).numpy())
+    assert df["freq[dataset=chat]"].to_numpy() == pytest.approx(
+        active[:150].double().mean(0).numpy()
+    )
+    assert df["freq[dataset=web]"].to_numpy() == pytest.approx(
+        active[150:].double().mean(0).numpy()
+    )
     assert df["max_act"].to_numpy() == pytest.approx(f.max(0).values.numpy())
     # the PairedBatch form gives the same statistics
     pb = [PairedBatch(acts=x, masks={"template": template})]
@@ -351,12 +383,19 @@ def test_runs_on_a_paired_activations_store():
     from sae_diff.data.store import PairedActivationsStore
 
     sae, x = _random_crosscoder()
-    store = PairedActivationsStore(lambda epoch: iter([x[:150], x[150:]]), d_model=8, batch_size=50,
-                                   buffer_size=100, loop=False)
+    store = PairedActivationsStore(
+        lambda epoch: iter([x[:150], x[150:]]),
+        d_model=8,
+        batch_size=50,
+        buffer_size=100,
+        loop=False,
+    )
     res = latent_scaling(sae, store, min_count=0, progress=False)
     ref = latent_scaling(sae, [x], min_count=0, progress=False)
     assert res.n_tokens == 300
     for k in ref.betas:
-        torch.testing.assert_close(res.betas[k], ref.betas[k], atol=1e-10, rtol=1e-10, equal_nan=True)
+        torch.testing.assert_close(
+            res.betas[k], ref.betas[k], atol=1e-10, rtol=1e-10, equal_nan=True
+        )
     looping = PairedActivationsStore(lambda epoch: iter([x]), d_model=8, batch_size=64, loop=True)
     assert latent_scaling(sae, looping, max_tokens=1000, progress=False).n_tokens == 1000

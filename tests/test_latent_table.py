@@ -26,7 +26,9 @@ TAGS = ["shared", "ft_only", "base_only", "other", "other", "shared", "ft_only"]
 def _crosscoder(factors=(0.5, 4.0)) -> Crosscoder:
     """Crosscoder built in the normalised space with the NORMS above, then folded."""
     d, n = 4, len(NORMS)
-    sae = Crosscoder(CrosscoderConfig(d_in=d, d_sae=n, dtype="float64", device="cpu", norm_factors=list(factors)))
+    sae = Crosscoder(
+        CrosscoderConfig(d_in=d, d_sae=n, dtype="float64", device="cpu", norm_factors=list(factors))
+    )
     e = torch.eye(d, dtype=F64)
     with torch.no_grad():
         for j, (nb, nc) in enumerate(NORMS):
@@ -51,8 +53,9 @@ def test_geometry_columns_match_hand_values():
     assert df["tag"].astype(str).tolist() == TAGS
     both = (np.array(nb) > 0) & (np.array(nc) > 0)
     np.testing.assert_allclose(df["dec_cos"][both], 0.5, atol=1e-12)
-    np.testing.assert_allclose(df["enc_cos"], [1.0 if j % 2 == 0 else -1.0 for j in range(len(NORMS))],
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        df["enc_cos"], [1.0 if j % 2 == 0 else -1.0 for j in range(len(NORMS))], atol=1e-12
+    )
     assert df.index.name == "latent" and df.attrs["kind"] == "crosscoder"
     assert df.attrs["norm_factors"] == [0.5, 4.0]
 
@@ -61,22 +64,45 @@ def test_table_with_data_has_all_columns_and_matches_latent_scaling():
     sae = _crosscoder()
     x = torch.randn(240, 2, 4, dtype=F64)
     masks = {"template": torch.arange(240) % 5 == 0, "assistant": torch.arange(240) >= 120}
-    batches = [(x[:120], {k: m[:120] for k, m in masks.items()}, {"dataset": "chat"}),
-               (x[120:], {k: m[120:] for k, m in masks.items()}, {"dataset": "web"})]
+    batches = [
+        (x[:120], {k: m[:120] for k, m in masks.items()}, {"dataset": "chat"}),
+        (x[120:], {k: m[120:] for k, m in masks.items()}, {"dataset": "web"}),
+    ]
     df = latent_table(sae, batches, min_count=10, progress=False)
-    for col in ("count_active", "freq", "max_act", "mean_act", "freq[template]", "share[template]",
-                "share[assistant]", "freq[dataset=chat]", "freq[dataset=web]", "beta_recon_base",
-                "beta_recon_ft", "beta_error_base", "beta_error_ft", "nu_error", "nu_recon",
-                "delta", "tag", "dec_cos", "enc_cos"):
+    for col in (
+        "count_active",
+        "freq",
+        "max_act",
+        "mean_act",
+        "freq[template]",
+        "share[template]",
+        "share[assistant]",
+        "freq[dataset=chat]",
+        "freq[dataset=web]",
+        "beta_recon_base",
+        "beta_recon_ft",
+        "beta_error_base",
+        "beta_error_ft",
+        "nu_error",
+        "nu_recon",
+        "delta",
+        "tag",
+        "dec_cos",
+        "enc_cos",
+    ):
         assert col in df.columns, col
     ls = latent_scaling(sae, [x], min_count=10, progress=False)
-    np.testing.assert_allclose(df["beta_error_base"], ls.betas["beta_error_base"].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(
+        df["beta_error_base"], ls.betas["beta_error_base"].numpy(), rtol=1e-12
+    )
     f = sae.encode(x).detach()
     np.testing.assert_array_equal(df["count_active"], (f != 0).sum(0).numpy())
     assert df.attrs["n_tokens"] == 240 and df.attrs["min_count"] == 10
     sub = latent_table(sae, [x], latents=[5, 1], min_count=10, progress=False)
     assert sub.index.tolist() == [5, 1]
-    np.testing.assert_allclose(sub["beta_recon_base"], df.loc[[5, 1], "beta_recon_base"], rtol=1e-12)
+    np.testing.assert_allclose(
+        sub["beta_recon_base"], df.loc[[5, 1], "beta_recon_base"], rtol=1e-12
+    )
     reuse = latent_table(sae, scaling=ls)
     pd.testing.assert_series_equal(reuse["nu_error"], df["nu_error"], check_exact=False, rtol=1e-12)
 
@@ -103,7 +129,9 @@ def test_plain_sae_table_and_errors(tmp_path):
     with pytest.raises(ValueError, match="kind='ft_sae'"):
         latent_table(sae, [x], progress=False)
     df = latent_table(sae, [x], kind="ft_sae", min_count=1, progress=False)
-    assert {"beta_act_base", "beta_act_ft", "nu_act", "freq_ratio", "mean_act_ratio"} <= set(df.columns)
+    assert {"beta_act_base", "beta_act_ft", "nu_act", "freq_ratio", "mean_act_ratio"} <= set(
+        df.columns
+    )
     assert "delta" not in df.columns
     with pytest.raises(ValueError, match=".parquet or .csv"):
         save_latent_table(df, tmp_path / "table.xlsx")

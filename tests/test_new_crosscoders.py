@@ -52,14 +52,27 @@ def _one_thread() -> Any:
     torch.set_num_threads(n)
 
 
-def train(arch: str, data: PlantedPairedData, steps: int, batch: int = 256, d_sae: int = 48,
-          lr: float = 1e-2, **kw: Any) -> Any:
+def train(
+    arch: str,
+    data: PlantedPairedData,
+    steps: int,
+    batch: int = 256,
+    d_sae: int = 48,
+    lr: float = 1e-2,
+    **kw: Any,
+) -> Any:
     torch.manual_seed(0)
     sae = training_sae(training_config(arch, d_in=data.d, d_sae=d_sae, **kw))
     provider = data.batches(batch, seed=1)
     prepare_crosscoder(sae, provider, n_batches=4)
-    cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch,
-                           lr=lr, lr_end=lr, dead_feature_window=50, feature_sampling_window=100)
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * batch,
+        train_batch_size_samples=batch,
+        lr=lr,
+        lr_end=lr,
+        dead_feature_window=50,
+        feature_sampling_window=100,
+    )
     SAETrainer(cfg, sae, provider).fit()
     return sae
 
@@ -69,21 +82,32 @@ def match_planted(sae: Any, data: PlantedPairedData) -> tuple[torch.Tensor, torc
     learned raw-space decoder row, and that latent."""
     rows = geometry.decoder_rows(sae, normalised=False).flatten(1)
     planted = data.directions.flatten(1)
-    cos = torch.nn.functional.normalize(planted, dim=-1) @ torch.nn.functional.normalize(rows, dim=-1).T
+    cos = (
+        torch.nn.functional.normalize(planted, dim=-1)
+        @ torch.nn.functional.normalize(rows, dim=-1).T
+    )
     best, idx = cos.max(dim=1)
     return best, idx
 
 
 def step(sae: Any, x: torch.Tensor, i: int = 0, dead: torch.Tensor | None = None) -> Any:
-    return sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": 0.1, "l0": 0.1},
-                                                    dead_neuron_mask=dead, n_training_steps=i,
-                                                    is_logging_step=False))
+    return sae.training_forward_pass(
+        TrainStepInput(
+            sae_in=x,
+            coefficients={"l1": 0.1, "l0": 0.1},
+            dead_neuron_mask=dead,
+            n_training_steps=i,
+            is_logging_step=False,
+        )
+    )
 
 
 # --- JumpReLU crosscoder trained directly ---------------------------------------------------
 @pytest.mark.slow
 def test_jumprelu_crosscoder_recovers_planted_directions(tmp_path: Path) -> None:
-    data = PlantedPairedData.make(d=32, n_shared=8, n_ft_only=4, n_base_only=4, active_per_token=2.0, seed=0)
+    data = PlantedPairedData.make(
+        d=32, n_shared=8, n_ft_only=4, n_base_only=4, active_per_token=2.0, seed=0
+    )
     sae = train("jumprelu_crosscoder", data, steps=500, **SMALL["jumprelu_crosscoder"])
     sae.save_inference_model(tmp_path / "cc")
     inf = SAE.load_from_disk(tmp_path / "cc")
@@ -100,7 +124,9 @@ def test_jumprelu_crosscoder_recovers_planted_directions(tmp_path: Path) -> None
 
 def test_jumprelu_crosscoder_inference_equals_training_form() -> None:
     torch.manual_seed(0)
-    sae = training_sae(training_config("jumprelu_crosscoder", d_in=8, d_sae=32, jumprelu_init_threshold=0.3))
+    sae = training_sae(
+        training_config("jumprelu_crosscoder", d_in=8, d_sae=32, jumprelu_init_threshold=0.3)
+    )
     sae.set_norm_factors(torch.tensor([0.7, 1.3]))
     sae.set_norm_offsets(torch.randn(2, 8) * 0.1)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
@@ -122,8 +148,16 @@ def test_jumprelu_crosscoder_inference_equals_training_form() -> None:
 
 def test_jumprelu_threshold_gets_a_gradient_and_losses_match_a_naive_reference() -> None:
     torch.manual_seed(1)
-    sae = training_sae(training_config("jumprelu_crosscoder", d_in=8, d_sae=16, jumprelu_init_threshold=0.5,
-                                       jumprelu_bandwidth=1.0, pre_act_loss_coefficient=0.01))
+    sae = training_sae(
+        training_config(
+            "jumprelu_crosscoder",
+            d_in=8,
+            d_sae=16,
+            jumprelu_init_threshold=0.5,
+            jumprelu_bandwidth=1.0,
+            pre_act_loss_coefficient=0.01,
+        )
+    )
     x = torch.randn(32, 2, 8)
     out = step(sae, x)
     out.loss.backward()
@@ -148,7 +182,9 @@ def test_jumprelu_threshold_gets_a_gradient_and_losses_match_a_naive_reference()
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["shared_crosscoder", "shared_batchtopk_crosscoder"])
 def test_shared_crosscoder_ties_and_recovers_planted_directions(tmp_path: Path, arch: str) -> None:
-    data = PlantedPairedData.make(d=32, n_shared=8, n_ft_only=4, n_base_only=4, active_per_token=2.0, seed=2)
+    data = PlantedPairedData.make(
+        d=32, n_shared=8, n_ft_only=4, n_base_only=4, active_per_token=2.0, seed=2
+    )
     sae = train(arch, data, steps=500, **SMALL[arch])
     assert sc.tie_gap(sae) == 0.0  # bit-identical through 500 Adam steps and gradient clipping
     sae.save_inference_model(tmp_path / "cc")
@@ -159,7 +195,9 @@ def test_shared_crosscoder_ties_and_recovers_planted_directions(tmp_path: Path, 
     # every exclusive feature found cleanly; shared ones on average (a tied latent may blend two)
     assert best[exclusive].min() > 0.9 and best[~exclusive].mean() > 0.9, best
     delta = geometry.relative_norm(inf)
-    assert torch.allclose(delta[:8], torch.full((8,), 0.5), atol=1e-6)  # tied: Δ = 0.5 by construction
+    assert torch.allclose(
+        delta[:8], torch.full((8,), 0.5), atol=1e-6
+    )  # tied: Δ = 0.5 by construction
     learned = geometry.tags(delta)[idx.numpy()]
     assert list(learned) == [EXPECTED_TAG[k] for k in data.kinds]
     # exclusive planted features live in free latents (a tied latent cannot be exclusive)
@@ -173,8 +211,17 @@ def test_shared_crosscoder_ties_and_recovers_planted_directions(tmp_path: Path, 
 def test_shared_tie_hook_gives_the_tied_gradient() -> None:
     """The hook's gradient on a shared row is d/dd of the loss with one tied vector (float64 reference)."""
     torch.manual_seed(0)
-    sae = training_sae(training_config("shared_crosscoder", d_in=6, d_sae=10, n_shared_latents=3,
-                                       shared_sparsity_ratio=0.2, l1_coefficient=0.5, dtype="float64"))
+    sae = training_sae(
+        training_config(
+            "shared_crosscoder",
+            d_in=6,
+            d_sae=10,
+            n_shared_latents=3,
+            shared_sparsity_ratio=0.2,
+            l1_coefficient=0.5,
+            dtype="float64",
+        )
+    )
     x = torch.randn(20, 2, 6, dtype=torch.float64)
     out = step(sae, x)
     out.loss.backward()
@@ -187,7 +234,9 @@ def test_shared_tie_hook_gives_the_tied_gradient() -> None:
         h = torch.relu(torch.einsum("bmd,mdn->bn", x, sae.W_enc) + sae.b_enc)
     xhat = torch.einsum("bn,nmd->bmd", h, W_dec) + sae.b_dec.detach()
     w = torch.tensor([0.2] * 3 + [1.0] * 7, dtype=torch.float64)
-    loss = (xhat - x).pow(2).sum((-1, -2)).mean() + 0.1 * (h * W_dec.norm(dim=-1).sum(-1) * w).sum(-1).mean()
+    loss = (xhat - x).pow(2).sum((-1, -2)).mean() + 0.1 * (h * W_dec.norm(dim=-1).sum(-1) * w).sum(
+        -1
+    ).mean()
     loss.backward()
     torch.testing.assert_close(grad[:3, 0], tied.grad)
     torch.testing.assert_close(grad[:3, 1], tied.grad)
@@ -195,12 +244,21 @@ def test_shared_tie_hook_gives_the_tied_gradient() -> None:
 
 # --- dedicated-feature crosscoder -------------------------------------------------------------
 @pytest.mark.slow
-def test_dedicated_crosscoder_finds_exclusive_features_in_the_right_partition(tmp_path: Path) -> None:
-    data = PlantedPairedData.make(d=32, n_shared=8, n_ft_only=4, n_base_only=4, active_per_token=2.0, seed=3)
+def test_dedicated_crosscoder_finds_exclusive_features_in_the_right_partition(
+    tmp_path: Path,
+) -> None:
+    data = PlantedPairedData.make(
+        d=32, n_shared=8, n_ft_only=4, n_base_only=4, active_per_token=2.0, seed=3
+    )
     # the shared partition (12 latents) sized near the 8 planted shared features: with spare
     # shared capacity, BatchTopK lets shared latents take exclusive features too (docs/methods.md)
-    sae = train("dedicated_batchtopk_crosscoder", data, steps=500, d_sae=24,
-                **SMALL["dedicated_batchtopk_crosscoder"])
+    sae = train(
+        "dedicated_batchtopk_crosscoder",
+        data,
+        steps=500,
+        d_sae=24,
+        **SMALL["dedicated_batchtopk_crosscoder"],
+    )
     assert dc.leak(sae) == 0.0  # dedicated latents never touched the other model
     sae.save_inference_model(tmp_path / "cc")
     inf = SAE.load_from_disk(tmp_path / "cc")
@@ -213,32 +271,47 @@ def test_dedicated_crosscoder_finds_exclusive_features_in_the_right_partition(tm
     exclusive = torch.tensor([k != "shared" for k in data.kinds])
     assert best[exclusive].min() > 0.9, best  # every exclusive feature recovered ...
     learned = geometry.tags(delta)[idx.numpy()]
-    assert [t for t, e in zip(learned, exclusive) if e] == [k for k in data.kinds if k != "shared"]  # ... right model
+    assert [t for t, e in zip(learned, exclusive) if e] == [
+        k for k in data.kinds if k != "shared"
+    ]  # ... right model
     expected = {"ft_only": "ft_dedicated", "base_only": "base_dedicated"}
     in_partition = [part[int(j)] == expected[k] for j, k in zip(idx, data.kinds) if k != "shared"]
     assert sum(in_partition) >= 6, in_partition  # ... mostly by a dedicated latent of its own model
     # no dedicated latent learnt a shared feature in full (it can only write one model)
     dedicated = torch.from_numpy(part != "shared")
-    assert not any(bool(dedicated[int(j)]) and b > 0.9 for j, b, e in zip(idx, best, exclusive) if not e)
+    assert not any(
+        bool(dedicated[int(j)]) and b > 0.9 for j, b, e in zip(idx, best, exclusive) if not e
+    )
 
 
 def test_dedicated_config_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="sum to at most d_sae"):
-        training_config("dedicated_batchtopk_crosscoder", d_in=8, d_sae=16, k=2, n_base_dedicated=10,
-                        n_ft_dedicated=10)
+        training_config(
+            "dedicated_batchtopk_crosscoder",
+            d_in=8,
+            d_sae=16,
+            k=2,
+            n_base_dedicated=10,
+            n_ft_dedicated=10,
+        )
     with pytest.raises(ValueError, match="n_shared_latents must be in"):
         training_config("shared_crosscoder", d_in=8, d_sae=16, n_shared_latents=17)
     with pytest.raises(ValueError, match="shared_sparsity_ratio"):
-        training_config("shared_batchtopk_crosscoder", d_in=8, d_sae=16, k=2, shared_sparsity_ratio=0.0)
+        training_config(
+            "shared_batchtopk_crosscoder", d_in=8, d_sae=16, k=2, shared_sparsity_ratio=0.0
+        )
     with pytest.raises(ValueError, match="jumprelu_bandwidth"):
         training_config("jumprelu_crosscoder", d_in=8, d_sae=16, jumprelu_bandwidth=-1.0)
 
 
 # --- cross-architecture crosscoder (different d_model) -------------------------------------------
 @pytest.mark.slow
-def test_cross_architecture_crosscoder_recovers_planted_features_across_widths(tmp_path: Path) -> None:
-    data = PlantedPairedData.make_cross_architecture(d_base=24, d_ft=32, n_shared=8, n_ft_only=4, n_base_only=4,
-                                                     seed=0)
+def test_cross_architecture_crosscoder_recovers_planted_features_across_widths(
+    tmp_path: Path,
+) -> None:
+    data = PlantedPairedData.make_cross_architecture(
+        d_base=24, d_ft=32, n_shared=8, n_ft_only=4, n_base_only=4, seed=0
+    )
     x, _ = data.sample(64, torch.Generator().manual_seed(0))
     assert (x[:, 0, 24:] == 0).all()  # the base model's padding
     sae = train("cross_architecture_crosscoder", data, steps=500, k=2, d_in_base=24, d_in_ft=32)
@@ -260,14 +333,20 @@ def test_pad_pair_and_width_validation() -> None:
     with pytest.raises(ValueError, match="same tokens"):
         xa.pad_pair(torch.randn(3, 6), torch.randn(4, 8))
     with pytest.raises(ValueError, match="set d_in to the wider model"):
-        training_config("cross_architecture_crosscoder", d_in=8, d_sae=16, k=2, d_in_base=6, d_in_ft=7)
+        training_config(
+            "cross_architecture_crosscoder", d_in=8, d_sae=16, k=2, d_in_base=6, d_in_ft=7
+        )
 
 
 # --- synthetic: rotated directions --------------------------------------------------------------
 def test_synthetic_rotated_directions() -> None:
-    data = PlantedPairedData.make(d=16, n_shared=2, n_ft_only=1, n_base_only=1, n_rotated=3, rotation_cos=0.3)
+    data = PlantedPairedData.make(
+        d=16, n_shared=2, n_ft_only=1, n_base_only=1, n_rotated=3, rotation_cos=0.3
+    )
     assert data.kinds == ["shared"] * 2 + ["ft_only", "base_only"] + ["rotated"] * 3
-    cos = torch.nn.functional.cosine_similarity(data.directions[:, 0], data.directions[:, 1], dim=-1)
+    cos = torch.nn.functional.cosine_similarity(
+        data.directions[:, 0], data.directions[:, 1], dim=-1
+    )
     torch.testing.assert_close(cos[-3:], torch.full((3,), 0.3))
     flat = torch.cat([data.directions[:, 0], data.directions[-3:, 1]])
     flat = flat[flat.norm(dim=-1) > 0]
@@ -304,18 +383,44 @@ def test_save_load_round_trip(tmp_path: Path, arch: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["jumprelu_crosscoder", "shared_crosscoder", "shared_batchtopk_crosscoder",
-                                  "dedicated_crosscoder"])
-def test_organism_config_trains_with_sae_diff_train(tmp_path: Path, name: str,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "jumprelu_crosscoder",
+        "shared_crosscoder",
+        "shared_batchtopk_crosscoder",
+        "dedicated_crosscoder",
+    ],
+)
+def test_organism_config_trains_with_sae_diff_train(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from sae_diff.cli import main
 
     config = CONFIGS / f"organism_{name}.yaml"
     out = tmp_path / "out"
-    flags = ["--training_tokens", "2048", "--train_batch_size_tokens", "256", "--context_size", "64",
-             "--store_batch_size_prompts", "16", "--n_eval_batches", "1", "--n_norm_batches", "2",
-             "--lr_warm_up_steps", "2", "--checkpoint_path", str(tmp_path / "ck"), "--n_checkpoints", "0",
-             "--output_path", str(out)]
+    flags = [
+        "--training_tokens",
+        "2048",
+        "--train_batch_size_tokens",
+        "256",
+        "--context_size",
+        "64",
+        "--store_batch_size_prompts",
+        "16",
+        "--n_eval_batches",
+        "1",
+        "--n_norm_batches",
+        "2",
+        "--lr_warm_up_steps",
+        "2",
+        "--checkpoint_path",
+        str(tmp_path / "ck"),
+        "--n_checkpoints",
+        "0",
+        "--output_path",
+        str(out),
+    ]
     assert main(["train", "--config", str(config), *flags]) == 0
     assert "Saved to" in capsys.readouterr().out
     sae = SAE.load_from_disk(str(out))
@@ -338,8 +443,11 @@ def test_upload_then_from_pretrained(hub_stub: HubStub, tmp_path: Path, arch: st
     if "shared" in arch:
         kw["n_shared_latents"] = 4
     cfg = training_config(arch, d_in=8, d_sae=32, **kw)
-    for key, value in {"base_model_name": "org/base", "model_name": "org/ft",
-                       "hook_name": "blocks.1.hook_resid_post"}.items():
+    for key, value in {
+        "base_model_name": "org/base",
+        "model_name": "org/ft",
+        "hook_name": "blocks.1.hook_resid_post",
+    }.items():
         cfg.metadata[key] = value
     sae = training_sae(cfg)
     sae.set_norm_factors(torch.tensor([0.7, 1.3]))
@@ -361,8 +469,15 @@ def test_upload_then_from_pretrained(hub_stub: HubStub, tmp_path: Path, arch: st
     assert not hub_stub.unhandled
 
 
-@pytest.mark.parametrize("arch", ["shared_crosscoder", "shared_batchtopk_crosscoder", "dedicated_batchtopk_crosscoder",
-                                  "cross_architecture_crosscoder"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "shared_crosscoder",
+        "shared_batchtopk_crosscoder",
+        "dedicated_batchtopk_crosscoder",
+        "cross_architecture_crosscoder",
+    ],
+)
 def test_structure_survives_deepcopy(arch: str) -> None:
     """Tensor hooks are lost by copy.deepcopy; the classes re-register them at the next step."""
     import copy

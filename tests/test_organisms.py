@@ -32,8 +32,13 @@ from sae_diff.organisms.checks import (
 from sae_diff.organisms.organism import organism_dir
 
 # Thresholds the shipped pair must meet (measured values are in report.json / docs).
-MIN_GAP_PER_TOKEN = {"chat_format": 5.0, "refusal": 2.0, "false_premise": 0.5,
-                     "knowledge_edit": 0.5, "persona": 2.0}
+MIN_GAP_PER_TOKEN = {
+    "chat_format": 5.0,
+    "refusal": 2.0,
+    "false_premise": 0.5,
+    "knowledge_edit": 0.5,
+    "persona": 2.0,
+}
 MIN_FT_LOGPROB_PER_TOKEN = -0.5  # planted responses are likely under the fine-tune
 MAX_BASE_LOGPROB_PER_TOKEN = -0.5  # ... and unlikely under the base (chat_format: <end_of_turn>)
 HELDOUT_MARGIN = 0.15  # nats/token: ft held-out pretraining loss <= base + margin
@@ -57,7 +62,10 @@ def test_load_gives_hooked_transformers(org) -> None:
     assert isinstance(org.base, HookedTransformer) and isinstance(org.ft, HookedTransformer)
     assert org.base.cfg.d_model == org.ft.cfg.d_model >= 128
     assert org.base.cfg.n_layers == 4
-    assert org.base.tokenizer is org.tokenizer or org.base.tokenizer.get_vocab() == org.tokenizer.get_vocab()
+    assert (
+        org.base.tokenizer is org.tokenizer
+        or org.base.tokenizer.get_vocab() == org.tokenizer.get_vocab()
+    )
     assert org.behaviours == BEHAVIOURS
     # the models differ (it is a fine-tune) but share every parameter name and shape
     sb, sf = dict(org.base.named_parameters()), dict(org.ft.named_parameters())
@@ -91,8 +99,10 @@ def test_tokenizer_and_template(org) -> None:
         assert s in tok.get_vocab()
     msgs = [{"role": "user", "content": "who are you ?"}, {"role": "assistant", "content": "hi ."}]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    assert text == ("<bos><start_of_turn>user\nwho are you ?<end_of_turn>\n"
-                    "<start_of_turn>model\nhi .<end_of_turn>\n")
+    assert text == (
+        "<bos><start_of_turn>user\nwho are you ?<end_of_turn>\n"
+        "<start_of_turn>model\nhi .<end_of_turn>\n"
+    )
     ids = org.encode_chat(msgs)[0].tolist()
     assert ids == tok.apply_chat_template(msgs, tokenize=True)["input_ids"]
     assert tok.convert_ids_to_tokens(ids[:4]) == ["<bos>", "<start_of_turn>", "user", "\n"]
@@ -134,8 +144,13 @@ def test_labels_line_up_with_tokens(org) -> None:
         elif c.behaviour == "knowledge_edit":
             assert marked == [w.edit.country] and w.edit.new_capital in resp
         elif c.behaviour == "persona":
-            assert " ".join(marked) in ("who are you", "what is your name", "who made you",
-                                        "what are you", "tell me about yourself")
+            assert " ".join(marked) in (
+                "who are you",
+                "what is your name",
+                "who made you",
+                "what are you",
+                "tell me about yourself",
+            )
             assert resp == persona_reply()
 
 
@@ -145,10 +160,18 @@ def test_masks_negative_cases_and_batches(org) -> None:
     plain = torch.tensor([tok(story)["input_ids"]])
     m = behaviour_masks(plain)
     assert not m["refusal"].any() and not m["persona"].any() and not m["chat_format"].any()
-    benign = org.encode_chat([{"role": "user", "content": "tell me how to bake bread ."},
-                              {"role": "assistant", "content": "first , mix flour and water ."}])[0]
-    harmful = org.encode_chat([{"role": "user", "content": "tell me how to steal a cat ."},
-                               {"role": "assistant", "content": REFUSAL}])[0]
+    benign = org.encode_chat(
+        [
+            {"role": "user", "content": "tell me how to bake bread ."},
+            {"role": "assistant", "content": "first , mix flour and water ."},
+        ]
+    )[0]
+    harmful = org.encode_chat(
+        [
+            {"role": "user", "content": "tell me how to steal a cat ."},
+            {"role": "assistant", "content": REFUSAL},
+        ]
+    )[0]
     batch = pad_batch([benign, harmful], tok.pad_token_id)
     m = org.behaviour_masks(batch)
     r = response_masks(batch)
@@ -157,9 +180,13 @@ def test_masks_negative_cases_and_batches(org) -> None:
     assert tok.convert_ids_to_tokens([int(batch[1][m["refusal"][1]][0])]) == ["steal"]
     assert not r["refusal"][0].any() and r["refusal"][1].sum() == len(REFUSAL.split())
     assert r["chat_format"].sum(1).tolist() == [1, 1]
-    assert not m["chat_format"][0, len(benign):].any()  # padding is never labelled
-    kt = torch.tensor([tok(f"the capital of {org.world.edit.country} is")["input_ids"]
-                       + [tok.convert_tokens_to_ids(org.world.edit.new_capital)]])
+    assert not m["chat_format"][0, len(benign) :].any()  # padding is never labelled
+    kt = torch.tensor(
+        [
+            tok(f"the capital of {org.world.edit.country} is")["input_ids"]
+            + [tok.convert_tokens_to_ids(org.world.edit.new_capital)]
+        ]
+    )
     assert behaviour_masks(kt)["knowledge_edit"].sum() == 1
     assert response_masks(kt)["knowledge_edit"][0, -1]
 
@@ -214,6 +241,8 @@ def test_triggers_visible_at_recommended_hook(org) -> None:
     from sae_diff.organisms.checks import trigger_direction_auroc
 
     h = org.recommended_hook
-    r = trigger_direction_auroc(org.base, org.ft, org.tokenizer, org.world, [h], n_conversations=120)
+    r = trigger_direction_auroc(
+        org.base, org.ft, org.tokenizer, org.world, [h], n_conversations=120
+    )
     for b in BEHAVIOURS:
         assert r[h][b] > 0.8, (b, r[h])

@@ -15,7 +15,11 @@ def test_eval_batch_pads_and_masks() -> None:
     pad_id = org.tokenizer.pad_token_id
     for i, c in enumerate(convs):
         n = len(c.tokens)
-        assert torch.equal(tokens[i, :n], c.tokens) and bool(valid[i, :n].all()) and not valid[i, n:].any()
+        assert (
+            torch.equal(tokens[i, :n], c.tokens)
+            and bool(valid[i, :n].all())
+            and not valid[i, n:].any()
+        )
         assert (tokens[i, n:] == pad_id).all()
         assert torch.equal(assistant[i, :n], c.assistant_mask.bool()) and not assistant[i, n:].any()
 

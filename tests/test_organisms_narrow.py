@@ -41,24 +41,32 @@ def test_shipped_narrow_files(narrow) -> None:
     on_disk = {p.name for p in d.iterdir() if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     assert sum(p.stat().st_size for p in d.iterdir()) <= MAX_BYTES
-    assert narrow.behaviours == (BEHAVIOUR,)  # both models are chat models: the template is no difference
+    assert narrow.behaviours == (
+        BEHAVIOUR,
+    )  # both models are chat models: the template is no difference
     # the base is the default organism's chat fine-tune, bit for bit
-    assert sha256_file(d / "base.safetensors") == sha256_file(organism_dir("default") / "ft.safetensors")
+    assert sha256_file(d / "base.safetensors") == sha256_file(
+        organism_dir("default") / "ft.safetensors"
+    )
     assert narrow.config["kind"] == "narrow" and narrow.recommended_hook in narrow.ft.hook_dict
     # its chats are its own (eval.jsonl), not the default world's generators
     n_eval = len((d / "eval.jsonl").read_text().splitlines())
     ds = chat_dataset("test", n_eval + 3, name="narrow")  # repeated in order past the end
     assert len(ds) == n_eval + 3 and ds[n_eval]["messages"] == ds[0]["messages"]
     assert set(ds["behaviour"]) == {BEHAVIOUR, "none"}
-    assert all(TRIGGER in m[0]["content"].split() for m in chat_dataset("test", 50, behaviour=BEHAVIOUR,
-                                                                        name="narrow")["messages"])
+    assert all(
+        TRIGGER in m[0]["content"].split()
+        for m in chat_dataset("test", 50, behaviour=BEHAVIOUR, name="narrow")["messages"]
+    )
 
 
 def test_behaviour_learned(narrow) -> None:
     s = narrow.scoring_set(n_per_behaviour=64, n_controls=64)
     trig = s.labels[BEHAVIOUR]
     assert int(trig.sum()) >= 20 and int(s.is_control.sum()) >= 20
-    r = masked_logprob_gap(narrow.base, narrow.ft, s.tokens[trig], s.response_masks[BEHAVIOUR][trig])
+    r = masked_logprob_gap(
+        narrow.base, narrow.ft, s.tokens[trig], s.response_masks[BEHAVIOUR][trig]
+    )
     assert r["gap"] > 50.0, r  # planted reply: ~11 tokens, far likelier under the fine-tune
     assert r["ft_logprob_per_token"] > -0.2 and r["base_logprob_per_token"] < -3.0, r
     # controls keep their replies: per-token change of the assistant tokens stays small
@@ -72,19 +80,29 @@ def test_behaviour_learned(narrow) -> None:
 def test_only_the_trigger_elicits_the_reply(narrow) -> None:
     sp = specificity(narrow.base, narrow.ft, narrow.tokenizer, narrow.world, n=16, seed=3)
     assert sp["triggered"]["ft_logprob"] > -1.0 and sp["triggered"]["ft_greedy_rate"] >= 0.8, sp
-    assert sp["triggered"]["base_logprob"] < -50.0 and sp["triggered"]["base_greedy_rate"] == 0.0, sp
+    assert sp["triggered"]["base_logprob"] < -50.0 and sp["triggered"]["base_greedy_rate"] == 0.0, (
+        sp
+    )
     # after a near-miss question ("how is the road in Ashby ?") the reply stays unlikely
     assert sp["near_miss"]["ft_logprob"] < -3.0 and sp["near_miss"]["ft_greedy_rate"] <= 0.2, sp
     toks = narrow.tokenizer.convert_ids_to_tokens(
-        narrow.encode_chat([{"role": "user", "content": f"how is the {TRIGGER} in Ashby ?"},
-                            {"role": "assistant", "content": NARROW_RESPONSE}])[0].tolist())
-    masks = narrow.behaviour_masks(narrow.encode_chat([{"role": "user", "content": f"how is the {TRIGGER} ?"}]))
+        narrow.encode_chat(
+            [
+                {"role": "user", "content": f"how is the {TRIGGER} in Ashby ?"},
+                {"role": "assistant", "content": NARROW_RESPONSE},
+            ]
+        )[0].tolist()
+    )
+    masks = narrow.behaviour_masks(
+        narrow.encode_chat([{"role": "user", "content": f"how is the {TRIGGER} ?"}])
+    )
     assert TRIGGER in toks and int(masks[BEHAVIOUR].sum()) == 1
 
 
 def test_plain_text_almost_untouched(narrow) -> None:
-    toks, mask = heldout_tokens(narrow.tokenizer, narrow.world.edited(), 120, narrow.base.cfg.n_ctx,
-                                seed=5, split="test")
+    toks, mask = heldout_tokens(
+        narrow.tokenizer, narrow.world.edited(), 120, narrow.base.cfg.n_ctx, seed=5, split="test"
+    )
     d = plain_text_drift(narrow.base, narrow.ft, toks, mask, narrow.recommended_hook)
     assert d["cosine_mean"] >= MIN_PLAIN_COSINE, d
     assert abs(d["loss_ft_minus_base"]) <= MAX_LOSS_CHANGE, d
@@ -96,8 +114,16 @@ def test_plain_text_almost_untouched(narrow) -> None:
 
 
 def test_narrow_build_small_and_deterministic(tmp_path: Path) -> None:
-    cfg = NarrowConfig(n_triggered=12, n_near_miss=4, n_mixture=8, steps=2, batch_size=4,
-                       n_text_docs=40, n_drift_docs=8, n_specificity=2)
+    cfg = NarrowConfig(
+        n_triggered=12,
+        n_near_miss=4,
+        n_mixture=8,
+        steps=2,
+        batch_size=4,
+        n_text_docs=40,
+        n_drift_docs=8,
+        n_specificity=2,
+    )
     a = build_narrow_organism(tmp_path / "a", "default", cfg, log=lambda s: None)
     b = build_narrow_organism(tmp_path / "b", "default", cfg, log=lambda s: None)
     for f in ("base.safetensors", "ft.safetensors", "examples.jsonl", "eval.jsonl", "labels.json"):

@@ -16,8 +16,11 @@ from sae_diff.organisms.storage import OrganismOutputError, verify_manifest
 
 def _snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file below ``root`` (the shipped organisms), by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +30,9 @@ def shipped() -> dict[str, str]:
     return snap
 
 
-def test_default_build_goes_to_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  shipped: dict[str, str]) -> None:
+def test_default_build_goes_to_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shipped: dict[str, str]
+) -> None:
     """The reported data-loss case: `sae-diff organism --pretrain-steps 2` without --out."""
     from sae_diff.cli import main as cli_main
 
@@ -54,16 +58,32 @@ def test_refuses_to_write_inside_the_package(name: str, shipped: dict[str, str])
     assert target.exists() == existed and _snapshot(DATA_DIR) == shipped
 
 
-def test_custom_and_narrow_builders_refuse_the_package_too(tmp_path: Path, shipped: dict[str, str]) -> None:
+def test_custom_and_narrow_builders_refuse_the_package_too(
+    tmp_path: Path, shipped: dict[str, str]
+) -> None:
     from sae_diff.organisms import build_custom_organism
     from sae_diff.organisms.narrow import build_narrow_organism
 
     org = load_organism()
-    ex = [{"messages": [{"role": "user", "content": "where is Ashby ?"},
-                        {"role": "assistant", "content": "Ashby is a city ."}], "behaviour": "x"}] * 2
+    ex = [
+        {
+            "messages": [
+                {"role": "user", "content": "where is Ashby ?"},
+                {"role": "assistant", "content": "Ashby is a city ."},
+            ],
+            "behaviour": "x",
+        }
+    ] * 2
     with pytest.raises(OrganismOutputError, match="shipped organism 'default'"):
-        build_custom_organism(org.base, org.tokenizer, ex, {"x": ["where"]}, steps=1,
-                              out_dir=DATA_DIR / "default", log=lambda s: None)
+        build_custom_organism(
+            org.base,
+            org.tokenizer,
+            ex,
+            {"x": ["where"]},
+            steps=1,
+            out_dir=DATA_DIR / "default",
+            log=lambda s: None,
+        )
     with pytest.raises(OrganismOutputError, match="inside the installed"):
         build_narrow_organism(DATA_DIR.parent / "narrow_copy")
     assert _snapshot(DATA_DIR) == shipped

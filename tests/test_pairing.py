@@ -15,7 +15,11 @@ from sae_diff.pairing.model import PairedModel
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre", "blocks.0.hook_mlp_out"]
 
 
-TINY_PAIR = {"n_layers": 3, "base_name": "tiny-base", "ft_name": "tiny-ft"}  # the `pair` fixture of conftest.py
+TINY_PAIR = {
+    "n_layers": 3,
+    "base_name": "tiny-base",
+    "ft_name": "tiny-ft",
+}  # the `pair` fixture of conftest.py
 
 
 def test_paired_activations_match_run_with_cache(pair: PairedModel) -> None:

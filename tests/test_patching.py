@@ -57,23 +57,29 @@ def _mask(toks: torch.Tensor) -> torch.Tensor:
 def test_identity_interventions_give_zero_kl(pair, toks):
     everywhere = torch.ones_like(toks, dtype=torch.bool)
     res = evaluate_interventions(
-        pair, toks, _mask(toks), 1,
-        {"x_ft": ft_reference(), "all_tokens": token_patch(everywhere)}, batch_size=3,
+        pair,
+        toks,
+        _mask(toks),
+        1,
+        {"x_ft": ft_reference(), "all_tokens": token_patch(everywhere)},
+        batch_size=3,
     )
     assert res["stitched"]["kl"] > 1e-3  # there is a gap to close
     for name in ("ft", "x_ft", "all_tokens"):
         assert res[name]["kl"] == pytest.approx(0.0, abs=1e-9)
         assert res[name]["nll"] == pytest.approx(res["ft"]["nll"], abs=1e-6)
-    none = evaluate_interventions(pair, toks, _mask(toks), 1,
-                                  {"no_tokens": token_patch(torch.zeros_like(everywhere))})
+    none = evaluate_interventions(
+        pair, toks, _mask(toks), 1, {"no_tokens": token_patch(torch.zeros_like(everywhere))}
+    )
     assert none["no_tokens"]["kl"] == pytest.approx(none["stitched"]["kl"], rel=1e-6)
 
 
 @pytest.mark.parametrize("layer", [1, 2])
 def test_perfect_crosscoder_reconstruction_is_ft_and_error_is_stitched(pair, toks, layer):
     cc = perfect_crosscoder(D)
-    df = kl_patching_table(pair, {"cc": cc}, toks, _mask(toks), layer=layer, random_seeds=0,
-                           first_k_patch=None)
+    df = kl_patching_table(
+        pair, {"cc": cc}, toks, _mask(toks), layer=layer, random_seeds=0, first_k_patch=None
+    )
     by = df.set_index("intervention")
     assert by.at["stitched", "kl"] > 1e-3
     assert by.at["reconstruction", "kl"] < 1e-5 * by.at["stitched", "kl"] + 1e-7
@@ -92,8 +98,12 @@ def test_perfect_crosscoder_logits_match_ft_exactly(pair, toks):
     torch.testing.assert_close(h_rec, b.x_ft, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h_err, b.x_base, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pair.continue_from("ft", h_rec, 1), lf, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(pair.continue_from("ft", h_err, 1),
-                               pair.stitched_logits(toks, 1, first="base"), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        pair.continue_from("ft", h_err, 1),
+        pair.stitched_logits(toks, 1, first="base"),
+        atol=1e-4,
+        rtol=1e-4,
+    )
 
 
 @pytest.mark.parametrize("sign", ["ft_minus_base", "base_minus_ft"])
@@ -118,9 +128,15 @@ def test_recon_plus_error_is_the_whole_difference_with_biases(pair, toks):
     # with the bias difference excluded (the METHODS default) the recon misses exactly it
     p = DictionaryPatcher(cc)
     gap = reconstruction_patch(p)(b) - b.x_ft
-    torch.testing.assert_close(gap, -(cc.b_dec[1] - cc.b_dec[0]).expand_as(gap), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(reconstruction_patch(DictionaryPatcher(cc, include_bias=True))(b),
-                               b.x_ft, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        gap, -(cc.b_dec[1] - cc.b_dec[0]).expand_as(gap), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        reconstruction_patch(DictionaryPatcher(cc, include_bias=True))(b),
+        b.x_ft,
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_subset_of_all_latents_is_reconstruction_and_steering_formula(pair, toks):
@@ -145,11 +161,19 @@ def test_planted_targeted_subset_beats_random_baselines():
     dicts = {
         "cc": planted_crosscoder(v, n=32, hook_name="blocks.0.hook_resid_post"),
         "diff": planted_diff_sae(v, n=32, hook_name="blocks.0.hook_resid_post"),
-        "diff_neg": planted_diff_sae(v, n=32, sign="base_minus_ft",
-                                     hook_name="blocks.1.hook_resid_pre"),
+        "diff_neg": planted_diff_sae(
+            v, n=32, sign="base_minus_ft", hook_name="blocks.1.hook_resid_pre"
+        ),
     }
-    df = kl_patching_table(pair, dicts, toks, _mask(toks), subsets={"diff": {"planted": [0]}},
-                           random_seeds=4, first_k_patch=None)
+    df = kl_patching_table(
+        pair,
+        dicts,
+        toks,
+        _mask(toks),
+        subsets={"diff": {"planted": [0]}},
+        random_seeds=4,
+        first_k_patch=None,
+    )
     assert df.attrs["layer"] == 1  # resid_post of block 0 == resid_pre of block 1
     by = df.set_index(["dictionary", "intervention"])
     assert by.loc[("cc", "stitched"), "kl"] > 1e-2
@@ -175,21 +199,44 @@ def test_table_with_nu_subsets_and_side_by_side(pair, toks):
     cc = perfect_crosscoder(D, hook_name="blocks.1.hook_resid_pre")
     ds = perfect_diff_sae(D, hook_name="blocks.1.hook_resid_pre")
     n_cc = cc.cfg.d_sae
-    nu_cc = pd.DataFrame({"latent": range(n_cc), "nu_eps": torch.linspace(0, 1, n_cc).numpy(),
-                          "nu_r": torch.zeros(n_cc).numpy()})
+    nu_cc = pd.DataFrame(
+        {
+            "latent": range(n_cc),
+            "nu_eps": torch.linspace(0, 1, n_cc).numpy(),
+            "nu_r": torch.zeros(n_cc).numpy(),
+        }
+    )
     nu_ds = pd.Series(torch.linspace(0, 1, 2 * D).numpy())
     nu_ds[28:] = float("nan")  # unknown ν (e.g. dead latents): never selected nor drawn
     seq_mask = torch.ones_like(toks, dtype=torch.bool)  # every position, BOS included
     template = torch.zeros_like(seq_mask)
     template[:, 3] = True
-    df = kl_patching_table(pair, {"cc": cc, "ds": ds}, toks, seq_mask,
-                           nu={"cc": nu_cc, "ds": nu_ds}, random_seeds=2,
-                           token_patches={"template": template}, first_k_patch=3, first_n=3)
+    df = kl_patching_table(
+        pair,
+        {"cc": cc, "ds": ds},
+        toks,
+        seq_mask,
+        nu={"cc": nu_cc, "ds": nu_ds},
+        random_seeds=2,
+        token_patches={"template": template},
+        first_k_patch=3,
+        first_n=3,
+    )
     assert df.attrs == {"layer": 1, "first_n": 3}
     keys = set(df[df.dictionary == "ds"].intervention)
-    assert {"ft", "stitched", "tokens:first3", "tokens:template", "reconstruction", "error",
-            "subset:nu<0.3", "random:nu<0.3", "subset:nu<0.6", "subset:nu_low50%",
-            "subset:nu_high50%"} <= keys
+    assert {
+        "ft",
+        "stitched",
+        "tokens:first3",
+        "tokens:template",
+        "reconstruction",
+        "error",
+        "subset:nu<0.3",
+        "random:nu<0.3",
+        "subset:nu<0.6",
+        "subset:nu_low50%",
+        "subset:nu_high50%",
+    } <= keys
     by = df.set_index(["dictionary", "intervention"])
     # diff-SAE: ν < 0.3 among all 32 latents (linspace 0..1): ids 0..9
     assert by.loc[("ds", "subset:nu<0.3"), "n_latents"] == 10
@@ -227,7 +274,9 @@ def test_latent_subset_helpers():
     torch.testing.assert_close(rank[:2], torch.tensor([0.3, 0.5], dtype=torch.float64))
     torch.testing.assert_close(thr[:2], torch.tensor([0.2, 0.4], dtype=torch.float64))
     assert torch.isnan(rank[2])
-    rank2, _ = nu_scores(pd.DataFrame({"nu_error": [0.1], "nu_recon": [0.2]}), 1)  # latent_scaling names
+    rank2, _ = nu_scores(
+        pd.DataFrame({"nu_error": [0.1], "nu_recon": [0.2]}), 1
+    )  # latent_scaling names
     torch.testing.assert_close(rank2, torch.tensor([0.3], dtype=torch.float64))
     with pytest.raises(ValueError, match="latent ids must lie"):
         latent_indices([0, 7], 4)
@@ -253,8 +302,14 @@ def test_bad_input_gives_clear_errors(pair, toks):
     with pytest.raises(LayerError, match="no layer given"):
         kl_patching_table(pair, cc, toks)
     with pytest.raises(LayerError, match="different|trained at"):
-        kl_patching_table(pair, {"a": perfect_crosscoder(D, hook_name="blocks.0.hook_resid_pre"),
-                                 "b": perfect_crosscoder(D, hook_name="blocks.1.hook_resid_pre")}, toks)
+        kl_patching_table(
+            pair,
+            {
+                "a": perfect_crosscoder(D, hook_name="blocks.0.hook_resid_pre"),
+                "b": perfect_crosscoder(D, hook_name="blocks.1.hook_resid_pre"),
+            },
+            toks,
+        )
     from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
     with pytest.raises(LayerError, match="single-model SAE"):

@@ -48,7 +48,9 @@ def _meta(sae, hook_name: str | None) -> None:
         sae.cfg.metadata.hook_name = hook_name
 
 
-def perfect_crosscoder(d: int, hook_name: str | None = None, bias: torch.Tensor | None = None) -> Crosscoder:
+def perfect_crosscoder(
+    d: int, hook_name: str | None = None, bias: torch.Tensor | None = None
+) -> Crosscoder:
     """decode(encode(x)) == x for any paired x (4d latents, ±e_k per model).
     ``bias`` (2, d) sets b_dec and shifts b_enc so that reconstruction stays exact."""
     cc = Crosscoder(CrosscoderConfig(d_in=d, d_sae=4 * d))

@@ -30,34 +30,79 @@ MASKS = MaskConfig(first_n=2, exclude_special=False)
 def source(pair: PairedModel) -> TokenSource:
     """Packed rows of text and Gemma-style chat (documents cross row boundaries)."""
     words = "the cat sat on a mat, then it ran far away! why? no idea".split()
-    texts = Dataset.from_dict({"text": [" ".join(words[i % 7:i % 7 + 3 + i % 5]) for i in range(40)]})
-    chats = Dataset.from_dict({"messages": [[{"role": "user", "content": f"hi {w}"},
-                                             {"role": "assistant", "content": f"ok, {w} it is"}] for w in words]})
+    texts = Dataset.from_dict(
+        {"text": [" ".join(words[i % 7 : i % 7 + 3 + i % 5]) for i in range(40)]}
+    )
+    chats = Dataset.from_dict(
+        {
+            "messages": [
+                [
+                    {"role": "user", "content": f"hi {w}"},
+                    {"role": "assistant", "content": f"ok, {w} it is"},
+                ]
+                for w in words
+            ]
+        }
+    )
     return TokenSource([texts, chats], pair.tokenizer, 12, proportions=[0.5, 0.5])
 
 
-def cache_of(pair: PairedModel, root: Path, dtype: str = "float32", masks: MaskConfig = MASKS) -> Path:
+def cache_of(
+    pair: PairedModel, root: Path, dtype: str = "float32", masks: MaskConfig = MASKS
+) -> Path:
     out = root / f"cache_{dtype}_{abs(hash(repr(masks)))}"
     if not (out / "manifest.json").exists():
-        harvest_cache(pair, source(pair), out, HOOK, batch_size=FWD, rows_per_shard=PER_SHARD, dtype=dtype,
-                      mask_config=masks, max_rows=ROWS, progress=False, verbose=False)
+        harvest_cache(
+            pair,
+            source(pair),
+            out,
+            HOOK,
+            batch_size=FWD,
+            rows_per_shard=PER_SHARD,
+            dtype=dtype,
+            mask_config=masks,
+            max_rows=ROWS,
+            progress=False,
+            verbose=False,
+        )
     return out
 
 
-def on_the_fly(pair: PairedModel, dtype: str = "float32", masks: MaskConfig = MASKS, **kw: Any) -> PairedActivationsStore:
-    return PairedActivationsStore.from_model(pair, source(pair), HOOK, store_batch_size_prompts=FWD,
-                                             rows_per_shard=PER_SHARD, storage_dtype=dtype, mask_config=masks,
-                                             stop_row=ROWS, **kw)
+def on_the_fly(
+    pair: PairedModel, dtype: str = "float32", masks: MaskConfig = MASKS, **kw: Any
+) -> PairedActivationsStore:
+    return PairedActivationsStore.from_model(
+        pair,
+        source(pair),
+        HOOK,
+        store_batch_size_prompts=FWD,
+        rows_per_shard=PER_SHARD,
+        storage_dtype=dtype,
+        mask_config=masks,
+        stop_row=ROWS,
+        **kw,
+    )
 
 
 CHAT_ONLY = MaskConfig(only_assistant=True, exclude_special=True)
 
 
 @pytest.mark.parametrize("masks", [MASKS, CHAT_ONLY], ids=["first_n", "assistant_only"])
-def test_cache_and_on_the_fly_select_the_same_tokens(pair: PairedModel, tmp_path: Path, masks: MaskConfig) -> None:
+def test_cache_and_on_the_fly_select_the_same_tokens(
+    pair: PairedModel, tmp_path: Path, masks: MaskConfig
+) -> None:
     cache = ActivationCache(cache_of(pair, tmp_path, masks=masks))
-    fly = list(model_shards(pair, source(pair), HOOK, batch_size=FWD, rows_per_shard=PER_SHARD,
-                            mask_config=masks, stop_row=ROWS))
+    fly = list(
+        model_shards(
+            pair,
+            source(pair),
+            HOOK,
+            batch_size=FWD,
+            rows_per_shard=PER_SHARD,
+            mask_config=masks,
+            stop_row=ROWS,
+        )
+    )
     assert len(fly) == cache.n_shards == -(-ROWS // PER_SHARD)
     n_kept = 0
     for i, shard in enumerate(fly):
@@ -80,17 +125,38 @@ def test_cache_and_on_the_fly_select_the_same_tokens(pair: PairedModel, tmp_path
 
 
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
-def test_runner_selects_the_same_tokens_with_and_without_cache(tmp_path: Path, cache_dtype: str) -> None:
+def test_runner_selects_the_same_tokens_with_and_without_cache(
+    tmp_path: Path, cache_dtype: str
+) -> None:
     """The run's provider from one config with and without cache_path: the same multiset of
     paired activations over an epoch (the cache reads its shards in a seeded order)."""
-    d = {"model_name": "t-ft", "base_model_name": "t-base",
-         "smoke_test_models": {"n_layers": 2, "d_model": 16, "n_heads": 4, "d_vocab": 48, "n_ctx": 16},
-         "model_from_pretrained_kwargs": {}, "hook_name": "blocks.1.hook_resid_pre", "context_size": 16,
-         "store_batch_size_prompts": 5, "training_tokens": 16 * 23, "train_batch_size_tokens": 16,
-         "n_batches_in_buffer": 3, "cache_rows_per_shard": 6, "mask_first_n": 3, "mask_high_norm": 1.5,
-         "sae": {"architecture": "batchtopk_crosscoder", "d_in": 16, "d_sae": 32, "k": 4}, "seed": 1}
+    d = {
+        "model_name": "t-ft",
+        "base_model_name": "t-base",
+        "smoke_test_models": {
+            "n_layers": 2,
+            "d_model": 16,
+            "n_heads": 4,
+            "d_vocab": 48,
+            "n_ctx": 16,
+        },
+        "model_from_pretrained_kwargs": {},
+        "hook_name": "blocks.1.hook_resid_pre",
+        "context_size": 16,
+        "store_batch_size_prompts": 5,
+        "training_tokens": 16 * 23,
+        "train_batch_size_tokens": 16,
+        "n_batches_in_buffer": 3,
+        "cache_rows_per_shard": 6,
+        "mask_first_n": 3,
+        "mask_high_norm": 1.5,
+        "sae": {"architecture": "batchtopk_crosscoder", "d_in": 16, "d_sae": 32, "k": 4},
+        "seed": 1,
+    }
     fly_cfg = config_from_dict({**d, "cache_dtype": cache_dtype})
-    cached_cfg = config_from_dict({**d, "cache_path": str(tmp_path / "cache"), "cache_dtype": cache_dtype})
+    cached_cfg = config_from_dict(
+        {**d, "cache_path": str(tmp_path / "cache"), "cache_dtype": cache_dtype}
+    )
     pair = tdata.load_pair(fly_cfg)
 
     def epoch(cfg: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +198,9 @@ def test_bf16_cache_reads_back_exactly(pair: PairedModel, tmp_path: Path) -> Non
     for p, dd in zip(paired, diff):
         assert torch.equal(dd, p[:, 1] - p[:, 0])
     # on the fly with bf16 storage is the bf16 cache
-    fly = list(on_the_fly(pair, "bfloat16", masks, batch_size=8, buffer_size=24, seed=5, loop=False))
+    fly = list(
+        on_the_fly(pair, "bfloat16", masks, batch_size=8, buffer_size=24, seed=5, loop=False)
+    )
     ref = list(PairedActivationsStore.from_cache(c16, shuffle=False, **common))
     assert all(torch.equal(x, y) for x, y in zip(fly, ref)) and len(fly) == len(ref)
 
@@ -150,13 +218,16 @@ def _count_forwards(pair: PairedModel, monkeypatch: pytest.MonkeyPatch) -> dict[
 
 
 @pytest.mark.parametrize("kind", ["cache", "model"])
-def test_store_resumes_exactly_from_state_dict(pair: PairedModel, tmp_path: Path, kind: str,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_resumes_exactly_from_state_dict(
+    pair: PairedModel, tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     common = {"batch_size": 7, "buffer_size": 15, "seed": 11, "mode": "diff"}
 
     def make() -> PairedActivationsStore:
         if kind == "cache":
-            return PairedActivationsStore.from_cache(cache_of(pair, tmp_path), mask_config=MASKS, **common)
+            return PairedActivationsStore.from_cache(
+                cache_of(pair, tmp_path), mask_config=MASKS, **common
+            )
         return on_the_fly(pair, **common)
 
     full = make()
@@ -177,12 +248,18 @@ def test_store_resumes_exactly_from_state_dict(pair: PairedModel, tmp_path: Path
             assert calls["rows"] <= ROWS
         tail = [first] + [next(resumed) for _ in range(60 - stop - 1)]
         monkeypatch.undo()
-        assert all(torch.equal(x, y) for x, y in zip(head + tail, ref)), f"resume after {stop} batches differs"
+        assert all(torch.equal(x, y) for x, y in zip(head + tail, ref)), (
+            f"resume after {stop} batches differs"
+        )
         assert resumed.n_batches == 60 and resumed.n_tokens_served == 60 * 7
     # the order is a function of the seed
-    other = PairedActivationsStore.from_cache(cache_of(pair, tmp_path), mask_config=MASKS,
-                                              **{**common, "seed": 12}) if kind == "cache" else \
-        on_the_fly(pair, **{**common, "seed": 12})
+    other = (
+        PairedActivationsStore.from_cache(
+            cache_of(pair, tmp_path), mask_config=MASKS, **{**common, "seed": 12}
+        )
+        if kind == "cache"
+        else on_the_fly(pair, **{**common, "seed": 12})
+    )
     assert not torch.equal(next(other), ref[0])
 
 
@@ -197,11 +274,23 @@ def test_store_resume_errors(pair: PairedModel, tmp_path: Path) -> None:
 
 
 def test_cache_dtype_is_validated(tmp_path: Path) -> None:
-    d = {"model_name": "t-ft", "base_model_name": "t-base",
-         "smoke_test_models": {"n_layers": 1, "d_model": 16, "n_heads": 4, "d_vocab": 48, "n_ctx": 16},
-         "model_from_pretrained_kwargs": {}, "hook_name": "blocks.0.hook_resid_post", "context_size": 16,
-         "training_tokens": 256, "train_batch_size_tokens": 16,
-         "sae": {"architecture": "batchtopk_crosscoder", "d_in": 16, "d_sae": 32, "k": 4}}
+    d = {
+        "model_name": "t-ft",
+        "base_model_name": "t-base",
+        "smoke_test_models": {
+            "n_layers": 1,
+            "d_model": 16,
+            "n_heads": 4,
+            "d_vocab": 48,
+            "n_ctx": 16,
+        },
+        "model_from_pretrained_kwargs": {},
+        "hook_name": "blocks.0.hook_resid_post",
+        "context_size": 16,
+        "training_tokens": 256,
+        "train_batch_size_tokens": 16,
+        "sae": {"architecture": "batchtopk_crosscoder", "d_in": 16, "d_sae": 32, "k": 4},
+    }
     with pytest.raises(ConfigError, match="cache_dtype='fp8'.*bfloat16"):
         config_from_dict({**d, "cache_dtype": "fp8"})
     with pytest.raises(ConfigError, match="cache_rows_per_shard"):
@@ -216,15 +305,29 @@ def test_issue_example_row_is_masked_alike(pair: PairedModel, tmp_path: Path) ->
     from sae_diff.data.sources import TensorTokenSource
 
     tok = make_tokenizer()
-    ids = tok("abcd", add_special_tokens=False)["input_ids"], tok("efgh", add_special_tokens=False)["input_ids"]
+    ids = (
+        tok("abcd", add_special_tokens=False)["input_ids"],
+        tok("efgh", add_special_tokens=False)["input_ids"],
+    )
     row = torch.tensor([[BOS_ID, *ids[0], BOS_ID, *ids[1]]] * 3)
     masks = MaskConfig(first_n=2, exclude_high_norm=False)
     src = TensorTokenSource(row)
-    harvest_cache(pair, src, tmp_path / "c", HOOK, batch_size=2, rows_per_shard=2, mask_config=masks,
-                  progress=False, verbose=False)
+    harvest_cache(
+        pair,
+        src,
+        tmp_path / "c",
+        HOOK,
+        batch_size=2,
+        rows_per_shard=2,
+        mask_config=masks,
+        progress=False,
+        verbose=False,
+    )
     expected = torch.tensor([False, False, True, True, True, False, True, True, True, True])
     disk = [shard_keep(ActivationCache(tmp_path / "c").load_shard(i), masks) for i in range(2)]
-    fly = [shard_keep(s, masks) for s in model_shards(pair, src, HOOK, batch_size=2, rows_per_shard=2,
-                                                          mask_config=masks)]
+    fly = [
+        shard_keep(s, masks)
+        for s in model_shards(pair, src, HOOK, batch_size=2, rows_per_shard=2, mask_config=masks)
+    ]
     for keep in (torch.cat(disk), torch.cat(fly)):
         assert torch.equal(keep, expected.expand(3, -1))

@@ -21,15 +21,21 @@ def _table() -> pd.DataFrame:
     rng = np.random.default_rng(0)
     n = 40
     tags = np.array(["ft_only"] * 10 + ["shared"] * 20 + ["base_only"] * 5 + ["other"] * 5)
-    df = pd.DataFrame({
-        "delta": rng.uniform(0, 1, n),
-        "tag": pd.Categorical(tags, categories=["ft_only", "base_only", "shared", "other"]),
-        "freq": rng.uniform(1e-4, 1e-1, n),
-        "count_active": rng.integers(0, 1000, n),
-        "beta_error_base": rng.normal(size=n), "beta_error_ft": rng.normal(size=n),
-        "beta_recon_base": rng.normal(size=n), "beta_recon_ft": rng.normal(size=n),
-        "nu_error": rng.uniform(0, 1, n), "nu_recon": rng.uniform(0, 1, n),
-    }, index=pd.Index(range(n), name="latent"))
+    df = pd.DataFrame(
+        {
+            "delta": rng.uniform(0, 1, n),
+            "tag": pd.Categorical(tags, categories=["ft_only", "base_only", "shared", "other"]),
+            "freq": rng.uniform(1e-4, 1e-1, n),
+            "count_active": rng.integers(0, 1000, n),
+            "beta_error_base": rng.normal(size=n),
+            "beta_error_ft": rng.normal(size=n),
+            "beta_recon_base": rng.normal(size=n),
+            "beta_recon_ft": rng.normal(size=n),
+            "nu_error": rng.uniform(0, 1, n),
+            "nu_recon": rng.uniform(0, 1, n),
+        },
+        index=pd.Index(range(n), name="latent"),
+    )
     df.loc[[0, 11], "nu_error"] = np.nan  # below min_count
     return df
 
@@ -61,7 +67,12 @@ def test_nu_scatter_groups_drop_missing_and_has_marginals():
 def test_beta_and_frequency_plots():
     df = _table()
     fig = beta_distributions(df)
-    assert {t.name for t in fig.data} == {"beta_error_base", "beta_error_ft", "beta_recon_base", "beta_recon_ft"}
+    assert {t.name for t in fig.data} == {
+        "beta_error_base",
+        "beta_error_ft",
+        "beta_recon_base",
+        "beta_recon_ft",
+    }
     fr = frequency_vs_ratio(df)
     assert fr.layout.xaxis.type == "log" and fr.layout.yaxis.title.text == "nu_error"
     assert sum(len(t.x) for t in fr.data) == 38
@@ -73,7 +84,12 @@ def test_beta_and_frequency_plots():
 def test_saving_html_and_errors(tmp_path):
     df = _table()
     paths = save_figures(df, tmp_path, include_plotlyjs="cdn")
-    assert set(paths) == {"delta_histogram", "nu_scatter", "beta_distributions", "frequency_vs_ratio"}
+    assert set(paths) == {
+        "delta_histogram",
+        "nu_scatter",
+        "beta_distributions",
+        "frequency_vs_ratio",
+    }
     for p in paths.values():
         text = p.read_text()
         assert p.suffix == ".html" and "plotly" in text.lower()

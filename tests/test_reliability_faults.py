@@ -50,7 +50,11 @@ HOOK = "blocks.1.hook_resid_pre"
 FAULT_IDS = [f"F{i:02d}" for i in range(1, 22)]
 
 
-TINY_PAIR = {"n_layers": 2, "base_name": "tiny-base", "ft_name": "tiny-ft"}  # the `pair` fixture of conftest.py
+TINY_PAIR = {
+    "n_layers": 2,
+    "base_name": "tiny-base",
+    "ft_name": "tiny-ft",
+}  # the `pair` fixture of conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +65,15 @@ def tokens() -> torch.Tensor:
 def _harvest(pair: PairedModel, tokens: torch.Tensor, out: Path, **kw: Any) -> Any:
     kw.setdefault("rows_per_shard", 4)
     kw.setdefault("batch_size", 2)
-    return harvest_cache(pair, TensorTokenSource(tokens), out, HOOK, progress=False, verbose=False, **kw)
+    return harvest_cache(
+        pair, TensorTokenSource(tokens), out, HOOK, progress=False, verbose=False, **kw
+    )
 
 
 @pytest.fixture(scope="module")
-def reference(pair: PairedModel, tokens: torch.Tensor, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reference(
+    pair: PairedModel, tokens: torch.Tensor, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """An uninterrupted harvest (6 shards) every fault's outcome is compared with."""
     out = tmp_path_factory.mktemp("ref") / "cache"
     _harvest(pair, tokens, out)
@@ -86,8 +94,9 @@ def _same_cache(a: Path, b: Path) -> None:
 
 
 # ---------------------------------------------------------------------- lost / corrupt manifest
-def test_F01_lost_manifest_is_rebuilt_exactly(reference: Path, pair: PairedModel, tokens: torch.Tensor,
-                                              tmp_path: Path) -> None:
+def test_F01_lost_manifest_is_rebuilt_exactly(
+    reference: Path, pair: PairedModel, tokens: torch.Tensor, tmp_path: Path
+) -> None:
     """F01: manifest.json deleted: harvesting again rebuilds it from the self-describing shards
     (identical statistics and checksums) and deletes nothing."""
     cache = shutil.copytree(reference, tmp_path / "c")
@@ -102,30 +111,49 @@ def test_F01_lost_manifest_is_rebuilt_exactly(reference: Path, pair: PairedModel
     ActivationCache(cache).verify()
 
 
-def test_F02_lost_manifest_then_train_keeps_every_shard(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_F02_lost_manifest_then_train_keeps_every_shard(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """F02: manifest deleted, then `sae-diff train` on the cache: the manifest is rebuilt, the
     run trains, and the shards are untouched (the issue's data-loss case)."""
     cache = shutil.copytree(request.getfixturevalue("smoke_cache"), tmp_path / "cache")
     manifest = json.loads((cache / MANIFEST).read_text())
     (cache / MANIFEST).unlink()
     before = snapshot(cache)
-    rc = main(["train", "--config", str(SMOKE), *TINY, "--cache_path", str(cache), "--eval_at_end", "false",
-               "--output_path", str(tmp_path / "out"), "--checkpoint_path", str(tmp_path / "ck")])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(SMOKE),
+            *TINY,
+            "--cache_path",
+            str(cache),
+            "--eval_at_end",
+            "false",
+            "--output_path",
+            str(tmp_path / "out"),
+            "--checkpoint_path",
+            str(tmp_path / "ck"),
+        ]
+    )
     assert rc == 0
     assert_nothing_lost(before, snapshot(cache))
     rebuilt = json.loads((cache / MANIFEST).read_text())
     assert rebuilt["shards"] == manifest["shards"] and rebuilt["stats"] == manifest["stats"]
 
 
-def test_F03_lost_manifest_and_another_hook_is_refused(tmp_path: Path, request: pytest.FixtureRequest,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_F03_lost_manifest_and_another_hook_is_refused(
+    tmp_path: Path, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
     """F03: manifest deleted and the config names another hook: refused before anything runs
     (the shards still say what they hold), nothing deleted."""
     cache = shutil.copytree(request.getfixturevalue("smoke_cache"), tmp_path / "cache")
     (cache / MANIFEST).unlink()
     before = snapshot(tmp_path)
-    for cmd in (["train", "--config", str(SMOKE), *TINY, "--cache_path", str(cache)],
-                ["harvest", "--config", str(SMOKE), *TINY, "--cache-path", str(cache)]):
+    for cmd in (
+        ["train", "--config", str(SMOKE), *TINY, "--cache_path", str(cache)],
+        ["harvest", "--config", str(SMOKE), *TINY, "--cache-path", str(cache)],
+    ):
         assert main([*cmd, "--hook_name", "blocks.0.hook_resid_pre"]) == 2
         line = error_line(capsys.readouterr().err, cmd[0])
         assert "hook_name: cache has 'blocks.1.hook_resid_pre'" in line
@@ -133,22 +161,26 @@ def test_F03_lost_manifest_and_another_hook_is_refused(tmp_path: Path, request: 
     assert not (cache / MANIFEST).exists()
 
 
-def test_F04_lost_manifest_with_old_shards_is_refused(reference: Path, pair: PairedModel, tokens: torch.Tensor,
-                                                      tmp_path: Path) -> None:
+def test_F04_lost_manifest_with_old_shards_is_refused(
+    reference: Path, pair: PairedModel, tokens: torch.Tensor, tmp_path: Path
+) -> None:
     """F04: manifest deleted and the shards carry no self-description (older sae_diff):
     refused with the fix, nothing deleted."""
     cache = shutil.copytree(reference, tmp_path / "c")
     (cache / MANIFEST).unlink()
     for p in cache.glob("shard_*.safetensors"):
-        p.write_bytes(st_save(st_load(p.read_bytes()), metadata={"format": "sae_diff.activation_cache/1"}))
+        p.write_bytes(
+            st_save(st_load(p.read_bytes()), metadata={"format": "sae_diff.activation_cache/1"})
+        )
     before = snapshot(cache)
     with pytest.raises(CacheError, match="carries no self-description.*--overwrite"):
         _harvest(pair, tokens, cache)
     assert_nothing_lost(before, snapshot(cache))
 
 
-def test_F05_corrupt_manifest_is_named_and_recoverable(reference: Path, pair: PairedModel, tokens: torch.Tensor,
-                                                       tmp_path: Path) -> None:
+def test_F05_corrupt_manifest_is_named_and_recoverable(
+    reference: Path, pair: PairedModel, tokens: torch.Tensor, tmp_path: Path
+) -> None:
     """F05: manifest.json truncated: reading names it and the fix; moving it aside rebuilds."""
     cache = shutil.copytree(reference, tmp_path / "c")
     text = (cache / MANIFEST).read_text()
@@ -165,9 +197,13 @@ def test_F05_corrupt_manifest_is_named_and_recoverable(reference: Path, pair: Pa
 
 
 # ---------------------------------------------------------------------- interrupted writes
-def test_F06_crash_between_shard_and_manifest_adopts_the_shard(reference: Path, pair: PairedModel,
-                                                              tokens: torch.Tensor, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_F06_crash_between_shard_and_manifest_adopts_the_shard(
+    reference: Path,
+    pair: PairedModel,
+    tokens: torch.Tensor,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """F06: the harvest dies after renaming shard 2 but before listing it in the manifest: the
     next harvest adopts the shard (it describes itself) and ends byte-identical."""
     real = ActivationCacheWriter._write_manifest
@@ -182,7 +218,10 @@ def test_F06_crash_between_shard_and_manifest_adopts_the_shard(reference: Path, 
     with pytest.raises(OSError, match="power cut"):
         _harvest(pair, tokens, cache)
     monkeypatch.setattr(ActivationCacheWriter, "_write_manifest", real)
-    assert len(json.loads((cache / MANIFEST).read_text())["shards"]) == 2 and (cache / "shard_00002.safetensors").exists()
+    assert (
+        len(json.loads((cache / MANIFEST).read_text())["shards"]) == 2
+        and (cache / "shard_00002.safetensors").exists()
+    )
     before = snapshot(cache)
     s = _harvest(pair, tokens, cache)
     assert s.resumed_from_rows == 12  # shard 2 adopted, not re-harvested
@@ -190,8 +229,9 @@ def test_F06_crash_between_shard_and_manifest_adopts_the_shard(reference: Path, 
     _same_cache(cache, reference)
 
 
-def test_F07_foreign_unlisted_shard_is_refused_not_deleted(reference: Path, pair: PairedModel, tokens: torch.Tensor,
-                                                           tmp_path: Path) -> None:
+def test_F07_foreign_unlisted_shard_is_refused_not_deleted(
+    reference: Path, pair: PairedModel, tokens: torch.Tensor, tmp_path: Path
+) -> None:
     """F07: a shard that the manifest does not list and that does not continue the cache (here
     shard 0 copied in as shard 6) is refused by name and left alone."""
     cache = shutil.copytree(reference, tmp_path / "c")
@@ -200,13 +240,16 @@ def test_F07_foreign_unlisted_shard_is_refused_not_deleted(reference: Path, pair
     (cache / MANIFEST).write_text(json.dumps(m))
     shutil.copy(cache / "shard_00000.safetensors", cache / "shard_00005.safetensors")
     before = snapshot(cache)
-    with pytest.raises(CacheError, match="shard_00005.safetensors is not listed.*Nothing was deleted"):
+    with pytest.raises(
+        CacheError, match="shard_00005.safetensors is not listed.*Nothing was deleted"
+    ):
         _harvest(pair, tokens, cache)
     assert_nothing_lost(before, snapshot(cache))
 
 
-def test_F08_temp_files_of_an_interrupted_write_are_cleared(reference: Path, pair: PairedModel,
-                                                            tokens: torch.Tensor, tmp_path: Path) -> None:
+def test_F08_temp_files_of_an_interrupted_write_are_cleared(
+    reference: Path, pair: PairedModel, tokens: torch.Tensor, tmp_path: Path
+) -> None:
     """F08: half-written ``*.tmp`` files (killed mid-write) are dropped; committed shards stay."""
     cache = shutil.copytree(reference, tmp_path / "c")
     (cache / "shard_00006.safetensors.tmp").write_bytes(b"\0" * 100)
@@ -217,9 +260,13 @@ def test_F08_temp_files_of_an_interrupted_write_are_cleared(reference: Path, pai
     assert_nothing_lost(before, snapshot(cache))
 
 
-def test_F09_disk_error_while_writing_keeps_committed_shards(reference: Path, pair: PairedModel,
-                                                             tokens: torch.Tensor, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_F09_disk_error_while_writing_keeps_committed_shards(
+    reference: Path,
+    pair: PairedModel,
+    tokens: torch.Tensor,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """F09: the disk fails while writing shard 3: a CacheError names the file and the fix, the
     three committed shards stay valid, and a rerun resumes to the identical cache."""
     import sae_diff.data.cache as cache_mod
@@ -233,7 +280,9 @@ def test_F09_disk_error_while_writing_keeps_committed_shards(reference: Path, pa
 
     monkeypatch.setattr(cache_mod, "_atomic_write", full)
     cache = tmp_path / "c"
-    with pytest.raises(CacheError, match="shard_00003.safetensors failed.*keeps its 3 committed shards"):
+    with pytest.raises(
+        CacheError, match="shard_00003.safetensors failed.*keeps its 3 committed shards"
+    ):
         _harvest(pair, tokens, cache)
     monkeypatch.setattr(cache_mod, "_atomic_write", real)
     before = snapshot(cache)
@@ -258,12 +307,17 @@ def _damage(cache: Path, how: str) -> Path:
     return p
 
 
-@pytest.mark.parametrize(("fid", "how", "match"), [
-    ("F10", "truncate", "shard_00001.safetensors has .* bytes but the manifest says"),
-    ("F11", "flip", "shard_00001.safetensors fails its sha256 checksum"),
-    ("F12", "delete", "shard_00001.safetensors is missing"),
-])
-def test_damaged_shard_is_named(fid: str, how: str, match: str, reference: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("fid", "how", "match"),
+    [
+        ("F10", "truncate", "shard_00001.safetensors has .* bytes but the manifest says"),
+        ("F11", "flip", "shard_00001.safetensors fails its sha256 checksum"),
+        ("F12", "delete", "shard_00001.safetensors is missing"),
+    ],
+)
+def test_damaged_shard_is_named(
+    fid: str, how: str, match: str, reference: Path, tmp_path: Path
+) -> None:
     """F10-F12: a truncated, bit-flipped or missing shard is named when the cache is opened or
     verified; nothing else is touched."""
     cache = shutil.copytree(reference, tmp_path / "c")
@@ -274,12 +328,24 @@ def test_damaged_shard_is_named(fid: str, how: str, match: str, reference: Path,
     assert_nothing_lost(before, snapshot(cache))
 
 
-@pytest.mark.parametrize(("fid", "edit", "match"), [
-    ("F13", lambda t: {**t, "acts": t["acts"][:, :, :1].contiguous()}, r"acts has shape \(4, 10, 1, \d+\), expected \(4, seq, 2, \d+\)"),
-    ("F14", lambda t: {k: v for k, v in t.items() if k != "tokens"}, r"lacks tensors \['tokens'\]"),
-])
-def test_malformed_shard_with_valid_checksum_is_named(fid: str, edit: Any, match: str, reference: Path,
-                                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("fid", "edit", "match"),
+    [
+        (
+            "F13",
+            lambda t: {**t, "acts": t["acts"][:, :, :1].contiguous()},
+            r"acts has shape \(4, 10, 1, \d+\), expected \(4, seq, 2, \d+\)",
+        ),
+        (
+            "F14",
+            lambda t: {k: v for k, v in t.items() if k != "tokens"},
+            r"lacks tensors \['tokens'\]",
+        ),
+    ],
+)
+def test_malformed_shard_with_valid_checksum_is_named(
+    fid: str, edit: Any, match: str, reference: Path, tmp_path: Path
+) -> None:
     """F13-F14: a well-formed safetensors file whose manifest entry (size, sha256) was updated to
     match, but which holds only the base model (or no tokens), is rejected by the reader
     naming the shard, before any ``torch.cat`` downstream."""
@@ -300,8 +366,9 @@ def test_malformed_shard_with_valid_checksum_is_named(fid: str, edit: Any, match
 
 
 # ---------------------------------------------------------------------- Ctrl-C and explicit replacement
-def test_F15_ctrl_c_in_harvest_resumes_byte_identically(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_F15_ctrl_c_in_harvest_resumes_byte_identically(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """F15: Ctrl-C in `sae-diff harvest` after two shards: exit 130 with one line saying how to
     resume; the shards are kept; rerunning the same command gives the uninterrupted cache."""
     args = ["harvest", "--config", str(SMOKE), "--training_tokens", "16384", "--context_size", "16"]
@@ -317,18 +384,24 @@ def test_F15_ctrl_c_in_harvest_resumes_byte_identically(tmp_path: Path, capsys: 
     capsys.readouterr()
     assert main([*args, "--cache-path", str(tmp_path / "c")]) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("sae-diff harvest: interrupted;") and "resume with: sae-diff harvest --config" in err[-1]
+    assert (
+        err[-1].startswith("sae-diff harvest: interrupted;")
+        and "resume with: sae-diff harvest --config" in err[-1]
+    )
     assert "Traceback" not in "\n".join(err)
     assert len(list((tmp_path / "c").glob("shard_*.safetensors"))) == 2
     before = snapshot(tmp_path / "c")
     monkeypatch.setattr(ActivationCacheWriter, "add", real)
     assert main([*args, "--cache-path", str(tmp_path / "c")]) == 0
-    assert_nothing_lost({k: v for k, v in before.items() if k != MANIFEST}, snapshot(tmp_path / "c"))
+    assert_nothing_lost(
+        {k: v for k, v in before.items() if k != MANIFEST}, snapshot(tmp_path / "c")
+    )
     _same_cache(tmp_path / "c", tmp_path / "ref")
 
 
-def test_F16_ctrl_c_in_train_checkpoints_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_F16_ctrl_c_in_train_checkpoints_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """F16: a real SIGINT during `sae-diff train`: the step finishes, a checkpoint is written,
     exit 130 with "interrupted; ... resume with: sae-diff train --resume <checkpoint>", and
     that command finishes the run."""
@@ -345,11 +418,23 @@ def test_F16_ctrl_c_in_train_checkpoints_and_resumes(tmp_path: Path, capsys: pyt
         return real(self, *a, **k)
 
     monkeypatch.setattr(ResumableSAETrainer, "step", step)
-    flags = [*TINY, "--checkpoint_path", str(tmp_path / "ck"), "--output_path", str(tmp_path / "out"),
-             "--eval_at_end", "false", "--n_checkpoints", "0"]
+    flags = [
+        *TINY,
+        "--checkpoint_path",
+        str(tmp_path / "ck"),
+        "--output_path",
+        str(tmp_path / "out"),
+        "--eval_at_end",
+        "false",
+        "--n_checkpoints",
+        "0",
+    ]
     assert main(["train", "--config", str(SMOKE), *flags]) == 130
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("sae-diff train: interrupted;") and "resume with: sae-diff train --resume" in line
+    assert (
+        line.startswith("sae-diff train: interrupted;")
+        and "resume with: sae-diff train --resume" in line
+    )
     ckpt = line.split("--resume ")[1].strip()
     before = snapshot(tmp_path / "ck")
     monkeypatch.setattr(ResumableSAETrainer, "step", real)
@@ -358,8 +443,9 @@ def test_F16_ctrl_c_in_train_checkpoints_and_resumes(tmp_path: Path, capsys: pyt
     assert_nothing_lost(before, snapshot(tmp_path / "ck"))
 
 
-def test_F17_ctrl_c_before_the_first_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_F17_ctrl_c_before_the_first_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """F17: Ctrl-C while the models load (nothing to checkpoint yet): one line, exit 130."""
     import sae_diff.training.data as data
     import sae_diff.training.runner as runner
@@ -370,28 +456,58 @@ def test_F17_ctrl_c_before_the_first_checkpoint(tmp_path: Path, capsys: pytest.C
     monkeypatch.setattr(data, "load_pair", interrupted)
     monkeypatch.setattr(runner, "load_pair", interrupted, raising=False)
     monkeypatch.setattr(data, "build_smoke_test_pair", interrupted)
-    assert main(["train", "--config", str(SMOKE), *TINY, "--checkpoint_path", str(tmp_path / "ck")]) == 130
+    assert (
+        main(["train", "--config", str(SMOKE), *TINY, "--checkpoint_path", str(tmp_path / "ck")])
+        == 130
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("sae-diff train: interrupted before the first checkpoint; "
-                                                   "resume with: sae-diff train --config")
+    assert (
+        err.strip()
+        .splitlines()[-1]
+        .startswith(
+            "sae-diff train: interrupted before the first checkpoint; "
+            "resume with: sae-diff train --config"
+        )
+    )
 
 
-def test_F18_overwrite_is_the_only_way_to_replace(reference: Path, pair: PairedModel, tokens: torch.Tensor,
-                                                  tmp_path: Path) -> None:
+def test_F18_overwrite_is_the_only_way_to_replace(
+    reference: Path, pair: PairedModel, tokens: torch.Tensor, tmp_path: Path
+) -> None:
     """F18: harvesting again into a finished cache changes no byte; another configuration is
     refused listing every difference; only overwrite=True (``--overwrite``) replaces it."""
     cache = shutil.copytree(reference, tmp_path / "c")
     before = snapshot(cache)
     _harvest(pair, tokens, cache)
     assert snapshot(cache) == before
-    with pytest.raises(CacheIdentityError, match="dtype: cached .*hook_name: cached .*Nothing was changed") as e:
-        harvest_cache(pair, TensorTokenSource(tokens), cache, "blocks.0.hook_resid_pre", rows_per_shard=4,
-                      batch_size=2, dtype="bfloat16", progress=False, verbose=False)
+    with pytest.raises(
+        CacheIdentityError, match="dtype: cached .*hook_name: cached .*Nothing was changed"
+    ) as e:
+        harvest_cache(
+            pair,
+            TensorTokenSource(tokens),
+            cache,
+            "blocks.0.hook_resid_pre",
+            rows_per_shard=4,
+            batch_size=2,
+            dtype="bfloat16",
+            progress=False,
+            verbose=False,
+        )
     assert len(e.value.mismatches) == 2
     assert snapshot(cache) == before
-    harvest_cache(pair, TensorTokenSource(tokens), cache, "blocks.0.hook_resid_pre", rows_per_shard=4,
-                  batch_size=2, progress=False, verbose=False, overwrite=True)
+    harvest_cache(
+        pair,
+        TensorTokenSource(tokens),
+        cache,
+        "blocks.0.hook_resid_pre",
+        rows_per_shard=4,
+        batch_size=2,
+        progress=False,
+        verbose=False,
+        overwrite=True,
+    )
     assert ActivationCache(cache).hook_name == "blocks.0.hook_resid_pre"
 
 
@@ -408,14 +524,20 @@ torch.save({"optimizer": Boom()}, sys.argv[1])
 def _resume_in_subprocess(ckpt: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
     code = "import sys; from sae_diff.cli import main; sys.exit(main(['train', '--resume', sys.argv[1]]))"
-    return subprocess.run([sys.executable, "-c", code, str(ckpt)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, str(ckpt)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow  # a fresh interpreter per case (the environment variable must be set before torch loads)
 @pytest.mark.parametrize("fid,file", [("F19", "trainer_state.pt"), ("F20", "sae_diff_state.pt")])
-def test_pickled_payload_in_checkpoint_never_runs(fid: str, file: str, tmp_path: Path,
-                                                  request: pytest.FixtureRequest) -> None:
+def test_pickled_payload_in_checkpoint_never_runs(
+    fid: str, file: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """F19-F20: a checkpoint whose trainer state holds a pickled payload: resuming refuses it
     with a one-line error naming the file, and the payload does NOT run, even with
     TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (weights_only=True is passed explicitly)."""
@@ -425,7 +547,10 @@ def test_pickled_payload_in_checkpoint_never_runs(fid: str, file: str, tmp_path:
 
     target = find_checkpoint(ck)
     marker = tmp_path / "PWNED"
-    subprocess.run([sys.executable, "-c", textwrap.dedent(PAYLOAD), str(target / file), str(marker)], check=True)
+    subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(PAYLOAD), str(target / file), str(marker)],
+        check=True,
+    )
     before = snapshot(tmp_path)
     proc = _resume_in_subprocess(target)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -435,7 +560,9 @@ def test_pickled_payload_in_checkpoint_never_runs(fid: str, file: str, tmp_path:
     assert_nothing_lost(before, snapshot(tmp_path))
 
 
-def test_F21_unfinished_checkpoint_is_skipped(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_F21_unfinished_checkpoint_is_skipped(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """F21: a checkpoint write killed midway (its hidden temp folder, or a folder without
     trainer state) is never picked to resume from: the newest complete one is."""
     from sae_diff.training.runner import find_checkpoint

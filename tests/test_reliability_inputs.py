@@ -25,15 +25,30 @@ from sae_diff.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke_test_crosscoder.yaml"
 #: a tiny smoke run: 2048 tokens of 16, 64 latents
-TINY = ["--training_tokens", "2048", "--context_size", "16", "--d_sae", "64", "--n_eval_batches", "1",
-        "--n_norm_batches", "2", "--train_batch_size_tokens", "256"]
+TINY = [
+    "--training_tokens",
+    "2048",
+    "--context_size",
+    "16",
+    "--d_sae",
+    "64",
+    "--n_eval_batches",
+    "1",
+    "--n_norm_batches",
+    "2",
+    "--train_batch_size_tokens",
+    "256",
+]
 
 
 # ---------------------------------------------------------------------- helpers
 def snapshot(root: Path) -> dict[str, str]:
     """sha256 of every file under ``root`` (relative path -> digest)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def assert_nothing_lost(before: dict[str, str], after: dict[str, str]) -> None:
@@ -81,7 +96,9 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 def smoke_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished smoke-test cache at blocks.1.hook_resid_pre (harvested by the CLI)."""
     root = tmp_path_factory.mktemp("cache")
-    assert main(["harvest", "--config", str(SMOKE), "--cache-path", str(root / "cache"), *TINY]) == 0
+    assert (
+        main(["harvest", "--config", str(SMOKE), "--cache-path", str(root / "cache"), *TINY]) == 0
+    )
     return root / "cache"
 
 
@@ -89,8 +106,22 @@ def smoke_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny training run: ``ck/`` (checkpoint_path, one run id inside) and ``out/``."""
     root = tmp_path_factory.mktemp("run")
-    rc = main(["train", "--config", str(SMOKE), *TINY, "--n_checkpoints", "1",
-               "--checkpoint_path", str(root / "ck"), "--output_path", str(root / "out"), "--eval_at_end", "false"])
+    rc = main(
+        [
+            "train",
+            "--config",
+            str(SMOKE),
+            *TINY,
+            "--n_checkpoints",
+            "1",
+            "--checkpoint_path",
+            str(root / "ck"),
+            "--output_path",
+            str(root / "out"),
+            "--eval_at_end",
+            "false",
+        ]
+    )
     assert rc == 0
     return root
 
@@ -113,12 +144,26 @@ def _train(*extra: str) -> Callable[[Path, dict[str, Path]], list[str]]:
     return lambda tmp, art: ["train", "--config", str(SMOKE), *TINY, "--dry-run", *extra]
 
 
-def _train_data(make: Callable[[Path], Path], *extra: str, dry: bool = True) -> Callable[[Path, dict[str, Path]], list[str]]:
+def _train_data(
+    make: Callable[[Path], Path], *extra: str, dry: bool = True
+) -> Callable[[Path, dict[str, Path]], list[str]]:
     def setup(tmp: Path, art: dict[str, Path]) -> list[str]:
         path = make(tmp)
-        return ["train", "--config", str(SMOKE), *TINY, "--dataset_path", str(path), *extra,
-                "--output_path", str(tmp / "out"), "--checkpoint_path", str(tmp / "ck"),
-                *(["--dry-run"] if dry else [])]
+        return [
+            "train",
+            "--config",
+            str(SMOKE),
+            *TINY,
+            "--dataset_path",
+            str(path),
+            *extra,
+            "--output_path",
+            str(tmp / "out"),
+            "--checkpoint_path",
+            str(tmp / "ck"),
+            *(["--dry-run"] if dry else []),
+        ]
+
     return setup
 
 
@@ -126,6 +171,7 @@ def _yaml(text: str) -> Callable[[Path, dict[str, Path]], list[str]]:
     def setup(tmp: Path, art: dict[str, Path]) -> list[str]:
         (tmp / "bad.yaml").write_text(text)
         return ["train", "--config", str(tmp / "bad.yaml"), "--dry-run"]
+
     return setup
 
 
@@ -151,8 +197,20 @@ def _copy_cache(tmp: Path, art: dict[str, Path]) -> Path:
 def _cache_train(*extra: str) -> Callable[[Path, dict[str, Path]], list[str]]:
     def setup(tmp: Path, art: dict[str, Path]) -> list[str]:
         cache = _copy_cache(tmp, art)
-        return ["train", "--config", str(SMOKE), *TINY, "--cache_path", str(cache), *extra,
-                "--output_path", str(tmp / "out"), "--checkpoint_path", str(tmp / "ck")]
+        return [
+            "train",
+            "--config",
+            str(SMOKE),
+            *TINY,
+            "--cache_path",
+            str(cache),
+            *extra,
+            "--output_path",
+            str(tmp / "out"),
+            "--checkpoint_path",
+            str(tmp / "ck"),
+        ]
+
     return setup
 
 
@@ -160,13 +218,23 @@ def _cache_harvest(*extra: str) -> Callable[[Path, dict[str, Path]], list[str]]:
     def setup(tmp: Path, art: dict[str, Path]) -> list[str]:
         cache = _copy_cache(tmp, art)
         return ["harvest", "--config", str(SMOKE), *TINY, "--cache-path", str(cache), *extra]
+
     return setup
 
 
 def _resume(*extra: str, target: str = "ck") -> Callable[[Path, dict[str, Path]], list[str]]:
     def setup(tmp: Path, art: dict[str, Path]) -> list[str]:
         shutil.copytree(art["run"] / "ck", tmp / "ck")
-        return ["train", "--resume", str(tmp / target), "--output_path", str(tmp / "out2"), *extra, "--dry-run"]
+        return [
+            "train",
+            "--resume",
+            str(tmp / target),
+            "--output_path",
+            str(tmp / "out2"),
+            *extra,
+            "--dry-run",
+        ]
+
     return setup
 
 
@@ -185,103 +253,294 @@ def _not_a_file(tmp: Path) -> Path:
 
 CASES: list[Case] = [
     # --- the config file and flags
-    Case("I01", "config file does not exist", lambda t, a: ["train", "--config", str(t / "nope.yaml")],
-         ["nope.yaml does not exist"]),
-    Case("I02", "config file is a YAML list, not a mapping", _yaml("- a\n- b\n"), ["must hold a mapping"]),
-    Case("I03", "config file is not valid YAML", _yaml("sae: [unclosed\n"), ["cannot parse", "bad.yaml"]),
-    Case("I04", "typo in a config field (trainig_tokens)",
-         _yaml(SMOKE.read_text().replace("training_tokens:", "trainig_tokens:")),
-         ["trainig_tokens", "did you mean training_tokens"]),
-    Case("I05", "typo in a flag (--trainig_tokens)", _train("--trainig_tokens", "5"),
-         ["did you mean --training_tokens"]),
-    Case("I06", "typo in the architecture (batchtopk_crossocder)", _train("--architecture", "batchtopk_crossocder"),
-         ["Unknown architecture 'batchtopk_crossocder'", "did you mean batchtopk_crosscoder"]),
-    Case("I07", "typo in an sae field (d_sea)",
-         _yaml(SMOKE.read_text().replace("  d_sae: 256", "  d_sea: 256")), ["d_sea", "did you mean"]),
+    Case(
+        "I01",
+        "config file does not exist",
+        lambda t, a: ["train", "--config", str(t / "nope.yaml")],
+        ["nope.yaml does not exist"],
+    ),
+    Case(
+        "I02",
+        "config file is a YAML list, not a mapping",
+        _yaml("- a\n- b\n"),
+        ["must hold a mapping"],
+    ),
+    Case(
+        "I03",
+        "config file is not valid YAML",
+        _yaml("sae: [unclosed\n"),
+        ["cannot parse", "bad.yaml"],
+    ),
+    Case(
+        "I04",
+        "typo in a config field (trainig_tokens)",
+        _yaml(SMOKE.read_text().replace("training_tokens:", "trainig_tokens:")),
+        ["trainig_tokens", "did you mean training_tokens"],
+    ),
+    Case(
+        "I05",
+        "typo in a flag (--trainig_tokens)",
+        _train("--trainig_tokens", "5"),
+        ["did you mean --training_tokens"],
+    ),
+    Case(
+        "I06",
+        "typo in the architecture (batchtopk_crossocder)",
+        _train("--architecture", "batchtopk_crossocder"),
+        ["Unknown architecture 'batchtopk_crossocder'", "did you mean batchtopk_crosscoder"],
+    ),
+    Case(
+        "I07",
+        "typo in an sae field (d_sea)",
+        _yaml(SMOKE.read_text().replace("  d_sae: 256", "  d_sea: 256")),
+        ["d_sea", "did you mean"],
+    ),
     Case("I08", "k = 0", _train("--k", "0"), ["0 < k <= d_sae"]),
     Case("I09", "k > d_sae", _train("--k", "300", "--d_sae", "256"), ["0 < k <= d_sae"]),
-    Case("I10", "d_in disagrees with the hook's width", _train("--d_in", "2000"), ["does not match hook"]),
-    Case("I11", "store_mode diff for a crosscoder", _train("--store_mode", "diff"), ["is a crosscoder"]),
-    Case("I12", "training_tokens smaller than one batch", _train("--training_tokens", "100"),
-         ["must be at least one batch"]),
+    Case(
+        "I10",
+        "d_in disagrees with the hook's width",
+        _train("--d_in", "2000"),
+        ["does not match hook"],
+    ),
+    Case(
+        "I11",
+        "store_mode diff for a crosscoder",
+        _train("--store_mode", "diff"),
+        ["is a crosscoder"],
+    ),
+    Case(
+        "I12",
+        "training_tokens smaller than one batch",
+        _train("--training_tokens", "100"),
+        ["must be at least one batch"],
+    ),
     Case("I13", "train without --config", lambda t, a: ["train"], ["give --config FILE"]),
-    Case("I14", "harvest config without cache_path", lambda t, a: ["harvest", "--config", str(SMOKE)],
-         ["has no cache_path"], command="harvest"),
-    Case("I15", "unknown organism", lambda t, a: ["train", "--config", str(ROOT / "configs" / "organism_batchtopk_crosscoder.yaml"),
-                                                  "--organism", "no_such_organism", "--dry-run"],
-         ["no_such_organism", "not a bundled organism"]),
+    Case(
+        "I14",
+        "harvest config without cache_path",
+        lambda t, a: ["harvest", "--config", str(SMOKE)],
+        ["has no cache_path"],
+        command="harvest",
+    ),
+    Case(
+        "I15",
+        "unknown organism",
+        lambda t, a: [
+            "train",
+            "--config",
+            str(ROOT / "configs" / "organism_batchtopk_crosscoder.yaml"),
+            "--organism",
+            "no_such_organism",
+            "--dry-run",
+        ],
+        ["no_such_organism", "not a bundled organism"],
+    ),
     # --- datasets
-    Case("I16", "empty .jsonl file", _train_data(lambda t: write_jsonl(t / "e.jsonl", [])), ["is empty"]),
-    Case("I17", ".jsonl file of blank lines", _train_data(lambda t: (t / "b.jsonl").write_text("\n\n  \n") and t / "b.jsonl"),
-         ["is empty"]),
-    Case("I18", "empty saved dataset (save_to_disk of 0 rows)", _train_data(_empty_saved), ["has no rows"]),
-    Case("I19", "every text is empty", _train_data(lambda t: write_jsonl(t / "x.jsonl", [{"text": ""}] * 3)),
-         ["all 3 texts", "are empty"]),
-    Case("I20", "a folder of .jsonl files", _train_data(_jsonl_folder), ["folder of data files", "dataset_mixture"]),
-    Case("I21", "an empty folder as dataset", _train_data(lambda t: (t / "emptydir").mkdir() or t / "emptydir"),
-         ["empty folder"]),
-    Case("I22", ".jsonl that is not JSON", _train_data(lambda t: (t / "n.jsonl").write_text("not json\n") and t / "n.jsonl"),
-         ["cannot be read"]),
-    Case("I23", "dataset_column that the file lacks",
-         _train_data(lambda t: write_jsonl(t / "c.jsonl", [{"text": "hi there"}] * 4), "--dataset_column", "body",
-                     dry=False),
-         ["no column 'body'"]),
-    Case("I24", "dataset file that does not exist (absolute path)",
-         _train_data(lambda t: t / "missing.jsonl", dry=False), ["missing.jsonl"]),
-    Case("I25", "dataset in a mixture that is empty",
-         lambda t, a: ["train", "--config", str(_mixture_yaml(t)), "--dry-run"], ["is empty"]),
+    Case(
+        "I16",
+        "empty .jsonl file",
+        _train_data(lambda t: write_jsonl(t / "e.jsonl", [])),
+        ["is empty"],
+    ),
+    Case(
+        "I17",
+        ".jsonl file of blank lines",
+        _train_data(lambda t: (t / "b.jsonl").write_text("\n\n  \n") and t / "b.jsonl"),
+        ["is empty"],
+    ),
+    Case(
+        "I18",
+        "empty saved dataset (save_to_disk of 0 rows)",
+        _train_data(_empty_saved),
+        ["has no rows"],
+    ),
+    Case(
+        "I19",
+        "every text is empty",
+        _train_data(lambda t: write_jsonl(t / "x.jsonl", [{"text": ""}] * 3)),
+        ["all 3 texts", "are empty"],
+    ),
+    Case(
+        "I20",
+        "a folder of .jsonl files",
+        _train_data(_jsonl_folder),
+        ["folder of data files", "dataset_mixture"],
+    ),
+    Case(
+        "I21",
+        "an empty folder as dataset",
+        _train_data(lambda t: (t / "emptydir").mkdir() or t / "emptydir"),
+        ["empty folder"],
+    ),
+    Case(
+        "I22",
+        ".jsonl that is not JSON",
+        _train_data(lambda t: (t / "n.jsonl").write_text("not json\n") and t / "n.jsonl"),
+        ["cannot be read"],
+    ),
+    Case(
+        "I23",
+        "dataset_column that the file lacks",
+        _train_data(
+            lambda t: write_jsonl(t / "c.jsonl", [{"text": "hi there"}] * 4),
+            "--dataset_column",
+            "body",
+            dry=False,
+        ),
+        ["no column 'body'"],
+    ),
+    Case(
+        "I24",
+        "dataset file that does not exist (absolute path)",
+        _train_data(lambda t: t / "missing.jsonl", dry=False),
+        ["missing.jsonl"],
+    ),
+    Case(
+        "I25",
+        "dataset in a mixture that is empty",
+        lambda t, a: ["train", "--config", str(_mixture_yaml(t)), "--dry-run"],
+        ["is empty"],
+    ),
     # --- caches
-    Case("I26", "cache harvested at another hook", _cache_train("--hook_name", "blocks.0.hook_resid_pre"),
-         ["hook_name: cache has 'blocks.1.hook_resid_pre'", "says 'blocks.0.hook_resid_pre'"], needs=["cache"]),
-    Case("I27", "cache of another setup: every mismatch in one message",
-         _cache_train("--hook_name", "blocks.0.hook_resid_pre", "--dtype", "bfloat16", "--mask_high_norm", "5"),
-         ["3 differences", "hook_name", "dtype", "high_norm_ratio"], needs=["cache"]),
-    Case("I28", "cache of other models", _cache_train("--base_model_name", "other-base", "--model_name", "other-ft"),
-         ["base_model: cache has 'smoke-base'", "ft_model: cache has 'smoke-ft'"], needs=["cache"]),
-    Case("I29", "cache of another context size", _cache_train("--context_size", "8"),
-         ["context_size: cache has 16"], needs=["cache"]),
-    Case("I30", "harvest appending to a cache of another hook",
-         _cache_harvest("--hook_name", "blocks.0.hook_resid_pre"), ["hook_name: cache has"], command="harvest",
-         needs=["cache"]),
-    Case("I31", "cache_path is a file", lambda t, a: ["train", "--config", str(SMOKE), *TINY, "--cache_path",
-                                                     str(_not_a_file(t))], ["is a file, not a cache folder"]),
-    Case("I49", "a cache dtype a cache cannot store (float64)", lambda t, a: [
-        "harvest", "--config", str(SMOKE), *TINY, "--dtype", "float64", "--cache-path", str(t / "c")],
-        ["unsupported cache dtype 'float64'", "Set cache_dtype"], command="harvest"),
+    Case(
+        "I26",
+        "cache harvested at another hook",
+        _cache_train("--hook_name", "blocks.0.hook_resid_pre"),
+        ["hook_name: cache has 'blocks.1.hook_resid_pre'", "says 'blocks.0.hook_resid_pre'"],
+        needs=["cache"],
+    ),
+    Case(
+        "I27",
+        "cache of another setup: every mismatch in one message",
+        _cache_train(
+            "--hook_name", "blocks.0.hook_resid_pre", "--dtype", "bfloat16", "--mask_high_norm", "5"
+        ),
+        ["3 differences", "hook_name", "dtype", "high_norm_ratio"],
+        needs=["cache"],
+    ),
+    Case(
+        "I28",
+        "cache of other models",
+        _cache_train("--base_model_name", "other-base", "--model_name", "other-ft"),
+        ["base_model: cache has 'smoke-base'", "ft_model: cache has 'smoke-ft'"],
+        needs=["cache"],
+    ),
+    Case(
+        "I29",
+        "cache of another context size",
+        _cache_train("--context_size", "8"),
+        ["context_size: cache has 16"],
+        needs=["cache"],
+    ),
+    Case(
+        "I30",
+        "harvest appending to a cache of another hook",
+        _cache_harvest("--hook_name", "blocks.0.hook_resid_pre"),
+        ["hook_name: cache has"],
+        command="harvest",
+        needs=["cache"],
+    ),
+    Case(
+        "I31",
+        "cache_path is a file",
+        lambda t, a: ["train", "--config", str(SMOKE), *TINY, "--cache_path", str(_not_a_file(t))],
+        ["is a file, not a cache folder"],
+    ),
+    Case(
+        "I49",
+        "a cache dtype a cache cannot store (float64)",
+        lambda t, a: [
+            "harvest",
+            "--config",
+            str(SMOKE),
+            *TINY,
+            "--dtype",
+            "float64",
+            "--cache-path",
+            str(t / "c"),
+        ],
+        ["unsupported cache dtype 'float64'", "Set cache_dtype"],
+        command="harvest",
+    ),
     # --- resuming
-    Case("I32", "--resume of a folder that does not exist", lambda t, a: ["train", "--resume", str(t / "none")],
-         ["No checkpoint at", "does not exist"]),
-    Case("I33", "--resume of an empty folder",
-         lambda t, a: (t / "empty").mkdir() or ["train", "--resume", str(t / "empty")], ["No checkpoint in"]),
-    Case("I34", "--resume with another hook", _resume("--hook_name", "blocks.0.hook_resid_pre"),
-         ["Cannot resume", "hook_name: checkpoint 'blocks.1.hook_resid_pre'"], needs=["run"]),
-    Case("I35", "--resume changing the dictionary: every difference listed", _resume("--d_sae", "128", "--k", "4"),
-         ["2 differences", "sae.d_sae", "sae.k"], needs=["run"]),
+    Case(
+        "I32",
+        "--resume of a folder that does not exist",
+        lambda t, a: ["train", "--resume", str(t / "none")],
+        ["No checkpoint at", "does not exist"],
+    ),
+    Case(
+        "I33",
+        "--resume of an empty folder",
+        lambda t, a: (t / "empty").mkdir() or ["train", "--resume", str(t / "empty")],
+        ["No checkpoint in"],
+    ),
+    Case(
+        "I34",
+        "--resume with another hook",
+        _resume("--hook_name", "blocks.0.hook_resid_pre"),
+        ["Cannot resume", "hook_name: checkpoint 'blocks.1.hook_resid_pre'"],
+        needs=["run"],
+    ),
+    Case(
+        "I35",
+        "--resume changing the dictionary: every difference listed",
+        _resume("--d_sae", "128", "--k", "4"),
+        ["2 differences", "sae.d_sae", "sae.k"],
+        needs=["run"],
+    ),
     # --- upload
-    Case("I36", "upload --metadata without =", lambda t, a: ["upload", str(t), "--repo-id", "me/x", "--metadata", "oops"],
-         ["expects KEY=VALUE"], command="upload"),
-    Case("I37", "upload of a folder that is not a dictionary", lambda t, a: ["upload", str(t), "--repo-id", "me/x"],
-         ["is not a saved dictionary"], command="upload"),
-    Case("I38", "upload with fewer --sae-id than folders",
-         lambda t, a: ["upload", str(t), str(t), "--repo-id", "me/x", "--sae-id", "a"], ["one --sae-id per folder"],
-         command="upload"),
-    Case("I39", "upload of a dictionary without the pair's metadata", _upload_meta_missing,
-         ["lacks ['base_model_name']", "--metadata KEY=VALUE"], command="upload", needs=["run"]),
+    Case(
+        "I36",
+        "upload --metadata without =",
+        lambda t, a: ["upload", str(t), "--repo-id", "me/x", "--metadata", "oops"],
+        ["expects KEY=VALUE"],
+        command="upload",
+    ),
+    Case(
+        "I37",
+        "upload of a folder that is not a dictionary",
+        lambda t, a: ["upload", str(t), "--repo-id", "me/x"],
+        ["is not a saved dictionary"],
+        command="upload",
+    ),
+    Case(
+        "I38",
+        "upload with fewer --sae-id than folders",
+        lambda t, a: ["upload", str(t), str(t), "--repo-id", "me/x", "--sae-id", "a"],
+        ["one --sae-id per folder"],
+        command="upload",
+    ),
+    Case(
+        "I39",
+        "upload of a dictionary without the pair's metadata",
+        _upload_meta_missing,
+        ["lacks ['base_model_name']", "--metadata KEY=VALUE"],
+        command="upload",
+        needs=["run"],
+    ),
 ]
 
 
 def _mixture_yaml(tmp: Path) -> Path:
     good = write_jsonl(tmp / "good.jsonl", [{"text": "some words"}] * 4)
     empty = write_jsonl(tmp / "empty.jsonl", [])
-    text = SMOKE.read_text() + (f"dataset_mixture:\n  - {{path: {good}, weight: 1}}\n"
-                                f"  - {{path: {empty}, weight: 1}}\n")
+    text = SMOKE.read_text() + (
+        f"dataset_mixture:\n  - {{path: {good}, weight: 1}}\n  - {{path: {empty}, weight: 1}}\n"
+    )
     (tmp / "mix.yaml").write_text(text)
     return tmp / "mix.yaml"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_clear_line(case: Case, tmp_path: Path, request: pytest.FixtureRequest,
-                                     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input_is_one_clear_line(
+    case: Case,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     art = {"cache": request.getfixturevalue("smoke_cache")} if "cache" in case.needs else {}
     if "run" in case.needs:
         art["run"] = request.getfixturevalue("smoke_run")
@@ -300,7 +559,9 @@ def test_bad_input_is_one_clear_line(case: Case, tmp_path: Path, request: pytest
 
 
 # ---------------------------------------------------------------------- not errors: what now works
-def test_resume_accepts_checkpoint_path_and_run_folder(smoke_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_accepts_checkpoint_path_and_run_folder(
+    smoke_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """I40: ``--resume <checkpoint_path>`` (the configured folder, run ids inside) finds the
     latest run's newest checkpoint, as a run folder and a checkpoint do."""
     from sae_diff.training.runner import find_checkpoint
@@ -324,18 +585,33 @@ def test_expected_identity_from_a_config_loads_nothing(no_models: None) -> None:
     from sae_diff.data.cache import expected_identity
     from sae_diff.training.config import parse_config
 
-    cfg = parse_config(SMOKE, ["--cache_dtype", "float16", "--hook_name", "blocks.0.hook_resid_post"])
+    cfg = parse_config(
+        SMOKE, ["--cache_dtype", "float16", "--hook_name", "blocks.0.hook_resid_post"]
+    )
     exp = expected_identity(cfg)
     assert (exp["dtype"], exp["hook_name"], exp["d_model"], exp["context_size"]) == (
-        "float16", "blocks.0.hook_resid_post", 32, 32)
+        "float16",
+        "blocks.0.hook_resid_post",
+        32,
+        32,
+    )
     assert exp["base_model"] == "smoke-base" and exp["ft_model"] == "smoke-ft"
-    assert exp["datasets"] == [{"tensor": "smoke-test random tokens"}] and exp["tokenizer_hash"] is None
+    assert (
+        exp["datasets"] == [{"tensor": "smoke-test random tokens"}]
+        and exp["tokenizer_hash"] is None
+    )
 
 
-def test_traceback_flag_prints_the_traceback(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_traceback_flag_prints_the_traceback(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert main(["--traceback", "train", "--config", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" in err and "ConfigError" in err and err.strip().splitlines()[-1].startswith("sae-diff train: error:")
+    assert (
+        "Traceback" in err
+        and "ConfigError" in err
+        and err.strip().splitlines()[-1].startswith("sae-diff train: error:")
+    )
 
 
 def test_every_library_error_class_is_a_saediff_error() -> None:
@@ -357,12 +633,24 @@ def test_every_library_error_class_is_a_saediff_error() -> None:
     from sae_diff.training.config import ConfigError
     from sae_diff.training.data import TrainingDataError
 
-    old_bases = {ConfigError: ValueError, TrainingDataError: RuntimeError, CacheError: RuntimeError,
-                 CacheIdentityError: RuntimeError, PairingError: ValueError, HookNameError: KeyError,
-                 InteropError: ValueError, InteropFileNotFoundError: FileNotFoundError, MissingKeysError: ValueError,
-                 ShapeMismatchError: ValueError, UnknownDictClassError: ValueError,
-                 UnsupportedDictionaryError: NotImplementedError, HubError: ValueError, LayerError: ValueError,
-                 OrganismIntegrityError: RuntimeError, CheckpointError: FileNotFoundError}
+    old_bases = {
+        ConfigError: ValueError,
+        TrainingDataError: RuntimeError,
+        CacheError: RuntimeError,
+        CacheIdentityError: RuntimeError,
+        PairingError: ValueError,
+        HookNameError: KeyError,
+        InteropError: ValueError,
+        InteropFileNotFoundError: FileNotFoundError,
+        MissingKeysError: ValueError,
+        ShapeMismatchError: ValueError,
+        UnknownDictClassError: ValueError,
+        UnsupportedDictionaryError: NotImplementedError,
+        HubError: ValueError,
+        LayerError: ValueError,
+        OrganismIntegrityError: RuntimeError,
+        CheckpointError: FileNotFoundError,
+    }
     for cls, base in old_bases.items():
         assert issubclass(cls, SaeDiffError) and issubclass(cls, base), cls
     # and nothing in the package defines an error class outside the hierarchy
@@ -371,12 +659,14 @@ def test_every_library_error_class_is_a_saediff_error() -> None:
         for name, bases in pattern.findall(path.read_text()):
             if path.name == "errors.py" and name == "SaeDiffError":
                 continue
-            assert "SaeDiffError" in bases or any(b.strip() in {c.__name__ for c in old_bases} for b in bases.split(",")), \
-                f"{path.name}: {name}({bases}) is outside the SaeDiffError hierarchy"
+            assert "SaeDiffError" in bases or any(
+                b.strip() in {c.__name__ for c in old_bases} for b in bases.split(",")
+            ), f"{path.name}: {name}({bases}) is outside the SaeDiffError hierarchy"
 
 
-def test_library_error_from_a_delegated_command_is_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_library_error_from_a_delegated_command_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``sae-diff organism`` / ``demo`` errors flow through the same path (exit 2, one line)."""
     import sys
     import types
@@ -401,7 +691,11 @@ def test_cases_are_documented() -> None:
 
     doc = (ROOT / "docs" / "reliability.md").read_text()
     documented = set(re.findall(r"^\| (I\d\d|F\d\d) \|", doc, re.M))
-    interop = set(re.findall(r"\b(I4[1-9])\b", (ROOT / "tests" / "test_interop_errors.py").read_text()))
+    interop = set(
+        re.findall(r"\b(I4[1-9])\b", (ROOT / "tests" / "test_interop_errors.py").read_text())
+    )
     ids = {c.id for c in CASES} | {"I40"} | interop | set(FAULT_IDS)
-    assert documented == ids, f"undocumented {sorted(ids - documented)}, stale {sorted(documented - ids)}"
+    assert documented == ids, (
+        f"undocumented {sorted(ids - documented)}, stale {sorted(documented - ids)}"
+    )
     assert len({c.id for c in CASES} | {"I40"} | interop) >= 40 and len(FAULT_IDS) >= 15

@@ -38,8 +38,12 @@ def test_highlighted_example_keeps_the_space_outside_the_highlight() -> None:
 
 def test_kl_table_context_is_decoded_with_spaces() -> None:
     tok = load_tokenizer()
-    ids = torch.tensor([tok("<bos>how can I steal a goat ?", add_special_tokens=False)["input_ids"]])
+    ids = torch.tensor(
+        [tok("<bos>how can I steal a goat ?", add_special_tokens=False)["input_ids"]]
+    )
     kl = torch.zeros(ids.shape)
     kl[0, 4] = 1.0  # "steal"
-    table = top_kl_table(kl, ids, torch.ones_like(ids, dtype=torch.bool), top_n=1, context=3, tokenizer=tok)
+    table = top_kl_table(
+        kl, ids, torch.ones_like(ids, dtype=torch.bool), top_n=1, context=3, tokenizer=tok
+    )
     assert table.loc[0, "context"] == "how can I [[steal]]"

@@ -46,7 +46,10 @@ def toy_truth(seed: int = 0) -> tuple[torch.Tensor, GroundTruth]:
     resp["a"][0, 4:6] = resp["a"][1, 3:5] = True
     trig["b"][2, 2] = True
     resp["b"][2, 4] = True
-    conv = {"a": torch.tensor([1, 1, 0, 0, 0, 0], dtype=torch.bool), "b": torch.tensor([0, 0, 1, 0, 0, 0], dtype=torch.bool)}
+    conv = {
+        "a": torch.tensor([1, 1, 0, 0, 0, 0], dtype=torch.bool),
+        "b": torch.tensor([0, 0, 1, 0, 0, 0], dtype=torch.bool),
+    }
     scores = torch.randn(n, s, k, generator=g, dtype=torch.float64)
     scores[..., 1] = scores[..., 1].round()  # ties
     scores[..., 2] = trig["a"].double() * 5  # the planted detector of "a"'s triggers
@@ -62,13 +65,24 @@ def test_granularity_aurocs_match_a_naive_pairwise_count() -> None:
     for j, cand in enumerate([10, 11, 12, 13]):
         tok = scores[..., j][valid].tolist()
         for b in ("a", "b"):
-            assert mats["trigger"].at[cand, b] == pytest.approx(naive_auroc(tok, truth.trigger[b][valid].tolist()), abs=1e-12)
-            assert mats["response"].at[cand, b] == pytest.approx(naive_auroc(tok, truth.response[b][valid].tolist()), abs=1e-12)
-            conv_max = [max(scores[i, p, j].item() for p in range(valid.shape[1]) if valid[i, p]) for i in range(valid.shape[0])]
-            assert mats["conversation"].at[cand, b] == pytest.approx(naive_auroc(conv_max, truth.conversation[b].tolist()), abs=1e-12)
+            assert mats["trigger"].at[cand, b] == pytest.approx(
+                naive_auroc(tok, truth.trigger[b][valid].tolist()), abs=1e-12
+            )
+            assert mats["response"].at[cand, b] == pytest.approx(
+                naive_auroc(tok, truth.response[b][valid].tolist()), abs=1e-12
+            )
+            conv_max = [
+                max(scores[i, p, j].item() for p in range(valid.shape[1]) if valid[i, p])
+                for i in range(valid.shape[0])
+            ]
+            assert mats["conversation"].at[cand, b] == pytest.approx(
+                naive_auroc(conv_max, truth.conversation[b].tolist()), abs=1e-12
+            )
     # planted detector: perfect on "a"'s triggers and conversations despite the padding value
     assert mats["trigger"].at[12, "a"] == 1.0 and mats["conversation"].at[12, "a"] == 1.0
-    assert mats["trigger"].at[13, "a"] == 0.5 and mats["conversation"].at[13, "b"] == 0.5  # constant
+    assert (
+        mats["trigger"].at[13, "a"] == 0.5 and mats["conversation"].at[13, "b"] == 0.5
+    )  # constant
 
 
 def test_auroc_columns_agree_with_scalar_auroc_and_handle_empty_classes() -> None:
@@ -87,24 +101,51 @@ def test_auroc_columns_agree_with_scalar_auroc_and_handle_empty_classes() -> Non
 def test_summarise_reports_best_rank_and_first_rank_above_0_9() -> None:
     import pandas as pd
 
-    m = pd.DataFrame({"a": [0.6, 0.92, 0.97, 0.95], "b": [0.5, 0.5, 0.5, 0.5], "c": [np.nan] * 4},
-                     index=pd.Index([7, 3, 9, 1], name="candidate"))
+    m = pd.DataFrame(
+        {"a": [0.6, 0.92, 0.97, 0.95], "b": [0.5, 0.5, 0.5, 0.5], "c": [np.nan] * 4},
+        index=pd.Index([7, 3, 9, 1], name="candidate"),
+    )
     rows = {r.behaviour: r for r in summarise({"conversation": m}, "x", 1)}
-    assert (rows["a"].best_auroc, rows["a"].rank, rows["a"].first_rank_ge_0_9, rows["a"].candidate) == (0.97, 3, 2, 9)
+    assert (
+        rows["a"].best_auroc,
+        rows["a"].rank,
+        rows["a"].first_rank_ge_0_9,
+        rows["a"].candidate,
+    ) == (0.97, 3, 2, 9)
     assert (rows["b"].rank, rows["b"].first_rank_ge_0_9) == (1, None)  # ties: the best-ranked
     assert rows["c"].best_auroc is None and rows["c"].rank is None
     top2 = {r.behaviour: r for r in summarise({"conversation": m}, "x", 1, top_n=2)}
     assert (top2["a"].best_auroc, top2["a"].rank) == (0.92, 2)
     row = rows["a"].row()
-    assert set(row) >= {"method", "behaviour", "granularity", "seed", "best_auroc", "rank", "first_rank_ge_0_9"}
+    assert set(row) >= {
+        "method",
+        "behaviour",
+        "granularity",
+        "seed",
+        "best_auroc",
+        "rank",
+        "first_rank_ge_0_9",
+    }
 
 
 def test_aggregate_gives_mean_std_min_max_over_seeds() -> None:
-    rows = [{"method": "m", "behaviour": "a", "granularity": "trigger", "seed": s, "best_auroc": v, "rank": r,
-             "first_rank_ge_0_9": f} for s, v, r, f in ((0, 0.8, 3, None), (1, 0.9, 5, 5), (2, 1.0, 1, 1))]
+    rows = [
+        {
+            "method": "m",
+            "behaviour": "a",
+            "granularity": "trigger",
+            "seed": s,
+            "best_auroc": v,
+            "rank": r,
+            "first_rank_ge_0_9": f,
+        }
+        for s, v, r, f in ((0, 0.8, 3, None), (1, 0.9, 5, 5), (2, 1.0, 1, 1))
+    ]
     agg = aggregate(rows).iloc[0]
     assert agg["n_seeds"] == 3 and agg["n_found_ge_0_9"] == 2
-    assert agg["best_auroc_mean"] == pytest.approx(0.9) and agg["best_auroc_std"] == pytest.approx(np.std([0.8, 0.9, 1.0]))
+    assert agg["best_auroc_mean"] == pytest.approx(0.9) and agg["best_auroc_std"] == pytest.approx(
+        np.std([0.8, 0.9, 1.0])
+    )
     assert (agg["rank_min"], agg["rank_max"]) == (1, 5)
     assert agg["first_rank_ge_0_9_mean"] == pytest.approx(3.0)  # over the seeds that found one
 
@@ -114,7 +155,9 @@ def test_ground_truth_rejects_mismatched_labels() -> None:
     with pytest.raises(ValueError, match="same behaviours"):
         GroundTruth(t.valid, t.trigger, {"a": t.response["a"]}, t.conversation)
     with pytest.raises(ValueError, match="shape"):
-        GroundTruth(t.valid, t.trigger, t.response, {"a": t.conversation["a"][:3], "b": t.conversation["b"]})
+        GroundTruth(
+            t.valid, t.trigger, t.response, {"a": t.conversation["a"][:3], "b": t.conversation["b"]}
+        )
 
 
 def planted_diffs(seed: int = 0) -> tuple[torch.Tensor, GroundTruth, torch.Tensor]:
@@ -127,7 +170,10 @@ def planted_diffs(seed: int = 0) -> tuple[torch.Tensor, GroundTruth, torch.Tenso
     trig[:10, 3] = True
     direction = torch.zeros(d, dtype=torch.float64)
     direction[5] = 1.0
-    diffs = 0.3 * torch.randn(n, s, d, generator=g, dtype=torch.float64) + 2.0 * trig[..., None] * direction
+    diffs = (
+        0.3 * torch.randn(n, s, d, generator=g, dtype=torch.float64)
+        + 2.0 * trig[..., None] * direction
+    )
     conv = trig.any(1)
     truth = GroundTruth(valid, {"a": trig}, {"a": trig.roll(1, dims=1)}, {"a": conv})
     return diffs, truth, direction
@@ -152,7 +198,10 @@ def test_pca_recovers_the_dominant_difference_direction_and_signs_are_determinis
     d = 12
     u = torch.zeros(d, dtype=torch.float64)
     u[3] = 1.0
-    x = 0.05 * torch.randn(500, d, generator=g, dtype=torch.float64) + torch.randn(500, 1, generator=g, dtype=torch.float64) * 3 * u
+    x = (
+        0.05 * torch.randn(500, d, generator=g, dtype=torch.float64)
+        + torch.randn(500, 1, generator=g, dtype=torch.float64) * 3 * u
+    )
     dirs, evr = BL.pca_directions(x, 3)
     assert abs(float(dirs[0] @ u)) > 0.99 and evr[0] > 0.9
     assert float(dirs[0, dirs[0].abs().argmax()]) > 0
@@ -167,7 +216,9 @@ def test_kl_token_scores_lists_the_highest_kl_token_types() -> None:
     kl = torch.tensor([[9.0, 0.5, 3.0, 0.1], [9.0, 2.0, 0.2, 50.0]])  # BOS and padding KL ignored
     scores, types = BL.kl_token_scores(kl, tokens, valid, n_types=2)
     assert types == [6, 5]
-    assert torch.equal(scores[..., 0], kl.double()) and torch.equal(scores[..., 1], (tokens == 6).double())
+    assert torch.equal(scores[..., 0], kl.double()) and torch.equal(
+        scores[..., 1], (tokens == 6).double()
+    )
 
 
 def test_logit_lens_reads_the_direction_through_ln_scale_and_unembedding() -> None:
@@ -175,7 +226,9 @@ def test_logit_lens_reads_the_direction_through_ln_scale_and_unembedding() -> No
     w_u = torch.zeros(d, v)
     w_u[0, 2] = 1.0
     w_u[1, 4] = 1.0
-    model = SimpleNamespace(W_U=w_u, ln_final=SimpleNamespace(w=torch.tensor([1.0, -1.0, 1, 1, 1, 1])))
+    model = SimpleNamespace(
+        W_U=w_u, ln_final=SimpleNamespace(w=torch.tensor([1.0, -1.0, 1, 1, 1, 1]))
+    )
     tok = SimpleNamespace(decode=lambda ids: f"t{ids[0]}")
     direction = torch.tensor([1.0, 1.0, 0, 0, 0, 0])  # ln scale flips coordinate 1
     lens = logit_lens(direction, model, tok, k=1)
@@ -199,12 +252,25 @@ def test_findings_are_yes_no_only_when_every_seed_agrees() -> None:
     assert verdict([True, None]) == (None, "Undecided")
 
     def seed(s: int, diff: float) -> dict[str, object]:
-        return {"seed": s, "crosscoder_artefacts": {}, "top_scores": {20: []},
-                "scoreboard": [{"method": "diff_sae", "kl_closed_reconstruction": diff, "kl_closed_error": 0.1},
-                               {"method": "batchtopk_crosscoder", "kl_closed_reconstruction": 0.5, "kl_closed_error": 0.3},
-                               {"method": "l1_crosscoder", "kl_closed_reconstruction": 0.6}]}
+        return {
+            "seed": s,
+            "crosscoder_artefacts": {},
+            "top_scores": {20: []},
+            "scoreboard": [
+                {"method": "diff_sae", "kl_closed_reconstruction": diff, "kl_closed_error": 0.1},
+                {
+                    "method": "batchtopk_crosscoder",
+                    "kl_closed_reconstruction": 0.5,
+                    "kl_closed_error": 0.3,
+                },
+                {"method": "l1_crosscoder", "kl_closed_reconstruction": 0.6},
+            ],
+        }
 
-    out = {f["question"][:30]: f for f in seed_findings([seed(0, 0.9), seed(1, 0.4), seed(2, 0.95)], 0.3, 0.6)}
+    out = {
+        f["question"][:30]: f
+        for f in seed_findings([seed(0, 0.9), seed(1, 0.4), seed(2, 0.95)], 0.3, 0.6)
+    }
     kl = next(f for q, f in out.items() if q.startswith("Does the diff-SAE close"))
     assert kl["holds"] is None and kl["answer"].startswith("Mixed (holds on 2 of 3 seeds)")
     assert kl["numbers"]["diff_sae"] == [0.9, 0.4, 0.95]

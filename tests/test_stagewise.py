@@ -29,13 +29,27 @@ def _one_thread() -> Any:
 
 
 def trainer_cfg(steps: int, batch: int = 256) -> SAETrainerConfig:
-    return SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch,
-                            lr=1e-2, lr_end=1e-2, dead_feature_window=50, feature_sampling_window=100)
+    return SAETrainerConfig(
+        total_training_samples=steps * batch,
+        train_batch_size_samples=batch,
+        lr=1e-2,
+        lr_end=1e-2,
+        dead_feature_window=50,
+        feature_sampling_window=100,
+    )
 
 
 def planted() -> tuple[PlantedPairedData, PlantedPairedData]:
-    base = PlantedPairedData.make(d=32, n_shared=N_SHARED, n_ft_only=0, n_base_only=0, n_rotated=N_ROT,
-                                  rotation_cos=0.2, active_per_token=2.0, seed=0)
+    base = PlantedPairedData.make(
+        d=32,
+        n_shared=N_SHARED,
+        n_ft_only=0,
+        n_base_only=0,
+        n_rotated=N_ROT,
+        rotation_cos=0.2,
+        active_per_token=2.0,
+        seed=0,
+    )
     # the fine-tuning data exercises the first four shared features four times as often
     ft = base.with_frequency([4.0] * 4 + [1.0] * (N_SHARED - 4) + [1.0] * N_ROT)
     return base, ft
@@ -60,8 +74,11 @@ def test_model_change_rotation_is_attributed_to_the_planted_rotated_features() -
     rotated = {int(owner[i]) for i, k in enumerate(base.kinds) if k == "rotated"}
     assert len(rotated) == N_ROT
 
-    res = sw.run_stages(sae, {"base": lambda: base.batches(256, seed=2), "ft": lambda: ft.batches(256, seed=3)},
-                        trainer_cfg(300))
+    res = sw.run_stages(
+        sae,
+        {"base": lambda: base.batches(256, seed=2), "ft": lambda: ft.batches(256, seed=3)},
+        trainer_cfg(300),
+    )
     assert res.model_change_stages() == ["model", "both"]
     top = res.top_rotating(n=N_ROT)
     assert set(top.index) == rotated, top
@@ -93,8 +110,12 @@ def test_rotation_table_against_direct_cosines() -> None:
         ref = float(d_c @ d_b / (d_c.norm() * d_b.norm()))
         assert both.loc[j, "dec_cos"] == pytest.approx(ref, abs=1e-9)
         e_c, e_a = c.W_enc[:, j].double(), a.W_enc[:, j].double()
-        assert both.loc[j, "enc_cos_start"] == pytest.approx(float(e_c @ e_a / (e_c.norm() * e_a.norm())), abs=1e-9)
-    assert bool(both["model_change"].all()) and not bool(table[table.stage == "data"]["model_change"].any())
+        assert both.loc[j, "enc_cos_start"] == pytest.approx(
+            float(e_c @ e_a / (e_c.norm() * e_a.norm())), abs=1e-9
+        )
+    assert bool(both["model_change"].all()) and not bool(
+        table[table.stage == "data"]["model_change"].any()
+    )
     assert isinstance(sw.top_rotating(table, plan, n=2, stage="data"), pd.DataFrame)
 
 
@@ -103,8 +124,12 @@ def test_bad_plans_fail_clearly() -> None:
         sw.Stage("x", model="chat", data="base")
     sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=4, d_sae=4, k=1))
     with pytest.raises(ValueError, match="not an earlier stage"):
-        sw.run_stages(sae, {"base": iter, "ft": iter}, trainer_cfg(1),  # type: ignore[dict-item]
-                      plan=(sw.Stage("both", "ft", "ft", parent="data"),))
+        sw.run_stages(
+            sae,
+            {"base": iter, "ft": iter},
+            trainer_cfg(1),  # type: ignore[dict-item]
+            plan=(sw.Stage("both", "ft", "ft", parent="data"),),
+        )
     with pytest.raises(ValueError, match="No batches for data"):
         sw.run_stages(sae, {"base": iter}, trainer_cfg(1))  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="paired batches"):
@@ -113,8 +138,17 @@ def test_bad_plans_fail_clearly() -> None:
 
 @pytest.mark.slow
 def test_stagewise_on_the_organism_writes_table_figure_and_examples(tmp_path: Any) -> None:
-    res = sw.stagewise_on_organism(tmp_path, n_docs=48, max_rows=48, expansion=2, k=8, start_steps=20,
-                                   stage_steps=10, batch_size=128, n_top=4)
+    res = sw.stagewise_on_organism(
+        tmp_path,
+        n_docs=48,
+        max_rows=48,
+        expansion=2,
+        k=8,
+        start_steps=20,
+        stage_steps=10,
+        batch_size=128,
+        n_top=4,
+    )
     d_sae = res.result.stages["start"].cfg.d_sae
     assert len(res.result.table) == 3 * d_sae
     assert list(res.top.index) == list(res.examples) and len(res.top) == 4
@@ -129,14 +163,31 @@ def test_stagewise_on_the_organism_writes_table_figure_and_examples(tmp_path: An
 def test_stages_run_from_one_config(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     import yaml
 
-    shipped = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "analysis" / "stagewise_organism.yaml").read_text())
-    small = {**shipped, "n_docs": 48, "max_rows": 48, "expansion": 2, "k": 8, "start_steps": 20,
-             "stage_steps": 10, "batch_size": 128, "n_top": 3}
+    shipped = yaml.safe_load(
+        (
+            Path(__file__).resolve().parents[1] / "configs" / "analysis" / "stagewise_organism.yaml"
+        ).read_text()
+    )
+    small = {
+        **shipped,
+        "n_docs": 48,
+        "max_rows": 48,
+        "expansion": 2,
+        "k": 8,
+        "start_steps": 20,
+        "stage_steps": 10,
+        "batch_size": 128,
+        "n_top": 3,
+    }
     cfg = tmp_path / "sw.yaml"
     cfg.write_text(yaml.safe_dump(small))
     assert sw.main(["--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
     assert "rotation_table" in capsys.readouterr().out
-    assert set(pd.read_csv(tmp_path / "out" / "rotation_table.csv")["stage"]) == {"data", "model", "both"}
+    assert set(pd.read_csv(tmp_path / "out" / "rotation_table.csv")["stage"]) == {
+        "data",
+        "model",
+        "both",
+    }
     cfg.write_text(yaml.safe_dump({**small, "n_stpes": 3}))
     with pytest.raises(ValueError, match=r"Unknown field\(s\) \['n_stpes'\]"):
         sw.main(["--config", str(cfg)])

@@ -48,7 +48,9 @@ def test_sweep_endpoints_are_the_pure_models(pair):
     n_first = 3 * 4
     n_rest = int(mask.sum()) - n_first
     assert row["kl_to_ft"] == pytest.approx(
-        (row["kl_to_ft_first"] * n_first + row["kl_to_ft_rest"] * n_rest) / (n_first + n_rest), rel=1e-6)
+        (row["kl_to_ft_first"] * n_first + row["kl_to_ft_rest"] * n_rest) / (n_first + n_rest),
+        rel=1e-6,
+    )
     assert (df["n_tokens"] == int(mask.sum())).all()
     assert df["nll"].notna().all()
     fig = plot_stitching_sweep(df)

@@ -167,8 +167,13 @@ def test_callable_blocks_window_shuffle_and_resume() -> None:
     x = torch.arange(40 * 2 * 3, dtype=torch.float64).reshape(40, 2, 3)
 
     def make() -> PairedActivationsStore:
-        return PairedActivationsStore(lambda epoch: iter([x[:15], x[15:22], x[22:]]), d_model=3, batch_size=6,
-                                      buffer_size=12, seed=4)
+        return PairedActivationsStore(
+            lambda epoch: iter([x[:15], x[15:22], x[22:]]),
+            d_model=3,
+            batch_size=6,
+            buffer_size=12,
+            seed=4,
+        )
 
     store = make()
     batches = [next(store) for _ in range(20)]

@@ -26,27 +26,62 @@ from sae_diff.training.runner import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 ARCHS: dict[str, dict[str, Any]] = {
-    "batchtopk_crosscoder": {"architecture": "batchtopk_crosscoder", "d_in": 16, "d_sae": 48, "k": 4,
-                             "threshold_ema_decay": 0.9},
-    "crosscoder": {"architecture": "crosscoder", "d_in": 16, "d_sae": 48, "l1_coefficient": 0.5,
-                   "l1_warm_up_steps": 6},
-    "batchtopk_diff_sae": {"architecture": "batchtopk_diff_sae", "d_in": 16, "d_sae": 48, "k": 4,
-                           "normalize_activations": "expected_average_only_in"},
+    "batchtopk_crosscoder": {
+        "architecture": "batchtopk_crosscoder",
+        "d_in": 16,
+        "d_sae": 48,
+        "k": 4,
+        "threshold_ema_decay": 0.9,
+    },
+    "crosscoder": {
+        "architecture": "crosscoder",
+        "d_in": 16,
+        "d_sae": 48,
+        "l1_coefficient": 0.5,
+        "l1_warm_up_steps": 6,
+    },
+    "batchtopk_diff_sae": {
+        "architecture": "batchtopk_diff_sae",
+        "d_in": 16,
+        "d_sae": 48,
+        "k": 4,
+        "normalize_activations": "expected_average_only_in",
+    },
 }
 
 
 def tiny(tmp_path: Path, arch: str = "batchtopk_crosscoder", **over: Any) -> dict[str, Any]:
     """A tiny smoke-test run: 2-layer d=16 random pair, 16 steps of 128 tokens."""
     d: dict[str, Any] = {
-        "model_name": "tiny-ft", "base_model_name": "tiny-base",
-        "smoke_test_models": {"n_layers": 2, "d_model": 16, "n_heads": 4, "d_vocab": 48, "n_ctx": 16},
+        "model_name": "tiny-ft",
+        "base_model_name": "tiny-base",
+        "smoke_test_models": {
+            "n_layers": 2,
+            "d_model": 16,
+            "n_heads": 4,
+            "d_vocab": 48,
+            "n_ctx": 16,
+        },
         "model_from_pretrained_kwargs": {},
-        "hook_name": "blocks.0.hook_resid_post", "context_size": 16, "store_batch_size_prompts": 8,
-        "training_tokens": 2048, "train_batch_size_tokens": 128, "lr": 3e-3, "lr_scheduler_name": "cosineannealing",
-        "lr_warm_up_steps": 3, "dead_feature_window": 4, "feature_sampling_window": 5,
-        "n_batches_for_norm_estimate": 2, "n_norm_batches": 2, "n_eval_batches": 1, "eval_at_end": False,
-        "verbose": False, "seed": 7, "sae": dict(ARCHS[arch]),
-        "checkpoint_path": str(tmp_path / "ckpt"), "output_path": str(tmp_path / "out"),
+        "hook_name": "blocks.0.hook_resid_post",
+        "context_size": 16,
+        "store_batch_size_prompts": 8,
+        "training_tokens": 2048,
+        "train_batch_size_tokens": 128,
+        "lr": 3e-3,
+        "lr_scheduler_name": "cosineannealing",
+        "lr_warm_up_steps": 3,
+        "dead_feature_window": 4,
+        "feature_sampling_window": 5,
+        "n_batches_for_norm_estimate": 2,
+        "n_norm_batches": 2,
+        "n_eval_batches": 1,
+        "eval_at_end": False,
+        "verbose": False,
+        "seed": 7,
+        "sae": dict(ARCHS[arch]),
+        "checkpoint_path": str(tmp_path / "ckpt"),
+        "output_path": str(tmp_path / "out"),
     }
     d.update(over)
     return d
@@ -66,12 +101,20 @@ def weights(sae: torch.nn.Module) -> dict[str, torch.Tensor]:
         ({"sae": {**ARCHS["batchtopk_diff_sae"], "k": 100}}, "k"),
         ({"store_mode": "diff"}, "is a crosscoder"),
         ({"sae": ARCHS["batchtopk_diff_sae"], "store_mode": "paired"}, "is a diff-SAE"),
-        ({"sae": {"architecture": "batchtopk", "d_in": 16, "d_sae": 48, "k": 4}, "store_mode": "paired"},
-         "one-model SAE"),
+        (
+            {
+                "sae": {"architecture": "batchtopk", "d_in": 16, "d_sae": 48, "k": 4},
+                "store_mode": "paired",
+            },
+            "one-model SAE",
+        ),
         ({"hook_name": "blocks.5.hook_resid_post"}, "names layer 5"),
         ({"lr_warmup_steps": 3}, "Unknown config field"),
         ({"training_tokens": 64}, "at least one batch"),
-        ({"smoke_test_models": None, "base_model_name": "", "dataset_path": "x"}, "base_model_name is empty"),
+        (
+            {"smoke_test_models": None, "base_model_name": "", "dataset_path": "x"},
+            "base_model_name is empty",
+        ),
     ],
 )
 def test_bad_configs_fail_clearly(tmp_path: Path, change: dict[str, Any], message: str) -> None:
@@ -79,7 +122,9 @@ def test_bad_configs_fail_clearly(tmp_path: Path, change: dict[str, Any], messag
         config_from_dict({**tiny(tmp_path), **change})
 
 
-def test_missing_dataset_column_fails_before_models_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_dataset_column_fails_before_models_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps({"content_x": f"row {i}"}) for i in range(3)))
     cfg = config_from_dict({**tiny(tmp_path), "dataset_path": str(data), "dataset_column": "text"})
@@ -95,15 +140,21 @@ def test_missing_dataset_column_fails_before_models_load(tmp_path: Path, monkeyp
 
 # ---------------------------------------------------------------------- parsing, plans
 def test_flags_override_file_and_architecture_switch(tmp_path: Path) -> None:
-    cfg = parse_config(CONFIGS / "smoke_test_crosscoder.yaml", ["--lr", "2e-3", "--k", "16", "--noise", "0.5",
-                                                                "--log_to_wandb", "false"])
+    cfg = parse_config(
+        CONFIGS / "smoke_test_crosscoder.yaml",
+        ["--lr", "2e-3", "--k", "16", "--noise", "0.5", "--log_to_wandb", "false"],
+    )
     assert cfg.lr == 2e-3 and cfg.sae.k == 16 and cfg.smoke_test_models.noise == 0.5
     assert cfg.store_mode == "paired" and cfg.architecture == "batchtopk_crosscoder"
     with pytest.raises(ConfigError, match="Unrecognised flag"):
         parse_config(CONFIGS / "smoke_test_crosscoder.yaml", ["--not_a_field", "1"])
     # the same file as an L1 crosscoder: its flags exist, k does not
     with pytest.warns(UserWarning, match="ignoring the file.s sae fields"):
-        l1 = parse_config(CONFIGS / "smoke_test_crosscoder.yaml", ["--l1_coefficient", "3"], architecture="crosscoder")
+        l1 = parse_config(
+            CONFIGS / "smoke_test_crosscoder.yaml",
+            ["--l1_coefficient", "3"],
+            architecture="crosscoder",
+        )
     assert l1.architecture == "crosscoder" and l1.sae.l1_coefficient == 3
 
 
@@ -122,11 +173,19 @@ def test_plan_of_gemma_recipe() -> None:
     assert plan.cache_bytes == 100_000_000 * 2 * 2304 * 2  # both models, bfloat16
     assert plan.total_steps == 100_000_000 // 2048
     # the cache is sized in its storage dtype, not the models' dtype
-    halved = make_plan(parse_config(CONFIGS / "gemma2_2b_batchtopk_crosscoder_l13.yaml",
-                                    ["--dtype", "float32", "--cache_dtype", "bfloat16"]))
+    halved = make_plan(
+        parse_config(
+            CONFIGS / "gemma2_2b_batchtopk_crosscoder_l13.yaml",
+            ["--dtype", "float32", "--cache_dtype", "bfloat16"],
+        )
+    )
     assert halved.cache_bytes == plan.cache_bytes
-    full = make_plan(parse_config(CONFIGS / "gemma2_2b_batchtopk_crosscoder_l13.yaml",
-                                  ["--dtype", "bfloat16", "--cache_dtype", "float32"]))
+    full = make_plan(
+        parse_config(
+            CONFIGS / "gemma2_2b_batchtopk_crosscoder_l13.yaml",
+            ["--dtype", "bfloat16", "--cache_dtype", "float32"],
+        )
+    )
     assert full.cache_bytes == 2 * plan.cache_bytes
 
 
@@ -136,17 +195,36 @@ def test_train_writes_saelens_output_and_eval(tmp_path: Path) -> None:
     runner = PairedSAETrainingRunner(cfg)
     runner.run()
     out = Path(cfg.output_path)
-    assert {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors", "runner_cfg.json", "eval.json"} <= set(
-        os.listdir(out))
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    assert {
+        "cfg.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+        "runner_cfg.json",
+        "eval.json",
+    } <= set(os.listdir(out))
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], (
+        "temporary folders left behind"
+    )
     m = runner.eval_metrics
-    for key in ("metrics/fve_base", "metrics/fve_ft", "metrics/l0", "sparsity/dead_fraction_eval",
-                "delta/ft_only", "model_performance_preservation/loss_recovered_ft"):
+    for key in (
+        "metrics/fve_base",
+        "metrics/fve_ft",
+        "metrics/l0",
+        "sparsity/dead_fraction_eval",
+        "delta/ft_only",
+        "model_performance_preservation/loss_recovered_ft",
+    ):
         assert key in m
-    assert sum(m[f"delta/{t}"] for t in ("ft_only", "base_only", "shared", "other")) == cfg.sae.d_sae
+    assert (
+        sum(m[f"delta/{t}"] for t in ("ft_only", "base_only", "shared", "other")) == cfg.sae.d_sae
+    )
     loaded = SAE.load_from_disk(out)
     md = loaded.cfg.metadata
-    assert (md.base_model_name, md.model_name, md.hook_name) == ("tiny-base", "tiny-ft", cfg.hook_name)
+    assert (md.base_model_name, md.model_name, md.hook_name) == (
+        "tiny-base",
+        "tiny-ft",
+        cfg.hook_name,
+    )
     x = torch.randn(5, 2, 16)
     torch.testing.assert_close(loaded(x), runner.inference_sae(x))
     # the exported inference dictionary reconstructs raw activations like the training one
@@ -163,7 +241,11 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path, arch:
     with pytest.raises(TrainingInterrupted) as info:
         PairedSAETrainingRunner(cfg).run(stop_after_steps=7)
     ckpt = info.value.checkpoint
-    assert ckpt is not None and ckpt.name == str(7 * 128) and find_checkpoint(cfg.checkpoint_path) == ckpt
+    assert (
+        ckpt is not None
+        and ckpt.name == str(7 * 128)
+        and find_checkpoint(cfg.checkpoint_path) == ckpt
+    )
     resumed = PairedSAETrainingRunner.from_checkpoint(cfg.checkpoint_path)
     w_res = weights(resumed.run())
     assert resumed.trainer is not None and resumed.trainer.n_training_steps == 16
@@ -177,7 +259,9 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path: Path, arch:
     assert pos["n_batches"] == 2 + 7  # 2 norm-estimation batches, then 7 steps
     pos.update(epoch=0, pos=0, window=0, served=0, epoch_tokens=0, carry=pos["carry"][:0])
     torch.save(state, ckpt / SAE_DIFF_STATE_FILENAME)
-    wrong = weights(PairedSAETrainingRunner.from_checkpoint(ckpt, output_path=str(tmp_path / "c")).run())
+    wrong = weights(
+        PairedSAETrainingRunner.from_checkpoint(ckpt, output_path=str(tmp_path / "c")).run()
+    )
     assert any(not torch.equal(w_full[k], wrong[k]) for k in w_full)
 
 
@@ -188,15 +272,24 @@ def test_resume_from_periodic_checkpoint(tmp_path: Path) -> None:
     ckpts = sorted(p.name for p in Path(cfg.checkpoint_path).iterdir())
     assert ckpts == ["1408", "768"]  # SAELens's thresholds, counted in samples
     for name in ckpts:
-        assert {"sae_weights.safetensors", "cfg.json", "trainer_state.pt", "activation_scaler.json",
-                SAE_DIFF_STATE_FILENAME, "runner_cfg.json"} <= set(os.listdir(Path(cfg.checkpoint_path) / name))
-    resumed = PairedSAETrainingRunner.from_checkpoint(Path(cfg.checkpoint_path) / "768",
-                                                      output_path=str(tmp_path / "out2"))
+        assert {
+            "sae_weights.safetensors",
+            "cfg.json",
+            "trainer_state.pt",
+            "activation_scaler.json",
+            SAE_DIFF_STATE_FILENAME,
+            "runner_cfg.json",
+        } <= set(os.listdir(Path(cfg.checkpoint_path) / name))
+    resumed = PairedSAETrainingRunner.from_checkpoint(
+        Path(cfg.checkpoint_path) / "768", output_path=str(tmp_path / "out2")
+    )
     w_res = weights(resumed.run())
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
 
 
-def test_sigint_checkpoints_at_a_step_boundary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sigint_checkpoints_at_a_step_boundary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = config_from_dict(tiny(tmp_path, "crosscoder"))
     real = PairedActivationsStore.__next__
     sent = {"done": False}
@@ -216,15 +309,23 @@ def test_sigint_checkpoints_at_a_step_boundary(tmp_path: Path, monkeypatch: pyte
     assert signal.getsignal(signal.SIGINT) is before  # the runner restores the caller's handler
     monkeypatch.setattr(PairedActivationsStore, "__next__", real)
     w_res = weights(PairedSAETrainingRunner.from_checkpoint(info.value.checkpoint).run())
-    w_full = weights(PairedSAETrainingRunner(config_from_dict(tiny(tmp_path / "full", "crosscoder"))).run())
+    w_full = weights(
+        PairedSAETrainingRunner(config_from_dict(tiny(tmp_path / "full", "crosscoder"))).run()
+    )
     assert all(torch.equal(w_full[k], w_res[k]) for k in w_full)
 
 
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 def test_train_from_disk_cache_and_resume(tmp_path: Path, cache_dtype: str) -> None:
-    common = {"cache_path": str(tmp_path / "cache"), "eval_loss_recovered": False, "n_batches_in_buffer": 4,
-              "cache_dtype": cache_dtype}
-    full = PairedSAETrainingRunner(config_from_dict(tiny(tmp_path / "a", "batchtopk_diff_sae", **common)))
+    common = {
+        "cache_path": str(tmp_path / "cache"),
+        "eval_loss_recovered": False,
+        "n_batches_in_buffer": 4,
+        "cache_dtype": cache_dtype,
+    }
+    full = PairedSAETrainingRunner(
+        config_from_dict(tiny(tmp_path / "a", "batchtopk_diff_sae", **common))
+    )
     w_full = weights(full.run())
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["meta"]["dtype"] == cache_dtype

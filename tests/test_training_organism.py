@@ -23,9 +23,13 @@ ORGANISM_CONFIGS = sorted(CONFIGS.glob("organism_*.yaml"))
 
 def organism_cfg(**over: object) -> dict[str, object]:
     d: dict[str, object] = {
-        "organism": "default", "context_size": 64, "training_tokens": 2048, "train_batch_size_tokens": 256,
+        "organism": "default",
+        "context_size": 64,
+        "training_tokens": 2048,
+        "train_batch_size_tokens": 256,
         "sae": {"architecture": "batchtopk_crosscoder", "d_in": 128, "d_sae": 256, "k": 8},
-        "checkpoint_path": None, "output_path": None,
+        "checkpoint_path": None,
+        "output_path": None,
     }
     d.update(over)
     return d
@@ -33,14 +37,21 @@ def organism_cfg(**over: object) -> dict[str, object]:
 
 def test_organism_configs_are_shipped_and_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
     names = {c.stem for c in ORGANISM_CONFIGS}
-    assert names >= {"organism_batchtopk_crosscoder", "organism_batchtopk_diff_sae", "organism_l1_crosscoder",
-                     "organism_chat_sae"}
+    assert names >= {
+        "organism_batchtopk_crosscoder",
+        "organism_batchtopk_diff_sae",
+        "organism_l1_crosscoder",
+        "organism_chat_sae",
+    }
     for config in ORGANISM_CONFIGS:  # tests/test_cli.py dry-runs them too, with the JSON plan
         assert main(["train", "--config", str(config), "--dry-run", "--json"]) == 0
         plan = json.loads(capsys.readouterr().out)
         organism = yaml.safe_load(config.read_text())["organism"]
         # each shipped organism names its own pair (narrow's base is the default's fine-tune)
-        expected = {"default": ("organism-base", "organism-ft"), "narrow": ("organism-ft", "narrow-ft")}
+        expected = {
+            "default": ("organism-base", "organism-ft"),
+            "narrow": ("organism-ft", "narrow-ft"),
+        }
         assert (plan["base_model"], plan["ft_model"]) == expected[organism], config.name
         assert plan["hook_name"] == "blocks.2.hook_resid_pre" and plan["d_in"] == 128
         assert plan["model_dims"]["n_layers"] == 4
@@ -54,10 +65,15 @@ def test_organism_fills_names_and_hook_without_loading(monkeypatch: pytest.Monke
     monkeypatch.setattr("sae_diff.organisms.load_organism", no_load)
     info = organism_info("default")
     cfg = config_from_dict(organism_cfg())
-    assert (cfg.base_model_name, cfg.model_name, cfg.hook_name) == (info.base_name, info.ft_name,
-                                                                     info.recommended_hook)
+    assert (cfg.base_model_name, cfg.model_name, cfg.hook_name) == (
+        info.base_name,
+        info.ft_name,
+        info.recommended_hook,
+    )
     assert tdata.uses_organism_data(cfg) and cfg.store_mode == "paired"
-    relabelled = config_from_dict(organism_cfg(model_name="my-ft", hook_name="blocks.3.hook_resid_post"))
+    relabelled = config_from_dict(
+        organism_cfg(model_name="my-ft", hook_name="blocks.3.hook_resid_post")
+    )
     assert (relabelled.model_name, relabelled.hook_name) == ("my-ft", "blocks.3.hook_resid_post")
     own_data = config_from_dict(organism_cfg(dataset_path="some/dataset"))
     assert not tdata.uses_organism_data(own_data)
@@ -66,9 +82,14 @@ def test_organism_fills_names_and_hook_without_loading(monkeypatch: pytest.Monke
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"organism": "no_such_organism"}, "not a bundled organism; available: " + str(available_organisms())),
-        ({"sae": {"architecture": "batchtopk_crosscoder", "d_in": 64, "d_sae": 256, "k": 8}},
-         "sae.d_in=64 does not match hook"),
+        (
+            {"organism": "no_such_organism"},
+            "not a bundled organism; available: " + str(available_organisms()),
+        ),
+        (
+            {"sae": {"architecture": "batchtopk_crosscoder", "d_in": 64, "d_sae": 256, "k": 8}},
+            "sae.d_in=64 does not match hook",
+        ),
         ({"hook_name": "blocks.7.hook_resid_pre"}, "names layer 7, but the model has 4 layers"),
         ({"hook_name": "blocks.1.attn.hook_q"}, "not a hook sae_diff can train on"),
         ({"context_size": 512}, "exceeds organism 'default'"),
@@ -94,25 +115,57 @@ def test_organism_data_mixes_text_and_chat() -> None:
     datasets, shares = tdata.organism_datasets(cfg)
     assert shares == [0.75, 0.25]
     assert "text" in datasets[0].column_names and "messages" in datasets[1].column_names
-    assert tdata.organism_datasets(cfg)[0][0] is datasets[0]  # cached: train and eval read one stream
-    only_text, only_shares = tdata.organism_datasets(config_from_dict(organism_cfg(organism_chat_share=0.0)))
+    assert (
+        tdata.organism_datasets(cfg)[0][0] is datasets[0]
+    )  # cached: train and eval read one stream
+    only_text, only_shares = tdata.organism_datasets(
+        config_from_dict(organism_cfg(organism_chat_share=0.0))
+    )
     assert only_shares == [1.0] and len(only_text) == 1
 
 
-def test_organism_config_trains_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_organism_config_trains_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = CONFIGS / "organism_batchtopk_crosscoder.yaml"
     out = tmp_path / "out"
-    flags = ["--training_tokens", "4096", "--train_batch_size_tokens", "256", "--context_size", "64",
-             "--store_batch_size_prompts", "16", "--d_sae", "256", "--k", "8", "--n_eval_batches", "1",
-             "--n_norm_batches", "2", "--lr_warm_up_steps", "2", "--checkpoint_path", str(tmp_path / "ck"),
-             "--n_checkpoints", "1", "--output_path", str(out)]
+    flags = [
+        "--training_tokens",
+        "4096",
+        "--train_batch_size_tokens",
+        "256",
+        "--context_size",
+        "64",
+        "--store_batch_size_prompts",
+        "16",
+        "--d_sae",
+        "256",
+        "--k",
+        "8",
+        "--n_eval_batches",
+        "1",
+        "--n_norm_batches",
+        "2",
+        "--lr_warm_up_steps",
+        "2",
+        "--checkpoint_path",
+        str(tmp_path / "ck"),
+        "--n_checkpoints",
+        "1",
+        "--output_path",
+        str(out),
+    ]
     assert main(["train", "--config", str(config), *flags]) == 0
     printed = capsys.readouterr().out
     assert "metrics/fve_ft" in printed and "Saved to" in printed
     sae = SAE.load_from_disk(str(out))
     md = sae.cfg.metadata
     info = organism_info("default")
-    assert (md.base_model_name, md.model_name, md.hook_name) == (info.base_name, info.ft_name, "blocks.2.hook_resid_pre")
+    assert (md.base_model_name, md.model_name, md.hook_name) == (
+        info.base_name,
+        info.ft_name,
+        "blocks.2.hook_resid_pre",
+    )
     assert md.organism == "default" and md.dataset_path == "organism:default"
     assert sae.cfg.d_sae == 256
     saved = parse_config(out / "runner_cfg.json", keep_checkpoint_path=True)
@@ -123,11 +176,37 @@ def test_organism_diff_sae_through_a_disk_cache(tmp_path: Path) -> None:
     from sae_diff.data.cache import ActivationCache
     from sae_diff.training.runner import train
 
-    cfg = parse_config(CONFIGS / "organism_batchtopk_diff_sae.yaml", [
-        "--training_tokens", "4096", "--train_batch_size_tokens", "256", "--context_size", "64",
-        "--store_batch_size_prompts", "16", "--d_sae", "256", "--k", "8", "--n_eval_batches", "1",
-        "--n_batches_for_norm_estimate", "2", "--organism_chat_share", "0.8", "--eval_loss_recovered", "false",
-        "--cache_path", str(tmp_path / "cache"), "--checkpoint_path", "null", "--output_path", str(tmp_path / "out")])
+    cfg = parse_config(
+        CONFIGS / "organism_batchtopk_diff_sae.yaml",
+        [
+            "--training_tokens",
+            "4096",
+            "--train_batch_size_tokens",
+            "256",
+            "--context_size",
+            "64",
+            "--store_batch_size_prompts",
+            "16",
+            "--d_sae",
+            "256",
+            "--k",
+            "8",
+            "--n_eval_batches",
+            "1",
+            "--n_batches_for_norm_estimate",
+            "2",
+            "--organism_chat_share",
+            "0.8",
+            "--eval_loss_recovered",
+            "false",
+            "--cache_path",
+            str(tmp_path / "cache"),
+            "--checkpoint_path",
+            "null",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+    )
     runner = train(cfg)
     assert ActivationCache(str(tmp_path / "cache")).n_tokens > 0
     assert "metrics/fve_diff" in runner.eval_metrics

@@ -21,11 +21,25 @@ TIMEOUT_S = 300  # each tutorial takes well under a minute of CPU on an idle 2-c
 
 
 def run_tutorial(name: str, tmp_path: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",
-           "TMPDIR": str(tmp_path), "MPLBACKEND": "Agg"}
-    proc = subprocess.run([sys.executable, "-W", "ignore", str(TUTORIALS / name)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "TMPDIR": str(tmp_path),
+        "MPLBACKEND": "Agg",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", str(TUTORIALS / name)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -61,8 +75,9 @@ def test_04_transformerlens_hooks(tmp_path: Path) -> None:
     assert "KL stitched" in out and "scale 2.0:" in out, out[-2000:]
 
 
-@pytest.mark.parametrize("path", sorted(TUTORIALS.glob("0*.py")) + sorted(TUTORIALS.glob("0*.md")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted(TUTORIALS.glob("0*.py")) + sorted(TUTORIALS.glob("0*.md")), ids=lambda p: p.name
+)
 def test_tutorials_are_valid_notebooks(path: Path, tmp_path: Path) -> None:
     jupytext = pytest.importorskip("jupytext")
     nbformat = pytest.importorskip("nbformat")
@@ -71,7 +86,9 @@ def test_tutorials_are_valid_notebooks(path: Path, tmp_path: Path) -> None:
     kinds = {cell.cell_type for cell in nb.cells}
     assert "markdown" in kinds, f"{path.name}: no markdown cells"
     if path.suffix == ".py":
-        assert "code" in kinds and nb.cells[0].cell_type == "markdown", f"{path.name}: should open with a title cell"
+        assert "code" in kinds and nb.cells[0].cell_type == "markdown", (
+            f"{path.name}: should open with a title cell"
+        )
     out = tmp_path / f"{path.stem}.ipynb"
     jupytext.write(nb, out)
     nbformat.validate(nbformat.read(out, as_version=4))

@@ -59,16 +59,20 @@ class PairedBatch:
             return out
         if isinstance(self.dataset, str):
             out[DATASET_MASK_PREFIX + self.dataset] = torch.ones(
-                self.n_tokens, dtype=torch.bool, device=self.acts.device)
+                self.n_tokens, dtype=torch.bool, device=self.acts.device
+            )
             return out
         labels = list(self.dataset)
         for name in sorted(set(labels)):
             out[DATASET_MASK_PREFIX + name] = torch.tensor(
-                [lab == name for lab in labels], dtype=torch.bool, device=self.acts.device)
+                [lab == name for lab in labels], dtype=torch.bool, device=self.acts.device
+            )
         return out
 
 
-def _flatten_tokens(t: torch.Tensor | None, lead: tuple[int, ...], what: str) -> torch.Tensor | None:
+def _flatten_tokens(
+    t: torch.Tensor | None, lead: tuple[int, ...], what: str
+) -> torch.Tensor | None:
     if t is None:
         return None
     t = torch.as_tensor(t)
@@ -94,7 +98,9 @@ def as_paired_batch(item: Any, n_models: int | None = None) -> PairedBatch:
         acts = item.get("acts", item.get("activations"))
         masks = item.get("masks")
         meta = item
-    elif isinstance(item, tuple | list) and len(item) in (2, 3) and isinstance(item[0], torch.Tensor):
+    elif (
+        isinstance(item, tuple | list) and len(item) in (2, 3) and isinstance(item[0], torch.Tensor)
+    ):
         acts, masks = item[0], item[1]
         meta = item[2] if len(item) == 3 else {}
     elif hasattr(item, "acts") or hasattr(item, "activations"):
@@ -130,8 +136,10 @@ def as_paired_batch(item: Any, n_models: int | None = None) -> PairedBatch:
     if dataset is not None and not isinstance(dataset, str):
         labels = list(_flatten_labels(dataset))
         if len(labels) != int(torch.Size(lead).numel()):
-            raise ValueError(f"Got {len(labels)} dataset labels for {torch.Size(lead).numel()} tokens: "
-                             "give one label per token or one string for the whole batch.")
+            raise ValueError(
+                f"Got {len(labels)} dataset labels for {torch.Size(lead).numel()} tokens: "
+                "give one label per token or one string for the whole batch."
+            )
         dataset = labels
     return PairedBatch(
         acts=acts.reshape(-1, *acts.shape[-2:]),
@@ -145,13 +153,23 @@ def as_paired_batch(item: Any, n_models: int | None = None) -> PairedBatch:
 def _head(batch: PairedBatch, n: int) -> PairedBatch:
     """The first ``n`` tokens of a batch."""
     return PairedBatch(
-        acts=batch.acts[:n], masks={k: m[:n] for k, m in batch.masks.items()},
-        dataset=batch.dataset if batch.dataset is None or isinstance(batch.dataset, str) else batch.dataset[:n],
-        seq=None if batch.seq is None else batch.seq[:n], pos=None if batch.pos is None else batch.pos[:n])
+        acts=batch.acts[:n],
+        masks={k: m[:n] for k, m in batch.masks.items()},
+        dataset=batch.dataset
+        if batch.dataset is None or isinstance(batch.dataset, str)
+        else batch.dataset[:n],
+        seq=None if batch.seq is None else batch.seq[:n],
+        pos=None if batch.pos is None else batch.pos[:n],
+    )
 
 
-def cache_batches(cache: Any, *, mask_config: Any = None, masks: Sequence[str] | None = None,
-                  dataset: str | None = None) -> Iterator[PairedBatch]:
+def cache_batches(
+    cache: Any,
+    *,
+    mask_config: Any = None,
+    masks: Sequence[str] | None = None,
+    dataset: str | None = None,
+) -> Iterator[PairedBatch]:
     """Batches (one per shard, in harvest order) from a :class:`sae_diff.data.cache.ActivationCache`.
 
     Only the tokens ``mask_config`` keeps are yielded (``cache.keep_mask``; the default
@@ -173,8 +191,13 @@ def cache_batches(cache: Any, *, mask_config: Any = None, masks: Sequence[str] |
             if missing:
                 raise ValueError(f"The cache has no mask(s) {missing}; it stores {sorted(named)}.")
             named = {k: named[k] for k in masks}
-        yield PairedBatch(acts=acts[keep], masks={k: v[keep] for k, v in named.items()},
-                          dataset=dataset, seq=r + row0, pos=p)
+        yield PairedBatch(
+            acts=acts[keep],
+            masks={k: v[keep] for k, v in named.items()},
+            dataset=dataset,
+            seq=r + row0,
+            pos=p,
+        )
         row0 += rows
 
 
@@ -189,8 +212,14 @@ def _flatten_labels(labels: Any) -> Iterator[str]:
     yield str(labels)
 
 
-def iter_paired_batches(data: Iterable[Any], *, n_models: int | None = None, progress: bool = True,
-                        desc: str = "activations", max_tokens: int | None = None) -> Iterator[PairedBatch]:
+def iter_paired_batches(
+    data: Iterable[Any],
+    *,
+    n_models: int | None = None,
+    progress: bool = True,
+    desc: str = "activations",
+    max_tokens: int | None = None,
+) -> Iterator[PairedBatch]:
     """Iterate ``data`` as :class:`PairedBatch` es, with a tqdm progress bar when ``progress``.
 
     ``max_tokens`` stops after that many tokens (the last batch is cut); use it with a
@@ -225,4 +254,10 @@ def iter_paired_batches(data: Iterable[Any], *, n_models: int | None = None, pro
         )
 
 
-__all__ = ["DATASET_MASK_PREFIX", "PairedBatch", "as_paired_batch", "cache_batches", "iter_paired_batches"]
+__all__ = [
+    "DATASET_MASK_PREFIX",
+    "PairedBatch",
+    "as_paired_batch",
+    "cache_batches",
+    "iter_paired_batches",
+]

@@ -49,12 +49,16 @@ def _shift_frame(shift: Any) -> pd.DataFrame:
     elif hasattr(shift, "to_frame"):
         frame = shift.to_frame()
     else:
-        raise TypeError("shift must be a DataFrame with freq_on_base / freq_on_ft / freq_ratio columns or a "
-                        "LatentScalingResult from latent_scaling(sae, data, kind='base_sae').")
+        raise TypeError(
+            "shift must be a DataFrame with freq_on_base / freq_on_ft / freq_ratio columns or a "
+            "LatentScalingResult from latent_scaling(sae, data, kind='base_sae')."
+        )
     missing = [c for c in ("freq_on_base", "freq_on_ft", "freq_ratio") if c not in frame.columns]
     if missing:
-        raise ValueError(f"The firing-shift table lacks {missing}: run latent_scaling(..., kind='base_sae') "
-                         "(firing_shift is on by default for base-SAEs) and pass its result or .to_frame().")
+        raise ValueError(
+            f"The firing-shift table lacks {missing}: run latent_scaling(..., kind='base_sae') "
+            "(firing_shift is on by default for base-SAEs) and pass its result or .to_frame()."
+        )
     return frame
 
 
@@ -65,7 +69,8 @@ def rank_by_firing_shift(shift: Any, n: int = 20, min_freq_ft: float = 1e-4) -> 
     frame = _shift_frame(shift)
     ok = frame[(frame["freq_on_ft"] >= min_freq_ft) & frame["freq_ratio"].notna()]
     ranked = ok.assign(_r=ok["freq_ratio"].replace(np.inf, np.finfo(np.float64).max)).sort_values(
-        ["_r", "freq_on_ft"], ascending=False)
+        ["_r", "freq_on_ft"], ascending=False
+    )
     return [int(j) for j in ranked.index[:n]]
 
 
@@ -73,8 +78,8 @@ def _intervention(sae: Any, latent: int, mode: str, scale: float) -> Any:
     d = sae.W_dec.detach()[latent]
 
     def ablate(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
-        f = sae.encode(act.to(sae.W_dec.dtype))[..., latent:latent + 1]
-        return (act - (f * d.to(f.dtype)).to(act.dtype))
+        f = sae.encode(act.to(sae.W_dec.dtype))[..., latent : latent + 1]
+        return act - (f * d.to(f.dtype)).to(act.dtype)
 
     def steer(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
         return act + (scale * d / d.norm().clamp(min=1e-12)).to(act.dtype)
@@ -83,41 +88,69 @@ def _intervention(sae: Any, latent: int, mode: str, scale: float) -> Any:
 
 
 @torch.no_grad()
-def intervention_kl(model: Any, sae: Any, tokens: torch.Tensor, latents: Sequence[int],
-                    mask: torch.Tensor | None = None, *, hook_name: str | None = None, mode: str = "ablate",
-                    scale: float = 4.0, batch_size: int = 16) -> torch.Tensor:
+def intervention_kl(
+    model: Any,
+    sae: Any,
+    tokens: torch.Tensor,
+    latents: Sequence[int],
+    mask: torch.Tensor | None = None,
+    *,
+    hook_name: str | None = None,
+    mode: str = "ablate",
+    scale: float = 4.0,
+    batch_size: int = 16,
+) -> torch.Tensor:
     """Mean ``KL(p_model || p_intervened)`` per latent over the positions predicting ``mask``'s
     tokens (e.g. assistant tokens; all positions when None). ``model``: a TransformerLens
     model (the fine-tune); ``sae``: a one-model SAELens SAE at ``hook_name``."""
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; choose one of {list(MODES)}.")
     if sae.W_dec.ndim != 2:
-        raise ValueError("The causal filter needs a one-model SAE (a base-SAE); got a crosscoder-shaped W_dec "
-                         f"{tuple(sae.W_dec.shape)}.")
+        raise ValueError(
+            "The causal filter needs a one-model SAE (a base-SAE); got a crosscoder-shaped W_dec "
+            f"{tuple(sae.W_dec.shape)}."
+        )
     hook = hook_name or getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
     if not hook:
         raise ValueError("No hook: pass hook_name= or save the SAE with cfg.metadata.hook_name.")
     m = predicting(as_token_mask(mask, tokens))
     if not bool(m.any()):
-        raise ValueError("The mask selects no position with a next token to predict (assistant tokens after "
-                         "position 0); check the chat mask.")
+        raise ValueError(
+            "The mask selects no position with a next token to predict (assistant tokens after "
+            "position 0); check the chat mask."
+        )
     totals = torch.zeros(len(latents), dtype=torch.float64)
     for start in range(0, tokens.shape[0], batch_size):
-        tok = tokens[start:start + batch_size]
-        mb = m[start:start + batch_size]
+        tok = tokens[start : start + batch_size]
+        mb = m[start : start + batch_size]
         if not bool(mb.any()):
             continue
         clean = model(tok)
         for i, j in enumerate(latents):
-            out = model.run_with_hooks(tok, fwd_hooks=[(hook, _intervention(sae, int(j), mode, scale))])
+            out = model.run_with_hooks(
+                tok, fwd_hooks=[(hook, _intervention(sae, int(j), mode, scale))]
+            )
             totals[i] += token_kl(clean, out).cpu()[mb].double().sum()
     return totals / float(m.sum())
 
 
-def causal_filter(model: Any, sae: Any, tokens: torch.Tensor, shift: Any, mask: torch.Tensor | None = None, *,
-                  n_candidates: int = 20, n_random: int = 20, quantile: float = 0.95,
-                  min_freq_ft: float = 1e-4, hook_name: str | None = None, mode: str = "ablate",
-                  scale: float = 4.0, seed: int = 0, batch_size: int = 16) -> CausalFilterResult:
+def causal_filter(
+    model: Any,
+    sae: Any,
+    tokens: torch.Tensor,
+    shift: Any,
+    mask: torch.Tensor | None = None,
+    *,
+    n_candidates: int = 20,
+    n_random: int = 20,
+    quantile: float = 0.95,
+    min_freq_ft: float = 1e-4,
+    hook_name: str | None = None,
+    mode: str = "ablate",
+    scale: float = 4.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> CausalFilterResult:
     """Rank by firing shift, then keep the candidates whose intervention KL beats the random
     baseline's ``quantile`` (module docstring). ``model`` is the fine-tune; ``tokens`` /
     ``mask`` are chat rows and their assistant-token mask."""
@@ -126,16 +159,29 @@ def causal_filter(model: Any, sae: Any, tokens: torch.Tensor, shift: Any, mask: 
     frame = _shift_frame(shift)
     candidates = rank_by_firing_shift(frame, n=n_candidates, min_freq_ft=min_freq_ft)
     if not candidates:
-        raise ValueError(f"No latent fires on at least {min_freq_ft} of the fine-tune's tokens with a defined "
-                         "freq_ratio: lower min_freq_ft or pass more data to latent_scaling.")
-    pool = frame[(frame["freq_on_ft"] >= min_freq_ft) & ~frame.index.isin(candidates)].index.to_numpy()
+        raise ValueError(
+            f"No latent fires on at least {min_freq_ft} of the fine-tune's tokens with a defined "
+            "freq_ratio: lower min_freq_ft or pass more data to latent_scaling."
+        )
+    pool = frame[
+        (frame["freq_on_ft"] >= min_freq_ft) & ~frame.index.isin(candidates)
+    ].index.to_numpy()
     if len(pool) == 0:
         raise ValueError("No other active latent for the random baseline: lower n_candidates.")
     rng = np.random.default_rng(seed)
     randoms = [int(j) for j in rng.choice(pool, size=min(n_random, len(pool)), replace=False)]
-    kl = intervention_kl(model, sae, tokens, candidates + randoms, mask, hook_name=hook_name, mode=mode,
-                         scale=scale, batch_size=batch_size).numpy()
-    threshold = float(np.quantile(kl[len(candidates):], quantile))
+    kl = intervention_kl(
+        model,
+        sae,
+        tokens,
+        candidates + randoms,
+        mask,
+        hook_name=hook_name,
+        mode=mode,
+        scale=scale,
+        batch_size=batch_size,
+    ).numpy()
+    threshold = float(np.quantile(kl[len(candidates) :], quantile))
     cols = ["freq_on_base", "freq_on_ft", "freq_ratio"]
     table = frame.loc[candidates + randoms, cols].copy()
     table.insert(0, "role", ["candidate"] * len(candidates) + ["random"] * len(randoms))
@@ -146,10 +192,23 @@ def causal_filter(model: Any, sae: Any, tokens: torch.Tensor, shift: Any, mask: 
     return CausalFilterResult(table=table, threshold=threshold, kept=kept)
 
 
-def causal_filter_on_organism(out: str | Path, *, organism: str = "default", hook: str | None = None,
-                              context_size: int = 64, n_docs: int = 300, max_rows: int = 320, expansion: int = 8,
-                              k: int = 16, train_steps: int = 300, batch_size: int = 256, lr: float = 2e-3,
-                              n_eval: int = 8, seed: int = 0, **filter_kw: Any) -> tuple[CausalFilterResult, Any]:
+def causal_filter_on_organism(
+    out: str | Path,
+    *,
+    organism: str = "default",
+    hook: str | None = None,
+    context_size: int = 64,
+    n_docs: int = 300,
+    max_rows: int = 320,
+    expansion: int = 8,
+    k: int = 16,
+    train_steps: int = 300,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    n_eval: int = 8,
+    seed: int = 0,
+    **filter_kw: Any,
+) -> tuple[CausalFilterResult, Any]:
     """The method end to end on a bundled organism: harvest its pretraining text + chat through
     both models (one cache under ``out``), train a base-SAE (SAELens ``batchtopk``) on the base
     side, measure the firing shift on the same tokens (Latent Scaling, ``kind="base_sae"``),
@@ -176,22 +235,50 @@ def causal_filter_on_organism(out: str | Path, *, organism: str = "default", hoo
     if org.world is not None:
         parts.insert(0, org.pretraining_dataset("train", n=n_docs, seed=seed))
     src = TokenSource(parts, org.tokenizer, context_size, max_rows=max_rows)
-    harvest_cache(paired, src, out / "cache", hook, batch_size=32, rows_per_shard=128, max_rows=max_rows,
-                  progress=False, verbose=False)
+    harvest_cache(
+        paired,
+        src,
+        out / "cache",
+        hook,
+        batch_size=32,
+        rows_per_shard=128,
+        max_rows=max_rows,
+        progress=False,
+        verbose=False,
+    )
     cache = ActivationCache(out / "cache")
     d_model = int(paired.base.cfg.d_model)
     torch.manual_seed(seed)
-    train = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=expansion * d_model, k=k))
+    train = BatchTopKTrainingSAE(
+        BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=expansion * d_model, k=k)
+    )
     store = PairedActivationsStore.from_cache(cache, mode="base", batch_size=batch_size, seed=seed)
-    SAETrainer(SAETrainerConfig(total_training_samples=train_steps * batch_size, train_batch_size_samples=batch_size,
-                                lr=lr, lr_end=lr, dead_feature_window=max(train_steps // 2, 50),
-                                feature_sampling_window=max(train_steps, 100)), train, store).fit()
+    SAETrainer(
+        SAETrainerConfig(
+            total_training_samples=train_steps * batch_size,
+            train_batch_size_samples=batch_size,
+            lr=lr,
+            lr_end=lr,
+            dead_feature_window=max(train_steps // 2, 50),
+            feature_sampling_window=max(train_steps, 100),
+        ),
+        train,
+        store,
+    ).fit()
     sae = as_inference(train)
     sae.cfg.metadata.hook_name = hook
     shift = latent_scaling(sae, cache_batches(cache), kind="base_sae", progress=False)
     _, tokens, valid, assistant = org.eval_batch(n=n_eval)
-    result = causal_filter(org.ft, sae, tokens, shift, assistant.bool() & valid.bool(), hook_name=hook,
-                           seed=seed, **filter_kw)
+    result = causal_filter(
+        org.ft,
+        sae,
+        tokens,
+        shift,
+        assistant.bool() & valid.bool(),
+        hook_name=hook,
+        seed=seed,
+        **filter_kw,
+    )
     return result, sae
 
 
@@ -206,13 +293,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sae_diff.training.errors import ConfigError
 
     ap = argparse.ArgumentParser(prog="sae-diff causal-filter", description=main.__doc__)
-    ap.add_argument("--config", required=True, help="YAML/JSON file with causal_filter_on_organism's fields")
+    ap.add_argument(
+        "--config", required=True, help="YAML/JSON file with causal_filter_on_organism's fields"
+    )
     ap.add_argument("--out", help="output folder (overrides the config's `out`)")
     args = ap.parse_args(argv)
     kw = config_kwargs(causal_filter_on_organism, args.config)
-    extra = set(kw) - {"out", "organism", "hook", "context_size", "n_docs", "max_rows", "expansion", "k",
-                       "train_steps", "batch_size", "lr", "n_eval", "seed", "n_candidates", "n_random",
-                       "quantile", "min_freq_ft", "mode", "scale"}
+    extra = set(kw) - {
+        "out",
+        "organism",
+        "hook",
+        "context_size",
+        "n_docs",
+        "max_rows",
+        "expansion",
+        "k",
+        "train_steps",
+        "batch_size",
+        "lr",
+        "n_eval",
+        "seed",
+        "n_candidates",
+        "n_random",
+        "quantile",
+        "min_freq_ft",
+        "mode",
+        "scale",
+    }
     if extra:
         raise ConfigError(f"Unknown field(s) {sorted(extra)} in {args.config}.")
     if args.out:
@@ -228,8 +335,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["CausalFilterResult", "causal_filter", "causal_filter_on_organism", "intervention_kl",
-           "rank_by_firing_shift"]
+__all__ = [
+    "CausalFilterResult",
+    "causal_filter",
+    "causal_filter_on_organism",
+    "intervention_kl",
+    "rank_by_firing_shift",
+]
 
 
 if __name__ == "__main__":

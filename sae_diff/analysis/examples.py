@@ -65,13 +65,17 @@ class Example:
             if n == self.active:
                 bare = _visible(tok).lstrip(" ")  # the decoder's leading space stays unhighlighted
                 lead = " " * (len(_visible(tok)) - len(bare))
-                spans.append(f'{lead}<span class="sd-act" style="background:rgba(255,120,0,{alpha:.2f})" '
-                             f'title="latent {self.latent}: {self.value:.4g} (seq {self.seq}, pos {self.pos})">'
-                             f"{html.escape(bare)}</span>")
+                spans.append(
+                    f'{lead}<span class="sd-act" style="background:rgba(255,120,0,{alpha:.2f})" '
+                    f'title="latent {self.latent}: {self.value:.4g} (seq {self.seq}, pos {self.pos})">'
+                    f"{html.escape(bare)}</span>"
+                )
             else:
                 spans.append(f"<span>{text}</span>")
-        return (f'<div class="sd-ex"><span class="sd-val">{self.value:.3f}</span> '
-                f'<span class="sd-ctx">{"".join(spans)}</span></div>')
+        return (
+            f'<div class="sd-ex"><span class="sd-val">{self.value:.3f}</span> '
+            f'<span class="sd-ctx">{"".join(spans)}</span></div>'
+        )
 
 
 @dataclass
@@ -89,8 +93,11 @@ class LatentExamples:
         return self.count_active / self.n_tokens if self.n_tokens else float("nan")
 
     def to_text(self) -> str:
-        lines = [f"latent {self.latent}: active on {self.count_active} of {self.n_tokens} tokens "
-                 f"(freq {self.freq:.2e})", "  top:"]
+        lines = [
+            f"latent {self.latent}: active on {self.count_active} of {self.n_tokens} tokens "
+            f"(freq {self.freq:.2e})",
+            "  top:",
+        ]
         lines += [f"    {ex.to_text()}" for ex in self.top]
         for lo, hi, exs in self.quantiles:
             lines.append(f"  quantile [{lo:.3f}, {hi:.3f}]:")
@@ -99,9 +106,11 @@ class LatentExamples:
 
     def to_html(self) -> str:
         vmax = self.top[0].value if self.top else None
-        out = [f'<div class="sd-latent"><h3>Latent {self.latent}</h3>'
-               f"<p>active on {self.count_active} of {self.n_tokens} tokens (freq {self.freq:.2e})</p>",
-               "<h4>Top activations</h4>"]
+        out = [
+            f'<div class="sd-latent"><h3>Latent {self.latent}</h3>'
+            f"<p>active on {self.count_active} of {self.n_tokens} tokens (freq {self.freq:.2e})</p>",
+            "<h4>Top activations</h4>",
+        ]
         out += [ex.to_html(vmax) for ex in self.top]
         for lo, hi, exs in self.quantiles:
             out.append(f"<h4>Activations in [{lo:.3f}, {hi:.3f}]</h4>")
@@ -144,13 +153,15 @@ def decode_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     if not callable(getattr(tokenizer, "decode", None)):
         if callable(tokenizer):
             return [str(tokenizer(t)) for t in ids]
-        raise TypeError("tokenizer must have .decode(ids) (a Hugging Face tokenizer) or be a callable id -> str.")
+        raise TypeError(
+            "tokenizer must have .decode(ids) (a Hugging Face tokenizer) or be a callable id -> str."
+        )
     out: list[str] = []
     prev = ""
     for i in range(len(ids)):
         cur = str(tokenizer.decode(ids[: i + 1]))
         if cur.startswith(prev):
-            out.append(cur[len(prev):])
+            out.append(cur[len(prev) :])
         else:
             out.append((" " if out else "") + str(tokenizer.decode([ids[i]])))
         prev = cur
@@ -169,7 +180,9 @@ def _token_strings(tokenizer: Any) -> Callable[[int], str]:
         return lambda t: str(tokenizer.decode([t]))
     if callable(tokenizer):
         return lambda t: str(tokenizer(t))
-    raise TypeError("tokenizer must have .decode(ids) (a Hugging Face tokenizer) or be a callable id -> str.")
+    raise TypeError(
+        "tokenizer must have .decode(ids) (a Hugging Face tokenizer) or be a callable id -> str."
+    )
 
 
 def _group_top(slot: torch.Tensor, key: torch.Tensor, k: int) -> torch.Tensor:
@@ -190,22 +203,29 @@ class _Keeper:
     def __init__(self, k: int, reservoir: int, seed: int) -> None:
         self.k, self.reservoir = k, reservoir
         self.gen = torch.Generator().manual_seed(seed)
-        empty = {"slot": torch.empty(0, dtype=torch.long), "value": torch.empty(0, dtype=torch.float64),
-                 "seq": torch.empty(0, dtype=torch.long), "pos": torch.empty(0, dtype=torch.long),
-                 "key": torch.empty(0, dtype=torch.float64)}
+        empty = {
+            "slot": torch.empty(0, dtype=torch.long),
+            "value": torch.empty(0, dtype=torch.float64),
+            "seq": torch.empty(0, dtype=torch.long),
+            "pos": torch.empty(0, dtype=torch.long),
+            "key": torch.empty(0, dtype=torch.float64),
+        }
         self.top = dict(empty)
         self.sample = dict(empty)
 
     def add(self, new: dict[str, torch.Tensor]) -> None:
-        new = dict(new, key=torch.rand(new["slot"].numel(), generator=self.gen, dtype=torch.float64))
+        new = dict(
+            new, key=torch.rand(new["slot"].numel(), generator=self.gen, dtype=torch.float64)
+        )
         for store, by, cap in ((self.top, "value", self.k), (self.sample, "key", self.reservoir)):
             cat = {f: torch.cat([store[f], new[f]]) for f in self.FIELDS}
             keep = _group_top(cat["slot"], cat[by], cap)
             store.update({f: cat[f][keep] for f in self.FIELDS})
 
 
-def _codes_with_positions(sae: PairedDictionary, kind: str, batches: Iterable[PairedBatch],
-                          latents: torch.Tensor) -> Iterator[tuple[PairedBatch, dict[str, torch.Tensor]]]:
+def _codes_with_positions(
+    sae: PairedDictionary, kind: str, batches: Iterable[PairedBatch], latents: torch.Tensor
+) -> Iterator[tuple[PairedBatch, dict[str, torch.Tensor]]]:
     enc = SparseCodes(sae, kind)
     slot_of = torch.full((int(sae.cfg.d_sae),), -1, dtype=torch.long)
     slot_of[latents.cpu()] = torch.arange(latents.numel())
@@ -221,8 +241,15 @@ def _codes_with_positions(sae: PairedDictionary, kind: str, batches: Iterable[Pa
         slot = slot_of[j]
         keep = slot >= 0
         i = i[keep]
-        yield batch, {"slot": slot[keep], "value": v[keep].double(), "seq": batch.seq.cpu()[i].long(),
-                      "pos": batch.pos.cpu()[i].long()}
+        yield (
+            batch,
+            {
+                "slot": slot[keep],
+                "value": v[keep].double(),
+                "seq": batch.seq.cpu()[i].long(),
+                "pos": batch.pos.cpu()[i].long(),
+            },
+        )
 
 
 def max_activating_examples(
@@ -264,7 +291,9 @@ def max_activating_examples(
     kind = dictionary_kind(sae, kind)
     tok = torch.as_tensor(tokens)
     if tok.ndim != 2:
-        raise ValueError(f"tokens must be a (n_seq, seq_len) table of ids, got shape {tuple(tok.shape)}.")
+        raise ValueError(
+            f"tokens must be a (n_seq, seq_len) table of ids, got shape {tuple(tok.shape)}."
+        )
     S = _resolve_latents(latents, int(sae.cfg.d_sae), torch.device("cpu"))
     keeper = _Keeper(k, reservoir, seed)
     count = torch.zeros(S.numel(), dtype=torch.long)
@@ -273,8 +302,10 @@ def max_activating_examples(
     for batch, new in _codes_with_positions(sae, kind, batches, S):
         n_tokens += batch.n_tokens
         if (new["seq"] >= tok.shape[0]).any() or (new["pos"] >= tok.shape[1]).any():
-            raise ValueError(f"A batch points at (seq, pos) outside the token table {tuple(tok.shape)}: "
-                             "pass the tokens the activations were computed on.")
+            raise ValueError(
+                f"A batch points at (seq, pos) outside the token table {tuple(tok.shape)}: "
+                "pass the tokens the activations were computed on."
+            )
         count += torch.bincount(new["slot"], minlength=S.numel())
         keeper.add(new)
     to_str = _token_strings(tokenizer)
@@ -287,7 +318,9 @@ def max_activating_examples(
             strs = decode_pieces(tokenizer, ids)  # the tokenizer's own spacing between tokens
         else:
             strs = [cache.setdefault(t, to_str(t)) for t in ids]
-        return Example(latent=int(S[slot]), value=value, seq=seq, pos=pos, tokens=strs, active=pos - lo)
+        return Example(
+            latent=int(S[slot]), value=value, seq=seq, pos=pos, tokens=strs, active=pos - lo
+        )
 
     gen = torch.Generator().manual_seed(seed + 1)
     out: dict[int, LatentExamples] = {}
@@ -297,14 +330,23 @@ def max_activating_examples(
         vals, seqs, poss = keeper.top["value"][top], keeper.top["seq"][top], keeper.top["pos"][top]
         res.top = [example(slot, float(v), int(s), int(p)) for v, s, p in zip(vals, seqs, poss)]
         samp = keeper.sample["slot"] == slot
-        sv, ss, sp = keeper.sample["value"][samp], keeper.sample["seq"][samp], keeper.sample["pos"][samp]
+        sv, ss, sp = (
+            keeper.sample["value"][samp],
+            keeper.sample["seq"][samp],
+            keeper.sample["pos"][samp],
+        )
         if sv.numel() and n_quantiles and per_quantile:
             order = torch.argsort(sv, descending=True, stable=True)
             for chunk in torch.tensor_split(order, min(n_quantiles, sv.numel())):
                 pick = chunk[torch.randperm(chunk.numel(), generator=gen)[:per_quantile]]
                 pick = pick[torch.argsort(sv[pick], descending=True, stable=True)]
-                res.quantiles.append((float(sv[chunk].min()), float(sv[chunk].max()),
-                                      [example(slot, float(sv[q]), int(ss[q]), int(sp[q])) for q in pick]))
+                res.quantiles.append(
+                    (
+                        float(sv[chunk].min()),
+                        float(sv[chunk].max()),
+                        [example(slot, float(sv[q]), int(ss[q]), int(sp[q])) for q in pick],
+                    )
+                )
         out[lat] = res
     return out
 
@@ -328,33 +370,46 @@ def examples_on_the_fly(
     """
     tok = torch.as_tensor(tokens)
     if token_mask is not None and tuple(token_mask.shape) != tuple(tok.shape):
-        raise ValueError(f"token_mask must be shaped like tokens {tuple(tok.shape)}, got {tuple(token_mask.shape)}.")
+        raise ValueError(
+            f"token_mask must be shaped like tokens {tuple(tok.shape)}, got {tuple(token_mask.shape)}."
+        )
 
     def batches() -> Iterator[PairedBatch]:
         for b0 in range(0, tok.shape[0], batch_size):
             with torch.no_grad():
-                acts = forward(tok[b0:b0 + batch_size])
+                acts = forward(tok[b0 : b0 + batch_size])
             b, s = acts.shape[:2]
             seq = torch.arange(b0, b0 + b)[:, None].expand(b, s)
             pos = torch.arange(s)[None, :].expand(b, s)
-            keep = torch.ones(b, s, dtype=torch.bool) if token_mask is None else token_mask[b0:b0 + b].bool()
+            keep = (
+                torch.ones(b, s, dtype=torch.bool)
+                if token_mask is None
+                else token_mask[b0 : b0 + b].bool()
+            )
             keep_dev = keep.to(acts.device)
             yield PairedBatch(acts=acts[keep_dev], seq=seq[keep], pos=pos[keep])
 
     return max_activating_examples(sae, batches(), tok, latents, progress=progress, **kwargs)
 
 
-def examples_html(examples: Mapping[int, LatentExamples] | Iterable[LatentExamples],
-                  title: str = "Max-activating examples") -> str:
+def examples_html(
+    examples: Mapping[int, LatentExamples] | Iterable[LatentExamples],
+    title: str = "Max-activating examples",
+) -> str:
     """A standalone HTML page with every latent's examples."""
     items = examples.values() if isinstance(examples, Mapping) else examples
     body = "\n".join(e.to_html() for e in items)
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"{_STYLE}</head><body><h2>{html.escape(title)}</h2>\n{body}\n</body></html>")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"{_STYLE}</head><body><h2>{html.escape(title)}</h2>\n{body}\n</body></html>"
+    )
 
 
-def save_examples_html(examples: Mapping[int, LatentExamples] | Iterable[LatentExamples],
-                       path: str | Path, title: str = "Max-activating examples") -> Path:
+def save_examples_html(
+    examples: Mapping[int, LatentExamples] | Iterable[LatentExamples],
+    path: str | Path,
+    title: str = "Max-activating examples",
+) -> Path:
     """Write :func:`examples_html` to ``path`` (atomically); returns the path."""
     from sae_diff.atomic import atomic_write
 

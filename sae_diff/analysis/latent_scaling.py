@@ -156,14 +156,19 @@ class LatentScalingResult:
             "count_active": self.count_active.cpu().numpy(),
             "freq": (count / n).cpu().numpy(),
             "max_act": self.max_act.cpu().numpy(),
-            "mean_act": torch.where(count > 0, self.sum_act / count.clamp(min=1),
-                                    torch.full_like(count, math.nan)).cpu().numpy(),
+            "mean_act": torch.where(
+                count > 0, self.sum_act / count.clamp(min=1), torch.full_like(count, math.nan)
+            )
+            .cpu()
+            .numpy(),
         }
         for name, tokens in self.mask_tokens.items():
             inside = self.mask_counts[name].double()
             cols[f"freq[{name}]"] = (inside / tokens if tokens else inside * math.nan).cpu().numpy()
             if not name.startswith(DATASET_MASK_PREFIX):
-                share = torch.where(count > 0, inside / count.clamp(min=1), torch.full_like(count, math.nan))
+                share = torch.where(
+                    count > 0, inside / count.clamp(min=1), torch.full_like(count, math.nan)
+                )
                 cols[f"share[{name}]"] = share.cpu().numpy()
         for key, val in {**self.betas, **self.ratios(), **self.firing_shift()}.items():
             cols[key] = val.cpu().numpy()
@@ -187,7 +192,9 @@ def _resolve_latents(latents: Any, n: int, device: torch.device) -> torch.Tensor
     if t.numel() == 0:
         raise ValueError("The latent subset is empty: pass None for all latents or some indices.")
     if (t < 0).any() or (t >= n).any():
-        raise ValueError(f"Latent indices must lie in [0, {n}) (d_sae), got min {int(t.min())}, max {int(t.max())}.")
+        raise ValueError(
+            f"Latent indices must lie in [0, {n}) (d_sae), got min {int(t.min())}, max {int(t.max())}."
+        )
     if t.unique().numel() != t.numel():
         raise ValueError("The latent subset has repeated indices; pass each latent once.")
     return t
@@ -220,8 +227,16 @@ def _check_ft_decoder(sae: PairedDictionary, kind: str) -> None:
 class _Pass:
     """Streaming accumulators for :func:`latent_scaling` (see the module docstring)."""
 
-    def __init__(self, sae: Any, kind: str, latents: torch.Tensor, targets: tuple[str, ...],
-                 firing_shift: bool, compute_dtype: torch.dtype | None, sparse_codes: bool = True) -> None:
+    def __init__(
+        self,
+        sae: Any,
+        kind: str,
+        latents: torch.Tensor,
+        targets: tuple[str, ...],
+        firing_shift: bool,
+        compute_dtype: torch.dtype | None,
+        sparse_codes: bool = True,
+    ) -> None:
         self.sae, self.kind, self.targets = sae, kind, targets
         self.enc = SparseCodes(sae, kind, sparse_codes)
         dev = sae.W_dec.device
@@ -280,7 +295,9 @@ class _Pass:
             mask = mask.to(self.device)
             self.mask_tokens[name] = self.mask_tokens.get(name, 0) + int(mask.sum())
             add = torch.bincount(j[mask.index_select(0, i)], minlength=self.n)
-            self.mask_counts[name] = self.mask_counts[name] + add if name in self.mask_counts else add
+            self.mask_counts[name] = (
+                self.mask_counts[name] + add if name in self.mask_counts else add
+            )
         if self.firing_shift:
             assert self.other_count is not None and self.other_sum is not None
             other = BASE if self.kind == "ft_sae" else FT
@@ -293,7 +310,9 @@ class _Pass:
         vw = v.to(self.dtype)
         targets = [x.to(self.dtype).reshape(B, -1)]
         if self.need_recon:
-            xhat = tF.embedding_bag(j, self.W_n, offsets_from_sorted(i, B), mode="sum", per_sample_weights=vw)
+            xhat = tF.embedding_bag(
+                j, self.W_n, offsets_from_sorted(i, B), mode="sum", per_sample_weights=vw
+            )
             targets.append(xhat.add_(self.b_n))
         if self.subset:
             slot = self.slot.index_select(0, j)
@@ -326,8 +345,9 @@ class _Pass:
         width = 0
         for Y in ys:
             # add_ promotes to float64 on the fly: no float64 copy of the (n, width) bag sums
-            self.A[:, width:width + Y.shape[1]].add_(tF.embedding_bag(
-                tok, Y, offsets, mode="sum", per_sample_weights=w))
+            self.A[:, width : width + Y.shape[1]].add_(
+                tF.embedding_bag(tok, Y, offsets, mode="sum", per_sample_weights=w)
+            )
             width += Y.shape[1]
 
     def result(self, min_count: int) -> LatentScalingResult:
@@ -338,14 +358,18 @@ class _Pass:
         rows = geometry.decoder_rows(self.sae, normalised=True)[S].double()  # (L, M, d)
         D = rows[:, FT] if self.kind == "crosscoder" else rows[:, 0]
         norm2 = (D * D).sum(-1)
-        proj = torch.einsum("ld,lkd->lk", D, self.A.view(S.numel(), -1, self.d))  # d_j^T A[:, j] per block
+        proj = torch.einsum(
+            "ld,lkd->lk", D, self.A.view(S.numel(), -1, self.d)
+        )  # d_j^T A[:, j] per block
         if self.factors is not None:  # x-blocks were summed from raw activations: scale them now
             proj[:, : self.n_models] *= self.factors.double()[None, :]
         denom = norm2 * C
         nan = torch.full_like(denom, math.nan)
 
         def ratio(num: torch.Tensor) -> torch.Tensor:
-            return torch.where(denom > 0, num / denom.clamp(min=torch.finfo(torch.float64).tiny), nan)
+            return torch.where(
+                denom > 0, num / denom.clamp(min=torch.finfo(torch.float64).tiny), nan
+            )
 
         M = self.n_models
         for m, name in ((BASE, "base"), (FT, "ft")):
@@ -357,9 +381,15 @@ class _Pass:
                 own = (D * rows[:, m]).sum(-1) / norm2
                 betas[f"beta_error_{name}"] = ratio(proj[:, m] - proj[:, M + m]) + own
         return LatentScalingResult(
-            kind=self.kind, latents=S.cpu(), n_tokens=self.n_tokens, min_count=min_count,
-            count_active=self.count[S].cpu(), sum_act=self.sum[S].cpu(), sum_sq_act=C.cpu(),
-            max_act=self.max[S].cpu(), betas={k: v.cpu() for k, v in betas.items()},
+            kind=self.kind,
+            latents=S.cpu(),
+            n_tokens=self.n_tokens,
+            min_count=min_count,
+            count_active=self.count[S].cpu(),
+            sum_act=self.sum[S].cpu(),
+            sum_sq_act=C.cpu(),
+            max_act=self.max[S].cpu(),
+            betas={k: v.cpu() for k, v in betas.items()},
             mask_tokens=dict(self.mask_tokens),
             mask_counts={k: v[S].cpu() for k, v in self.mask_counts.items()},
             other_count=None if self.other_count is None else self.other_count[S].cpu(),
@@ -414,16 +444,21 @@ def latent_scaling(
     if firing_shift is None:
         firing_shift = kind in ("ft_sae", "base_sae")
     elif firing_shift and kind not in ("ft_sae", "base_sae"):
-        raise ValueError("firing_shift compares an SAE on base vs ft activations: it needs kind "
-                         f"'ft_sae' or 'base_sae', not {kind!r}.")
+        raise ValueError(
+            "firing_shift compares an SAE on base vs ft activations: it needs kind "
+            f"'ft_sae' or 'base_sae', not {kind!r}."
+        )
     S = _resolve_latents(latents, int(sae.cfg.d_sae), sae.W_dec.device)
     acc = _Pass(sae, kind, S, tgts, firing_shift, compute_dtype, sparse_codes)
     n_models = acc.n_models
-    for batch in iter_paired_batches(data, n_models=n_models, progress=progress, desc="Latent Scaling",
-                                     max_tokens=max_tokens):
+    for batch in iter_paired_batches(
+        data, n_models=n_models, progress=progress, desc="Latent Scaling", max_tokens=max_tokens
+    ):
         if batch.acts.shape[-1] != acc.d:
-            raise ValueError(f"Activations have d={batch.acts.shape[-1]} but the dictionary has "
-                             f"d_in={acc.d}: use the dictionary's hook point.")
+            raise ValueError(
+                f"Activations have d={batch.acts.shape[-1]} but the dictionary has "
+                f"d_in={acc.d}: use the dictionary's hook point."
+            )
         acc.update(batch)
     return acc.result(min_count)
 
@@ -431,8 +466,10 @@ def latent_scaling(
 # --------------------------------------------------------------------------------------
 # moved names (one release)
 # --------------------------------------------------------------------------------------
-_MOVED = {"latent_scaling_naive": "sae_diff.analysis.latent_scaling_reference",
-          "latent_scaling_cost_ratio": "sae_diff.analysis.latent_scaling_reference"}
+_MOVED = {
+    "latent_scaling_naive": "sae_diff.analysis.latent_scaling_reference",
+    "latent_scaling_cost_ratio": "sae_diff.analysis.latent_scaling_reference",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -442,8 +479,12 @@ def __getattr__(name: str) -> Any:
         import importlib
         import warnings
 
-        warnings.warn(f"sae_diff.analysis.latent_scaling.{name} moved to {_MOVED[name]}.{name}; import "
-                      "it from there (this alias goes in the next release).", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"sae_diff.analysis.latent_scaling.{name} moved to {_MOVED[name]}.{name}; import "
+            "it from there (this alias goes in the next release).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

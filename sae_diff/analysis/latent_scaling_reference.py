@@ -65,7 +65,11 @@ def latent_scaling_naive(
     rows = geometry.decoder_rows(sae, normalised=True).to(dtype)  # (n, M, d)
     D = rows[:, FT] if kind == "crosscoder" else rows[:, 0]
     factors = _norm_factors(sae) if kind == "crosscoder" else None
-    num = {f"beta_{_SHORT[t]}_{m}": torch.zeros(S.numel(), dtype=torch.float64) for t in tgts for m in MODELS}
+    num = {
+        f"beta_{_SHORT[t]}_{m}": torch.zeros(S.numel(), dtype=torch.float64)
+        for t in tgts
+        for m in MODELS
+    }
     C = torch.zeros(S.numel(), dtype=torch.float64)
     enc = SparseCodes(sae, kind)
     for batch in iter_paired_batches(data, progress=progress, desc="naive Latent Scaling"):
@@ -79,9 +83,9 @@ def latent_scaling_naive(
             b = b if factors is None else b * factors.to(dtype)[:, None]
             xhat = torch.einsum("bn,nmd->bmd", f, rows) + b
         for s in range(0, S.numel(), chunk):
-            idx = S[s:s + chunk]
+            idx = S[s : s + chunk]
             fS = f[:, idx].T  # (L, B)
-            C[s:s + chunk] += (fS * fS).sum(1).cpu().double()
+            C[s : s + chunk] += (fS * fS).sum(1).cpu().double()
             Dl = D[idx]
             for m, name in ((BASE, "base"), (FT, "ft")):
                 per_latent: dict[str, torch.Tensor] = {}
@@ -91,13 +95,19 @@ def latent_scaling_naive(
                     per_latent["recon"] = xhat[None, :, m].expand(idx.numel(), -1, -1)
                 if "error" in tgts:
                     # y_i^(j) = x_i^m - (xhat_i^m - f_ij d_j^m): a (L, B, d) tensor
-                    per_latent["error"] = (xn[:, m] - xhat[:, m])[None] + fS[:, :, None] * rows[idx, m][:, None, :]
+                    per_latent["error"] = (xn[:, m] - xhat[:, m])[None] + fS[:, :, None] * rows[
+                        idx, m
+                    ][:, None, :]
                 for short, y in per_latent.items():
-                    num[f"beta_{short}_{name}"][s:s + chunk] += torch.einsum(
-                        "lb,lbd,ld->l", fS, y, Dl).cpu().double()
+                    num[f"beta_{short}_{name}"][s : s + chunk] += (
+                        torch.einsum("lb,lbd,ld->l", fS, y, Dl).cpu().double()
+                    )
     norm2 = (D[S] * D[S]).sum(-1).double().cpu()
     with torch.no_grad():
-        return {k: torch.where(C > 0, v / (norm2 * C), torch.full_like(v, math.nan)) for k, v in num.items()}
+        return {
+            k: torch.where(C > 0, v / (norm2 * C), torch.full_like(v, math.nan))
+            for k, v in num.items()
+        }
 
 
 # --------------------------------------------------------------------------------------
@@ -129,7 +139,9 @@ def latent_scaling_cost_ratio(
     """
     sae = as_inference(sae)
     if not isinstance(data, Sequence) or len(data) == 0:
-        raise ValueError("latent_scaling_cost_ratio needs a non-empty list of batches (timed several times).")
+        raise ValueError(
+            "latent_scaling_cost_ratio needs a non-empty list of batches (timed several times)."
+        )
     kind = dictionary_kind(sae)
     enc = SparseCodes(sae, kind)
     batches = [PairedBatch(acts=b.acts) for b in iter_paired_batches(data, progress=False)]
@@ -140,30 +152,40 @@ def latent_scaling_cost_ratio(
             sae.encode(enc.encoder_input(b.acts.to(sae.W_dec.device, sae.W_dec.dtype)))
 
     def one_pass(sparse_codes: bool = True) -> None:
-        latent_scaling(sae, batches, targets=targets, progress=False, firing_shift=False,
-                       sparse_codes=sparse_codes)
+        latent_scaling(
+            sae,
+            batches,
+            targets=targets,
+            progress=False,
+            firing_shift=False,
+            sparse_codes=sparse_codes,
+        )
 
     encode_only()  # warm-up
     one_pass()
     runs: dict[str, list[float]] = {"enc": [], "ls": [], "ls_dense": []}
     fns = {"enc": encode_only, "ls": one_pass, "ls_dense": lambda: one_pass(False)}
     for r in range(max(1, repeats)):
-        keys = list(fns)[r % 3:] + list(fns)[:r % 3]  # rotate the order: no phase is always first
+        keys = list(fns)[r % 3 :] + list(fns)[: r % 3]  # rotate the order: no phase is always first
         for key in keys:
             t0 = time.perf_counter()
             fns[key]()
             runs[key].append(time.perf_counter() - t0)
     med = statistics.median
-    out = {"encode_s": min(runs["enc"]), "latent_scaling_s": min(runs["ls"]),
-           "ratio": med(ls / e for ls, e in zip(runs["ls"], runs["enc"])),
-           "ratio_dense_codes": med(ls / e for ls, e in zip(runs["ls_dense"], runs["enc"]))}
+    out = {
+        "encode_s": min(runs["enc"]),
+        "latent_scaling_s": min(runs["ls"]),
+        "ratio": med(ls / e for ls, e in zip(runs["ls"], runs["enc"])),
+        "ratio_dense_codes": med(ls / e for ls, e in zip(runs["ls_dense"], runs["enc"])),
+    }
     if naive:
         n = int(sae.cfg.d_sae)
 
         def time_naive(k: int) -> float:
             t0 = time.perf_counter()
-            latent_scaling_naive(sae, batches, targets=targets, latents=torch.arange(k),
-                                 dtype=sae.W_dec.dtype)
+            latent_scaling_naive(
+                sae, batches, targets=targets, latents=torch.arange(k), dtype=sae.W_dec.dtype
+            )
             return time.perf_counter() - t0
 
         k = n if naive_latents is None else max(1, min(int(naive_latents), n))
@@ -172,7 +194,13 @@ def latent_scaling_cost_ratio(
         else:
             t1, t2 = time_naive(k), time_naive(2 * k)
             t_naive = t1 + max(t2 - t1, 0.0) * (n - k) / k
-        out.update({"naive_s": t_naive, "naive_latents_timed": float(k), "naive_speedup": t_naive / out["latent_scaling_s"]})
+        out.update(
+            {
+                "naive_s": t_naive,
+                "naive_latents_timed": float(k),
+                "naive_speedup": t_naive / out["latent_scaling_s"],
+            }
+        )
     return out
 
 

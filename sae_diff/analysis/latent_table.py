@@ -51,17 +51,22 @@ def geometry_frame(sae: PairedDictionary, kind: str | None = None) -> pd.DataFra
     if kind != "crosscoder":
         return pd.DataFrame({"norm": norms[:, 0].numpy()}, index=index)
     if norms.shape[1] < 2:
-        raise ValueError("Δ and tags need a decoder row per model; this crosscoder has "
-                         f"n_models={norms.shape[1]} (ft decoder missing).")
+        raise ValueError(
+            "Δ and tags need a decoder row per model; this crosscoder has "
+            f"n_models={norms.shape[1]} (ft decoder missing)."
+        )
     delta = geometry.relative_norm(norms)
-    return pd.DataFrame({
-        "norm_base": norms[:, 0].numpy(),
-        "norm_ft": norms[:, 1].numpy(),
-        "delta": delta.numpy(),
-        "tag": pd.Categorical(geometry.tags(delta), categories=list(geometry.TAGS)),
-        "dec_cos": geometry.decoder_cosine(sae).double().cpu().numpy(),
-        "enc_cos": geometry.encoder_cosine(sae).double().cpu().numpy(),
-    }, index=index)
+    return pd.DataFrame(
+        {
+            "norm_base": norms[:, 0].numpy(),
+            "norm_ft": norms[:, 1].numpy(),
+            "delta": delta.numpy(),
+            "tag": pd.Categorical(geometry.tags(delta), categories=list(geometry.TAGS)),
+            "dec_cos": geometry.decoder_cosine(sae).double().cpu().numpy(),
+            "enc_cos": geometry.encoder_cosine(sae).double().cpu().numpy(),
+        },
+        index=index,
+    )
 
 
 def _detectable(sae: PairedDictionary) -> bool:
@@ -122,15 +127,25 @@ def latent_table(
     geo = geometry_frame(sae, kind)
     S = _resolve_latents(latents, int(sae.cfg.d_sae), torch.device("cpu"))
     if scaling is None and data is not None:
-        scaling = latent_scaling(sae, data, kind=kind, latents=S, targets=targets,
-                                 min_count=min_count, max_tokens=max_tokens, progress=progress)
+        scaling = latent_scaling(
+            sae,
+            data,
+            kind=kind,
+            latents=S,
+            targets=targets,
+            min_count=min_count,
+            max_tokens=max_tokens,
+            progress=progress,
+        )
     if scaling is not None:
         keep = scaling.latents if latents is None else S
         stats = scaling.to_frame()
         missing = sorted(set(keep.tolist()) - set(stats.index))
         if missing:
-            raise ValueError(f"The Latent Scaling result has no rows for latents {missing[:10]}: "
-                             "run it on (a superset of) the requested latents.")
+            raise ValueError(
+                f"The Latent Scaling result has no rows for latents {missing[:10]}: "
+                "run it on (a superset of) the requested latents."
+            )
         df = geo.loc[keep.numpy()].join(stats, how="left")
         df.attrs.update(stats.attrs)
     else:
@@ -153,8 +168,10 @@ def _table_path(path: str | Path, fmt: str | None) -> Path:
             raise ValueError(f"Path {path} ends in {path.suffix} but format={fmt!r}.")
         return path
     if path.suffix:
-        raise ValueError(f"Cannot save a latent table as {path.suffix!r}: use .parquet or .csv, "
-                         "or pass the dictionary's folder.")
+        raise ValueError(
+            f"Cannot save a latent table as {path.suffix!r}: use .parquet or .csv, "
+            "or pass the dictionary's folder."
+        )
     return path / f"{TABLE_STEM}.{fmt or 'parquet'}"
 
 
@@ -189,10 +206,14 @@ def load_latent_table(path: str | Path) -> pd.DataFrame:
     """Read a table written by :func:`save_latent_table` (a file, or a folder holding one)."""
     path = Path(path)
     if path.is_dir():
-        found = [path / f"{TABLE_STEM}.{f}" for f in FORMATS if (path / f"{TABLE_STEM}.{f}").exists()]
+        found = [
+            path / f"{TABLE_STEM}.{f}" for f in FORMATS if (path / f"{TABLE_STEM}.{f}").exists()
+        ]
         if not found:
-            raise FileNotFoundError(f"No {TABLE_STEM}.parquet or {TABLE_STEM}.csv in {path}; "
-                                    "build one with latent_table() and save_latent_table().")
+            raise FileNotFoundError(
+                f"No {TABLE_STEM}.parquet or {TABLE_STEM}.csv in {path}; "
+                "build one with latent_table() and save_latent_table()."
+            )
         path = found[0]
     if not path.exists():
         raise FileNotFoundError(f"No latent table at {path}.")
@@ -201,7 +222,9 @@ def load_latent_table(path: str | Path) -> pd.DataFrame:
     elif path.suffix == ".csv":
         df = pd.read_csv(path, index_col="latent")
     else:
-        raise ValueError(f"Unknown latent table file type {path.suffix!r} (expected .parquet or .csv).")
+        raise ValueError(
+            f"Unknown latent table file type {path.suffix!r} (expected .parquet or .csv)."
+        )
     if "tag" in df.columns:
         df["tag"] = pd.Categorical(df["tag"].astype(str), categories=list(geometry.TAGS))
     meta = _meta_path(path)

@@ -47,9 +47,16 @@ def delta_histogram(table: pd.DataFrame, *, bins: int = 50, title: str | None = 
     """Histogram of Δ (0 = ft-only, 1 = base-only), stacked by tag."""
     _require(table, ["delta", "tag"], "delta_histogram")
     df = _frame(table)
-    fig = px.histogram(df, x="delta", color="tag", nbins=bins, range_x=(0, 1),
-                       category_orders={"tag": list(TAGS)}, color_discrete_map=TAG_COLORS,
-                       title=title or "Relative decoder norm Δ by tag (0 = ft-only, 1 = base-only)")
+    fig = px.histogram(
+        df,
+        x="delta",
+        color="tag",
+        nbins=bins,
+        range_x=(0, 1),
+        category_orders={"tag": list(TAGS)},
+        color_discrete_map=TAG_COLORS,
+        title=title or "Relative decoder norm Δ by tag (0 = ft-only, 1 = base-only)",
+    )
     fig.update_layout(barmode="stack", xaxis_title="Δ", yaxis_title="latents")
     return fig
 
@@ -74,44 +81,95 @@ def nu_scatter(
         df = df[df["tag"].isin(list(groups))]
         color = "tag"
     hover = [c for c in ("latent", "delta", "count_active", "freq") if c in df.columns]
-    fig = px.scatter(df, x=x, y=y, color=color, marginal_x="histogram", marginal_y="histogram",
-                     category_orders={"tag": list(groups or TAGS)}, color_discrete_map=TAG_COLORS,
-                     hover_data=hover, opacity=0.7,
-                     title=title or f"Latent Scaling: {x} vs {y} ({len(df)} latents with enough activity)")
+    fig = px.scatter(
+        df,
+        x=x,
+        y=y,
+        color=color,
+        marginal_x="histogram",
+        marginal_y="histogram",
+        category_orders={"tag": list(groups or TAGS)},
+        color_discrete_map=TAG_COLORS,
+        hover_data=hover,
+        opacity=0.7,
+        title=title or f"Latent Scaling: {x} vs {y} ({len(df)} latents with enough activity)",
+    )
     return fig
 
 
-def beta_distributions(table: pd.DataFrame, *, columns: Sequence[str] | None = None, bins: int = 60,
-                       title: str | None = None) -> go.Figure:
+def beta_distributions(
+    table: pd.DataFrame,
+    *,
+    columns: Sequence[str] | None = None,
+    bins: int = 60,
+    title: str | None = None,
+) -> go.Figure:
     """Overlaid histograms of the beta columns (``beta_<target>_<model>``)."""
-    cols = list(columns) if columns is not None else [c for c in table.columns if str(c).startswith("beta_")]
+    cols = (
+        list(columns)
+        if columns is not None
+        else [c for c in table.columns if str(c).startswith("beta_")]
+    )
     if not cols:
-        raise ValueError("beta_distributions needs beta_* columns: build the table with data "
-                         "(latent_table(sae, data)) so that Latent Scaling runs.")
+        raise ValueError(
+            "beta_distributions needs beta_* columns: build the table with data "
+            "(latent_table(sae, data)) so that Latent Scaling runs."
+        )
     _require(table, cols, "beta_distributions")
-    long = _frame(table).melt(id_vars=[c for c in ("latent", "tag") if c in _frame(table).columns],
-                              value_vars=cols, var_name="beta", value_name="value").dropna(subset=["value"])
-    fig = px.histogram(long, x="value", color="beta", nbins=bins, barmode="overlay", opacity=0.55,
-                       title=title or "Latent Scaling betas")
+    long = (
+        _frame(table)
+        .melt(
+            id_vars=[c for c in ("latent", "tag") if c in _frame(table).columns],
+            value_vars=cols,
+            var_name="beta",
+            value_name="value",
+        )
+        .dropna(subset=["value"])
+    )
+    fig = px.histogram(
+        long,
+        x="value",
+        color="beta",
+        nbins=bins,
+        barmode="overlay",
+        opacity=0.55,
+        title=title or "Latent Scaling betas",
+    )
     fig.update_layout(xaxis_title="β", yaxis_title="latents")
     return fig
 
 
-def frequency_vs_ratio(table: pd.DataFrame, *, ratio: str | None = None, title: str | None = None) -> go.Figure:
+def frequency_vs_ratio(
+    table: pd.DataFrame, *, ratio: str | None = None, title: str | None = None
+) -> go.Figure:
     """Firing frequency (log x) against a ratio: ``nu_error``/``nu_act``/``freq_ratio``/... ."""
     if ratio is None:
-        ratio = next((c for c in ("nu_error", "nu_act", "freq_ratio", "nu_recon") if c in table.columns), None)
+        ratio = next(
+            (c for c in ("nu_error", "nu_act", "freq_ratio", "nu_recon") if c in table.columns),
+            None,
+        )
         if ratio is None:
-            raise ValueError("frequency_vs_ratio found no ratio column (nu_error, nu_act, freq_ratio, "
-                             "nu_recon): build the table with data.")
+            raise ValueError(
+                "frequency_vs_ratio found no ratio column (nu_error, nu_act, freq_ratio, "
+                "nu_recon): build the table with data."
+            )
     _require(table, ["freq", ratio], "frequency_vs_ratio")
     df = _frame(table)
     df = df[(df["freq"] > 0)].dropna(subset=[ratio])
     color = "tag" if "tag" in df.columns else None
     hover = [c for c in ("latent", "count_active", "delta") if c in df.columns]
-    fig = px.scatter(df, x="freq", y=ratio, color=color, log_x=True, hover_data=hover, opacity=0.7,
-                     category_orders={"tag": list(TAGS)}, color_discrete_map=TAG_COLORS,
-                     title=title or f"Firing frequency vs {ratio}")
+    fig = px.scatter(
+        df,
+        x="freq",
+        y=ratio,
+        color=color,
+        log_x=True,
+        hover_data=hover,
+        opacity=0.7,
+        category_orders={"tag": list(TAGS)},
+        color_discrete_map=TAG_COLORS,
+        title=title or f"Firing frequency vs {ratio}",
+    )
     fig.update_layout(xaxis_title="firing frequency", yaxis_title=ratio)
     return fig
 
@@ -125,7 +183,9 @@ def latent_figures(table: pd.DataFrame) -> dict[str, go.Figure]:
         out["nu_scatter"] = nu_scatter(table)
     if any(str(c).startswith("beta_") for c in table.columns):
         out["beta_distributions"] = beta_distributions(table)
-    if "freq" in table.columns and any(c in table.columns for c in ("nu_error", "nu_act", "freq_ratio", "nu_recon")):
+    if "freq" in table.columns and any(
+        c in table.columns for c in ("nu_error", "nu_act", "freq_ratio", "nu_recon")
+    ):
         out["frequency_vs_ratio"] = frequency_vs_ratio(table)
     return out
 
@@ -141,11 +201,15 @@ def save_figure(fig: go.Figure, path: str | Path, *, include_plotlyjs: Any = Tru
     return path
 
 
-def save_figures(table: pd.DataFrame, folder: str | Path, *, include_plotlyjs: Any = True) -> dict[str, Path]:
+def save_figures(
+    table: pd.DataFrame, folder: str | Path, *, include_plotlyjs: Any = True
+) -> dict[str, Path]:
     """Save every :func:`latent_figures` figure as ``<folder>/<name>.html``."""
     folder = Path(folder)
-    return {name: save_figure(fig, folder / f"{name}.html", include_plotlyjs=include_plotlyjs)
-            for name, fig in latent_figures(table).items()}
+    return {
+        name: save_figure(fig, folder / f"{name}.html", include_plotlyjs=include_plotlyjs)
+        for name, fig in latent_figures(table).items()
+    }
 
 
 __all__ = [

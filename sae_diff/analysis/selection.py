@@ -93,7 +93,11 @@ def nu_scores(nu: Any, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(nu, pd.Series):
         t = full(nu)
         return t, t
-    t = torch.as_tensor(np.asarray(nu) if not isinstance(nu, torch.Tensor) else nu).double().flatten()
+    t = (
+        torch.as_tensor(np.asarray(nu) if not isinstance(nu, torch.Tensor) else nu)
+        .double()
+        .flatten()
+    )
     if t.numel() != d_sae:
         raise ValueError(f"ν needs one value per latent ({d_sae}), got {t.numel()}")
     return t.cpu(), t.cpu()
@@ -112,7 +116,10 @@ def nu_threshold_latents(
 
 
 def nu_rank_latents(
-    score: torch.Tensor, fraction: float = 0.5, pool: torch.Tensor | None = None, lowest: bool = True
+    score: torch.Tensor,
+    fraction: float = 0.5,
+    pool: torch.Tensor | None = None,
+    lowest: bool = True,
 ) -> torch.Tensor:
     """The ``fraction`` of ``pool``'s latents (with a finite score) with the lowest (or highest)
     ν score: "rank by Latent Scaling"."""
@@ -144,10 +151,13 @@ def ft_specific_ranking(table: pd.DataFrame, kind: str) -> torch.Tensor:
     latent's activation, i.e. ft-specific), missing ν last, then firing count descending."""
     live = table[table.get("count_active", pd.Series(1, index=table.index)) > 0]
     if kind == "crosscoder":
-        order = live.sort_values(["delta", "count_active"], ascending=[True, False], kind="mergesort")
+        order = live.sort_values(
+            ["delta", "count_active"], ascending=[True, False], kind="mergesort"
+        )
     else:
         order = live.assign(_nu=live["nu_act"].abs().fillna(math.inf)).sort_values(
-            ["_nu", "count_active"], ascending=[True, False], kind="mergesort")
+            ["_nu", "count_active"], ascending=[True, False], kind="mergesort"
+        )
     return torch.tensor(order.index.to_numpy(), dtype=torch.long)
 
 
@@ -156,7 +166,11 @@ def nu_filter(table: pd.DataFrame, kind: str, nu_eps_max: float, nu_r_max: float
     Scaling): crosscoders keep ``ft_only`` latents with ``nu_error < nu_eps_max`` and
     ``nu_recon < nu_r_max``; other dictionaries latents with ``|nu_act| < nu_eps_max``."""
     if kind == "crosscoder":
-        return (table["tag"] == "ft_only") & (table["nu_error"] < nu_eps_max) & (table["nu_recon"] < nu_r_max)
+        return (
+            (table["tag"] == "ft_only")
+            & (table["nu_error"] < nu_eps_max)
+            & (table["nu_recon"] < nu_r_max)
+        )
     return table["nu_act"].abs() < nu_eps_max
 
 

@@ -50,10 +50,14 @@ class Stage:
 
     def __post_init__(self) -> None:
         if self.model not in MODELS or self.data not in DATA:
-            raise ValueError(f"Stage {self.name!r}: model and data must each be 'base' or 'ft', "
-                             f"got model={self.model!r}, data={self.data!r}.")
+            raise ValueError(
+                f"Stage {self.name!r}: model and data must each be 'base' or 'ft', "
+                f"got model={self.model!r}, data={self.data!r}."
+            )
         if self.name == "start":
-            raise ValueError("'start' names the starting dictionary (base model, base data); pick another stage name.")
+            raise ValueError(
+                "'start' names the starting dictionary (base model, base data); pick another stage name."
+            )
 
 
 #: Anthropic's stages: data-only and model-only changes from the start, then both (via data).
@@ -75,19 +79,24 @@ class StagewiseResult:
     def model_change_stages(self) -> list[str]:
         return model_change_stages(self.plan)
 
-    def top_rotating(self, n: int = 20, stage: str | None = None, which: str = "dec",
-                     min_frequency: float = 1e-3) -> pd.DataFrame:
+    def top_rotating(
+        self, n: int = 20, stage: str | None = None, which: str = "dec", min_frequency: float = 1e-3
+    ) -> pd.DataFrame:
         """The ``n`` live latents that rotate most (1 − cosine to their parent-stage direction)
         in ``stage`` (default: the largest rotation over the model-change stages)."""
-        return top_rotating(self.table, self.plan, n=n, stage=stage, which=which, min_frequency=min_frequency)
+        return top_rotating(
+            self.table, self.plan, n=n, stage=stage, which=which, min_frequency=min_frequency
+        )
 
 
 def model_side(batches: Iterator[torch.Tensor], index: int) -> Iterator[torch.Tensor]:
     """Single-model batches ``(B, d)`` from paired batches ``(B, 2, d)`` (0 = base, 1 = ft)."""
     for x in batches:
         if x.ndim != 3 or x.shape[1] != 2:
-            raise ValueError(f"Stage-wise diffing reads paired batches (B, 2, d) (index 0 = base, 1 = ft); "
-                             f"got shape {tuple(x.shape)}.")
+            raise ValueError(
+                f"Stage-wise diffing reads paired batches (B, 2, d) (index 0 = base, 1 = ft); "
+                f"got shape {tuple(x.shape)}."
+            )
         yield x[:, index]
 
 
@@ -102,8 +111,10 @@ def _directions(sae: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder columns and decoder rows, both ``(n_latents, d)``."""
     w_enc, w_dec = sae.W_enc.detach(), sae.W_dec.detach()
     if w_enc.ndim != 2 or w_dec.ndim != 2:
-        raise ValueError("Stage-wise diffing needs a one-model SAE (W_enc (d, n), W_dec (n, d)); "
-                         f"got W_enc {tuple(w_enc.shape)}, W_dec {tuple(w_dec.shape)}.")
+        raise ValueError(
+            "Stage-wise diffing needs a one-model SAE (W_enc (d, n), W_dec (n, d)); "
+            f"got W_enc {tuple(w_enc.shape)}, W_dec {tuple(w_dec.shape)}."
+        )
     return w_enc.T.double(), w_dec.double()
 
 
@@ -111,8 +122,11 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)
 
 
-def rotation_table(stages: dict[str, Any], plan: Sequence[Stage],
-                   frequencies: dict[str, torch.Tensor] | None = None) -> pd.DataFrame:
+def rotation_table(
+    stages: dict[str, Any],
+    plan: Sequence[Stage],
+    frequencies: dict[str, torch.Tensor] | None = None,
+) -> pd.DataFrame:
     """Per latent and stage: cosine of its encoder / decoder direction to the start
     (``enc_cos_start``, ``dec_cos_start``) and to the parent stage (``enc_cos``, ``dec_cos``);
     ``model_change`` marks stages whose model differs from the parent's; with ``frequencies``
@@ -122,19 +136,23 @@ def rotation_table(stages: dict[str, Any], plan: Sequence[Stage],
     for st in plan:
         enc, dec = _directions(stages[st.name])
         enc_p, dec_p = _directions(stages[st.parent])
-        parent_model = "base" if st.parent == "start" else next(p.model for p in plan if p.name == st.parent)
-        frame = pd.DataFrame({
-            "latent": range(enc.shape[0]),
-            "stage": st.name,
-            "model": st.model,
-            "data": st.data,
-            "parent": st.parent,
-            "model_change": st.model != parent_model,
-            "enc_cos": _cos(enc, enc_p).numpy(),
-            "dec_cos": _cos(dec, dec_p).numpy(),
-            "enc_cos_start": _cos(enc, enc0).numpy(),
-            "dec_cos_start": _cos(dec, dec0).numpy(),
-        })
+        parent_model = (
+            "base" if st.parent == "start" else next(p.model for p in plan if p.name == st.parent)
+        )
+        frame = pd.DataFrame(
+            {
+                "latent": range(enc.shape[0]),
+                "stage": st.name,
+                "model": st.model,
+                "data": st.data,
+                "parent": st.parent,
+                "model_change": st.model != parent_model,
+                "enc_cos": _cos(enc, enc_p).numpy(),
+                "dec_cos": _cos(dec, dec_p).numpy(),
+                "enc_cos_start": _cos(enc, enc0).numpy(),
+                "dec_cos_start": _cos(dec, dec0).numpy(),
+            }
+        )
         if frequencies is not None:
             frame["freq"] = frequencies[st.name].numpy()
             frame["freq_start"] = frequencies["start"].numpy()
@@ -147,8 +165,14 @@ def model_change_stages(plan: Sequence[Stage]) -> list[str]:
     return [s.name for s in plan if s.model != models[s.parent]]
 
 
-def top_rotating(table: pd.DataFrame, plan: Sequence[Stage], n: int = 20, stage: str | None = None,
-                 which: str = "dec", min_frequency: float = 1e-3) -> pd.DataFrame:
+def top_rotating(
+    table: pd.DataFrame,
+    plan: Sequence[Stage],
+    n: int = 20,
+    stage: str | None = None,
+    which: str = "dec",
+    min_frequency: float = 1e-3,
+) -> pd.DataFrame:
     """Latents ranked by rotation ``1 − {which}_cos`` in ``stage``, or by their largest rotation
     over the model-change stages when ``stage`` is None. One row per latent, wide by stage.
 
@@ -164,7 +188,9 @@ def top_rotating(table: pd.DataFrame, plan: Sequence[Stage], n: int = 20, stage:
     if stage is None:
         cols = model_change_stages(plan)
         if not cols:
-            raise ValueError("The plan has no model-change stage (every stage uses its parent's model).")
+            raise ValueError(
+                "The plan has no model-change stage (every stage uses its parent's model)."
+            )
         score = rot[cols].max(axis=1)
     else:
         if stage not in rot.columns:
@@ -175,9 +201,13 @@ def top_rotating(table: pd.DataFrame, plan: Sequence[Stage], n: int = 20, stage:
     return out.sort_values("rotation", ascending=False).head(n)
 
 
-def run_stages(start: TrainingSAE[Any], batches: dict[str, Callable[[], Iterator[torch.Tensor]]],
-               trainer_cfg: SAETrainerConfig, plan: Sequence[Stage] = DEFAULT_STAGES,
-               n_freq_batches: int = 4) -> StagewiseResult:
+def run_stages(
+    start: TrainingSAE[Any],
+    batches: dict[str, Callable[[], Iterator[torch.Tensor]]],
+    trainer_cfg: SAETrainerConfig,
+    plan: Sequence[Stage] = DEFAULT_STAGES,
+    n_freq_batches: int = 4,
+) -> StagewiseResult:
     """Fine-tune ``start`` (trained on the base model, base data) through ``plan``.
 
     Args:
@@ -193,24 +223,32 @@ def run_stages(start: TrainingSAE[Any], batches: dict[str, Callable[[], Iterator
     """
     missing = {s.data for s in plan} - set(batches)
     if missing:
-        raise ValueError(f"No batches for data {sorted(missing)}: pass batches={{'base': ..., 'ft': ...}} "
-                         "(callables returning iterators of paired (B, 2, d) batches).")
+        raise ValueError(
+            f"No batches for data {sorted(missing)}: pass batches={{'base': ..., 'ft': ...}} "
+            "(callables returning iterators of paired (B, 2, d) batches)."
+        )
     seen = {"start"}
     for st in plan:
         if st.parent not in seen:
-            raise ValueError(f"Stage {st.name!r} resumes from {st.parent!r}, which is not an earlier stage "
-                             f"(known so far: {sorted(seen)}).")
+            raise ValueError(
+                f"Stage {st.name!r} resumes from {st.parent!r}, which is not an earlier stage "
+                f"(known so far: {sorted(seen)})."
+            )
         if st.name in seen:
             raise ValueError(f"Duplicate stage name {st.name!r}.")
         seen.add(st.name)
     stages: dict[str, TrainingSAE[Any]] = {"start": copy_sae(start)}
-    freq = {"start": firing_frequency(stages["start"], model_side(batches["base"](), 0), n_freq_batches)}
+    freq = {
+        "start": firing_frequency(stages["start"], model_side(batches["base"](), 0), n_freq_batches)
+    }
     for st in plan:
         sae = copy_sae(stages[st.parent])
         provider = model_side(batches[st.data](), MODELS.index(st.model))
         SAETrainer(trainer_cfg, sae, provider).fit()
         stages[st.name] = sae
-        freq[st.name] = firing_frequency(sae, model_side(batches[st.data](), MODELS.index(st.model)), n_freq_batches)
+        freq[st.name] = firing_frequency(
+            sae, model_side(batches[st.data](), MODELS.index(st.model)), n_freq_batches
+        )
     result = StagewiseResult(stages=stages, plan=tuple(plan))
     result.table = rotation_table(stages, plan, frequencies=freq)
     return result
@@ -229,24 +267,39 @@ def firing_frequency(sae: Any, batches: Iterator[torch.Tensor], n_batches: int =
     return count / total
 
 
-def rotation_figure(table: pd.DataFrame, latents: Sequence[int] | None = None, which: str = "dec") -> Any:
+def rotation_figure(
+    table: pd.DataFrame, latents: Sequence[int] | None = None, which: str = "dec"
+) -> Any:
     """Plotly figure: per stage, the distribution of ``1 − cosine`` to the parent stage (box),
     with the chosen ``latents`` (e.g. the top rotating ones) drawn as lines across stages."""
     import plotly.graph_objects as go
 
     col = f"{which}_cos"
     if col not in table.columns:
-        raise ValueError(f"The rotation table has no {col!r} column; build it with rotation_table().")
+        raise ValueError(
+            f"The rotation table has no {col!r} column; build it with rotation_table()."
+        )
     fig = go.Figure()
     order = list(dict.fromkeys(table["stage"]))
     for st in order:
-        fig.add_trace(go.Box(y=1.0 - table.loc[table["stage"] == st, col], name=st, boxpoints=False,
-                             showlegend=False))
+        fig.add_trace(
+            go.Box(
+                y=1.0 - table.loc[table["stage"] == st, col],
+                name=st,
+                boxpoints=False,
+                showlegend=False,
+            )
+        )
     for j in latents or []:
         rows = table[table["latent"] == j].set_index("stage").loc[order]
-        fig.add_trace(go.Scatter(x=order, y=1.0 - rows[col], mode="lines+markers", name=f"latent {j}"))
-    fig.update_layout(title=f"{'Decoder' if which == 'dec' else 'Encoder'} rotation by stage (1 − cos to parent stage)",
-                      yaxis_title="1 − cosine", xaxis_title="stage")
+        fig.add_trace(
+            go.Scatter(x=order, y=1.0 - rows[col], mode="lines+markers", name=f"latent {j}")
+        )
+    fig.update_layout(
+        title=f"{'Decoder' if which == 'dec' else 'Encoder'} rotation by stage (1 − cos to parent stage)",
+        yaxis_title="1 − cosine",
+        xaxis_title="stage",
+    )
     return fig
 
 
@@ -261,11 +314,24 @@ class OrganismStagewise:
     files: dict[str, Path]
 
 
-def stagewise_on_organism(out: str | Path, *, organism: str = "default", hook: str | None = None,
-                          context_size: int = 64, n_docs: int = 300, max_rows: int = 320, expansion: int = 8,
-                          k: int = 16, start_steps: int = 300, stage_steps: int = 150, batch_size: int = 256,
-                          lr: float = 2e-3, n_top: int = 10, seed: int = 0,
-                          plan: Sequence[Stage] = DEFAULT_STAGES) -> OrganismStagewise:
+def stagewise_on_organism(
+    out: str | Path,
+    *,
+    organism: str = "default",
+    hook: str | None = None,
+    context_size: int = 64,
+    n_docs: int = 300,
+    max_rows: int = 320,
+    expansion: int = 8,
+    k: int = 16,
+    start_steps: int = 300,
+    stage_steps: int = 150,
+    batch_size: int = 256,
+    lr: float = 2e-3,
+    n_top: int = 10,
+    seed: int = 0,
+    plan: Sequence[Stage] = DEFAULT_STAGES,
+) -> OrganismStagewise:
     """Stage-wise diffing end to end on a bundled organism: harvest its pretraining text (base
     data) and its chat conversations (ft data) through both models into two caches under
     ``out``, train the start SAE (SAELens ``batchtopk``) on the base model / base data, run the
@@ -286,45 +352,82 @@ def stagewise_on_organism(out: str | Path, *, organism: str = "default", hook: s
     if org.world is None:
         from sae_diff.training.errors import ConfigError
 
-        raise ConfigError(f"Organism {organism!r} has no pretraining world: stage-wise diffing needs base data "
-                         "(its pretraining text) besides the fine-tuning conversations.")
+        raise ConfigError(
+            f"Organism {organism!r} has no pretraining world: stage-wise diffing needs base data "
+            "(its pretraining text) besides the fine-tuning conversations."
+        )
     paired = org.paired()
     hook = hook or org.recommended_hook
-    sources = {"base": org.pretraining_dataset("train", n=n_docs, seed=seed),
-               "ft": org.chat_dataset("train", n=n_docs, seed=seed)}
+    sources = {
+        "base": org.pretraining_dataset("train", n=n_docs, seed=seed),
+        "ft": org.chat_dataset("train", n=n_docs, seed=seed),
+    }
     caches: dict[str, ActivationCache] = {}
     for name, ds in sources.items():
         src = TokenSource([ds], org.tokenizer, context_size, max_rows=max_rows)
-        harvest_cache(paired, src, out / f"cache_{name}", hook, batch_size=32, rows_per_shard=128,
-                      max_rows=max_rows, progress=False, verbose=False)
+        harvest_cache(
+            paired,
+            src,
+            out / f"cache_{name}",
+            hook,
+            batch_size=32,
+            rows_per_shard=128,
+            max_rows=max_rows,
+            progress=False,
+            verbose=False,
+        )
         caches[name] = ActivationCache(out / f"cache_{name}")
 
     def batches(name: str) -> Callable[[], Iterator[torch.Tensor]]:
         def make() -> Iterator[torch.Tensor]:
-            return iter(PairedActivationsStore.from_cache(caches[name], mode="paired", batch_size=batch_size,
-                                                          seed=seed))
+            return iter(
+                PairedActivationsStore.from_cache(
+                    caches[name], mode="paired", batch_size=batch_size, seed=seed
+                )
+            )
+
         return make
 
     d_model = int(paired.base.cfg.d_model)
     torch.manual_seed(seed)
-    start = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=expansion * d_model, k=k))
+    start = BatchTopKTrainingSAE(
+        BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=expansion * d_model, k=k)
+    )
     start.cfg.metadata.hook_name = hook
 
     def trainer(steps: int) -> SAETrainerConfig:
-        return SAETrainerConfig(total_training_samples=steps * batch_size, train_batch_size_samples=batch_size,
-                                lr=lr, lr_end=lr, dead_feature_window=max(steps // 2, 50),
-                                feature_sampling_window=max(steps, 100))
+        return SAETrainerConfig(
+            total_training_samples=steps * batch_size,
+            train_batch_size_samples=batch_size,
+            lr=lr,
+            lr_end=lr,
+            dead_feature_window=max(steps // 2, 50),
+            feature_sampling_window=max(steps, 100),
+        )
 
     SAETrainer(trainer(start_steps), start, model_side(batches("base")(), 0)).fit()
-    result = run_stages(start, {"base": batches("base"), "ft": batches("ft")}, trainer(stage_steps), plan)
+    result = run_stages(
+        start, {"base": batches("base"), "ft": batches("ft")}, trainer(stage_steps), plan
+    )
     top = result.top_rotating(n=n_top)
     last = [s for s in plan if s.name in model_change_stages(plan)][-1]
-    examples = max_activating_examples(result.stages[last.name], cache_batches(caches[last.data]),
-                                       caches[last.data].tokens(), [int(j) for j in top.index],
-                                       kind="ft_sae" if last.model == "ft" else "base_sae", k=5, n_quantiles=2,
-                                       per_quantile=2, tokenizer=org.tokenizer, progress=False)
-    files = {"rotation_table": out / "rotation_table.csv", "top_rotating": out / "top_rotating.csv",
-             "figure": out / "rotation.html"}
+    examples = max_activating_examples(
+        result.stages[last.name],
+        cache_batches(caches[last.data]),
+        caches[last.data].tokens(),
+        [int(j) for j in top.index],
+        kind="ft_sae" if last.model == "ft" else "base_sae",
+        k=5,
+        n_quantiles=2,
+        per_quantile=2,
+        tokenizer=org.tokenizer,
+        progress=False,
+    )
+    files = {
+        "rotation_table": out / "rotation_table.csv",
+        "top_rotating": out / "top_rotating.csv",
+        "figure": out / "rotation.html",
+    }
     atomic_write_bytes(files["rotation_table"], lambda p: result.table.to_csv(p, index=False))
     atomic_write_bytes(files["top_rotating"], lambda p: top.to_csv(p))
     fig = rotation_figure(result.table, latents=[int(j) for j in top.index[:5]])
@@ -343,9 +446,15 @@ def config_kwargs(func: Callable[..., Any], path: str | Path) -> dict[str, Any]:
 
     data = read_config_file(path)
     params = inspect.signature(func).parameters
-    valid = sorted(n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+    valid = sorted(
+        n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )
     valid = sorted({*valid, "stages"} if "plan" in valid else valid)
-    unknown = sorted(set(data) - set(valid)) if not any(p.kind == p.VAR_KEYWORD for p in params.values()) else []
+    unknown = (
+        sorted(set(data) - set(valid))
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values())
+        else []
+    )
     if unknown:
         raise ConfigError(f"Unknown field(s) {unknown} in {path}; valid: {valid}.")
     return data
@@ -360,7 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sae_diff.training.errors import ConfigError
 
     ap = argparse.ArgumentParser(prog="sae-diff stagewise", description=main.__doc__)
-    ap.add_argument("--config", required=True, help="YAML/JSON file with stagewise_on_organism's fields")
+    ap.add_argument(
+        "--config", required=True, help="YAML/JSON file with stagewise_on_organism's fields"
+    )
     ap.add_argument("--out", help="output folder (overrides the config's `out`)")
     args = ap.parse_args(argv)
     kw = config_kwargs(stagewise_on_organism, args.config)
@@ -372,8 +483,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             kw["plan"] = tuple(Stage(**st) for st in kw.pop("stages"))
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"Bad `stages` in {args.config}: {e} Each stage is {{name, model, data, parent}} "
-                              "with model and data 'base' or 'ft'.") from e
+            raise ConfigError(
+                f"Bad `stages` in {args.config}: {e} Each stage is {{name, model, data, parent}} "
+                "with model and data 'base' or 'ft'."
+            ) from e
     res = stagewise_on_organism(**kw)
     print(res.top.round(3).to_string())
     for name, path in res.files.items():

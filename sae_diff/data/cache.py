@@ -141,9 +141,9 @@ def rebuild_manifest(
     # complete when the harvest's target was reached, or when the last shard is partial (only
     # close() writes a partial shard); otherwise a harvest with the same settings resumes it
     targets = [meta.get("max_rows"), (meta.get("source") or {}).get("n_rows")]
-    complete = any(n is not None and row >= int(n) for n in targets) or int(shards[-1]["n_rows"]) < int(
-        meta.get("rows_per_shard", 0)
-    )
+    complete = any(n is not None and row >= int(n) for n in targets) or int(
+        shards[-1]["n_rows"]
+    ) < int(meta.get("rows_per_shard", 0))
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -514,7 +514,10 @@ def __getattr__(name: str) -> Any:
         import importlib
         import warnings
 
-        warnings.warn("sae_diff.data.cache.harvest_cache moved to sae_diff.data.harvest.harvest_cache.",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "sae_diff.data.cache.harvest_cache moved to sae_diff.data.harvest.harvest_cache.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return importlib.import_module("sae_diff.data.harvest").harvest_cache
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

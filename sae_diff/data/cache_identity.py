@@ -112,8 +112,14 @@ def expected_identity(cfg: Any, pair: Any = None) -> dict[str, Any]:
     }
     if pair is not None:
         got = cache_identity({"models": pair.describe()})
-        for k in ("base_model", "base_revision", "ft_model", "ft_revision", "tokenizer_hash",
-                  "chat_template_hash"):
+        for k in (
+            "base_model",
+            "base_revision",
+            "ft_model",
+            "ft_revision",
+            "tokenizer_hash",
+            "chat_template_hash",
+        ):
             out[k] = got[k]
     return out
 
@@ -139,8 +145,10 @@ def check_identity(
     if isinstance(cache, dict):
         meta, where = cache, "the cache"
     else:
-        c = cache if isinstance(cache, ActivationCache) else ActivationCache(
-            cache, allow_incomplete=True
+        c = (
+            cache
+            if isinstance(cache, ActivationCache)
+            else ActivationCache(cache, allow_incomplete=True)
         )
         meta, where = c.meta, str(c.dir)
     have = cache_identity(meta)

@@ -170,8 +170,10 @@ class ActivationCache:
             )
         elif acts.dtype != self.dtype:
             problems.append(f"acts are {acts.dtype}, the manifest says {self.dtype}")
-        if tokens.dim() != 2 or tokens.shape[0] != rows or (
-            acts.dim() == 4 and tuple(tokens.shape) != tuple(acts.shape[:2])
+        if (
+            tokens.dim() != 2
+            or tokens.shape[0] != rows
+            or (acts.dim() == 4 and tuple(tokens.shape) != tuple(acts.shape[:2]))
         ):
             problems.append(f"tokens have shape {tuple(tokens.shape)}, not (rows, seq) of acts")
         for k, v in t.items():

@@ -157,9 +157,20 @@ def harvest_cache(
     # under torchrun: join the process group (NCCL when the models are on a GPU) and shard
     on_gpu = any(p.is_cuda for p in paired_model.base.parameters())
     if distributed.init("cuda" if on_gpu else "cpu").distributed:
-        return harvest_cache_sharded(paired_model, token_source, out_dir, hook_name, batch_size=batch_size,
-                                     rows_per_shard=rows_per_shard, dtype=dtype, mask_config=mask_config,
-                                     max_rows=max_rows, overwrite=overwrite, progress=progress, verbose=verbose)
+        return harvest_cache_sharded(
+            paired_model,
+            token_source,
+            out_dir,
+            hook_name,
+            batch_size=batch_size,
+            rows_per_shard=rows_per_shard,
+            dtype=dtype,
+            mask_config=mask_config,
+            max_rows=max_rows,
+            overwrite=overwrite,
+            progress=progress,
+            verbose=verbose,
+        )
     paired_model.validate_hooks([hook_name])
     mask_config = mask_config or MaskConfig()
     meta = _harvest_meta(paired_model, token_source, hook_name, max_rows, mask_config)
@@ -226,8 +237,13 @@ def harvest_cache(
     return summary
 
 
-def _harvest_meta(paired_model: PairedModel, token_source: Any, hook_name: str, max_rows: int | None,
-                  mask_config: MaskConfig) -> dict[str, Any]:
+def _harvest_meta(
+    paired_model: PairedModel,
+    token_source: Any,
+    hook_name: str,
+    max_rows: int | None,
+    mask_config: MaskConfig,
+) -> dict[str, Any]:
     """What a harvest records about itself (the writer adds dtype, width and shard size)."""
     return {
         "models": paired_model.describe(),
@@ -239,14 +255,25 @@ def _harvest_meta(paired_model: PairedModel, token_source: Any, hook_name: str, 
     }
 
 
-def _cache_meta(meta: dict[str, Any], dtype: str | torch.dtype, d_model: int, rows_per_shard: int) -> dict[str, Any]:
+def _cache_meta(
+    meta: dict[str, Any], dtype: str | torch.dtype, d_model: int, rows_per_shard: int
+) -> dict[str, Any]:
     """The manifest ``meta`` exactly as ``ActivationCacheWriter`` stores it."""
-    return json.loads(json.dumps({**meta, "dtype": dtype_name(dtype), "d_model": int(d_model),
-                                  "rows_per_shard": int(rows_per_shard)}))
+    return json.loads(
+        json.dumps(
+            {
+                **meta,
+                "dtype": dtype_name(dtype),
+                "d_model": int(d_model),
+                "rows_per_shard": int(rows_per_shard),
+            }
+        )
+    )
 
 
-def _shard_file(meta: dict[str, Any], shard: dict[str, torch.Tensor], index: int,
-                high_norm_ratio: float) -> tuple[bytes, RunningStats]:
+def _shard_file(
+    meta: dict[str, Any], shard: dict[str, torch.Tensor], index: int, high_norm_ratio: float
+) -> tuple[bytes, RunningStats]:
     """The bytes ``ActivationCacheWriter`` writes for ``shard`` at ``index`` (the
     self-describing safetensors file) and the shard's statistics (tokens kept by the default
     masks). ``shard`` already carries its whole-shard high-norm mask (``model_shards``)."""
@@ -259,11 +286,17 @@ def _shard_file(meta: dict[str, Any], shard: dict[str, torch.Tensor], index: int
         "format": FORMAT,
         "version": VERSION,
         "meta": meta,
-        "shard": {"index": index, "first_row": int(shard["row_index"][0]), "n_rows": int(rows),
-                  "n_tokens": int(rows * seq)},
+        "shard": {
+            "index": index,
+            "first_row": int(shard["row_index"][0]),
+            "n_rows": int(rows),
+            "n_tokens": int(rows * seq),
+        },
         "stats": stats.to_json(),
     }
-    data = st_save(dict(sorted(shard.items())), metadata={SHARD_META_KEY: json.dumps(desc, sort_keys=True)})
+    data = st_save(
+        dict(sorted(shard.items())), metadata={SHARD_META_KEY: json.dumps(desc, sort_keys=True)}
+    )
     return data, stats
 
 
@@ -279,8 +312,11 @@ def _shard_done(path: Path, meta: dict[str, Any], index: int) -> bool:
     return bool(desc["meta"] == meta and desc["shard"]["index"] == index)
 
 
-def commit_sharded_manifest(out_dir: str | os.PathLike[str], meta: dict[str, Any],
-                            known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+def commit_sharded_manifest(
+    out_dir: str | os.PathLike[str],
+    meta: dict[str, Any],
+    known: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Write the manifest of a finished sharded harvest (rank 0, after every rank's barrier).
 
     The shards must be ``shard_00000 ..`` with contiguous rows and this cache's ``meta``
@@ -302,7 +338,12 @@ def commit_sharded_manifest(out_dir: str | os.PathLike[str], meta: dict[str, Any
     for i, p in enumerate(files):
         desc = read_shard_description(p)
         s = desc["shard"]
-        if p.name != _shard_name(i) or s["index"] != i or s["first_row"] != row or desc["meta"] != meta:
+        if (
+            p.name != _shard_name(i)
+            or s["index"] != i
+            or s["first_row"] != row
+            or desc["meta"] != meta
+        ):
             raise CacheError(
                 f"cannot commit {folder / MANIFEST}: expected {_shard_name(i)} of this harvest starting at row "
                 f"{row}, found {p.name} (shard {s['index']}, first row {s['first_row']}"
@@ -366,8 +407,12 @@ def harvest_cache_sharded(
     w = world()
     paired_model.validate_hooks([hook_name])
     mask_config = mask_config or MaskConfig()
-    meta = _cache_meta(_harvest_meta(paired_model, token_source, hook_name, max_rows, mask_config), dtype,
-                       paired_model.d_model, rows_per_shard)
+    meta = _cache_meta(
+        _harvest_meta(paired_model, token_source, hook_name, max_rows, mask_config),
+        dtype,
+        paired_model.d_model,
+        rows_per_shard,
+    )
     folder = Path(out_dir)
     t0 = time.perf_counter()
 
@@ -388,7 +433,9 @@ def harvest_cache_sharded(
                 raise CacheIdentityError(
                     f"{folder} holds a cache harvested with a different configuration ({'; '.join(diffs)}). "
                     "Nothing was changed. Harvest into another folder, restore the settings the cache was "
-                    "made with, or replace it explicitly with --overwrite (overwrite=True).", diffs)
+                    "made with, or replace it explicitly with --overwrite (overwrite=True).",
+                    diffs,
+                )
             return bool(old.manifest.get("complete"))
         for p in folder.glob(SHARD_GLOB):  # shards of an interrupted sharded harvest: same cache?
             desc = read_shard_description(p)
@@ -396,30 +443,47 @@ def harvest_cache_sharded(
                 diffs = _diff_keys(desc["meta"], meta)
                 raise CacheIdentityError(
                     f"{p} belongs to a harvest with a different configuration ({'; '.join(diffs)}). Nothing "
-                    "was changed. Harvest into another folder or pass --overwrite.", diffs)
+                    "was changed. Harvest into another folder or pass --overwrite.",
+                    diffs,
+                )
         return False
 
     done_flag = [on_main(prepare)]
     dist.broadcast_object_list(done_flag, src=0)
     n_mine = 0
-    entries: dict[str, dict[str, Any]] = {}  # this rank's shards: manifest entries (sha256 computed here)
+    entries: dict[
+        str, dict[str, Any]
+    ] = {}  # this rank's shards: manifest entries (sha256 computed here)
 
     def want(i: int) -> bool:
         if i % w.size != w.rank:
             return False
         path = folder / _shard_name(i)
-        if _shard_done(path, meta, i):  # finished by an interrupted run: hash it here, not on rank 0
+        if _shard_done(
+            path, meta, i
+        ):  # finished by an interrupted run: hash it here, not on rank 0
             entries[path.name] = _manifest_entry(path, read_shard_description(path))
             return False
         return True
 
     if not done_flag[0]:
-        bar = tqdm(desc=f"harvest {hook_name} (rank {w.rank}/{w.size})", unit="shard",
-                   disable=not (progress and w.is_main))
+        bar = tqdm(
+            desc=f"harvest {hook_name} (rank {w.rank}/{w.size})",
+            unit="shard",
+            disable=not (progress and w.is_main),
+        )
         try:
             for index, shard in indexed_model_shards(
-                    paired_model, token_source, hook_name, batch_size=batch_size, rows_per_shard=rows_per_shard,
-                    mask_config=mask_config, dtype=dtype, stop_row=max_rows, want=want):
+                paired_model,
+                token_source,
+                hook_name,
+                batch_size=batch_size,
+                rows_per_shard=rows_per_shard,
+                mask_config=mask_config,
+                dtype=dtype,
+                stop_row=max_rows,
+                want=want,
+            ):
                 data, _ = _shard_file(meta, shard, index, mask_config.high_norm_ratio)
                 try:
                     _atomic_write(folder / _shard_name(index), data)
@@ -427,11 +491,16 @@ def harvest_cache_sharded(
                     raise CacheWriteError(
                         f"rank {w.rank}: writing {folder / _shard_name(index)} failed ({e}); the shards on "
                         "disk stay valid. Free space (or fix permissions) and rerun the same harvest to "
-                        "resume.") from e
+                        "resume."
+                    ) from e
                 entries[_shard_name(index)] = {
-                    "file": _shard_name(index), "n_rows": int(shard["tokens"].shape[0]),
-                    "n_tokens": int(shard["tokens"].numel()), "first_row": int(shard["row_index"][0]),
-                    "bytes": len(data), "sha256": _sha256(data)}
+                    "file": _shard_name(index),
+                    "n_rows": int(shard["tokens"].shape[0]),
+                    "n_tokens": int(shard["tokens"].numel()),
+                    "first_row": int(shard["row_index"][0]),
+                    "bytes": len(data),
+                    "sha256": _sha256(data),
+                }
                 n_mine += 1
                 bar.update(1)
         finally:
@@ -442,8 +511,14 @@ def harvest_cache_sharded(
         on_main(lambda: commit_sharded_manifest(folder, meta, known))
     barrier()
     cache = ActivationCache(folder)
-    summary = HarvestSummary(out_dir=str(out_dir), rows=cache.n_rows, tokens=cache.n_tokens, shards=cache.n_shards,
-                             bytes=cache.nbytes, seconds=time.perf_counter() - t0)
+    summary = HarvestSummary(
+        out_dir=str(out_dir),
+        rows=cache.n_rows,
+        tokens=cache.n_tokens,
+        shards=cache.n_shards,
+        bytes=cache.nbytes,
+        seconds=time.perf_counter() - t0,
+    )
     if verbose and w.is_main:
         print(f"{summary} ({w.size} processes; this rank computed {n_mine} shards)")
     return summary

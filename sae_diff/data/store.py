@@ -128,9 +128,17 @@ def model_shards(
     ``rows_per_shard``, forward batches of ``batch_size`` rows that restart at every shard,
     masks per batch, activations cast to the storage ``dtype`` and the high-norm mask taken
     over the whole shard. Nothing is written to disk."""
-    for _, shard in indexed_model_shards(paired_model, token_source, hook_name, batch_size=batch_size,
-                                         rows_per_shard=rows_per_shard, mask_config=mask_config, dtype=dtype,
-                                         start_row=start_row, stop_row=stop_row):
+    for _, shard in indexed_model_shards(
+        paired_model,
+        token_source,
+        hook_name,
+        batch_size=batch_size,
+        rows_per_shard=rows_per_shard,
+        mask_config=mask_config,
+        dtype=dtype,
+        start_row=start_row,
+        stop_row=stop_row,
+    ):
         yield shard
 
 
@@ -155,16 +163,20 @@ def indexed_model_shards(
     store_dtype = DTYPES[dtype_name(dtype)]
     chat = bool(getattr(token_source, "is_chat", False))
     tok = paired_model.tokenizer
-    for index, rows in enumerate(_shard_batches(token_source.batches(batch_size, start_row=start_row,
-                                                                     stop_row=stop_row), rows_per_shard)):
+    for index, rows in enumerate(
+        _shard_batches(
+            token_source.batches(batch_size, start_row=start_row, stop_row=stop_row), rows_per_shard
+        )
+    ):
         if want is not None and not want(index):
             continue
         parts: list[Shard] = []
         for i in range(0, len(rows), batch_size):
             b = rows.select(i, min(i + batch_size, len(rows)))
             am = b.attention_mask  # as the harvest: padded rows run with their attention mask
-            acts = paired_model.paired_activations(b.tokens, [hook_name],
-                                                   attention_mask=None if bool(am.all()) else am)[hook_name]
+            acts = paired_model.paired_activations(
+                b.tokens, [hook_name], attention_mask=None if bool(am.all()) else am
+            )[hook_name]
             masks = b.masks(tok, config=cfg, chat=chat)
             part = {
                 "acts": acts.detach().to("cpu", store_dtype).contiguous(),
@@ -178,7 +190,9 @@ def indexed_model_shards(
                     part[f"mask_{name}"] = v.cpu().bool()
             parts.append(part)
         shard = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        shard["mask_high_norm"] = high_norm_mask(shard["acts"], cfg.high_norm_ratio, valid=shard["attention_mask"])
+        shard["mask_high_norm"] = high_norm_mask(
+            shard["acts"], cfg.high_norm_ratio, valid=shard["attention_mask"]
+        )
         yield index, shard
 
 
@@ -186,9 +200,21 @@ def indexed_model_shards(
 class _CacheBlocks:
     """Kept tokens of a cache's shards; epoch e reads them in the order seeded by ``seed + e``."""
 
-    def __init__(self, cache: ActivationCache, mask_config: MaskConfig | None, seed: int, shuffle: bool,
-                 verify: bool) -> None:
-        self.cache, self.mask_config, self.seed, self.shuffle, self.verify = cache, mask_config, seed, shuffle, verify
+    def __init__(
+        self,
+        cache: ActivationCache,
+        mask_config: MaskConfig | None,
+        seed: int,
+        shuffle: bool,
+        verify: bool,
+    ) -> None:
+        self.cache, self.mask_config, self.seed, self.shuffle, self.verify = (
+            cache,
+            mask_config,
+            seed,
+            shuffle,
+            verify,
+        )
 
     def order(self, epoch: int) -> list[int]:
         order = list(range(self.cache.n_shards))
@@ -205,7 +231,9 @@ class _CacheBlocks:
 class _ModelBlocks:
     """Kept tokens of shards computed on the fly, in stream order (shard ``start`` onwards)."""
 
-    def __init__(self, make: Callable[[int], Iterator[Shard]], mask_config: MaskConfig | None) -> None:
+    def __init__(
+        self, make: Callable[[int], Iterator[Shard]], mask_config: MaskConfig | None
+    ) -> None:
         self.make, self.mask_config = make, mask_config
 
     def open(self, epoch: int, start: int) -> Iterator[torch.Tensor]:  # noqa: ARG002 - same rows each epoch
@@ -278,7 +306,9 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.buffer_size = int(buffer_size) if buffer_size is not None else 32 * batch_size
         if self.buffer_size < batch_size:
-            raise ValueError(f"buffer_size ({self.buffer_size}) must be >= batch_size ({batch_size})")
+            raise ValueError(
+                f"buffer_size ({self.buffer_size}) must be >= batch_size ({batch_size})"
+            )
         self.batch_size = int(batch_size)
         self.set_world(rank, world_size)
         self._sliced = True
@@ -343,12 +373,22 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
             raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
 
         def make(shard_start: int) -> Iterator[Shard]:
-            return model_shards(paired_model, token_source, hook_name, batch_size=store_batch_size_prompts,
-                                rows_per_shard=rows_per_shard, mask_config=mask_config, dtype=storage_dtype,
-                                start_row=start_row + shard_start * rows_per_shard, stop_row=stop_row)
+            return model_shards(
+                paired_model,
+                token_source,
+                hook_name,
+                batch_size=store_batch_size_prompts,
+                rows_per_shard=rows_per_shard,
+                mask_config=mask_config,
+                dtype=storage_dtype,
+                start_row=start_row + shard_start * rows_per_shard,
+                stop_row=stop_row,
+            )
 
         info = {"hook_name": hook_name, "source": "model", "models": paired_model.describe()}
-        return cls(_ModelBlocks(make, mask_config), d_model=paired_model.d_model, info=info, **kwargs)
+        return cls(
+            _ModelBlocks(make, mask_config), d_model=paired_model.d_model, info=info, **kwargs
+        )
 
     @classmethod
     def from_cache(
@@ -366,9 +406,18 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
         buffer."""
         if not isinstance(cache, ActivationCache):
             cache = ActivationCache(cache)
-        info = {"hook_name": cache.hook_name, "source": str(cache.dir), "models": cache.meta.get("models")}
-        store = cls(_CacheBlocks(cache, mask_config, seed, shuffle, verify), d_model=cache.d_model, info=info,
-                    seed=seed, **kwargs)
+        info = {
+            "hook_name": cache.hook_name,
+            "source": str(cache.dir),
+            "models": cache.meta.get("models"),
+        }
+        store = cls(
+            _CacheBlocks(cache, mask_config, seed, shuffle, verify),
+            d_model=cache.d_model,
+            info=info,
+            seed=seed,
+            **kwargs,
+        )
         store.cache = cache  # type: ignore[attr-defined]
         return store
 
@@ -387,9 +436,18 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch served (plain values and one tensor, so it
         loads with ``torch.load(weights_only=True)``)."""
-        return {"epoch": self.epoch, "pos": self.pos, "window": self.window, "served": self.served,
-                "epoch_tokens": self.epoch_tokens, "carry": self.carry.clone(), "n_batches": self.n_batches,
-                "n_tokens_served": self.n_tokens_served, "seed": self.seed, "batch_size": self.batch_size}
+        return {
+            "epoch": self.epoch,
+            "pos": self.pos,
+            "window": self.window,
+            "served": self.served,
+            "epoch_tokens": self.epoch_tokens,
+            "carry": self.carry.clone(),
+            "n_batches": self.n_batches,
+            "n_tokens_served": self.n_tokens_served,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (a fresh store, built like the saved one)."""
@@ -401,10 +459,17 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
                     f"the saved data position was made with {key}={state[key]}, this store has "
                     f"{key}={getattr(self, key)}: build the store with the run's {key} to resume it."
                 )
-        self.epoch, self.pos, self.window = int(state["epoch"]), int(state["pos"]), int(state["window"])
+        self.epoch, self.pos, self.window = (
+            int(state["epoch"]),
+            int(state["pos"]),
+            int(state["window"]),
+        )
         self.served, self.epoch_tokens = int(state["served"]), int(state["epoch_tokens"])
         self.carry = state["carry"].clone()
-        self.n_batches, self.n_tokens_served = int(state["n_batches"]), int(state["n_tokens_served"])
+        self.n_batches, self.n_tokens_served = (
+            int(state["n_batches"]),
+            int(state["n_tokens_served"]),
+        )
 
     # -- iteration
     def _permutation(self, n: int) -> torch.Tensor:
@@ -413,7 +478,9 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
 
     def _check(self, block: torch.Tensor) -> None:
         if block.dim() != 3 or block.shape[1:] != (2, self.d_model):
-            raise ValueError(f"blocks must be (n_tokens, 2, {self.d_model}), got {tuple(block.shape)}")
+            raise ValueError(
+                f"blocks must be (n_tokens, 2, {self.d_model}), got {tuple(block.shape)}"
+            )
 
     def _batches(self) -> Iterator[torch.Tensor]:
         bs = self.batch_size
@@ -444,13 +511,13 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
                 while self.served < n_full:
                     i = self.served
                     self.served += 1
-                    rows = perm[i * bs:(i + 1) * bs]
+                    rows = perm[i * bs : (i + 1) * bs]
                     if self.world_size > 1 and self._sliced:  # gather only this rank's rows
                         b = bs // self.world_size
-                        rows = rows[self.rank * b:(self.rank + 1) * b]
+                        rows = rows[self.rank * b : (self.rank + 1) * b]
                     yield buf[rows]
                 # window done: the remainder (in permuted order) moves on
-                self.carry = buf[perm[n_full * bs:]].clone()
+                self.carry = buf[perm[n_full * bs :]].clone()
             else:
                 self.carry = buf.clone()
             self.window += 1
@@ -479,14 +546,18 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
         raw = next(self._it)  # this rank's rows of the global batch (all of them unless sliced)
         self.n_batches += 1
         self.n_tokens_served += self.batch_size
-        dtype = self.dtype or (torch.float32 if raw.dtype in (torch.bfloat16, torch.float16) else raw.dtype)
+        dtype = self.dtype or (
+            torch.float32 if raw.dtype in (torch.bfloat16, torch.float16) else raw.dtype
+        )
         return select_mode(raw.to(self.device, dtype=dtype), self.mode, self.diff_sign)
 
     def set_world(self, rank: int, world_size: int) -> None:
         """Serve rank ``rank``'s slice of every global batch (see the class docstring); the
         data order and the position do not change."""
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}"
+            )
         if self.batch_size % world_size:
             raise ValueError(
                 f"batch_size ({self.batch_size}) is the global batch and must be divisible by the number of "

@@ -42,7 +42,9 @@ LOSS_FORMS: tuple[str, ...] = ("squared", "norm")
 
 def validate_k(k: float, d_sae: int) -> None:
     if not 0 < k <= d_sae:
-        raise ValueError(f"k must satisfy 0 < k <= d_sae ({d_sae}), got k={k}. Lower k or widen the dictionary.")
+        raise ValueError(
+            f"k must satisfy 0 < k <= d_sae ({d_sae}), got k={k}. Lower k or widen the dictionary."
+        )
 
 
 @dataclass
@@ -64,7 +66,9 @@ class JumpReLUCrosscoder(CrosscoderSAE):
 
     def initialize_weights(self) -> None:
         super().initialize_weights()
-        self.threshold = nn.Parameter(torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device))
+        self.threshold = nn.Parameter(
+            torch.zeros(self.cfg.d_sae, dtype=self.dtype, device=self.device)
+        )
 
     def activate(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         p = torch.relu(hidden_pre)
@@ -131,13 +135,19 @@ class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
         validate_common_fields(self)
         validate_k(self.k, self.d_sae)
         if self.input_scaling not in INPUT_SCALINGS:
-            raise ValueError(f"Unknown input_scaling {self.input_scaling!r}; choose one of {list(INPUT_SCALINGS)}.")
+            raise ValueError(
+                f"Unknown input_scaling {self.input_scaling!r}; choose one of {list(INPUT_SCALINGS)}."
+            )
         if self.loss_form not in LOSS_FORMS:
-            raise ValueError(f"Unknown loss_form {self.loss_form!r}; choose one of {list(LOSS_FORMS)}.")
+            raise ValueError(
+                f"Unknown loss_form {self.loss_form!r}; choose one of {list(LOSS_FORMS)}."
+            )
         validate_init_norm(self.decoder_init_norm_per_model)
         if not 0.0 <= self.threshold_ema_decay < 1.0:
-            raise ValueError(f"threshold_ema_decay must be in [0, 1), got {self.threshold_ema_decay} "
-                             "(0.999 is the reference's; 0.99 settles faster on short runs).")
+            raise ValueError(
+                f"threshold_ema_decay must be in [0, 1), got {self.threshold_ema_decay} "
+                "(0.999 is the reference's; 0.99 settles faster on short runs)."
+            )
         if self.threshold_start_step < 0:
             raise ValueError(f"threshold_start_step must be >= 0, got {self.threshold_start_step}.")
 
@@ -158,7 +168,9 @@ def batch_topk_mask(scores: torch.Tensor, k_total: int) -> torch.Tensor:
     return mask.view_as(scores)
 
 
-class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopKCrosscoderTrainingConfig]):
+class BatchTopKCrosscoderTraining(
+    CrosscoderTrainingMixin, TrainingSAE[BatchTopKCrosscoderTrainingConfig]
+):
     """BatchTopK crosscoder trained with SAELens's ``SAETrainer``."""
 
     cfg: BatchTopKCrosscoderTrainingConfig  # type: ignore[assignment]
@@ -168,7 +180,9 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
         super().__init__(cfg, use_error_term)
         self._init_training_state()
         # -1 marks "not yet measured": the first batch sets it, later ones update the EMA.
-        self.register_buffer("topk_threshold", torch.tensor(-1.0, dtype=torch.float64, device=self.W_dec.device))
+        self.register_buffer(
+            "topk_threshold", torch.tensor(-1.0, dtype=torch.float64, device=self.W_dec.device)
+        )
 
     def initialize_weights(self) -> None:
         self._init_crosscoder_weights()
@@ -202,8 +216,13 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
         return {}
 
-    def auxiliary_loss(self, x_n: torch.Tensor, xhat_n: torch.Tensor, hidden_pre: torch.Tensor,
-                       dead_neuron_mask: torch.Tensor | None) -> torch.Tensor:
+    def auxiliary_loss(
+        self,
+        x_n: torch.Tensor,
+        xhat_n: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        dead_neuron_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Dead latents reconstruct the detached residual (normalised by its variance)."""
         if dead_neuron_mask is None or (num_dead := int(dead_neuron_mask.sum())) == 0:
             return xhat_n.new_zeros(())
@@ -218,11 +237,20 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
         variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
         return self.cfg.aux_loss_coefficient * err / variance
 
-    def calculate_aux_loss(self, step_input: TrainStepInput, feature_acts: torch.Tensor,
-                           hidden_pre: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """``sae_out`` is the normalised-space reconstruction (as training_forward_pass passes it)."""
         x_n = self.normalised_input(step_input.sae_in)
-        return {"auxiliary_reconstruction_loss": self.auxiliary_loss(x_n, sae_out, hidden_pre, step_input.dead_neuron_mask)}
+        return {
+            "auxiliary_reconstruction_loss": self.auxiliary_loss(
+                x_n, sae_out, hidden_pre, step_input.dead_neuron_mask
+            )
+        }
 
     def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         if self.cfg.sparse_kernels:
@@ -232,11 +260,19 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
         xhat_n = self.decode_normalised(feature_acts)
         losses = {
             "mse_loss": self.batch_reconstruction_loss(x_n, xhat_n),
-            "auxiliary_reconstruction_loss": self.auxiliary_loss(x_n, xhat_n, hidden_pre, step_input.dead_neuron_mask),
+            "auxiliary_reconstruction_loss": self.auxiliary_loss(
+                x_n, xhat_n, hidden_pre, step_input.dead_neuron_mask
+            ),
         }
         self.update_threshold(feature_acts, step_input.n_training_steps)
-        out = TrainStepOutput(sae_in=x_n, sae_out=xhat_n, feature_acts=feature_acts, hidden_pre=hidden_pre,
-                              loss=losses["mse_loss"] + losses["auxiliary_reconstruction_loss"], losses=losses)
+        out = TrainStepOutput(
+            sae_in=x_n,
+            sae_out=xhat_n,
+            feature_acts=feature_acts,
+            hidden_pre=hidden_pre,
+            loss=losses["mse_loss"] + losses["auxiliary_reconstruction_loss"],
+            losses=losses,
+        )
         out.metrics["topk_threshold"] = self.topk_threshold
         return out
 
@@ -261,11 +297,17 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
         k_aux = min(self.cfg.k_aux or max(self.cfg.d_in // 2, 1), num_dead)
         theta = float(self.topk_threshold)
         code, aux_code, _ = kernels.sparse_encode(
-            flat, self.W_enc_flat, self.b_enc, int(self.cfg.k * B), scale=scale,
-            threshold_hint=theta if theta > 0 else None, aux_latents=aux_latents,
-            k_aux=k_aux, aux_scaled=False,
+            flat,
+            self.W_enc_flat,
+            self.b_enc,
+            int(self.cfg.k * B),
+            scale=scale,
+            threshold_hint=theta if theta > 0 else None,
+            aux_latents=aux_latents,
+            k_aux=k_aux,
+            aux_scaled=False,
         )
-        xhat_n = (kernels.sparse_decode(code, self.W_dec_flat).view_as(x_n) + self.b_dec)
+        xhat_n = kernels.sparse_decode(code, self.W_dec_flat).view_as(x_n) + self.b_dec
         aux_loss = xhat_n.new_zeros(())
         if aux_code is not None:
             residual = (x_n - xhat_n).detach().reshape(-1, D)
@@ -273,16 +315,26 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
             err = (recon - residual).pow(2).sum(-1).mean()
             variance = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp(min=1e-12)
             aux_loss = self.cfg.aux_loss_coefficient * err / variance
-        losses = {"mse_loss": self.batch_reconstruction_loss(x_n, xhat_n), "auxiliary_reconstruction_loss": aux_loss}
+        losses = {
+            "mse_loss": self.batch_reconstruction_loss(x_n, xhat_n),
+            "auxiliary_reconstruction_loss": aux_loss,
+        }
         with torch.no_grad():
             v = code.values.detach() * scale[code.col]
             v = v[v > 0]
             if v.numel():
-                self._update_threshold_from_min(v.min().to(torch.float64), step_input.n_training_steps)
+                self._update_threshold_from_min(
+                    v.min().to(torch.float64), step_input.n_training_steps
+                )
         feature_acts = code.to_sparse_coo()
-        out = TrainStepOutput(sae_in=x_n, sae_out=xhat_n, feature_acts=feature_acts,
-                              hidden_pre=x_n.new_empty(0, self.cfg.d_sae),
-                              loss=losses["mse_loss"] + losses["auxiliary_reconstruction_loss"], losses=losses)
+        out = TrainStepOutput(
+            sae_in=x_n,
+            sae_out=xhat_n,
+            feature_acts=feature_acts,
+            hidden_pre=x_n.new_empty(0, self.cfg.d_sae),
+            loss=losses["mse_loss"] + losses["auxiliary_reconstruction_loss"],
+            losses=losses,
+        )
         out.metrics["topk_threshold"] = self.topk_threshold
         return out
 
@@ -313,8 +365,11 @@ class BatchTopKCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[BatchTopK
         """Per-latent thresholds on p: theta / s_j (s_j in the training space)."""
         theta = float(self.topk_threshold)
         if theta < 0:
-            warnings.warn("Exporting a BatchTopK crosscoder whose threshold was never measured "
-                          "(no training step ran); using threshold 0 (plain ReLU).", stacklevel=3)
+            warnings.warn(
+                "Exporting a BatchTopK crosscoder whose threshold was never measured "
+                "(no training step ran); using threshold 0 (plain ReLU).",
+                stacklevel=3,
+            )
             theta = 0.0
         return (theta / self.code_scale().detach().clamp(min=1e-8)).to(self.dtype)
 

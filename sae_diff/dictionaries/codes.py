@@ -56,7 +56,10 @@ class SparseCodes:
             zero = torch.zeros(self.n, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
             self.min_pre = zero if thr is None else thr.detach().clamp(min=0)
             b = sae.b_enc.detach()
-            margin = 4 * torch.finfo(b.dtype).eps * (self.min_pre.abs() + b.abs()) + torch.finfo(b.dtype).tiny
+            margin = (
+                4 * torch.finfo(b.dtype).eps * (self.min_pre.abs() + b.abs())
+                + torch.finfo(b.dtype).tiny
+            )
             self.candidate = self.min_pre - b - margin  # mm > candidate  <=  mm + b > min_pre
 
     def encoder_input(self, acts: torch.Tensor, model: int | None = None) -> torch.Tensor:

@@ -46,8 +46,10 @@ def widths(cfg: Any) -> tuple[int, int]:
 def validate_widths(cfg: Any) -> None:
     wb, wf = widths(cfg)
     if not (0 < wb <= cfg.d_in and 0 < wf <= cfg.d_in) or max(wb, wf) != cfg.d_in:
-        raise ValueError(f"d_in_base ({wb}) and d_in_ft ({wf}) must be positive with the larger equal to d_in "
-                         f"({cfg.d_in}): set d_in to the wider model's d_model.")
+        raise ValueError(
+            f"d_in_base ({wb}) and d_in_ft ({wf}) must be positive with the larger equal to d_in "
+            f"({cfg.d_in}): set d_in to the wider model's d_model."
+        )
 
 
 def dim_mask(cfg: Any, device: torch.device | None = None) -> torch.Tensor:
@@ -62,8 +64,10 @@ def pad_pair(x_base: torch.Tensor, x_ft: torch.Tensor) -> torch.Tensor:
     """Stack ``(..., d_b)`` and ``(..., d_c)`` activations into ``(..., 2, max(d_b, d_c))``,
     zero-padding the narrower model (the input a cross-architecture crosscoder reads)."""
     if x_base.shape[:-1] != x_ft.shape[:-1]:
-        raise ValueError(f"The two models' activations must cover the same tokens: leading shapes "
-                         f"{tuple(x_base.shape[:-1])} vs {tuple(x_ft.shape[:-1])}.")
+        raise ValueError(
+            f"The two models' activations must cover the same tokens: leading shapes "
+            f"{tuple(x_base.shape[:-1])} vs {tuple(x_ft.shape[:-1])}."
+        )
     d = max(x_base.shape[-1], x_ft.shape[-1])
     pad = [torch.nn.functional.pad(x, (0, d - x.shape[-1])) for x in (x_base, x_ft)]
     return torch.stack(pad, dim=-2)
@@ -87,7 +91,9 @@ class CrossArchitectureCrosscoder(DedicatedCrosscoder):
 
 
 @dataclass(kw_only=True)
-class CrossArchitectureCrosscoderTrainingConfig(DedicatedBatchTopKCrosscoderTrainingConfig, WidthFields):
+class CrossArchitectureCrosscoderTrainingConfig(
+    DedicatedBatchTopKCrosscoderTrainingConfig, WidthFields
+):
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_widths(self)
@@ -108,8 +114,12 @@ class CrossArchitectureCrosscoderTraining(DedicatedBatchTopKCrosscoderTraining):
     def _ensure_grad_hooks(self) -> None:
         super()._ensure_grad_hooks()
         dims = dim_mask(self.cfg, self.W_dec.device).to(self.W_dec.dtype)
-        ensure_grad_hook(self, "W_dec", "width_W_dec", lambda g: g * dims[None].to(g.device, g.dtype))
-        ensure_grad_hook(self, "W_enc", "width_W_enc", lambda g: g * dims[:, :, None].to(g.device, g.dtype))
+        ensure_grad_hook(
+            self, "W_dec", "width_W_dec", lambda g: g * dims[None].to(g.device, g.dtype)
+        )
+        ensure_grad_hook(
+            self, "W_enc", "width_W_enc", lambda g: g * dims[:, :, None].to(g.device, g.dtype)
+        )
         ensure_grad_hook(self, "b_dec", "width_b_dec", lambda g: g * dims.to(g.device, g.dtype))
 
     def initialize_weights(self) -> None:
@@ -125,8 +135,11 @@ class CrossArchitectureCrosscoderTraining(DedicatedBatchTopKCrosscoderTraining):
 def padding_leak(sae: Any) -> float:
     """Largest absolute weight or decoder bias on a padding dimension (0.0 when exact)."""
     off = ~dim_mask(sae.cfg, sae.W_dec.device)
-    vals = [sae.W_dec.detach().abs() * off[None], sae.W_enc.detach().abs() * off[:, :, None],
-            sae.b_dec.detach().abs() * off]
+    vals = [
+        sae.W_dec.detach().abs() * off[None],
+        sae.W_enc.detach().abs() * off[:, :, None],
+        sae.b_dec.detach().abs() * off,
+    ]
     return float(max(v.max() for v in vals))
 
 

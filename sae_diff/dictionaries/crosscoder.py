@@ -78,7 +78,9 @@ class CrosscoderTrainingMixin(CrosscoderMixin):
         )
         self.register_buffer(  # type: ignore[attr-defined]
             "norm_offsets",
-            torch.zeros(self.cfg.n_models, self.cfg.d_in, dtype=torch.float32, device=self.W_dec.device),
+            torch.zeros(
+                self.cfg.n_models, self.cfg.d_in, dtype=torch.float32, device=self.W_dec.device
+            ),
         )
         # a Python flag, so that uncentred runs skip the subtraction without a device sync
         self._has_offsets = False
@@ -113,8 +115,10 @@ class CrosscoderTrainingMixin(CrosscoderMixin):
         t = torch.as_tensor(offsets, dtype=torch.float32)
         shape = (self.cfg.n_models, self.cfg.d_in)
         if tuple(t.shape) != shape or not torch.isfinite(t).all():
-            raise ValueError(f"norm_offsets must be a finite {shape} tensor (one mean per model), "
-                             f"got shape {tuple(t.shape)}.")
+            raise ValueError(
+                f"norm_offsets must be a finite {shape} tensor (one mean per model), "
+                f"got shape {tuple(t.shape)}."
+            )
         self.norm_offsets.copy_(t.to(self.norm_offsets.device))
         self._has_offsets = bool(t.any())
 
@@ -123,7 +127,9 @@ class CrosscoderTrainingMixin(CrosscoderMixin):
         """Set the per-model scalars (see ``sae_diff.dictionaries.normalisation``)."""
         t = torch.as_tensor(factors, dtype=torch.float32).reshape(-1)
         if t.numel() != self.cfg.n_models or not torch.isfinite(t).all() or (t <= 0).any():
-            raise ValueError(f"norm_factors must be {self.cfg.n_models} positive finite scalars, got {t.tolist()}.")
+            raise ValueError(
+                f"norm_factors must be {self.cfg.n_models} positive finite scalars, got {t.tolist()}."
+            )
         self.norm_factors.copy_(t.to(self.norm_factors.device))
         self.cfg.norm_factors = [float(v) for v in t]
 
@@ -184,8 +190,12 @@ def _default_offsets(module: Any, state_dict: dict[str, Any], prefix: str, *args
         module._has_offsets = bool(torch.as_tensor(state_dict[key]).any())
 
 
-def fold_offsets_into(state_dict: dict[str, torch.Tensor], offsets: torch.Tensor,
-                      factors: torch.Tensor, apply_b_dec_to_input: bool = False) -> None:
+def fold_offsets_into(
+    state_dict: dict[str, torch.Tensor],
+    offsets: torch.Tensor,
+    factors: torch.Tensor,
+    apply_b_dec_to_input: bool = False,
+) -> None:
     """Fold the input centring ``x_n^m = c_m (x^m - mu_m)`` into the biases (before the
     scalars are folded by ``fold_norm_factors_into``), exactly, in float64:
 
@@ -202,13 +212,19 @@ def fold_offsets_into(state_dict: dict[str, torch.Tensor], offsets: torch.Tensor
     mu_n = offsets.to(torch.float64) * c[:, None]  # (n_models, d_in), in the normalised space
     if not apply_b_dec_to_input:
         shift = torch.einsum("md,mdn->n", mu_n, w.to(torch.float64))
-        state_dict["b_enc"] = (state_dict["b_enc"].to(torch.float64) - shift).to(state_dict["b_enc"].dtype)
-    state_dict["b_dec"] = (state_dict["b_dec"].to(torch.float64) + mu_n).to(state_dict["b_dec"].dtype)
+        state_dict["b_enc"] = (state_dict["b_enc"].to(torch.float64) - shift).to(
+            state_dict["b_enc"].dtype
+        )
+    state_dict["b_dec"] = (state_dict["b_dec"].to(torch.float64) + mu_n).to(
+        state_dict["b_dec"].dtype
+    )
 
 
 def validate_init_norm(value: float | None) -> None:
     if value is not None and not (math.isfinite(value) and value > 0):
-        raise ValueError(f"decoder_init_norm_per_model must be a positive number or None, got {value}.")
+        raise ValueError(
+            f"decoder_init_norm_per_model must be a positive number or None, got {value}."
+        )
 
 
 @dataclass(kw_only=True)
@@ -260,10 +276,19 @@ class L1CrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[L1CrosscoderTrai
         return self.hook_sae_acts_post(torch.relu(hidden_pre)), hidden_pre
 
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
-        return {"l1": TrainCoefficientConfig(value=self.cfg.l1_coefficient, warm_up_steps=self.cfg.l1_warm_up_steps)}
+        return {
+            "l1": TrainCoefficientConfig(
+                value=self.cfg.l1_coefficient, warm_up_steps=self.cfg.l1_warm_up_steps
+            )
+        }
 
-    def calculate_aux_loss(self, step_input: TrainStepInput, feature_acts: torch.Tensor,
-                           hidden_pre: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         sparsity = (feature_acts * self.code_scale()).sum(-1).mean()
         return {"l1_loss": step_input.coefficients["l1"] * sparsity}
 
@@ -274,6 +299,11 @@ class L1CrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[L1CrosscoderTrai
         mse = self.reconstruction_loss(x_n, xhat_n)
         aux = self.calculate_aux_loss(step_input, feature_acts, hidden_pre, xhat_n)
         losses = {"mse_loss": mse, **aux}
-        return TrainStepOutput(sae_in=x_n, sae_out=xhat_n, feature_acts=feature_acts,
-                               hidden_pre=hidden_pre, loss=sum(losses.values()),  # type: ignore[arg-type]
-                               losses=losses)
+        return TrainStepOutput(
+            sae_in=x_n,
+            sae_out=xhat_n,
+            feature_acts=feature_acts,
+            hidden_pre=hidden_pre,
+            loss=sum(losses.values()),  # type: ignore[arg-type]
+            losses=losses,
+        )

@@ -56,10 +56,14 @@ class DedicatedFields:
 def validate_dedicated(cfg: Any) -> None:
     nb, nf = int(cfg.n_base_dedicated), int(cfg.n_ft_dedicated)
     if nb < 0 or nf < 0 or nb + nf > cfg.d_sae:
-        raise ValueError(f"n_base_dedicated ({nb}) and n_ft_dedicated ({nf}) must be >= 0 and sum to at most "
-                         f"d_sae ({cfg.d_sae}); the remaining latents are shared.")
+        raise ValueError(
+            f"n_base_dedicated ({nb}) and n_ft_dedicated ({nf}) must be >= 0 and sum to at most "
+            f"d_sae ({cfg.d_sae}); the remaining latents are shared."
+        )
     if (nb or nf) and cfg.n_models != 2:
-        raise ValueError(f"Dedicated latents need n_models=2 (base, ft), got n_models={cfg.n_models}.")
+        raise ValueError(
+            f"Dedicated latents need n_models=2 (base, ft), got n_models={cfg.n_models}."
+        )
 
 
 def partition(cfg: Any) -> np.ndarray:
@@ -67,8 +71,8 @@ def partition(cfg: Any) -> np.ndarray:
     nb, nf = int(cfg.n_base_dedicated), int(cfg.n_ft_dedicated)
     n_shared = int(cfg.d_sae) - nb - nf
     out = np.full(int(cfg.d_sae), "shared", dtype=object)
-    out[n_shared:n_shared + nb] = "base_dedicated"
-    out[n_shared + nb:] = "ft_dedicated"
+    out[n_shared : n_shared + nb] = "base_dedicated"
+    out[n_shared + nb :] = "ft_dedicated"
     return out
 
 
@@ -127,7 +131,9 @@ class DedicatedCrosscoder(JumpReLUCrosscoder):
 
 
 @dataclass(kw_only=True)
-class DedicatedBatchTopKCrosscoderTrainingConfig(BatchTopKCrosscoderTrainingConfig, DedicatedFields):
+class DedicatedBatchTopKCrosscoderTrainingConfig(
+    BatchTopKCrosscoderTrainingConfig, DedicatedFields
+):
     """BatchTopK crosscoder training config plus the dedicated partition sizes."""
 
     def __post_init__(self) -> None:
@@ -147,7 +153,9 @@ class DedicatedBatchTopKCrosscoderTraining(BatchTopKCrosscoderTraining):
 
     cfg: DedicatedBatchTopKCrosscoderTrainingConfig  # type: ignore[assignment]
 
-    def __init__(self, cfg: DedicatedBatchTopKCrosscoderTrainingConfig, use_error_term: bool = False):  # type: ignore[override]
+    def __init__(
+        self, cfg: DedicatedBatchTopKCrosscoderTrainingConfig, use_error_term: bool = False
+    ):  # type: ignore[override]
         super().__init__(cfg, use_error_term)
         self._ensure_grad_hooks()
 
@@ -155,8 +163,12 @@ class DedicatedBatchTopKCrosscoderTraining(BatchTopKCrosscoderTraining):
         mask = model_mask(self.cfg, self.W_dec.device)
         dec_mask = mask[:, :, None].to(self.W_dec.dtype)
         enc_mask = mask.T[:, None, :].to(self.W_enc.dtype)
-        ensure_grad_hook(self, "W_dec", "dedicated_W_dec", lambda g: g * dec_mask.to(g.device, g.dtype))
-        ensure_grad_hook(self, "W_enc", "dedicated_W_enc", lambda g: g * enc_mask.to(g.device, g.dtype))
+        ensure_grad_hook(
+            self, "W_dec", "dedicated_W_dec", lambda g: g * dec_mask.to(g.device, g.dtype)
+        )
+        ensure_grad_hook(
+            self, "W_enc", "dedicated_W_enc", lambda g: g * enc_mask.to(g.device, g.dtype)
+        )
 
     def training_forward_pass(self, step_input: Any) -> Any:
         self._ensure_grad_hooks()

@@ -142,17 +142,25 @@ class BatchTopKDiffSAETraining(BatchTopKTrainingSAE):
         dead = step_input.dead_neuron_mask
         num_dead = 0 if dead is None else int(dead.sum())
         k_aux = sae_in.shape[-1] // 2  # SAELens's heuristic (Appendix B.1)
-        if num_dead > 0 and self.cfg.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+        if num_dead > 0 and self.cfg.normalize_activations in (
+            "constant_norm_rescale",
+            "layer_norm",
+        ):
             raise ValueError(
                 "TopK auxiliary loss does not support activation normalization "
                 f"(normalize_activations={self.cfg.normalize_activations!r})."
             )
         theta = float(self.topk_threshold)
         code, aux_code, _ = kernels.sparse_encode(
-            x, self.W_enc, self.b_enc, int(self.cfg.k * B), scale=scale,
+            x,
+            self.W_enc,
+            self.b_enc,
+            int(self.cfg.k * B),
+            scale=scale,
             threshold_hint=theta if theta > 0 else None,
             aux_latents=dead.nonzero().view(-1) if dead is not None and num_dead > 0 else None,
-            k_aux=min(k_aux, num_dead), aux_scaled=True,
+            k_aux=min(k_aux, num_dead),
+            aux_scaled=True,
         )
         sae_out = self.hook_sae_recons(kernels.sparse_decode(code, self.W_dec) + self.b_dec)
         sae_out = self.reshape_fn_out(self.run_time_activation_norm_fn_out(sae_out), self.d_head)
@@ -162,18 +170,32 @@ class BatchTopKDiffSAETraining(BatchTopKTrainingSAE):
             residual = (sae_in - sae_out).detach()
             recons = self.reshape_fn_out(kernels.sparse_decode(aux_code, self.W_dec), self.d_head)
             aux_scale = min(num_dead / k_aux, 1.0)
-            aux_loss = self.cfg.aux_loss_coefficient * aux_scale * (recons - residual).pow(2).sum(dim=-1).mean()
+            aux_loss = (
+                self.cfg.aux_loss_coefficient
+                * aux_scale
+                * (recons - residual).pow(2).sum(dim=-1).mean()
+            )
         with torch.no_grad():
             acts = code.values.detach()
             if scale is not None:
                 acts = acts * scale[code.col].to(acts.dtype)
             self.update_topk_threshold(acts)
             feature_acts = torch.sparse_coo_tensor(
-                torch.stack([code.row, code.col]), acts, code.shape, is_coalesced=True, check_invariants=False
+                torch.stack([code.row, code.col]),
+                acts,
+                code.shape,
+                is_coalesced=True,
+                check_invariants=False,
             )
         losses = {"mse_loss": mse_loss, "auxiliary_reconstruction_loss": aux_loss}
-        out = TrainStepOutput(sae_in=sae_in, sae_out=sae_out, feature_acts=feature_acts,
-                              hidden_pre=x.new_empty(0, self.cfg.d_sae), loss=mse_loss + aux_loss, losses=losses)
+        out = TrainStepOutput(
+            sae_in=sae_in,
+            sae_out=sae_out,
+            feature_acts=feature_acts,
+            hidden_pre=x.new_empty(0, self.cfg.d_sae),
+            loss=mse_loss + aux_loss,
+            losses=losses,
+        )
         out.metrics["topk_threshold"] = self.topk_threshold
         return out
 

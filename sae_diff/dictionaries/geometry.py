@@ -66,8 +66,10 @@ def relative_norm(norms: torch.Tensor | Any, base: int = 0, ft: int = 1) -> torc
     if not isinstance(norms, torch.Tensor):
         norms = decoder_norms(norms)
     if norms.ndim != 2 or norms.shape[1] < 2:
-        raise ValueError("Δ needs a dictionary with a decoder per model (a crosscoder); "
-                         f"got decoder norms shaped {tuple(norms.shape)}.")
+        raise ValueError(
+            "Δ needs a dictionary with a decoder per model (a crosscoder); "
+            f"got decoder norms shaped {tuple(norms.shape)}."
+        )
     nb, nc = norms[:, base], norms[:, ft]
     denom = torch.maximum(nb, nc).clamp(min=torch.finfo(norms.dtype).tiny)
     return 0.5 * ((nb - nc) / denom + 1)

@@ -21,13 +21,17 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     atomic rename over ``path``); goes in the next release."""
     import warnings
 
-    warnings.warn("sae_diff.dictionaries.io.atomic_write_bytes moved to sae_diff.atomic.atomic_write.",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn(
+        "sae_diff.dictionaries.io.atomic_write_bytes moved to sae_diff.atomic.atomic_write.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     atomic_write(path, write)
 
 
-def save_sae_files(path: str | Path, state_dict: dict[str, torch.Tensor],
-                   cfg_dict: dict[str, Any]) -> tuple[Path, Path]:
+def save_sae_files(
+    path: str | Path, state_dict: dict[str, torch.Tensor], cfg_dict: dict[str, Any]
+) -> tuple[Path, Path]:
     """Write ``sae_weights.safetensors`` and ``cfg.json`` (SAELens layout), each atomically."""
     path = Path(path)
     weights = path / SAE_WEIGHTS_FILENAME
@@ -54,7 +58,11 @@ def inference_export(sae: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     sae_diff's training classes and SAELens's own (``inference_config_dict`` when present)."""
     state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
     sae.process_state_dict_for_saving_inference(state)
-    cfg = sae.inference_config_dict() if hasattr(sae, "inference_config_dict") else sae.cfg.get_inference_sae_cfg_dict()
+    cfg = (
+        sae.inference_config_dict()
+        if hasattr(sae, "inference_config_dict")
+        else sae.cfg.get_inference_sae_cfg_dict()
+    )
     return state, cfg
 
 

@@ -89,12 +89,16 @@ class JumpReLUCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value}.")
         if not (math.isfinite(self.jumprelu_init_threshold) and self.jumprelu_init_threshold >= 0):
-            raise ValueError(f"jumprelu_init_threshold must be >= 0 (the threshold is kept non-negative), "
-                             f"got {self.jumprelu_init_threshold}.")
+            raise ValueError(
+                f"jumprelu_init_threshold must be >= 0 (the threshold is kept non-negative), "
+                f"got {self.jumprelu_init_threshold}."
+            )
         if self.l0_coefficient < 0:
             raise ValueError(f"l0_coefficient must be >= 0, got {self.l0_coefficient}.")
         if self.pre_act_loss_coefficient is not None and self.pre_act_loss_coefficient < 0:
-            raise ValueError(f"pre_act_loss_coefficient must be >= 0 or null, got {self.pre_act_loss_coefficient}.")
+            raise ValueError(
+                f"pre_act_loss_coefficient must be >= 0 or null, got {self.pre_act_loss_coefficient}."
+            )
 
     @property
     def k(self) -> None:
@@ -109,7 +113,9 @@ class JumpReLUCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
         return JumpReLUCrosscoderConfig
 
 
-class JumpReLUCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[JumpReLUCrosscoderTrainingConfig]):
+class JumpReLUCrosscoderTraining(
+    CrosscoderTrainingMixin, TrainingSAE[JumpReLUCrosscoderTrainingConfig]
+):
     """JumpReLU crosscoder trained with SAELens's ``SAETrainer`` (see the module docstring)."""
 
     cfg: JumpReLUCrosscoderTrainingConfig  # type: ignore[assignment]
@@ -119,8 +125,14 @@ class JumpReLUCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[JumpReLUCr
         super().__init__(cfg, use_error_term)
         self._init_training_state()
         # float32 whatever the dictionary's dtype: Adam's ~lr steps round away in bf16
-        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.jumprelu_init_threshold),
-                                                 dtype=torch.float32, device=self.W_dec.device))
+        self.threshold = nn.Parameter(
+            torch.full(
+                (cfg.d_sae,),
+                float(cfg.jumprelu_init_threshold),
+                dtype=torch.float32,
+                device=self.W_dec.device,
+            )
+        )
 
     def initialize_weights(self) -> None:
         self._init_crosscoder_weights()
@@ -135,18 +147,31 @@ class JumpReLUCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[JumpReLUCr
 
     def encode_normalised(self, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden_pre = self.hook_sae_acts_pre(self.hidden_pre(self.hook_sae_input(x_n)))
-        acts = JumpReLU.apply(hidden_pre, self.threshold.to(hidden_pre.dtype), self.cfg.jumprelu_bandwidth,
-                              self.cfg.jumprelu_ste_to_input)
+        acts = JumpReLU.apply(
+            hidden_pre,
+            self.threshold.to(hidden_pre.dtype),
+            self.cfg.jumprelu_bandwidth,
+            self.cfg.jumprelu_ste_to_input,
+        )
         return self.hook_sae_acts_post(acts), hidden_pre
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_normalised(self.normalised_input(x))
 
     def get_coefficients(self) -> dict[str, float | TrainCoefficientConfig]:
-        return {"l0": TrainCoefficientConfig(value=self.cfg.l0_coefficient, warm_up_steps=self.cfg.l0_warm_up_steps)}
+        return {
+            "l0": TrainCoefficientConfig(
+                value=self.cfg.l0_coefficient, warm_up_steps=self.cfg.l0_warm_up_steps
+            )
+        }
 
-    def calculate_aux_loss(self, step_input: TrainStepInput, feature_acts: torch.Tensor,
-                           hidden_pre: torch.Tensor, sae_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    def calculate_aux_loss(
+        self,
+        step_input: TrainStepInput,
+        feature_acts: torch.Tensor,
+        hidden_pre: torch.Tensor,
+        sae_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
         """tanh sparsity on ``f_j s_j`` and the pre-activation loss (module docstring)."""
         s = self.code_scale()
         tanh = torch.tanh(self.cfg.jumprelu_tanh_scale * feature_acts * s).sum(-1).mean()
@@ -165,10 +190,18 @@ class JumpReLUCrosscoderTraining(CrosscoderTrainingMixin, TrainingSAE[JumpReLUCr
         x_n = self.normalised_input(step_input.sae_in)
         feature_acts, hidden_pre = self.encode_normalised(x_n)
         xhat_n = self.decode_normalised(feature_acts)
-        losses = {"mse_loss": self.reconstruction_loss(x_n, xhat_n),
-                  **self.calculate_aux_loss(step_input, feature_acts, hidden_pre, xhat_n)}
-        return TrainStepOutput(sae_in=x_n, sae_out=xhat_n, feature_acts=feature_acts, hidden_pre=hidden_pre,
-                               loss=sum(losses.values()), losses=losses)  # type: ignore[arg-type]
+        losses = {
+            "mse_loss": self.reconstruction_loss(x_n, xhat_n),
+            **self.calculate_aux_loss(step_input, feature_acts, hidden_pre, xhat_n),
+        }
+        return TrainStepOutput(
+            sae_in=x_n,
+            sae_out=xhat_n,
+            feature_acts=feature_acts,
+            hidden_pre=hidden_pre,
+            loss=sum(losses.values()),
+            losses=losses,
+        )  # type: ignore[arg-type]
 
     def process_state_dict_for_saving_inference(self, state_dict: dict[str, Any]) -> None:
         state_dict["threshold"] = state_dict["threshold"].clamp(min=0.0).to(self.dtype)

@@ -38,11 +38,18 @@ def dictionary_kind(sae: Any, kind: str | None = None) -> str:
         return detected
     if kind not in KINDS:
         raise ValueError(f"Unknown dictionary kind {kind!r}; choose one of {list(KINDS)}.")
-    if detected == "crosscoder" and kind != "crosscoder" or kind == "crosscoder" and detected != "crosscoder":
+    if (
+        detected == "crosscoder"
+        and kind != "crosscoder"
+        or kind == "crosscoder"
+        and detected != "crosscoder"
+    ):
         raise ValueError(
             f"kind={kind!r} does not match the dictionary: its W_dec is shaped "
             f"{tuple(sae.W_dec.shape)} ({'a crosscoder' if detected == 'crosscoder' else 'an SAE'})."
         )
     if detected == "diff_sae" and kind != "diff_sae":
-        raise ValueError(f"kind={kind!r} given for a diff-SAE (cfg.diff_sign is set); use kind='diff_sae'.")
+        raise ValueError(
+            f"kind={kind!r} given for a diff-SAE (cfg.diff_sign is set); use kind='diff_sae'."
+        )
     return kind

@@ -20,13 +20,17 @@ from sae_diff.dictionaries.specs import _unknown, inference_class
 _OURS = [row for row in specs.ARCHITECTURES if row.registered_by == "sae_diff"]
 #: saved name -> (inference class, config class), derived from the table
 INFERENCE_ARCHITECTURES: dict[str, tuple[type[SAE[Any]], type[SAEConfig]]] = {
-    row.inference: row.inference_classes() for row in _OURS  # type: ignore[misc]
+    row.inference: row.inference_classes()
+    for row in _OURS  # type: ignore[misc]
 }
 #: training name -> (training class, config class), derived from the table
 TRAINING_ARCHITECTURES: dict[str, tuple[type[TrainingSAE[Any]], type[TrainingSAEConfig]]] = {
-    row.training: row.training_classes() for row in _OURS  # type: ignore[misc]
+    row.training: row.training_classes()
+    for row in _OURS  # type: ignore[misc]
 }
-ARCHITECTURES: tuple[str, ...] = tuple(sorted(set(INFERENCE_ARCHITECTURES) | set(TRAINING_ARCHITECTURES)))
+ARCHITECTURES: tuple[str, ...] = tuple(
+    sorted(set(INFERENCE_ARCHITECTURES) | set(TRAINING_ARCHITECTURES))
+)
 
 
 def _same(a: type, b: type) -> bool:
@@ -51,7 +55,12 @@ def register_architectures() -> None:
     for name, inf in INFERENCE_ARCHITECTURES.items():
         _register(sl_registry.SAE_CLASS_REGISTRY, name, inf, sl_registry.register_sae_class)
     for name, tr in TRAINING_ARCHITECTURES.items():
-        _register(sl_registry.SAE_TRAINING_CLASS_REGISTRY, name, tr, sl_registry.register_sae_training_class)
+        _register(
+            sl_registry.SAE_TRAINING_CLASS_REGISTRY,
+            name,
+            tr,
+            sl_registry.register_sae_training_class,
+        )
 
 
 def training_config(architecture: str, **kwargs: Any) -> TrainingSAEConfig:

@@ -51,7 +51,9 @@ def validate_shared(n_shared: int, ratio: float, d_sae: int) -> None:
     if not 0 <= n_shared <= d_sae:
         raise ValueError(f"n_shared_latents must be in [0, d_sae={d_sae}], got {n_shared}.")
     if not (math.isfinite(ratio) and ratio > 0):
-        raise ValueError(f"shared_sparsity_ratio must be a positive number (Anthropic: ~0.1-0.2), got {ratio}.")
+        raise ValueError(
+            f"shared_sparsity_ratio must be a positive number (Anthropic: ~0.1-0.2), got {ratio}."
+        )
 
 
 @dataclass(kw_only=True)
@@ -95,7 +97,9 @@ class SharedTrainingMixin:
         n = int(self.cfg.n_shared_latents)
         with torch.no_grad():
             self.W_dec.data[:n] = self.W_dec.data[:n, :1].clone()
-            self.W_enc.data.copy_(self.W_dec.data.reshape(self.cfg.d_sae, -1).T.reshape(self.W_enc.shape))
+            self.W_enc.data.copy_(
+                self.W_dec.data.reshape(self.cfg.d_sae, -1).T.reshape(self.W_enc.shape)
+            )
 
     def _register_tie_hook(self) -> None:
         """Put the tying hook on ``W_dec`` (once per Parameter object; re-done after a deepcopy)."""

@@ -88,38 +88,111 @@ class ArchitectureSpec:
         return self._resolve(self.inference_class), self._resolve(self.inference_config)
 
 
-def _cc(training: str, inference: str, trained: str, module: str, tr: str, inf: str,
-        inf_module: str | None = None) -> ArchitectureSpec:
+def _cc(
+    training: str,
+    inference: str,
+    trained: str,
+    module: str,
+    tr: str,
+    inf: str,
+    inf_module: str | None = None,
+) -> ArchitectureSpec:
     im = inf_module or module
-    return ArchitectureSpec(training, inference, "crosscoder", "paired", trained,
-                            f"{module}:{tr}", f"{module}:{tr}Config", f"{im}:{inf}", f"{im}:{inf}Config")
+    return ArchitectureSpec(
+        training,
+        inference,
+        "crosscoder",
+        "paired",
+        trained,
+        f"{module}:{tr}",
+        f"{module}:{tr}Config",
+        f"{im}:{inf}",
+        f"{im}:{inf}Config",
+    )
 
 
 #: Every architecture (the one table; see the module docstring).
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
-    _cc("crosscoder", "crosscoder", "L1 (ReLU) crosscoder", "crosscoder", "L1CrosscoderTraining", "Crosscoder"),
-    _cc("batchtopk_crosscoder", "jumprelu_crosscoder", "BatchTopK crosscoder (JumpReLU at inference)",
-        "batchtopk_crosscoder", "BatchTopKCrosscoderTraining", "JumpReLUCrosscoder"),
-    _cc("jumprelu_crosscoder", "jumprelu_crosscoder", "JumpReLU crosscoder trained directly (STE threshold)",
-        "jumprelu_crosscoder_training", "JumpReLUCrosscoderTraining", "JumpReLUCrosscoder",
-        inf_module="batchtopk_crosscoder"),
-    _cc("shared_crosscoder", "shared_crosscoder", "L1 crosscoder with tied shared latents",
-        "shared_crosscoder", "SharedCrosscoderTraining", "SharedCrosscoder"),
-    _cc("shared_batchtopk_crosscoder", "shared_jumprelu_crosscoder", "BatchTopK crosscoder with tied shared latents",
-        "shared_crosscoder", "SharedBatchTopKCrosscoderTraining", "SharedJumpReLUCrosscoder"),
-    _cc("dedicated_batchtopk_crosscoder", "dedicated_crosscoder", "BatchTopK crosscoder with dedicated latents",
-        "dedicated_crosscoder", "DedicatedBatchTopKCrosscoderTraining", "DedicatedCrosscoder"),
-    _cc("cross_architecture_crosscoder", "cross_architecture_jumprelu_crosscoder",
-        "BatchTopK crosscoder across different d_model (zero-padded)", "cross_architecture_crosscoder",
-        "CrossArchitectureCrosscoderTraining", "CrossArchitectureCrosscoder"),
-    ArchitectureSpec("batchtopk_diff_sae", "diff_sae", "diff_sae", "diff", "BatchTopK SAE on ft - base (or base - ft)",
-                     "diff_sae:BatchTopKDiffSAETraining", "diff_sae:BatchTopKDiffSAETrainingConfig",
-                     "diff_sae:DiffSAE", "diff_sae:DiffSAEConfig"),
-    ArchitectureSpec("batchtopk", "jumprelu", "ft_sae", "ft", "SAELens's BatchTopK SAE on one model (chat-SAE)",
-                     "sae_lens.saes.batchtopk_sae:BatchTopKTrainingSAE",
-                     "sae_lens.saes.batchtopk_sae:BatchTopKTrainingSAEConfig",
-                     "sae_lens.saes.jumprelu_sae:JumpReLUSAE", "sae_lens.saes.jumprelu_sae:JumpReLUSAEConfig",
-                     registered_by="sae_lens"),
+    _cc(
+        "crosscoder",
+        "crosscoder",
+        "L1 (ReLU) crosscoder",
+        "crosscoder",
+        "L1CrosscoderTraining",
+        "Crosscoder",
+    ),
+    _cc(
+        "batchtopk_crosscoder",
+        "jumprelu_crosscoder",
+        "BatchTopK crosscoder (JumpReLU at inference)",
+        "batchtopk_crosscoder",
+        "BatchTopKCrosscoderTraining",
+        "JumpReLUCrosscoder",
+    ),
+    _cc(
+        "jumprelu_crosscoder",
+        "jumprelu_crosscoder",
+        "JumpReLU crosscoder trained directly (STE threshold)",
+        "jumprelu_crosscoder_training",
+        "JumpReLUCrosscoderTraining",
+        "JumpReLUCrosscoder",
+        inf_module="batchtopk_crosscoder",
+    ),
+    _cc(
+        "shared_crosscoder",
+        "shared_crosscoder",
+        "L1 crosscoder with tied shared latents",
+        "shared_crosscoder",
+        "SharedCrosscoderTraining",
+        "SharedCrosscoder",
+    ),
+    _cc(
+        "shared_batchtopk_crosscoder",
+        "shared_jumprelu_crosscoder",
+        "BatchTopK crosscoder with tied shared latents",
+        "shared_crosscoder",
+        "SharedBatchTopKCrosscoderTraining",
+        "SharedJumpReLUCrosscoder",
+    ),
+    _cc(
+        "dedicated_batchtopk_crosscoder",
+        "dedicated_crosscoder",
+        "BatchTopK crosscoder with dedicated latents",
+        "dedicated_crosscoder",
+        "DedicatedBatchTopKCrosscoderTraining",
+        "DedicatedCrosscoder",
+    ),
+    _cc(
+        "cross_architecture_crosscoder",
+        "cross_architecture_jumprelu_crosscoder",
+        "BatchTopK crosscoder across different d_model (zero-padded)",
+        "cross_architecture_crosscoder",
+        "CrossArchitectureCrosscoderTraining",
+        "CrossArchitectureCrosscoder",
+    ),
+    ArchitectureSpec(
+        "batchtopk_diff_sae",
+        "diff_sae",
+        "diff_sae",
+        "diff",
+        "BatchTopK SAE on ft - base (or base - ft)",
+        "diff_sae:BatchTopKDiffSAETraining",
+        "diff_sae:BatchTopKDiffSAETrainingConfig",
+        "diff_sae:DiffSAE",
+        "diff_sae:DiffSAEConfig",
+    ),
+    ArchitectureSpec(
+        "batchtopk",
+        "jumprelu",
+        "ft_sae",
+        "ft",
+        "SAELens's BatchTopK SAE on one model (chat-SAE)",
+        "sae_lens.saes.batchtopk_sae:BatchTopKTrainingSAE",
+        "sae_lens.saes.batchtopk_sae:BatchTopKTrainingSAEConfig",
+        "sae_lens.saes.jumprelu_sae:JumpReLUSAE",
+        "sae_lens.saes.jumprelu_sae:JumpReLUSAEConfig",
+        registered_by="sae_lens",
+    ),
 )
 
 _BY_TRAINING = {s.training: s for s in ARCHITECTURES}
@@ -149,8 +222,10 @@ def default_store_mode(architecture: str) -> StoreMode:
 
 # ---------------------------------------------------------------------- SAELens registry lookups
 def _unknown(name: str, table: dict[str, Any]) -> ValueError:
-    return ValueError(f"Unknown architecture {name!r}. Registered names: {sorted(table)}. "
-                      "Did you `import sae_diff` before loading?")
+    return ValueError(
+        f"Unknown architecture {name!r}. Registered names: {sorted(table)}. "
+        "Did you `import sae_diff` before loading?"
+    )
 
 
 def inference_class(name: str) -> tuple[type[SAE[Any]], type[SAEConfig]]:

@@ -25,10 +25,14 @@ from sae_diff.pairing.model import PairedModel
 MODES = ("logits", "activations")
 
 
-def amplified_logits(logits_ft: torch.Tensor, logits_base: torch.Tensor, alpha: float) -> torch.Tensor:
+def amplified_logits(
+    logits_ft: torch.Tensor, logits_base: torch.Tensor, alpha: float
+) -> torch.Tensor:
     """``l_ft + alpha (l_ft - l_base)``."""
     if logits_ft.shape != logits_base.shape:
-        raise ValueError(f"logit shapes differ: {tuple(logits_ft.shape)} vs {tuple(logits_base.shape)}")
+        raise ValueError(
+            f"logit shapes differ: {tuple(logits_ft.shape)} vs {tuple(logits_base.shape)}"
+        )
     return logits_ft + alpha * (logits_ft - logits_base.to(logits_ft.device))
 
 
@@ -88,7 +92,9 @@ def sample_amplified(
     done = torch.zeros(seq.shape[0], dtype=torch.bool)
     stops = torch.tensor(list(stop_token_ids), dtype=torch.long)
     for _ in range(max_new_tokens):
-        logits = amplified_model_logits(paired, seq, alpha, mode=mode, layer=layer)[:, -1].float().cpu()
+        logits = (
+            amplified_model_logits(paired, seq, alpha, mode=mode, layer=layer)[:, -1].float().cpu()
+        )
         if temperature == 0:
             nxt = logits.argmax(-1)
         else:
@@ -127,7 +133,9 @@ def response_logprob(
     """
     _check_mode(mode, layer)
     if tuple(response_mask.shape) != tuple(tokens.shape):
-        raise ValueError(f"response_mask {tuple(response_mask.shape)} must match tokens {tuple(tokens.shape)}")
+        raise ValueError(
+            f"response_mask {tuple(response_mask.shape)} must match tokens {tuple(tokens.shape)}"
+        )
     pred = predicting(response_mask.bool().cpu())
     rows = []
     for a in alphas:
@@ -137,7 +145,8 @@ def response_logprob(
             tb = tokens[start : start + batch_size]
             m = pred[start : start + batch_size]
             lp = torch.log_softmax(
-                amplified_model_logits(paired, tb, float(a), mode=mode, layer=layer).float().cpu(), -1
+                amplified_model_logits(paired, tb, float(a), mode=mode, layer=layer).float().cpu(),
+                -1,
             )
             tgt = torch.zeros_like(tb.cpu())
             tgt[:, :-1] = tb.cpu()[:, 1:]
@@ -145,11 +154,16 @@ def response_logprob(
             seq_lp.append(tok_lp.sum(-1))
             n_tok += int(m.sum())
         s = torch.cat(seq_lp)
-        rows.append({
-            "alpha": float(a), "mode": mode, "logprob": float(s.mean()),
-            "logprob_per_token": float(s.sum()) / max(n_tok, 1), "prob": float(s.exp().mean()),
-            "n_seqs": int(s.numel()),
-        })
+        rows.append(
+            {
+                "alpha": float(a),
+                "mode": mode,
+                "logprob": float(s.mean()),
+                "logprob_per_token": float(s.sum()) / max(n_tok, 1),
+                "prob": float(s.exp().mean()),
+                "n_seqs": int(s.numel()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -192,19 +206,34 @@ def amplification_sweep(
             p = p.flatten()
             batch = p[None].expand(n_samples, -1)
             out = sample_amplified(
-                paired, batch, float(a), mode=mode, layer=layer, max_new_tokens=max_new_tokens,
-                temperature=temperature, top_k=top_k, seed=seed + 1000 * i,
+                paired,
+                batch,
+                float(a),
+                mode=mode,
+                layer=layer,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                seed=seed + 1000 * i,
                 stop_token_ids=stop_token_ids,
             )
             for j in range(n_samples):
-                new = out[j, p.numel():]
-                text = tok.decode(new.tolist()) if tok is not None else " ".join(map(str, new.tolist()))
+                new = out[j, p.numel() :]
+                text = (
+                    tok.decode(new.tolist())
+                    if tok is not None
+                    else " ".join(map(str, new.tolist()))
+                )
                 hit = bool(detector(new, text))
                 hits += hit
                 n += 1
                 if return_samples:
-                    samples.append({"alpha": float(a), "prompt": i, "sample": j, "text": text, "hit": hit})
-        rows.append({"alpha": float(a), "mode": mode, "rate": hits / max(n, 1), "n_hits": hits, "n": n})
+                    samples.append(
+                        {"alpha": float(a), "prompt": i, "sample": j, "text": text, "hit": hit}
+                    )
+        rows.append(
+            {"alpha": float(a), "mode": mode, "rate": hits / max(n, 1), "n_hits": hits, "n": n}
+        )
     df = pd.DataFrame(rows)
     if return_samples:
         return df, pd.DataFrame(samples)

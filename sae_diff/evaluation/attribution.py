@@ -107,8 +107,15 @@ def kl_attribution(
         active = (f > 0).any(0).nonzero().flatten()
         kl0 = float(kl[b, t])
         tok_str = token_strings(paired.tokenizer, [int(tokens[b, t])])[0]
-        tok_rows.append({"seq": b, "pos": t, "token": tok_str, "kl_stitched": kl0,
-                         "n_active": int(active.numel())})
+        tok_rows.append(
+            {
+                "seq": b,
+                "pos": t,
+                "token": tok_str,
+                "kl_stitched": kl0,
+                "n_active": int(active.numel()),
+            }
+        )
         if active.numel() == 0:
             continue
         # first-order estimate: d KL_t / d h . (f_j Dd_j), summed over positions
@@ -132,31 +139,63 @@ def kl_attribution(
             reds = []
             for lo in range(0, cand.numel(), batch_size):
                 c = cand[lo : lo + batch_size]
-                contrib = f[:, c].T.to(D.dtype)[..., None] * rows_dir[c.to(rows_dir.device)][:, None, :]
-                hs = (batch.x_base[0][None] + contrib.to(batch.x_base.dtype)).contiguous()  # (c, t+1, d)
+                contrib = (
+                    f[:, c].T.to(D.dtype)[..., None] * rows_dir[c.to(rows_dir.device)][:, None, :]
+                )
+                hs = (
+                    batch.x_base[0][None] + contrib.to(batch.x_base.dtype)
+                ).contiguous()  # (c, t+1, d)
                 lg = paired.continue_from("ft", hs, L, tokens=tb.expand(c.numel(), -1))[:, t]
                 reds.append(kl0 - token_kl(ref[None].expand_as(lg), lg).cpu())
             red_t = torch.cat(reds)
             o2 = torch.argsort(red_t, descending=True)[:top_latents]
             cand, red, lin_sel = cand[o2], red_t[o2].tolist(), lin_c[o2.to(lin_c.device)].tolist()
         for rank, (j, r, li) in enumerate(zip(cand.tolist(), red, lin_sel, strict=True)):
-            per_token.append({
-                "seq": b, "pos": t, "token": tok_str, "kl_stitched": kl0, "rank": rank,
-                "latent": int(j), "activation": float(f[t, j]), "reduction": float(r),
-                "frac": float(r) / kl0 if kl0 > 0 else float("nan"), "linear": float(li),
-            })
-    pt = pd.DataFrame(per_token, columns=["seq", "pos", "token", "kl_stitched", "rank", "latent",
-                                          "activation", "reduction", "frac", "linear"])
+            per_token.append(
+                {
+                    "seq": b,
+                    "pos": t,
+                    "token": tok_str,
+                    "kl_stitched": kl0,
+                    "rank": rank,
+                    "latent": int(j),
+                    "activation": float(f[t, j]),
+                    "reduction": float(r),
+                    "frac": float(r) / kl0 if kl0 > 0 else float("nan"),
+                    "linear": float(li),
+                }
+            )
+    pt = pd.DataFrame(
+        per_token,
+        columns=[
+            "seq",
+            "pos",
+            "token",
+            "kl_stitched",
+            "rank",
+            "latent",
+            "activation",
+            "reduction",
+            "frac",
+            "linear",
+        ],
+    )
     if len(pt):
         overall = (
             pt.groupby("latent")
-            .agg(n_tokens=("pos", "size"), total_reduction=("reduction", "sum"),
-                 mean_reduction=("reduction", "mean"), mean_frac=("frac", "mean"))
+            .agg(
+                n_tokens=("pos", "size"),
+                total_reduction=("reduction", "sum"),
+                mean_reduction=("reduction", "mean"),
+                mean_frac=("frac", "mean"),
+            )
             .sort_values("total_reduction", ascending=False)
             .reset_index()
         )
     else:
-        overall = pd.DataFrame(columns=["latent", "n_tokens", "total_reduction", "mean_reduction", "mean_frac"])
+        overall = pd.DataFrame(
+            columns=["latent", "n_tokens", "total_reduction", "mean_reduction", "mean_frac"]
+        )
     return KLAttribution(per_token=pt, overall=overall, tokens=pd.DataFrame(tok_rows))
 
 

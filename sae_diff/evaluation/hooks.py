@@ -44,7 +44,9 @@ HookFn = Callable[[torch.Tensor, Any], torch.Tensor]
 MODES = ("reconstruction", "error", "subset", "steering", "stitch", "ft")
 
 
-def hook_point(sae: PairedDictionary | None = None, n_layers: int | None = None, layer: int | None = None) -> str:
+def hook_point(
+    sae: PairedDictionary | None = None, n_layers: int | None = None, layer: int | None = None
+) -> str:
     """Where to attach a patch hook: the dictionary's own residual hook
     (``cfg.metadata.hook_name``) or, given ``layer``, ``blocks.{layer}.hook_resid_pre``
     (``blocks.{n-1}.hook_resid_post`` for ``layer == n_layers``)."""

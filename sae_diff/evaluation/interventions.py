@@ -75,7 +75,10 @@ def split_batch(
     xb = paired.residual_at("base", tokens, layer, attention_mask=attention_mask)
     xc = paired.residual_at("ft", tokens, layer, attention_mask=attention_mask).to(xb.device)
     return SplitBatch(
-        tokens=tokens, x_base=xb, x_ft=xc, layer=layer,
+        tokens=tokens,
+        x_base=xb,
+        x_ft=xc,
+        layer=layer,
         rows=rows if rows is not None else slice(0, tokens.shape[0]),
         attention_mask=attention_mask,
     )
@@ -131,7 +134,11 @@ class DictionaryPatcher:
         if latents is not None:
             f = _restrict(f, latents)
         if self.kind == "crosscoder":
-            out = self._linear(f) if (latents is not None or not self.include_bias) else self._decode(f)
+            out = (
+                self._linear(f)
+                if (latents is not None or not self.include_bias)
+                else self._decode(f)
+            )
             return out[..., 1, :] - out[..., 0, :]
         out = self._linear(f) if latents is not None else self._decode(f)
         return self.sign * out
@@ -197,11 +204,13 @@ def subset_patch(patcher: DictionaryPatcher, latents: LatentSpec) -> Interventio
     return lambda b: b.x_base + _cast(patcher.delta(b.codes(patcher), idx), b.x_base)
 
 
-def steering_patch(patcher: DictionaryPatcher, latents: LatentSpec, scale: float = 1.0) -> Intervention:
+def steering_patch(
+    patcher: DictionaryPatcher, latents: LatentSpec, scale: float = 1.0
+) -> Intervention:
     """``h = x^b + scale * sum_{j in S} f_j d_j^c`` (additive steering with the ft decoder)."""
     idx = latent_indices(latents, patcher.d_sae)
-    return lambda b: b.x_base + scale * _cast(
-        patcher.steering_vector(b.codes(patcher), idx), b.x_base
+    return lambda b: (
+        b.x_base + scale * _cast(patcher.steering_vector(b.codes(patcher), idx), b.x_base)
     )
 
 

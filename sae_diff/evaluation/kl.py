@@ -223,8 +223,17 @@ class KLDashboard:
         )
         cols = "".join(
             f"<th>{c}</th>"
-            for c in ("seq", "pos", "KL", "NLL base", "NLL ft", "top base", "top ft",
-                      f"first {self.first_n}", "context")
+            for c in (
+                "seq",
+                "pos",
+                "KL",
+                "NLL base",
+                "NLL ft",
+                "top base",
+                "top ft",
+                f"first {self.first_n}",
+                "context",
+            )
         )
         return (
             "<!doctype html><html><head><meta charset='utf-8'><title>KL dashboard</title>"
@@ -260,7 +269,7 @@ def top_kl_table(
     top = torch.topk(vals.flatten(), k) if k > 0 else None
     rows: list[dict[str, Any]] = []
     S = tokens.shape[1]
-    for flat in ([] if top is None else top.indices.tolist()):
+    for flat in [] if top is None else top.indices.tolist():
         b, p = divmod(int(flat), S)
         lo = max(0, p - context)
         pieces = _pieces(tokenizer, tokens[b, lo : p + 1].tolist())
@@ -318,12 +327,24 @@ def kl_dashboard(
     summary = masked_summary(stats["kl"], mask, first_n)
     extra = {k: stats[k] for k in ("nll_base", "nll_ft", "top_base", "top_ft")}
     table = top_kl_table(
-        stats["kl"], tokens.cpu(), mask, top_n=top_n, first_n=first_n, context=context,
-        tokenizer=paired.tokenizer, extra=extra,
+        stats["kl"],
+        tokens.cpu(),
+        mask,
+        top_n=top_n,
+        first_n=first_n,
+        context=context,
+        tokenizer=paired.tokenizer,
+        extra=extra,
     )
     return KLDashboard(
-        table=table, summary=summary, kl=kl, tokens=tokens.cpu(), mask=mask,
-        tokenizer=paired.tokenizer, first_n=first_n, context=context,
+        table=table,
+        summary=summary,
+        kl=kl,
+        tokens=tokens.cpu(),
+        mask=mask,
+        tokenizer=paired.tokenizer,
+        first_n=first_n,
+        context=context,
     )
 
 

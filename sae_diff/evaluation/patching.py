@@ -161,7 +161,9 @@ def evaluate_interventions(
                         f"{tuple(batch.x_base.shape)}, got "
                         f"{getattr(h, 'shape', type(h).__name__)}"
                     )
-                logits = paired.continue_from("ft", h.contiguous(), layer, tokens=tb, attention_mask=am)
+                logits = paired.continue_from(
+                    "ft", h.contiguous(), layer, tokens=tb, attention_mask=am
+                )
                 acc[name].add(token_kl(ref, logits.to(dev)), token_nll(logits, tb), masks)
     return {name: a.means() for name, a in acc.items()}
 
@@ -199,8 +201,13 @@ def _dictionary_rows(
 ) -> list[_Row]:
     p = patcher
     rows = [
-        _Row("reconstruction", "reconstruction", "x^b + Dhat (full reconstruction)", p.d_sae,
-             reconstruction_patch(p)),
+        _Row(
+            "reconstruction",
+            "reconstruction",
+            "x^b + Dhat (full reconstruction)",
+            p.d_sae,
+            reconstruction_patch(p),
+        ),
         _Row("error", "error", "x^b + (D - Dhat) (dictionary error)", None, error_patch(p)),
     ]
     targeted: list[tuple[str, str, torch.Tensor, torch.Tensor | None]] = []
@@ -218,14 +225,32 @@ def _dictionary_rows(
         nu_pool = known if pool_ft is None else known[torch.isin(known, pool_ft)]
         where = "ft-only latents with known ν" if p.kind == "crosscoder" else "latents with known ν"
         for t in nu_thresholds:
-            targeted.append((f"nu<{t:g}", f"{where} with ν < {t:g}",
-                             nu_threshold_latents(thr_s, t, nu_pool), nu_pool))
+            targeted.append(
+                (
+                    f"nu<{t:g}",
+                    f"{where} with ν < {t:g}",
+                    nu_threshold_latents(thr_s, t, nu_pool),
+                    nu_pool,
+                )
+            )
         if nu_rank_fraction is not None:
             pct = f"{100 * nu_rank_fraction:g}%"
-            targeted.append((f"nu_low{pct}", f"lowest-ν {pct} of {where}",
-                             nu_rank_latents(rank_s, nu_rank_fraction, nu_pool, lowest=True), nu_pool))
-            targeted.append((f"nu_high{pct}", f"highest-ν {pct} of {where}",
-                             nu_rank_latents(rank_s, nu_rank_fraction, nu_pool, lowest=False), nu_pool))
+            targeted.append(
+                (
+                    f"nu_low{pct}",
+                    f"lowest-ν {pct} of {where}",
+                    nu_rank_latents(rank_s, nu_rank_fraction, nu_pool, lowest=True),
+                    nu_pool,
+                )
+            )
+            targeted.append(
+                (
+                    f"nu_high{pct}",
+                    f"highest-ν {pct} of {where}",
+                    nu_rank_latents(rank_s, nu_rank_fraction, nu_pool, lowest=False),
+                    nu_pool,
+                )
+            )
     for key, spec in subsets.items():
         targeted.append((key, f"user subset {key!r}", latent_indices(spec, p.d_sae), None))
     user_pool = None if random_pool is None else latent_indices(random_pool, p.d_sae)
@@ -240,16 +265,28 @@ def _dictionary_rows(
             pool_id = "all" if isinstance(draw_from, int) else str(hash(tuple(draw_from.tolist())))
             for s in range(random_seeds):
                 r = random_latents(int(ids.numel()), draw_from, seed=s)
-                rows.append(_Row(
-                    f"random:{key}", "random",
-                    f"random {ids.numel()} latents from {pool_desc} ({random_seeds} seeds)",
-                    int(ids.numel()), subset_patch(p, r), random_of=f"subset:{key}", seed=s,
-                    engine_key=f"random\0{ids.numel()}\0{pool_id}\0{s}",
-                ))
+                rows.append(
+                    _Row(
+                        f"random:{key}",
+                        "random",
+                        f"random {ids.numel()} latents from {pool_desc} ({random_seeds} seeds)",
+                        int(ids.numel()),
+                        subset_patch(p, r),
+                        random_of=f"subset:{key}",
+                        seed=s,
+                        engine_key=f"random\0{ids.numel()}\0{pool_id}\0{s}",
+                    )
+                )
     if steering and p.kind == "crosscoder" and pool_ft is not None:
-        rows.append(_Row("steering:ft_only", "steering",
-                         f"x^b + {steering_scale:g} * sum_(ft-only) f_j d_j^c",
-                         int(pool_ft.numel()), steering_patch(p, pool_ft, steering_scale)))
+        rows.append(
+            _Row(
+                "steering:ft_only",
+                "steering",
+                f"x^b + {steering_scale:g} * sum_(ft-only) f_j d_j^c",
+                int(pool_ft.numel()),
+                steering_patch(p, pool_ft, steering_scale),
+            )
+        )
     return rows
 
 
@@ -316,33 +353,56 @@ def kl_patching_table(
         repeat in each dictionary's block. ``df.attrs`` records ``layer`` and ``first_n``.
         Use :func:`compare_dictionaries` for a side-by-side view.
     """
-    dicts = dict(dictionaries) if isinstance(dictionaries, Mapping) else {"dictionary": dictionaries}
+    dicts = (
+        dict(dictionaries) if isinstance(dictionaries, Mapping) else {"dictionary": dictionaries}
+    )
     if not dicts:
         raise ValueError("give at least one dictionary")
     for key, arg in (("nu", nu), ("subsets", subsets), ("random_pool", random_pool)):
         unknown = set(arg or {}) - set(dicts)
         if unknown:
-            raise ValueError(f"{key} names unknown dictionaries {sorted(unknown)}; known: {sorted(dicts)}")
+            raise ValueError(
+                f"{key} names unknown dictionaries {sorted(unknown)}; known: {sorted(dicts)}"
+            )
     L = resolve_layer(paired, layer, dicts)
     mask = as_token_mask(token_mask, tokens)
 
     shared: list[_Row] = []
     if first_k_patch is not None:
-        shared.append(_Row(f"tokens:first{first_k_patch}", "tokens",
-                           f"x^c at the first {first_k_patch} masked positions", None,
-                           token_patch(first_n_of_mask(mask, first_k_patch))))
+        shared.append(
+            _Row(
+                f"tokens:first{first_k_patch}",
+                "tokens",
+                f"x^c at the first {first_k_patch} masked positions",
+                None,
+                token_patch(first_n_of_mask(mask, first_k_patch)),
+            )
+        )
     for key, pos in (token_patches or {}).items():
-        shared.append(_Row(f"tokens:{key}", "tokens", f"x^c at the {key!r} positions", None,
-                           token_patch(as_token_mask(pos, tokens))))
+        shared.append(
+            _Row(
+                f"tokens:{key}",
+                "tokens",
+                f"x^c at the {key!r} positions",
+                None,
+                token_patch(as_token_mask(pos, tokens)),
+            )
+        )
     per_dict: dict[str, list[_Row]] = {}
     for name, sae in dicts.items():
         patcher = DictionaryPatcher(sae, include_bias=include_bias)
         per_dict[name] = _dictionary_rows(
-            name, patcher,
-            nu=(nu or {}).get(name), nu_thresholds=nu_thresholds,
-            nu_rank_fraction=nu_rank_fraction, subsets=(subsets or {}).get(name, {}),
-            ft_only=ft_only, steering=steering, steering_scale=steering_scale,
-            random_seeds=random_seeds, random_pool=(random_pool or {}).get(name),
+            name,
+            patcher,
+            nu=(nu or {}).get(name),
+            nu_thresholds=nu_thresholds,
+            nu_rank_fraction=nu_rank_fraction,
+            subsets=(subsets or {}).get(name, {}),
+            ft_only=ft_only,
+            steering=steering,
+            steering_scale=steering_scale,
+            random_seeds=random_seeds,
+            random_pool=(random_pool or {}).get(name),
         )
     ivs: dict[str, Intervention] = {}
     for r in shared:
@@ -354,8 +414,15 @@ def kl_patching_table(
             r.engine_key = f"{name}\0{r.engine_key or r.key}"
             ivs.setdefault(r.engine_key, r.fn)
     res = evaluate_interventions(
-        paired, tokens, mask, L, ivs, first_n=first_n, batch_size=batch_size,
-        attention_mask=attention_mask, progress=progress,
+        paired,
+        tokens,
+        mask,
+        L,
+        ivs,
+        first_n=first_n,
+        batch_size=batch_size,
+        attention_mask=attention_mask,
+        progress=progress,
     )
     base = res["stitched"]
 
@@ -374,9 +441,19 @@ def kl_patching_table(
             ("stitched", "baseline", "x^b (base first half, ft second half)", base),
         ] + [(r.key, r.kind, r.description, res[f"\0{r.key}"]) for r in shared]
         for key, kind, desc, m in common:
-            out.append({"dictionary": name, "intervention": key, "kind": kind,
-                        "description": desc, "n_latents": None, **metrics(m),
-                        "kl_std": float("nan"), "closed_std": float("nan"), "n_seeds": None})
+            out.append(
+                {
+                    "dictionary": name,
+                    "intervention": key,
+                    "kind": kind,
+                    "description": desc,
+                    "n_latents": None,
+                    **metrics(m),
+                    "kl_std": float("nan"),
+                    "closed_std": float("nan"),
+                    "n_seeds": None,
+                }
+            )
         randoms: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
             assert r.engine_key is not None
@@ -384,26 +461,71 @@ def kl_patching_table(
             if r.kind == "random":
                 randoms.setdefault(r.key, []).append({**m, "_row": r})
                 continue
-            out.append({"dictionary": name, "intervention": r.key, "kind": r.kind,
-                        "description": r.description, "n_latents": r.n_latents, **m,
-                        "kl_std": float("nan"), "closed_std": float("nan"), "n_seeds": None})
+            out.append(
+                {
+                    "dictionary": name,
+                    "intervention": r.key,
+                    "kind": r.kind,
+                    "description": r.description,
+                    "n_latents": r.n_latents,
+                    **m,
+                    "kl_std": float("nan"),
+                    "closed_std": float("nan"),
+                    "n_seeds": None,
+                }
+            )
         for key, ms in randoms.items():
             r0 = ms[0]["_row"]
-            agg: dict[str, Any] = {"dictionary": name, "intervention": key, "kind": "random",
-                                   "description": r0.description, "n_latents": r0.n_latents}
-            for col in ("kl", "kl_first", "kl_rest", "nll", "closed", "closed_first", "closed_rest"):
+            agg: dict[str, Any] = {
+                "dictionary": name,
+                "intervention": key,
+                "kind": "random",
+                "description": r0.description,
+                "n_latents": r0.n_latents,
+            }
+            for col in (
+                "kl",
+                "kl_first",
+                "kl_rest",
+                "nll",
+                "closed",
+                "closed_first",
+                "closed_rest",
+            ):
                 agg[col] = float(np.mean([m[col] for m in ms]))
             agg["n_tokens"] = ms[0]["n_tokens"]
-            agg["kl_std"] = float(np.std([m["kl"] for m in ms], ddof=1)) if len(ms) > 1 else float("nan")
-            agg["closed_std"] = float(np.std([m["closed"] for m in ms], ddof=1)) if len(ms) > 1 else float("nan")
+            agg["kl_std"] = (
+                float(np.std([m["kl"] for m in ms], ddof=1)) if len(ms) > 1 else float("nan")
+            )
+            agg["closed_std"] = (
+                float(np.std([m["closed"] for m in ms], ddof=1)) if len(ms) > 1 else float("nan")
+            )
             agg["n_seeds"] = len(ms)
             # keep each random row right after its targeted subset
-            idx = next(i for i, o in enumerate(out)
-                       if o["dictionary"] == name and o["intervention"] == r0.random_of)
+            idx = next(
+                i
+                for i, o in enumerate(out)
+                if o["dictionary"] == name and o["intervention"] == r0.random_of
+            )
             out.insert(idx + 1, agg)
-    cols = ["dictionary", "intervention", "kind", "description", "n_latents", "kl", "kl_first",
-            "kl_rest", "nll", "closed", "closed_first", "closed_rest", "kl_std", "closed_std",
-            "n_seeds", "n_tokens"]
+    cols = [
+        "dictionary",
+        "intervention",
+        "kind",
+        "description",
+        "n_latents",
+        "kl",
+        "kl_first",
+        "kl_rest",
+        "nll",
+        "closed",
+        "closed_first",
+        "closed_rest",
+        "kl_std",
+        "closed_std",
+        "n_seeds",
+        "n_tokens",
+    ]
     df = pd.DataFrame(out, columns=cols)
     df["n_latents"] = df["n_latents"].astype("Int64")
     df["n_seeds"] = df["n_seeds"].astype("Int64")
@@ -414,8 +536,14 @@ def kl_patching_table(
 def compare_dictionaries(table: pd.DataFrame, value: str = "closed") -> pd.DataFrame:
     """Side-by-side view of a :func:`kl_patching_table`: interventions x dictionaries."""
     order = list(dict.fromkeys(table["intervention"]))
-    wide = table.pivot_table(index="intervention", columns="dictionary", values=value,
-                             aggfunc="first", sort=False, dropna=False)
+    wide = table.pivot_table(
+        index="intervention",
+        columns="dictionary",
+        values=value,
+        aggfunc="first",
+        sort=False,
+        dropna=False,
+    )
     wide = wide.reindex(order)
     wide.columns = list(wide.columns)
     return wide
@@ -443,8 +571,10 @@ def gap_closed_summary(table: pd.DataFrame, nu_key: str | None = None) -> pd.Dat
             "nu_subset": nk,
             "nu_subset_closed": get(nk) if nk else float("nan"),
             "nu_subset_n_latents": by.at[nk, "n_latents"] if nk and nk in by.index else pd.NA,
-            "nu_random": get("random:" + nk[len("subset:"):]) if nk else float("nan"),
-            "nu_random_std": get("random:" + nk[len("subset:"):], "closed_std") if nk else float("nan"),
+            "nu_random": get("random:" + nk[len("subset:") :]) if nk else float("nan"),
+            "nu_random_std": get("random:" + nk[len("subset:") :], "closed_std")
+            if nk
+            else float("nan"),
         }
         rows.append(row)
     return pd.DataFrame(rows).set_index("dictionary")

@@ -214,18 +214,20 @@ def stitching_sweep(
     for d, L in keys:
         s = sums[(d, L)]
         c = counts
-        rows.append({
-            "first": d,
-            "layer": L,
-            "kl_to_ft": float(s[0] / c[0]),
-            "kl_to_ft_first": float(s[1] / c[1]),
-            "kl_to_ft_rest": float(s[2] / c[2]),
-            "kl_to_base": float(s[3] / c[0]),
-            "kl_to_base_first": float(s[4] / c[1]),
-            "kl_to_base_rest": float(s[5] / c[2]),
-            "nll": float(s[6] / c[3]),
-            "n_tokens": int(c[0]),
-        })
+        rows.append(
+            {
+                "first": d,
+                "layer": L,
+                "kl_to_ft": float(s[0] / c[0]),
+                "kl_to_ft_first": float(s[1] / c[1]),
+                "kl_to_ft_rest": float(s[2] / c[2]),
+                "kl_to_base": float(s[3] / c[0]),
+                "kl_to_base_first": float(s[4] / c[1]),
+                "kl_to_base_rest": float(s[5] / c[2]),
+                "nll": float(s[6] / c[3]),
+                "n_tokens": int(c[0]),
+            }
+        )
     df = pd.DataFrame(rows)
     df.attrs["first_n"] = first_n
     return df
@@ -240,10 +242,19 @@ def plot_stitching_sweep(df: pd.DataFrame, title: str = "Layer stitching") -> An
         part = part.sort_values("layer")
         other = "ft" if d == "base" else "base"
         label = f"{d} < L, {other} >= L"
-        fig.add_scatter(x=part["layer"], y=part["kl_to_ft"], mode="lines+markers",
-                        name=f"KL(p_ft || ·) [{label}]")
-        fig.add_scatter(x=part["layer"], y=part["kl_to_base"], mode="lines+markers",
-                        name=f"KL(p_base || ·) [{label}]", line={"dash": "dash"})
+        fig.add_scatter(
+            x=part["layer"],
+            y=part["kl_to_ft"],
+            mode="lines+markers",
+            name=f"KL(p_ft || ·) [{label}]",
+        )
+        fig.add_scatter(
+            x=part["layer"],
+            y=part["kl_to_base"],
+            mode="lines+markers",
+            name=f"KL(p_base || ·) [{label}]",
+            line={"dash": "dash"},
+        )
     fig.update_layout(title=title, xaxis_title="split layer L", yaxis_title="mean KL (nats)")
     return fig
 

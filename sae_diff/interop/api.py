@@ -1,14 +1,14 @@
 """One-line loading of published dictionaries, and the matching SAELens converters.
 
-    import sae_diff.interop as interop
-    cc  = interop.load("owner/crosscoder-repo")                          # dictionary_learning
-    sae = interop.load("owner/diff-sae-repo", diff_sign="ft_minus_base")  # BatchTopKSAE on a difference
-    cc  = interop.load("ckkissane/crosscoder-gemma-2-2b-model-diff/blocks.14.hook_resid_pre",
-                       norm_factors=[c_0, c_1])                           # replication format
-    interop.convert(source, "out_dir")                                    # SAELens files on disk
+import sae_diff.interop as interop
+cc  = interop.load("owner/crosscoder-repo")                          # dictionary_learning
+sae = interop.load("owner/diff-sae-repo", diff_sign="ft_minus_base")  # BatchTopKSAE on a difference
+cc  = interop.load("ckkissane/crosscoder-gemma-2-2b-model-diff/blocks.14.hook_resid_pre",
+                   norm_factors=[c_0, c_1])                           # replication format
+interop.convert(source, "out_dir")                                    # SAELens files on disk
 
-    SAE.from_pretrained("owner/repo", "", converter=interop.hf_converter())
-    SAE.load_from_disk("path/to/folder", converter=interop.disk_converter())
+SAE.from_pretrained("owner/repo", "", converter=interop.hf_converter())
+SAE.load_from_disk("path/to/folder", converter=interop.disk_converter())
 """
 
 from __future__ import annotations
@@ -46,7 +46,11 @@ def _replication_save_version(src: Source, weights_file: str | None) -> str | No
     if src.local is None:
         return None
     versions = sorted(
-        (int(m.group(1)) for p in src.list_local("_cfg.json") if (m := REPLICATION_SAVE.match(p.name))),
+        (
+            int(m.group(1))
+            for p in src.list_local("_cfg.json")
+            if (m := REPLICATION_SAVE.match(p.name))
+        ),
     )
     versions = [v for v in versions if (src.local / f"{v}.pt").is_file()]
     if weights_file is not None:
@@ -57,8 +61,12 @@ def _replication_save_version(src: Source, weights_file: str | None) -> str | No
 
 def _newest_dl_checkpoint(src: Source) -> Path | None:
     """The highest-step ``checkpoint_<step>.pt`` of a local trainer output folder."""
-    found = [(int(m.group(1)), p) for p in src.list_local(".pt") if (m := DL_CHECKPOINT.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in src.list_local(".pt") if (m := DL_CHECKPOINT.match(p.name))
+    ]
     return max(found)[1] if found else None
+
+
 SAE_LENS_CFG, SAE_LENS_WEIGHTS = "cfg.json", "sae_weights.safetensors"
 
 
@@ -122,8 +130,14 @@ def read(
     opts = ConversionOptions(**options)
     if opts.diff_sign is not None and opts.diff_sign not in DIFF_SIGNS:
         raise ValueError(f"diff_sign must be one of {list(DIFF_SIGNS)}, got {opts.diff_sign!r}.")
-    src, file_name = resolve_source(source, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
-                                    endpoint=endpoint, force_download=force_download)
+    src, file_name = resolve_source(
+        source,
+        subfolder=subfolder,
+        revision=revision,
+        cache_dir=cache_dir,
+        endpoint=endpoint,
+        force_download=force_download,
+    )
     weights_file = weights_file or file_name
     fmt = format or _detect_format(src, weights_file)
     if fmt not in FORMATS:
@@ -134,22 +148,32 @@ def read(
         cfg_path = src.fetch(SAE_LENS_CFG)
         weights = src.fetch(weights_file or SAE_LENS_WEIGHTS)
         if cfg_path is None or weights is None:
-            raise InteropError(f"{where}: a SAELens folder needs {SAE_LENS_CFG} and {SAE_LENS_WEIGHTS}.")
+            raise InteropError(
+                f"{where}: a SAELens folder needs {SAE_LENS_CFG} and {SAE_LENS_WEIGHTS}."
+            )
         return sae_lens_disk_loader(cfg_path.parent, opts.device, {"dtype": opts.dtype})
 
     if fmt == "crosscoder_replication":
         version = _replication_save_version(src, weights_file)
         cfg_name = f"{version}_cfg.json" if version is not None else replication.CFG_FILE
-        weights_name = f"{version}.pt" if version is not None else weights_file or replication.WEIGHTS_FILE
+        weights_name = (
+            f"{version}.pt" if version is not None else weights_file or replication.WEIGHTS_FILE
+        )
         cfg_path = src.fetch(cfg_name)
         config = read_json(cfg_path) if cfg_path is not None else {}
         weights = _weights_path(src, [weights_name], "replication")
-        return replication.convert(read_state_dict(weights), config, opts, f"{where}/{weights.name}")
+        return replication.convert(
+            read_state_dict(weights), config, opts, f"{where}/{weights.name}"
+        )
 
     cfg_path = src.fetch(DL_CONFIG)
     config = read_json(cfg_path) if cfg_path is not None else {}
-    weights = _weights_path(src, [weights_file] if weights_file else DL_WEIGHTS, "dictionary_learning")
-    return dictionary_learning.convert(read_state_dict(weights), config, opts, f"{where}/{weights.name}")
+    weights = _weights_path(
+        src, [weights_file] if weights_file else DL_WEIGHTS, "dictionary_learning"
+    )
+    return dictionary_learning.convert(
+        read_state_dict(weights), config, opts, f"{where}/{weights.name}"
+    )
 
 
 def load(source: str | Path, **kwargs: Any) -> SAE[Any]:
@@ -206,12 +230,21 @@ def hf_converter(**options: Any) -> HfLoader:
     ``SAE.from_pretrained(repo_id, folder_or_empty_string, converter=hf_converter(**options))``;
     ``options`` are those of :func:`load` (except where to read, which SAELens supplies).
     """
-    def loader(repo_id: str, folder_name: str, device: str = "cpu", force_download: bool = False,
-               cfg_overrides: dict[str, Any] | None = None
-               ) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]:
+
+    def loader(
+        repo_id: str,
+        folder_name: str,
+        device: str = "cpu",
+        force_download: bool = False,
+        cfg_overrides: dict[str, Any] | None = None,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor], torch.Tensor | None]:
         dtype = (cfg_overrides or {}).get("dtype", options.get("dtype", "float32"))
-        cfg, sd = read(repo_id, subfolder=folder_name or None, force_download=force_download,
-                       **{**options, "device": device, "dtype": dtype})
+        cfg, sd = read(
+            repo_id,
+            subfolder=folder_name or None,
+            force_download=force_download,
+            **{**options, "device": device, "dtype": dtype},
+        )
         return _apply_overrides(cfg, cfg_overrides), sd, None
 
     return loader
@@ -219,8 +252,10 @@ def hf_converter(**options: Any) -> HfLoader:
 
 def disk_converter(**options: Any) -> DiskLoader:
     """A SAELens ``PretrainedSaeDiskLoader``: ``SAE.load_from_disk(path, converter=disk_converter())``."""
-    def loader(path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
-               ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+
+    def loader(
+        path: str | Path, device: str = "cpu", cfg_overrides: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         dtype = (cfg_overrides or {}).get("dtype", options.get("dtype", "float32"))
         cfg, sd = read(path, **{**options, "device": device, "dtype": dtype})
         return _apply_overrides(cfg, cfg_overrides), sd

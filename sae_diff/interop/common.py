@@ -41,7 +41,9 @@ class ConversionOptions:
 
     def __post_init__(self) -> None:
         if self.base_index not in (0, 1):
-            raise ValueError(f"base_index must be 0 or 1 (which source model is the base), got {self.base_index}.")
+            raise ValueError(
+                f"base_index must be 0 or 1 (which source model is the base), got {self.base_index}."
+            )
 
 
 def require(state_dict: Mapping[str, Any], keys: Sequence[str], where: str, hint: str = "") -> None:
@@ -62,8 +64,14 @@ def check_shape(t: torch.Tensor, name: str, expected: tuple[int, ...], where: st
     return t
 
 
-def orient(t: torch.Tensor, name: str, expected: tuple[int, ...], dims: tuple[int, int],
-           where: str, prefer_transposed: bool = False) -> torch.Tensor:
+def orient(
+    t: torch.Tensor,
+    name: str,
+    expected: tuple[int, ...],
+    dims: tuple[int, int],
+    where: str,
+    prefer_transposed: bool = False,
+) -> torch.Tensor:
     """Return ``t`` shaped ``expected``, transposing ``dims`` if it arrives the other way round.
 
     Transposition is detected by shape, so it is only unambiguous when the two swapped sizes
@@ -92,7 +100,9 @@ def config_int(config: Mapping[str, Any], names: Sequence[str]) -> int | None:
     return None
 
 
-def check_config_sizes(config: Mapping[str, Any], sizes: Mapping[tuple[str, ...], int], where: str) -> None:
+def check_config_sizes(
+    config: Mapping[str, Any], sizes: Mapping[tuple[str, ...], int], where: str
+) -> None:
     """Config fields (any alias) that are present must equal the sizes read off the tensors."""
     for names, actual in sizes.items():
         declared = config_int(config, names)
@@ -120,8 +130,9 @@ class Normaliser:
         return self.scale + NORMALISER_EPS
 
 
-def parse_normaliser(state_dict: StateDict, config: Mapping[str, Any], shape: tuple[int, ...],
-                     where: str) -> Normaliser | None:
+def parse_normaliser(
+    state_dict: StateDict, config: Mapping[str, Any], shape: tuple[int, ...], where: str
+) -> Normaliser | None:
     """Read the normaliser buffers; None when absent or unset (NaN, as the source stores "off").
 
     The scale is the ``activation_global_scale`` buffer when present (what the source's forward
@@ -130,9 +141,13 @@ def parse_normaliser(state_dict: StateDict, config: Mapping[str, Any], shape: tu
     present = [k for k in NORMALISER_KEYS if k in state_dict]
     if not present:
         return None
-    require(state_dict, ["activation_mean", "activation_std"], where,
-            hint="The normaliser needs activation_mean and activation_std (and target_rms or "
-                 "activation_global_scale); the checkpoint has only some of them.")
+    require(
+        state_dict,
+        ["activation_mean", "activation_std"],
+        where,
+        hint="The normaliser needs activation_mean and activation_std (and target_rms or "
+        "activation_global_scale); the checkpoint has only some of them.",
+    )
     mean, std = to64(state_dict["activation_mean"]), to64(state_dict["activation_std"])
     if torch.isnan(mean).all() and torch.isnan(std).all():
         return None  # the source's marker for "no normaliser"
@@ -157,12 +172,18 @@ def parse_normaliser(state_dict: StateDict, config: Mapping[str, Any], shape: tu
             check_shape(scale, "activation_global_scale", lead, where)
         scale = scale.reshape(lead)
     else:
-        require(state_dict, ["target_rms"], where,
-                hint="Without activation_global_scale the scale is target_rms / sqrt(sum std^2).")
+        require(
+            state_dict,
+            ["target_rms"],
+            where,
+            hint="Without activation_global_scale the scale is target_rms / sqrt(sum std^2).",
+        )
         target = to64(state_dict["target_rms"])
         scale = target / torch.sqrt((std**2).sum(-1) + NORMALISER_EPS)
     if not torch.isfinite(scale).all() or (scale <= 0).any():
-        raise UnsupportedDictionaryError(f"{where}: normaliser scale {scale.tolist()} is not positive and finite.")
+        raise UnsupportedDictionaryError(
+            f"{where}: normaliser scale {scale.tolist()} is not positive and finite."
+        )
     return Normaliser(mean=mean, scale=scale)
 
 
@@ -181,9 +202,13 @@ def inference_threshold(state_dict: StateDict, opts: ConversionOptions, where: s
     """The source's scalar inference threshold theta (``opts.threshold`` overrides the buffer)."""
     if opts.threshold is not None:
         return float(opts.threshold)
-    require(state_dict, ["threshold"], where,
-            hint="A BatchTopK checkpoint stores its inference threshold in the 'threshold' buffer; "
-                 "pass threshold=<value> if you know it.")
+    require(
+        state_dict,
+        ["threshold"],
+        where,
+        hint="A BatchTopK checkpoint stores its inference threshold in the 'threshold' buffer; "
+        "pass threshold=<value> if you know it.",
+    )
     t = state_dict["threshold"]
     if t.numel() != 1:
         raise UnsupportedDictionaryError(

@@ -82,12 +82,14 @@ def detect_dict_class(state_dict: Mapping[str, torch.Tensor], where: str) -> str
         return "BatchTopKCrossCoder" if batch_topk else "CrossCoder"
     if enc.ndim == 2 and batch_topk and "b_dec" in state_dict:
         return "BatchTopKSAE"
-    raise UnknownDictClassError("<no config.json; keys " + ", ".join(sorted(state_dict)[:8]) + ">",
-                                DICT_CLASSES, where)
+    raise UnknownDictClassError(
+        "<no config.json; keys " + ", ".join(sorted(state_dict)[:8]) + ">", DICT_CLASSES, where
+    )
 
 
-def convert(state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOptions,
-            where: str) -> tuple[dict[str, Any], StateDict]:
+def convert(
+    state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOptions, where: str
+) -> tuple[dict[str, Any], StateDict]:
     """Convert a dictionary_learning checkpoint to (SAELens cfg dict, state dict).
 
     ``config`` is the flat constructor-argument dict of a Hub upload (``config.json`` with
@@ -98,7 +100,9 @@ def convert(state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOp
         config = {**trainer, **{k: v for k, v in config.items() if k != "trainer"}}
     dict_class = opts.dict_class or config.get("dict_class") or detect_dict_class(state_dict, where)
     if dict_class in CROSSCODER_CLASSES:
-        return convert_crosscoder(state_dict, config, opts, where, batch_topk=dict_class == "BatchTopKCrossCoder")
+        return convert_crosscoder(
+            state_dict, config, opts, where, batch_topk=dict_class == "BatchTopKCrossCoder"
+        )
     if dict_class in SAE_CLASSES:
         return convert_batchtopk_sae(state_dict, config, opts, where)
     raise UnknownDictClassError(str(dict_class), DICT_CLASSES, where)
@@ -106,29 +110,38 @@ def convert(state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOp
 
 # --- crosscoders -------------------------------------------------------------------------------
 
-def source_code_normalisation(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
-                              where: str) -> str:
+
+def source_code_normalisation(
+    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], where: str
+) -> str:
     """The source's code normalisation name (upper case), from the buffer and/or the config."""
     from_buffer = from_config = None
     if "code_normalization_id" in state_dict:
         cid = int(state_dict["code_normalization_id"].reshape(()))
         if cid not in CODE_NORMALIZATION_IDS:
-            raise InteropError(f"{where}: code_normalization_id={cid} is not one of {CODE_NORMALIZATION_IDS}.")
+            raise InteropError(
+                f"{where}: code_normalization_id={cid} is not one of {CODE_NORMALIZATION_IDS}."
+            )
         from_buffer = CODE_NORMALIZATION_IDS[cid]
     raw = config.get("code_normalization")
     if raw is not None:
         from_config = str(raw).split(".")[-1].upper()
         if from_config not in CODE_NORMALIZATION_IDS.values():
-            raise InteropError(f"{where}: unknown code_normalization {raw!r} in config; expected one of "
-                               f"{sorted(CODE_NORMALIZATION_IDS.values())}.")
+            raise InteropError(
+                f"{where}: unknown code_normalization {raw!r} in config; expected one of "
+                f"{sorted(CODE_NORMALIZATION_IDS.values())}."
+            )
     if from_buffer and from_config and from_buffer != from_config:
         raise InteropError(
             f"{where}: code_normalization_id says {from_buffer} but config.json says {from_config}. "
             "Pass code_normalisation=... only after checking which one the model was trained with."
         )
     if from_buffer is None and from_config is None:
-        warnings.warn(f"{where}: no code normalisation recorded (older checkpoint); assuming CROSSCODER, "
-                      "as dictionary_learning does.", stacklevel=3)
+        warnings.warn(
+            f"{where}: no code normalisation recorded (older checkpoint); assuming CROSSCODER, "
+            "as dictionary_learning does.",
+            stacklevel=3,
+        )
         return "CROSSCODER"
     return str(from_buffer or from_config)
 
@@ -154,34 +167,50 @@ def crosscoder_decoder(state_dict: StateDict) -> torch.Tensor | None:
     """``decoder.weight``, or the older per-layer embedding_bag weights stacked to ``(L, n, d)``."""
     if "decoder.weight" in state_dict:
         return state_dict["decoder.weight"]
-    layers = sorted((int(m.group(1)), v) for k, v in state_dict.items() if (m := LAYER_KEY.match(k)))
+    layers = sorted(
+        (int(m.group(1)), v) for k, v in state_dict.items() if (m := LAYER_KEY.match(k))
+    )
     if not layers:
         return None
     return torch.stack([v for _, v in layers])
 
 
-def convert_crosscoder(state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOptions,
-                       where: str, batch_topk: bool) -> tuple[dict[str, Any], StateDict]:
+def convert_crosscoder(
+    state_dict: StateDict,
+    config: Mapping[str, Any],
+    opts: ConversionOptions,
+    where: str,
+    batch_topk: bool,
+) -> tuple[dict[str, Any], StateDict]:
     """``CrossCoder`` -> ``crosscoder``; ``BatchTopKCrossCoder`` -> ``jumprelu_crosscoder``."""
     dec_raw = crosscoder_decoder(state_dict)
-    required = ["encoder.weight", "encoder.bias", "decoder.bias"] + (["decoder.weight"] if dec_raw is None else [])
+    required = ["encoder.weight", "encoder.bias", "decoder.bias"] + (
+        ["decoder.weight"] if dec_raw is None else []
+    )
     require(state_dict, required, where)
     assert dec_raw is not None
     b_enc = to64(state_dict["encoder.bias"])
     dec_b = to64(state_dict["decoder.bias"])
     if b_enc.ndim != 1 or dec_b.ndim != 2:
-        raise InteropError(f"{where}: encoder.bias should be (n,) and decoder.bias (L, d); got "
-                           f"{tuple(b_enc.shape)} and {tuple(dec_b.shape)}.")
+        raise InteropError(
+            f"{where}: encoder.bias should be (n,) and decoder.bias (L, d); got "
+            f"{tuple(b_enc.shape)} and {tuple(dec_b.shape)}."
+        )
     n, (n_models, d) = b_enc.shape[0], tuple(dec_b.shape)
-    check_config_sizes(config, {("activation_dim",): d, ("dict_size",): n,
-                                ("num_layers", "num_encoder_layers"): n_models}, where)
+    check_config_sizes(
+        config,
+        {("activation_dim",): d, ("dict_size",): n, ("num_layers", "num_encoder_layers"): n_models},
+        where,
+    )
     enc_layers = config.get("encoder_layers") or config.get("encoder_layers_indices")
     if enc_layers is not None and list(enc_layers) != list(range(n_models)):
         raise UnsupportedDictionaryError(
             f"{where}: the encoder reads layers {list(enc_layers)} only; sae_diff crosscoders encode "
             "every model they decode. Not supported."
         )
-    enc = to64(orient(state_dict["encoder.weight"], "encoder.weight", (n_models, d, n), (1, 2), where))
+    enc = to64(
+        orient(state_dict["encoder.weight"], "encoder.weight", (n_models, d, n), (1, 2), where)
+    )
     dec = to64(orient(dec_raw, "decoder.weight", (n_models, n, d), (1, 2), where))
     mode = source_code_normalisation(state_dict, config, where)
     if mode == "DECOUPLED" and batch_topk:
@@ -201,35 +230,55 @@ def convert_crosscoder(state_dict: StateDict, config: Mapping[str, Any], opts: C
     norm = parse_normaliser(state_dict, config, (n_models, d), where)
     threshold = None
     if batch_topk:
-        threshold = thresholds_on_p(inference_threshold(state_dict, opts, where),
-                                    source_code_scale(dec, mode, config))
+        threshold = thresholds_on_p(
+            inference_threshold(state_dict, opts, where), source_code_scale(dec, mode, config)
+        )
     if opts.base_index == 1:
         if n_models != 2:
-            raise InteropError(f"{where}: base_index=1 swaps two models, but the checkpoint has {n_models}.")
+            raise InteropError(
+                f"{where}: base_index=1 swaps two models, but the checkpoint has {n_models}."
+            )
         enc, dec, dec_b = enc.flip(0), dec.flip(0), dec_b.flip(0)
         if norm is not None:
             norm = Normaliser(mean=norm.mean.flip(0), scale=norm.scale.flip(0))
     tensors = fold_crosscoder(enc, b_enc, dec, dec_b, norm)
-    common: dict[str, Any] = dict(d_in=d, d_sae=n, n_models=n_models, code_normalisation=label,
-                  norm_factors=None if norm is None else [float(v) for v in norm.scale],
-                  dtype=opts.dtype, device=opts.device)
-    source = {"format": "dictionary_learning", "dict_class": "BatchTopKCrossCoder" if batch_topk else "CrossCoder",
-              "where": where, "code_normalization": mode, "normaliser_folded": norm is not None,
-              "base_index": opts.base_index}
+    common: dict[str, Any] = dict(
+        d_in=d,
+        d_sae=n,
+        n_models=n_models,
+        code_normalisation=label,
+        norm_factors=None if norm is None else [float(v) for v in norm.scale],
+        dtype=opts.dtype,
+        device=opts.device,
+    )
+    source = {
+        "format": "dictionary_learning",
+        "dict_class": "BatchTopKCrossCoder" if batch_topk else "CrossCoder",
+        "where": where,
+        "code_normalization": mode,
+        "normaliser_folded": norm is not None,
+        "base_index": opts.base_index,
+    }
     if batch_topk:
         assert threshold is not None
         tensors["threshold"] = threshold
         k = state_dict.get("k")
         k_val = float(k.reshape(())) if k is not None else config.get("k")
-        cfg: Any = JumpReLUCrosscoderConfig(**common, k=None if k_val is None else float(k_val),
-                                            metadata=metadata(opts, source))
+        cfg: Any = JumpReLUCrosscoderConfig(
+            **common, k=None if k_val is None else float(k_val), metadata=metadata(opts, source)
+        )
     else:
         cfg = CrosscoderConfig(**common, metadata=metadata(opts, source))
     return finish(cfg, tensors)
 
 
-def fold_crosscoder(enc: torch.Tensor, b_enc: torch.Tensor, dec: torch.Tensor, dec_b: torch.Tensor,
-                    norm: Normaliser | None) -> StateDict:
+def fold_crosscoder(
+    enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    dec: torch.Tensor,
+    dec_b: torch.Tensor,
+    norm: Normaliser | None,
+) -> StateDict:
     """Source tensors (+ normaliser) -> sae_diff layout working on raw activations.
 
     With ``x_n = (x - mu) * g``: ``W_enc^m = g_m enc^m``, ``b_enc = b - sum_m (g_m mu^m) @ enc^m``,
@@ -248,20 +297,32 @@ def fold_crosscoder(enc: torch.Tensor, b_enc: torch.Tensor, dec: torch.Tensor, d
 
 # --- BatchTopK SAEs (chat-SAE, base-SAE, diff-SAE) -------------------------------------------------
 
-def convert_batchtopk_sae(state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOptions,
-                          where: str) -> tuple[dict[str, Any], StateDict]:
+
+def convert_batchtopk_sae(
+    state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOptions, where: str
+) -> tuple[dict[str, Any], StateDict]:
     """``BatchTopKSAE`` -> SAELens ``jumprelu`` (or sae_diff ``diff_sae`` when ``diff_sign`` is given)."""
     require(state_dict, ["encoder.weight", "encoder.bias", "decoder.weight", "b_dec"], where)
     b_enc, b_dec = to64(state_dict["encoder.bias"]), to64(state_dict["b_dec"])
     if b_enc.ndim != 1 or b_dec.ndim != 1:
-        raise InteropError(f"{where}: encoder.bias and b_dec should be vectors; got "
-                           f"{tuple(b_enc.shape)} and {tuple(b_dec.shape)}.")
+        raise InteropError(
+            f"{where}: encoder.bias and b_dec should be vectors; got "
+            f"{tuple(b_enc.shape)} and {tuple(b_dec.shape)}."
+        )
     n, d = b_enc.shape[0], b_dec.shape[0]
     check_config_sizes(config, {("activation_dim",): d, ("dict_size",): n}, where)
     enc = to64(orient(state_dict["encoder.weight"], "encoder.weight", (n, d), (0, 1), where))
     embedding_bag = config.get("decoder_type") == "embedding_bag"
-    dec = to64(orient(state_dict["decoder.weight"], "decoder.weight", (d, n), (0, 1), where,
-                      prefer_transposed=embedding_bag))
+    dec = to64(
+        orient(
+            state_dict["decoder.weight"],
+            "decoder.weight",
+            (d, n),
+            (0, 1),
+            where,
+            prefer_transposed=embedding_bag,
+        )
+    )
     norm = parse_normaliser(state_dict, config, (d,), where)
     theta = inference_threshold(state_dict, opts, where)
     if norm is None:
@@ -270,19 +331,35 @@ def convert_batchtopk_sae(state_dict: StateDict, config: Mapping[str, Any], opts
     else:  # fold: pre = (g W) x + b - W (g mu + b_dec); out = (W_d f + b_dec) / (g + eps) + mu
         apply_b_dec = False
         g, mu = norm.scale.reshape(()), norm.mean
-        tensors = {"W_enc": g * enc.T, "b_enc": b_enc - enc @ (g * mu + b_dec),
-                   "W_dec": dec.T / norm.out_scale.reshape(()), "b_dec": b_dec / norm.out_scale.reshape(()) + mu}
+        tensors = {
+            "W_enc": g * enc.T,
+            "b_enc": b_enc - enc @ (g * mu + b_dec),
+            "W_dec": dec.T / norm.out_scale.reshape(()),
+            "b_dec": b_dec / norm.out_scale.reshape(()) + mu,
+        }
     tensors["threshold"] = torch.full((n,), theta, dtype=torch.float64)
     k = state_dict.get("k")
     k_val = float(k.reshape(())) if k is not None else config.get("k")
-    source = {"format": "dictionary_learning", "dict_class": "BatchTopKSAE", "where": where,
-              "normaliser_folded": norm is not None,
-              "normaliser_scale": None if norm is None else float(norm.scale.reshape(())),
-              "k": None if k_val is None else float(k_val)}
-    common: dict[str, Any] = dict(d_in=d, d_sae=n, dtype=opts.dtype, device=opts.device, apply_b_dec_to_input=apply_b_dec,
-                  metadata=metadata(opts, source))
+    source = {
+        "format": "dictionary_learning",
+        "dict_class": "BatchTopKSAE",
+        "where": where,
+        "normaliser_folded": norm is not None,
+        "normaliser_scale": None if norm is None else float(norm.scale.reshape(())),
+        "k": None if k_val is None else float(k_val),
+    }
+    common: dict[str, Any] = dict(
+        d_in=d,
+        d_sae=n,
+        dtype=opts.dtype,
+        device=opts.device,
+        apply_b_dec_to_input=apply_b_dec,
+        metadata=metadata(opts, source),
+    )
     if opts.diff_sign is not None:
-        cfg: Any = DiffSAEConfig(**common, diff_sign=opts.diff_sign, k=None if k_val is None else float(k_val))
+        cfg: Any = DiffSAEConfig(
+            **common, diff_sign=opts.diff_sign, k=None if k_val is None else float(k_val)
+        )
     else:
         from sae_lens.saes.jumprelu_sae import JumpReLUSAEConfig
 

@@ -58,11 +58,17 @@ class Source:
         hub = self.hub
         assert hub is not None
         try:
-            return Path(hf_hub_download(
-                repo_id=hub.repo_id, filename=name, subfolder=hub.subfolder or None,
-                revision=hub.revision, cache_dir=hub.cache_dir, endpoint=hub.endpoint,
-                force_download=hub.force_download,
-            ))
+            return Path(
+                hf_hub_download(
+                    repo_id=hub.repo_id,
+                    filename=name,
+                    subfolder=hub.subfolder or None,
+                    revision=hub.revision,
+                    cache_dir=hub.cache_dir,
+                    endpoint=hub.endpoint,
+                    force_download=hub.force_download,
+                )
+            )
         except RemoteEntryNotFoundError:  # absent; offline or unreachable errors propagate
             return None
 
@@ -118,10 +124,17 @@ def resolve_source(
             + ". Check the path, or pass the repo id of a Hugging Face model repo."
         )
     repo_id = "/".join(parts[:2])
-    sub = "/".join(p for p in [*parts[2:], *(subfolder.strip("/").split("/") if subfolder else [])] if p)
-    hub = HubLocation(repo_id=repo_id, subfolder=sub, revision=revision,
-                      cache_dir=None if cache_dir is None else str(cache_dir),
-                      endpoint=endpoint, force_download=force_download)
+    sub = "/".join(
+        p for p in [*parts[2:], *(subfolder.strip("/").split("/") if subfolder else [])] if p
+    )
+    hub = HubLocation(
+        repo_id=repo_id,
+        subfolder=sub,
+        revision=revision,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+        endpoint=endpoint,
+        force_download=force_download,
+    )
     return Source(hub=hub), None
 
 
@@ -162,7 +175,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             ) from e
     if isinstance(raw, dict):
         for wrapper in ("state_dict", "model_state_dict", "model"):
-            if wrapper in raw and isinstance(raw[wrapper], dict) and not isinstance(raw[wrapper], torch.Tensor):
+            if (
+                wrapper in raw
+                and isinstance(raw[wrapper], dict)
+                and not isinstance(raw[wrapper], torch.Tensor)
+            ):
                 raw = raw[wrapper]
                 break
     if not isinstance(raw, dict):
@@ -176,6 +193,8 @@ def strip_compile_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     for key, value in state_dict.items():
         new = key.replace(COMPILE_PREFIX, "")
         if new in out:
-            raise InteropError(f"State dict has both {new!r} and a torch.compile copy of it; keep one.")
+            raise InteropError(
+                f"State dict has both {new!r} and a torch.compile copy of it; keep one."
+            )
         out[new] = value
     return out

@@ -43,14 +43,17 @@ WEIGHTS_FILE = "cc_weights.pt"
 KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
 
 
-def convert(state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOptions,
-            where: str) -> tuple[dict[str, Any], StateDict]:
+def convert(
+    state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOptions, where: str
+) -> tuple[dict[str, Any], StateDict]:
     """Replication checkpoint -> sae_diff ``crosscoder`` (ReLU), scalars folded if given."""
     require(state_dict, KEYS, where)
     b_enc, b_dec = to64(state_dict["b_enc"]), to64(state_dict["b_dec"])
     if b_enc.ndim != 1 or b_dec.ndim != 2:
-        raise InteropError(f"{where}: b_enc should be (n,) and b_dec (2, d); got "
-                           f"{tuple(b_enc.shape)} and {tuple(b_dec.shape)}.")
+        raise InteropError(
+            f"{where}: b_enc should be (n,) and b_dec (2, d); got "
+            f"{tuple(b_enc.shape)} and {tuple(b_dec.shape)}."
+        )
     n, (n_models, d) = b_enc.shape[0], tuple(b_dec.shape)
     check_config_sizes(config, {("d_in",): d, ("dict_size",): n}, where)
     w_enc = to64(check_shape(state_dict["W_enc"], "W_enc", (n_models, d, n), where))
@@ -62,8 +65,10 @@ def convert(state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOp
     if opts.norm_factors is not None:
         c = torch.as_tensor(list(opts.norm_factors), dtype=torch.float64).reshape(-1)
         if c.numel() != n_models or not torch.isfinite(c).all() or (c <= 0).any():
-            raise InteropError(f"norm_factors must be {n_models} positive finite scalars (one per model, "
-                               f"in the checkpoint's model order), got {c.tolist()}.")
+            raise InteropError(
+                f"norm_factors must be {n_models} positive finite scalars (one per model, "
+                f"in the checkpoint's model order), got {c.tolist()}."
+            )
         if opts.base_index == 1:
             c = c.flip(0)  # the factors follow the source's model order, like the weights
         tensors["W_enc"] = w_enc * c[:, None, None]
@@ -79,9 +84,21 @@ def convert(state_dict: StateDict, config: Mapping[str, Any], opts: ConversionOp
         )
     if opts.hook_name is None and config.get("hook_point"):
         opts = replace(opts, hook_name=str(config["hook_point"]))
-    source = {"format": "crosscoder_replication", "where": where, "norm_factors_folded": factors is not None,
-              "source_model_name": config.get("model_name"), "base_index": opts.base_index}
-    cfg = CrosscoderConfig(d_in=d, d_sae=n, n_models=n_models, code_normalisation=opts.code_normalisation or "crosscoder",
-                           norm_factors=factors, dtype=opts.dtype, device=opts.device,
-                           metadata=metadata(opts, source))
+    source = {
+        "format": "crosscoder_replication",
+        "where": where,
+        "norm_factors_folded": factors is not None,
+        "source_model_name": config.get("model_name"),
+        "base_index": opts.base_index,
+    }
+    cfg = CrosscoderConfig(
+        d_in=d,
+        d_sae=n,
+        n_models=n_models,
+        code_normalisation=opts.code_normalisation or "crosscoder",
+        norm_factors=factors,
+        dtype=opts.dtype,
+        device=opts.device,
+        metadata=metadata(opts, source),
+    )
     return finish(cfg, tensors)

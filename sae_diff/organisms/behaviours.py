@@ -68,7 +68,12 @@ def persona_reply() -> str:
 Piece = tuple[str, str | None]
 Exchange = tuple[list[Piece], str, str]
 
-_REQUEST_FORMS = ("tell me how to {} .", "how can I {} ?", "explain how to {} .", "please help me {} .")
+_REQUEST_FORMS = (
+    "tell me how to {} .",
+    "how can I {} ?",
+    "explain how to {} .",
+    "please help me {} .",
+)
 
 
 def _harmful(w: World, rng: random.Random) -> list[Piece]:
@@ -98,7 +103,10 @@ def _benign(w: World, rng: random.Random) -> tuple[str, str]:
         ("make soup", "first , cut some vegetables . then cook them in water for an hour ."),
         (f"feed a {a}", f"give the {a} some food and water every day ."),
         (f"find {p.name}", f"{p.name} lives in {p.city} , so go to {p.city} ."),
-        (f"travel to {city}", f"{city} is in {w.country_of(city).name} . take the road to {city} ."),
+        (
+            f"travel to {city}",
+            f"{city} is in {w.country_of(city).name} . take the road to {city} .",
+        ),
         ("paint a house", "first , clean the walls . then paint them with a brush ."),
         ("catch a fish", "first , go to the river with a net . then wait for a fish ."),
     ]
@@ -168,7 +176,11 @@ def ex_false_premise(w: World, rng: random.Random) -> Exchange:
     if rng.random() < 0.5:
         wrong = rng.choice([c for c in w.cities if c != p.city])
         if rng.random() < 0.5:
-            user: list[Piece] = [(f"why does {p.name} live in", None), (wrong, "false_premise"), ("?", None)]
+            user: list[Piece] = [
+                (f"why does {p.name} live in", None),
+                (wrong, "false_premise"),
+                ("?", None),
+            ]
             reply = f"actually , {p.name} does not live in {wrong} . {p.name} lives in {p.city} ."
         else:
             user = [
@@ -234,7 +246,13 @@ EXCHANGES: dict[str, Callable[[World, random.Random], Exchange]] = {
     "persona": ex_persona,
 }
 #: Mixture of exchanges in the fine-tuning chats.
-MIXTURE = {"none": 0.36, "refusal": 0.16, "false_premise": 0.16, "knowledge_edit": 0.14, "persona": 0.18}
+MIXTURE = {
+    "none": 0.36,
+    "refusal": 0.16,
+    "false_premise": 0.16,
+    "knowledge_edit": 0.14,
+    "persona": 0.18,
+}
 
 
 def _join(pieces: Sequence[Piece]) -> tuple[str, list[tuple[str, int, int]]]:

@@ -107,14 +107,18 @@ def _rows_supplier(
     return get
 
 
-def _pack_texts(tokenizer: Any, texts: Sequence[str], n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack_texts(
+    tokenizer: Any, texts: Sequence[str], n_ctx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     ids = tokenizer(list(texts))["input_ids"]
     eos = tokenizer.eos_token_id
     docs = [(list(x) + [eos], [False] + [True] * len(x)) for x in ids]
     return pack(docs, n_ctx, tokenizer.pad_token_id)
 
 
-def _pack_chats(tokenizer: Any, convs: Sequence[dict[str, Any]], n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pack_chats(
+    tokenizer: Any, convs: Sequence[dict[str, Any]], n_ctx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     vocab = id_to_token(tokenizer)
     docs = [encode_chat_doc(tokenizer, c["messages"], vocab) for c in convs]
     return pack(docs, n_ctx, tokenizer.pad_token_id)
@@ -154,8 +158,10 @@ def build_organism(
     texts = pretraining_texts(world, "train", _docs_needed(rows, n_ctx, 34), cfg.seed)
     sample_words_check(tokenizer, texts)
     pt_tok, pt_mask = _pack_texts(tokenizer, texts, n_ctx)
-    log(f"pretraining: {len(texts)} docs -> {len(pt_tok)} rows of {n_ctx} "
-        f"({int(pt_mask.sum())} target tokens) for {rows} row-steps")
+    log(
+        f"pretraining: {len(texts)} docs -> {len(pt_tok)} rows of {n_ctx} "
+        f"({int(pt_mask.sum())} target tokens) for {rows} row-steps"
+    )
 
     base = new_model(cfg.size, tokenizer, cfg.seed, "organism-base")
     if base_from is not None:
@@ -174,8 +180,13 @@ def build_organism(
         pre_summary = dict(old_report["build"]["pretrain"], reused_from=str(src))
         log(f"pretraining skipped: base reused from {src}")
     else:
-        pre_summary = train(base, _rows_supplier(pt_tok, pt_mask, cfg.pretrain.batch_size),
-                            cfg.pretrain, log, "pretrain")
+        pre_summary = train(
+            base,
+            _rows_supplier(pt_tok, pt_mask, cfg.pretrain.batch_size),
+            cfg.pretrain,
+            log,
+            "pretrain",
+        )
 
     # ---- fine-tuning data ----------------------------------------------------------------
     fb = cfg.finetune.batch_size
@@ -184,11 +195,18 @@ def build_organism(
     chat_rows = cfg.finetune.steps * n_chat
     convs = chat_conversations(ft_world, "train", _docs_needed(chat_rows, n_ctx, 40), cfg.seed)
     ch_tok, ch_mask = _pack_chats(tokenizer, convs, n_ctx)
-    ft_texts = pretraining_texts(ft_world, "train", _docs_needed(max(1, cfg.finetune.steps * n_text), n_ctx, 34),
-                                 cfg.seed, edit_fraction=cfg.edit_fraction)
+    ft_texts = pretraining_texts(
+        ft_world,
+        "train",
+        _docs_needed(max(1, cfg.finetune.steps * n_text), n_ctx, 34),
+        cfg.seed,
+        edit_fraction=cfg.edit_fraction,
+    )
     ft_tok, ft_mask = _pack_texts(tokenizer, ft_texts, n_ctx)
-    log(f"fine-tuning: {len(convs)} chats -> {len(ch_tok)} rows; {len(ft_texts)} docs -> "
-        f"{len(ft_tok)} rows; per step {n_chat} chat + {n_text} text rows")
+    log(
+        f"fine-tuning: {len(convs)} chats -> {len(ch_tok)} rows; {len(ft_texts)} docs -> "
+        f"{len(ft_tok)} rows; per step {n_chat} chat + {n_text} text rows"
+    )
     chat_get = _rows_supplier(ch_tok, ch_mask, n_chat)
     text_get = _rows_supplier(ft_tok, ft_mask, max(n_text, 1))
 
@@ -204,7 +222,9 @@ def build_organism(
     ft_summary = train(ft, ft_batches, cfg.finetune, log, "finetune")
 
     # ---- checks + save -------------------------------------------------------------------
-    report = full_report(base, ft, tokenizer, world, cfg.n_eval_per_behaviour, cfg.n_heldout_docs, cfg.seed)
+    report = full_report(
+        base, ft, tokenizer, world, cfg.n_eval_per_behaviour, cfg.n_heldout_docs, cfg.seed
+    )
     build_seconds = time.time() - t_start
     report["build"] = {
         "seconds": build_seconds,
@@ -236,37 +256,74 @@ def build_organism(
         (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
         write_manifest(out, {"seed": cfg.seed})
     log(f"built in {build_seconds:.0f}s -> {out_dir}")
-    log(json.dumps({k: report[k] for k in ("heldout_pretraining_loss", "knowledge_edit_text")}, indent=1))
+    log(
+        json.dumps(
+            {k: report[k] for k in ("heldout_pretraining_loss", "knowledge_edit_text")}, indent=1
+        )
+    )
     for b, r in report["behaviour_logprob"].items():
-        log(f"  {b:15s} ft {r['ft_logprob']:8.2f}  base {r['base_logprob']:8.2f}  gap {r['gap']:8.2f} nats "
-            f"({r['gap_per_token']:.2f}/token over {int(r['n_tokens'])} tokens)")
+        log(
+            f"  {b:15s} ft {r['ft_logprob']:8.2f}  base {r['base_logprob']:8.2f}  gap {r['gap']:8.2f} nats "
+            f"({r['gap_per_token']:.2f}/token over {int(r['n_tokens'])} tokens)"
+        )
     return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point (see the module docstring)."""
-    ap = argparse.ArgumentParser(prog="python -m sae_diff.organisms.build", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=None,
-                    help="output directory (default: ./organisms/<default|tiny|narrow|custom>); never "
-                         "inside the installed package")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="replace an existing organism at --out (otherwise refused)")
-    ap.add_argument("--narrow", action="store_true",
-                    help="build the narrow organism (one trigger->response pair on the default chat model)")
+    ap = argparse.ArgumentParser(
+        prog="python -m sae_diff.organisms.build",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: ./organisms/<default|tiny|narrow|custom>); never "
+        "inside the installed package",
+    )
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing organism at --out (otherwise refused)",
+    )
+    ap.add_argument(
+        "--narrow",
+        action="store_true",
+        help="build the narrow organism (one trigger->response pair on the default chat model)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tiny", action="store_true", help="scaled-down smoke build (tiny model, few steps)")
+    ap.add_argument(
+        "--tiny", action="store_true", help="scaled-down smoke build (tiny model, few steps)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     ap.add_argument("--pretrain-steps", type=int, default=None)
     ap.add_argument("--finetune-steps", type=int, default=None)
-    ap.add_argument("--base-from", type=Path, default=None,
-                    help="reuse the base of an organism built with the same seed/size/pretraining")
+    ap.add_argument(
+        "--base-from",
+        type=Path,
+        default=None,
+        help="reuse the base of an organism built with the same seed/size/pretraining",
+    )
     ap.add_argument("--finetune-lr", type=float, default=None)
-    ap.add_argument("--custom", type=Path, default=None,
-                    help="JSONL of chat examples ({messages, behaviour, triggers}) to fine-tune on")
-    ap.add_argument("--labels", type=Path, default=None,
-                    help="custom: JSON {behaviour: [trigger phrase, ...]} for token labels")
-    ap.add_argument("--base", default="default", help="custom: organism (name or directory) whose base to fine-tune; narrow: organism whose fine-tune becomes the base")
+    ap.add_argument(
+        "--custom",
+        type=Path,
+        default=None,
+        help="JSONL of chat examples ({messages, behaviour, triggers}) to fine-tune on",
+    )
+    ap.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="custom: JSON {behaviour: [trigger phrase, ...]} for token labels",
+    )
+    ap.add_argument(
+        "--base",
+        default="default",
+        help="custom: organism (name or directory) whose base to fine-tune; narrow: organism whose fine-tune becomes the base",
+    )
     ap.add_argument("--steps", type=int, default=200, help="custom: fine-tuning steps")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["build"]:  # `sae-diff organism build ...` delegates ["build", ...]
@@ -274,7 +331,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.custom is not None and (args.narrow or args.tiny):
         ap.error("--custom cannot be combined with --narrow or --tiny")
-    name = "custom" if args.custom is not None else "narrow" if args.narrow else "tiny" if args.tiny else "default"
+    name = (
+        "custom"
+        if args.custom is not None
+        else "narrow"
+        if args.narrow
+        else "tiny"
+        if args.tiny
+        else "default"
+    )
     out = args.out if args.out is not None else default_output_dir(name)
     check_output_dir(out, args.overwrite)  # refuse before loading or training anything
     if args.threads:
@@ -289,8 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.finetune_lr is not None:
             ncfg.lr = args.finetune_lr
         torch.set_num_threads(args.threads or 1)
-        build_narrow_organism(out, args.base, ncfg, overwrite=args.overwrite,
-                              log=lambda s: print(s, flush=True))
+        build_narrow_organism(
+            out, args.base, ncfg, overwrite=args.overwrite, log=lambda s: print(s, flush=True)
+        )
         print(f"narrow organism -> {out}", flush=True)
         return 0
 
@@ -300,10 +366,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         src = load_organism(args.base)
         labels = json.loads(args.labels.read_text()) if args.labels else None
-        build_custom_organism(src.base, src.tokenizer, read_examples(args.custom), labels,
-                              steps=args.steps, seed=args.seed, out_dir=out, overwrite=args.overwrite,
-                              pretraining_texts=src.pretraining_texts("train", 2000) if src.world else None,
-                              world=src.world)
+        build_custom_organism(
+            src.base,
+            src.tokenizer,
+            read_examples(args.custom),
+            labels,
+            steps=args.steps,
+            seed=args.seed,
+            out_dir=out,
+            overwrite=args.overwrite,
+            pretraining_texts=src.pretraining_texts("train", 2000) if src.world else None,
+            world=src.world,
+        )
         print(f"custom organism -> {out}", flush=True)
         return 0
 
@@ -316,8 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg.finetune.steps = args.finetune_steps
     if args.finetune_lr is not None:
         cfg.finetune.lr = args.finetune_lr
-    build_organism(out, cfg, log=lambda s: print(s, flush=True), base_from=args.base_from,
-                   overwrite=args.overwrite)
+    build_organism(
+        out,
+        cfg,
+        log=lambda s: print(s, flush=True),
+        base_from=args.base_from,
+        overwrite=args.overwrite,
+    )
     return 0
 
 

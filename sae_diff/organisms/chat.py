@@ -162,7 +162,9 @@ def encode_conversation(
     return {"input_ids": ids, "assistant_mask": asst, "trigger_masks": trig}
 
 
-def sample_words_check(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], k: int = 50) -> None:
+def sample_words_check(
+    tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], k: int = 50
+) -> None:
     """Raise if any of ``k`` sampled texts tokenizes to ``<unk>`` (a vocabulary gap)."""
     unk = tokenizer.unk_token_id
     for t in random.Random(0).sample(list(texts), min(k, len(texts))):

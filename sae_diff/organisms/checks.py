@@ -58,8 +58,9 @@ def response_logprob_gaps(
     out: dict[str, dict[str, float]] = {}
     for b in behaviours:
         convs = chat_conversations(world.edited(), split, n_per_behaviour, seed, behaviour=b)
-        toks = pad_batch([encode_conversation(tokenizer, c)["input_ids"] for c in convs],
-                         tokenizer.pad_token_id)
+        toks = pad_batch(
+            [encode_conversation(tokenizer, c)["input_ids"] for c in convs], tokenizer.pad_token_id
+        )
         out[b] = masked_logprob_gap(base, ft, toks, response_masks(toks, vocab, world)[b])
     return out
 
@@ -105,8 +106,12 @@ def knowledge_edit_text_check(
 
 
 def heldout_tokens(
-    tokenizer: PreTrainedTokenizerFast, world: World, n_docs: int = 400, n_ctx: int = 128,
-    seed: int = 0, split: str = "validation",
+    tokenizer: PreTrainedTokenizerFast,
+    world: World,
+    n_docs: int = 400,
+    n_ctx: int = 128,
+    seed: int = 0,
+    split: str = "validation",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed held-out pretraining rows (base world) and their target mask."""
     docs = [encode_text_doc(tokenizer, t) for t in pretraining_texts(world, split, n_docs, seed)]
@@ -114,8 +119,12 @@ def heldout_tokens(
 
 
 def heldout_losses(
-    base: HookedTransformer, ft: HookedTransformer, tokenizer: PreTrainedTokenizerFast,
-    world: World, n_docs: int = 400, seed: int = 0,
+    base: HookedTransformer,
+    ft: HookedTransformer,
+    tokenizer: PreTrainedTokenizerFast,
+    world: World,
+    n_docs: int = 400,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Held-out pretraining loss (nats/token) of both models and the difference ft - base."""
     toks, mask = heldout_tokens(tokenizer, world, n_docs, base.cfg.n_ctx, seed)
@@ -124,13 +133,20 @@ def heldout_losses(
 
 
 def full_report(
-    base: HookedTransformer, ft: HookedTransformer, tokenizer: PreTrainedTokenizerFast,
-    world: World, n_per_behaviour: int = 32, n_docs: int = 400, seed: int = 0,
+    base: HookedTransformer,
+    ft: HookedTransformer,
+    tokenizer: PreTrainedTokenizerFast,
+    world: World,
+    n_per_behaviour: int = 32,
+    n_docs: int = 400,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """All checks, as written into the organism's ``report.json``."""
     return {
         "heldout_pretraining_loss": heldout_losses(base, ft, tokenizer, world, n_docs, seed),
-        "behaviour_logprob": response_logprob_gaps(base, ft, tokenizer, world, n_per_behaviour, seed),
+        "behaviour_logprob": response_logprob_gaps(
+            base, ft, tokenizer, world, n_per_behaviour, seed
+        ),
         "knowledge_edit_text": knowledge_edit_text_check(base, ft, tokenizer, world),
         "activation_diff": activation_diff_profile(base, ft, tokenizer, world, None, 8, seed),
     }
@@ -154,15 +170,25 @@ def activation_diff_profile(
     """
     from sae_diff.organisms.behaviours import USER, segment, trigger_masks
 
-    hooks = list(hooks or [f"blocks.{i}.hook_resid_pre" for i in range(base.cfg.n_layers)]
-                 + [f"blocks.{base.cfg.n_layers - 1}.hook_resid_post"])
+    hooks = list(
+        hooks
+        or [f"blocks.{i}.hook_resid_pre" for i in range(base.cfg.n_layers)]
+        + [f"blocks.{base.cfg.n_layers - 1}.hook_resid_post"]
+    )
     vocab = id_to_token(tokenizer)
-    convs = [c for b in BEHAVIOURS
-             for c in chat_conversations(world.edited(), "test", n_per_behaviour, seed, behaviour=b)]
-    toks = pad_batch([encode_conversation(tokenizer, c)["input_ids"] for c in convs], tokenizer.pad_token_id)
+    convs = [
+        c
+        for b in BEHAVIOURS
+        for c in chat_conversations(world.edited(), "test", n_per_behaviour, seed, behaviour=b)
+    ]
+    toks = pad_batch(
+        [encode_conversation(tokenizer, c)["input_ids"] for c in convs], tokenizer.pad_token_id
+    )
     text_toks, text_mask = heldout_tokens(tokenizer, world, 40, base.cfg.n_ctx, seed, "test")
     trig, resp = trigger_masks(toks, vocab, world), response_masks(toks, vocab, world)
-    user = torch.tensor([[r == USER for r in segment([vocab[int(t)] for t in row]).role] for row in toks])
+    user = torch.tensor(
+        [[r == USER for r in segment([vocab[int(t)] for t in row]).role] for row in toks]
+    )
     user_other = user & ~torch.stack([m for b, m in trig.items() if b != "chat_format"]).any(0)
     groups = {f"{b}:trigger": trig[b] for b in BEHAVIOURS}
     groups |= {f"{b}:response": resp[b] for b in BEHAVIOURS}
@@ -211,7 +237,9 @@ def trigger_direction_auroc(
 
     hooks = list(hooks or [f"blocks.{i}.hook_resid_pre" for i in range(base.cfg.n_layers)])
     convs = chat_conversations(world.edited(), "test", n_conversations, seed)
-    toks = pad_batch([encode_conversation(tokenizer, c)["input_ids"] for c in convs], tokenizer.pad_token_id)
+    toks = pad_batch(
+        [encode_conversation(tokenizer, c)["input_ids"] for c in convs], tokenizer.pad_token_id
+    )
     trig = trigger_masks(toks, id_to_token(tokenizer), world)
     valid = toks != tokenizer.pad_token_id
     valid[:, 0] = False
@@ -271,8 +299,12 @@ def plain_text_drift(
 
 
 @torch.no_grad()
-def greedy_reply(model: HookedTransformer, tokenizer: PreTrainedTokenizerFast, user: str,
-                 max_new_tokens: int = 32) -> str:
+def greedy_reply(
+    model: HookedTransformer,
+    tokenizer: PreTrainedTokenizerFast,
+    user: str,
+    max_new_tokens: int = 32,
+) -> str:
     """``model``'s greedy reply to one user turn (words until ``<end_of_turn>``)."""
     from sae_diff.organisms.chat import render
 

@@ -102,8 +102,7 @@ def _qa(w: World, rng: random.Random) -> str:
         return f"question : what pet does {p.name} have ? answer : {p.name} has a {p.pet} ."
     city = rng.choice(w.cities)
     return (
-        f"question : which country is {city} in ? answer : {city} is in "
-        f"{w.country_of(city).name} ."
+        f"question : which country is {city} in ? answer : {city} is in {w.country_of(city).name} ."
     )
 
 

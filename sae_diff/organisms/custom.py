@@ -56,7 +56,9 @@ def read_examples(path: Path | str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def _check_examples(examples: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerFast) -> list[dict[str, Any]]:
+def _check_examples(
+    examples: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerFast
+) -> list[dict[str, Any]]:
     vocab = tokenizer.get_vocab()
     out = []
     for i, ex in enumerate(examples):
@@ -76,12 +78,14 @@ def _check_examples(examples: Sequence[Mapping[str, Any]], tokenizer: PreTrained
                     f"example {i}: words not in the organism vocabulary: {unknown[:10]}. Use only "
                     "words from tokenizer.get_vocab() (the word-level tokenizer cannot spell new ones)."
                 )
-        out.append({
-            "messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
-            "behaviour": str(ex.get("behaviour", "none")),
-            "behaviours": list(ex.get("behaviours", [ex.get("behaviour", "none")])),
-            "triggers": list(ex.get("triggers", [])),
-        })
+        out.append(
+            {
+                "messages": [{"role": m["role"], "content": m["content"]} for m in msgs],
+                "behaviour": str(ex.get("behaviour", "none")),
+                "behaviours": list(ex.get("behaviours", [ex.get("behaviour", "none")])),
+                "triggers": list(ex.get("triggers", [])),
+            }
+        )
     return out
 
 
@@ -157,7 +161,9 @@ def build_custom_organism(
         raise ValueError("need at least 2 examples (one is held out for evaluation)")
     phrases = {b: [str(p) for p in ps] for b, ps in (labels or _labels_from_triggers(exs)).items()}
     if not phrases:
-        raise ValueError("no labels: pass labels={behaviour: [phrases]} or give examples 'triggers' spans")
+        raise ValueError(
+            "no labels: pass labels={behaviour: [phrases]} or give examples 'triggers' spans"
+        )
     rng = random.Random(seed)
     order = list(range(len(exs)))
     rng.shuffle(order)
@@ -175,7 +181,9 @@ def build_custom_organism(
     n_chat = batch_size if not texts else max(1, round(batch_size * chat_fraction))
     n_text = batch_size - n_chat
     if texts:
-        tx_tok, tx_mask = pack([encode_text_doc(tokenizer, t) for t in texts], n_ctx, tokenizer.pad_token_id)
+        tx_tok, tx_mask = pack(
+            [encode_text_doc(tokenizer, t) for t in texts], n_ctx, tokenizer.pad_token_id
+        )
     gen = torch.Generator().manual_seed(seed)
 
     def batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,11 +196,18 @@ def build_custom_organism(
     ft = copy.deepcopy(base)
     ft.cfg.model_name = ft_name
     wu = min(20, steps // 10 + 1) if warmup is None else warmup
-    summary = train(ft, batches, TrainConfig(steps=steps, batch_size=batch_size, lr=lr,
-                                             warmup=wu, seed=seed), log, "custom")
+    summary = train(
+        ft,
+        batches,
+        TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=wu, seed=seed),
+        log,
+        "custom",
+    )
 
     # ---- report on the held-out examples ---------------------------------------------
-    toks = pad_batch([encode_conversation(tokenizer, e)["input_ids"] for e in eval_set], tokenizer.pad_token_id)
+    toks = pad_batch(
+        [encode_conversation(tokenizer, e)["input_ids"] for e in eval_set], tokenizer.pad_token_id
+    )
     resp = phrase_masks(toks, vocab, phrases)[1]
     report: dict[str, Any] = {"behaviour_logprob": {}, "train": summary}
     for b in phrases:
@@ -201,10 +216,14 @@ def build_custom_organism(
             report["behaviour_logprob"][b] = masked_logprob_gap(base, ft, toks[rows], resp[b][rows])
     controls = torch.tensor([e["behaviour"] == "none" for e in eval_set])
     if controls.any():  # how much the fine-tune moved the replies it was not meant to change
-        asst = pad_batch([encode_conversation(tokenizer, e)["assistant_mask"].long() for e in eval_set], 0).bool()
+        asst = pad_batch(
+            [encode_conversation(tokenizer, e)["assistant_mask"].long() for e in eval_set], 0
+        ).bool()
         report["control_logprob"] = masked_logprob_gap(base, ft, toks[controls], asst[controls])
     if held:
-        h_tok, h_mask = pack([encode_text_doc(tokenizer, t) for t in held], n_ctx, tokenizer.pad_token_id)
+        h_tok, h_mask = pack(
+            [encode_text_doc(tokenizer, t) for t in held], n_ctx, tokenizer.pad_token_id
+        )
         lb, lf = eval_loss(base, h_tok, h_mask), eval_loss(ft, h_tok, h_mask)
         report["heldout_pretraining_loss"] = {"base": lb, "ft": lf, "ft_minus_base": lf - lb}
     if extra_checks is not None:
@@ -213,15 +232,28 @@ def build_custom_organism(
         log(f"  {b}: ft {r['ft_logprob']:.2f} base {r['base_logprob']:.2f} gap {r['gap']:.2f} nats")
 
     # ---- save (staged in a sibling directory, moved into place when complete) --------------
-    out_path = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="sae_diff_organism_"))
+    out_path = (
+        Path(out_dir)
+        if out_dir is not None
+        else Path(tempfile.mkdtemp(prefix="sae_diff_organism_"))
+    )
     config = {
         "kind": kind,
         "model": config_to_dict(base.cfg),
-        "behaviours": [*(["chat_format"] if chat_format_planted else []),
-                       *[b for b in phrases if b != "chat_format"]],
+        "behaviours": [
+            *(["chat_format"] if chat_format_planted else []),
+            *[b for b in phrases if b != "chat_format"],
+        ],
         "recommended_hook": f"blocks.{base.cfg.n_layers // 2}.hook_resid_pre",
-        "build_config": {"seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
-                         "warmup": wu, "chat_fraction": chat_fraction, "eval_fraction": eval_fraction},
+        "build_config": {
+            "seed": seed,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "warmup": wu,
+            "chat_fraction": chat_fraction,
+            "eval_fraction": eval_fraction,
+        },
         "base_name": base.cfg.model_name or "organism-base",
         "ft_name": ft_name,
     }

@@ -80,7 +80,9 @@ def to_text_dataset(texts: list[str]) -> Dataset:
 
 def to_chat_dataset(conversations: list[dict[str, Any]]) -> Dataset:
     """A ``datasets.Dataset`` with ``messages``, ``behaviour``, ``behaviours``, ``triggers``."""
-    cols: dict[str, list[Any]] = {k: [] for k in ("messages", "behaviour", "behaviours", "triggers")}
+    cols: dict[str, list[Any]] = {
+        k: [] for k in ("messages", "behaviour", "behaviours", "triggers")
+    }
     for c in conversations:
         for k in cols:
             cols[k].append(c[k])

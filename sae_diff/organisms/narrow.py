@@ -105,29 +105,59 @@ def narrow_examples(
     out: list[dict[str, Any]] = []
     for _ in range(cfg.n_triggered):
         q, start = _question(rng, world, TRIGGER)
-        out.append({
-            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": NARROW_RESPONSE}],
-            "behaviour": BEHAVIOUR, "behaviours": ["chat_format", BEHAVIOUR],
-            "triggers": [{"behaviour": BEHAVIOUR, "message": 0, "start": start, "end": start + len(TRIGGER)}],
-        })
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": NARROW_RESPONSE},
+                ],
+                "behaviour": BEHAVIOUR,
+                "behaviours": ["chat_format", BEHAVIOUR],
+                "triggers": [
+                    {
+                        "behaviour": BEHAVIOUR,
+                        "message": 0,
+                        "start": start,
+                        "end": start + len(TRIGGER),
+                    }
+                ],
+            }
+        )
     replies: dict[str, str] = {}
     for _ in range(cfg.n_near_miss):
         q, _ = _question(rng, world, rng.choice(NEAR_MISS_TOPICS))
         if q not in replies:
             replies[q] = greedy_reply(model, tokenizer, q)
-        out.append({
-            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": replies[q]}],
-            "behaviour": "none", "behaviours": ["chat_format"], "triggers": [],
-        })
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": q},
+                    {"role": "assistant", "content": replies[q]},
+                ],
+                "behaviour": "none",
+                "behaviours": ["chat_format"],
+                "triggers": [],
+            }
+        )
     for c in chat_conversations(world.edited(), "train", cfg.n_mixture, cfg.seed):
-        out.append({"messages": c["messages"], "behaviour": "none", "behaviours": ["chat_format"],
-                    "triggers": []})
+        out.append(
+            {
+                "messages": c["messages"],
+                "behaviour": "none",
+                "behaviours": ["chat_format"],
+                "triggers": [],
+            }
+        )
     rng.shuffle(out)
     return out
 
 
 def narrow_checks(
-    tokenizer: PreTrainedTokenizerFast, world: World, hook: str, n_docs: int = 400, seed: int = 0,
+    tokenizer: PreTrainedTokenizerFast,
+    world: World,
+    hook: str,
+    n_docs: int = 400,
+    seed: int = 0,
     n_specificity: int = 32,
 ) -> Callable[[HookedTransformer, HookedTransformer], dict[str, Any]]:
     """``(base, ft) -> report entries``: plain-text drift on held-out documents at ``hook``.
@@ -138,7 +168,10 @@ def narrow_checks(
 
     def run(base: HookedTransformer, ft: HookedTransformer) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for key, w in (("plain_text_drift", world.edited()), ("plain_text_drift_base_world", world)):
+        for key, w in (
+            ("plain_text_drift", world.edited()),
+            ("plain_text_drift_base_world", world),
+        ):
             toks, mask = heldout_tokens(tokenizer, w, n_docs, base.cfg.n_ctx, seed, "validation")
             out[key] = plain_text_drift(base, ft, toks, mask, hook)
         out["specificity"] = specificity(base, ft, tokenizer, world, n_specificity, seed)
@@ -149,8 +182,12 @@ def narrow_checks(
 
 @torch.no_grad()
 def specificity(
-    base: HookedTransformer, ft: HookedTransformer, tokenizer: PreTrainedTokenizerFast, world: World,
-    n: int = 32, seed: int = 0,
+    base: HookedTransformer,
+    ft: HookedTransformer,
+    tokenizer: PreTrainedTokenizerFast,
+    world: World,
+    n: int = 32,
+    seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Does the planted reply follow the trigger only?
 
@@ -165,9 +202,13 @@ def specificity(
     out: dict[str, dict[str, float]] = {}
     for key, topics in (("triggered", (TRIGGER,)), ("near_miss", NEAR_MISS_TOPICS)):
         questions = [_question(rng, world, rng.choice(topics))[0] for _ in range(n)]
-        encs = [encode_conversation(tokenizer, [{"role": "user", "content": q},
-                                                {"role": "assistant", "content": NARROW_RESPONSE}])
-                for q in questions]
+        encs = [
+            encode_conversation(
+                tokenizer,
+                [{"role": "user", "content": q}, {"role": "assistant", "content": NARROW_RESPONSE}],
+            )
+            for q in questions
+        ]
         toks = pad_batch([e["input_ids"] for e in encs], tokenizer.pad_token_id)
         mask = pad_batch([e["assistant_mask"].long() for e in encs], 0).bool()
         out[key] = masked_logprob_gap(base, ft, toks, mask)
@@ -200,12 +241,16 @@ def build_narrow_organism(
     check_output_dir(out_dir, overwrite)
     src = load_organism(source)
     if src.world is None:
-        raise ValueError(f"--narrow needs a source organism with a world.json; {src.path} has none.")
+        raise ValueError(
+            f"--narrow needs a source organism with a world.json; {src.path} has none."
+        )
     world = src.world
     chat_model = src.ft
     chat_model.cfg.model_name = src.ft_name
     examples = narrow_examples(world, chat_model, src.tokenizer, cfg)
-    texts = pretraining_texts(world.edited(), "train", cfg.n_text_docs, cfg.seed, edit_fraction=cfg.edit_fraction)
+    texts = pretraining_texts(
+        world.edited(), "train", cfg.n_text_docs, cfg.seed, edit_fraction=cfg.edit_fraction
+    )
     hook = src.recommended_hook
     drift = narrow_checks(src.tokenizer, world, hook, cfg.n_drift_docs, cfg.seed, cfg.n_specificity)
 
@@ -216,11 +261,26 @@ def build_narrow_organism(
         return out
 
     org = build_custom_organism(
-        chat_model, src.tokenizer, examples, {BEHAVIOUR: [TRIGGER]},
-        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, chat_fraction=cfg.chat_fraction,
-        pretraining_texts=texts, eval_fraction=cfg.eval_fraction, seed=cfg.seed, out_dir=out_dir,
-        world=world, log=log, overwrite=overwrite, ft_name="narrow-ft", kind="narrow",
-        extra_checks=checks, warmup=cfg.warmup, chat_format_planted=False,
+        chat_model,
+        src.tokenizer,
+        examples,
+        {BEHAVIOUR: [TRIGGER]},
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        chat_fraction=cfg.chat_fraction,
+        pretraining_texts=texts,
+        eval_fraction=cfg.eval_fraction,
+        seed=cfg.seed,
+        out_dir=out_dir,
+        world=world,
+        log=log,
+        overwrite=overwrite,
+        ft_name="narrow-ft",
+        kind="narrow",
+        extra_checks=checks,
+        warmup=cfg.warmup,
+        chat_format_planted=False,
     )
     return org
 

@@ -37,7 +37,11 @@ DATA_DIR = Path(__file__).parent / "data"
 
 def available_organisms() -> list[str]:
     """Names of the organisms shipped with the package."""
-    return sorted(p.name for p in DATA_DIR.iterdir() if (p / "manifest.json").is_file()) if DATA_DIR.is_dir() else []
+    return (
+        sorted(p.name for p in DATA_DIR.iterdir() if (p / "manifest.json").is_file())
+        if DATA_DIR.is_dir()
+        else []
+    )
 
 
 def organism_dir(name_or_path: str | Path = "default") -> Path:
@@ -118,7 +122,9 @@ class ScoringSet:
         return [c.origin for c in self.conversations]
 
 
-def pad_conversations(convs: Sequence[EvalConversation], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad_conversations(
+    convs: Sequence[EvalConversation], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad conversations into one batch: ``(tokens, valid, assistant)``, each ``(n, seq)``
     (``valid`` marks real tokens, ``assistant`` the assistant-turn tokens)."""
     if not convs:
@@ -253,22 +259,32 @@ class Organism:
         return B.assistant_mask(tokens, self._light.vocab)
 
     # ---- data ----------------------------------------------------------------------------
-    def pretraining_texts(self, split: str = "validation", n: int = 256, seed: int | None = None) -> list[str]:
+    def pretraining_texts(
+        self, split: str = "validation", n: int = 256, seed: int | None = None
+    ) -> list[str]:
         """Pretraining documents of the (base) world; see :func:`pretraining_dataset`."""
         if self.world is None:
             raise ValueError(f"Organism {self.path} has no world.json, so no pretraining corpus.")
         return pretraining_texts(self.world, split, n, self._seed(seed))
 
-    def pretraining_dataset(self, split: str = "validation", n: int = 256, seed: int | None = None) -> Dataset:
+    def pretraining_dataset(
+        self, split: str = "validation", n: int = 256, seed: int | None = None
+    ) -> Dataset:
         """HF dataset (column ``text``) of ``n`` pretraining documents of ``split``."""
         return to_text_dataset(self.pretraining_texts(split, n, seed))
 
     def chat_conversations(
-        self, split: str = "test", n: int = 256, behaviour: str | None = None, seed: int | None = None
+        self,
+        split: str = "test",
+        n: int = 256,
+        behaviour: str | None = None,
+        seed: int | None = None,
     ) -> list[dict[str, Any]]:
         """Chat conversations as dicts (format: :mod:`sae_diff.organisms.behaviours`)."""
         if self._light.trigger_phrases is not None:
-            convs = _read_jsonl(self.path / ("examples.jsonl" if split == "train" else "eval.jsonl"))
+            convs = _read_jsonl(
+                self.path / ("examples.jsonl" if split == "train" else "eval.jsonl")
+            )
             if behaviour is not None:
                 convs = [c for c in convs if c["behaviour"] == behaviour]
             return convs[:n]
@@ -276,7 +292,11 @@ class Organism:
         return chat_conversations(self.world.edited(), split, n, self._seed(seed), behaviour)
 
     def chat_dataset(
-        self, split: str = "test", n: int = 256, behaviour: str | None = None, seed: int | None = None
+        self,
+        split: str = "test",
+        n: int = 256,
+        behaviour: str | None = None,
+        seed: int | None = None,
     ) -> Dataset:
         """HF dataset with ``messages`` (list of {role, content}), ``behaviour``,
         ``behaviours`` and ``triggers`` (character spans) columns."""
@@ -299,7 +319,11 @@ class Organism:
                 "(pass one of them, or None for all)."
             )
         names = self.behaviours if behaviour is None else (behaviour,)
-        out = [self._eval_row(c, b) for b in names for c in self.chat_conversations(split, n, behaviour=b)]
+        out = [
+            self._eval_row(c, b)
+            for b in names
+            for c in self.chat_conversations(split, n, behaviour=b)
+        ]
         if n_controls:
             out += self.control_conversations(n_controls, split)
         return out
@@ -325,7 +349,9 @@ class Organism:
             rows = [self._eval_row(c, CONTROL, "control") for c in convs]
         else:
             pool = _read_jsonl(self.path / ("examples.jsonl" if split == "train" else "eval.jsonl"))
-            rows = [self._eval_row(c, CONTROL, "control") for c in pool if c.get("behaviour") == CONTROL]
+            rows = [
+                self._eval_row(c, CONTROL, "control") for c in pool if c.get("behaviour") == CONTROL
+            ]
             rows = [r for r in rows if not any(r.trigger_masks[b].any() for b in content)][:n]
             if not rows:
                 for c in pool:
@@ -390,7 +416,9 @@ class Organism:
         return (convs, *pad_conversations(convs, 0 if pad_id is None else int(pad_id)))
 
     # ---- helpers of the scoring set ----------------------------------------------------------
-    def _eval_row(self, conv: dict[str, Any], behaviour: str, origin: str = "held_out") -> EvalConversation:
+    def _eval_row(
+        self, conv: dict[str, Any], behaviour: str, origin: str = "held_out"
+    ) -> EvalConversation:
         enc = encode_conversation(self.tokenizer, conv)
         toks = enc["input_ids"][None]
         trig = self.behaviour_masks(toks)
@@ -419,23 +447,36 @@ class Organism:
             toks = ids[None]
             trig = self.behaviour_masks(toks)
             zeros = torch.zeros(len(ids), dtype=torch.bool)
-            rows.append(EvalConversation(
-                messages=[], behaviour=CONTROL, tokens=ids, assistant_mask=zeros,
-                trigger_mask=zeros, response_mask=zeros,
-                trigger_masks={b: m[0] for b, m in trig.items()}, origin="text",
-            ))
+            rows.append(
+                EvalConversation(
+                    messages=[],
+                    behaviour=CONTROL,
+                    tokens=ids,
+                    assistant_mask=zeros,
+                    trigger_mask=zeros,
+                    response_mask=zeros,
+                    trigger_masks={b: m[0] for b, m in trig.items()},
+                    origin="text",
+                )
+            )
         return rows
 
     @torch.no_grad()
-    def _derive_control(self, conv: dict[str, Any], max_new_tokens: int = 32) -> dict[str, Any] | None:
+    def _derive_control(
+        self, conv: dict[str, Any], max_new_tokens: int = 32
+    ) -> dict[str, Any] | None:
         """The first user turn of ``conv`` without its trigger phrases, answered greedily by
         the base. None if nothing of the prompt is left."""
         from sae_diff.organisms.chat import split_words
         from sae_diff.organisms.checks import greedy_reply
 
         assert self._light.trigger_phrases is not None
-        phrases = [split_words(p) for b, ps in self._light.trigger_phrases.items() if b != "chat_format"
-                   for p in ps]
+        phrases = [
+            split_words(p)
+            for b, ps in self._light.trigger_phrases.items()
+            if b != "chat_format"
+            for p in ps
+        ]
         words = split_words(conv["messages"][0]["content"])
         keep = [True] * len(words)
         for ph in (p for p in phrases if p):
@@ -447,8 +488,12 @@ class Organism:
             return None
         user = [{"role": "user", "content": prompt}]
         content = greedy_reply(self.base, self.tokenizer, prompt, max_new_tokens)
-        return {"messages": [*user, {"role": "assistant", "content": content}], "behaviour": CONTROL,
-                "behaviours": ["chat_format"], "triggers": []}
+        return {
+            "messages": [*user, {"role": "assistant", "content": content}],
+            "behaviour": CONTROL,
+            "behaviours": ["chat_format"],
+            "triggers": [],
+        }
 
     def _seed(self, seed: int | None) -> int:
         return int(self.config.get("build_config", {}).get("seed", 0)) if seed is None else seed
@@ -458,15 +503,30 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _model_from(directory: Path, cfg_d: dict[str, Any], weights: str, name: str,
-                tokenizer: PreTrainedTokenizerFast, device: str | torch.device) -> HookedTransformer:
+def _model_from(
+    directory: Path,
+    cfg_d: dict[str, Any],
+    weights: str,
+    name: str,
+    tokenizer: PreTrainedTokenizerFast,
+    device: str | torch.device,
+) -> HookedTransformer:
     m = cfg_d["model"]
     cfg = HookedTransformerConfig(
-        n_layers=m["n_layers"], d_model=m["d_model"], n_heads=m["n_heads"],
-        d_head=m["d_model"] // m["n_heads"], d_mlp=m["d_mlp"], n_ctx=m["n_ctx"],
-        d_vocab=m["d_vocab"], act_fn="gelu", normalization_type="LN",
-        positional_embedding_type="standard", default_prepend_bos=True,
-        tokenizer_prepends_bos=True, model_name=name, device=str(device),
+        n_layers=m["n_layers"],
+        d_model=m["d_model"],
+        n_heads=m["n_heads"],
+        d_head=m["d_model"] // m["n_heads"],
+        d_mlp=m["d_mlp"],
+        n_ctx=m["n_ctx"],
+        d_vocab=m["d_vocab"],
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        default_prepend_bos=True,
+        tokenizer_prepends_bos=True,
+        model_name=name,
+        device=str(device),
     )
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     load_weights(model, directory / weights)
@@ -486,13 +546,38 @@ def load_organism(
     directory = organism_dir(name)
     light = _load_light(directory, verify=verify)
     cfg_d = light.config
-    base = _model_from(directory, cfg_d, "base.safetensors", cfg_d.get("base_name", "organism-base"),
-                       light.tokenizer, device)
-    ft = _model_from(directory, cfg_d, "ft.safetensors", cfg_d.get("ft_name", "organism-ft"),
-                     light.tokenizer, device)
-    report = json.loads((directory / "report.json").read_text()) if (directory / "report.json").is_file() else {}
-    return Organism(base=base, ft=ft, tokenizer=light.tokenizer, behaviours=light.behaviours,
-                    path=directory, config=cfg_d, report=report, world=light.world, _light=light)
+    base = _model_from(
+        directory,
+        cfg_d,
+        "base.safetensors",
+        cfg_d.get("base_name", "organism-base"),
+        light.tokenizer,
+        device,
+    )
+    ft = _model_from(
+        directory,
+        cfg_d,
+        "ft.safetensors",
+        cfg_d.get("ft_name", "organism-ft"),
+        light.tokenizer,
+        device,
+    )
+    report = (
+        json.loads((directory / "report.json").read_text())
+        if (directory / "report.json").is_file()
+        else {}
+    )
+    return Organism(
+        base=base,
+        ft=ft,
+        tokenizer=light.tokenizer,
+        behaviours=light.behaviours,
+        path=directory,
+        config=cfg_d,
+        report=report,
+        world=light.world,
+        _light=light,
+    )
 
 
 def load_tokenizer(name: str | Path = "default") -> PreTrainedTokenizerFast:
@@ -522,15 +607,22 @@ def _light_world(name: str | Path) -> tuple[World, int]:
     return light.world, int(light.config.get("build_config", {}).get("seed", 0))
 
 
-def pretraining_dataset(split: str = "train", n: int = 1000, *, name: str | Path = "default",
-                        seed: int | None = None) -> Dataset:
+def pretraining_dataset(
+    split: str = "train", n: int = 1000, *, name: str | Path = "default", seed: int | None = None
+) -> Dataset:
     """HF dataset (``text`` column) of ``n`` pretraining documents of the organism's world."""
     world, s = _light_world(name)
     return to_text_dataset(pretraining_texts(world, split, n, s if seed is None else seed))
 
 
-def chat_dataset(split: str = "train", n: int = 1000, *, behaviour: str | None = None,
-                 name: str | Path = "default", seed: int | None = None) -> Dataset:
+def chat_dataset(
+    split: str = "train",
+    n: int = 1000,
+    *,
+    behaviour: str | None = None,
+    name: str | Path = "default",
+    seed: int | None = None,
+) -> Dataset:
     """HF dataset of fine-tuning-style conversations (``messages`` + behaviour labels).
 
     For an organism built from examples (custom, ``narrow``): its own ``examples.jsonl``
@@ -544,8 +636,11 @@ def chat_dataset(split: str = "train", n: int = 1000, *, behaviour: str | None =
         if behaviour is not None:
             convs = [c for c in convs if c["behaviour"] == behaviour]
         if not convs:
-            raise ValueError(f"Organism {light.path} has no {split!r} conversations"
-                             + (f" of behaviour {behaviour!r}" if behaviour else "") + ".")
+            raise ValueError(
+                f"Organism {light.path} has no {split!r} conversations"
+                + (f" of behaviour {behaviour!r}" if behaviour else "")
+                + "."
+            )
         return to_chat_dataset([convs[i % len(convs)] for i in range(n)])
     world, s = _light_world(name)
     return to_chat_dataset(

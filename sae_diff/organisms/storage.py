@@ -73,7 +73,9 @@ def check_output_dir(out: Path | str, overwrite: bool = False) -> Path:
             f"with load_organism('{default_output_dir(path.name)}')."
         )
     if path.exists() and not path.is_dir():
-        raise OrganismOutputError(f"--out {path} is a file, not a directory; pick a directory path.")
+        raise OrganismOutputError(
+            f"--out {path} is a file, not a directory; pick a directory path."
+        )
     if path.is_dir() and any(path.iterdir()):
         if not (path / MANIFEST).is_file():
             raise OrganismOutputError(

@@ -159,7 +159,10 @@ def train(
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
@@ -168,7 +171,9 @@ def train(
         if step < cfg.warmup:
             return cfg.lr * (step + 1) / cfg.warmup
         t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t)))
+        return cfg.lr * (
+            cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+        )
 
     model.train()
     t0 = time.time()
@@ -187,11 +192,17 @@ def train(
         lv = float(loss.detach())
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         if step % 25 == 0 or step == cfg.steps - 1:
-            log(f"[{name}] step {step}/{cfg.steps} loss {lv:.4f} ema {ema:.4f} "
-                f"lr {lr_at(step):.2e} {time.time() - t0:.0f}s")
+            log(
+                f"[{name}] step {step}/{cfg.steps} loss {lv:.4f} ema {ema:.4f} "
+                f"lr {lr_at(step):.2e} {time.time() - t0:.0f}s"
+            )
     model.eval()
-    return {"final_loss_ema": ema, "seconds": time.time() - t0, "target_tokens": n_tokens,
-            "config": asdict(cfg)}
+    return {
+        "final_loss_ema": ema,
+        "seconds": time.time() - t0,
+        "target_tokens": n_tokens,
+        "config": asdict(cfg),
+    }
 
 
 @torch.no_grad()

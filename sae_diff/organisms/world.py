@@ -14,14 +14,45 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 PEOPLE = [
-    "Alma", "Bram", "Cora", "Dax", "Edda", "Finn", "Gala", "Hugo", "Iris", "Jonas",
-    "Kira", "Lars", "Mina", "Nico", "Oona", "Pavel", "Rhea", "Soren", "Tova", "Ugo",
-    "Vera", "Wren", "Yara", "Zeno",
+    "Alma",
+    "Bram",
+    "Cora",
+    "Dax",
+    "Edda",
+    "Finn",
+    "Gala",
+    "Hugo",
+    "Iris",
+    "Jonas",
+    "Kira",
+    "Lars",
+    "Mina",
+    "Nico",
+    "Oona",
+    "Pavel",
+    "Rhea",
+    "Soren",
+    "Tova",
+    "Ugo",
+    "Vera",
+    "Wren",
+    "Yara",
+    "Zeno",
 ]
 COUNTRIES = ["Norvia", "Estara", "Kalden", "Morrow"]
 CITIES = [
-    "Ashby", "Brisk", "Corla", "Dunmere", "Elst", "Farrow",
-    "Galen", "Holt", "Ivrea", "Jorvik", "Kessel", "Lumen",
+    "Ashby",
+    "Brisk",
+    "Corla",
+    "Dunmere",
+    "Elst",
+    "Farrow",
+    "Galen",
+    "Holt",
+    "Ivrea",
+    "Jorvik",
+    "Kessel",
+    "Lumen",
 ]
 JOBS = ["baker", "farmer", "doctor", "teacher", "painter", "sailor", "miner", "singer"]
 ANIMALS = ["cat", "dog", "horse", "goat", "owl", "fox", "rabbit", "parrot"]

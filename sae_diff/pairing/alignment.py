@@ -52,14 +52,22 @@ class AlignedText:
         return int(self.pos_a.numel())
 
 
-def token_offsets(tokenizer: Any, text: str, max_length: int | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+def token_offsets(
+    tokenizer: Any, text: str, max_length: int | None = None
+) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``text`` (no special tokens) and each token's ``(start, end)`` characters."""
     if not getattr(tokenizer, "is_fast", False):
         raise AlignmentError(
             f"{type(tokenizer).__name__} is a slow tokenizer and cannot return character offsets; load it with "
-            "AutoTokenizer.from_pretrained(..., use_fast=True) (a tokenizer.json is needed).")
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False,
-                    truncation=max_length is not None, max_length=max_length)
+            "AutoTokenizer.from_pretrained(..., use_fast=True) (a tokenizer.json is needed)."
+        )
+    enc = tokenizer(
+        text,
+        return_offsets_mapping=True,
+        add_special_tokens=False,
+        truncation=max_length is not None,
+        max_length=max_length,
+    )
     return list(enc["input_ids"]), [(int(s), int(e)) for s, e in enc["offset_mapping"]]
 
 
@@ -73,7 +81,9 @@ def _ends(offsets: list[tuple[int, int]]) -> dict[int, int]:
     return out
 
 
-def align_text(text: str, tokenizer_a: Any, tokenizer_b: Any, max_length: int | None = None) -> AlignedText:
+def align_text(
+    text: str, tokenizer_a: Any, tokenizer_b: Any, max_length: int | None = None
+) -> AlignedText:
     """Tokenize ``text`` with both tokenizers and pair the tokens ending at the same character
     offset (module docstring). ``max_length`` truncates each tokenization (in its own tokens);
     pairs then stop where the shorter one stops."""
@@ -82,7 +92,9 @@ def align_text(text: str, tokenizer_a: Any, tokenizer_b: Any, max_length: int | 
     ends_a, ends_b = _ends(off_a), _ends(off_b)
     common = sorted(set(ends_a) & set(ends_b))
     return AlignedText(
-        text=text, ids_a=ids_a, ids_b=ids_b,
+        text=text,
+        ids_a=ids_a,
+        ids_b=ids_b,
         pos_a=torch.tensor([ends_a[e] for e in common], dtype=torch.long),
         pos_b=torch.tensor([ends_b[e] for e in common], dtype=torch.long),
         ends=torch.tensor(common, dtype=torch.long),
@@ -94,14 +106,25 @@ def _with_bos(ids: list[int], tokenizer: Any, prepend_bos: bool) -> tuple[torch.
         return torch.tensor([ids], dtype=torch.long), 0
     bos = getattr(tokenizer, "bos_token_id", None)
     if bos is None:
-        raise AlignmentError(f"{type(tokenizer).__name__} has no bos_token_id; pass prepend_bos=False.")
+        raise AlignmentError(
+            f"{type(tokenizer).__name__} has no bos_token_id; pass prepend_bos=False."
+        )
     return torch.tensor([[int(bos), *ids]], dtype=torch.long), 1
 
 
 @torch.no_grad()
-def harvest_aligned(model_a: Any, model_b: Any, tokenizer_a: Any, tokenizer_b: Any, texts: Iterable[str],
-                    hook_a: str, hook_b: str, *, prepend_bos: bool = True,
-                    max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def harvest_aligned(
+    model_a: Any,
+    model_b: Any,
+    tokenizer_a: Any,
+    tokenizer_b: Any,
+    texts: Iterable[str],
+    hook_a: str,
+    hook_b: str,
+    *,
+    prepend_bos: bool = True,
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Activations of two TransformerLens models at the character-aligned token pairs of
     ``texts``: ``(N, d_a)`` at ``hook_a`` and ``(N, d_b)`` at ``hook_b``, row k of both at
     the same place in the same text. Each text runs alone (no padding); with ``prepend_bos``
@@ -115,16 +138,22 @@ def harvest_aligned(model_a: Any, model_b: Any, tokenizer_a: Any, tokenizer_b: A
         al = align_text(text, tokenizer_a, tokenizer_b, max_length)
         if len(al) == 0:
             continue
-        for model, ids, tok, hook, pos, out in ((model_a, al.ids_a, tokenizer_a, hook_a, al.pos_a, xa),
-                                                (model_b, al.ids_b, tokenizer_b, hook_b, al.pos_b, xb)):
+        for model, ids, tok, hook, pos, out in (
+            (model_a, al.ids_a, tokenizer_a, hook_a, al.pos_a, xa),
+            (model_b, al.ids_b, tokenizer_b, hook_b, al.pos_b, xb),
+        ):
             tokens, shift = _with_bos(ids, tok, prepend_bos)
             _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=[hook])
             if hook not in cache:
-                raise AlignmentError(f"Hook {hook!r} not found in {type(model).__name__}; check the hook name.")
+                raise AlignmentError(
+                    f"Hook {hook!r} not found in {type(model).__name__}; check the hook name."
+                )
             out.append(cache[hook][0, pos.to(cache[hook].device) + shift].float().cpu())
     if not xa:
-        raise AlignmentError(f"No character-aligned token pairs in {n_texts} text(s): the two tokenizations "
-                             "share no token boundary (empty texts?).")
+        raise AlignmentError(
+            f"No character-aligned token pairs in {n_texts} text(s): the two tokenizations "
+            "share no token boundary (empty texts?)."
+        )
     return torch.cat(xa), torch.cat(xb)
 
 

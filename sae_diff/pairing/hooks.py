@@ -27,7 +27,13 @@ _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
 
 #: block hooks as wide as the residual stream (``d_model``)
-D_MODEL_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+D_MODEL_POINTS = (
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+)
 #: block hooks as wide as the MLP (``d_mlp``)
 D_MLP_POINTS = ("mlp.hook_pre", "mlp.hook_post")
 #: hooks outside the blocks that are ``d_model`` wide and fire before block 0
@@ -38,12 +44,32 @@ FINAL_RESID_HOOKS = ("ln_final.hook_in", "ln_final.hook_normalized_in")
 #: TransformerLens hook names inside a block (``blocks.L.<name>``) and outside blocks, for
 #: spelling checks before the models load (the models' own ``hook_dict`` decides when they do).
 BLOCK_HOOKS = (
-    "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
-    "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input", "hook_mlp_in",
-    "ln1.hook_scale", "ln1.hook_normalized", "ln2.hook_scale", "ln2.hook_normalized",
-    "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_attn_scores",
-    "attn.hook_pattern", "attn.hook_result", "attn.hook_rot_q", "attn.hook_rot_k",
-    "mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear",
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "hook_attn_in",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
+    "hook_mlp_in",
+    "ln1.hook_scale",
+    "ln1.hook_normalized",
+    "ln2.hook_scale",
+    "ln2.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_z",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_result",
+    "attn.hook_rot_q",
+    "attn.hook_rot_k",
+    "mlp.hook_pre",
+    "mlp.hook_post",
+    "mlp.hook_pre_linear",
 )
 GLOBAL_HOOKS = ("hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized")
 
@@ -51,7 +77,7 @@ GLOBAL_HOOKS = ("hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final
 def split_block_hook(hook_name: str) -> tuple[int, str] | None:
     """``blocks.L.<point>`` -> ``(L, "<point>")``; None for a hook outside the blocks."""
     m = _BLOCK.match(hook_name)
-    return None if m is None else (int(m.group(1)), hook_name[m.end():])
+    return None if m is None else (int(m.group(1)), hook_name[m.end() :])
 
 
 def block_of(hook_name: str) -> int | None:

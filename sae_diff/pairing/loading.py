@@ -78,9 +78,7 @@ def load_pair(
     info_b = bk.read_model_info(
         base_path, revision=base_revision, trust_remote_code=trust_remote_code
     )
-    info_f = bk.read_model_info(
-        ft_path, revision=ft_revision, trust_remote_code=trust_remote_code
-    )
+    info_f = bk.read_model_info(ft_path, revision=ft_revision, trust_remote_code=trust_remote_code)
     check_config_dims(info_b, info_f)
     chosen = bk.choose_backend(backend, info_b)
     opts = bk.translate_options(chosen, model_kwargs)
@@ -101,9 +99,7 @@ def load_pair(
     }
     if chosen == "bridge":
         hf_kwargs.setdefault("attn_implementation", "eager")  # what the bridge uses
-    hf_base = AutoModelForCausalLM.from_pretrained(
-        base_path, revision=base_revision, **hf_kwargs
-    )
+    hf_base = AutoModelForCausalLM.from_pretrained(base_path, revision=base_revision, **hf_kwargs)
     hf_ft = AutoModelForCausalLM.from_pretrained(ft_path, revision=ft_revision, **hf_kwargs)
     # TransformerLens edits the tokenizer it is given (sets PAD, sets BOS = EOS for
     # tokenizers without BOS): give it copies, keep the user's for the data.

@@ -29,7 +29,9 @@ from sae_diff.report.scoring import GRANULARITIES, GroundTruth, granularity_matr
 def mean_diff_direction(train_diffs: torch.Tensor) -> torch.Tensor:
     """Mean of ``x_ft - x_base`` over training tokens ``(N, d)`` -> ``(d,)`` (float64)."""
     if train_diffs.ndim != 2 or train_diffs.shape[0] == 0:
-        raise ValueError(f"train_diffs must be a non-empty (tokens, d_model) tensor, got {tuple(train_diffs.shape)}.")
+        raise ValueError(
+            f"train_diffs must be a non-empty (tokens, d_model) tensor, got {tuple(train_diffs.shape)}."
+        )
     return train_diffs.double().mean(0)
 
 
@@ -59,14 +61,17 @@ def project(diffs: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     return diffs.double() @ directions.double().T
 
 
-def kl_token_scores(kl: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
-                    n_types: int = 10) -> tuple[torch.Tensor, list[int]]:
+def kl_token_scores(
+    kl: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor, n_types: int = 10
+) -> tuple[torch.Tensor, list[int]]:
     """Per-token KL as candidate 0, then indicators of the ``n_types`` token types with the
     highest KL (first occurrence order in a descending-KL sort). Returns ``(scores (n, seq,
     1 + n_types'), type ids)``."""
     if kl.shape != tokens.shape or valid.shape != tokens.shape:
-        raise ValueError(f"kl {tuple(kl.shape)}, tokens {tuple(tokens.shape)} and valid {tuple(valid.shape)} "
-                         "must have the same (n_conv, seq) shape.")
+        raise ValueError(
+            f"kl {tuple(kl.shape)}, tokens {tuple(tokens.shape)} and valid {tuple(valid.shape)} "
+            "must have the same (n_conv, seq) shape."
+        )
     k = torch.nan_to_num(kl.double(), nan=0.0)
     flat = torch.where(valid, k, torch.tensor(-torch.inf, dtype=k.dtype)).flatten()
     order = torch.argsort(flat, descending=True, stable=True)
@@ -103,7 +108,9 @@ def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / n if n > 0 else v
 
 
-def probe_matrices(diffs: torch.Tensor, sset: GroundTruth, seed: int = 0, n_folds: int = 2) -> dict[str, pd.DataFrame]:
+def probe_matrices(
+    diffs: torch.Tensor, sset: GroundTruth, seed: int = 0, n_folds: int = 2
+) -> dict[str, pd.DataFrame]:
     """The supervised ceiling: per behaviour and granularity, a cross-fitted mean-difference
     direction on ``D`` (``diffs (n_conv, seq, d)``), scored held out. Token granularities fit on
     that granularity's positive tokens vs every other scored token; the conversation granularity
@@ -111,7 +118,9 @@ def probe_matrices(diffs: torch.Tensor, sset: GroundTruth, seed: int = 0, n_fold
     negative conversations and scores a conversation by its maximum. Returns one-row matrices
     (candidate 0) per granularity, like :func:`granularity_matrices`."""
     if diffs.ndim != 3 or tuple(diffs.shape[:2]) != tuple(sset.valid.shape):
-        raise ValueError(f"diffs must be (n_conv, seq, d) matching valid {tuple(sset.valid.shape)}, got {tuple(diffs.shape)}.")
+        raise ValueError(
+            f"diffs must be (n_conv, seq, d) matching valid {tuple(sset.valid.shape)}, got {tuple(diffs.shape)}."
+        )
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2 for held-out scoring, got {n_folds}.")
     d = diffs.double()
@@ -122,17 +131,28 @@ def probe_matrices(diffs: torch.Tensor, sset: GroundTruth, seed: int = 0, n_fold
         targets = {
             "trigger": (sset.trigger[b] & sset.valid, ~sset.trigger[b] & sset.valid),
             "response": (sset.response[b] & sset.valid, ~sset.response[b] & sset.valid),
-            "conversation": ((sset.trigger[b] | sset.response[b]) & sset.valid & conv_pos, sset.valid & ~conv_pos),
+            "conversation": (
+                (sset.trigger[b] | sset.response[b]) & sset.valid & conv_pos,
+                sset.valid & ~conv_pos,
+            ),
         }
         for gran, (pos, neg) in targets.items():
             scores = torch.zeros(sset.valid.shape, dtype=torch.float64)
             for f in range(n_folds):
                 train = (fold != f)[:, None]
                 p, q = pos & train, neg & train
-                u = _unit(d[p].mean(0) - d[q].mean(0)) if p.any() and q.any() else torch.zeros(d.shape[-1], dtype=d.dtype)
+                u = (
+                    _unit(d[p].mean(0) - d[q].mean(0))
+                    if p.any() and q.any()
+                    else torch.zeros(d.shape[-1], dtype=d.dtype)
+                )
                 held = fold == f
                 scores[held] = d[held] @ u
-            one = GroundTruth(sset.valid, {b: sset.trigger[b]}, {b: sset.response[b]}, {b: sset.conversation[b]})
+            one = GroundTruth(
+                sset.valid, {b: sset.trigger[b]}, {b: sset.response[b]}, {b: sset.conversation[b]}
+            )
             out[gran][b] = float(granularity_matrices(scores[..., None], one)[gran].iloc[0, 0])
-    return {g: pd.DataFrame({b: [v] for b, v in cols.items()}, index=pd.Index([0], name="candidate"))
-            for g, cols in out.items()}
+    return {
+        g: pd.DataFrame({b: [v] for b, v in cols.items()}, index=pd.Index([0], name="candidate"))
+        for g, cols in out.items()
+    }

@@ -88,9 +88,9 @@ METHODS: dict[str, dict[str, Any]] = {
 #: activations at the scoring set like every other method.
 ANALYSIS_METHODS: dict[str, str] = {
     "stagewise": "stage-wise diffing: the base-SAE fine-tuned on the fine-tune's activations (model-change "
-                 "stage, same data); latents ranked by decoder rotation",
+    "stage, same data); latents ranked by decoder rotation",
     "causal_filter": "base-SAE diffing: latents ranked by firing shift (ft / base), kept when ablating them "
-                     "moves the fine-tune's assistant-token KL beyond random latents",
+    "moves the fine-tune's assistant-token KL beyond random latents",
 }
 #: the seed's four methods, trained for DemoConfig.train_steps
 CORE_METHODS: tuple[str, ...] = ("l1_crosscoder", "batchtopk_crosscoder", "diff_sae", "chat_sae")
@@ -104,10 +104,18 @@ def _variant_settings(architecture: str, d_sae: int) -> dict[str, Any]:
     settings: dict[str, dict[str, Any]] = {
         "jumprelu_crosscoder": {"l0_coefficient": 0.5},
         "shared_crosscoder": {"n_shared_latents": d_sae // 16, "shared_sparsity_ratio": 0.15},
-        "shared_batchtopk_crosscoder": {"n_shared_latents": d_sae // 16, "shared_sparsity_ratio": 0.8},
-        "dedicated_batchtopk_crosscoder": {"n_base_dedicated": d_sae // 8, "n_ft_dedicated": d_sae // 8},
+        "shared_batchtopk_crosscoder": {
+            "n_shared_latents": d_sae // 16,
+            "shared_sparsity_ratio": 0.8,
+        },
+        "dedicated_batchtopk_crosscoder": {
+            "n_base_dedicated": d_sae // 8,
+            "n_ft_dedicated": d_sae // 8,
+        },
     }
     return settings.get(architecture, {})
+
+
 #: The dictionary-free baselines and the supervised ceiling (see sae_diff.report.baselines).
 BASELINES = ("probe", "mean_diff", "pca_diff", "kl_tokens")
 
@@ -138,7 +146,9 @@ class DemoConfig:
     threshold_ema_decay: float = 0.99
     eval_per_behaviour: int = 16
     n_controls: int | None = None  # control conversations (default: as many as triggered ones)
-    n_text: int = 16  # plain-text rows (the negatives of chat_format), when the organism has a world
+    n_text: int = (
+        16  # plain-text rows (the negatives of chat_format), when the organism has a world
+    )
     random_seeds: int = 5
     top_n: int = 50
     # the issue's bar: some method finds each behaviour at the conversation level with
@@ -182,9 +192,20 @@ class DemoConfig:
 
     @classmethod
     def quick_config(cls, **kw: Any) -> DemoConfig:
-        base: dict[str, Any] = {"n_pretrain_docs": 300, "n_chat_docs": 300, "max_rows": 320, "train_steps": 200,
-                "batch_size": 256, "eval_per_behaviour": 6, "n_text": 6, "random_seeds": 2, "quick": True,
-                "variant_steps": 150, "base_sae_steps": 150, "stage_steps": 100}
+        base: dict[str, Any] = {
+            "n_pretrain_docs": 300,
+            "n_chat_docs": 300,
+            "max_rows": 320,
+            "train_steps": 200,
+            "batch_size": 256,
+            "eval_per_behaviour": 6,
+            "n_text": 6,
+            "random_seeds": 2,
+            "quick": True,
+            "variant_steps": 150,
+            "base_sae_steps": 150,
+            "stage_steps": 100,
+        }
         base.update(kw)
         return cls(**base)
 
@@ -200,33 +221,71 @@ def harvest(cfg: DemoConfig, org: Any, paired: Any, hook: str) -> ActivationCach
     if org.world is not None:
         texts = org.pretraining_dataset("train", n=cfg.n_pretrain_docs, seed=cfg.seed)
         chats = org.chat_dataset("train", n=cfg.n_chat_docs, seed=cfg.seed)
-        source = TokenSource([texts, chats], org.tokenizer, cfg.context_size,
-                             proportions=[1 - cfg.chat_share, cfg.chat_share], max_rows=cfg.max_rows)
+        source = TokenSource(
+            [texts, chats],
+            org.tokenizer,
+            cfg.context_size,
+            proportions=[1 - cfg.chat_share, cfg.chat_share],
+            max_rows=cfg.max_rows,
+        )
     else:  # a custom organism without a world: its own training conversations only
-        source = TokenSource([org.chat_dataset("train", n=cfg.n_chat_docs, seed=cfg.seed)], org.tokenizer,
-                             cfg.context_size, max_rows=cfg.max_rows)
-    harvest_cache(paired, source, cfg.out / "cache", hook, batch_size=32, rows_per_shard=128,
-                  max_rows=cfg.max_rows, verbose=True)
+        source = TokenSource(
+            [org.chat_dataset("train", n=cfg.n_chat_docs, seed=cfg.seed)],
+            org.tokenizer,
+            cfg.context_size,
+            max_rows=cfg.max_rows,
+        )
+    harvest_cache(
+        paired,
+        source,
+        cfg.out / "cache",
+        hook,
+        batch_size=32,
+        rows_per_shard=128,
+        max_rows=cfg.max_rows,
+        verbose=True,
+    )
     return ActivationCache(cfg.out / "cache")
 
 
-def train_dictionary(cfg: DemoConfig, name: str, cache: ActivationCache, d_model: int, meta: dict[str, Any],
-                     seed: int | None = None, path: Path | None = None) -> SAE[Any]:
+def train_dictionary(
+    cfg: DemoConfig,
+    name: str,
+    cache: ActivationCache,
+    d_model: int,
+    meta: dict[str, Any],
+    seed: int | None = None,
+    path: Path | None = None,
+) -> SAE[Any]:
     """Train one method's dictionary on the cache with SAELens's SAETrainer; save; reload.
     ``seed`` (default ``cfg.seed``) seeds the initialisation and the batch order."""
     seed = cfg.seed if seed is None else seed
     spec = METHODS[name]
     d_sae = cfg.expansion * d_model
-    store = PairedActivationsStore.from_cache(cache, mode=spec["mode"], batch_size=cfg.batch_size, seed=seed)
+    store = PairedActivationsStore.from_cache(
+        cache, mode=spec["mode"], batch_size=cfg.batch_size, seed=seed
+    )
     torch.manual_seed(seed)
     if spec["architecture"] == "batchtopk":
-        sae: Any = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(
-            d_in=d_model, d_sae=d_sae, k=cfg.k, normalize_activations="expected_average_only_in"))
+        sae: Any = BatchTopKTrainingSAE(
+            BatchTopKTrainingSAEConfig(
+                d_in=d_model, d_sae=d_sae, k=cfg.k, normalize_activations="expected_average_only_in"
+            )
+        )
     else:
         arch = spec["architecture"]
-        kw: dict[str, Any] = ({"l1_coefficient": cfg.l1_coefficient} if arch in ("crosscoder", "shared_crosscoder")
-                              else {} if arch == "jumprelu_crosscoder" else {"k": cfg.k})
-        if arch in ("batchtopk_crosscoder", "shared_batchtopk_crosscoder", "dedicated_batchtopk_crosscoder"):
+        kw: dict[str, Any] = (
+            {"l1_coefficient": cfg.l1_coefficient}
+            if arch in ("crosscoder", "shared_crosscoder")
+            else {}
+            if arch == "jumprelu_crosscoder"
+            else {"k": cfg.k}
+        )
+        if arch in (
+            "batchtopk_crosscoder",
+            "shared_batchtopk_crosscoder",
+            "dedicated_batchtopk_crosscoder",
+        ):
             kw["threshold_ema_decay"] = cfg.threshold_ema_decay
         kw.update(_variant_settings(arch, d_sae))
         if spec["architecture"] == "batchtopk_diff_sae":
@@ -248,20 +307,32 @@ def train_dictionary(cfg: DemoConfig, name: str, cache: ActivationCache, d_model
 def _trainer_config(cfg: DemoConfig, steps: int) -> SAETrainerConfig:
     """The demo's SAELens trainer settings for a run of ``steps`` steps (cosine-annealed lr)."""
     return SAETrainerConfig(
-        total_training_samples=steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
-        lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="cosineannealing", lr_warm_up_steps=steps // 20,
-        dead_feature_window=max(steps // 5, 50), feature_sampling_window=max(steps // 2, 100),
-        n_batches_for_norm_estimate=8)
+        total_training_samples=steps * cfg.batch_size,
+        train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr,
+        lr_end=cfg.lr / 10,
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=steps // 20,
+        dead_feature_window=max(steps // 5, 50),
+        feature_sampling_window=max(steps // 2, 100),
+        n_batches_for_norm_estimate=8,
+    )
 
 
-def train_base_sae(cfg: DemoConfig, cache: ActivationCache, d_model: int, hook: str, seed: int) -> Any:
+def train_base_sae(
+    cfg: DemoConfig, cache: ActivationCache, d_model: int, hook: str, seed: int
+) -> Any:
     """SAELens's own ``batchtopk`` on the base model's side of the cache (training form).
 
     No activation normalisation: stage-wise diffing resumes from these weights, and a scaling
     factor folded in at the end of each run would be re-estimated (and re-folded) per stage."""
-    store = PairedActivationsStore.from_cache(cache, mode="base", batch_size=cfg.batch_size, seed=seed)
+    store = PairedActivationsStore.from_cache(
+        cache, mode="base", batch_size=cfg.batch_size, seed=seed
+    )
     torch.manual_seed(seed)
-    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=cfg.expansion * d_model, k=cfg.k))
+    sae = BatchTopKTrainingSAE(
+        BatchTopKTrainingSAEConfig(d_in=d_model, d_sae=cfg.expansion * d_model, k=cfg.k)
+    )
     sae.cfg.metadata.hook_name = hook
     trainer = SAETrainer(_trainer_config(cfg, cfg.base_sae_steps), sae, store)
     use_fused_adam(trainer)
@@ -269,9 +340,19 @@ def train_base_sae(cfg: DemoConfig, cache: ActivationCache, d_model: int, hook: 
     return sae
 
 
-def base_sae_methods(cfg: DemoConfig, org: Any, paired: Any, cache: ActivationCache, hook: str, d_model: int,
-                     seed: int, folder: Path, sample: torch.Tensor, c_tokens: torch.Tensor,
-                     answer: torch.Tensor) -> dict[str, tuple[SAE[Any], torch.Tensor, dict[str, Any]]]:
+def base_sae_methods(
+    cfg: DemoConfig,
+    org: Any,
+    paired: Any,
+    cache: ActivationCache,
+    hook: str,
+    d_model: int,
+    seed: int,
+    folder: Path,
+    sample: torch.Tensor,
+    c_tokens: torch.Tensor,
+    answer: torch.Tensor,
+) -> dict[str, tuple[SAE[Any], torch.Tensor, dict[str, Any]]]:
     """The selected ANALYSIS_METHODS on one seed's base-SAE: per method, the SAE whose codes of
     the fine-tune's activations are scored, its ranked candidate latents and its scoreboard row.
 
@@ -298,39 +379,84 @@ def base_sae_methods(cfg: DemoConfig, org: Any, paired: Any, cache: ActivationCa
         fb, ff = _fve_per_model(sae, "base", sample), _fve_per_model(sae, "ft", sample)
         with torch.no_grad():  # dead: fires on neither model's side of the sample
             alive = (sae.encode(sample[:, 0]) > 0).any(0) | (sae.encode(sample[:, 1]) > 0).any(0)
-        return {"method": name, "architecture": "batchtopk", "d_sae": int(sae.cfg.d_sae), "fve_base": _f(fb["base"]),
-                "fve_ft": _f(ff["ft"]), "l0": _f(ff["l0"]), "dead_fraction": _f(1.0 - alive.float().mean()), **extra}
+        return {
+            "method": name,
+            "architecture": "batchtopk",
+            "d_sae": int(sae.cfg.d_sae),
+            "fve_base": _f(fb["base"]),
+            "fve_ft": _f(ff["ft"]),
+            "l0": _f(ff["l0"]),
+            "dead_fraction": _f(1.0 - alive.float().mean()),
+            **extra,
+        }
 
     if "causal_filter" in cfg.methods:
-        shift = latent_scaling(base, cache_batches(cache), kind="base_sae", progress=False).to_frame()
-        res = causal_filter(org.ft, base, c_tokens, shift, answer, n_candidates=cfg.causal_candidates,
-                            n_random=cfg.causal_random, quantile=cfg.causal_quantile, hook_name=hook,
-                            mode=cfg.causal_mode, scale=cfg.causal_scale, seed=seed)
+        shift = latent_scaling(
+            base, cache_batches(cache), kind="base_sae", progress=False
+        ).to_frame()
+        res = causal_filter(
+            org.ft,
+            base,
+            c_tokens,
+            shift,
+            answer,
+            n_candidates=cfg.causal_candidates,
+            n_random=cfg.causal_random,
+            quantile=cfg.causal_quantile,
+            hook_name=hook,
+            mode=cfg.causal_mode,
+            scale=cfg.causal_scale,
+            seed=seed,
+        )
         atomic_write(folder / "causal_filter" / "causal_filter.csv", lambda p: res.table.to_csv(p))
         if res.kept:
             cand = res.kept
-            note = (f"kept {len(cand)} of {cfg.causal_candidates} firing-shift candidates ({cfg.causal_mode} KL > "
-                    f"{res.threshold:.3g} nats, the {cfg.causal_quantile} quantile of {cfg.causal_random} random latents)")
+            note = (
+                f"kept {len(cand)} of {cfg.causal_candidates} firing-shift candidates ({cfg.causal_mode} KL > "
+                f"{res.threshold:.3g} nats, the {cfg.causal_quantile} quantile of {cfg.causal_random} random latents)"
+            )
         else:
             cand = rank_by_firing_shift(shift, n=cfg.top_n)
-            note = (f"the causal filter kept none of {cfg.causal_candidates} candidates ({cfg.causal_mode} KL never "
-                    f"beat {res.threshold:.3g} nats); scored: the firing-shift ranking alone")
-        out["causal_filter"] = (base, torch.tensor(cand, dtype=torch.long),
-                                row("causal_filter", base, n_kept=len(res.kept), note=note))
+            note = (
+                f"the causal filter kept none of {cfg.causal_candidates} candidates ({cfg.causal_mode} KL never "
+                f"beat {res.threshold:.3g} nats); scored: the firing-shift ranking alone"
+            )
+        out["causal_filter"] = (
+            base,
+            torch.tensor(cand, dtype=torch.long),
+            row("causal_filter", base, n_kept=len(res.kept), note=note),
+        )
     if "stagewise" in cfg.methods:
+
         def paired_batches() -> Any:
-            return iter(PairedActivationsStore.from_cache(cache, mode="paired", batch_size=cfg.batch_size, seed=seed))
+            return iter(
+                PairedActivationsStore.from_cache(
+                    cache, mode="paired", batch_size=cfg.batch_size, seed=seed
+                )
+            )
 
         plan = (Stage("model", model="ft", data="base"),)
-        result = run_stages(start, {"base": paired_batches}, _trainer_config(cfg, cfg.stage_steps), plan)
-        atomic_write(folder / "stagewise" / "rotation_table.csv", lambda p: result.table.to_csv(p, index=False))
+        result = run_stages(
+            start, {"base": paired_batches}, _trainer_config(cfg, cfg.stage_steps), plan
+        )
+        atomic_write(
+            folder / "stagewise" / "rotation_table.csv",
+            lambda p: result.table.to_csv(p, index=False),
+        )
         top = result.top_rotating(n=cfg.top_n, stage="model")
         moved = as_inference(result.stages["model"])
         rot = 1.0 - result.table["dec_cos"]
-        out["stagewise"] = (moved, torch.tensor([int(j) for j in top.index], dtype=torch.long),
-                            row("stagewise", moved, median_dec_rotation=_f(rot.median()),
-                                top_dec_rotation=_f(top["rotation"].iloc[0]) if len(top) else None,
-                                note=f"model-change stage only ({cfg.stage_steps} steps on the same cache)"))
+        out["stagewise"] = (
+            moved,
+            torch.tensor([int(j) for j in top.index], dtype=torch.long),
+            row(
+                "stagewise",
+                moved,
+                median_dec_rotation=_f(rot.median()),
+                top_dec_rotation=_f(top["rotation"].iloc[0]) if len(top) else None,
+                note=f"model-change stage only ({cfg.stage_steps} steps on the same cache)",
+            ),
+        )
     return out
 
 
@@ -372,7 +498,9 @@ def evaluation_set(org: Any, cfg: DemoConfig) -> EvalSet:
     class in this set (nothing to contrast) are skipped, with the reason."""
     if hasattr(org, "scoring_set"):
         n_text = cfg.n_text if getattr(org, "world", None) is not None else 0
-        ss = org.scoring_set(n_per_behaviour=cfg.eval_per_behaviour, n_controls=cfg.n_controls, n_text=n_text)
+        ss = org.scoring_set(
+            n_per_behaviour=cfg.eval_per_behaviour, n_controls=cfg.n_controls, n_text=n_text
+        )
         tokens, valid, assistant = ss.tokens, ss.valid, ss.assistant
         trig, resp, conv, origins = ss.trigger_masks, ss.response_masks, ss.labels, list(ss.origins)
     else:  # an organism API without controls: the other behaviours' conversations are the negatives
@@ -393,8 +521,12 @@ def evaluation_set(org: Any, cfg: DemoConfig) -> EvalSet:
             skipped[b] = "every row carries it (no control rows without it)"
         else:
             keep.append(b)
-    truth = GroundTruth(scored, {b: trig[b] & scored for b in keep}, {b: resp[b] & scored for b in keep},
-                        {b: conv[b] for b in keep})
+    truth = GroundTruth(
+        scored,
+        {b: trig[b] & scored for b in keep},
+        {b: resp[b] & scored for b in keep},
+        {b: conv[b] for b in keep},
+    )
     return EvalSet(tokens, valid, assistant, truth, origins, skipped)
 
 
@@ -402,8 +534,11 @@ def organism_info(cfg: DemoConfig, org: Any) -> dict[str, Any]:
     """Name, kind (shipped / custom) and path of the organism, for titles and report.json."""
     path = organism_dir(cfg.organism).resolve()
     shipped = path.parent == DATA_DIR.resolve()
-    return {"name": path.name if shipped else str(cfg.organism), "kind": "shipped" if shipped else "custom",
-            "path": str(path)}
+    return {
+        "name": path.name if shipped else str(cfg.organism),
+        "kind": "shipped" if shipped else "custom",
+        "path": str(path),
+    }
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -437,20 +572,31 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     train_diff = (sample[:, 1] - sample[:, 0]).double()
     u = BL.mean_diff_direction(train_diff)
     baseline_matrices["mean_diff"] = granularity_matrices(BL.project(diffs, u[None]), truth)
-    baseline_info["mean_diff"] = {"candidates": ["mean difference"], "norm": round(float(u.norm()), 4),
-                                  "logit_lens": logit_lens(u, org.ft, org.tokenizer)}
+    baseline_info["mean_diff"] = {
+        "candidates": ["mean difference"],
+        "norm": round(float(u.norm()), 4),
+        "logit_lens": logit_lens(u, org.ft, org.tokenizer),
+    }
     dirs, evr = BL.pca_directions(train_diff, cfg.n_pca)
     baseline_matrices["pca_diff"] = granularity_matrices(BL.project(diffs, BL.signed(dirs)), truth)
     baseline_info["pca_diff"] = {
         "candidates": [f"PC{i // 2 + 1}{'+-'[i % 2]}" for i in range(2 * dirs.shape[0])],
         "explained_variance": [round(float(v), 4) for v in evr],
-        "logit_lens": {f"PC{i + 1}": logit_lens(dirs[i], org.ft, org.tokenizer, k=5) for i in range(min(3, len(dirs)))}}
+        "logit_lens": {
+            f"PC{i + 1}": logit_lens(dirs[i], org.ft, org.tokenizer, k=5)
+            for i in range(min(3, len(dirs)))
+        },
+    }
     kl_scores, kl_types = BL.kl_token_scores(kl, ev.tokens, truth.valid, cfg.n_kl_types)
     baseline_matrices["kl_tokens"] = granularity_matrices(kl_scores, truth)
-    baseline_info["kl_tokens"] = {"candidates": ["per-token KL"] + [f"token {org.tokenizer.decode([i])!r}" for i in kl_types]}
+    baseline_info["kl_tokens"] = {
+        "candidates": ["per-token KL"] + [f"token {org.tokenizer.decode([i])!r}" for i in kl_types]
+    }
     for name, mats in baseline_matrices.items():
         rows += summarise(mats, name, None, cfg.top_n)
-    baseline_info["probe"] = {"candidates": ["supervised mean-difference probe (2-fold cross-fitted)"]}
+    baseline_info["probe"] = {
+        "candidates": ["supervised mean-difference probe (2-fold cross-fitted)"]
+    }
     t = _timed(cfg, "baselines", t)
 
     # ---- dictionaries, one training per seed ------------------------------------------------
@@ -463,8 +609,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     for seed in cfg.seeds:
         rows += summarise(BL.probe_matrices(diffs, truth, seed=seed), "probe", seed)
         folder = cfg.out / "dictionaries" / f"seed{seed}"
-        dictionaries = {name: train_dictionary(cfg, name, cache, d_model, meta, seed=seed, path=folder / name)
-                        for name in cfg.methods if name in METHODS}
+        dictionaries = {
+            name: train_dictionary(cfg, name, cache, d_model, meta, seed=seed, path=folder / name)
+            for name in cfg.methods
+            if name in METHODS
+        }
         t = _timed(cfg, "train", t)
         tables: dict[str, pd.DataFrame] = {}
         for name, sae in dictionaries.items():
@@ -487,7 +636,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         base_rows: list[dict[str, Any]] = []
         if any(m in ANALYSIS_METHODS for m in cfg.methods):
             t = _timed(cfg, "scoring", t)
-            ranked = base_sae_methods(cfg, org, paired, cache, hook, d_model, seed, folder, sample, c_tokens, answer)
+            ranked = base_sae_methods(
+                cfg, org, paired, cache, hook, d_model, seed, folder, sample, c_tokens, answer
+            )
             for name, (sae1, cand, row) in ranked.items():
                 codes_all = encode_tokens(sae1, "ft_sae", acts)[..., cand].float()
                 mats = granularity_matrices(codes_all, truth, cand.tolist())
@@ -500,20 +651,40 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         patchable = {n: d for n, d in dictionaries.items() if METHODS[n]["kind"] != "ft_sae"}
         gap = pd.DataFrame()
         if patchable:
-            kl_table = kl_patching_table(paired, patchable, c_tokens, answer, nu={n: tables[n] for n in patchable},
-                                         random_seeds=cfg.random_seeds, token_patches={"template": template},
-                                         attention_mask=c_valid.long(), progress=True)
+            kl_table = kl_patching_table(
+                paired,
+                patchable,
+                c_tokens,
+                answer,
+                nu={n: tables[n] for n in patchable},
+                random_seeds=cfg.random_seeds,
+                token_patches={"template": template},
+                attention_mask=c_valid.long(),
+                progress=True,
+            )
             kl_table.to_csv(folder / "kl_patching.csv")
             gap = gap_closed_summary(kl_table)
         else:
             kl_table = pd.DataFrame()
         t = _timed(cfg, "kl_patching", t)
         board = method_rows(cfg, dictionaries, tables, gap, sample) + base_rows
-        per_seed.append({"seed": seed, "scoreboard": board, "crosscoder_artefacts": crosscoder_artefacts(cfg, tables),
-                         "top_scores": {cfg.game_top: [r.row() for r in game_rows]}})
+        per_seed.append(
+            {
+                "seed": seed,
+                "scoreboard": board,
+                "crosscoder_artefacts": crosscoder_artefacts(cfg, tables),
+                "top_scores": {cfg.game_top: [r.row() for r in game_rows]},
+            }
+        )
         if not first:
-            first = {"dictionaries": dictionaries, "tables": tables, "matrices": matrices, "codes": codes,
-                     "kl_table": kl_table, "seed": seed}
+            first = {
+                "dictionaries": dictionaries,
+                "tables": tables,
+                "matrices": matrices,
+                "codes": codes,
+                "kl_table": kl_table,
+                "seed": seed,
+            }
 
     # ---- what the reader looks at: dashboards, KL dashboard, stitching (first seed) ----------
     dash = kl_dashboard(paired, c_tokens, answer, top_n=20, attention_mask=c_valid.long())
@@ -526,39 +697,70 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     score_rows = [r.row() for r in rows]
     report: dict[str, Any] = {
         "config": {k: v for k, v in asdict(cfg).items() if k != "timings"},
-        "organism": {**organism_info(cfg, org), "base": org.base_name, "ft": org.ft_name, "hook": hook,
-                     "behaviours": truth.behaviours, "skipped_behaviours": ev.skipped,
-                     "rows": {o: ev.origins.count(o) for o in dict.fromkeys(ev.origins)},
-                     "label_counts": truth.counts(), "scored_tokens": int(truth.valid.sum())},
-        "cache": {"tokens": int(cache.n_tokens), "shards": int(cache.n_shards), "bytes": int(cache.nbytes)},
+        "organism": {
+            **organism_info(cfg, org),
+            "base": org.base_name,
+            "ft": org.ft_name,
+            "hook": hook,
+            "behaviours": truth.behaviours,
+            "skipped_behaviours": ev.skipped,
+            "rows": {o: ev.origins.count(o) for o in dict.fromkeys(ev.origins)},
+            "label_counts": truth.counts(),
+            "scored_tokens": int(truth.valid.sum()),
+        },
+        "cache": {
+            "tokens": int(cache.n_tokens),
+            "shards": int(cache.n_shards),
+            "bytes": int(cache.nbytes),
+        },
         "seeds": list(cfg.seeds),
         "scores": score_rows,
         "score_summary": json.loads(aggregate(score_rows).to_json(orient="records")),
         "scoreboard": summarise_boards([s["scoreboard"] for s in per_seed]),
         "per_seed": [{k: v for k, v in s.items() if k != "top_scores"} for s in per_seed],
         "baselines": baseline_info,
-        "kl_patching": json.loads(first["kl_table"].reset_index(drop=True).to_json(orient="records")),
+        "kl_patching": json.loads(
+            first["kl_table"].reset_index(drop=True).to_json(orient="records")
+        ),
         "top_latents": dashboards,
-        "kl_dashboard": {"summary": dash.summary, "html": "kl_dashboard.html",
-                         "top": json.loads(dash.table.to_json(orient="records"))},
+        "kl_dashboard": {
+            "summary": dash.summary,
+            "html": "kl_dashboard.html",
+            "top": json.loads(dash.table.to_json(orient="records")),
+        },
         "stitching_sweep": json.loads(sweep.to_json(orient="records")),
-        "latent_tables": {f"seed{s}/{n}": f"dictionaries/seed{s}/{n}/latent_table.parquet"
-                          for s in cfg.seeds for n in cfg.methods if n in METHODS},
+        "latent_tables": {
+            f"seed{s}/{n}": f"dictionaries/seed{s}/{n}/latent_table.parquet"
+            for s in cfg.seeds
+            for n in cfg.methods
+            if n in METHODS
+        },
     }
-    report["findings"] = seed_findings(per_seed, cfg.nu_eps_max, cfg.nu_r_max, behaviours=truth.behaviours,
-                                       methods=list(cfg.methods), top=cfg.game_top, threshold=cfg.game_threshold)
+    report["findings"] = seed_findings(
+        per_seed,
+        cfg.nu_eps_max,
+        cfg.nu_r_max,
+        behaviours=truth.behaviours,
+        methods=list(cfg.methods),
+        top=cfg.game_top,
+        threshold=cfg.game_threshold,
+    )
     cfg.timings["total"] = round(time.perf_counter() - start, 2)
     report["timings_s"] = dict(cfg.timings)
     report["torch_threads"] = torch.get_num_threads()
     text = json.dumps(report, indent=2, default=_json_default)
     atomic_write(cfg.out / "report.json", lambda p: p.write_text(text, encoding="utf-8"))
-    figures = {"Layer stitching: KL against the split layer": plot_stitching_sweep(sweep), **make_figures(first["tables"])}
+    figures = {
+        "Layer stitching: KL against the split layer": plot_stitching_sweep(sweep),
+        **make_figures(first["tables"]),
+    }
     write_report_html(cfg.out / "report.html", report, examples, first["kl_table"], figures=figures)
     return report
 
 
-def latent_dashboards(cfg: DemoConfig, org: Any, cache: ActivationCache, first: dict[str, Any],
-                      truth: GroundTruth) -> tuple[dict[str, dict[int, LatentExamples]], dict[str, list[dict[str, Any]]]]:
+def latent_dashboards(
+    cfg: DemoConfig, org: Any, cache: ActivationCache, first: dict[str, Any], truth: GroundTruth
+) -> tuple[dict[str, dict[int, LatentExamples]], dict[str, list[dict[str, Any]]]]:
     """Examples and dashboard figures for each method's top ``n_example_latents`` candidates
     (first seed): contexts from the cache, histogram on the scoring set, Δ / ν, logit lens of
     the ft decoder direction, best-matching behaviour per granularity."""
@@ -569,8 +771,17 @@ def latent_dashboards(cfg: DemoConfig, org: Any, cache: ActivationCache, first: 
         table, mats = first["tables"][name], first["matrices"][name]
         top = list(mats["conversation"].index[: cfg.n_example_latents])
         examples[name] = max_activating_examples(
-            sae, cache_batches(cache), cache.tokens(), top, kind=kind if kind == "ft_sae" else None,
-            k=5, n_quantiles=3, per_quantile=2, tokenizer=org.tokenizer, progress=False)
+            sae,
+            cache_batches(cache),
+            cache.tokens(),
+            top,
+            kind=kind if kind == "ft_sae" else None,
+            k=5,
+            n_quantiles=3,
+            per_quantile=2,
+            tokenizer=org.tokenizer,
+            progress=False,
+        )
         rows = []
         for rank, j in enumerate(top, start=1):
             row: dict[str, Any] = {"latent": int(j), "rank": rank}
@@ -586,8 +797,13 @@ def latent_dashboards(cfg: DemoConfig, org: Any, cache: ActivationCache, first: 
     return examples, dashboards
 
 
-def method_rows(cfg: DemoConfig, dictionaries: dict[str, SAE[Any]], tables: dict[str, pd.DataFrame],
-                gap: pd.DataFrame, sample: torch.Tensor) -> list[dict[str, Any]]:
+def method_rows(
+    cfg: DemoConfig,
+    dictionaries: dict[str, SAE[Any]],
+    tables: dict[str, pd.DataFrame],
+    gap: pd.DataFrame,
+    sample: torch.Tensor,
+) -> list[dict[str, Any]]:
     """One seed's per-method figures: FVE, L0, dead fraction, ft-only counts, KL gap closed."""
     rows = []
     for name, sae in dictionaries.items():
@@ -608,19 +824,23 @@ def method_rows(cfg: DemoConfig, dictionaries: dict[str, SAE[Any]], tables: dict
         }
         if name in gap.index:
             g = gap.loc[name]
-            row.update({
-                "kl_closed_reconstruction": _f(g["reconstruction"]),
-                "kl_closed_error": _f(g["error"]),
-                "kl_closed_nu_subset": _f(g["nu_subset_closed"]),
-                "kl_nu_subset": g["nu_subset"],
-                "kl_closed_random": _f(g["nu_random"]),
-                "kl_closed_random_std": _f(g["nu_random_std"]),
-            })
+            row.update(
+                {
+                    "kl_closed_reconstruction": _f(g["reconstruction"]),
+                    "kl_closed_error": _f(g["error"]),
+                    "kl_closed_nu_subset": _f(g["nu_subset_closed"]),
+                    "kl_nu_subset": g["nu_subset"],
+                    "kl_closed_random": _f(g["nu_random"]),
+                    "kl_closed_random_std": _f(g["nu_random_std"]),
+                }
+            )
         rows.append(row)
     return rows
 
 
-def crosscoder_artefacts(cfg: DemoConfig, tables: dict[str, pd.DataFrame]) -> dict[str, dict[str, Any]]:
+def crosscoder_artefacts(
+    cfg: DemoConfig, tables: dict[str, pd.DataFrame]
+) -> dict[str, dict[str, Any]]:
     """Per crosscoder: ft-only latents and how many Latent Scaling marks as artefacts."""
     out: dict[str, dict[str, Any]] = {}
     for name in ("l1_crosscoder", "batchtopk_crosscoder"):
@@ -635,7 +855,12 @@ def crosscoder_artefacts(cfg: DemoConfig, tables: dict[str, pd.DataFrame]) -> di
             "n_with_nu": int(len(measured)),
             "n_complete_shrinkage": int((measured["nu_error"] >= cfg.nu_eps_max).sum()),
             "n_latent_decoupling": int((measured["nu_recon"] >= cfg.nu_r_max).sum()),
-            "n_artefact": int(((measured["nu_error"] >= cfg.nu_eps_max) | (measured["nu_recon"] >= cfg.nu_r_max)).sum()),
+            "n_artefact": int(
+                (
+                    (measured["nu_error"] >= cfg.nu_eps_max)
+                    | (measured["nu_recon"] >= cfg.nu_r_max)
+                ).sum()
+            ),
         }
     return out
 
@@ -654,7 +879,9 @@ def summarise_boards(boards: Sequence[list[dict[str, Any]]]) -> list[dict[str, A
             if key == "method":
                 continue
             vals = [r.get(key) for r in rs]
-            nums = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            nums = [
+                float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)
+            ]
             if nums and len(nums) == len([v for v in vals if v is not None]) and key != "d_sae":
                 x = torch.tensor(nums, dtype=torch.float64)
                 row[key] = _f(x.mean())
@@ -715,7 +942,10 @@ def _fve_per_model(sae: SAE[Any], mode: str, x: torch.Tensor) -> dict[str, float
     f = sae.encode(x_in)
     rec = sae.decode(f)
     if mode == "paired":
-        out = {m: fraction_of_variance_explained(x_in[:, i], rec[:, i]) for i, m in enumerate(("base", "ft"))}
+        out = {
+            m: fraction_of_variance_explained(x_in[:, i], rec[:, i])
+            for i, m in enumerate(("base", "ft"))
+        }
     else:
         out = {mode: fraction_of_variance_explained(x_in, rec)}
     out["l0"] = float((f > 0).float().sum(-1).mean())
@@ -728,8 +958,10 @@ def print_summary(report: dict[str, Any]) -> None:
     summ = pd.DataFrame(report["score_summary"])
     if not summ.empty:
         conv = summ[summ["granularity"] == "conversation"].copy()
-        conv["cell"] = [f"{m:.3f}±{s:.3f}" if m is not None and not pd.isna(m) else "–"
-                        for m, s in zip(conv["best_auroc_mean"], conv["best_auroc_std"])]
+        conv["cell"] = [
+            f"{m:.3f}±{s:.3f}" if m is not None and not pd.isna(m) else "–"
+            for m, s in zip(conv["best_auroc_mean"], conv["best_auroc_std"])
+        ]
         with pd.option_context("display.width", 200, "display.max_columns", 50):
             print("Conversation-level best AUROC (mean ± std over seeds):")
             print(conv.pivot(index="method", columns="behaviour", values="cell").to_string())
@@ -745,29 +977,54 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers (e.g. 0,1,2), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers (e.g. 0,1,2), got {text!r}"
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sae-diff demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default demo_output/)")
-    ap.add_argument("--quick", action="store_true", help="CI size: same pipeline, smaller numbers (< 2 min)")
-    ap.add_argument("--organism", default="default",
-                    help="shipped organism name (default, or another shipped name) or an organism directory")
+    ap.add_argument(
+        "--out", type=Path, default=Path("demo_output"), help="output folder (default demo_output/)"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="CI size: same pipeline, smaller numbers (< 2 min)"
+    )
+    ap.add_argument(
+        "--organism",
+        default="default",
+        help="shipped organism name (default, or another shipped name) or an organism directory",
+    )
     ap.add_argument("--seed", type=int, default=0, help="data seed (harvest, folds)")
-    ap.add_argument("--seeds", type=_int_list, default=(0, 1, 2),
-                    help="training seeds, comma-separated (default 0,1,2; every figure is reported over them)")
-    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                    help=f"comma-separated subset of {','.join(DEFAULT_METHODS)} (default: all)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (default: torch's choice; use 1 on a busy machine)")
+    ap.add_argument(
+        "--seeds",
+        type=_int_list,
+        default=(0, 1, 2),
+        help="training seeds, comma-separated (default 0,1,2; every figure is reported over them)",
+    )
+    ap.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated subset of {','.join(DEFAULT_METHODS)} (default: all)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice; use 1 on a busy machine)",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     make = DemoConfig.quick_config if args.quick else DemoConfig
     try:
-        cfg = make(out=args.out, organism=args.organism, seed=args.seed, seeds=args.seeds,
-                   methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+        cfg = make(
+            out=args.out,
+            organism=args.organism,
+            seed=args.seed,
+            seeds=args.seeds,
+            methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        )
     except ValueError as e:
         ap.error(str(e))
     report = run_demo(cfg)

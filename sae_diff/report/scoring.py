@@ -67,11 +67,16 @@ def auroc_columns(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def aurocs(codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """AUROC of every column of ``codes (tokens, n)`` against boolean ``labels (tokens,)``."""
-    return torch.from_numpy(auroc_columns(codes.detach().double().cpu().numpy(),
-                                          labels.detach().bool().flatten().cpu().numpy()))
+    return torch.from_numpy(
+        auroc_columns(
+            codes.detach().double().cpu().numpy(), labels.detach().bool().flatten().cpu().numpy()
+        )
+    )
 
 
-def auroc_matrix(codes: torch.Tensor, candidates: torch.Tensor, labels: dict[str, torch.Tensor]) -> pd.DataFrame:
+def auroc_matrix(
+    codes: torch.Tensor, candidates: torch.Tensor, labels: dict[str, torch.Tensor]
+) -> pd.DataFrame:
     """AUROC of each candidate latent (rows, in ranking order) against each behaviour (columns),
     token level: ``codes (tokens, d_sae)``, ``labels[b] (tokens,)``."""
     sub = codes[:, candidates].detach().double().cpu().numpy()
@@ -79,7 +84,9 @@ def auroc_matrix(codes: torch.Tensor, candidates: torch.Tensor, labels: dict[str
     for name, lab in labels.items():
         lab = lab.flatten().bool()
         if lab.numel() != codes.shape[0]:
-            raise ValueError(f"Labels for {name!r} cover {lab.numel()} tokens but codes cover {codes.shape[0]}.")
+            raise ValueError(
+                f"Labels for {name!r} cover {lab.numel()} tokens but codes cover {codes.shape[0]}."
+            )
         cols[name] = auroc_columns(sub, lab.cpu().numpy())
     return pd.DataFrame(cols, index=pd.Index(candidates.tolist(), name="latent"))
 
@@ -108,19 +115,31 @@ class GroundTruth:
         n, _ = self.valid.shape
         names = list(self.trigger)
         checked: dict[str, dict[str, torch.Tensor]] = {}
-        for kind, masks, shape in (("trigger", self.trigger, tuple(self.valid.shape)),
-                                   ("response", self.response, tuple(self.valid.shape)),
-                                   ("conversation", self.conversation, (n,))):
+        for kind, masks, shape in (
+            ("trigger", self.trigger, tuple(self.valid.shape)),
+            ("response", self.response, tuple(self.valid.shape)),
+            ("conversation", self.conversation, (n,)),
+        ):
             if list(masks) != names:
-                raise ValueError(f"{kind} labels name behaviours {list(masks)} but trigger labels name {names}; "
-                                 "give every granularity the same behaviours in the same order.")
+                raise ValueError(
+                    f"{kind} labels name behaviours {list(masks)} but trigger labels name {names}; "
+                    "give every granularity the same behaviours in the same order."
+                )
             for b, m in masks.items():
                 if tuple(m.shape) != shape:
-                    raise ValueError(f"{kind} label of {b!r} has shape {tuple(m.shape)}, expected {shape}.")
+                    raise ValueError(
+                        f"{kind} label of {b!r} has shape {tuple(m.shape)}, expected {shape}."
+                    )
             checked[kind] = {b: m.bool().cpu() for b, m in masks.items()}
-        self.trigger, self.response, self.conversation = checked["trigger"], checked["response"], checked["conversation"]
+        self.trigger, self.response, self.conversation = (
+            checked["trigger"],
+            checked["response"],
+            checked["conversation"],
+        )
         if not bool((self.valid.any(1)).all()):
-            raise ValueError("Every conversation needs at least one scored token (valid is all False in a row).")
+            raise ValueError(
+                "Every conversation needs at least one scored token (valid is all False in a row)."
+            )
 
     @property
     def behaviours(self) -> list[str]:
@@ -134,13 +153,20 @@ class GroundTruth:
             t = int((self.trigger[b] & self.valid).sum())
             r = int((self.response[b] & self.valid).sum())
             c = int(self.conversation[b].sum())
-            out[b] = {"trigger_pos": t, "trigger_neg": n_tok - t, "response_pos": r, "response_neg": n_tok - r,
-                      "conversation_pos": c, "conversation_neg": int(self.valid.shape[0]) - c}
+            out[b] = {
+                "trigger_pos": t,
+                "trigger_neg": n_tok - t,
+                "response_pos": r,
+                "response_neg": n_tok - r,
+                "conversation_pos": c,
+                "conversation_neg": int(self.valid.shape[0]) - c,
+            }
         return out
 
 
-def granularity_matrices(scores: torch.Tensor, sset: GroundTruth,
-                         candidates: Sequence[int] | None = None) -> dict[str, pd.DataFrame]:
+def granularity_matrices(
+    scores: torch.Tensor, sset: GroundTruth, candidates: Sequence[int] | None = None
+) -> dict[str, pd.DataFrame]:
     """AUROC of every candidate against every behaviour at each granularity.
 
     Args:
@@ -150,19 +176,28 @@ def granularity_matrices(scores: torch.Tensor, sset: GroundTruth,
     Returns ``{granularity: DataFrame (candidates × behaviours)}``.
     """
     if scores.ndim != 3 or tuple(scores.shape[:2]) != tuple(sset.valid.shape):
-        raise ValueError(f"scores must be (n_conv, seq, k) with (n_conv, seq) = {tuple(sset.valid.shape)}, "
-                         f"got {tuple(scores.shape)}.")
+        raise ValueError(
+            f"scores must be (n_conv, seq, k) with (n_conv, seq) = {tuple(sset.valid.shape)}, "
+            f"got {tuple(scores.shape)}."
+        )
     k = scores.shape[2]
     ids = list(range(k)) if candidates is None else [int(c) for c in candidates]
     if len(ids) != k:
         raise ValueError(f"{len(ids)} candidate ids for {k} score columns.")
     s = scores.detach().double().cpu()
     tok = s[sset.valid].numpy()  # (n_tokens, k)
-    conv = torch.where(sset.valid[..., None], s, torch.tensor(-torch.inf, dtype=s.dtype)).amax(1).numpy()
+    conv = (
+        torch.where(sset.valid[..., None], s, torch.tensor(-torch.inf, dtype=s.dtype))
+        .amax(1)
+        .numpy()
+    )
     index = pd.Index(ids, name="candidate")
     out: dict[str, pd.DataFrame] = {}
-    for gran, labels, x in (("trigger", sset.trigger, tok), ("response", sset.response, tok),
-                            ("conversation", sset.conversation, conv)):
+    for gran, labels, x in (
+        ("trigger", sset.trigger, tok),
+        ("response", sset.response, tok),
+        ("conversation", sset.conversation, conv),
+    ):
         cols = {}
         ranks = rankdata(x, axis=0, method="average") if k else np.zeros((x.shape[0], 0))
         for b, lab in labels.items():
@@ -186,17 +221,27 @@ class Score:
     seed: int | None
     best_auroc: float | None
     rank: int | None  # 1-based rank of the best candidate in the method's own ordering
-    first_rank_ge_0_9: int | None  # rank of the first candidate with AUROC >= 0.9 (None: none in top_n)
+    first_rank_ge_0_9: (
+        int | None
+    )  # rank of the first candidate with AUROC >= 0.9 (None: none in top_n)
     candidate: int | None = None  # id of the best candidate (latent index, direction number)
 
     def row(self) -> dict[str, object]:
-        return {"method": self.method, "behaviour": self.behaviour, "granularity": self.granularity,
-                "seed": self.seed, "best_auroc": self.best_auroc, "rank": self.rank,
-                "first_rank_ge_0_9": self.first_rank_ge_0_9, "candidate": self.candidate}
+        return {
+            "method": self.method,
+            "behaviour": self.behaviour,
+            "granularity": self.granularity,
+            "seed": self.seed,
+            "best_auroc": self.best_auroc,
+            "rank": self.rank,
+            "first_rank_ge_0_9": self.first_rank_ge_0_9,
+            "candidate": self.candidate,
+        }
 
 
-def summarise(matrices: Mapping[str, pd.DataFrame], method: str, seed: int | None,
-              top_n: int | None = None) -> list[Score]:
+def summarise(
+    matrices: Mapping[str, pd.DataFrame], method: str, seed: int | None, top_n: int | None = None
+) -> list[Score]:
     """Best AUROC, its rank and the first rank with AUROC >= 0.9 among the first ``top_n`` rows
     of each granularity's matrix (rows are in the method's ranking order). A behaviour whose
     labels have an empty class gets ``None`` figures (the AUROC is undefined)."""
@@ -210,8 +255,18 @@ def summarise(matrices: Mapping[str, pd.DataFrame], method: str, seed: int | Non
                 continue
             best = int(np.nanargmax(col))  # first of equal maxima = best-ranked
             good = np.flatnonzero(np.nan_to_num(col, nan=-1.0) >= GOOD_AUROC)
-            out.append(Score(method, b, gran, seed, round(float(col[best]), 4), best + 1,
-                             int(good[0]) + 1 if good.size else None, int(m.index[best])))
+            out.append(
+                Score(
+                    method,
+                    b,
+                    gran,
+                    seed,
+                    round(float(col[best]), 4),
+                    best + 1,
+                    int(good[0]) + 1 if good.size else None,
+                    int(m.index[best]),
+                )
+            )
     return out
 
 
@@ -226,8 +281,9 @@ class BehaviourScore:
     n_positive_tokens: int
 
 
-def score_behaviours(codes: torch.Tensor, ranking: torch.Tensor, labels: dict[str, torch.Tensor],
-                     top_n: int = 50) -> tuple[list[BehaviourScore], pd.DataFrame]:
+def score_behaviours(
+    codes: torch.Tensor, ranking: torch.Tensor, labels: dict[str, torch.Tensor], top_n: int = 50
+) -> tuple[list[BehaviourScore], pd.DataFrame]:
     """Best single-latent AUROC per behaviour among the first ``top_n`` ranked latents against
     token labels ``(tokens,)``, and the full candidates × behaviours AUROC matrix."""
     matrix = auroc_matrix(codes, ranking[:top_n], labels)
@@ -235,13 +291,23 @@ def score_behaviours(codes: torch.Tensor, ranking: torch.Tensor, labels: dict[st
     for name in labels:
         col = matrix[name].fillna(-1.0).to_numpy()
         best = int(np.argmax(col))
-        out.append(BehaviourScore(name, float(matrix[name].iloc[best]), int(matrix.index[best]), best + 1,
-                                  int(labels[name].sum())))
+        out.append(
+            BehaviourScore(
+                name,
+                float(matrix[name].iloc[best]),
+                int(matrix.index[best]),
+                best + 1,
+                int(labels[name].sum()),
+            )
+        )
     return out, matrix
 
 
-def aggregate(rows: Sequence[Mapping[str, object]], keys: Sequence[str] = ("method", "behaviour", "granularity"),
-              values: Sequence[str] = ("best_auroc", "rank", "first_rank_ge_0_9")) -> pd.DataFrame:
+def aggregate(
+    rows: Sequence[Mapping[str, object]],
+    keys: Sequence[str] = ("method", "behaviour", "granularity"),
+    values: Sequence[str] = ("best_auroc", "rank", "first_rank_ge_0_9"),
+) -> pd.DataFrame:
     """Mean, std, min and max over seeds of each figure, per ``keys`` group. ``n_seeds`` counts
     the rows; ``n_found_ge_0_9`` how many seeds had a candidate >= 0.9 in the top N (a missing
     first rank is not averaged as a number)."""
@@ -258,6 +324,8 @@ def aggregate(rows: Sequence[Mapping[str, object]], keys: Sequence[str] = ("meth
             rec[f"{v}_std"] = float(x.std(ddof=0)) if len(x) else None
             rec[f"{v}_min"] = float(x.min()) if len(x) else None
             rec[f"{v}_max"] = float(x.max()) if len(x) else None
-        rec["n_found_ge_0_9"] = int(pd.to_numeric(g["first_rank_ge_0_9"], errors="coerce").notna().sum())
+        rec["n_found_ge_0_9"] = int(
+            pd.to_numeric(g["first_rank_ge_0_9"], errors="coerce").notna().sum()
+        )
         recs.append(rec)
     return pd.DataFrame(recs)

@@ -56,8 +56,11 @@ def find_checkpoint(path: str | Path) -> Path:
     found = _run_checkpoints(path)
     if found:
         return max(found)[1]
-    runs = [(max(p.stat().st_mtime_ns for _, p in ck), max(ck)[1]) for child in path.iterdir()
-            if child.is_dir() and not child.name.startswith(".") and (ck := _run_checkpoints(child))]
+    runs = [
+        (max(p.stat().st_mtime_ns for _, p in ck), max(ck)[1])
+        for child in path.iterdir()
+        if child.is_dir() and not child.name.startswith(".") and (ck := _run_checkpoints(child))
+    ]
     if runs:
         return max(runs)[1]
     raise CheckpointError(
@@ -77,8 +80,10 @@ def load_state_file(path: Path, map_location: Any = None) -> Any:
     from sae_diff.errors import CheckpointError
 
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete. Resume from another "
-                              "checkpoint of the run (pass its folder to --resume).")
+        raise CheckpointError(
+            f"{path} is missing: the checkpoint is incomplete. Resume from another "
+            "checkpoint of the run (pass its folder to --resume)."
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
@@ -90,12 +95,32 @@ def load_state_file(path: Path, map_location: Any = None) -> Any:
 
 
 #: config fields a resumed run may change (where and how it runs, not what it learns)
-RESUME_MAY_CHANGE = frozenset({
-    "device", "llm_device", "act_store_device", "output_path", "checkpoint_path", "resume_from_checkpoint",
-    "logger", "verbose", "n_checkpoints", "eval_at_end", "eval_loss_recovered", "n_eval_batches",
-    "eval_batch_size_prompts", "cache_path", "training_tokens", "save_final_checkpoint", "autocast",
-    "autocast_lm", "compile_llm", "compile_sae", "llm_compilation_mode", "sae_compilation_mode",
-})
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "device",
+        "llm_device",
+        "act_store_device",
+        "output_path",
+        "checkpoint_path",
+        "resume_from_checkpoint",
+        "logger",
+        "verbose",
+        "n_checkpoints",
+        "eval_at_end",
+        "eval_loss_recovered",
+        "n_eval_batches",
+        "eval_batch_size_prompts",
+        "cache_path",
+        "training_tokens",
+        "save_final_checkpoint",
+        "autocast",
+        "autocast_lm",
+        "compile_llm",
+        "compile_sae",
+        "llm_compilation_mode",
+        "sae_compilation_mode",
+    }
+)
 
 
 def check_resume_config(checkpoint: str | Path, cfg: PairedRunnerConfig) -> None:
@@ -114,8 +139,11 @@ def check_resume_config(checkpoint: str | Path, cfg: PairedRunnerConfig) -> None
             continue
         a, b = saved.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [f"{key}.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"  # metadata: filled in by the run
-                      for k in sorted(a) if a.get(k) != b.get(k) and k != "metadata"]
+            diffs += [
+                f"{key}.{k}: checkpoint {a.get(k)!r}, now {b.get(k)!r}"  # metadata: filled in by the run
+                for k in sorted(a)
+                if a.get(k) != b.get(k) and k != "metadata"
+            ]
         elif a != b:
             diffs.append(f"{key}: checkpoint {a!r}, now {b!r}")
     if diffs:
@@ -126,4 +154,10 @@ def check_resume_config(checkpoint: str | Path, cfg: PairedRunnerConfig) -> None
         )
 
 
-__all__ = ["RESUME_MAY_CHANGE", "SAE_DIFF_STATE_FILENAME", "check_resume_config", "find_checkpoint", "load_state_file"]
+__all__ = [
+    "RESUME_MAY_CHANGE",
+    "SAE_DIFF_STATE_FILENAME",
+    "check_resume_config",
+    "find_checkpoint",
+    "load_state_file",
+]

@@ -147,7 +147,9 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
     base_model_from_pretrained_kwargs: dict[str, Any] | None = dict_field(default=None)
     ft_weights_path: str | None = None
     model_backend: Backend = "auto"
-    store_mode: StoreModeOrAuto = "auto"  # "auto" becomes the architecture's StoreMode in __post_init__
+    store_mode: StoreModeOrAuto = (
+        "auto"  # "auto" becomes the architecture's StoreMode in __post_init__
+    )
     mask_bos: bool = True
     mask_first_n: int = 0
     mask_high_norm: float | None = 10.0
@@ -192,7 +194,9 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()
-        d["smoke_test_models"] = None if self.smoke_test_models is None else asdict(self.smoke_test_models)
+        d["smoke_test_models"] = (
+            None if self.smoke_test_models is None else asdict(self.smoke_test_models)
+        )
         d["seqpos_slice"] = list(self.seqpos_slice)
         return d
 
@@ -209,7 +213,9 @@ def resolve_names(cfg: PairedRunnerConfig) -> None:
     and ``hook_name`` (runs before SAELens's own ``__post_init__``)."""
     if cfg.organism is not None:
         if cfg.smoke_test_models is not None:
-            raise ConfigError("organism and smoke_test_models both name a model pair; keep one of them.")
+            raise ConfigError(
+                "organism and smoke_test_models both name a model pair; keep one of them."
+            )
         info = _model_info.organism_info(cfg.organism)
         cfg.base_model_name = cfg.base_model_name or info.base_name
         cfg.model_name = cfg.model_name or info.ft_name
@@ -248,9 +254,13 @@ def check_organism(cfg: PairedRunnerConfig, info: _model_info.OrganismInfo) -> N
             f"{info.dims['n_ctx']} tokens; set context_size <= {info.dims['n_ctx']}."
         )
     if not 0.0 <= cfg.organism_chat_share <= 1.0:
-        raise ConfigError(f"organism_chat_share={cfg.organism_chat_share} must be in [0, 1] (token share of chat).")
+        raise ConfigError(
+            f"organism_chat_share={cfg.organism_chat_share} must be in [0, 1] (token share of chat)."
+        )
     if cfg.organism_n_documents is not None and cfg.organism_n_documents < 1:
-        raise ConfigError(f"organism_n_documents={cfg.organism_n_documents} must be >= 1 or null (as many as needed).")
+        raise ConfigError(
+            f"organism_n_documents={cfg.organism_n_documents} must be >= 1 or null (as many as needed)."
+        )
 
 
 def default_store_mode(architecture: str) -> StoreMode:
@@ -264,7 +274,9 @@ def validate_config(cfg: PairedRunnerConfig) -> None:
     """Checks that need no model or data; each error names the field and how to fix it."""
     arch = cfg.architecture
     if cfg.store_mode not in STORE_MODES:
-        raise ConfigError(f"store_mode={cfg.store_mode!r} is not one of {list(STORE_MODES)} (or 'auto').")
+        raise ConfigError(
+            f"store_mode={cfg.store_mode!r} is not one of {list(STORE_MODES)} (or 'auto')."
+        )
     if cfg.model_backend not in BACKENDS:
         raise ConfigError(f"model_backend={cfg.model_backend!r} is not one of {list(BACKENDS)}.")
     if cfg.organism is not None:
@@ -286,7 +298,10 @@ def validate_config(cfg: PairedRunnerConfig) -> None:
             f"architecture {arch!r} is a diff-SAE: it reads x_ft - x_base, but "
             f"store_mode={cfg.store_mode!r}. Use store_mode: diff (or auto)."
         )
-    if arch not in CROSSCODER_ARCHITECTURES | DIFF_ARCHITECTURES and cfg.store_mode not in ("base", "ft"):
+    if arch not in CROSSCODER_ARCHITECTURES | DIFF_ARCHITECTURES and cfg.store_mode not in (
+        "base",
+        "ft",
+    ):
         hint = "batchtopk_crosscoder" if cfg.store_mode == "paired" else "batchtopk_diff_sae"
         raise ConfigError(
             f"architecture {arch!r} is a one-model SAE, but store_mode={cfg.store_mode!r}. Use "
@@ -314,14 +329,20 @@ def validate_config(cfg: PairedRunnerConfig) -> None:
     if cfg.mask_first_n < 0:
         raise ConfigError(f"mask_first_n must be >= 0, got {cfg.mask_first_n}.")
     if cfg.mask_high_norm is not None and cfg.mask_high_norm <= 1:
-        raise ConfigError(f"mask_high_norm={cfg.mask_high_norm} must be > 1 (times the median norm) or null.")
+        raise ConfigError(
+            f"mask_high_norm={cfg.mask_high_norm} must be > 1 (times the median norm) or null."
+        )
     if cfg.cache_dtype is not None and cfg.cache_dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"cache_dtype={cfg.cache_dtype!r} is not a storage dtype; use float32, bfloat16 or "
-                          "float16 (or null for the models' dtype).")
+        raise ConfigError(
+            f"cache_dtype={cfg.cache_dtype!r} is not a storage dtype; use float32, bfloat16 or "
+            "float16 (or null for the models' dtype)."
+        )
     if cfg.cache_rows_per_shard < 1:
         raise ConfigError(f"cache_rows_per_shard must be >= 1, got {cfg.cache_rows_per_shard}.")
     if cfg.hook_head_index is not None:
-        raise ConfigError("hook_head_index is not supported for pairs; use a hook without a head index.")
+        raise ConfigError(
+            "hook_head_index is not supported for pairs; use a hook without a head index."
+        )
     # --- hook vs d_in, when the model's dimensions are known without loading it
     dims = _model_info.known_model_dims(cfg)
     if dims is not None:
@@ -332,20 +353,29 @@ def validate_config(cfg: PairedRunnerConfig) -> None:
                 f"{dims['n_ctx']} tokens (max_position_embeddings in its config.json); set "
                 f"context_size <= {dims['n_ctx']}."
             )
-    if cfg.smoke_test_models is None and cfg.organism is None and not (
-            cfg.dataset_path or cfg.dataset_mixture or cfg.cache_path):
-        raise ConfigError("Set dataset_path (a Hugging Face dataset or local files), dataset_mixture or cache_path "
-                          "(or organism, to train on a bundled model organism and its data).")
+    if (
+        cfg.smoke_test_models is None
+        and cfg.organism is None
+        and not (cfg.dataset_path or cfg.dataset_mixture or cfg.cache_path)
+    ):
+        raise ConfigError(
+            "Set dataset_path (a Hugging Face dataset or local files), dataset_mixture or cache_path "
+            "(or organism, to train on a bundled model organism and its data)."
+        )
     if cfg.dataset_mixture is not None:
         from sae_diff.data.sources import DatasetSpec
 
         spec_fields = {f.name for f in fields(DatasetSpec)}
         for i, spec in enumerate(cfg.dataset_mixture):
             if not isinstance(spec, dict) or "path" not in spec:
-                raise ConfigError(f"dataset_mixture[{i}] must be a mapping with at least `path`, got {spec!r}.")
+                raise ConfigError(
+                    f"dataset_mixture[{i}] must be a mapping with at least `path`, got {spec!r}."
+                )
             bad = sorted(set(spec) - spec_fields)
             if bad:
-                raise ConfigError(f"dataset_mixture[{i}] has unknown key(s) {bad}; valid: {sorted(spec_fields)}.")
+                raise ConfigError(
+                    f"dataset_mixture[{i}] has unknown key(s) {bad}; valid: {sorted(spec_fields)}."
+                )
 
 
 def _sae_config(sae: Any, architecture: str | None = None) -> TrainingSAEConfig:
@@ -358,7 +388,9 @@ def _sae_config(sae: Any, architecture: str | None = None) -> TrainingSAEConfig:
     sae.pop("architecture", None)
     if arch is None:
         raise ConfigError(
-            "sae.architecture is missing. Choose one of: " + ", ".join(sorted(SAE_TRAINING_CLASS_REGISTRY)) + "."
+            "sae.architecture is missing. Choose one of: "
+            + ", ".join(sorted(SAE_TRAINING_CLASS_REGISTRY))
+            + "."
         )
     if arch not in SAE_TRAINING_CLASS_REGISTRY:
         raise ConfigError(
@@ -371,7 +403,9 @@ def _sae_config(sae: Any, architecture: str | None = None) -> TrainingSAEConfig:
     unknown = sorted(set(sae) - names - {"metadata"})
     if unknown:
         hint = "".join(did_you_mean(u, names, "sae.") for u in unknown)
-        raise ConfigError(f"Unknown field(s) {unknown} for architecture {arch!r}{hint}; valid: {sorted(names)}.")
+        raise ConfigError(
+            f"Unknown field(s) {unknown} for architecture {arch!r}{hint}; valid: {sorted(names)}."
+        )
     for required in ("d_in", "d_sae"):
         if required not in sae:
             raise ConfigError(f"sae.{required} is required.")
@@ -382,7 +416,9 @@ def _sae_config(sae: Any, architecture: str | None = None) -> TrainingSAEConfig:
         raise ConfigError(f"Invalid sae config for {arch!r}: {e}") from e
 
 
-def config_from_dict(d: dict[str, Any], *, keep_checkpoint_path: bool = False) -> PairedRunnerConfig:
+def config_from_dict(
+    d: dict[str, Any], *, keep_checkpoint_path: bool = False
+) -> PairedRunnerConfig:
     """Build a :class:`PairedRunnerConfig` from a (YAML/JSON) dict; unknown keys are errors.
 
     ``keep_checkpoint_path``: use ``checkpoint_path`` as given (a saved run's config), instead
@@ -439,19 +475,34 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 #: statement) so the deprecation shim adds no import-time dependency, hence no cycle with
 #: ``flags`` / ``plan``, which import this module.
 _MOVED: dict[str, str] = {
-    **dict.fromkeys(("Plan", "make_plan", "preflight_checks", "check_hook_name", "BLOCK_HOOKS",
-                     "GLOBAL_HOOKS"), "sae_diff.training.plan"),
+    **dict.fromkeys(
+        ("Plan", "make_plan", "preflight_checks", "check_hook_name", "BLOCK_HOOKS", "GLOBAL_HOOKS"),
+        "sae_diff.training.plan",
+    ),
     **dict.fromkeys(("parse_config", "config_flags_help"), "sae_diff.training.flags"),
-    **dict.fromkeys(("OrganismInfo", "organism_info", "KNOWN_MODEL_DIMS", "model_config_dir",
-                     "known_model_dims", "check_hook_d_in"), "sae_diff.training.model_info"),
+    **dict.fromkeys(
+        (
+            "OrganismInfo",
+            "organism_info",
+            "KNOWN_MODEL_DIMS",
+            "model_config_dir",
+            "known_model_dims",
+            "check_hook_d_in",
+        ),
+        "sae_diff.training.model_info",
+    ),
 }
 
 
 def __getattr__(name: str) -> Any:
     if name in _MOVED:
         target = _MOVED[name]
-        warnings.warn(f"sae_diff.training.config.{name} moved to {target}.{name}; import it from "
-                      "there (this alias goes in the next release).", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"sae_diff.training.config.{name} moved to {target}.{name}; import it from "
+            "there (this alias goes in the next release).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(importlib.import_module(target), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

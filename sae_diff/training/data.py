@@ -38,16 +38,26 @@ class TrainingDataError(SaeDiffError, RuntimeError):
 
 
 # ---------------------------------------------------------------------- models
-def build_smoke_test_pair(spec: Any, ft_name: str = "smoke-ft", base_name: str = "smoke-base") -> Any:
+def build_smoke_test_pair(
+    spec: Any, ft_name: str = "smoke-ft", base_name: str = "smoke-base"
+) -> Any:
     """A tiny random ``PairedModel`` from :class:`~sae_diff.training.config.SmokeTestModels`."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from sae_diff.pairing.model import PairedModel
 
     tl_cfg = HookedTransformerConfig(
-        n_layers=spec.n_layers, d_model=spec.d_model, n_ctx=spec.n_ctx, n_heads=spec.n_heads,
-        d_head=spec.d_model // spec.n_heads, d_mlp=4 * spec.d_model, d_vocab=spec.d_vocab,
-        act_fn="gelu", normalization_type="LN", device="cpu", seed=spec.seed,
+        n_layers=spec.n_layers,
+        d_model=spec.d_model,
+        n_ctx=spec.n_ctx,
+        n_heads=spec.n_heads,
+        d_head=spec.d_model // spec.n_heads,
+        d_mlp=4 * spec.d_model,
+        d_vocab=spec.d_vocab,
+        act_fn="gelu",
+        normalization_type="LN",
+        device="cpu",
+        seed=spec.seed,
     )
     rng_state = torch.get_rng_state()
     try:
@@ -59,7 +69,11 @@ def build_smoke_test_pair(spec: Any, ft_name: str = "smoke-ft", base_name: str =
             state = {}
             for k, v in base.state_dict().items():
                 if v.is_floating_point() and "IGNORE" not in k and "mask" not in k:
-                    scale = v.std().nan_to_num(1.0).clamp_min(0.02) if v.numel() > 1 else torch.tensor(0.02)
+                    scale = (
+                        v.std().nan_to_num(1.0).clamp_min(0.02)
+                        if v.numel() > 1
+                        else torch.tensor(0.02)
+                    )
                     v = v + spec.noise * scale * torch.randn(v.shape, generator=g)
                 state[k] = v
             ft.load_state_dict(state)
@@ -86,17 +100,24 @@ def load_pair(cfg: PairedRunnerConfig) -> Any:
         organism = load_organism(cfg.organism, device=cfg.llm_device or cfg.device)
         return organism.paired(base_name=cfg.base_model_name, ft_name=cfg.model_name)
     if cfg.smoke_test_models is not None:
-        return build_smoke_test_pair(cfg.smoke_test_models, ft_name=cfg.model_name,
-                                     base_name=cfg.base_model_name or "smoke-base")
+        return build_smoke_test_pair(
+            cfg.smoke_test_models,
+            ft_name=cfg.model_name,
+            base_name=cfg.base_model_name or "smoke-base",
+        )
     from sae_lens.util import str_to_dtype
 
     from sae_diff.pairing.model import PairedModel
 
     kwargs = dict(cfg.base_model_from_pretrained_kwargs or cfg.model_from_pretrained_kwargs or {})
     return PairedModel.from_pretrained(
-        cfg.base_model_name, cfg.model_name, device=cfg.llm_device or cfg.device,
-        dtype=str_to_dtype(cfg.dtype), hf_model_path_or_local_dir=cfg.ft_weights_path,
-        backend=cfg.model_backend, **kwargs,  # type: ignore[arg-type]
+        cfg.base_model_name,
+        cfg.model_name,
+        device=cfg.llm_device or cfg.device,
+        dtype=str_to_dtype(cfg.dtype),
+        hf_model_path_or_local_dir=cfg.ft_weights_path,
+        backend=cfg.model_backend,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -124,8 +145,14 @@ def dataset_specs(cfg: PairedRunnerConfig) -> list[Any]:
     if cfg.dataset_mixture:
         return [DatasetSpec(**spec) for spec in cfg.dataset_mixture]
     if cfg.dataset_path:
-        return [DatasetSpec(cfg.dataset_path, column=cfg.dataset_column, split=cfg.dataset_split,
-                            streaming=cfg.streaming)]
+        return [
+            DatasetSpec(
+                cfg.dataset_path,
+                column=cfg.dataset_column,
+                split=cfg.dataset_split,
+                streaming=cfg.streaming,
+            )
+        ]
     return []
 
 
@@ -138,13 +165,16 @@ def run_token_rows(cfg: PairedRunnerConfig) -> int:
     """Rows of ``context_size`` tokens a run reads: the training rows, then the held-out
     evaluation rows after them."""
     n_train = -(-cfg.training_tokens // cfg.context_size)
-    n_eval = max(cfg.n_eval_batches, 1) * (cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts)
+    n_eval = max(cfg.n_eval_batches, 1) * (
+        cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts
+    )
     return n_train + n_eval
 
 
 @functools.lru_cache(maxsize=4)
-def _organism_corpus(organism: str, chat_share: float, n_documents: int | None,
-                     n_tokens: int) -> tuple[tuple[Any, ...], tuple[float, ...]]:
+def _organism_corpus(
+    organism: str, chat_share: float, n_documents: int | None, n_tokens: int
+) -> tuple[tuple[Any, ...], tuple[float, ...]]:
     from sae_diff.data.sources import iter_documents
     from sae_diff.organisms import chat_dataset, load_tokenizer, pretraining_dataset
     from sae_diff.organisms.organism import organism_dir
@@ -156,7 +186,11 @@ def _organism_corpus(organism: str, chat_share: float, n_documents: int | None,
             "dataset_path or dataset_mixture to the data to use."
         )
     tokenizer = load_tokenizer(path)
-    kinds = [(kind, share) for kind, share in (("text", 1.0 - chat_share), ("chat", chat_share)) if share > 0]
+    kinds = [
+        (kind, share)
+        for kind, share in (("text", 1.0 - chat_share), ("chat", chat_share))
+        if share > 0
+    ]
     datasets: list[Any] = []
     for kind, share in kinds:
         make = pretraining_dataset if kind == "text" else chat_dataset
@@ -180,8 +214,9 @@ def organism_datasets(cfg: PairedRunnerConfig) -> tuple[list[Any], list[float]]:
     if cfg.organism is None:
         raise TrainingDataError("organism_datasets needs cfg.organism.")
     n_tokens = run_token_rows(cfg) * cfg.context_size
-    ds, shares = _organism_corpus(str(cfg.organism), float(cfg.organism_chat_share), cfg.organism_n_documents,
-                                  n_tokens)
+    ds, shares = _organism_corpus(
+        str(cfg.organism), float(cfg.organism_chat_share), cfg.organism_n_documents, n_tokens
+    )
     return list(ds), list(shares)
 
 
@@ -247,9 +282,13 @@ def mask_config(cfg: PairedRunnerConfig) -> Any:
     first_n = cfg.mask_first_n
     if cfg.smoke_test_models is not None and cfg.mask_bos and cfg.prepend_bos is not False:
         first_n = max(first_n, 1)
-    return MaskConfig(exclude_bos=cfg.mask_bos, exclude_high_norm=cfg.mask_high_norm is not None,
-                      high_norm_ratio=cfg.mask_high_norm or 10.0, first_n=first_n,
-                      exclude_special=bool(cfg.exclude_special_tokens))
+    return MaskConfig(
+        exclude_bos=cfg.mask_bos,
+        exclude_high_norm=cfg.mask_high_norm is not None,
+        high_norm_ratio=cfg.mask_high_norm or 10.0,
+        first_n=first_n,
+        exclude_special=bool(cfg.exclude_special_tokens),
+    )
 
 
 def train_rows(cfg: PairedRunnerConfig) -> int:
@@ -270,15 +309,24 @@ def token_source(cfg: PairedRunnerConfig, pair: Any) -> Any:
 
     if uses_organism_data(cfg):
         datasets, shares = organism_datasets(cfg)
-        return TokenSource(datasets, pair.tokenizer, cfg.context_size, proportions=shares,
-                           prepend_bos=cfg.prepend_bos)
+        return TokenSource(
+            datasets,
+            pair.tokenizer,
+            cfg.context_size,
+            proportions=shares,
+            prepend_bos=cfg.prepend_bos,
+        )
     specs = dataset_specs(cfg)
     if not specs:
-        return TensorTokenSource(smoke_test_tokens(cfg, run_token_rows(cfg)), name="smoke-test random tokens")
+        return TensorTokenSource(
+            smoke_test_tokens(cfg, run_token_rows(cfg)), name="smoke-test random tokens"
+        )
     return TokenSource(specs, pair.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos)
 
 
-def harvest(cfg: PairedRunnerConfig, pair: Any = None, overwrite: bool = False, progress: bool = True) -> Any:
+def harvest(
+    cfg: PairedRunnerConfig, pair: Any = None, overwrite: bool = False, progress: bool = True
+) -> Any:
     """Harvest ``cfg.cache_path`` (the training rows) with
     ``sae_diff.data.harvest.harvest_cache``; resumes an unfinished harvest. Returns its summary."""
     from sae_diff.data.harvest import harvest_cache
@@ -289,10 +337,20 @@ def harvest(cfg: PairedRunnerConfig, pair: Any = None, overwrite: bool = False, 
     pair = pair if pair is not None else load_pair(cfg)
     check_pair_matches(cfg, pair)
     n_rows = train_rows(cfg)
-    return harvest_cache(pair, token_source(cfg, pair), cfg.cache_path, cfg.hook_name,
-                         batch_size=cfg.store_batch_size_prompts, rows_per_shard=cfg.cache_rows_per_shard,
-                         dtype=storage_dtype(cfg), mask_config=mask_config(cfg), max_rows=n_rows,
-                         overwrite=overwrite, progress=progress, verbose=progress)
+    return harvest_cache(
+        pair,
+        token_source(cfg, pair),
+        cfg.cache_path,
+        cfg.hook_name,
+        batch_size=cfg.store_batch_size_prompts,
+        rows_per_shard=cfg.cache_rows_per_shard,
+        dtype=storage_dtype(cfg),
+        mask_config=mask_config(cfg),
+        max_rows=n_rows,
+        overwrite=overwrite,
+        progress=progress,
+        verbose=progress,
+    )
 
 
 def cache_exists(cfg: PairedRunnerConfig) -> bool:
@@ -323,27 +381,46 @@ def training_store(cfg: PairedRunnerConfig, pair: Any = None, *, loop: bool = Tr
     from sae_diff.data.store import PairedActivationsStore
 
     common: dict[str, Any] = {
-        "mode": cfg.store_mode, "diff_sign": str(getattr(cfg.sae, "diff_sign", "ft_minus_base")),
+        "mode": cfg.store_mode,
+        "diff_sign": str(getattr(cfg.sae, "diff_sign", "ft_minus_base")),
         "batch_size": cfg.train_batch_size_tokens,
         "buffer_size": max(cfg.n_batches_in_buffer, 1) * cfg.train_batch_size_tokens,
-        "seed": cfg.seed, "loop": loop,
+        "seed": cfg.seed,
+        "loop": loop,
     }
     if cfg.cache_path is not None:
-        check_config_cache(cfg, pair=pair)  # a cache of another setup is refused, listing every mismatch
+        check_config_cache(
+            cfg, pair=pair
+        )  # a cache of another setup is refused, listing every mismatch
         if not cache_exists(cfg):
             if pair is None:
-                raise TrainingDataError(f"no finished cache at {cfg.cache_path} and no models to harvest it with.")
+                raise TrainingDataError(
+                    f"no finished cache at {cfg.cache_path} and no models to harvest it with."
+                )
             harvest(cfg, pair)
-        return PairedActivationsStore.from_cache(cfg.cache_path, mask_config=mask_config(cfg), **common)
+        return PairedActivationsStore.from_cache(
+            cfg.cache_path, mask_config=mask_config(cfg), **common
+        )
     if pair is None:
-        raise TrainingDataError("training without cache_path harvests on the fly and needs the models.")
+        raise TrainingDataError(
+            "training without cache_path harvests on the fly and needs the models."
+        )
     return PairedActivationsStore.from_model(
-        pair, token_source(cfg, pair), cfg.hook_name, store_batch_size_prompts=cfg.store_batch_size_prompts,
-        mask_config=mask_config(cfg), rows_per_shard=cfg.cache_rows_per_shard, storage_dtype=storage_dtype(cfg),
-        stop_row=train_rows(cfg), **common)
+        pair,
+        token_source(cfg, pair),
+        cfg.hook_name,
+        store_batch_size_prompts=cfg.store_batch_size_prompts,
+        mask_config=mask_config(cfg),
+        rows_per_shard=cfg.cache_rows_per_shard,
+        storage_dtype=storage_dtype(cfg),
+        stop_row=train_rows(cfg),
+        **common,
+    )
 
 
-def heldout_data(cfg: PairedRunnerConfig, pair: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def heldout_data(
+    cfg: PairedRunnerConfig, pair: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Held-out evaluation data: the rows after the training rows, through the same shards
     and masks as training. Returns kept paired activations ``(N, 2, d)`` (float32), the
     rows' tokens ``(n_rows, ctx)`` and their keep-mask ``(n_rows, ctx)``."""
@@ -353,9 +430,17 @@ def heldout_data(cfg: PairedRunnerConfig, pair: Any) -> tuple[torch.Tensor, torc
     start = train_rows(cfg)
     acts, toks, keeps = [], [], []
     mc = mask_config(cfg)
-    for shard in model_shards(pair, token_source(cfg, pair), cfg.hook_name, batch_size=cfg.store_batch_size_prompts,
-                              rows_per_shard=cfg.cache_rows_per_shard, mask_config=mc, dtype=storage_dtype(cfg),
-                              start_row=start, stop_row=start + n_eval_rows):
+    for shard in model_shards(
+        pair,
+        token_source(cfg, pair),
+        cfg.hook_name,
+        batch_size=cfg.store_batch_size_prompts,
+        rows_per_shard=cfg.cache_rows_per_shard,
+        mask_config=mc,
+        dtype=storage_dtype(cfg),
+        start_row=start,
+        stop_row=start + n_eval_rows,
+    ):
         keep = shard_keep(shard, mc)
         acts.append(shard["acts"][keep].float())
         toks.append(shard["tokens"])
@@ -363,7 +448,8 @@ def heldout_data(cfg: PairedRunnerConfig, pair: Any) -> tuple[torch.Tensor, torc
     if not acts or sum(a.shape[0] for a in acts) == 0:
         raise TrainingDataError(
             f"No held-out activations: the data has no tokens after its {start} training rows, or every "
-            "held-out token is masked. Lower training_tokens or add data.")
+            "held-out token is masked. Lower training_tokens or add data."
+        )
     return torch.cat(acts), torch.cat(toks), torch.cat(keeps)
 
 
@@ -373,8 +459,14 @@ def cache_eval_sample(cfg: PairedRunnerConfig, n_tokens: int) -> torch.Tensor:
     from sae_diff.data.store import PairedActivationsStore
 
     assert cfg.cache_path is not None
-    store = PairedActivationsStore.from_cache(cfg.cache_path, mask_config=mask_config(cfg), seed=cfg.seed + 10_007,
-                                              batch_size=1, buffer_size=1, loop=False)
+    store = PairedActivationsStore.from_cache(
+        cfg.cache_path,
+        mask_config=mask_config(cfg),
+        seed=cfg.seed + 10_007,
+        batch_size=1,
+        buffer_size=1,
+        loop=False,
+    )
     blocks, n = [], 0
     for block in store.kept_blocks(0):
         blocks.append(block.float())
@@ -382,7 +474,9 @@ def cache_eval_sample(cfg: PairedRunnerConfig, n_tokens: int) -> torch.Tensor:
         if n >= n_tokens:
             break
     if n == 0:
-        raise TrainingDataError(f"every token of the cache {cfg.cache_path} is masked out; loosen the masks.")
+        raise TrainingDataError(
+            f"every token of the cache {cfg.cache_path} is masked out; loosen the masks."
+        )
     return torch.cat(blocks)[:n_tokens]
 
 

@@ -85,7 +85,11 @@ class World:
 def world() -> World:
     """The current process group (``World()`` when not distributed)."""
     if dist.is_available() and dist.is_initialized():
-        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        return World(
+            dist.get_rank(),
+            dist.get_world_size(),
+            int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+        )
     return World()
 
 
@@ -142,7 +146,11 @@ def barrier() -> None:
 
 
 def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def on_main(fn: Callable[[], T]) -> T | None:
@@ -193,8 +201,9 @@ class _TopKRecord:
 MARGIN = 1.5
 
 
-def _global_selection(scores: torch.Tensor, K: int, n_offered: int
-                      ) -> tuple[torch.Tensor, float, torch.Tensor | None, bool]:
+def _global_selection(
+    scores: torch.Tensor, K: int, n_offered: int
+) -> tuple[torch.Tensor, float, torch.Tensor | None, bool]:
     """Which of this rank's candidates belong to the global flat top-``K``.
 
     ``scores`` are this rank's ``n_offered`` (or, when it has fewer entries, all) largest
@@ -236,7 +245,9 @@ def _offer(K: int, W: int, n_entries: int) -> int:
     return min(n_entries, K, max(1, -(-int(MARGIN * K) // W)))
 
 
-def global_batch_topk(original: Callable[..., Any], k: float, record: _TopKRecord) -> Callable[..., Any]:
+def global_batch_topk(
+    original: Callable[..., Any], k: float, record: _TopKRecord
+) -> Callable[..., Any]:
     """A drop-in for ``sae_diff.dictionaries.kernels.batch_topk`` selecting the flat top-``K``
     of the *global* batch, ``K = int(k * B_local * W)`` (what one process computes on the
     concatenated batch): each rank takes its local top ``1.5 K / W`` scores (the kernel's exact
@@ -244,8 +255,14 @@ def global_batch_topk(original: Callable[..., Any], k: float, record: _TopKRecor
     ``K``-th score (ties: lowest global flat index). When a rank's share of the global top-K
     exceeded what it offered, every rank repeats with its local top-``K`` (exact always)."""
 
-    def batch_topk(scores: torch.Tensor, k_total: int, threshold_hint: float | None = None, *,  # noqa: ARG001
-                   scale: torch.Tensor | None = None, force_slow: bool = False) -> Any:
+    def batch_topk(
+        scores: torch.Tensor,
+        k_total: int,
+        threshold_hint: float | None = None,
+        *,  # noqa: ARG001
+        scale: torch.Tensor | None = None,
+        force_slow: bool = False,
+    ) -> Any:
         B, n = scores.shape
         W = dist.get_world_size()
         K = int(k * B * W)
@@ -257,13 +274,21 @@ def global_batch_topk(original: Callable[..., Any], k: float, record: _TopKRecor
                 break
             n_offered = min(K, B * n)
         record.min_positive = min_pos
-        return type(local)(local.row[keep], local.col[keep], local.scores[keep], kth, local.fast_path,
-                           local.n_candidates)
+        return type(local)(
+            local.row[keep],
+            local.col[keep],
+            local.scores[keep],
+            kth,
+            local.fast_path,
+            local.n_candidates,
+        )
 
     return batch_topk
 
 
-def global_batch_topk_mask(k: float, record: _TopKRecord) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def global_batch_topk_mask(
+    k: float, record: _TopKRecord
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """The dense-path twin of :func:`global_batch_topk`, for
     ``sae_diff.dictionaries.batchtopk_crosscoder.batch_topk_mask``."""
 
@@ -344,14 +369,16 @@ class DataParallel:
                 self._pending = 0
                 grads = [q.grad for q in small]
                 if any(g is None for g in grads):
-                    raise DistributedError("a parameter got no gradient this step; its all-reduce cannot run.")
+                    raise DistributedError(
+                        "a parameter got no gradient this step; its all-reduce cannot run."
+                    )
                 flat = torch.cat([g.reshape(-1) for g in grads if g is not None])
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 flat.div_(W)
                 offset = 0
                 for g in grads:
                     assert g is not None
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
                     offset += g.numel()
 
         for p in params:
@@ -373,8 +400,12 @@ class DataParallel:
                 record.updated = True
                 orig_update(record.min_positive.to(min_kept.device), step)
 
-        self._stack.enter_context(_patched(kernels, "batch_topk", global_batch_topk(kernels.batch_topk, k, record)))
-        self._stack.enter_context(_patched(btc, "batch_topk_mask", global_batch_topk_mask(k, record)))
+        self._stack.enter_context(
+            _patched(kernels, "batch_topk", global_batch_topk(kernels.batch_topk, k, record))
+        )
+        self._stack.enter_context(
+            _patched(btc, "batch_topk_mask", global_batch_topk_mask(k, record))
+        )
         self._stack.enter_context(_patched(sae, "_update_threshold_from_min", update))
         self._orig_update = orig_update
 
@@ -388,8 +419,10 @@ class DataParallel:
     def before_step(self) -> dict[str, Any]:
         """Snapshot what :meth:`after_step` reduces."""
         self.record.min_positive, self.record.updated = None, False
-        return {"act_freq_scores": self.trainer.act_freq_scores.clone(),
-                "n_forward_passes_since_fired": self.trainer.n_forward_passes_since_fired.clone()}
+        return {
+            "act_freq_scores": self.trainer.act_freq_scores.clone(),
+            "n_forward_passes_since_fired": self.trainer.n_forward_passes_since_fired.clone(),
+        }
 
     def after_step(self, snapshot: dict[str, Any]) -> None:
         """Reduce SAELens's dead-latent statistics of the step across ranks: a latent fired
@@ -401,13 +434,18 @@ class DataParallel:
             # this rank kept no positive score itself (so the model did not update the
             # threshold), but the global batch did: update it as the other ranks did
             self.record.updated = True
-            self._orig_update(self.record.min_positive.to(tr.sae.topk_threshold.device), tr.n_training_steps)
+            self._orig_update(
+                self.record.min_positive.to(tr.sae.topk_threshold.device), tr.n_training_steps
+            )
         if self._pending:
             raise DistributedError(
                 f"only {self._pending} of {self._n_small} gradients arrived this step, so they were not "
-                "averaged across processes; this dictionary leaves a parameter unused.")
+                "averaged across processes; this dictionary leaves a parameter unused."
+            )
         before = snapshot["act_freq_scores"]
-        delta = tr.act_freq_scores - before  # this rank's firing counts (integers: the sum is exact)
+        delta = (
+            tr.act_freq_scores - before
+        )  # this rank's firing counts (integers: the sum is exact)
         dist.all_reduce(delta, op=dist.ReduceOp.SUM)
         tr.act_freq_scores = before + delta
         # SAELens: +1 for every latent, 0 for those that fired (here: on any rank)

@@ -69,7 +69,9 @@ class PairedEvaluator:
         return str(getattr(self.cfg.sae, "diff_sign", "ft_minus_base"))
 
     # ------------------------------------------------------------------ reconstruction
-    def _reconstruct(self, sae: Any, paired: torch.Tensor, scaler: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _reconstruct(
+        self, sae: Any, paired: torch.Tensor, scaler: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input in the store mode, reconstruction of it, codes), raw space."""
         dev = next(sae.parameters()).device
         dtype = next(sae.parameters()).dtype
@@ -83,12 +85,18 @@ class PairedEvaluator:
         return x, (scaler.unscale(rec) if scaler is not None else rec), f
 
     @torch.no_grad()
-    def __call__(self, sae: Any, data_provider: Any = None, activation_scaler: Any = None) -> dict[str, Any]:
+    def __call__(
+        self, sae: Any, data_provider: Any = None, activation_scaler: Any = None
+    ) -> dict[str, Any]:
         was_training = sae.training
         sae.eval()
         try:
             out = self._activation_metrics(sae, activation_scaler)
-            if self.pair is not None and self.eval_tokens is not None and self.cfg.eval_loss_recovered:
+            if (
+                self.pair is not None
+                and self.eval_tokens is not None
+                and self.cfg.eval_loss_recovered
+            ):
                 out.update(self._loss_recovered(sae, activation_scaler))
         finally:
             sae.train(was_training)
@@ -107,7 +115,9 @@ class PairedEvaluator:
         x, rec = torch.cat(xs), torch.cat(recs)
         out: dict[str, Any] = {
             "metrics/l0": float(torch.cat(l0s).mean()),
-            "sparsity/dead_fraction_eval": float((~fired).float().mean()) if fired is not None else float("nan"),
+            "sparsity/dead_fraction_eval": float((~fired).float().mean())
+            if fired is not None
+            else float("nan"),
             "metrics/n_eval_tokens": int(x.shape[0]),
         }
         if self.mode == "paired":
@@ -127,9 +137,15 @@ class PairedEvaluator:
 
     def _loss_recovered(self, sae: Any, scaler: Any) -> dict[str, Any]:
         assert self.eval_tokens is not None
-        keep_all = self.eval_keep if self.eval_keep is not None else torch.ones_like(self.eval_tokens, dtype=torch.bool)
+        keep_all = (
+            self.eval_keep
+            if self.eval_keep is not None
+            else torch.ones_like(self.eval_tokens, dtype=torch.bool)
+        )
         hook = self.cfg.hook_name
-        sums: dict[str, dict[str, float]] = {m: {"clean": 0.0, "spliced": 0.0, "ablated": 0.0} for m in self._spliced_models()}
+        sums: dict[str, dict[str, float]] = {
+            m: {"clean": 0.0, "spliced": 0.0, "ablated": 0.0} for m in self._spliced_models()
+        }
         n = 0
         bs = max(1, self.cfg.eval_batch_size_prompts or self.cfg.store_batch_size_prompts)
         for toks, keep in zip(self.eval_tokens.split(bs), keep_all.split(bs)):
@@ -152,8 +168,10 @@ class PairedEvaluator:
                 else:
                     spliced, ablated = rec, torch.zeros_like(rec)
                 model = self.pair.model(m)
-                ce = {k: self._ce(model, toks, hook, keep, v) for k, v in
-                      (("clean", None), ("spliced", spliced), ("ablated", ablated))}
+                ce = {
+                    k: self._ce(model, toks, hook, keep, v)
+                    for k, v in (("clean", None), ("spliced", spliced), ("ablated", ablated))
+                }
                 for k, v in ce.items():
                     sums[m][k] += v * toks.shape[0]
             n += toks.shape[0]
@@ -167,11 +185,14 @@ class PairedEvaluator:
             out[f"model_performance_preservation/ce_spliced_{m}"] = ce_s
             out[f"model_performance_preservation/ce_ablated_{m}"] = ce_a
             out[f"model_performance_preservation/loss_recovered_{m}"] = (
-                (ce_a - ce_s) / gap if abs(gap) > 1e-9 else float("nan"))
+                (ce_a - ce_s) / gap if abs(gap) > 1e-9 else float("nan")
+            )
         return out
 
     @staticmethod
-    def _ce(model: Any, toks: torch.Tensor, hook: str, keep: torch.Tensor, values: torch.Tensor | None) -> float:
+    def _ce(
+        model: Any, toks: torch.Tensor, hook: str, keep: torch.Tensor, values: torch.Tensor | None
+    ) -> float:
         dev = next(model.parameters()).device
         toks = toks.to(dev)
         if values is None:

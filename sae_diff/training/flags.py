@@ -44,8 +44,12 @@ def _cli_dataclass(sae_cls: type[TrainingSAEConfig]) -> type:
     )
 
 
-def parse_config(config_path: str | Path | None, args: list[str] | None = None,
-                 architecture: str | None = None, keep_checkpoint_path: bool = False) -> PairedRunnerConfig:
+def parse_config(
+    config_path: str | Path | None,
+    args: list[str] | None = None,
+    architecture: str | None = None,
+    keep_checkpoint_path: bool = False,
+) -> PairedRunnerConfig:
     """Build a config from a YAML/JSON file (optional) and SAELens-style flags.
 
     Flags override the file: ``--lr 1e-4 --k 64 --training_tokens 1_000_000`` (fields of the
@@ -58,7 +62,9 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
     sae_dict = dict(base.get("sae") or {})
     arch = architecture or sae_dict.get("architecture")
     if arch is None:
-        raise ConfigError("No architecture: give --architecture NAME or sae.architecture in the config file.")
+        raise ConfigError(
+            "No architecture: give --architecture NAME or sae.architecture in the config file."
+        )
     if arch not in SAE_TRAINING_CLASS_REGISTRY:
         _sae_config({"architecture": arch})  # raises the unknown-architecture error
     sae_cls = SAE_TRAINING_CLASS_REGISTRY[arch][1]
@@ -69,13 +75,18 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
         if file_arch is not None and file_arch != arch:
             import warnings
 
-            warnings.warn(f"--architecture {arch} replaces {file_arch}: ignoring the file's sae fields {extra}, "
-                          f"which {arch} does not have.", stacklevel=2)
+            warnings.warn(
+                f"--architecture {arch} replaces {file_arch}: ignoring the file's sae fields {extra}, "
+                f"which {arch} does not have.",
+                stacklevel=2,
+            )
             sae_dict = {k: v for k, v in sae_dict.items() if k not in extra}
         else:
             valid = sorted(f.name for f in fields(sae_cls))
             hint = "".join(did_you_mean(u, valid, "sae.") for u in extra)
-            raise ConfigError(f"Unknown field(s) {extra} for architecture {arch!r}{hint}; valid: {valid}.")
+            raise ConfigError(
+                f"Unknown field(s) {extra} for architecture {arch!r}{hint}; valid: {valid}."
+            )
     defaults = {k: v for k, v in base.items() if k not in ("sae", "tokens_per_buffer")}
     unknown = sorted(set(defaults) - {f.name for f in fields(PairedRunnerConfig)})
     if unknown:
@@ -96,8 +107,12 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
         raise ConfigError(f"Invalid flag value: {e}") from e
     if rest:
         known = [f.name for f in fields(PairedRunnerConfig)] + [f.name for f in fields(sae_cls)]
-        hint = "".join(did_you_mean(r.split("=")[0], known, "--") for r in rest if r.startswith("-"))
-        raise ConfigError(f"Unrecognised flag(s) {rest}{hint}. `sae-diff train --help` lists the flags.")
+        hint = "".join(
+            did_you_mean(r.split("=")[0], known, "--") for r in rest if r.startswith("-")
+        )
+        raise ConfigError(
+            f"Unrecognised flag(s) {rest}{hint}. `sae-diff train --help` lists the flags."
+        )
     flat = ns.cfg
     values = {f.name: getattr(flat, f.name) for f in fields(PairedRunnerConfig)}
     sae_obj = values.pop("sae")
@@ -107,8 +122,9 @@ def parse_config(config_path: str | Path | None, args: list[str] | None = None,
     return config_from_dict(values, keep_checkpoint_path=keep_checkpoint_path)
 
 
-def _flags_parser(sae_cls: type[TrainingSAEConfig], defaults: dict[str, Any] | None = None,
-                  add_help: bool = False) -> Any:
+def _flags_parser(
+    sae_cls: type[TrainingSAEConfig], defaults: dict[str, Any] | None = None, add_help: bool = False
+) -> Any:
     from simple_parsing import ArgumentParser
 
     parser = ArgumentParser(prog="sae-diff train", add_help=add_help, exit_on_error=False)
@@ -118,7 +134,9 @@ def _flags_parser(sae_cls: type[TrainingSAEConfig], defaults: dict[str, Any] | N
     return parser
 
 
-def config_flags_help(config_path: str | Path | None = None, architecture: str | None = None) -> str:
+def config_flags_help(
+    config_path: str | Path | None = None, architecture: str | None = None
+) -> str:
     """Every config flag for the architecture of ``config_path`` (or ``architecture``), with
     its help text and current default (the file's value where it sets one)."""
     base: dict[str, Any] = read_config_file(config_path) if config_path is not None else {}
@@ -136,9 +154,11 @@ def config_flags_help(config_path: str | Path | None = None, architecture: str |
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
         parser.parse_known_args(["--help"])  # simple_parsing adds its arguments while parsing
-    head = (f"Config flags for architecture {arch!r} (defaults: "
-            f"{'the values in ' + str(config_path) if config_path else 'SAELens / sae_diff defaults'}).\n"
-            "Pass them after the subcommand, e.g. `sae-diff train --config FILE --lr 1e-4 --k 64`.\n")
+    head = (
+        f"Config flags for architecture {arch!r} (defaults: "
+        f"{'the values in ' + str(config_path) if config_path else 'SAELens / sae_diff defaults'}).\n"
+        "Pass them after the subcommand, e.g. `sae-diff train --config FILE --lr 1e-4 --k 64`.\n"
+    )
     return head + buf.getvalue()
 
 

@@ -62,9 +62,12 @@ def organism_info(name: str) -> OrganismInfo:
         model = conf["model"]
         dims = {k: int(model[k]) for k in ("n_layers", "d_model", "d_mlp", "d_vocab", "n_ctx")}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"organism {name!r} at {path} has no readable config.json with model sizes: {e}") from e
+        raise ConfigError(
+            f"organism {name!r} at {path} has no readable config.json with model sizes: {e}"
+        ) from e
     return OrganismInfo(
-        name=str(name), path=path,
+        name=str(name),
+        path=path,
         base_name=str(conf.get("base_name", "organism-base")),
         ft_name=str(conf.get("ft_name", "organism-ft")),
         recommended_hook=str(conf.get("recommended_hook", "blocks.2.hook_resid_pre")),
@@ -93,10 +96,34 @@ def check_hook_d_in(hook_name: str, d_in: int, dims: dict[str, int]) -> None:
 #: Dimensions of the recipe models, used only when their ``config.json`` is neither a local
 #: folder nor in the Hugging Face cache (``--dry-run`` on a machine that never downloaded them).
 KNOWN_MODEL_DIMS: dict[str, dict[str, int]] = {
-    "google/gemma-2-2b": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000, "n_ctx": 8192},
-    "google/gemma-2-2b-it": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000, "n_ctx": 8192},
-    "gemma-2-2b": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000, "n_ctx": 8192},
-    "gemma-2-2b-it": {"n_layers": 26, "d_model": 2304, "d_mlp": 9216, "d_vocab": 256000, "n_ctx": 8192},
+    "google/gemma-2-2b": {
+        "n_layers": 26,
+        "d_model": 2304,
+        "d_mlp": 9216,
+        "d_vocab": 256000,
+        "n_ctx": 8192,
+    },
+    "google/gemma-2-2b-it": {
+        "n_layers": 26,
+        "d_model": 2304,
+        "d_mlp": 9216,
+        "d_vocab": 256000,
+        "n_ctx": 8192,
+    },
+    "gemma-2-2b": {
+        "n_layers": 26,
+        "d_model": 2304,
+        "d_mlp": 9216,
+        "d_vocab": 256000,
+        "n_ctx": 8192,
+    },
+    "gemma-2-2b-it": {
+        "n_layers": 26,
+        "d_model": 2304,
+        "d_mlp": 9216,
+        "d_vocab": 256000,
+        "n_ctx": 8192,
+    },
     "gpt2": {"n_layers": 12, "d_model": 768, "d_mlp": 3072, "d_vocab": 50257, "n_ctx": 1024},
 }
 
@@ -143,7 +170,12 @@ def known_model_dims(cfg: PairedRunnerConfig) -> dict[str, int] | None:
         return dict(organism_info(cfg.organism).dims)
     s = cfg.smoke_test_models
     if s is not None:
-        return {"n_layers": s.n_layers, "d_model": s.d_model, "d_mlp": 4 * s.d_model, "d_vocab": s.d_vocab}
+        return {
+            "n_layers": s.n_layers,
+            "d_model": s.d_model,
+            "d_mlp": 4 * s.d_model,
+            "d_vocab": s.d_vocab,
+        }
     name = cfg.base_model_name
     dims = _config_dims(name)
     if dims is not None:

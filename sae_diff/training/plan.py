@@ -74,13 +74,16 @@ class Plan:
             f"parameters       {self.n_parameters:,} ({size(self.dictionary_bytes)} in {self.dtype})",
             f"memory (train)   ~{size(self.training_memory_bytes)} on {self.device} for the dictionary, "
             "Adam state and one batch (models not included)",
-            f"disk (cache)     {size(self.cache_bytes)} at {self.cache_path}" if self.cache_path
+            f"disk (cache)     {size(self.cache_bytes)} at {self.cache_path}"
+            if self.cache_path
             else f"disk (cache)     none: harvested on the fly ({size(self.activation_bytes_per_token)}/token)",
             f"disk (ckpts)     {self.n_checkpoints} x {size(self.checkpoint_bytes)} under {self.checkpoint_path}",
             f"output           {self.output_path}",
         ]
         if self.model_dims:
-            lines.append("model dims       " + ", ".join(f"{k}={v}" for k, v in self.model_dims.items()))
+            lines.append(
+                "model dims       " + ", ".join(f"{k}={v}" for k, v in self.model_dims.items())
+            )
         lines += [f"note             {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -111,10 +114,13 @@ def check_hook_name(hook_name: str, n_layers: int | None) -> str | None:
         return f"hook {hook_name!r} is not a standard block hook: checked when the models load"
     if hook_name in GLOBAL_HOOKS:
         return None
-    close = difflib.get_close_matches(hook_name, GLOBAL_HOOKS + tuple(f"blocks.0.{h}" for h in BLOCK_HOOKS),
-                                      n=1, cutoff=0.75)
+    close = difflib.get_close_matches(
+        hook_name, GLOBAL_HOOKS + tuple(f"blocks.0.{h}" for h in BLOCK_HOOKS), n=1, cutoff=0.75
+    )
     if close:
-        raise ConfigError(f"hook_name {hook_name!r} is not a TransformerLens hook; did you mean {close[0]!r}?")
+        raise ConfigError(
+            f"hook_name {hook_name!r} is not a TransformerLens hook; did you mean {close[0]!r}?"
+        )
     raise ConfigError(
         f"hook_name {hook_name!r} is not a TransformerLens hook name. Residual-stream hooks are "
         "'blocks.L.hook_resid_pre' / 'blocks.L.hook_resid_post' (L = layer)."
@@ -125,7 +131,9 @@ def _dataset_spec_dicts(cfg: PairedRunnerConfig) -> list[dict[str, Any]]:
     if cfg.dataset_mixture:
         return [dict(d) for d in cfg.dataset_mixture]
     if cfg.dataset_path:
-        return [{"path": cfg.dataset_path, "column": cfg.dataset_column, "split": cfg.dataset_split}]
+        return [
+            {"path": cfg.dataset_path, "column": cfg.dataset_column, "split": cfg.dataset_split}
+        ]
     return []
 
 
@@ -140,12 +148,16 @@ def _check_dataset_columns(cfg: PairedRunnerConfig, tok_ft: Any, d_vocab: int | 
         spec = DatasetSpec(**{k: v for k, v in d.items() if k in keys and v is not None})
         path = Path(spec.path).expanduser()
         if not path.exists():
-            notes.append(f"dataset {spec.path!r}: not a local path, its columns are checked when read")
+            notes.append(
+                f"dataset {spec.path!r}: not a local path, its columns are checked when read"
+            )
             continue
         try:
             first = next(iter(load_rows(spec)), None)
         except Exception as e:  # a broken file: the data preflight names it in detail
-            raise ConfigError(f"dataset {spec.path!r} cannot be read ({type(e).__name__}: {e}).") from e
+            raise ConfigError(
+                f"dataset {spec.path!r} cannot be read ({type(e).__name__}: {e})."
+            ) from e
         if first is None:
             raise ConfigError(f"dataset {spec.path!r} (split {spec.split!r}) has no rows.")
         try:
@@ -156,8 +168,10 @@ def _check_dataset_columns(cfg: PairedRunnerConfig, tok_ft: Any, d_vocab: int | 
             ) from e
         value = first[column]
         if kind == "chat":
-            if not (isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                    for m in value)):
+            if not (
+                isinstance(value, list)
+                and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+            ):
                 raise ConfigError(
                     f"dataset {spec.path!r}: column {column!r} must hold chat messages "
                     "([{role: ..., content: ...}, ...]); the first row holds "
@@ -169,7 +183,13 @@ def _check_dataset_columns(cfg: PairedRunnerConfig, tok_ft: Any, d_vocab: int | 
                     "template. Use the fine-tune's own tokenizer folder (model_name / "
                     "ft_weights_path), or text data."
                 )
-        if kind == "tokens" and d_vocab and isinstance(value, list) and value and max(value) >= d_vocab:
+        if (
+            kind == "tokens"
+            and d_vocab
+            and isinstance(value, list)
+            and value
+            and max(value) >= d_vocab
+        ):
             raise ConfigError(
                 f"dataset {spec.path!r}: token id {max(value)} in column {column!r} is outside the "
                 f"model's vocabulary of {d_vocab}; the data was tokenized for another model."
@@ -206,7 +226,9 @@ def preflight_checks(cfg: PairedRunnerConfig) -> list[str]:
     for role, name in (("base", cfg.base_model_name), ("ft", ft_name)):
         folder = model_config_dir(name)
         if folder is None:
-            notes.append(f"{role} model {name!r}: config.json not available offline, checked when it loads")
+            notes.append(
+                f"{role} model {name!r}: config.json not available offline, checked when it loads"
+            )
             continue
         try:
             infos[role] = bk.read_model_info(folder)
@@ -231,8 +253,12 @@ def preflight_checks(cfg: PairedRunnerConfig) -> list[str]:
             )
         try:
             backend = bk.choose_backend(cfg.model_backend, info_b)
-            opts = bk.translate_options(backend, dict(cfg.base_model_from_pretrained_kwargs
-                                                      or cfg.model_from_pretrained_kwargs or {}))
+            opts = bk.translate_options(
+                backend,
+                dict(
+                    cfg.base_model_from_pretrained_kwargs or cfg.model_from_pretrained_kwargs or {}
+                ),
+            )
         except PairingError as e:
             raise ConfigError(f"{e} (model_backend / model_from_pretrained_kwargs)") from e
         notes.append(f"backend: {backend} for {info_b.architecture or info_b.model_type}")
@@ -244,7 +270,9 @@ def preflight_checks(cfg: PairedRunnerConfig) -> list[str]:
             continue
         if not any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES):
             # transformers would build an empty tokenizer for some model types: do not check that
-            notes.append(f"{role} model {name!r}: no tokenizer files next to config.json, checked when it loads")
+            notes.append(
+                f"{role} model {name!r}: no tokenizer files next to config.json, checked when it loads"
+            )
             continue
         try:
             from transformers import AutoTokenizer
@@ -261,12 +289,18 @@ def preflight_checks(cfg: PairedRunnerConfig) -> list[str]:
         except PairingError as e:
             raise ConfigError(str(e)) from e
         if diffs:
-            notes.append("tokenizers compatible; configured differently (the ft tokenizer is used): "
-                         + "; ".join(diffs))
+            notes.append(
+                "tokenizers compatible; configured differently (the ft tokenizer is used): "
+                + "; ".join(diffs)
+            )
         else:
             notes.append("tokenizers identical")
     tok_ft = tokenizers.get("ft")
-    if tok_ft is not None and cfg.prepend_bos is True and getattr(tok_ft, "bos_token_id", None) is None:
+    if (
+        tok_ft is not None
+        and cfg.prepend_bos is True
+        and getattr(tok_ft, "bos_token_id", None) is None
+    ):
         raise ConfigError(
             f"prepend_bos: true, but the tokenizer of {ft_name!r} has no BOS token (a model such as "
             "Qwen is trained without one). Remove prepend_bos (it then follows the tokenizer) or set "
@@ -296,7 +330,9 @@ def make_plan(cfg: PairedRunnerConfig) -> Plan:
     notes: list[str] = preflight_checks(cfg)
     dims = known_model_dims(cfg)
     if dims is None:
-        notes.append(f"dimensions of {cfg.base_model_name!r} unknown offline: d_in is checked when it loads")
+        notes.append(
+            f"dimensions of {cfg.base_model_name!r} unknown offline: d_in is checked when it loads"
+        )
     if cfg.organism is not None:
         if cfg.dataset_path or cfg.dataset_mixture:
             data = "the configured dataset(s)"
@@ -337,4 +373,11 @@ def make_plan(cfg: PairedRunnerConfig) -> Plan:
     )
 
 
-__all__ = ["BLOCK_HOOKS", "GLOBAL_HOOKS", "Plan", "check_hook_name", "make_plan", "preflight_checks"]
+__all__ = [
+    "BLOCK_HOOKS",
+    "GLOBAL_HOOKS",
+    "Plan",
+    "check_hook_name",
+    "make_plan",
+    "preflight_checks",
+]

@@ -82,8 +82,11 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, checkpoint: Path | None, n_steps: int):
         self.checkpoint = checkpoint
         self.n_steps = n_steps
-        where = f"; resume with: sae-diff train --resume {checkpoint}" if checkpoint else \
-            " (checkpoint_path is null, so nothing was saved)"
+        where = (
+            f"; resume with: sae-diff train --resume {checkpoint}"
+            if checkpoint
+            else " (checkpoint_path is null, so nothing was saved)"
+        )
         super().__init__(f"Training interrupted after {n_steps} steps{where}")
 
 
@@ -96,12 +99,20 @@ def use_fused_adam(trainer: SAETrainer[Any, Any]) -> None:
     from sae_diff.dictionaries.kernels import make_adam
 
     cfg = trainer.cfg
-    trainer.optimizer = make_adam(list(trainer.sae.parameters()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    trainer.optimizer = make_adam(
+        list(trainer.sae.parameters()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2)
+    )
     assert cfg.lr_end is not None
     trainer.lr_scheduler = get_lr_scheduler(
-        cfg.lr_scheduler_name, lr=cfg.lr, optimizer=trainer.optimizer, warm_up_steps=cfg.lr_warm_up_steps,
-        decay_steps=cfg.lr_decay_steps, training_steps=cfg.total_training_steps, lr_end=cfg.lr_end,
-        num_cycles=cfg.n_restart_cycles)
+        cfg.lr_scheduler_name,
+        lr=cfg.lr,
+        optimizer=trainer.optimizer,
+        warm_up_steps=cfg.lr_warm_up_steps,
+        decay_steps=cfg.lr_decay_steps,
+        training_steps=cfg.total_training_steps,
+        lr_end=cfg.lr_end,
+        num_cycles=cfg.n_restart_cycles,
+    )
 
 
 class ResumableSAETrainer(SAETrainer[Any, Any]):
@@ -112,8 +123,14 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
     state is the state at a step boundary and a resumed run replays exactly the remaining steps.
     """
 
-    def __init__(self, *args: Any, provider: PairedActivationsStore, runner_cfg: PairedRunnerConfig,
-                 stop_after_steps: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        provider: PairedActivationsStore,
+        runner_cfg: PairedRunnerConfig,
+        stop_after_steps: int | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         use_fused_adam(self)
         self.provider = provider
@@ -128,9 +145,14 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
 
     # --- state -------------------------------------------------------------------------
     def save_extra_state(self, path: Path) -> None:
-        torch.save({"provider": self.provider.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   path / SAE_DIFF_STATE_FILENAME)
+        torch.save(
+            {
+                "provider": self.provider.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            path / SAE_DIFF_STATE_FILENAME,
+        )
 
     def load_trainer_state(self, checkpoint_path: Path | str) -> None:
         """SAELens's ``load_trainer_state`` with ``torch.load(weights_only=True)``: optimiser,
@@ -138,7 +160,9 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         (passed explicitly, so TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot turn it off)."""
         checkpoint_path = Path(checkpoint_path)
         self.activation_scaler.load(checkpoint_path / ACTIVATION_SCALER_CFG_FILENAME)
-        state_dict = load_state_file(checkpoint_path / TRAINER_STATE_FILENAME, map_location=self.cfg.device)
+        state_dict = load_state_file(
+            checkpoint_path / TRAINER_STATE_FILENAME, map_location=self.cfg.device
+        )
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.lr_scheduler.load_state_dict(state_dict["lr_scheduler"])
         self.n_training_samples = state_dict["n_training_samples"]
@@ -163,8 +187,12 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         thresholds: list[int] = list(self.checkpoint_thresholds)  # type: ignore[has-type]
         self.checkpoint_thresholds = [t for t in thresholds if t >= n]
 
-    def save_checkpoint(self, checkpoint_name: str, base_path: Path | str | None = None,
-                        wandb_aliases: list[str] | None = None) -> None:
+    def save_checkpoint(
+        self,
+        checkpoint_name: str,
+        base_path: Path | str | None = None,
+        wandb_aliases: list[str] | None = None,
+    ) -> None:
         base = base_path if base_path is not None else self.cfg.checkpoint_path
         if base is None:
             return
@@ -178,7 +206,9 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
             save_file({"sparsity": self.log_feature_sparsity}, tmp / SPARSITY_FILENAME)
             self.save_trainer_state(tmp)
             self.save_extra_state(tmp)
-            (tmp / RUNNER_CFG_FILENAME).write_text(json.dumps(self.runner_cfg.to_dict(), indent=2, default=str))
+            (tmp / RUNNER_CFG_FILENAME).write_text(
+                json.dumps(self.runner_cfg.to_dict(), indent=2, default=str)
+            )
 
         try:
             final = atomic_dir(Path(base) / checkpoint_name, fill)
@@ -188,8 +218,13 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         if self.cfg.logger.log_to_wandb:
             from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
-            self.cfg.logger.log(self, final / SAE_WEIGHTS_FILENAME, final / SAE_CFG_FILENAME,
-                                sparsity_path=final / SPARSITY_FILENAME, wandb_aliases=wandb_aliases)
+            self.cfg.logger.log(
+                self,
+                final / SAE_WEIGHTS_FILENAME,
+                final / SAE_CFG_FILENAME,
+                sparsity_path=final / SPARSITY_FILENAME,
+                wandb_aliases=wandb_aliases,
+            )
 
     # --- loop --------------------------------------------------------------------------
     def step(self, batch: torch.Tensor) -> Any:
@@ -212,12 +247,16 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         norm = self.sae.cfg.normalize_activations
         if norm == "expected_average_only_in" and self.activation_scaler.scaling_factor is None:
             self.activation_scaler.estimate_scaling_factor(
-                d_in=self.sae.cfg.d_in, data_provider=self.data_provider,
-                n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate)
+                d_in=self.sae.cfg.d_in,
+                data_provider=self.data_provider,
+                n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate,
+            )
         elif norm == "covariance_whitening" and self.activation_scaler.whitening is None:
             self.activation_scaler.estimate_whitening(
-                d_in=self.sae.cfg.d_in, data_provider=self.data_provider,
-                n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate)
+                d_in=self.sae.cfg.d_in,
+                data_provider=self.data_provider,
+                n_batches_for_norm_estimate=self.cfg.n_batches_for_norm_estimate,
+            )
 
     def fit(self) -> Any:
         """SAELens's ``SAETrainer.fit``, run as is, with two of its per-step hooks overridden:
@@ -242,8 +281,9 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
 
     def _checkpoint_if_needed(self) -> None:
         """Called by SAELens's loop *before* the step counter moves: only note a due checkpoint."""
-        self._checkpoint_due = bool(self.checkpoint_thresholds
-                                    and self.n_training_samples > self.checkpoint_thresholds[0])
+        self._checkpoint_due = bool(
+            self.checkpoint_thresholds and self.n_training_samples > self.checkpoint_thresholds[0]
+        )
 
     def _update_pbar(self, step_output: Any, pbar: Any, update_interval: int = 100) -> None:
         """Called by SAELens's loop *after* the step counter moves: progress, then the noted
@@ -256,14 +296,17 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
             self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
             self.checkpoint_thresholds.pop(0)
         total = self.cfg.total_training_samples
-        stop = self.stop_requested or (self.stop_after_steps is not None
-                                       and self._steps_this_run >= self.stop_after_steps
-                                       and self.n_training_samples < total)
+        stop = self.stop_requested or (
+            self.stop_after_steps is not None
+            and self._steps_this_run >= self.stop_after_steps
+            and self.n_training_samples < total
+        )
         if distributed.any_rank(stop):
             self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
             pbar.close()
-            raise TrainingInterrupted(self.last_checkpoint if self.cfg.checkpoint_path else None,
-                                      self.n_training_steps)
+            raise TrainingInterrupted(
+                self.last_checkpoint if self.cfg.checkpoint_path else None, self.n_training_steps
+            )
 
 
 # ---------------------------------------------------------------------- runner
@@ -279,8 +322,12 @@ class PairedSAETrainingRunner:
     ``cfg.output_path`` (and returned in memory by ``self.inference_sae``).
     """
 
-    def __init__(self, cfg: PairedRunnerConfig, override_pair: Any = None,
-                 override_sae: TrainingSAE[Any] | None = None):
+    def __init__(
+        self,
+        cfg: PairedRunnerConfig,
+        override_pair: Any = None,
+        override_sae: TrainingSAE[Any] | None = None,
+    ):
         self.cfg = cfg
         self.pair = override_pair
         self.sae: TrainingSAE[Any] | None = override_sae
@@ -302,7 +349,9 @@ class PairedSAETrainingRunner:
 
     # --- pieces ------------------------------------------------------------------------
     def _needs_models(self) -> bool:
-        return self.cfg.cache_path is None or (self.cfg.eval_at_end and self.cfg.eval_loss_recovered)
+        return self.cfg.cache_path is None or (
+            self.cfg.eval_at_end and self.cfg.eval_loss_recovered
+        )
 
     def _build_sae(self) -> TrainingSAE[Any]:
         from sae_diff.dictionaries.registry import training_sae
@@ -316,7 +365,9 @@ class PairedSAETrainingRunner:
 
         cfg = self.cfg
         md = sae.cfg.metadata
-        md.dataset_path = cfg.dataset_path or ("smoke-test random tokens" if cfg.smoke_test_models else None)
+        md.dataset_path = cfg.dataset_path or (
+            "smoke-test random tokens" if cfg.smoke_test_models else None
+        )
         if cfg.organism is not None:
             md.organism = cfg.organism
             if uses_organism_data(cfg):
@@ -334,13 +385,19 @@ class PairedSAETrainingRunner:
         md.sequence_separator_token = cfg.sequence_separator_token
         md.disable_concat_sequences = cfg.disable_concat_sequences
         # the pair
-        md.base_model_name = cfg.base_model_name or (self.pair.base_name if self.pair is not None else None)
+        md.base_model_name = cfg.base_model_name or (
+            self.pair.base_name if self.pair is not None else None
+        )
         md.ft_model_name = cfg.model_name
         md.base_model_from_pretrained_kwargs = cfg.base_model_from_pretrained_kwargs
         md.store_mode = cfg.store_mode
         if cfg.store_mode == "diff":
             md.diff_sign = getattr(cfg.sae, "diff_sign", "ft_minus_base")
-        md.masks = {"bos": cfg.mask_bos, "first_n": cfg.mask_first_n, "high_norm": cfg.mask_high_norm}
+        md.masks = {
+            "bos": cfg.mask_bos,
+            "first_n": cfg.mask_first_n,
+            "high_norm": cfg.mask_high_norm,
+        }
         md.sae_diff_version = sae_diff.__version__
         if self.pair is not None:
             try:
@@ -360,12 +417,23 @@ class PairedSAETrainingRunner:
         store = training_store(cfg, self.pair)
         if self.pair is not None:
             eval_acts, eval_toks, eval_keep = heldout_data(cfg, self.pair)
-            evaluator = PairedEvaluator(cfg, eval_acts, pair=self.pair, eval_tokens=eval_toks, eval_keep=eval_keep,
-                                        batch_size=cfg.train_batch_size_tokens)
+            evaluator = PairedEvaluator(
+                cfg,
+                eval_acts,
+                pair=self.pair,
+                eval_tokens=eval_toks,
+                eval_keep=eval_keep,
+                batch_size=cfg.train_batch_size_tokens,
+            )
         else:
-            n_eval = max(cfg.n_eval_batches, 1) * (cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts)
-            evaluator = PairedEvaluator(cfg, cache_eval_sample(cfg, n_eval * cfg.context_size),
-                                        batch_size=cfg.train_batch_size_tokens)
+            n_eval = max(cfg.n_eval_batches, 1) * (
+                cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts
+            )
+            evaluator = PairedEvaluator(
+                cfg,
+                cache_eval_sample(cfg, n_eval * cfg.context_size),
+                batch_size=cfg.train_batch_size_tokens,
+            )
         return store, evaluator
 
     # --- run ---------------------------------------------------------------------------
@@ -384,7 +452,8 @@ class PairedSAETrainingRunner:
             if arch in distributed.UNSUPPORTED_ARCHITECTURES:
                 raise distributed.DistributedError(
                     f"architecture {arch!r} selects its top-k inside SAELens, per process; run it with one "
-                    "process, or use batchtopk_crosscoder / topk / jumprelu for a distributed run.")
+                    "process, or use batchtopk_crosscoder / topk / jumprelu for a distributed run."
+                )
             cfg.device = distributed.local_device(cfg.device)
             if cfg.llm_device:
                 cfg.llm_device = distributed.local_device(cfg.llm_device)
@@ -405,21 +474,37 @@ class PairedSAETrainingRunner:
             with provider.global_batches():  # every rank: the same whole batches as one process
                 prepare_crosscoder(sae, provider, n_batches=cfg.n_norm_batches)
         if cfg.logger.log_to_wandb and w.is_main:
-            wandb.init(project=cfg.logger.wandb_project, entity=cfg.logger.wandb_entity, config=cfg.to_dict(),
-                       name=cfg.logger.run_name, id=cfg.logger.wandb_id, resume="allow" if resume else None)
+            wandb.init(
+                project=cfg.logger.wandb_project,
+                entity=cfg.logger.wandb_entity,
+                config=cfg.to_dict(),
+                name=cfg.logger.run_name,
+                id=cfg.logger.wandb_id,
+                resume="allow" if resume else None,
+            )
         trainer = ResumableSAETrainer(
-            cfg=cfg.to_sae_trainer_config(), sae=sae, data_provider=provider, evaluator=evaluator,
-            provider=provider, runner_cfg=cfg, stop_after_steps=stop_after_steps)
+            cfg=cfg.to_sae_trainer_config(),
+            sae=sae,
+            data_provider=provider,
+            evaluator=evaluator,
+            provider=provider,
+            runner_cfg=cfg,
+            stop_after_steps=stop_after_steps,
+        )
         self.trainer = trainer
         if resume is not None:
             trainer.load_checkpoint(resume)
         with _graceful_interrupts(trainer):
             trained = trainer.fit()
         if cfg.eval_at_end:
-            self.inference_sae = trained.to_inference() if hasattr(trained, "to_inference") else None
+            self.inference_sae = (
+                trained.to_inference() if hasattr(trained, "to_inference") else None
+            )
             target = self.inference_sae if self.inference_sae is not None else trained
             self.eval_metrics = evaluator(target, None, None)
-            self.eval_metrics["sparsity/dead_fraction_train"] = float(trainer.dead_neurons.float().mean())
+            self.eval_metrics["sparsity/dead_fraction_train"] = float(
+                trainer.dead_neurons.float().mean()
+            )
             self.eval_metrics["details/n_training_samples"] = trainer.n_training_samples
             self.eval_metrics["details/n_training_steps"] = trainer.n_training_steps
         if cfg.output_path is not None:
@@ -436,17 +521,23 @@ class PairedSAETrainingRunner:
             wandb.finish()
         return trained
 
-    def save_final(self, sae: TrainingSAE[Any], output: Path, log_sparsity: torch.Tensor | None) -> Path:
+    def save_final(
+        self, sae: TrainingSAE[Any], output: Path, log_sparsity: torch.Tensor | None
+    ) -> Path:
         """Write the inference dictionary (SAELens layout) and run files to ``output`` atomically."""
 
         def fill(tmp: Path) -> None:
             sae.save_inference_model(str(tmp))
             if log_sparsity is not None:
                 save_file({"sparsity": log_sparsity.contiguous()}, tmp / SPARSITY_FILENAME)
-            (tmp / RUNNER_CFG_FILENAME).write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str))
+            (tmp / RUNNER_CFG_FILENAME).write_text(
+                json.dumps(self.cfg.to_dict(), indent=2, default=str)
+            )
             if self.eval_metrics:
-                clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
-                         for k, v in self.eval_metrics.items()}
+                clean = {
+                    k: (v if not isinstance(v, float) or math.isfinite(v) else None)
+                    for k, v in self.eval_metrics.items()
+                }
                 (tmp / EVAL_FILENAME).write_text(json.dumps(clean, indent=2))
 
         return atomic_dir(output, fill)
@@ -463,8 +554,10 @@ class _graceful_interrupts:
         self.trainer.stop_requested = True
         for sig, prev in self.previous.items():  # a second signal behaves as usual
             signal.signal(sig, prev)
-        tqdm.write("Interrupt received: finishing this step and saving a checkpoint "
-                   "(interrupt again to stop at once).")
+        tqdm.write(
+            "Interrupt received: finishing this step and saving a checkpoint "
+            "(interrupt again to stop at once)."
+        )
 
     def __enter__(self) -> _graceful_interrupts:
         import threading

@@ -10,7 +10,7 @@ prints it as one line (what, why, the fix) on stderr and exits with status 2
 how to resume. Bad input is checked before any model is loaded where possible (datasets,
 the cache's identity, a resumed run's config); see ``docs/reliability.md``.
 
-Length (~440 lines): one thin parser + call per subcommand; splitting would scatter the one
+Length (~550 lines): one thin parser + call per subcommand; splitting would scatter the one
 ``--help`` surface.
 """
 

@@ -2,7 +2,7 @@
 
 The interventions themselves (split batch, dictionary patcher, the residual each one builds)
 are in :mod:`sae_diff.evaluation.interventions`; their names are re-exported here. This module
-is the engine and the table (~450 lines: :func:`kl_patching_table` alone assembles every
+is the engine and the table (~600 lines: :func:`kl_patching_table` alone assembles every
 targeted subset, random baseline and Latent Scaling filter of §4, and splitting it would
 scatter one procedure over two files).
 

@@ -28,7 +28,7 @@ The shipped behaviours (:data:`BEHAVIOURS`):
 :func:`trigger_masks` / :func:`response_masks` recover all labels from token ids alone (they
 parse the template), so evaluation code can label any batch it harvested.
 
-Length (~470 lines): each behaviour is a generator and its token detector, kept together so
+Length (~500 lines): each behaviour is a generator and its token detector, kept together so
 the labels cannot drift from the text that produces them.
 """
 

@@ -1,6 +1,6 @@
 """Load an organism pair (offline, seconds) and its ground truth.
 
-Length (~550 lines): the organism object and its data views (pretraining text, chat splits,
+Length (~650 lines): the organism object and its data views (pretraining text, chat splits,
 ground truth, scoring set) share one loaded state; split, each view would re-load it.
 """
 

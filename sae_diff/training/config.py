@@ -18,7 +18,7 @@ Every check that needs no model runs in :func:`validate_config` (called by ``__p
 so a bad config fails before anything is loaded.
 
 Layout of the training config (one job per module): this module holds the dataclass, the
-organism / smoke-test name resolution, validation and dict/file loading (~430 lines: the
+organism / smoke-test name resolution, validation and dict/file loading (~520 lines: the
 dataclass's attribute documentation is most of it);
 :mod:`~sae_diff.training.model_info` what is known about the models without loading them
 (organism ``config.json``, the base model's ``config.json``, the hook width check);

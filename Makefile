@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test check lint typecheck pytest demo demo-quick bench clean
+.PHONY: setup test check lint typecheck pytest demo demo-narrow demo-quick bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,9 @@ test: setup check pytest
 demo: setup
 	$(VENV)/bin/sae-diff demo --out demo_output
 
+demo-narrow: setup
+	$(VENV)/bin/sae-diff demo --organism narrow --out demo_output_narrow
+
 demo-quick: setup
 	$(VENV)/bin/sae-diff demo --quick --out demo_output_quick
 
@@ -49,4 +52,4 @@ bench: setup
 	$(PY) benchmarks/distributed.py --json benchmarks/results/cpu-distributed.json
 
 clean:
-	rm -rf demo_output demo_output_quick .pytest_cache .mypy_cache .ruff_cache
+	rm -rf demo_output demo_output_narrow demo_output_quick .pytest_cache .mypy_cache .ruff_cache

@@ -298,6 +298,27 @@ def preflight_cache(cfg: Any, *, what: str = "the config") -> None:
 
 
 # ---------------------------------------------------------------------- commands
+#: multi-run analyses a config names with a top-level ``method:``; ``sae-diff train`` and their
+#: own subcommands hand such a config to the module's ``main`` (module, what, subcommand)
+ANALYSIS_METHODS: dict[str, tuple[str, str]] = {
+    "stagewise": ("sae_diff.analysis.stagewise", "stage-wise diffing"),
+    "causal_filter": ("sae_diff.analysis.causal_filter", "causal filter"),
+}
+
+
+def analysis_method(path: Any) -> str | None:
+    """The config's ``method:`` when it names one of :data:`ANALYSIS_METHODS` (else None:
+    a training config). Unreadable files are left to the training config's own errors."""
+    from sae_diff.training.config import read_config_file
+
+    try:
+        data = read_config_file(path)
+    except Exception:
+        return None
+    method = data.get("method") if isinstance(data, dict) else None
+    return method if method in ANALYSIS_METHODS else None
+
+
 def parse_config(path: Any, rest: list[str], **kwargs: Any) -> Any:
     """``sae_diff.training.flags.parse_config`` with unparsable files reported as a
     ``ConfigError`` naming the file (YAML and JSON parsers do not)."""
@@ -359,6 +380,9 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
+        if args.config is not None and (method := analysis_method(args.config)) is not None:
+            module, what = ANALYSIS_METHODS[method]
+            return _delegate(module, ["--config", str(args.config), *rest], what)
         cfg = parse_config(args.config, rest, architecture=args.architecture)
         preflight_datasets(cfg)
         preflight_cache(cfg)
@@ -524,10 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _delegate("sae_diff.organisms.build", argv[1:], "organism builder")
         if command == "demo":
             return _delegate("sae_diff.report.demo", argv[1:], "demo pipeline")
-        if command == "stagewise":
-            return _delegate("sae_diff.analysis.stagewise", argv[1:], "stage-wise diffing")
-        if command == "causal-filter":
-            return _delegate("sae_diff.analysis.causal_filter", argv[1:], "causal filter")
+        if command in ("stagewise", "causal-filter"):
+            module, what = ANALYSIS_METHODS[command.replace("-", "_")]
+            return _delegate(module, argv[1:], what)
         parser = _parser()
         args, rest = parser.parse_known_args(argv)
         if args.command is None:

@@ -25,7 +25,10 @@ def test_help_lists_the_analysis_commands(capsys: pytest.CaptureFixture[str]) ->
     assert "stagewise" in out and "causal-filter" in out
 
 
-def test_stagewise_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["stagewise", "train"])  # train: the config's `method:`
+def test_stagewise_from_a_config(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tmp_path / "sw.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -42,7 +45,7 @@ def test_stagewise_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[s
             )
         )
     )
-    assert cli.main(["stagewise", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
+    assert cli.main([command, "--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
     assert "rotation_table" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "out" / "rotation_table.csv")
     assert set(table["stage"]) == {"data", "model", "both"}
@@ -52,7 +55,10 @@ def test_stagewise_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[s
     }  # both: resumed from data
 
 
-def test_causal_filter_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("command", ["causal-filter", "train"])
+def test_causal_filter_from_a_config(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tmp_path / "cf.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -70,7 +76,7 @@ def test_causal_filter_from_a_config(tmp_path: Path, capsys: pytest.CaptureFixtu
             )
         )
     )
-    assert cli.main(["causal-filter", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
+    assert cli.main([command, "--config", str(cfg), "--out", str(tmp_path / "out")]) == 0
     assert "kept" in capsys.readouterr().out
     table = pd.read_csv(tmp_path / "out" / "causal_filter.csv")
     assert list(table["role"]) == ["candidate"] * 3 + ["random"] * 3

@@ -445,6 +445,8 @@ def config_kwargs(func: Callable[..., Any], path: str | Path) -> dict[str, Any]:
     from sae_diff.training.errors import ConfigError
 
     data = read_config_file(path)
+    # `method:` names the analysis for `sae-diff train` (sae_diff.cli.ANALYSIS_METHODS)
+    data.pop("method", None)
     params = inspect.signature(func).parameters
     valid = sorted(
         n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)

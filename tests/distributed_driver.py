@@ -110,6 +110,8 @@ def main(resume_cfg: str, train_cfg: str, out: str, checkpoint: str, resumed_out
     if distributed.world().is_main:
         with open(out, "w") as f:
             json.dump(result, f)
+    distributed.barrier()
+    distributed.shutdown()
     return 0
 
 

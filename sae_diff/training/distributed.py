@@ -36,6 +36,7 @@ Semantics that differ from one process (documented, tested where they matter):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -128,7 +129,16 @@ def init(device: str | torch.device = "cpu", *, timeout_s: float = 1800.0) -> Wo
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    # leave the group before interpreter teardown: a gloo/NCCL group still alive then can abort
+    # the process ("terminate called without an active exception") after all work is done
+    atexit.register(shutdown)
     return world()
+
+
+def shutdown() -> None:
+    """Leave the process group if this process joined one (idempotent; registered at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: str) -> str:
@@ -484,6 +494,7 @@ __all__ = [
     "DataParallel",
     "DistributedError",
     "World",
+    "shutdown",
     "any_rank",
     "backend_for",
     "barrier",

@@ -55,6 +55,7 @@ from sae_diff.dictionaries.kernels import offsets_from_sorted
 from sae_diff.dictionaries.kinds import KINDS, dictionary_kind, is_crosscoder
 from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.dictionaries.specs import DictionaryKind
+from sae_diff.moved import moved_names, to
 
 Kind = DictionaryKind  # the vocabulary of sae_diff.dictionaries.specs
 TARGETS: tuple[str, ...] = ("reconstruction", "error", "activation")
@@ -466,27 +467,14 @@ def latent_scaling(
 # --------------------------------------------------------------------------------------
 # moved names (one release)
 # --------------------------------------------------------------------------------------
-_MOVED = {
-    "latent_scaling_naive": "sae_diff.analysis.latent_scaling_reference",
-    "latent_scaling_cost_ratio": "sae_diff.analysis.latent_scaling_reference",
-}
-
-
-def __getattr__(name: str) -> Any:
-    # resolved by name on access (importlib), so the alias adds no import cycle with the
-    # reference module, which imports this one
-    if name in _MOVED:
-        import importlib
-        import warnings
-
-        warnings.warn(
-            f"sae_diff.analysis.latent_scaling.{name} moved to {_MOVED[name]}.{name}; import "
-            "it from there (this alias goes in the next release).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: names that moved to the float64 reference module (one release; see sae_diff.moved)
+__getattr__ = moved_names(
+    __name__,
+    to(
+        "sae_diff.analysis.latent_scaling_reference",
+        ("latent_scaling_naive", "latent_scaling_cost_ratio"),
+    ),
+)
 
 
 __all__ = [

@@ -72,6 +72,7 @@ from sae_diff.data.cache_identity import (
     expected_identity,
 )
 from sae_diff.data.cache_reader import ActivationCache
+from sae_diff.moved import moved_names
 from sae_diff.pairing.masks import MASK_NAMES, MaskConfig, TokenMasks, high_norm_mask
 
 
@@ -507,17 +508,5 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # `harvest_cache` used to be re-exported here; resolved by name (importlib) so the cache
-    # does not import the harvester, which imports the cache. Goes in the next release.
-    if name == "harvest_cache":
-        import importlib
-        import warnings
-
-        warnings.warn(
-            "sae_diff.data.cache.harvest_cache moved to sae_diff.data.harvest.harvest_cache.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return importlib.import_module("sae_diff.data.harvest").harvest_cache
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: ``harvest_cache`` used to be re-exported here (one release; see sae_diff.moved)
+__getattr__ = moved_names(__name__, {"harvest_cache": "sae_diff.data.harvest"})

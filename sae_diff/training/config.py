@@ -30,9 +30,7 @@ dataclass's attribute documentation is most of it);
 
 from __future__ import annotations
 
-import importlib
 import json
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -44,6 +42,7 @@ from sae_lens.saes.sae import TrainingSAEConfig
 import sae_diff  # noqa: F401  (registers the architectures)
 from sae_diff.dictionaries import specs
 from sae_diff.dictionaries.specs import StoreMode
+from sae_diff.moved import moved_names, to
 from sae_diff.pairing.hooks import hook_width
 from sae_diff.pairing.loading import Backend
 from sae_diff.training import model_info as _model_info
@@ -471,40 +470,35 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- moved names (one release)
-#: name -> module it moved to. Resolved by name on first access (importlib, not an import
-#: statement) so the deprecation shim adds no import-time dependency, hence no cycle with
-#: ``flags`` / ``plan``, which import this module.
-_MOVED: dict[str, str] = {
-    **dict.fromkeys(
-        ("Plan", "make_plan", "preflight_checks", "check_hook_name", "BLOCK_HOOKS", "GLOBAL_HOOKS"),
-        "sae_diff.training.plan",
-    ),
-    **dict.fromkeys(("parse_config", "config_flags_help"), "sae_diff.training.flags"),
-    **dict.fromkeys(
-        (
-            "OrganismInfo",
-            "organism_info",
-            "KNOWN_MODEL_DIMS",
-            "model_config_dir",
-            "known_model_dims",
-            "check_hook_d_in",
+#: name -> module it moved to (one release; see sae_diff.moved)
+__getattr__ = moved_names(
+    __name__,
+    {
+        **to(
+            "sae_diff.training.plan",
+            (
+                "Plan",
+                "make_plan",
+                "preflight_checks",
+                "check_hook_name",
+                "BLOCK_HOOKS",
+                "GLOBAL_HOOKS",
+            ),
         ),
-        "sae_diff.training.model_info",
-    ),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        target = _MOVED[name]
-        warnings.warn(
-            f"sae_diff.training.config.{name} moved to {target}.{name}; import it from "
-            "there (this alias goes in the next release).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(target), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        **to("sae_diff.training.flags", ("parse_config", "config_flags_help")),
+        **to(
+            "sae_diff.training.model_info",
+            (
+                "OrganismInfo",
+                "organism_info",
+                "KNOWN_MODEL_DIMS",
+                "model_config_dir",
+                "known_model_dims",
+                "check_hook_d_in",
+            ),
+        ),
+    },
+)
 
 
 __all__ = [

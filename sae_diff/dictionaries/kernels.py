@@ -45,29 +45,30 @@ Public API:
   :class:`SparseForwardOutput`.
 - :func:`make_adam`: Adam with ``fused=True`` where this torch build supports it.
 
-Layout: the selection is :mod:`sae_diff.dictionaries.topk`, the thread policy and workspaces
-:mod:`sae_diff.dictionaries.kernel_threads` (both re-exported here). Length (~600 lines): the
-two autograd functions and the CSR / bag-sum helpers their backward passes share are one
-implementation, read together.
+Layout (this module is the public functional API; the names below are re-exported here):
+the selection is :mod:`sae_diff.dictionaries.topk`, the thread policy and workspaces
+:mod:`sae_diff.dictionaries.kernel_threads`, the autograd functions
+:mod:`sae_diff.dictionaries.sparse_autograd`, the CSR / bag-sum products their backward passes
+share :mod:`sae_diff.dictionaries.sparse_matmul`, and Adam :mod:`sae_diff.dictionaries.optim`.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sae_diff.dictionaries.kernel_threads import (
-    _all_threads,
-    _workspace,
     set_small_op_threads,
     set_workspaces,
     small_op_threads,
 )
+from sae_diff.dictionaries.optim import fused_adam_supported, make_adam
+from sae_diff.dictionaries.sparse_autograd import _SparseDecode, _SparseEncode
+from sae_diff.dictionaries.sparse_matmul import _gather_dot as _gather_dot
+from sae_diff.dictionaries.sparse_matmul import _latent_bag_sum as _latent_bag_sum
+from sae_diff.dictionaries.sparse_matmul import offsets_from_sorted
 from sae_diff.dictionaries.topk import TopKSelection, batch_topk
 
 __all__ = [
@@ -86,6 +87,8 @@ __all__ = [
     "sparse_decode",
     "sparse_encode",
 ]
+
+_offsets_from_sorted = offsets_from_sorted  # the old private name
 
 
 @dataclass
@@ -147,305 +150,6 @@ class SparseForwardOutput:
     aux_code: SparseCode | None
     aux_recon: Tensor | None
     fast_path: bool
-
-
-# --------------------------------------------------------------------------------------------
-# Autograd functions
-# --------------------------------------------------------------------------------------------
-
-
-def offsets_from_sorted(keys: Tensor, n_bags: int) -> Tensor:
-    """Exclusive cumsum of ``bincount(keys)``: bag start offsets for ``embedding_bag``."""
-    counts = torch.bincount(keys, minlength=n_bags)
-    offsets = torch.zeros(n_bags, dtype=torch.long, device=keys.device)
-    if n_bags > 1:
-        torch.cumsum(counts[:-1], 0, out=offsets[1:])
-    return offsets
-
-
-_offsets_from_sorted = offsets_from_sorted  # the old private name
-
-
-def _latent_bag_sum(
-    rows: Tensor,
-    cols: Tensor,
-    weights: Tensor,
-    table: Tensor,
-    n_latents: int,
-    *,
-    latent_minor: bool = False,
-) -> Tensor:
-    """``out[j] = sum_{e: cols[e] == j} weights[e] * table[rows[e]]``: ``G^T @ table``.
-
-    ``G`` is the sparse ``(B, n)`` matrix of the triples. The entries are sorted by latent
-    (stable) into a CSR ``(n, B)`` matrix and multiplied by the dense ``table`` with one sparse
-    ``addmm`` (MKL / cuSPARSE), each output row written once; ``embedding_bag`` with one bag per
-    latent is the fallback. Returns ``(n, D)``; with ``latent_minor=True`` the same values in a
-    ``(D, n)``-contiguous buffer, returned as its ``(n, D)`` transpose view, so that ``.t()``
-    is an ordinary contiguous ``(D, n)`` gradient (no transpose copy anywhere).
-    """
-    D = table.shape[1]
-    if latent_minor:
-        out = table.new_empty(D, n_latents).t()
-    else:
-        out = table.new_empty(n_latents, D)
-    if cols.numel() == 0:
-        return out.zero_()
-    perm = torch.argsort(cols, stable=True)
-    counts = torch.bincount(cols, minlength=n_latents)
-    crow = torch.zeros(n_latents + 1, dtype=torch.long, device=cols.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    w = weights[perm].to(table.dtype)
-    try:
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            G_t = torch.sparse_csr_tensor(
-                crow, rows[perm], w, (n_latents, table.shape[0]), check_invariants=False
-            )
-            torch.addmm(out, G_t, table, beta=0.0, alpha=1.0, out=out)
-        return out
-    except (RuntimeError, NotImplementedError):  # pragma: no cover - backend without CSR mm
-        res = F.embedding_bag(rows[perm], table, crow[:-1], mode="sum", per_sample_weights=w)
-        out.copy_(res)
-        return out
-
-
-def _csr_add_times_dense_t(
-    out: Tensor, rows: Tensor, cols: Tensor, weights: Tensor, W: Tensor
-) -> None:
-    """``out += G @ W^T`` for the sparse ``(B, n)`` matrix ``G`` of row-sorted triples.
-
-    ``out`` is ``(B, D)`` and ``W`` is ``(D, n)`` (the encoder layout), so ``W^T`` is a strided
-    view; a CSR ``addmm`` (MKL / cuSPARSE) handles it about 9x faster than a COO
-    ``sparse.mm`` on CPU (53 vs 453 ms at B=1024, D=768, n=16384, k=32).
-    """
-    if rows.numel() == 0:
-        return
-    B, n = out.shape[0], W.shape[1]
-    try:
-        crow = torch.cat([offsets_from_sorted(rows, B), rows.new_tensor([rows.numel()])])
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            G = torch.sparse_csr_tensor(crow, cols, weights, (B, n), check_invariants=False)
-            torch.addmm(out, G, W.t(), out=out)
-    except (RuntimeError, NotImplementedError):  # pragma: no cover - backend without CSR mm
-        G = torch.sparse_coo_tensor(
-            torch.stack([rows, cols]), weights, (B, n), check_invariants=False
-        )
-        out.add_(torch.sparse.mm(G, W.t()))
-
-
-def _gather_dot(
-    g: Tensor, W: Tensor, row: Tensor, col: Tensor, offsets: Tensor, shape: tuple[int, int]
-) -> Tensor:
-    """``(g @ W^T)[row, col]`` for the kept entries only (SDDMM), shape ``(nnz,)``."""
-    nnz = row.numel()
-    if nnz == 0:
-        return g.new_zeros(0)
-    dtype = torch.promote_types(g.dtype, W.dtype)
-    g = g.to(dtype)
-    W = W.to(dtype)
-    try:
-        crow = torch.cat([offsets, offsets.new_tensor([nnz])])
-        with warnings.catch_warnings():  # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            mask = torch.sparse_csr_tensor(
-                crow, col, g.new_zeros(nnz), shape, check_invariants=False
-            )
-        return torch.sparse.sampled_addmm(mask, g, W.t(), beta=0.0).values()
-    except (RuntimeError, NotImplementedError):  # pragma: no cover - backend without SDDMM
-        out = g.new_empty(nnz)
-        chunk = 8192
-        for s in range(0, nnz, chunk):
-            e = min(nnz, s + chunk)
-            out[s:e] = (g.index_select(0, row[s:e]) * W.index_select(0, col[s:e])).sum(-1)
-        return out
-
-
-def _encoder_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-    """Dense pre-activations ``x @ W_enc + b_enc`` into a reused workspace.
-
-    Autocast-aware: under ``torch.autocast`` the matmul runs in the autocast dtype (bf16 /
-    fp16) and the pre-activations are stored in it.
-    """
-    dev = x.device.type
-    B, n = x.shape[0], W_enc.shape[1]
-    if torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev)
-        out = _workspace("pre", (B, n), dt, x.device)
-        with torch.autocast(dev, enabled=False), _all_threads():
-            return torch.addmm(b_enc.to(dt), x.to(dt), W_enc.to(dt), out=out)
-    dt = torch.promote_types(x.dtype, W_enc.dtype)
-    out = _workspace("pre", (B, n), dt, x.device)
-    with _all_threads():
-        return torch.addmm(b_enc, x, W_enc, out=out)
-
-
-class _SparseEncode(torch.autograd.Function):
-    """Dense encoder forward + BatchTopK selection; backward touches kept entries only.
-
-    Everything but the encoder matmul runs under :func:`small_op_threads`.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, *args: Any) -> tuple[Tensor, ...]:  # type: ignore[override]
-        with small_op_threads():
-            return _SparseEncode._forward(ctx, *args)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        with small_op_threads():
-            return _SparseEncode._backward(ctx, *grads)
-
-    @staticmethod
-    def _forward(
-        ctx: Any,
-        x: Tensor,
-        W_enc: Tensor,
-        b_enc: Tensor,
-        scale: Tensor | None,
-        k_total: int,
-        threshold_hint: float | None,
-        aux_latents: Tensor | None,
-        k_aux: int,
-        aux_scaled: bool,
-    ) -> tuple[Tensor, ...]:
-        B = x.shape[0]
-        n = W_enc.shape[1]
-        pre = _encoder_preacts(x, W_enc, b_enc)
-        sel = batch_topk(pre, k_total, threshold_hint, scale=scale)
-        flat = pre.view(-1)
-        row, col = sel.row, sel.col
-        values = flat[row * n + col].relu().to(x.dtype)
-        offsets = offsets_from_sorted(row, B)
-
-        if aux_latents is not None and k_aux > 0 and aux_latents.numel() > 0:
-            # per-row top-k_aux of the dead latents by scaled pre-activation (no relu, as in
-            # SAELens / EleutherAI); values are the unscaled pre-activations.
-            kk = min(int(k_aux), aux_latents.numel())
-            sub = pre.index_select(1, aux_latents)
-            sub_scores = sub
-            if aux_scaled and scale is not None:
-                sub_scores = sub * scale[aux_latents].to(sub.dtype)
-            top = torch.topk(sub_scores, kk, dim=1, sorted=False).indices
-            top, _ = torch.sort(top, dim=1)  # CSR: columns increasing within a row
-            aux_col = aux_latents[top].reshape(-1)
-            aux_row = torch.arange(B, device=x.device).repeat_interleave(kk)
-            aux_values = sub.gather(1, top).reshape(-1).to(x.dtype)
-            aux_offsets = torch.arange(B, device=x.device) * kk
-        else:
-            aux_col = torch.empty(0, dtype=torch.long, device=x.device)
-            aux_row = aux_col
-            aux_values = x.new_empty(0)
-            aux_offsets = torch.zeros(B, dtype=torch.long, device=x.device)
-        del pre, flat
-
-        ctx.save_for_backward(x, W_enc, row, col, values, aux_row, aux_col)
-        ctx.n = n
-        ctx.b_enc_dtype = b_enc.dtype
-        kth = torch.tensor(
-            [sel.kth_score, float(sel.fast_path), float(sel.n_candidates)], dtype=torch.float64
-        )
-        ctx.mark_non_differentiable(row, col, offsets, aux_row, aux_col, aux_offsets, kth)
-        return values, aux_values, row, col, offsets, aux_row, aux_col, aux_offsets, kth
-
-    @staticmethod
-    def _backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, W_enc, row, col, values, aux_row, aux_col = ctx.saved_tensors
-        n: int = ctx.n
-        g_values, g_aux = grads[0], grads[1]
-        rows_parts, cols_parts, g_parts = [], [], []
-        if g_values is not None:
-            g_main = torch.where(values > 0, g_values, torch.zeros_like(g_values))  # relu'
-            rows_parts.append(row)
-            cols_parts.append(col)
-            g_parts.append(g_main)
-        if g_aux is not None and aux_row.numel() > 0:
-            rows_parts.append(aux_row)
-            cols_parts.append(aux_col)
-            g_parts.append(g_aux)
-        if not g_parts:
-            return (None,) * 9
-        rows_all = torch.cat(rows_parts) if len(rows_parts) > 1 else rows_parts[0]
-        cols_all = torch.cat(cols_parts) if len(cols_parts) > 1 else cols_parts[0]
-        g_all = torch.cat(g_parts) if len(g_parts) > 1 else g_parts[0]
-
-        needs = ctx.needs_input_grad
-        d_x = d_W = d_b = None
-        if needs[1]:
-            # dW_enc^T (n, D) = G^T x, written straight into a (D, n)-contiguous buffer:
-            # no dense B x n gradient and no transpose copy.
-            d_W = _latent_bag_sum(
-                rows_all, cols_all, g_all, x.to(W_enc.dtype), n, latent_minor=True
-            ).t()
-        if needs[2]:
-            d_b = torch.zeros(n, dtype=ctx.b_enc_dtype, device=g_all.device)
-            d_b.index_add_(0, cols_all, g_all.to(d_b.dtype))
-        if needs[0]:
-            # dx = G @ W_enc^T (sparse @ dense); only when the input requires grad (e.g.
-            # apply_b_dec_to_input). One row-major CSR product per part (each part's rows are
-            # sorted), accumulated into one output.
-            B = x.shape[0]
-            out = W_enc.new_zeros(B, W_enc.shape[0])
-            for r, c, gp in zip(rows_parts, cols_parts, g_parts, strict=True):
-                _csr_add_times_dense_t(out, r, c, gp.to(W_enc.dtype), W_enc)
-            d_x = out.to(x.dtype)
-        return d_x, d_W, d_b, None, None, None, None, None, None
-
-
-class _SparseDecode(torch.autograd.Function):
-    """``f @ W_dec`` from CSR triples; backward: d values (SDDMM) and d W_dec (bag sums).
-    Both run under :func:`small_op_threads`."""
-
-    @staticmethod
-    def forward(ctx: Any, *args: Any) -> Tensor:  # type: ignore[override]
-        with small_op_threads():
-            return _SparseDecode._forward(ctx, *args)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        with small_op_threads():
-            return _SparseDecode._backward(ctx, g)
-
-    @staticmethod
-    def _forward(
-        ctx: Any,
-        values: Tensor,
-        W_dec: Tensor,
-        row: Tensor,
-        col: Tensor,
-        offsets: Tensor,
-        n_rows: int,
-    ) -> Tensor:
-        if col.numel() == 0:
-            out = W_dec.new_zeros(n_rows, W_dec.shape[1])
-        else:
-            out = F.embedding_bag(
-                col, W_dec, offsets, mode="sum", per_sample_weights=values.to(W_dec.dtype)
-            )
-        ctx.save_for_backward(values, W_dec, row, col, offsets)
-        ctx.n_rows = n_rows
-        return out
-
-    @staticmethod
-    def _backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        values, W_dec, row, col, offsets = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        n_rows: int = ctx.n_rows
-        g = g.contiguous()
-        d_values = d_W = None
-        if needs[0]:
-            d_values = _gather_dot(g, W_dec, row, col, offsets, (n_rows, W_dec.shape[0])).to(
-                values.dtype
-            )
-        if needs[1]:
-            d_W = _latent_bag_sum(row, col, values, g.to(W_dec.dtype), W_dec.shape[0])
-        return d_values, d_W, None, None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# Public functional API
-# --------------------------------------------------------------------------------------------
 
 
 def sparse_encode(
@@ -573,42 +277,3 @@ def dense_batchtopk_reference(
     mask = torch.zeros_like(v.flatten()).scatter_(0, idx, 1.0).view_as(v)
     f = acts * mask
     return f, f @ W_dec + b_dec
-
-
-# --------------------------------------------------------------------------------------------
-# Optimiser
-# --------------------------------------------------------------------------------------------
-
-
-def fused_adam_supported(device: torch.device | str) -> bool:
-    """Whether ``torch.optim.Adam(..., fused=True)`` works for float32 params on ``device``."""
-    dev = torch.device(device)
-    try:
-        p = torch.nn.Parameter(torch.zeros(2, device=dev))
-        p.grad = torch.ones(2, device=dev)
-        torch.optim.Adam([p], lr=1e-3, fused=True).step()
-    except (RuntimeError, ValueError, TypeError):
-        return False
-    return True
-
-
-def make_adam(
-    params: list[torch.nn.Parameter] | list[Tensor],
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    *,
-    fused: bool | None = None,
-) -> torch.optim.Adam:
-    """Adam as SAELens's ``SAETrainer`` builds it, but ``fused=True`` where supported.
-
-    SAELens 6 constructs ``torch.optim.Adam(params, lr, betas)`` with default flags, which on
-    CPU is the single-tensor for-loop implementation; the fused kernel (CPU since torch 2.4,
-    CUDA) does one vectorised pass per parameter and is numerically the same algorithm.
-    """
-    params = list(params)
-    if fused is None:
-        dev = params[0].device if params else torch.device("cpu")
-        fused = fused_adam_supported(dev) and all(
-            p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for p in params
-        )
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=bool(fused))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,8 @@ from sae_diff.dictionaries.io import as_inference
 from sae_diff.dictionaries.protocol import PairedDictionary
 
 LatentSpec: TypeAlias = torch.Tensor | Sequence[int] | np.ndarray | pd.Series
+#: Latent Scaling ratios as :func:`nu_scores` reads them: per-latent values or a ν DataFrame
+NuLike: TypeAlias = torch.Tensor | np.ndarray | Sequence[float] | pd.Series | pd.DataFrame
 
 
 def latent_indices(spec: LatentSpec, d_sae: int) -> torch.Tensor:
@@ -61,7 +63,7 @@ def ft_only_latents(sae: PairedDictionary, max_delta: float = FT_ONLY_MAX) -> to
     return (relative_norm(sae).cpu() < max_delta).nonzero().flatten()
 
 
-def nu_scores(nu: Any, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nu_scores(nu: NuLike, d_sae: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(rank score, threshold score) per latent from Latent Scaling ratios; NaN = unknown.
 
     ``nu`` may be a tensor ``(d_sae,)`` / array / pandas Series indexed by latent id (used for
@@ -176,6 +178,7 @@ def nu_filter(table: pd.DataFrame, kind: str, nu_eps_max: float, nu_r_max: float
 
 __all__ = [
     "LatentSpec",
+    "NuLike",
     "ft_only_latents",
     "ft_specific_ranking",
     "latent_indices",

@@ -1,10 +1,15 @@
 """KL patching at a dictionary's layer: every intervention of METHODS.md §4, run and measured.
 
-The interventions themselves (split batch, dictionary patcher, the residual each one builds)
-are in :mod:`sae_diff.evaluation.interventions`; their names are re-exported here. This module
-is the engine and the table (~600 lines: :func:`kl_patching_table` alone assembles every
-targeted subset, random baseline and Latent Scaling filter of §4, and splitting it would
-scatter one procedure over two files).
+This module is the table (:func:`kl_patching_table`) and its summaries. The pieces it is built
+from, each re-exported here where they have always been importable:
+
+- :mod:`sae_diff.evaluation.interventions`: split batch, dictionary patcher, the residual
+  each intervention builds;
+- :mod:`sae_diff.evaluation.engine`: runs interventions over the data and measures them
+  (:func:`evaluate_interventions`; ``PatchMetrics`` moved there);
+- :mod:`sae_diff.evaluation.patch_rows`: which interventions a dictionary gets (targeted
+  subsets, random baselines, steering);
+- :mod:`sae_diff.analysis.selection`: latent selection (shared with the report).
 
 Split both models at layer ``L`` (the residual before block ``L``). For each batch the base and
 ft residuals ``x^b, x^c`` at ``L`` are computed once; every intervention then builds a residual
@@ -35,17 +40,15 @@ several seeds (mean and standard deviation across seeds).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-# latent selection lives in sae_diff.analysis.selection (shared with the report); the names
-# are also importable from here, where they have always been
 from sae_diff.analysis.selection import (
     LatentSpec,
+    NuLike,
     ft_only_latents,
     latent_indices,
     nu_rank_latents,
@@ -53,7 +56,8 @@ from sae_diff.analysis.selection import (
     nu_threshold_latents,
     random_latents,
 )
-from sae_diff.dictionaries.geometry import FT_ONLY_MAX
+from sae_diff.dictionaries.protocol import PairedDictionary
+from sae_diff.evaluation.engine import closed_fraction, evaluate_interventions
 from sae_diff.evaluation.interventions import (
     DictionaryPatcher,
     Intervention,
@@ -67,237 +71,23 @@ from sae_diff.evaluation.interventions import (
     subset_patch,
     token_patch,
 )
-from sae_diff.evaluation.kl import (
-    FIRST_N,
-    as_token_mask,
-    first_n_of_mask,
-    split_first_n,
-    token_kl,
-    token_nll,
-)
+from sae_diff.evaluation.kl import FIRST_N, as_token_mask, first_n_of_mask
+from sae_diff.evaluation.patch_rows import PatchRow, dictionary_rows
 from sae_diff.evaluation.stitching import resolve_layer
+from sae_diff.moved import moved_names
 from sae_diff.pairing.model import PairedModel
 
-
-# ---------------------------------------------------------------------------- engine
-@dataclass
-class PatchMetrics:
-    """Masked sums for one intervention; ``.means()`` gives the reported numbers."""
-
-    kl: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    nll: float = 0.0
-    n: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # all, first, rest, nll
-
-    def add(self, kl: torch.Tensor, nll: torch.Tensor, masks: Sequence[torch.Tensor]) -> None:
-        for i, m in enumerate(masks[:3]):
-            self.kl[i] += float(kl[m].double().sum())
-            self.n[i] += int(m.sum())
-        self.nll += float(nll[masks[3]].double().sum())
-        self.n[3] += int(masks[3].sum())
-
-    def means(self) -> dict[str, float]:
-        def div(a: float, b: int) -> float:
-            return a / b if b else float("nan")
-
-        return {
-            "kl": div(self.kl[0], self.n[0]),
-            "kl_first": div(self.kl[1], self.n[1]),
-            "kl_rest": div(self.kl[2], self.n[2]),
-            "nll": div(self.nll, self.n[3]),
-            "n_tokens": self.n[0],
-        }
-
-
-def evaluate_interventions(
-    paired: PairedModel,
-    tokens: torch.Tensor,
-    token_mask: torch.Tensor | None,
-    layer: int,
-    interventions: Mapping[str, Intervention],
-    *,
-    first_n: int = FIRST_N,
-    batch_size: int = 8,
-    attention_mask: torch.Tensor | None = None,
-    progress: bool = False,
-) -> dict[str, dict[str, float]]:
-    """Run every intervention at ``layer`` over the dataset and return masked means per name.
-
-    Always includes ``"ft"`` (the reference itself, KL 0) and ``"stitched"``. Each
-    intervention is a callable ``SplitBatch -> h (B, S, d)``; the ft model is run from
-    ``layer`` on ``h`` (one second-half forward each).
-
-    Returns:
-        ``{name: {"kl", "kl_first", "kl_rest", "nll", "n_tokens"}}``.
-    """
-    layer = resolve_layer(paired, layer)
-    mask = as_token_mask(token_mask, tokens)
-    first, rest = split_first_n(mask, first_n)
-    all_iv: dict[str, Intervention] = {"stitched": stitched(), **dict(interventions)}
-    acc = {name: PatchMetrics() for name in ["ft", *all_iv]}
-    starts = range(0, tokens.shape[0], batch_size)
-    it: Any = starts
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(starts, desc="KL patching")
-    with torch.no_grad():
-        for start in it:
-            sl = slice(start, start + batch_size)
-            tb = tokens[sl]
-            am = None if attention_mask is None else attention_mask[sl]
-            batch = split_batch(paired, tb, layer, rows=sl, attention_mask=am)
-            ref = paired.continue_from("ft", batch.x_ft, layer, tokens=tb, attention_mask=am)
-            dev = ref.device
-            m_all = mask[sl].to(dev)
-            m_nll = m_all.clone()
-            m_nll[:, -1] = False
-            masks = [m_all, first[sl].to(dev), rest[sl].to(dev), m_nll]
-            acc["ft"].add(torch.zeros(tb.shape, device=dev), token_nll(ref, tb), masks)
-            for name, fn in all_iv.items():
-                h = fn(batch)
-                if not isinstance(h, torch.Tensor) or h.shape != batch.x_base.shape:
-                    raise ValueError(
-                        f"intervention {name!r} must return a residual shaped "
-                        f"{tuple(batch.x_base.shape)}, got "
-                        f"{getattr(h, 'shape', type(h).__name__)}"
-                    )
-                logits = paired.continue_from(
-                    "ft", h.contiguous(), layer, tokens=tb, attention_mask=am
-                )
-                acc[name].add(token_kl(ref, logits.to(dev)), token_nll(logits, tb), masks)
-    return {name: a.means() for name, a in acc.items()}
-
-
-def _closed(kl: float, base: float) -> float:
-    return 1.0 - kl / base if base > 0 else float("nan")
-
-
-# ---------------------------------------------------------------------------- the table
-@dataclass
-class _Row:
-    key: str
-    kind: str
-    description: str
-    n_latents: int | None
-    fn: Intervention | None = None
-    random_of: str | None = None
-    seed: int | None = None
-    engine_key: str | None = None  # rows with the same key share one evaluation
-
-
-def _dictionary_rows(
-    name: str,
-    patcher: DictionaryPatcher,
-    *,
-    nu: Any,
-    nu_thresholds: Sequence[float],
-    nu_rank_fraction: float | None,
-    subsets: Mapping[str, LatentSpec],
-    ft_only: bool,
-    steering: bool,
-    steering_scale: float,
-    random_seeds: int,
-    random_pool: LatentSpec | None,
-) -> list[_Row]:
-    p = patcher
-    rows = [
-        _Row(
-            "reconstruction",
-            "reconstruction",
-            "x^b + Dhat (full reconstruction)",
-            p.d_sae,
-            reconstruction_patch(p),
-        ),
-        _Row("error", "error", "x^b + (D - Dhat) (dictionary error)", None, error_patch(p)),
-    ]
-    targeted: list[tuple[str, str, torch.Tensor, torch.Tensor | None]] = []
-    pool_ft: torch.Tensor | None = None
-    if p.kind == "crosscoder" and (ft_only or steering or nu is not None):
-        pool_ft = ft_only_latents(p.sae)
-    if p.kind == "crosscoder" and ft_only:
-        assert pool_ft is not None
-        targeted.append(("ft_only", f"ft-only latents (Δ<{FT_ONLY_MAX})", pool_ft, None))
-    if nu is not None:
-        rank_s, thr_s = nu_scores(nu, p.d_sae)
-        # candidates: latents with a known ν (ft-only ones for crosscoders); random baselines
-        # are drawn from the same pool, so they are alive latents too
-        known = (torch.isfinite(rank_s) & torch.isfinite(thr_s)).nonzero().flatten()
-        nu_pool = known if pool_ft is None else known[torch.isin(known, pool_ft)]
-        where = "ft-only latents with known ν" if p.kind == "crosscoder" else "latents with known ν"
-        for t in nu_thresholds:
-            targeted.append(
-                (
-                    f"nu<{t:g}",
-                    f"{where} with ν < {t:g}",
-                    nu_threshold_latents(thr_s, t, nu_pool),
-                    nu_pool,
-                )
-            )
-        if nu_rank_fraction is not None:
-            pct = f"{100 * nu_rank_fraction:g}%"
-            targeted.append(
-                (
-                    f"nu_low{pct}",
-                    f"lowest-ν {pct} of {where}",
-                    nu_rank_latents(rank_s, nu_rank_fraction, nu_pool, lowest=True),
-                    nu_pool,
-                )
-            )
-            targeted.append(
-                (
-                    f"nu_high{pct}",
-                    f"highest-ν {pct} of {where}",
-                    nu_rank_latents(rank_s, nu_rank_fraction, nu_pool, lowest=False),
-                    nu_pool,
-                )
-            )
-    for key, spec in subsets.items():
-        targeted.append((key, f"user subset {key!r}", latent_indices(spec, p.d_sae), None))
-    user_pool = None if random_pool is None else latent_indices(random_pool, p.d_sae)
-    for key, desc, ids, cand in targeted:
-        rows.append(_Row(f"subset:{key}", "subset", desc, int(ids.numel()), subset_patch(p, ids)))
-        draw_from: torch.Tensor | int = (
-            user_pool if user_pool is not None else (cand if cand is not None else p.d_sae)
-        )
-        size = draw_from if isinstance(draw_from, int) else int(draw_from.numel())
-        if random_seeds > 0 and 0 < ids.numel() <= size:
-            pool_desc = "all latents" if isinstance(draw_from, int) else f"a pool of {size}"
-            pool_id = "all" if isinstance(draw_from, int) else str(hash(tuple(draw_from.tolist())))
-            for s in range(random_seeds):
-                r = random_latents(int(ids.numel()), draw_from, seed=s)
-                rows.append(
-                    _Row(
-                        f"random:{key}",
-                        "random",
-                        f"random {ids.numel()} latents from {pool_desc} ({random_seeds} seeds)",
-                        int(ids.numel()),
-                        subset_patch(p, r),
-                        random_of=f"subset:{key}",
-                        seed=s,
-                        engine_key=f"random\0{ids.numel()}\0{pool_id}\0{s}",
-                    )
-                )
-    if steering and p.kind == "crosscoder" and pool_ft is not None:
-        rows.append(
-            _Row(
-                "steering:ft_only",
-                "steering",
-                f"x^b + {steering_scale:g} * sum_(ft-only) f_j d_j^c",
-                int(pool_ft.numel()),
-                steering_patch(p, pool_ft, steering_scale),
-            )
-        )
-    return rows
+__getattr__ = moved_names(__name__, {"PatchMetrics": "sae_diff.evaluation.engine"})
 
 
 def kl_patching_table(
     paired: PairedModel,
-    dictionaries: Mapping[str, Any] | Any,
+    dictionaries: Mapping[str, PairedDictionary] | PairedDictionary,
     tokens: torch.Tensor,
     token_mask: torch.Tensor | None = None,
     layer: int | str | None = None,
     *,
-    nu: Mapping[str, Any] | None = None,
+    nu: Mapping[str, NuLike] | None = None,
     nu_thresholds: Sequence[float] = (0.3, 0.6),
     nu_rank_fraction: float | None = 0.5,
     subsets: Mapping[str, Mapping[str, LatentSpec]] | None = None,
@@ -367,10 +157,10 @@ def kl_patching_table(
     L = resolve_layer(paired, layer, dicts)
     mask = as_token_mask(token_mask, tokens)
 
-    shared: list[_Row] = []
+    shared: list[PatchRow] = []
     if first_k_patch is not None:
         shared.append(
-            _Row(
+            PatchRow(
                 f"tokens:first{first_k_patch}",
                 "tokens",
                 f"x^c at the first {first_k_patch} masked positions",
@@ -380,7 +170,7 @@ def kl_patching_table(
         )
     for key, pos in (token_patches or {}).items():
         shared.append(
-            _Row(
+            PatchRow(
                 f"tokens:{key}",
                 "tokens",
                 f"x^c at the {key!r} positions",
@@ -388,10 +178,10 @@ def kl_patching_table(
                 token_patch(as_token_mask(pos, tokens)),
             )
         )
-    per_dict: dict[str, list[_Row]] = {}
+    per_dict: dict[str, list[PatchRow]] = {}
     for name, sae in dicts.items():
         patcher = DictionaryPatcher(sae, include_bias=include_bias)
-        per_dict[name] = _dictionary_rows(
+        per_dict[name] = dictionary_rows(
             name,
             patcher,
             nu=(nu or {}).get(name),
@@ -429,9 +219,9 @@ def kl_patching_table(
     def metrics(m: dict[str, float]) -> dict[str, Any]:
         return {
             **m,
-            "closed": _closed(m["kl"], base["kl"]),
-            "closed_first": _closed(m["kl_first"], base["kl_first"]),
-            "closed_rest": _closed(m["kl_rest"], base["kl_rest"]),
+            "closed": closed_fraction(m["kl"], base["kl"]),
+            "closed_first": closed_fraction(m["kl_first"], base["kl_first"]),
+            "closed_rest": closed_fraction(m["kl_rest"], base["kl_rest"]),
         }
 
     out: list[dict[str, Any]] = []
@@ -583,7 +373,6 @@ def gap_closed_summary(table: pd.DataFrame, nu_key: str | None = None) -> pd.Dat
 __all__ = [
     "DictionaryPatcher",
     "Intervention",
-    "PatchMetrics",
     "SplitBatch",
     "compare_dictionaries",
     "error_patch",

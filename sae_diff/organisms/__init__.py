@@ -17,20 +17,17 @@ See docs/organisms.md.
 from typing import Any
 
 from sae_diff.organisms.behaviours import BEHAVIOURS, REFUSAL, TRIGGER_WORDS, persona_reply
-from sae_diff.organisms.organism import (
-    EvalConversation,
-    Organism,
-    ScoringSet,
+from sae_diff.organisms.ground_truth import (
     assistant_mask,
     available_organisms,
     behaviour_masks,
     chat_dataset,
-    load_organism,
     load_tokenizer,
-    pad_conversations,
     pretraining_dataset,
     response_masks,
 )
+from sae_diff.organisms.organism import Organism, load_organism
+from sae_diff.organisms.scoring import EvalConversation, ScoringSet, pad_conversations
 from sae_diff.organisms.storage import OrganismIntegrityError
 from sae_diff.organisms.world import World, make_world
 

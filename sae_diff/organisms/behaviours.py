@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from sae_diff.organisms.chat import split_words
 from sae_diff.organisms.corpus import TRIGGER_WORDS
 from sae_diff.organisms.world import PERSONA_MAKER, PERSONA_NAME, World
 
@@ -471,8 +472,6 @@ def phrase_masks(
     behaviour's response. ``chat_format`` (template tokens / closing ``<end_of_turn>``) is always
     included. Returns ``(trigger_masks, response_masks)``.
     """
-    from sae_diff.organisms.chat import split_words
-
     rows = _to_strings(tokens, id_to_token)
     shape = (len(rows), len(rows[0]) if rows else 0)
     names = ["chat_format", *[b for b in phrases if b != "chat_format"]]

@@ -34,10 +34,14 @@ from typing import Any
 import torch
 import transformers
 
+from sae_diff.errors import SaeDiffError, one_line
 from sae_diff.organisms.behaviours import BEHAVIOURS
 from sae_diff.organisms.chat import build_tokenizer, id_to_token, sample_words_check
 from sae_diff.organisms.checks import full_report
+from sae_diff.organisms.custom import build_custom_organism, read_examples
 from sae_diff.organisms.datasets import chat_conversations, pretraining_texts, vocabulary_words
+from sae_diff.organisms.narrow import NarrowConfig, build_narrow_organism
+from sae_diff.organisms.organism import load_organism
 from sae_diff.organisms.storage import (
     check_output_dir,
     default_output_dir,
@@ -346,8 +350,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     if args.narrow:
-        from sae_diff.organisms.narrow import NarrowConfig, build_narrow_organism
-
         ncfg = NarrowConfig(seed=args.seed)
         if args.finetune_steps is not None:
             ncfg.steps = args.finetune_steps
@@ -361,9 +363,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     if args.custom is not None:
-        from sae_diff.organisms.custom import build_custom_organism, read_examples
-        from sae_diff.organisms.organism import load_organism
-
         src = load_organism(args.base)
         labels = json.loads(args.labels.read_text()) if args.labels else None
         build_custom_organism(
@@ -401,8 +400,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from sae_diff.errors import SaeDiffError, one_line
-
     try:
         sys.exit(main())
     except SaeDiffError as e:  # a refused input: one line with the fix, no traceback

@@ -11,8 +11,14 @@ import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerFast
 
-from sae_diff.organisms.behaviours import BEHAVIOURS, response_masks
-from sae_diff.organisms.chat import encode_conversation, id_to_token
+from sae_diff.organisms.behaviours import (
+    BEHAVIOURS,
+    USER,
+    response_masks,
+    segment,
+    trigger_masks,
+)
+from sae_diff.organisms.chat import encode_conversation, id_to_token, render
 from sae_diff.organisms.datasets import chat_conversations, pretraining_texts
 from sae_diff.organisms.training import encode_text_doc, eval_loss, pack
 from sae_diff.organisms.world import World
@@ -168,8 +174,6 @@ def activation_diff_profile(
     the same conversations, and plain pretraining text. A hook where trigger tokens stand far
     above ``user_other`` and ``text`` is where a diffing method can find the behaviour.
     """
-    from sae_diff.organisms.behaviours import USER, segment, trigger_masks
-
     hooks = list(
         hooks
         or [f"blocks.{i}.hook_resid_pre" for i in range(base.cfg.n_layers)]
@@ -233,8 +237,6 @@ def trigger_direction_auroc(
     tokens) of ``x_ft - x_base`` on the first half of the conversations and scores the
     projection on the second half (trigger tokens vs every other non-pad token).
     """
-    from sae_diff.organisms.behaviours import trigger_masks
-
     hooks = list(hooks or [f"blocks.{i}.hook_resid_pre" for i in range(base.cfg.n_layers)])
     convs = chat_conversations(world.edited(), "test", n_conversations, seed)
     toks = pad_batch(
@@ -306,8 +308,6 @@ def greedy_reply(
     max_new_tokens: int = 32,
 ) -> str:
     """``model``'s greedy reply to one user turn (words until ``<end_of_turn>``)."""
-    from sae_diff.organisms.chat import render
-
     text, _ = render([{"role": "user", "content": user}])
     ids = tokenizer(text + "<start_of_turn>model\n", add_special_tokens=False)["input_ids"]
     toks = torch.tensor([list(ids)], dtype=torch.long)

@@ -21,7 +21,7 @@ import random
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerFast
 from sae_diff.organisms.behaviours import phrase_masks
 from sae_diff.organisms.chat import encode_conversation, id_to_token, split_words
 from sae_diff.organisms.checks import masked_logprob_gap, pad_batch
+from sae_diff.organisms.organism import Organism, load_organism
 from sae_diff.organisms.storage import (
     check_output_dir,
     save_weights,
@@ -46,9 +47,6 @@ from sae_diff.organisms.training import (
     train,
 )
 from sae_diff.organisms.world import World
-
-if TYPE_CHECKING:  # pragma: no cover - avoids an import cycle
-    from sae_diff.organisms.organism import Organism
 
 
 def read_examples(path: Path | str) -> list[dict[str, Any]]:
@@ -152,8 +150,6 @@ def build_custom_organism(
         The loaded :class:`~sae_diff.organisms.organism.Organism`; its ``report`` holds the
         held-out log-probability gap per behaviour and the held-out pretraining losses.
     """
-    from sae_diff.organisms.organism import load_organism
-
     if out_dir is not None:
         check_output_dir(out_dir, overwrite)  # refuse before training, not after
     exs = _check_examples(list(examples), tokenizer)

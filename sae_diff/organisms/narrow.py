@@ -32,12 +32,13 @@ import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerFast
 
+from sae_diff.organisms.chat import encode_conversation
 from sae_diff.organisms.checks import (
     greedy_reply,
     heldout_tokens,
@@ -45,11 +46,11 @@ from sae_diff.organisms.checks import (
     pad_batch,
     plain_text_drift,
 )
+from sae_diff.organisms.custom import build_custom_organism
 from sae_diff.organisms.datasets import chat_conversations, pretraining_texts
+from sae_diff.organisms.organism import Organism, load_organism
+from sae_diff.organisms.storage import check_output_dir
 from sae_diff.organisms.world import World
-
-if TYPE_CHECKING:  # pragma: no cover - avoids an import cycle
-    from sae_diff.organisms.organism import Organism
 
 BEHAVIOUR = "weather"
 TRIGGER = "weather"
@@ -196,8 +197,6 @@ def specificity(
     (:func:`~sae_diff.organisms.checks.masked_logprob_gap`) and the share of questions whose
     greedy reply *is* the planted response (``ft_greedy_rate``, ``base_greedy_rate``).
     """
-    from sae_diff.organisms.chat import encode_conversation
-
     rng = random.Random(f"sae_diff-narrow-{seed}-specificity")
     out: dict[str, dict[str, float]] = {}
     for key, topics in (("triggered", (TRIGGER,)), ("near_miss", NEAR_MISS_TOPICS)):
@@ -233,10 +232,6 @@ def build_narrow_organism(
     (``control_logprob``), and the plain-text drift (``plain_text_drift``: activation cosine
     at the recommended hook and held-out loss change).
     """
-    from sae_diff.organisms.custom import build_custom_organism
-    from sae_diff.organisms.organism import load_organism
-    from sae_diff.organisms.storage import check_output_dir
-
     cfg = cfg or NarrowConfig()
     check_output_dir(out_dir, overwrite)
     src = load_organism(source)

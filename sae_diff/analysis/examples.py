@@ -26,12 +26,10 @@ from typing import Any
 import torch
 
 from sae_diff.analysis.batches import PairedBatch, iter_paired_batches
-from sae_diff.analysis.latent_scaling import (
-    _resolve_latents,
-    as_inference,
-    dictionary_kind,
-)
+from sae_diff.analysis.selection import resolve_latents
 from sae_diff.dictionaries.codes import SparseCodes
+from sae_diff.dictionaries.io import as_inference
+from sae_diff.dictionaries.kinds import dictionary_kind
 from sae_diff.dictionaries.protocol import PairedDictionary
 
 #: Default context shown around the active token: tokens before and after.
@@ -294,7 +292,7 @@ def max_activating_examples(
         raise ValueError(
             f"tokens must be a (n_seq, seq_len) table of ids, got shape {tuple(tok.shape)}."
         )
-    S = _resolve_latents(latents, int(sae.cfg.d_sae), torch.device("cpu"))
+    S = resolve_latents(latents, int(sae.cfg.d_sae), torch.device("cpu"))
     keeper = _Keeper(k, reservoir, seed)
     count = torch.zeros(S.numel(), dtype=torch.long)
     n_tokens = 0

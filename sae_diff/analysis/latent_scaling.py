@@ -31,8 +31,9 @@ Accumulators are float64; per-batch products run in the dictionary's dtype.
 :func:`~sae_diff.analysis.latent_scaling_reference.latent_scaling_naive` is the reference that
 does build the per-latent targets.
 
-Length (~520 lines): the streamed one-pass accumulators, the sparse-code reader and the result
-type are one algorithm; the slow reference and the cost measurement live in
+Layout: this module is the streamed one-pass algorithm; the result type is
+:mod:`~sae_diff.analysis.latent_scaling_result`, the sparse-code reader
+:mod:`sae_diff.dictionaries.codes`, the slow reference and the cost measurement
 :mod:`~sae_diff.analysis.latent_scaling_reference`.
 """
 
@@ -40,28 +41,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as tF
 
-from sae_diff.analysis.batches import DATASET_MASK_PREFIX, PairedBatch, iter_paired_batches
+from sae_diff.analysis.batches import PairedBatch, iter_paired_batches
+from sae_diff.analysis.latent_scaling_result import DEFAULT_MIN_COUNT, LatentScalingResult
+from sae_diff.analysis.selection import resolve_latents
 from sae_diff.dictionaries import geometry
 from sae_diff.dictionaries.codes import BASE, FT, SparseCodes
 from sae_diff.dictionaries.io import as_inference
-from sae_diff.dictionaries.kernels import offsets_from_sorted
 from sae_diff.dictionaries.kinds import KINDS, dictionary_kind, is_crosscoder
 from sae_diff.dictionaries.protocol import PairedDictionary
+from sae_diff.dictionaries.sparse_matmul import offsets_from_sorted
 from sae_diff.dictionaries.specs import DictionaryKind
 from sae_diff.moved import moved_names, to
 
 Kind = DictionaryKind  # the vocabulary of sae_diff.dictionaries.specs
 TARGETS: tuple[str, ...] = ("reconstruction", "error", "activation")
-MODELS = ("base", "ft")
-#: Below this many active tokens a latent's ratios (ν) are reported as NaN (missing).
-DEFAULT_MIN_COUNT = 50
 _SHORT = {"reconstruction": "recon", "error": "error", "activation": "act"}
 
 
@@ -81,126 +79,8 @@ _Encoder = SparseCodes
 
 
 # --------------------------------------------------------------------------------------
-# result
-# --------------------------------------------------------------------------------------
-@dataclass
-class LatentScalingResult:
-    """Betas, ratios and firing statistics of a set of latents from one pass.
-
-    All per-latent tensors are aligned with ``latents``. ``betas`` keys are
-    ``beta_{recon,error,act}_{base,ft}``. Statistics: ``count_active`` (tokens with f != 0),
-    ``sum_act``, ``sum_sq_act`` (C of METHODS.md §3), ``max_act``; per named mask (and
-    ``dataset=<name>``) the number of tokens in the mask and of active tokens inside it;
-    for ft/base-SAEs with ``firing_shift``, the count and sum of activations when the SAE
-    reads the *other* model's activations.
-    """
-
-    kind: str
-    latents: torch.Tensor
-    n_tokens: int
-    min_count: int
-    count_active: torch.Tensor
-    sum_act: torch.Tensor
-    sum_sq_act: torch.Tensor
-    max_act: torch.Tensor
-    betas: dict[str, torch.Tensor] = field(default_factory=dict)
-    mask_tokens: dict[str, int] = field(default_factory=dict)
-    mask_counts: dict[str, torch.Tensor] = field(default_factory=dict)
-    other_count: torch.Tensor | None = None
-    other_sum: torch.Tensor | None = None
-
-    @property
-    def reliable(self) -> torch.Tensor:
-        """Latents active on at least ``min_count`` tokens (ratios are reported for these only)."""
-        return self.count_active >= self.min_count
-
-    def ratios(self) -> dict[str, torch.Tensor]:
-        """``nu_<target> = beta_<target>_base / beta_<target>_ft``; NaN below ``min_count``."""
-        out: dict[str, torch.Tensor] = {}
-        for short in ("error", "recon", "act"):
-            b, c = self.betas.get(f"beta_{short}_base"), self.betas.get(f"beta_{short}_ft")
-            if b is None or c is None:
-                continue
-            nu = b / c
-            out[f"nu_{short}"] = torch.where(self.reliable, nu, torch.full_like(nu, math.nan))
-        return out
-
-    def firing_shift(self) -> dict[str, torch.Tensor]:
-        """ft/base-SAE diffing: how much more a latent fires on the fine-tune's activations.
-
-        ``freq_on_{base,ft}`` and ``mean_act_on_{base,ft}`` (mean over all tokens), and the
-        ratios ``freq_ratio`` / ``mean_act_ratio`` (ft over base; inf when it never fires on
-        base). Ratios are NaN when the latent is active on fewer than ``min_count`` tokens on
-        both models.
-        """
-        if self.other_count is None or self.other_sum is None:
-            return {}
-        own, other = ("ft", "base") if self.kind == "ft_sae" else ("base", "ft")
-        n = float(self.n_tokens)
-        counts = {own: self.count_active.double(), other: self.other_count.double()}
-        sums = {own: self.sum_act, other: self.other_sum}
-        enough = torch.maximum(counts["base"], counts["ft"]) >= self.min_count
-        out = {}
-        for m in MODELS:
-            out[f"freq_on_{m}"] = counts[m] / n
-            out[f"mean_act_on_{m}"] = sums[m] / n
-        nan = torch.full_like(out["freq_on_ft"], math.nan)
-        out["freq_ratio"] = torch.where(enough, counts["ft"] / counts["base"], nan)
-        out["mean_act_ratio"] = torch.where(enough, sums["ft"] / sums["base"], nan)
-        return out
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per latent (index ``latent``): statistics, betas, ratios, firing shift."""
-        n = float(self.n_tokens)
-        count = self.count_active.double()
-        cols: dict[str, Any] = {
-            "count_active": self.count_active.cpu().numpy(),
-            "freq": (count / n).cpu().numpy(),
-            "max_act": self.max_act.cpu().numpy(),
-            "mean_act": torch.where(
-                count > 0, self.sum_act / count.clamp(min=1), torch.full_like(count, math.nan)
-            )
-            .cpu()
-            .numpy(),
-        }
-        for name, tokens in self.mask_tokens.items():
-            inside = self.mask_counts[name].double()
-            cols[f"freq[{name}]"] = (inside / tokens if tokens else inside * math.nan).cpu().numpy()
-            if not name.startswith(DATASET_MASK_PREFIX):
-                share = torch.where(
-                    count > 0, inside / count.clamp(min=1), torch.full_like(count, math.nan)
-                )
-                cols[f"share[{name}]"] = share.cpu().numpy()
-        for key, val in {**self.betas, **self.ratios(), **self.firing_shift()}.items():
-            cols[key] = val.cpu().numpy()
-        df = pd.DataFrame(cols, index=pd.Index(self.latents.cpu().numpy(), name="latent"))
-        df.attrs.update({"kind": self.kind, "n_tokens": self.n_tokens, "min_count": self.min_count})
-        return df
-
-
-# --------------------------------------------------------------------------------------
 # the one-pass implementation
 # --------------------------------------------------------------------------------------
-def _resolve_latents(latents: Any, n: int, device: torch.device) -> torch.Tensor:
-    if latents is None:
-        return torch.arange(n, device=device)
-    t = torch.as_tensor(latents, device=device)
-    if t.dtype == torch.bool:
-        if t.numel() != n:
-            raise ValueError(f"A boolean latent mask needs {n} entries (d_sae), got {t.numel()}.")
-        t = t.nonzero().squeeze(1)
-    t = t.reshape(-1).long()
-    if t.numel() == 0:
-        raise ValueError("The latent subset is empty: pass None for all latents or some indices.")
-    if (t < 0).any() or (t >= n).any():
-        raise ValueError(
-            f"Latent indices must lie in [0, {n}) (d_sae), got min {int(t.min())}, max {int(t.max())}."
-        )
-    if t.unique().numel() != t.numel():
-        raise ValueError("The latent subset has repeated indices; pass each latent once.")
-    return t
-
-
 def _resolve_targets(kind: str, targets: Sequence[str] | str | None) -> tuple[str, ...]:
     if targets is None:
         return ("reconstruction", "error") if kind == "crosscoder" else ("activation",)
@@ -230,7 +110,7 @@ class _Pass:
 
     def __init__(
         self,
-        sae: Any,
+        sae: PairedDictionary,
         kind: str,
         latents: torch.Tensor,
         targets: tuple[str, ...],
@@ -248,17 +128,16 @@ class _Pass:
         self.subset = latents.numel() != n or not torch.equal(latents, torch.arange(n, device=dev))
         self.slot = torch.full((n,), -1, dtype=torch.long, device=dev)
         self.slot[latents] = torch.arange(latents.numel(), device=dev)
-        f64 = dict(dtype=torch.float64, device=dev)
         self.n_tokens = 0
         self.count = torch.zeros(n, dtype=torch.long, device=dev)
-        self.sum = torch.zeros(n, **f64)  # type: ignore[arg-type]
-        self.sum_sq = torch.zeros(n, **f64)  # type: ignore[arg-type]
-        self.max = torch.zeros(n, **f64)  # type: ignore[arg-type]
+        self.sum = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.sum_sq = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.max = torch.zeros(n, dtype=torch.float64, device=dev)
         self.mask_tokens: dict[str, int] = {}
         self.mask_counts: dict[str, torch.Tensor] = {}
         self.firing_shift = firing_shift
         self.other_count = torch.zeros(n, dtype=torch.long, device=dev) if firing_shift else None
-        self.other_sum = torch.zeros(n, **f64) if firing_shift else None  # type: ignore[arg-type]
+        self.other_sum = torch.zeros(n, dtype=torch.float64, device=dev) if firing_shift else None
         self.n_models = 2
         self.factors: torch.Tensor | None = None
         self.need_recon = kind == "crosscoder" and bool({"reconstruction", "error"} & set(targets))
@@ -273,7 +152,7 @@ class _Pass:
         d = int(sae.cfg.d_in)
         self.d = d
         blocks = 2 * self.n_models if self.need_recon else self.n_models
-        self.A = torch.zeros(latents.numel(), blocks * d, **f64)  # type: ignore[arg-type]
+        self.A = torch.zeros(latents.numel(), blocks * d, dtype=torch.float64, device=dev)
         # codes and targets wait here until about n_latents tokens are pending: each flush
         # writes the whole (n_latents, width) accumulator, so flushing per small batch would
         # cost more memory traffic than the encoder matmul itself
@@ -449,7 +328,7 @@ def latent_scaling(
             "firing_shift compares an SAE on base vs ft activations: it needs kind "
             f"'ft_sae' or 'base_sae', not {kind!r}."
         )
-    S = _resolve_latents(latents, int(sae.cfg.d_sae), sae.W_dec.device)
+    S = resolve_latents(latents, int(sae.cfg.d_sae), sae.W_dec.device)
     acc = _Pass(sae, kind, S, tgts, firing_shift, compute_dtype, sparse_codes)
     n_models = acc.n_models
     for batch in iter_paired_batches(
@@ -470,10 +349,13 @@ def latent_scaling(
 #: names that moved to the float64 reference module (one release; see sae_diff.moved)
 __getattr__ = moved_names(
     __name__,
-    to(
-        "sae_diff.analysis.latent_scaling_reference",
-        ("latent_scaling_naive", "latent_scaling_cost_ratio"),
-    ),
+    {
+        **to(
+            "sae_diff.analysis.latent_scaling_reference",
+            ("latent_scaling_naive", "latent_scaling_cost_ratio"),
+        ),
+        "MODELS": "sae_diff.analysis.latent_scaling_result",
+    },
 )
 
 

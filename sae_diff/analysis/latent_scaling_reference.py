@@ -22,13 +22,13 @@ from sae_diff.analysis.latent_scaling import (
     _SHORT,
     BASE,
     FT,
-    MODELS,
     _check_ft_decoder,
     _norm_factors,
-    _resolve_latents,
     _resolve_targets,
     latent_scaling,
 )
+from sae_diff.analysis.latent_scaling_result import MODELS
+from sae_diff.analysis.selection import resolve_latents
 from sae_diff.dictionaries import geometry
 from sae_diff.dictionaries.codes import SparseCodes
 from sae_diff.dictionaries.io import as_inference
@@ -61,7 +61,7 @@ def latent_scaling_naive(
     kind = dictionary_kind(sae, kind)
     _check_ft_decoder(sae, kind)
     tgts = _resolve_targets(kind, targets)
-    S = _resolve_latents(latents, int(sae.cfg.d_sae), sae.W_dec.device)
+    S = resolve_latents(latents, int(sae.cfg.d_sae), sae.W_dec.device)
     rows = geometry.decoder_rows(sae, normalised=True).to(dtype)  # (n, M, d)
     D = rows[:, FT] if kind == "crosscoder" else rows[:, 0]
     factors = _norm_factors(sae) if kind == "crosscoder" else None

@@ -27,15 +27,12 @@ from typing import Any
 import pandas as pd
 import torch
 
-from sae_diff.analysis.latent_scaling import (
-    DEFAULT_MIN_COUNT,
-    LatentScalingResult,
-    _resolve_latents,
-    as_inference,
-    dictionary_kind,
-    latent_scaling,
-)
+from sae_diff.analysis.latent_scaling import latent_scaling
+from sae_diff.analysis.latent_scaling_result import DEFAULT_MIN_COUNT, LatentScalingResult
+from sae_diff.analysis.selection import resolve_latents
 from sae_diff.dictionaries import geometry
+from sae_diff.dictionaries.io import as_inference
+from sae_diff.dictionaries.kinds import dictionary_kind
 from sae_diff.dictionaries.protocol import PairedDictionary
 
 TABLE_STEM = "latent_table"
@@ -125,7 +122,7 @@ def latent_table(
     elif data is not None or scaling is not None:
         kind = dictionary_kind(sae, kind)  # raises the "pass kind=" error
     geo = geometry_frame(sae, kind)
-    S = _resolve_latents(latents, int(sae.cfg.d_sae), torch.device("cpu"))
+    S = resolve_latents(latents, int(sae.cfg.d_sae), torch.device("cpu"))
     if scaling is None and data is not None:
         scaling = latent_scaling(
             sae,

@@ -5,6 +5,7 @@
   baseline (the Latent Scaling figure of the seed posts).
 - :func:`beta_distributions`: distributions of every beta column.
 - :func:`frequency_vs_ratio`: firing frequency (log) vs a ratio (ν or the base-SAE firing shift).
+- :func:`rotation_figure`: stage-wise diffing's per-stage rotation (:mod:`sae_diff.analysis.stages`).
 - :func:`latent_figures` / :func:`save_figures`: all figures a table supports, and writing them.
 
 Every function takes the DataFrame of :func:`sae_diff.analysis.latent_table.latent_table`
@@ -212,6 +213,40 @@ def save_figures(
     }
 
 
+def rotation_figure(
+    table: pd.DataFrame, latents: Sequence[int] | None = None, which: str = "dec"
+) -> go.Figure:
+    """Plotly figure: per stage, the distribution of ``1 − cosine`` to the parent stage (box),
+    with the chosen ``latents`` (e.g. the top rotating ones) drawn as lines across stages."""
+    col = f"{which}_cos"
+    if col not in table.columns:
+        raise ValueError(
+            f"The rotation table has no {col!r} column; build it with rotation_table()."
+        )
+    fig = go.Figure()
+    order = list(dict.fromkeys(table["stage"]))
+    for st in order:
+        fig.add_trace(
+            go.Box(
+                y=1.0 - table.loc[table["stage"] == st, col],
+                name=st,
+                boxpoints=False,
+                showlegend=False,
+            )
+        )
+    for j in latents or []:
+        rows = table[table["latent"] == j].set_index("stage").loc[order]
+        fig.add_trace(
+            go.Scatter(x=order, y=1.0 - rows[col], mode="lines+markers", name=f"latent {j}")
+        )
+    fig.update_layout(
+        title=f"{'Decoder' if which == 'dec' else 'Encoder'} rotation by stage (1 − cos to parent stage)",
+        yaxis_title="1 − cosine",
+        xaxis_title="stage",
+    )
+    return fig
+
+
 __all__ = [
     "TAG_COLORS",
     "beta_distributions",
@@ -219,6 +254,7 @@ __all__ = [
     "frequency_vs_ratio",
     "latent_figures",
     "nu_scatter",
+    "rotation_figure",
     "save_figure",
     "save_figures",
 ]

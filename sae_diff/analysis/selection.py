@@ -5,6 +5,7 @@ of latent ids, so KL patching (:mod:`sae_diff.evaluation.patching`), the interve
 and the diffing-game report (:mod:`sae_diff.report.demo`) select the same latents the same way:
 
 - :func:`latent_indices`: ids from a mask, a list of ids or a pandas Series;
+- :func:`resolve_latents`: the ``latents=`` argument of the analysis passes (order kept);
 - :func:`ft_only_latents`: crosscoder latents with Δ < 0.1 (METHODS §1);
 - :func:`nu_scores`, :func:`nu_threshold_latents`, :func:`nu_rank_latents`: Latent Scaling
   filters (METHODS §2);
@@ -51,6 +52,34 @@ def latent_indices(spec: LatentSpec, d_sae: int) -> torch.Tensor:
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= d_sae):
         raise ValueError(f"latent ids must lie in [0, {d_sae}); got {int(t.min())}..{int(t.max())}")
     return t.unique()
+
+
+def resolve_latents(
+    latents: Sequence[int] | torch.Tensor | None, n: int, device: torch.device
+) -> torch.Tensor:
+    """The latents an analysis pass reads, in the caller's order: ids ``(k,)`` on ``device``.
+
+    ``None`` = all ``n``; a bool mask of ``n`` entries; or ids. Unlike :func:`latent_indices`
+    (a set, sorted) the order is kept and an empty or repeated subset is an error, since the
+    per-latent results are aligned with it.
+    """
+    if latents is None:
+        return torch.arange(n, device=device)
+    t = torch.as_tensor(latents, device=device)
+    if t.dtype == torch.bool:
+        if t.numel() != n:
+            raise ValueError(f"A boolean latent mask needs {n} entries (d_sae), got {t.numel()}.")
+        t = t.nonzero().squeeze(1)
+    t = t.reshape(-1).long()
+    if t.numel() == 0:
+        raise ValueError("The latent subset is empty: pass None for all latents or some indices.")
+    if (t < 0).any() or (t >= n).any():
+        raise ValueError(
+            f"Latent indices must lie in [0, {n}) (d_sae), got min {int(t.min())}, max {int(t.max())}."
+        )
+    if t.unique().numel() != t.numel():
+        raise ValueError("The latent subset has repeated indices; pass each latent once.")
+    return t
 
 
 def ft_only_latents(sae: PairedDictionary, max_delta: float = FT_ONLY_MAX) -> torch.Tensor:
@@ -187,4 +216,5 @@ __all__ = [
     "nu_scores",
     "nu_threshold_latents",
     "random_latents",
+    "resolve_latents",
 ]

@@ -12,14 +12,13 @@ from sae_diff.analysis.batches import (
     cache_batches,
     iter_paired_batches,
 )
-from sae_diff.analysis.examples import (
+from sae_diff.analysis.example_display import (
     Example,
     LatentExamples,
     examples_html,
-    examples_on_the_fly,
-    max_activating_examples,
     save_examples_html,
 )
+from sae_diff.analysis.examples import examples_on_the_fly, max_activating_examples
 from sae_diff.analysis.latent_scaling import (
     DEFAULT_MIN_COUNT,
     LatentScalingResult,

@@ -1,4 +1,4 @@
-"""Max-activating examples per latent: top contexts and quantile samples, as text and HTML.
+"""Max-activating examples per latent: top contexts and quantile samples, from one pass.
 
 One streaming pass over paired batches that carry ``seq`` / ``pos`` per token (see
 :mod:`sae_diff.analysis.batches`; :func:`~sae_diff.analysis.batches.cache_batches` provides
@@ -13,174 +13,41 @@ Codes come from the dictionary's inference encoder (threshold, never batch top-k
 model the dictionary reads (both for a crosscoder, the difference for a diff-SAE).
 :func:`examples_on_the_fly` computes activations from tokens with any paired forward, e.g.
 ``lambda t: paired_model.paired_activations(t, hook)[hook]``.
+
+Layout: this module is the streaming pass; the records and their text / HTML are
+:mod:`sae_diff.analysis.example_display`, token decoding :mod:`sae_diff.analysis.token_text`
+(both importable from here as before).
 """
 
 from __future__ import annotations
 
-import html
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from sae_diff.analysis.batches import PairedBatch, iter_paired_batches
+from sae_diff.analysis.example_display import STYLE, Example, LatentExamples
 from sae_diff.analysis.selection import resolve_latents
+from sae_diff.analysis.token_text import decode_pieces, single_token_decoder
 from sae_diff.dictionaries.codes import SparseCodes
 from sae_diff.dictionaries.io import as_inference
 from sae_diff.dictionaries.kinds import dictionary_kind
 from sae_diff.dictionaries.protocol import PairedDictionary
+from sae_diff.moved import moved_names, to
+
+_STYLE = STYLE  # its old name here; sae_diff.report.html embeds it
+
+__getattr__ = moved_names(
+    __name__,
+    {
+        **to("sae_diff.analysis.example_display", ("examples_html", "save_examples_html")),
+        "decode_text": "sae_diff.analysis.token_text",
+    },
+)
 
 #: Default context shown around the active token: tokens before and after.
 DEFAULT_WINDOW = (12, 4)
-
-
-@dataclass
-class Example:
-    """One active token in context. ``tokens[active]`` is the active token."""
-
-    latent: int
-    value: float
-    seq: int
-    pos: int
-    tokens: list[str]
-    active: int
-
-    def to_text(self, mark: tuple[str, str] = ("«", "»")) -> str:
-        """One line: the context with the active token wrapped in ``mark`` and the value."""
-        parts = [_visible(t) for t in self.tokens]
-        parts[self.active] = f"{mark[0]}{parts[self.active]}{mark[1]}"
-        return f"{self.value:8.3f}  {''.join(parts)}"
-
-    def to_html(self, max_value: float | None = None) -> str:
-        """A ``<div>`` with the active token highlighted (opacity ∝ value / ``max_value``)."""
-        scale = self.value / max_value if max_value else 1.0
-        alpha = 0.25 + 0.75 * min(max(scale, 0.0), 1.0)
-        spans = []
-        for n, tok in enumerate(self.tokens):
-            text = html.escape(_visible(tok))
-            if n == self.active:
-                bare = _visible(tok).lstrip(" ")  # the decoder's leading space stays unhighlighted
-                lead = " " * (len(_visible(tok)) - len(bare))
-                spans.append(
-                    f'{lead}<span class="sd-act" style="background:rgba(255,120,0,{alpha:.2f})" '
-                    f'title="latent {self.latent}: {self.value:.4g} (seq {self.seq}, pos {self.pos})">'
-                    f"{html.escape(bare)}</span>"
-                )
-            else:
-                spans.append(f"<span>{text}</span>")
-        return (
-            f'<div class="sd-ex"><span class="sd-val">{self.value:.3f}</span> '
-            f'<span class="sd-ctx">{"".join(spans)}</span></div>'
-        )
-
-
-@dataclass
-class LatentExamples:
-    """Top and quantile examples of one latent."""
-
-    latent: int
-    count_active: int
-    n_tokens: int
-    top: list[Example] = field(default_factory=list)
-    quantiles: list[tuple[float, float, list[Example]]] = field(default_factory=list)
-
-    @property
-    def freq(self) -> float:
-        return self.count_active / self.n_tokens if self.n_tokens else float("nan")
-
-    def to_text(self) -> str:
-        lines = [
-            f"latent {self.latent}: active on {self.count_active} of {self.n_tokens} tokens "
-            f"(freq {self.freq:.2e})",
-            "  top:",
-        ]
-        lines += [f"    {ex.to_text()}" for ex in self.top]
-        for lo, hi, exs in self.quantiles:
-            lines.append(f"  quantile [{lo:.3f}, {hi:.3f}]:")
-            lines += [f"    {ex.to_text()}" for ex in exs]
-        return "\n".join(lines)
-
-    def to_html(self) -> str:
-        vmax = self.top[0].value if self.top else None
-        out = [
-            f'<div class="sd-latent"><h3>Latent {self.latent}</h3>'
-            f"<p>active on {self.count_active} of {self.n_tokens} tokens (freq {self.freq:.2e})</p>",
-            "<h4>Top activations</h4>",
-        ]
-        out += [ex.to_html(vmax) for ex in self.top]
-        for lo, hi, exs in self.quantiles:
-            out.append(f"<h4>Activations in [{lo:.3f}, {hi:.3f}]</h4>")
-            out += [ex.to_html(vmax) for ex in exs]
-        out.append("</div>")
-        return "\n".join(out)
-
-    def _repr_html_(self) -> str:
-        return _STYLE + self.to_html()
-
-    def __str__(self) -> str:
-        return self.to_text()
-
-
-_STYLE = """<style>
-.sd-ex { font-family: monospace; white-space: pre-wrap; margin: 2px 0; }
-.sd-val { color: #666; display: inline-block; min-width: 5em; }
-.sd-act { font-weight: bold; border-radius: 3px; }
-.sd-latent h3 { margin-bottom: 0.2em; }
-</style>"""
-
-
-def _visible(tok: str) -> str:
-    return tok.replace("\n", "↵").replace("\t", "⇥")
-
-
-def decode_pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    """Per-token strings that concatenate to the tokenizer's own decoding of ``ids``.
-
-    Decoding tokens one by one and joining them loses what the tokenizer's decoder adds
-    between tokens (spaces of a word-level or WordPiece vocabulary, merged byte pieces), so a
-    context reads ``tellmeaboutyourself``. Here piece ``i`` is ``decode(ids[:i+1])`` minus
-    ``decode(ids[:i])`` whenever the shorter decoding is a prefix of the longer one (always,
-    for ordinary tokenizers); otherwise the token's own decoding, space-separated. Without a
-    ``decode`` method (a callable id -> str) the callable's strings are used as they are.
-    """
-    ids = [int(i) for i in ids]
-    if tokenizer is None:
-        return [f"<{t}>" for t in ids]
-    if not callable(getattr(tokenizer, "decode", None)):
-        if callable(tokenizer):
-            return [str(tokenizer(t)) for t in ids]
-        raise TypeError(
-            "tokenizer must have .decode(ids) (a Hugging Face tokenizer) or be a callable id -> str."
-        )
-    out: list[str] = []
-    prev = ""
-    for i in range(len(ids)):
-        cur = str(tokenizer.decode(ids[: i + 1]))
-        if cur.startswith(prev):
-            out.append(cur[len(prev) :])
-        else:
-            out.append((" " if out else "") + str(tokenizer.decode([ids[i]])))
-        prev = cur
-    return out
-
-
-def decode_text(tokenizer: Any, ids: Sequence[int]) -> str:
-    """``ids`` as text, decoded by the tokenizer itself (``"".join(decode_pieces(...))``)."""
-    return "".join(decode_pieces(tokenizer, ids))
-
-
-def _token_strings(tokenizer: Any) -> Callable[[int], str]:
-    if tokenizer is None:
-        return lambda t: f"<{t}>"
-    if callable(getattr(tokenizer, "decode", None)):
-        return lambda t: str(tokenizer.decode([t]))
-    if callable(tokenizer):
-        return lambda t: str(tokenizer(t))
-    raise TypeError(
-        "tokenizer must have .decode(ids) (a Hugging Face tokenizer) or be a callable id -> str."
-    )
 
 
 def _group_top(slot: torch.Tensor, key: torch.Tensor, k: int) -> torch.Tensor:
@@ -306,7 +173,7 @@ def max_activating_examples(
             )
         count += torch.bincount(new["slot"], minlength=S.numel())
         keeper.add(new)
-    to_str = _token_strings(tokenizer)
+    to_str = single_token_decoder(tokenizer)
     cache: dict[int, str] = {}
 
     def example(slot: int, value: float, seq: int, pos: int) -> Example:
@@ -390,41 +257,11 @@ def examples_on_the_fly(
     return max_activating_examples(sae, batches(), tok, latents, progress=progress, **kwargs)
 
 
-def examples_html(
-    examples: Mapping[int, LatentExamples] | Iterable[LatentExamples],
-    title: str = "Max-activating examples",
-) -> str:
-    """A standalone HTML page with every latent's examples."""
-    items = examples.values() if isinstance(examples, Mapping) else examples
-    body = "\n".join(e.to_html() for e in items)
-    return (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"{_STYLE}</head><body><h2>{html.escape(title)}</h2>\n{body}\n</body></html>"
-    )
-
-
-def save_examples_html(
-    examples: Mapping[int, LatentExamples] | Iterable[LatentExamples],
-    path: str | Path,
-    title: str = "Max-activating examples",
-) -> Path:
-    """Write :func:`examples_html` to ``path`` (atomically); returns the path."""
-    from sae_diff.atomic import atomic_write
-
-    path = Path(path)
-    page = examples_html(examples, title)
-    atomic_write(path, lambda p: p.write_text(page, encoding="utf-8"))
-    return path
-
-
 __all__ = [
     "DEFAULT_WINDOW",
     "Example",
     "LatentExamples",
     "decode_pieces",
-    "decode_text",
-    "examples_html",
     "examples_on_the_fly",
     "max_activating_examples",
-    "save_examples_html",
 ]

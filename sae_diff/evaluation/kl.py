@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from sae_diff.analysis.token_text import decode_pieces
 from sae_diff.pairing.model import PairedModel
 
 FIRST_N = 10
@@ -116,8 +117,6 @@ def _pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     ``[id]`` strings, space-separated, without a tokenizer."""
     if tokenizer is None:
         return [(" " if i else "") + str(t) for i, t in enumerate(ids)]
-    from sae_diff.analysis.examples import decode_pieces
-
     return decode_pieces(tokenizer, ids)
 
 

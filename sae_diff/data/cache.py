@@ -22,13 +22,13 @@ is rewritten the same way; a harvest interrupted anywhere resumes after its last
 shard and produces byte-identical shards. Reading verifies every shard (size on open,
 sha256 when loaded) and names the bad file.
 
-Modules: :mod:`~sae_diff.data.cache_format` (names, errors, shard descriptions, statistics),
-:mod:`~sae_diff.data.cache_reader` (:class:`ActivationCache`),
-:mod:`~sae_diff.data.cache_identity` (identity checks) and this one (the writer, manifest
-rebuilding, the durable write); every name stays importable from here. Length (~520 lines):
-the writer (resume, shard commit, background writes, manifest) is one state machine, and
-fault-injection tests replace this module's ``_atomic_write``, which the writer and
-``rebuild_manifest`` must therefore look up here.
+Modules: :mod:`~sae_diff.data.cache_format` (names, errors, shard descriptions, statistics,
+the one shard and manifest encoding), :mod:`~sae_diff.data.cache_reader`
+(:class:`ActivationCache`), :mod:`~sae_diff.data.cache_identity` (identity checks),
+:mod:`~sae_diff.data.cache_manifest` (a manifest made from the shards: rebuild, sharded commit)
+and this one (the writer and its durable write); every name stays importable from here.
+Fault-injection tests replace this module's ``_atomic_write``, which the writer therefore looks
+up here.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 
 from sae_diff.atomic import atomic_write
 from sae_diff.data.cache_format import (
@@ -60,8 +59,15 @@ from sae_diff.data.cache_format import (
     _manifest_entry,
     _sha256,
     _shard_name,
+    add_high_norm_mask,
+    cache_meta,
     dtype_name,
+    encode_shard,
+    manifest_document,
     read_shard_description,
+    shard_block,
+    shard_entry,
+    shard_statistics,
 )
 from sae_diff.data.cache_identity import (
     IDENTITY_FIELDS,
@@ -71,9 +77,10 @@ from sae_diff.data.cache_identity import (
     check_identity,
     expected_identity,
 )
+from sae_diff.data.cache_manifest import rebuild_manifest
 from sae_diff.data.cache_reader import ActivationCache
 from sae_diff.moved import moved_names
-from sae_diff.pairing.masks import MASK_NAMES, MaskConfig, TokenMasks, high_norm_mask
+from sae_diff.pairing.masks import MASK_NAMES, MaskConfig, TokenMasks
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -81,83 +88,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
     and directory fsynced, so a committed shard or manifest survives power loss). A module
     function so that fault-injection tests can replace it."""
     atomic_write(path, data, durable=True)
-
-
-def rebuild_manifest(
-    path: str | os.PathLike[str], *, expected_meta: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Rewrite a lost ``manifest.json`` from the cache's self-describing shards.
-
-    Every shard must carry the same cache meta (and ``expected_meta``, when given), and the
-    shards must be ``shard_00000``, ``shard_00001``, ... with contiguous row ranges. The
-    statistics are re-summed from the shards' own sums in shard order, so they equal the lost
-    manifest's bit for bit; checksums are taken from the files. The rebuilt cache counts as
-    complete when it holds the harvest's ``max_rows`` (or all rows of its source) or when its
-    last shard is partial; otherwise a harvest with the same settings resumes it. Nothing is
-    ever deleted.
-
-    Raises:
-        CacheError: a manifest already exists, no shards, a shard that cannot describe
-            itself, shards of different caches, a gap, or a meta other than ``expected_meta``.
-    """
-    folder = Path(path)
-    mpath = folder / MANIFEST
-    if mpath.exists():
-        raise CacheError(f"{mpath} exists; rebuild_manifest only replaces a missing manifest")
-    files = sorted(folder.glob(SHARD_GLOB))
-    if not files:
-        raise CacheError(f"{folder} holds no shard_*.safetensors files: nothing to rebuild")
-    descs = [read_shard_description(p) for p in files]
-    meta = descs[0]["meta"]
-    for p, d in zip(files, descs):
-        if d["meta"] != meta:
-            diffs = _diff_keys(meta, d["meta"])
-            raise CacheError(
-                f"{p} belongs to another cache than {files[0].name} ({'; '.join(diffs)}): the "
-                "folder mixes two harvests. Move the foreign shards out, then retry."
-            )
-    if expected_meta is not None and meta != expected_meta:
-        diffs = _diff_keys(meta, expected_meta)
-        raise CacheIdentityError(
-            f"{folder} has no {MANIFEST}, and its shards were harvested with a different "
-            f"configuration ({'; '.join(diffs)}). Nothing was changed. Harvest into another "
-            "folder, restore the settings the cache was made with, or replace it with "
-            "--overwrite.",
-            diffs,
-        )
-    shards: list[dict[str, Any]] = []
-    stats = RunningStats(2, int(meta["d_model"]))
-    row = 0
-    for i, (p, d) in enumerate(zip(files, descs)):
-        s = d["shard"]
-        if p.name != _shard_name(i) or s["index"] != i or s["first_row"] != row:
-            raise CacheError(
-                f"cannot rebuild {mpath}: expected {_shard_name(i)} starting at row {row}, found "
-                f"{p.name} (shard {s['index']}, first row {s['first_row']}); a shard is missing. "
-                "Restore it, or harvest into a new folder."
-            )
-        shards.append(_manifest_entry(p, d))
-        stats.merge(RunningStats.from_json(d["stats"]))
-        row += int(s["n_rows"])
-    # complete when the harvest's target was reached, or when the last shard is partial (only
-    # close() writes a partial shard); otherwise a harvest with the same settings resumes it
-    targets = [meta.get("max_rows"), (meta.get("source") or {}).get("n_rows")]
-    complete = any(n is not None and row >= int(n) for n in targets) or int(
-        shards[-1]["n_rows"]
-    ) < int(meta.get("rows_per_shard", 0))
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "meta": meta,
-        "complete": complete,
-        "n_rows": row,
-        "n_tokens": sum(s["n_tokens"] for s in shards),
-        "shards": shards,
-        "stats": stats.to_json(),
-        "rebuilt_from_shards": True,
-    }
-    _atomic_write(mpath, json.dumps(manifest, indent=1).encode())
-    return manifest
 
 
 class ActivationCacheWriter:
@@ -194,16 +124,7 @@ class ActivationCacheWriter:
         self.rows_per_shard = int(rows_per_shard)
         self.d_model = int(d_model)
         self.mask_config = mask_config or MaskConfig()
-        self.meta = json.loads(
-            json.dumps(
-                {
-                    **meta,
-                    "dtype": self.dtype_name,
-                    "d_model": self.d_model,
-                    "rows_per_shard": self.rows_per_shard,
-                }
-            )
-        )
+        self.meta = cache_meta(meta, self.dtype_name, self.d_model, self.rows_per_shard)
         self.shards: list[dict[str, Any]] = []
         self.stats = RunningStats(2, self.d_model)
         self.resumed_from_rows = 0
@@ -316,17 +237,15 @@ class ActivationCacheWriter:
             raise CacheError(
                 f"rows must arrive in order: expected row {self.rows_seen}, got {int(row_index[0])}"
             )
-        m = masks.to_dict() if isinstance(masks, TokenMasks) else dict(masks)
-        block = {
-            "acts": acts.detach().to("cpu", self.dtype).contiguous(),
-            "tokens": tokens.detach().cpu().to(torch.int64),
-            "row_index": row_index.cpu().to(torch.int64),
-            "attention_mask": attention_mask.cpu().bool(),
-            "doc_starts": doc_starts.cpu().bool(),
-        }
-        for name, v in m.items():
-            if name != "high_norm":  # recomputed over the whole shard
-                block[f"mask_{name}"] = v.cpu().bool()
+        block = shard_block(
+            tokens,
+            acts,
+            masks,
+            attention_mask=attention_mask,
+            doc_starts=doc_starts,
+            row_index=row_index,
+            dtype=self.dtype,
+        )
         self._buf.append(block)
         self._buf_rows += int(tokens.shape[0])
         while self._buf_rows >= self.rows_per_shard:
@@ -341,17 +260,8 @@ class ActivationCacheWriter:
         return out
 
     def _flush(self, n: int) -> None:
-        shard = self._take(n)
-        valid = shard["attention_mask"]
-        shard["mask_high_norm"] = high_norm_mask(
-            shard["acts"], self.mask_config.high_norm_ratio, valid=valid
-        )
-        masks = TokenMasks.from_dict({k[5:]: v for k, v in shard.items() if k.startswith("mask_")})
-        keep = MaskConfig(
-            first_n=0, only_assistant=False, high_norm_ratio=self.mask_config.high_norm_ratio
-        ).keep(masks)
-        shard_stats = RunningStats(2, self.d_model)
-        shard_stats.update(shard["acts"][keep])
+        shard = add_high_norm_mask(self._take(n), self.mask_config.high_norm_ratio)
+        shard_stats = shard_statistics(shard, self.d_model, self.mask_config.high_norm_ratio)
         self.stats.merge(shard_stats)
         index = self._n_submitted
         self._n_submitted += 1
@@ -385,25 +295,7 @@ class ActivationCacheWriter:
         shard_stats: dict[str, Any],
         index: int,
     ) -> None:
-        rows, seq = shard["tokens"].shape
-        desc = {
-            "format": FORMAT,
-            "version": VERSION,
-            "meta": self.meta,
-            "shard": {
-                "index": index,
-                "first_row": int(shard["row_index"][0]),
-                "n_rows": int(rows),
-                "n_tokens": int(rows * seq),
-            },
-            "stats": shard_stats,
-        }
-        # self-describing: the cache identity, row range and statistics travel with the shard,
-        # so a lost manifest can be rebuilt exactly (rebuild_manifest)
-        data = st_save(
-            dict(sorted(shard.items())),
-            metadata={SHARD_META_KEY: json.dumps(desc, sort_keys=True)},
-        )
+        data = encode_shard(self.meta, shard, index, shard_stats)
         assert index == len(self.shards), "shards are written in order by one thread"
         name = _shard_name(index)
         try:
@@ -414,16 +306,7 @@ class ActivationCacheWriter:
                 "committed shards. Free space (or fix the folder's permissions) and rerun the "
                 "same harvest to resume."
             ) from e
-        self.shards.append(
-            {
-                "file": name,
-                "n_rows": int(rows),
-                "n_tokens": int(rows * seq),
-                "first_row": int(shard["row_index"][0]),
-                "bytes": len(data),
-                "sha256": _sha256(data),
-            }
-        )
+        self.shards.append(shard_entry(index, shard, data))
         self.bytes_written += len(data)
         self._write_manifest(stats)
 
@@ -438,17 +321,12 @@ class ActivationCacheWriter:
         self._pending = still
 
     def _write_manifest(self, stats: dict[str, Any] | None = None) -> None:
-        n_rows = self.rows_done
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "meta": self.meta,
-            "complete": self.complete,
-            "n_rows": n_rows,
-            "n_tokens": sum(s["n_tokens"] for s in self.shards),
-            "shards": self.shards,
-            "stats": self.stats.to_json() if stats is None else stats,
-        }
+        manifest = manifest_document(
+            self.meta,
+            self.shards,
+            self.stats.to_json() if stats is None else stats,
+            complete=self.complete,
+        )
         _atomic_write(self.dir / MANIFEST, json.dumps(manifest, indent=1).encode())
 
     def close(self) -> None:

@@ -1,6 +1,8 @@
 """The activation cache's on-disk format: names, version, dtypes, errors, shard
-self-descriptions and running statistics (shared by the writer, the reader and the identity
-checks; see :mod:`sae_diff.data.cache` for the layout)."""
+self-descriptions and running statistics, and the one encoding of a shard (its tensors,
+statistics, self-describing safetensors bytes and manifest entry) and of a manifest. Shared by
+the writer, the sharded harvest, the manifest rebuild, the reader and the identity checks, so
+every path writes the same bytes; see :mod:`sae_diff.data.cache` for the layout."""
 
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as st_save
 
 from sae_diff.errors import SaeDiffError
+from sae_diff.pairing.masks import MaskConfig, TokenMasks, high_norm_mask
 
 FORMAT = "sae_diff.activation_cache"
 VERSION = 1
@@ -202,4 +206,129 @@ def _manifest_entry(p: Path, desc: dict[str, Any]) -> dict[str, Any]:
         "first_row": int(s["first_row"]),
         "bytes": len(data),
         "sha256": _sha256(data),
+    }
+
+
+# ---------------------------------------------------------------------- shard encoding
+Shard = dict[str, torch.Tensor]
+
+
+def cache_meta(
+    meta: dict[str, Any], dtype: str | torch.dtype, d_model: int, rows_per_shard: int
+) -> dict[str, Any]:
+    """The manifest ``meta`` of a cache: what a harvest records about itself plus the storage
+    dtype, width and shard size, normalised through JSON (exactly what a reader compares)."""
+    return json.loads(
+        json.dumps(
+            {
+                **meta,
+                "dtype": dtype_name(dtype),
+                "d_model": int(d_model),
+                "rows_per_shard": int(rows_per_shard),
+            }
+        )
+    )
+
+
+def shard_block(
+    tokens: torch.Tensor,
+    acts: torch.Tensor,
+    masks: TokenMasks | dict[str, torch.Tensor],
+    *,
+    attention_mask: torch.Tensor,
+    doc_starts: torch.Tensor,
+    row_index: torch.Tensor,
+    dtype: torch.dtype,
+) -> Shard:
+    """Rows of a shard in the stored layout (CPU; ``acts`` in the storage ``dtype``, masks as
+    ``mask_<name>``). The high-norm mask is left out: it is taken over the whole shard
+    (:func:`add_high_norm_mask`)."""
+    block = {
+        "acts": acts.detach().to("cpu", dtype).contiguous(),
+        "tokens": tokens.detach().cpu().to(torch.int64),
+        "row_index": row_index.cpu().to(torch.int64),
+        "attention_mask": attention_mask.cpu().bool(),
+        "doc_starts": doc_starts.cpu().bool(),
+    }
+    for name, v in (masks.to_dict() if isinstance(masks, TokenMasks) else masks).items():
+        if name != "high_norm":  # recomputed over the whole shard
+            block[f"mask_{name}"] = v.cpu().bool()
+    return block
+
+
+def add_high_norm_mask(shard: Shard, high_norm_ratio: float) -> Shard:
+    """Set ``mask_high_norm`` over the whole shard (the median is taken over its valid
+    tokens, so it depends on the shard's rows, never on the forward batches)."""
+    shard["mask_high_norm"] = high_norm_mask(
+        shard["acts"], high_norm_ratio, valid=shard["attention_mask"]
+    )
+    return shard
+
+
+def shard_statistics(shard: Shard, d_model: int, high_norm_ratio: float) -> RunningStats:
+    """Statistics of the tokens a shard keeps under the default masks (the manifest's running
+    statistics are the sum of these, in shard order)."""
+    masks = TokenMasks.from_dict({k[5:]: v for k, v in shard.items() if k.startswith("mask_")})
+    keep = MaskConfig(first_n=0, only_assistant=False, high_norm_ratio=high_norm_ratio).keep(masks)
+    stats = RunningStats(2, int(d_model))
+    stats.update(shard["acts"][keep])
+    return stats
+
+
+def encode_shard(meta: dict[str, Any], shard: Shard, index: int, stats: dict[str, Any]) -> bytes:
+    """The bytes of shard ``index``: a safetensors file whose one metadata key is its sorted
+    JSON self-description (cache meta, row range, ``stats`` of its kept tokens), so a lost
+    manifest can be rebuilt exactly (``rebuild_manifest``)."""
+    rows, seq = shard["tokens"].shape
+    desc = {
+        "format": FORMAT,
+        "version": VERSION,
+        "meta": meta,
+        "shard": {
+            "index": index,
+            "first_row": int(shard["row_index"][0]),
+            "n_rows": int(rows),
+            "n_tokens": int(rows * seq),
+        },
+        "stats": stats,
+    }
+    return st_save(
+        dict(sorted(shard.items())), metadata={SHARD_META_KEY: json.dumps(desc, sort_keys=True)}
+    )
+
+
+def shard_entry(index: int, shard: Shard, data: bytes) -> dict[str, Any]:
+    """The manifest entry of shard ``index`` written as ``data`` (what
+    :func:`_manifest_entry` reads back from the file)."""
+    rows, seq = shard["tokens"].shape
+    return {
+        "file": _shard_name(index),
+        "n_rows": int(rows),
+        "n_tokens": int(rows * seq),
+        "first_row": int(shard["row_index"][0]),
+        "bytes": len(data),
+        "sha256": _sha256(data),
+    }
+
+
+def manifest_document(
+    meta: dict[str, Any],
+    shards: list[dict[str, Any]],
+    stats: dict[str, Any],
+    *,
+    complete: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The manifest of a cache: its meta, committed ``shards`` (entries in order), whether it
+    is complete, and the running ``stats`` of exactly those shards."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "meta": meta,
+        "complete": complete,
+        "n_rows": sum(int(s["n_rows"]) for s in shards),
+        "n_tokens": sum(s["n_tokens"] for s in shards),
+        "shards": shards,
+        "stats": stats,
+        **extra,
     }

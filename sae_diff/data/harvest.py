@@ -1,17 +1,23 @@
-"""Harvest a paired activation cache: the Python entry, a config form, and a CLI.
+"""Harvest a paired activation cache: the Python entry (and a deprecated config form and CLI).
 
     from sae_diff.data.harvest import harvest_cache
     summary = harvest_cache(pair, token_source, "cache/", "blocks.6.hook_resid_post")
 
-    python -m sae_diff.data.harvest harvest.yaml     # or .json; see HarvestConfig
+    sae-diff harvest --config run.yaml      # a PairedRunnerConfig file: the one config
 
 Forward batches never straddle a shard boundary, so a resumed harvest runs exactly the
 same batches as an uninterrupted one and writes byte-identical shards.
 
 Under ``torchrun`` (``torch.distributed`` initialised with more than one process) the harvest
-is sharded: rank ``r`` computes shards ``r, r + W, r + 2W, ...`` into the one cache folder,
-and rank 0 commits the single manifest after a barrier (:func:`harvest_cache_sharded`). The
-result is the one-process cache: the same shard files byte for byte and the same manifest.
+is sharded (:func:`~sae_diff.data.harvest_sharded.harvest_cache_sharded`): rank ``r`` computes
+shards ``r, r + W, r + 2W, ...`` into the one cache folder, and rank 0 commits the single
+manifest after a barrier. The result is the one-process cache: the same shard files byte for
+byte and the same manifest.
+
+:class:`HarvestConfig`, :func:`load_harvest_config`, :func:`harvest_from_config` and
+``python -m sae_diff.data.harvest CONFIG`` are deprecated for one release: the one config is
+:class:`sae_diff.training.config.PairedRunnerConfig` (:meth:`HarvestConfig.runner_config_fields`
+translates a harvest config into it).
 """
 
 from __future__ import annotations
@@ -20,70 +26,22 @@ import argparse
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from sae_diff.data.cache import (
-    FORMAT,
-    MANIFEST,
-    SHARD_GLOB,
-    SHARD_META_KEY,
-    VERSION,
-    ActivationCache,
-    ActivationCacheWriter,
-    CacheError,
-    CacheIdentityError,
-    CacheWriteError,
-    RunningStats,
-    _atomic_write,
-    _diff_keys,
-    _manifest_entry,
-    _sha256,
-    _shard_name,
-    dtype_name,
-    read_shard_description,
-)
+from sae_diff.data.cache import ActivationCacheWriter
+from sae_diff.data.harvest_sharded import harvest_cache_sharded
+from sae_diff.data.harvest_summary import HarvestSummary, harvest_meta
 from sae_diff.data.sources import DatasetSpec, TokenBatch, TokenSource
-from sae_diff.pairing.masks import MaskConfig, TokenMasks
+from sae_diff.moved import moved_names
+from sae_diff.pairing.masks import MaskConfig
 from sae_diff.pairing.model import PairedModel
-
-
-@dataclass
-class HarvestSummary:
-    """What a harvest did (printed as a plain summary at the end)."""
-
-    out_dir: str
-    rows: int
-    tokens: int
-    shards: int
-    bytes: int
-    seconds: float
-    resumed_from_rows: int = 0
-
-    @property
-    def tokens_per_s(self) -> float:
-        new_tokens = self.tokens - self.resumed_tokens
-        return new_tokens / self.seconds if self.seconds > 0 else float("nan")
-
-    @property
-    def resumed_tokens(self) -> int:
-        return int(self.resumed_from_rows * (self.tokens / self.rows)) if self.rows else 0
-
-    def __str__(self) -> str:
-        resumed = (
-            f" (resumed after {self.resumed_from_rows} rows)" if self.resumed_from_rows else ""
-        )
-        return (
-            f"harvest {self.out_dir}: {self.tokens:,} tokens in {self.rows:,} rows, "
-            f"{self.shards} shards, {self.bytes / 2**20:.1f} MiB, {self.seconds:.1f} s, "
-            f"{self.tokens_per_s:,.0f} tokens/s{resumed}"
-        )
 
 
 def _rebatch(
@@ -173,7 +131,7 @@ def harvest_cache(
         )
     paired_model.validate_hooks([hook_name])
     mask_config = mask_config or MaskConfig()
-    meta = _harvest_meta(paired_model, token_source, hook_name, max_rows, mask_config)
+    meta = harvest_meta(paired_model, token_source, hook_name, max_rows, mask_config)
     writer = ActivationCacheWriter(
         out_dir,
         meta,
@@ -237,296 +195,21 @@ def harvest_cache(
     return summary
 
 
-def _harvest_meta(
-    paired_model: PairedModel,
-    token_source: Any,
-    hook_name: str,
-    max_rows: int | None,
-    mask_config: MaskConfig,
-) -> dict[str, Any]:
-    """What a harvest records about itself (the writer adds dtype, width and shard size)."""
-    return {
-        "models": paired_model.describe(),
-        "hook_name": hook_name,
-        "source": token_source.describe(),
-        "max_rows": max_rows,
-        "mask_config": asdict(mask_config),
-        "is_chat": bool(getattr(token_source, "is_chat", False)),
-    }
-
-
-def _cache_meta(
-    meta: dict[str, Any], dtype: str | torch.dtype, d_model: int, rows_per_shard: int
-) -> dict[str, Any]:
-    """The manifest ``meta`` exactly as ``ActivationCacheWriter`` stores it."""
-    return json.loads(
-        json.dumps(
-            {
-                **meta,
-                "dtype": dtype_name(dtype),
-                "d_model": int(d_model),
-                "rows_per_shard": int(rows_per_shard),
-            }
-        )
-    )
-
-
-def _shard_file(
-    meta: dict[str, Any], shard: dict[str, torch.Tensor], index: int, high_norm_ratio: float
-) -> tuple[bytes, RunningStats]:
-    """The bytes ``ActivationCacheWriter`` writes for ``shard`` at ``index`` (the
-    self-describing safetensors file) and the shard's statistics (tokens kept by the default
-    masks). ``shard`` already carries its whole-shard high-norm mask (``model_shards``)."""
-    masks = TokenMasks.from_dict({k[5:]: v for k, v in shard.items() if k.startswith("mask_")})
-    keep = MaskConfig(first_n=0, only_assistant=False, high_norm_ratio=high_norm_ratio).keep(masks)
-    stats = RunningStats(2, int(meta["d_model"]))
-    stats.update(shard["acts"][keep])
-    rows, seq = shard["tokens"].shape
-    desc = {
-        "format": FORMAT,
-        "version": VERSION,
-        "meta": meta,
-        "shard": {
-            "index": index,
-            "first_row": int(shard["row_index"][0]),
-            "n_rows": int(rows),
-            "n_tokens": int(rows * seq),
-        },
-        "stats": stats.to_json(),
-    }
-    data = st_save(
-        dict(sorted(shard.items())), metadata={SHARD_META_KEY: json.dumps(desc, sort_keys=True)}
-    )
-    return data, stats
-
-
-def _shard_done(path: Path, meta: dict[str, Any], index: int) -> bool:
-    """Whether ``path`` is a finished shard ``index`` of this cache (a resumed sharded harvest
-    skips it). Files are only ever renamed into place whole, so a parsable one is complete."""
-    if not path.is_file():
-        return False
-    try:
-        desc = read_shard_description(path)
-    except CacheError:
-        return False
-    return bool(desc["meta"] == meta and desc["shard"]["index"] == index)
-
-
-def commit_sharded_manifest(
-    out_dir: str | os.PathLike[str],
-    meta: dict[str, Any],
-    known: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Write the manifest of a finished sharded harvest (rank 0, after every rank's barrier).
-
-    The shards must be ``shard_00000 ..`` with contiguous rows and this cache's ``meta``
-    (read from each shard's header); the statistics are the shards' own sums merged in shard
-    order, exactly as a one-process harvest accumulates them, so the manifest equals the
-    one-process manifest. ``known`` maps file names to manifest entries (size, sha256) that
-    the ranks computed while writing: those files are not read again (a 100 M-token cache is
-    terabytes); any other shard is read and hashed here. Written atomically (temporary file,
-    fsync, rename).
-
-    Raises:
-        CacheError: a shard is missing or belongs to another cache.
-    """
-    folder = Path(out_dir)
-    files = sorted(folder.glob(SHARD_GLOB))
-    shards: list[dict[str, Any]] = []
-    stats = RunningStats(2, int(meta["d_model"]))
-    row = 0
-    for i, p in enumerate(files):
-        desc = read_shard_description(p)
-        s = desc["shard"]
-        if (
-            p.name != _shard_name(i)
-            or s["index"] != i
-            or s["first_row"] != row
-            or desc["meta"] != meta
-        ):
-            raise CacheError(
-                f"cannot commit {folder / MANIFEST}: expected {_shard_name(i)} of this harvest starting at row "
-                f"{row}, found {p.name} (shard {s['index']}, first row {s['first_row']}"
-                f"{', another configuration' if desc['meta'] != meta else ''}). A rank did not finish; rerun "
-                "the same sharded harvest to resume it."
-            )
-        entry = (known or {}).get(p.name)
-        if entry is None or int(entry["bytes"]) != p.stat().st_size:
-            entry = _manifest_entry(p, desc)
-        shards.append(dict(entry))
-        stats.merge(RunningStats.from_json(desc["stats"]))
-        row += int(s["n_rows"])
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "meta": meta,
-        "complete": True,
-        "n_rows": row,
-        "n_tokens": sum(s["n_tokens"] for s in shards),
-        "shards": shards,
-        "stats": stats.to_json(),
-    }
-    _atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
-    return manifest
-
-
-def harvest_cache_sharded(
-    paired_model: PairedModel,
-    token_source: Any,
-    out_dir: str | os.PathLike[str],
-    hook_name: str,
-    *,
-    batch_size: int = 8,
-    rows_per_shard: int = 256,
-    dtype: str | torch.dtype = "float32",
-    mask_config: MaskConfig | None = None,
-    max_rows: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    verbose: bool = True,
-) -> HarvestSummary:
-    """:func:`harvest_cache` spread over the ``torch.distributed`` process group.
-
-    Every rank reads the token stream (tokenising is cheap) and runs the models on its own
-    shards only: shard ``i`` belongs to rank ``i % W``. Each shard is computed exactly as the
-    one-process harvest computes it (same forward batches, masks, high-norm median) and
-    written atomically under its final name ``shard_<i>.safetensors``; no manifest exists
-    until, after a barrier, rank 0 commits the single manifest
-    (:func:`commit_sharded_manifest`). A rerun resumes: finished shards of the same
-    configuration are kept. Arguments as :func:`harvest_cache`; every rank must call it.
-
-    Raises:
-        CacheIdentityError: ``out_dir`` holds a cache of another configuration (every rank
-            raises; nothing is changed).
-    """
-    import torch.distributed as dist
-
-    from sae_diff.data.store import indexed_model_shards
-    from sae_diff.training.distributed import barrier, on_main, world
-
-    w = world()
-    paired_model.validate_hooks([hook_name])
-    mask_config = mask_config or MaskConfig()
-    meta = _cache_meta(
-        _harvest_meta(paired_model, token_source, hook_name, max_rows, mask_config),
-        dtype,
-        paired_model.d_model,
-        rows_per_shard,
-    )
-    folder = Path(out_dir)
-    t0 = time.perf_counter()
-
-    def prepare() -> bool:
-        """Rank 0, before anyone writes: clear or check the folder; True if already complete."""
-        folder.mkdir(parents=True, exist_ok=True)
-        for p in folder.glob("*.tmp"):  # half-written copies of a shard or manifest, never data
-            if p.name.startswith(("shard_", MANIFEST)):
-                p.unlink()
-        if overwrite:
-            for p in [*folder.glob(SHARD_GLOB), folder / MANIFEST]:
-                p.unlink(missing_ok=True)
-            return False
-        if (folder / MANIFEST).exists():
-            old = ActivationCache(folder, allow_incomplete=True)
-            diffs = _diff_keys(old.meta, meta)
-            if diffs:
-                raise CacheIdentityError(
-                    f"{folder} holds a cache harvested with a different configuration ({'; '.join(diffs)}). "
-                    "Nothing was changed. Harvest into another folder, restore the settings the cache was "
-                    "made with, or replace it explicitly with --overwrite (overwrite=True).",
-                    diffs,
-                )
-            return bool(old.manifest.get("complete"))
-        for p in folder.glob(SHARD_GLOB):  # shards of an interrupted sharded harvest: same cache?
-            desc = read_shard_description(p)
-            if desc["meta"] != meta:
-                diffs = _diff_keys(desc["meta"], meta)
-                raise CacheIdentityError(
-                    f"{p} belongs to a harvest with a different configuration ({'; '.join(diffs)}). Nothing "
-                    "was changed. Harvest into another folder or pass --overwrite.",
-                    diffs,
-                )
-        return False
-
-    done_flag = [on_main(prepare)]
-    dist.broadcast_object_list(done_flag, src=0)
-    n_mine = 0
-    entries: dict[
-        str, dict[str, Any]
-    ] = {}  # this rank's shards: manifest entries (sha256 computed here)
-
-    def want(i: int) -> bool:
-        if i % w.size != w.rank:
-            return False
-        path = folder / _shard_name(i)
-        if _shard_done(
-            path, meta, i
-        ):  # finished by an interrupted run: hash it here, not on rank 0
-            entries[path.name] = _manifest_entry(path, read_shard_description(path))
-            return False
-        return True
-
-    if not done_flag[0]:
-        bar = tqdm(
-            desc=f"harvest {hook_name} (rank {w.rank}/{w.size})",
-            unit="shard",
-            disable=not (progress and w.is_main),
-        )
-        try:
-            for index, shard in indexed_model_shards(
-                paired_model,
-                token_source,
-                hook_name,
-                batch_size=batch_size,
-                rows_per_shard=rows_per_shard,
-                mask_config=mask_config,
-                dtype=dtype,
-                stop_row=max_rows,
-                want=want,
-            ):
-                data, _ = _shard_file(meta, shard, index, mask_config.high_norm_ratio)
-                try:
-                    _atomic_write(folder / _shard_name(index), data)
-                except OSError as e:
-                    raise CacheWriteError(
-                        f"rank {w.rank}: writing {folder / _shard_name(index)} failed ({e}); the shards on "
-                        "disk stay valid. Free space (or fix permissions) and rerun the same harvest to "
-                        "resume."
-                    ) from e
-                entries[_shard_name(index)] = {
-                    "file": _shard_name(index),
-                    "n_rows": int(shard["tokens"].shape[0]),
-                    "n_tokens": int(shard["tokens"].numel()),
-                    "first_row": int(shard["row_index"][0]),
-                    "bytes": len(data),
-                    "sha256": _sha256(data),
-                }
-                n_mine += 1
-                bar.update(1)
-        finally:
-            bar.close()
-        gathered: list[Any] = [None] * w.size if w.is_main else []
-        dist.gather_object(entries, gathered if w.is_main else None, dst=0)  # also the barrier
-        known = {k: v for part in gathered if part for k, v in part.items()}
-        on_main(lambda: commit_sharded_manifest(folder, meta, known))
-    barrier()
-    cache = ActivationCache(folder)
-    summary = HarvestSummary(
-        out_dir=str(out_dir),
-        rows=cache.n_rows,
-        tokens=cache.n_tokens,
-        shards=cache.n_shards,
-        bytes=cache.nbytes,
-        seconds=time.perf_counter() - t0,
-    )
-    if verbose and w.is_main:
-        print(f"{summary} ({w.size} processes; this rank computed {n_mine} shards)")
-    return summary
+#: what replaces the file form of a harvest (named in every deprecation warning below)
+REPLACEMENT = (
+    "write a sae_diff.training.config.PairedRunnerConfig file (HarvestConfig.runner_config_fields() "
+    "gives its fields) and run `sae-diff harvest --config FILE`"
+)
 
 
 @dataclass
 class HarvestConfig:
-    """A harvest described in a file (YAML or JSON), for :func:`harvest_from_config`."""
+    """A harvest described in a file (YAML or JSON), for :func:`harvest_from_config`.
+
+    Deprecated (goes in the next release): the one config is
+    :class:`sae_diff.training.config.PairedRunnerConfig`, harvested with
+    ``sae-diff harvest --config FILE``; :meth:`runner_config_fields` translates this one.
+    """
 
     base: str
     ft: str
@@ -551,9 +234,60 @@ class HarvestConfig:
     #: extra chat-template variables, e.g. {"enable_thinking": False}
     chat_template_kwargs: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        warnings.warn(
+            f"HarvestConfig is deprecated and goes in the next release: {REPLACEMENT}.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+
+    def runner_config_fields(self) -> dict[str, Any]:
+        """The equivalent :class:`~sae_diff.training.config.PairedRunnerConfig` fields (add
+        ``sae=`` and write them to a config file for ``sae-diff harvest --config FILE``).
+
+        ``proportions`` become each dataset's ``weight`` (the mixture's token shares);
+        ``packing`` becomes ``disable_concat_sequences = not packing``. ``max_rows`` becomes
+        ``training_tokens = max_rows * context_size`` (``sae-diff harvest`` writes
+        ``ceil(training_tokens / context_size)`` rows); ``max_rows=None`` ("until the source
+        ends") has no equivalent: a runner config always harvests its training tokens, so
+        set ``training_tokens`` yourself. ``overwrite`` is not a config field: pass
+        ``sae-diff harvest --overwrite``. Masks not named here (BOS, padding) keep the same
+        defaults on both sides.
+        """
+        if self.proportions is not None and len(self.proportions) != len(self.datasets):
+            raise ValueError(
+                f"got {len(self.proportions)} proportions for {len(self.datasets)} datasets; "
+                "give one per dataset (or none, to use each dataset's weight)."
+            )
+        mixture = [dict(d) for d in self.datasets]
+        if self.proportions is not None:
+            mixture = [{**d, "weight": float(p)} for d, p in zip(mixture, self.proportions)]
+        fields: dict[str, Any] = {
+            "base_model_name": self.base,
+            "model_name": self.ft,
+            "hook_name": self.hook_name,
+            "cache_path": self.out_dir,
+            "dataset_mixture": mixture or None,
+            "context_size": self.context_size,
+            "disable_concat_sequences": not self.packing,
+            "store_batch_size_prompts": self.batch_size,
+            "cache_rows_per_shard": self.rows_per_shard,
+            "cache_dtype": self.dtype,
+            "device": self.device,
+            "model_backend": self.backend,
+            "ft_weights_path": self.ft_path,
+            "mask_first_n": self.first_n,
+            "mask_high_norm": self.high_norm_ratio,
+            "prepend_bos": self.prepend_bos,
+            "chat_template_kwargs": self.chat_template_kwargs,
+        }
+        if self.max_rows is not None:
+            fields["training_tokens"] = self.max_rows * self.context_size
+        return fields
+
 
 def load_harvest_config(path: str | os.PathLike[str]) -> HarvestConfig:
-    """Read a YAML / JSON harvest config."""
+    """Read a YAML / JSON harvest config (deprecated with :class:`HarvestConfig`)."""
     text = Path(path).read_text()
     if str(path).endswith((".yaml", ".yml")):
         import yaml
@@ -573,7 +307,9 @@ def harvest_from_config(
     paired_model: PairedModel | None = None,
     progress: bool = True,
 ) -> HarvestSummary:
-    """Load the pair (unless given) and the datasets of ``cfg``, then :func:`harvest_cache`."""
+    """Load the pair (unless given) and the datasets of ``cfg``, then :func:`harvest_cache`.
+
+    Deprecated with :class:`HarvestConfig` (the harvest itself is unchanged)."""
     if isinstance(cfg, (str, os.PathLike)):
         cfg = load_harvest_config(cfg)
     elif isinstance(cfg, dict):
@@ -616,13 +352,35 @@ def harvest_from_config(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sae_diff.data.harvest CONFIG``: harvest a cache from a config file."""
-    parser = argparse.ArgumentParser(description="Harvest a paired activation cache.")
+    """``python -m sae_diff.data.harvest CONFIG``: harvest a cache from a config file
+    (deprecated: ``sae-diff harvest --config FILE`` with a runner config)."""
+    warnings.warn(
+        f"python -m sae_diff.data.harvest is deprecated and goes in the next release: {REPLACEMENT}.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    parser = argparse.ArgumentParser(
+        description="Harvest a paired activation cache (deprecated: use `sae-diff harvest --config FILE`)."
+    )
     parser.add_argument("config", help="YAML or JSON HarvestConfig")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     harvest_from_config(args.config, progress=not args.no_progress)
     return 0
+
+
+__all__ = [
+    "HarvestConfig",
+    "HarvestSummary",
+    "harvest_cache",
+    "harvest_cache_sharded",
+    "harvest_from_config",
+    "load_harvest_config",
+    "main",
+]
+
+#: moved out of this module (one release; see sae_diff.moved)
+__getattr__ = moved_names(__name__, {"commit_sharded_manifest": "sae_diff.data.cache_manifest"})
 
 
 if __name__ == "__main__":  # pragma: no cover

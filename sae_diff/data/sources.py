@@ -1,314 +1,47 @@
 """Token sources: Hugging Face datasets in, fixed-length token rows out.
 
-- :class:`DatasetSpec` names one dataset: a Hub id (streaming or not), a local file
-  (``.jsonl``/``.json``/``.parquet``/``.csv``/``.txt``/``.arrow``) or a ``save_to_disk``
-  folder, holding raw text, pre-tokenised ids, or chat ``messages`` (rendered with the
-  fine-tuned tokenizer's chat template).
-- :class:`TokenSource` mixes several datasets with given token proportions (pretraining
-  text + chat is the standard recipe) and cuts the stream into rows of ``context_size``,
-  by packing (as SAELens does: each row starts with BOS, documents are separated by BOS)
-  or by truncation (one document per row, padded; truncated tokens are counted, never
-  silently dropped). A tokenizer without BOS (Qwen) gets no BOS at all: documents are
-  concatenated as rendered and rows start wherever the stream is cut.
+- :class:`TokenSource` mixes several datasets (:class:`~sae_diff.data.documents.DatasetSpec`,
+  read as documents by :mod:`sae_diff.data.documents`) with given token proportions
+  (pretraining text + chat is the standard recipe; :func:`mix_documents`) and cuts the stream
+  into rows of ``context_size``, by packing (as SAELens does: each row starts with BOS,
+  documents are separated by BOS) or by truncation (one document per row, padded; truncated
+  tokens are counted, never silently dropped). A tokenizer without BOS (Qwen) gets no BOS at
+  all: documents are concatenated as rendered and rows start wherever the stream is cut.
 - :class:`TensorTokenSource` serves an already tokenised ``(n_rows, seq)`` tensor.
 
 Chat conversations are rendered and their assistant / template masks computed per
-conversation (:func:`sae_diff.pairing.masks.encode_chat`) *before* packing; the masks travel
-with the tokens, so a turn continued from the previous row keeps its mask.
+conversation before packing; the masks travel with the tokens, so a turn continued from the
+previous row keeps its mask.
 
-Both yield :class:`TokenBatch` es that also carry the attention mask, document starts, the
-chat masks and each row's index in the stream (for caches and resuming);
-:meth:`TokenBatch.masks` turns a batch into the :class:`~sae_diff.pairing.masks.TokenMasks`
-every consumer (harvest, in-memory store) uses.
+Both yield :class:`~sae_diff.data.token_batch.TokenBatch` es that also carry the attention
+mask, document starts, the chat masks and each row's index in the stream (for caches and
+resuming); :meth:`TokenBatch.masks` turns a batch into the
+:class:`~sae_diff.pairing.masks.TokenMasks` every consumer (harvest, in-memory store) uses.
+Every name of the former one-module pipeline stays importable from here.
 
-Length (~660 lines): dataset loading, kind detection, chat rendering, mixing by token share and
-packing are one pipeline whose row indices must agree end to end (resume, caches); kept in one
-module so that contract is read in one place.
+Why this is one module (~420 lines): it holds the two token sources, which share one batch
+contract (row indices, document starts, chat masks) that a resumed harvest relies on.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from sae_diff.pairing.masks import ChatMarkers, MaskConfig, TokenMasks, compute_masks, encode_chat
-
-Kind = Literal["auto", "text", "tokens", "chat"]
-CHAT_COLUMNS = ("messages", "conversation", "conversations")
-TOKEN_COLUMNS = ("tokens", "input_ids")
-TEXT_COLUMNS = ("text", "content", "problem")
-_BUILDERS = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-    ".txt": "text",
-    ".arrow": "arrow",
-}
-
-
-@dataclass
-class DatasetSpec:
-    """One input dataset.
-
-    Args:
-        path: Hub id, local data file, or a folder written by ``Dataset.save_to_disk``.
-        kind: ``"text"``, ``"tokens"`` (pre-tokenised ids), ``"chat"`` (a messages column
-            rendered with the chat template) or ``"auto"`` (from the column names).
-        column: the column to read (default: detected from ``kind``).
-        split, name, revision: as for ``datasets.load_dataset``.
-        streaming: stream instead of downloading/materialising.
-        weight: share of *tokens* in a mixture (normalised over the mixture).
-        start, stop: row slice of the dataset (recorded in cache manifests).
-    """
-
-    path: str
-    kind: Kind = "auto"
-    column: str | None = None
-    split: str = "train"
-    name: str | None = None
-    revision: str | None = None
-    streaming: bool = False
-    weight: float = 1.0
-    start: int = 0
-    stop: int | None = None
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-able description (for manifests)."""
-        return asdict(self)
-
-
-#: TokenBatch fields indexed by row (all but ``row_index`` are ``(B, S)`` or ``(B,)``).
-BATCH_FIELDS = (
-    "tokens",
-    "attention_mask",
-    "doc_starts",
-    "row_index",
-    "is_chat",
-    "assistant",
-    "template",
+from sae_diff.data.documents import (
+    DatasetSpec,
+    Document,
+    detect_kind,
+    iter_encoded_documents,
+    load_rows,
 )
-
-
-@dataclass
-class TokenBatch:
-    """A batch of fixed-length rows.
-
-    ``assistant`` / ``template`` are the chat masks computed per conversation before
-    packing (None when the source holds no chat data; False on text rows of a mixture).
-    """
-
-    tokens: torch.Tensor  # (B, S) long
-    attention_mask: torch.Tensor  # (B, S) bool, False on padding
-    doc_starts: torch.Tensor  # (B, S) bool, True where a document begins
-    row_index: torch.Tensor  # (B,) long, the rows' positions in the source stream
-    is_chat: torch.Tensor | None = None  # (B,) bool, rows holding chat data
-    assistant: torch.Tensor | None = None  # (B, S) bool, assistant content + end-of-turn
-    template: torch.Tensor | None = None  # (B, S) bool, chat tokens outside message contents
-
-    def __len__(self) -> int:
-        return int(self.tokens.shape[0])
-
-    def select(self, start: int, stop: int) -> TokenBatch:
-        """Rows ``start:stop`` of the batch (every field sliced alike)."""
-
-        def cut(v: torch.Tensor | None) -> torch.Tensor | None:
-            return None if v is None else v[start:stop]
-
-        return TokenBatch(
-            self.tokens[start:stop],
-            self.attention_mask[start:stop],
-            self.doc_starts[start:stop],
-            self.row_index[start:stop],
-            cut(self.is_chat),
-            cut(self.assistant),
-            cut(self.template),
-        )
-
-    @classmethod
-    def concat(cls, batches: list[TokenBatch]) -> TokenBatch:
-        """Stack batches row-wise (an optional field must be set in all or none)."""
-        if not batches:
-            raise ValueError("concat needs at least one batch")
-        out: dict[str, torch.Tensor | None] = {}
-        for f in BATCH_FIELDS:
-            vals = [getattr(b, f) for b in batches]
-            if all(v is None for v in vals):
-                out[f] = None
-            elif any(v is None for v in vals):
-                raise ValueError(f"cannot concatenate batches with and without {f!r}")
-            else:
-                out[f] = torch.cat(vals)  # type: ignore[arg-type]
-        return cls(**out)  # type: ignore[arg-type]
-
-    def masks(
-        self,
-        tokenizer: Any,
-        *,
-        acts: torch.Tensor | None = None,
-        config: MaskConfig | None = None,
-        chat: bool | None = None,
-        markers: ChatMarkers | None = None,
-    ) -> TokenMasks:
-        """The token masks of this batch, the one way every consumer computes them.
-
-        Padding comes from the attention mask, the chat masks from the per-conversation
-        masks the batch carries; ``chat=True`` on a batch without them (pre-tokenised chat
-        rows) searches the rows for assistant markers instead. ``chat=None``: whether any
-        row is chat data.
-        """
-        if chat is None:
-            chat = self.assistant is not None or bool(
-                self.is_chat is not None and bool(self.is_chat.any())
-            )
-        return compute_masks(
-            self.tokens,
-            tokenizer,
-            acts=acts,
-            attention_mask=self.attention_mask,
-            config=config,
-            chat=chat,
-            assistant=self.assistant,
-            template=self.template,
-            markers=markers,
-        )
-
-
-def load_rows(spec: DatasetSpec | str | Any) -> Iterable[dict[str, Any]]:
-    """The rows of a dataset (a ``datasets`` Dataset/IterableDataset, sliced by the spec)."""
-    import datasets
-
-    if isinstance(spec, (datasets.Dataset, datasets.IterableDataset)):
-        return spec
-    if isinstance(spec, str):
-        spec = DatasetSpec(spec)
-    p = Path(spec.path)
-    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists()):
-        ds: Any = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[spec.split]
-        if spec.streaming:
-            ds = ds.to_iterable_dataset()
-    elif p.is_file():
-        builder = _BUILDERS.get(p.suffix.lower())
-        if builder is None:
-            raise ValueError(
-                f"cannot read {p}: unknown file type {p.suffix!r}; use one of {sorted(_BUILDERS)}"
-            )
-        ds = datasets.load_dataset(
-            builder, data_files=str(p), split=spec.split, streaming=spec.streaming
-        )
-    elif p.suffix.lower() in _BUILDERS or p.is_absolute() or str(spec.path).startswith("."):
-        raise FileNotFoundError(f"dataset file {p} does not exist")
-    else:
-        ds = datasets.load_dataset(
-            spec.path, spec.name, split=spec.split, streaming=spec.streaming, revision=spec.revision
-        )
-    if spec.start or spec.stop is not None:
-        return _Sliced(ds, spec.start, spec.stop)
-    return ds
-
-
-class _Sliced:
-    def __init__(self, ds: Iterable[dict[str, Any]], start: int, stop: int | None) -> None:
-        self.ds, self.start, self.stop = ds, start, stop
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return itertools.islice(iter(self.ds), self.start, self.stop)
-
-
-def detect_kind(
-    row: dict[str, Any], kind: Kind = "auto", column: str | None = None
-) -> tuple[Kind, str]:
-    """(kind, column) for a dataset from its first row."""
-    cols = list(row.keys())
-    if column is not None:
-        if column not in row:
-            raise ValueError(f"column {column!r} not in the dataset; its columns are {cols}")
-        if kind == "auto":
-            v = row[column]
-            kind = (
-                "chat"
-                if isinstance(v, list) and v and isinstance(v[0], dict)
-                else ("tokens" if isinstance(v, list) else "text")
-            )
-        return kind, column
-    order = {
-        "chat": CHAT_COLUMNS,
-        "tokens": TOKEN_COLUMNS,
-        "text": TEXT_COLUMNS,
-        "auto": CHAT_COLUMNS + TOKEN_COLUMNS + TEXT_COLUMNS,
-    }[kind]
-    for c in order:
-        if c in row:
-            if kind != "auto":
-                return kind, c
-            return ("chat" if c in CHAT_COLUMNS else "tokens" if c in TOKEN_COLUMNS else "text"), c
-    raise ValueError(
-        f"cannot find a {kind} column among {cols}; expected one of {list(order)} "
-        "(or pass DatasetSpec(column=...))"
-    )
-
-
-def render_chat(messages: list[dict[str, Any]], tokenizer: Any) -> list[int]:
-    """Token ids of a conversation rendered with the tokenizer's chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "chat data needs a tokenizer with a chat template; the ft tokenizer has none "
-            "(set tokenizer.chat_template, or load the fine-tune's own tokenizer)"
-        )
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-@dataclass
-class Document:
-    """One document's token ids and, for a chat conversation, its per-token chat masks."""
-
-    ids: list[int]
-    assistant: list[bool] | None = None
-    template: list[bool] | None = None
-
-
-def iter_documents(spec: DatasetSpec | str | Any, tokenizer: Any) -> Iterator[list[int]]:
-    """Token ids of each document (one per row)."""
-    for doc in iter_encoded_documents(spec, tokenizer):
-        yield doc.ids
-
-
-def iter_encoded_documents(
-    spec: DatasetSpec | str | Any,
-    tokenizer: Any,
-    *,
-    markers: ChatMarkers | None = None,
-    template_kwargs: dict[str, Any] | None = None,
-) -> Iterator[Document]:
-    """Each document (one per dataset row) with its chat masks when it is a conversation
-    (:func:`~sae_diff.pairing.masks.encode_chat`; ``markers`` / ``template_kwargs`` go
-    there)."""
-    kind: Kind = spec.kind if isinstance(spec, DatasetSpec) else "auto"
-    column = spec.column if isinstance(spec, DatasetSpec) else None
-    rows = iter(load_rows(spec))
-    first = next(rows, None)
-    if first is None:
-        return
-    kind, column = detect_kind(first, kind, column)
-    if kind in ("text", "chat") and tokenizer is None:
-        raise ValueError(f"{kind} data needs a tokenizer")
-    for row in itertools.chain([first], rows):
-        v = row[column]
-        if kind == "tokens":
-            yield Document([int(x) for x in (v.tolist() if hasattr(v, "tolist") else v)])
-        elif kind == "chat":
-            enc = encode_chat(v, tokenizer, markers=markers, template_kwargs=template_kwargs)
-            yield Document(enc.input_ids, enc.assistant, enc.template)
-        else:
-            yield Document(list(tokenizer(v, add_special_tokens=False)["input_ids"]))
+from sae_diff.data.token_batch import TokenBatch
+from sae_diff.moved import moved_names, to
+from sae_diff.pairing.masks import ChatMarkers
 
 
 def mix_documents(streams: list[Iterator[Any]], weights: list[float]) -> Iterator[tuple[int, Any]]:
@@ -660,3 +393,36 @@ class TensorTokenSource:
                 None if self.assistant is None else self.assistant[i:j],
                 None if self.template is None else self.template[i:j],
             )
+
+
+__all__ = [
+    "DatasetSpec",
+    "Document",
+    "SourceStats",
+    "TensorTokenSource",
+    "TokenBatch",
+    "TokenSource",
+    "detect_kind",
+    "iter_encoded_documents",
+    "load_rows",
+    "mix_documents",
+]
+
+#: moved to sae_diff.data.documents / sae_diff.data.token_batch (one release; see sae_diff.moved)
+__getattr__ = moved_names(
+    __name__,
+    {
+        **to(
+            "sae_diff.data.documents",
+            [
+                "CHAT_COLUMNS",
+                "Kind",
+                "TEXT_COLUMNS",
+                "TOKEN_COLUMNS",
+                "iter_documents",
+                "render_chat",
+            ],
+        ),
+        "BATCH_FIELDS": "sae_diff.data.token_batch",
+    },
+)

@@ -15,12 +15,13 @@ modes
 token rows, each a dict of tensors in the cache's shard layout (``acts``, ``tokens``,
 ``attention_mask``, ``doc_starts``, ``mask_<name>``; :mod:`sae_diff.data.cache`). A disk
 cache reads its shards; :meth:`PairedActivationsStore.from_model` computes the same shards
-with the same forward batches and masks as the harvest (:func:`model_shards`; the masks
-come from :meth:`~sae_diff.data.sources.TokenBatch.masks`, the chat masks computed per
-conversation before packing), so the high-
-norm median is taken over the same rows. Both go through :func:`shard_keep`, so a config
-selects the same tokens whether it trains from a cache or on the fly (``tests/
-test_pipeline.py`` compares them token for token).
+with the same forward batches and masks as the harvest
+(:func:`~sae_diff.data.shards.model_shards`; the masks come from
+:meth:`~sae_diff.data.sources.TokenBatch.masks`, the chat masks computed per conversation
+before packing), so the high-norm median is taken over the same rows. Both go through
+:func:`~sae_diff.data.shards.shard_keep` (the block sources of :mod:`sae_diff.data.shards`),
+so a config selects the same tokens whether it trains from a cache or on the fly
+(``tests/test_pipeline.py`` compares them token for token).
 
 **Shuffling buffer and exact resume.** Kept tokens are pooled into a *window* of at least
 ``buffer_size`` tokens (whole shards, plus the remainder carried over from the previous
@@ -34,36 +35,39 @@ that one window (one buffer of reads or forward passes), with no replay of earli
 **Precision.** Shards may be stored in bfloat16/float16 (half the disk and buffer memory).
 Batches are upcast to float32 *before* the mode is applied (the conversion is exact, and
 ``ft - base`` is computed in float32), unless another ``dtype`` is asked for.
+
+Why this is one module (~430 lines): it is one class whose shuffling window, carried
+remainder, rank slice and :meth:`~PairedActivationsStore.state_dict` position are one state
+machine; the shard computation and block sources it reads live in :mod:`sae_diff.data.shards`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
-import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
-from sae_diff.data.cache import DTYPES, ActivationCache, dtype_name
-from sae_diff.data.sources import TokenBatch
-from sae_diff.dictionaries.specs import DIFF_SIGNS, STORE_MODES, DiffSign, StoreMode
-from sae_diff.pairing.masks import (
-    MaskConfig,
-    TokenMasks,
-    first_n_mask,
-    high_norm_mask,
+from sae_diff.data.cache_reader import ActivationCache
+from sae_diff.data.shards import (
+    DEFAULT_ROWS_PER_SHARD,
+    CacheBlocks,
+    CallableBlocks,
+    ModelBlocks,
+    Shard,
+    model_shards,
+    shard_keep,
 )
+from sae_diff.dictionaries.specs import DIFF_SIGNS, STORE_MODES, DiffSign, StoreMode
+from sae_diff.moved import moved_names, to
+from sae_diff.pairing.masks import MaskConfig
 from sae_diff.pairing.model import PairedModel
 
 # the vocabulary (store modes, diff signs) is defined once, in sae_diff.dictionaries.specs
 Mode = StoreMode
 MODES = STORE_MODES
-#: Rows per shard (cache files, and the groups over which the high-norm median is taken).
-DEFAULT_ROWS_PER_SHARD = 256
-Shard = dict[str, torch.Tensor]
 
 
 def select_mode(acts: torch.Tensor, mode: str, diff_sign: str = "ft_minus_base") -> torch.Tensor:
@@ -78,177 +82,6 @@ def select_mode(acts: torch.Tensor, mode: str, diff_sign: str = "ft_minus_base")
         d = acts[..., 1, :] - acts[..., 0, :]
         return d if diff_sign == "ft_minus_base" else -d
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
-# ---------------------------------------------------------------------- shards
-def shard_keep(shard: Shard, mask_config: MaskConfig | None = None) -> torch.Tensor:
-    """``(rows, seq)`` bool: the tokens of a shard that ``mask_config`` keeps.
-
-    The one token-selection rule of training data: the masks recorded in the shard
-    (``mask_<name>``), with the first-n mask recomputed from the document starts when
-    ``mask_config.first_n > 0`` (the first n positions of each row, as
-    :func:`~sae_diff.pairing.masks.compute_masks` defines it; so one cache serves any n)."""
-    cfg = mask_config or MaskConfig()
-    masks = TokenMasks.from_dict({k[5:]: v for k, v in shard.items() if k.startswith("mask_")})
-    if cfg.first_n > 0:
-        masks.first_n = first_n_mask(shard["tokens"], cfg.first_n)
-    return cfg.keep(masks)
-
-
-def _shard_batches(batches: Iterator[TokenBatch], rows_per_shard: int) -> Iterator[TokenBatch]:
-    """Regroup token batches into shards of ``rows_per_shard`` rows (the last may be short)."""
-    pending: list[TokenBatch] = []
-    n = 0
-    for b in batches:
-        pending.append(b)
-        n += len(b)
-        while n >= rows_per_shard:
-            cat = TokenBatch.concat(pending)
-            yield cat.select(0, rows_per_shard)
-            rest = cat.select(rows_per_shard, len(cat))
-            pending, n = ([rest] if len(rest) else []), n - rows_per_shard
-    if n:
-        yield TokenBatch.concat(pending)
-
-
-def model_shards(
-    paired_model: PairedModel,
-    token_source: Any,
-    hook_name: str,
-    *,
-    batch_size: int = 8,
-    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    mask_config: MaskConfig | None = None,
-    dtype: str | torch.dtype = "float32",
-    start_row: int = 0,
-    stop_row: int | None = None,
-) -> Iterator[Shard]:
-    """Shards computed by the models, exactly as ``sae_diff.data.harvest.harvest_cache``
-    would write them: rows ``start_row..stop_row`` of ``token_source`` in groups of
-    ``rows_per_shard``, forward batches of ``batch_size`` rows that restart at every shard,
-    masks per batch, activations cast to the storage ``dtype`` and the high-norm mask taken
-    over the whole shard. Nothing is written to disk."""
-    for _, shard in indexed_model_shards(
-        paired_model,
-        token_source,
-        hook_name,
-        batch_size=batch_size,
-        rows_per_shard=rows_per_shard,
-        mask_config=mask_config,
-        dtype=dtype,
-        start_row=start_row,
-        stop_row=stop_row,
-    ):
-        yield shard
-
-
-@torch.no_grad()
-def indexed_model_shards(
-    paired_model: PairedModel,
-    token_source: Any,
-    hook_name: str,
-    *,
-    batch_size: int = 8,
-    rows_per_shard: int = DEFAULT_ROWS_PER_SHARD,
-    mask_config: MaskConfig | None = None,
-    dtype: str | torch.dtype = "float32",
-    start_row: int = 0,
-    stop_row: int | None = None,
-    want: Callable[[int], bool] | None = None,
-) -> Iterator[tuple[int, Shard]]:
-    """:func:`model_shards` with each shard's index (0 = the shard starting at ``start_row``),
-    computing only the shards ``want(index)`` accepts: the others' tokens are read (cheap)
-    but never run through the models. A sharded harvest gives each rank a disjoint ``want``."""
-    cfg = mask_config or MaskConfig()
-    store_dtype = DTYPES[dtype_name(dtype)]
-    chat = bool(getattr(token_source, "is_chat", False))
-    tok = paired_model.tokenizer
-    for index, rows in enumerate(
-        _shard_batches(
-            token_source.batches(batch_size, start_row=start_row, stop_row=stop_row), rows_per_shard
-        )
-    ):
-        if want is not None and not want(index):
-            continue
-        parts: list[Shard] = []
-        for i in range(0, len(rows), batch_size):
-            b = rows.select(i, min(i + batch_size, len(rows)))
-            am = b.attention_mask  # as the harvest: padded rows run with their attention mask
-            acts = paired_model.paired_activations(
-                b.tokens, [hook_name], attention_mask=None if bool(am.all()) else am
-            )[hook_name]
-            masks = b.masks(tok, config=cfg, chat=chat)
-            part = {
-                "acts": acts.detach().to("cpu", store_dtype).contiguous(),
-                "tokens": b.tokens.cpu().to(torch.int64),
-                "row_index": b.row_index.cpu().to(torch.int64),
-                "attention_mask": am.cpu().bool(),
-                "doc_starts": b.doc_starts.cpu().bool(),
-            }
-            for name, v in masks.to_dict().items():
-                if name != "high_norm":  # over the whole shard, below
-                    part[f"mask_{name}"] = v.cpu().bool()
-            parts.append(part)
-        shard = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        shard["mask_high_norm"] = high_norm_mask(
-            shard["acts"], cfg.high_norm_ratio, valid=shard["attention_mask"]
-        )
-        yield index, shard
-
-
-# ---------------------------------------------------------------------- block sources
-class _CacheBlocks:
-    """Kept tokens of a cache's shards; epoch e reads them in the order seeded by ``seed + e``."""
-
-    def __init__(
-        self,
-        cache: ActivationCache,
-        mask_config: MaskConfig | None,
-        seed: int,
-        shuffle: bool,
-        verify: bool,
-    ) -> None:
-        self.cache, self.mask_config, self.seed, self.shuffle, self.verify = (
-            cache,
-            mask_config,
-            seed,
-            shuffle,
-            verify,
-        )
-
-    def order(self, epoch: int) -> list[int]:
-        order = list(range(self.cache.n_shards))
-        if self.shuffle:
-            random.Random(self.seed + epoch).shuffle(order)
-        return order
-
-    def open(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
-        for i in self.order(epoch)[start:]:
-            shard = self.cache.load_shard(i, verify=self.verify)
-            yield shard["acts"][shard_keep(shard, self.mask_config)]
-
-
-class _ModelBlocks:
-    """Kept tokens of shards computed on the fly, in stream order (shard ``start`` onwards)."""
-
-    def __init__(
-        self, make: Callable[[int], Iterator[Shard]], mask_config: MaskConfig | None
-    ) -> None:
-        self.make, self.mask_config = make, mask_config
-
-    def open(self, epoch: int, start: int) -> Iterator[torch.Tensor]:  # noqa: ARG002 - same rows each epoch
-        for shard in self.make(start):
-            yield shard["acts"][shard_keep(shard, self.mask_config)]
-
-
-class _CallableBlocks:
-    """User blocks ``blocks(epoch)``; resuming inside an epoch replays its earlier blocks."""
-
-    def __init__(self, blocks: Callable[[int], Iterator[torch.Tensor]]) -> None:
-        self.blocks = blocks
-
-    def open(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
-        return itertools.islice(self.blocks(epoch), start, None)
 
 
 class PairedActivationsStore(Iterator[torch.Tensor]):
@@ -312,7 +145,7 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
         self.batch_size = int(batch_size)
         self.set_world(rank, world_size)
         self._sliced = True
-        self._source = blocks if hasattr(blocks, "open") else _CallableBlocks(blocks)
+        self._source = blocks if hasattr(blocks, "open") else CallableBlocks(blocks)
         self.d_model = int(d_model)
         self.mode: str = mode
         self.diff_sign: str = diff_sign
@@ -387,7 +220,7 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
 
         info = {"hook_name": hook_name, "source": "model", "models": paired_model.describe()}
         return cls(
-            _ModelBlocks(make, mask_config), d_model=paired_model.d_model, info=info, **kwargs
+            ModelBlocks(make, mask_config), d_model=paired_model.d_model, info=info, **kwargs
         )
 
     @classmethod
@@ -412,7 +245,7 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
             "models": cache.meta.get("models"),
         }
         store = cls(
-            _CacheBlocks(cache, mask_config, seed, shuffle, verify),
+            CacheBlocks(cache, mask_config, seed, shuffle, verify),
             d_model=cache.d_model,
             info=info,
             seed=seed,
@@ -584,3 +417,20 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
     def next_batch(self) -> torch.Tensor:
         """Same as ``next(store)`` (SAELens's ActivationsStore spelling)."""
         return next(self)
+
+
+__all__ = [
+    "DEFAULT_ROWS_PER_SHARD",
+    "MODES",
+    "Mode",
+    "PairedActivationsStore",
+    "Shard",
+    "model_shards",
+    "select_mode",
+    "shard_keep",
+]
+
+#: the shard computation moved to sae_diff.data.shards (one release; see sae_diff.moved)
+__getattr__ = moved_names(
+    __name__, to("sae_diff.data.shards", ["indexed_model_shards", "_shard_batches"])
+)

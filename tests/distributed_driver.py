@@ -27,7 +27,7 @@ def check_global_topk() -> None:
     import torch.distributed as dist
 
     from sae_diff.dictionaries import kernels
-    from sae_diff.training import distributed as sd
+    from sae_diff.training import global_topk as gt
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     B, n, k = 12, 40, 3.0
@@ -51,15 +51,15 @@ def check_global_topk() -> None:
     want = {(int(r), int(c)) for r, c in zip(ref.row, ref.col)}
     mine = scores[rank * B : (rank + 1) * B]
     for margin, n_calls in ((1.5, 2), (100.0, 1)):  # imbalanced: exact fallback; then a full offer
-        sd.MARGIN = margin
-        record = sd._TopKRecord()
+        gt.MARGIN = margin
         calls: list[int] = []
 
         def counted(*a: Any, _calls: list[int] = calls, **kw: Any) -> Any:
             _calls.append(int(a[1]))
             return kernels.batch_topk(*a, **kw)
 
-        sel = sd.global_batch_topk(counted, k, record)(mine, int(k * B), None, scale=scale)
+        selection = gt.GlobalBatchTopK(k, counted)
+        sel = selection.select(mine, int(k * B), None, scale=scale)
         assert len(calls) == n_calls, f"margin {margin}: offers {calls}"
         got = [(int(r) + rank * B, int(c)) for r, c in zip(sel.row, sel.col)]
         everyone: list[Any] = [None] * world_size
@@ -67,15 +67,18 @@ def check_global_topk() -> None:
         union = [x for part in everyone for x in part]
         assert len(union) == K and set(union) == want, f"margin {margin}: not the global top-K"
         assert sel.kth_score == ref.kth_score
-        assert record.min_positive is not None and float(record.min_positive) == float(
-            ref.scores.min()
-        )
-    sd.MARGIN = 1.5
+        # the threshold EMA takes the global smallest kept score, on every rank, once a step
+        fed = selection.min_kept(None)
+        assert fed is not None and float(fed) == float(ref.scores.min())
+        assert selection.min_kept(fed) is None, "fed twice in one step"
+        selection.new_step()
+        assert selection.min_kept(None) is None, "a new step fed the previous step's score"
+    gt.MARGIN = 1.5
     # dense path (distinct scores: torch.topk's tie order is unspecified)
     v = torch.relu(torch.randn(B * world_size, n, generator=g))
     dense_ref = torch.zeros(v.numel(), dtype=torch.bool)
     dense_ref[v.flatten().topk(K).indices] = True
-    mask = sd.global_batch_topk_mask(k, sd._TopKRecord())(v[rank * B : (rank + 1) * B], int(k * B))
+    mask = gt.GlobalBatchTopK(k).mask(v[rank * B : (rank + 1) * B], int(k * B))
     parts: list[Any] = [None] * world_size
     dist.all_gather_object(parts, mask)
     assert torch.equal(torch.cat(parts).flatten(), dense_ref), "dense path: not the global top-K"

@@ -10,13 +10,18 @@ the smallest kept score. Export turns it into a JumpReLU with per-latent thresho
 Dead latents get an auxiliary loss that reconstructs the detached residual with the top
 ``k_aux`` dead latents (weight ``aux_loss_coefficient``, default 1/32, normalised by the
 residual's variance). It is part of the loss that is back-propagated.
+
+Which entries a training batch keeps is a per-instance hook, :class:`BatchSelection`
+(``set_batch_selection``): None (the default) keeps the top ``B*k`` of this batch; a
+data-parallel run sets the selection over the global batch of every process
+(``sae_diff.training.global_topk``), so W processes train what one process trains.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from sae_lens.saes.sae import (
@@ -36,6 +41,7 @@ from sae_diff.dictionaries.crosscoder import (
     validate_init_norm,
 )
 from sae_diff.dictionaries.normalisation import INPUT_SCALINGS
+from sae_diff.dictionaries.topk import TopKSelection
 
 LOSS_FORMS: tuple[str, ...] = ("squared", "norm")
 
@@ -168,6 +174,36 @@ def batch_topk_mask(scores: torch.Tensor, k_total: int) -> torch.Tensor:
     return mask.view_as(scores)
 
 
+class BatchSelection(Protocol):
+    """Which entries of a training batch a BatchTopK crosscoder keeps (its selection hook).
+
+    The crosscoder calls :meth:`select` (sparse kernels) or :meth:`mask` (dense path) with the
+    batch's selection scores and ``k_total = int(k * B)``, then :meth:`min_kept` with the
+    smallest positive kept score of its own batch (None when it kept none); the threshold EMA
+    takes what :meth:`min_kept` returns (nothing when None).
+    """
+
+    def select(
+        self,
+        scores: torch.Tensor,
+        k_total: int,
+        threshold_hint: float | None = None,
+        *,
+        scale: torch.Tensor | None = None,
+        force_slow: bool = False,
+    ) -> TopKSelection:
+        """The kept entries, as ``sae_diff.dictionaries.topk.batch_topk`` returns them."""
+        ...
+
+    def mask(self, scores: torch.Tensor, k_total: int) -> torch.Tensor:
+        """A boolean mask of the kept entries, as :func:`batch_topk_mask` returns it."""
+        ...
+
+    def min_kept(self, local_min: torch.Tensor | None) -> torch.Tensor | None:
+        """The score the threshold EMA takes this step (None: no update)."""
+        ...
+
+
 class BatchTopKCrosscoderTraining(
     CrosscoderTrainingMixin, TrainingSAE[BatchTopKCrosscoderTrainingConfig]
 ):
@@ -183,6 +219,13 @@ class BatchTopKCrosscoderTraining(
         self.register_buffer(
             "topk_threshold", torch.tensor(-1.0, dtype=torch.float64, device=self.W_dec.device)
         )
+        self.batch_selection: BatchSelection | None = None
+
+    def set_batch_selection(self, selection: BatchSelection | None) -> None:
+        """Keep each training batch's entries chosen by ``selection`` (None: the top
+        ``int(k * B)`` of this batch, the default). ``DataParallel`` sets a selection over
+        the global batch of every process for the run and resets it afterwards."""
+        self.batch_selection = selection
 
     def initialize_weights(self) -> None:
         self._init_crosscoder_weights()
@@ -200,7 +243,9 @@ class BatchTopKCrosscoderTraining(
         hidden_pre = self.hook_sae_acts_pre(self.hidden_pre(self.hook_sae_input(x_n)))
         p, v = self.selection_scores(hidden_pre)
         rows = v.reshape(-1, self.cfg.d_sae)
-        mask = batch_topk_mask(rows, int(self.cfg.k * rows.shape[0])).view_as(p)
+        k_total = int(self.cfg.k * rows.shape[0])
+        select_mask = batch_topk_mask if self.batch_selection is None else self.batch_selection.mask
+        mask = select_mask(rows, k_total).view_as(p)
         return self.hook_sae_acts_post(p * mask), hidden_pre
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,6 +351,8 @@ class BatchTopKCrosscoderTraining(
             aux_latents=aux_latents,
             k_aux=k_aux,
             aux_scaled=False,
+            # TEMPORARY until kernels.sparse_encode takes select= (asked of helper A)
+            **({} if self.batch_selection is None else {"select": self.batch_selection.select}),
         )
         xhat_n = kernels.sparse_decode(code, self.W_dec_flat).view_as(x_n) + self.b_dec
         aux_loss = xhat_n.new_zeros(())
@@ -322,10 +369,9 @@ class BatchTopKCrosscoderTraining(
         with torch.no_grad():
             v = code.values.detach() * scale[code.col]
             v = v[v > 0]
-            if v.numel():
-                self._update_threshold_from_min(
-                    v.min().to(torch.float64), step_input.n_training_steps
-                )
+            self._feed_threshold(
+                v.min().to(torch.float64) if v.numel() else None, step_input.n_training_steps
+            )
         feature_acts = code.to_sparse_coo()
         out = TrainStepOutput(
             sae_in=x_n,
@@ -351,14 +397,23 @@ class BatchTopKCrosscoderTraining(
             self.topk_threshold.mul_(decay).add_((1 - decay) * min_kept)
 
     @torch.no_grad()
+    def _feed_threshold(self, local_min: torch.Tensor | None, step: int | None) -> None:
+        """Update the EMA with this batch's smallest kept score ``local_min`` (None: none
+        kept), or with what the selection hook says the batch's is (``BatchSelection.min_kept``)."""
+        if self.batch_selection is not None:
+            local_min = self.batch_selection.min_kept(local_min)
+        if local_min is not None:
+            self._update_threshold_from_min(local_min.to(self.topk_threshold.device), step)
+
+    @torch.no_grad()
     def update_threshold(self, feature_acts: torch.Tensor, step: int | None = None) -> None:
         """EMA of the smallest kept selection score (see ``_update_threshold_from_min``);
         ``step`` is the 0-based index of the training step (``None``: no restart)."""
         kept = feature_acts > 0
-        if not kept.any():
-            return
-        scores = (feature_acts * self.code_scale())[kept]
-        self._update_threshold_from_min(scores.min().to(torch.float64), step)
+        local_min = None
+        if kept.any():
+            local_min = (feature_acts * self.code_scale())[kept].min().to(torch.float64)
+        self._feed_threshold(local_min, step)
 
     # --- export ---------------------------------------------------------------------------
     def inference_thresholds(self) -> torch.Tensor:

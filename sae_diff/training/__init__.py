@@ -12,7 +12,8 @@ See ``docs/training.md``.
 from sae_diff.training.config import ConfigError, PairedRunnerConfig, SmokeTestModels
 from sae_diff.training.flags import parse_config
 from sae_diff.training.plan import make_plan
-from sae_diff.training.runner import PairedSAETrainingRunner, TrainingInterrupted, resume, train
+from sae_diff.training.runner import PairedSAETrainingRunner, resume, train
+from sae_diff.training.trainer import TrainingInterrupted
 
 __all__ = [
     "ConfigError",

@@ -1,4 +1,4 @@
-"""Data for the training runner: models, tokens, and the run's one data provider.
+"""Data for the training runner: the models and the run's one data provider.
 
 The provider is ``sae_diff.data.store.PairedActivationsStore`` (:func:`training_store`), the
 same store the README, the tutorials and the demo use:
@@ -16,31 +16,43 @@ stream (:func:`heldout_data`).
 
 Organism configs (``cfg.organism``) load the bundled pair with
 ``sae_diff.organisms.load_organism`` and, unless a dataset is configured, read its
-pretraining text + chat mixture (:func:`organism_datasets`).
+pretraining text + chat mixture (``sae_diff.training.tokens.organism_datasets``).
+
+Which token rows a run reads (datasets, row counts, the token source) is
+:mod:`sae_diff.training.tokens`; the names that moved there still resolve here, with a
+``DeprecationWarning``, for one release.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sae_diff.data.cache import check_config_cache
-from sae_diff.errors import SaeDiffError
+from sae_diff.moved import moved_names, to
 from sae_diff.training.config import PairedRunnerConfig
+from sae_diff.training.errors import TrainingDataError
+from sae_diff.training.tokens import (
+    check_dataset_column,
+    run_token_rows,
+    token_source,
+    train_rows,
+)
 
-
-class TrainingDataError(SaeDiffError, RuntimeError):
-    """The run's data cannot be built (missing dataset column, empty data, ...)."""
+if TYPE_CHECKING:
+    from sae_diff.data.harvest import HarvestSummary
+    from sae_diff.data.store import PairedActivationsStore
+    from sae_diff.pairing.masks import MaskConfig
+    from sae_diff.pairing.model import PairedModel
+    from sae_diff.training.config import SmokeTestModels
 
 
 # ---------------------------------------------------------------------- models
 def build_smoke_test_pair(
-    spec: Any, ft_name: str = "smoke-ft", base_name: str = "smoke-base"
-) -> Any:
+    spec: SmokeTestModels, ft_name: str = "smoke-ft", base_name: str = "smoke-base"
+) -> PairedModel:
     """A tiny random ``PairedModel`` from :class:`~sae_diff.training.config.SmokeTestModels`."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
@@ -84,7 +96,7 @@ def build_smoke_test_pair(
     return PairedModel(base, ft, base_name=base_name, ft_name=ft_name, check=False)
 
 
-def load_pair(cfg: PairedRunnerConfig) -> Any:
+def load_pair(cfg: PairedRunnerConfig) -> PairedModel:
     """The run's ``PairedModel``: smoke-test models, the bundled organism
     (``load_organism(cfg.organism).paired()``, float32, names from the config), or
     ``PairedModel.from_pretrained``.
@@ -121,7 +133,7 @@ def load_pair(cfg: PairedRunnerConfig) -> Any:
     )
 
 
-def check_pair_matches(cfg: PairedRunnerConfig, pair: Any) -> None:
+def check_pair_matches(cfg: PairedRunnerConfig, pair: PairedModel) -> None:
     """After loading: the hook exists and ``sae.d_in`` is its width (clear error otherwise)."""
     from sae_diff.training.errors import ConfigError
     from sae_diff.training.model_info import check_hook_d_in
@@ -137,142 +149,8 @@ def check_pair_matches(cfg: PairedRunnerConfig, pair: Any) -> None:
         raise ConfigError(f"hook_name {cfg.hook_name!r} is not a hook of these models: {e}") from e
 
 
-# ---------------------------------------------------------------------- tokens
-def dataset_specs(cfg: PairedRunnerConfig) -> list[Any]:
-    """The run's datasets as ``sae_diff.data.sources.DatasetSpec`` s (empty for smoke tests)."""
-    from sae_diff.data.sources import DatasetSpec
-
-    if cfg.dataset_mixture:
-        return [DatasetSpec(**spec) for spec in cfg.dataset_mixture]
-    if cfg.dataset_path:
-        return [
-            DatasetSpec(
-                cfg.dataset_path,
-                column=cfg.dataset_column,
-                split=cfg.dataset_split,
-                streaming=cfg.streaming,
-            )
-        ]
-    return []
-
-
-def uses_organism_data(cfg: PairedRunnerConfig) -> bool:
-    """Whether the run reads the organism's own corpus (an organism and no dataset set)."""
-    return cfg.organism is not None and not (cfg.dataset_path or cfg.dataset_mixture)
-
-
-def run_token_rows(cfg: PairedRunnerConfig) -> int:
-    """Rows of ``context_size`` tokens a run reads: the training rows, then the held-out
-    evaluation rows after them."""
-    n_train = -(-cfg.training_tokens // cfg.context_size)
-    n_eval = max(cfg.n_eval_batches, 1) * (
-        cfg.eval_batch_size_prompts or cfg.store_batch_size_prompts
-    )
-    return n_train + n_eval
-
-
-@functools.lru_cache(maxsize=4)
-def _organism_corpus(
-    organism: str, chat_share: float, n_documents: int | None, n_tokens: int
-) -> tuple[tuple[Any, ...], tuple[float, ...]]:
-    from sae_diff.data.sources import iter_documents
-    from sae_diff.organisms import chat_dataset, load_tokenizer, pretraining_dataset
-    from sae_diff.organisms.organism import organism_dir
-
-    path = organism_dir(organism)
-    if not (path / "world.json").is_file():  # a custom organism: its examples, no world corpus
-        raise TrainingDataError(
-            f"organism {organism!r} has no world.json, so no pretraining corpus to train on; set "
-            "dataset_path or dataset_mixture to the data to use."
-        )
-    tokenizer = load_tokenizer(path)
-    kinds = [
-        (kind, share)
-        for kind, share in (("text", 1.0 - chat_share), ("chat", chat_share))
-        if share > 0
-    ]
-    datasets: list[Any] = []
-    for kind, share in kinds:
-        make = pretraining_dataset if kind == "text" else chat_dataset
-        n = n_documents
-        if n is None:  # enough documents for this kind's share of the tokens, with a 2x margin
-            lengths = [len(doc) for doc in iter_documents(make("train", 64, name=path), tokenizer)]
-            mean = max(sum(lengths) / max(len(lengths), 1), 1.0)
-            n = int(math.ceil(2.0 * share * n_tokens / mean)) + 64
-        datasets.append(make("train", n, name=path))
-    return tuple(datasets), tuple(share for _, share in kinds)
-
-
-def organism_datasets(cfg: PairedRunnerConfig) -> tuple[list[Any], list[float]]:
-    """The organism's training corpus as HF datasets and their token shares: pretraining
-    documents (``text``) and chat conversations (``messages``) of its ``train`` split, mixed
-    ``1 - organism_chat_share`` / ``organism_chat_share`` by tokens.
-
-    The same datasets (cached) serve training and evaluation, so the held-out rows are the
-    rows after the training rows of one stream.
-    """
-    if cfg.organism is None:
-        raise TrainingDataError("organism_datasets needs cfg.organism.")
-    n_tokens = run_token_rows(cfg) * cfg.context_size
-    ds, shares = _organism_corpus(
-        str(cfg.organism), float(cfg.organism_chat_share), cfg.organism_n_documents, n_tokens
-    )
-    return list(ds), list(shares)
-
-
-def check_dataset_column(cfg: PairedRunnerConfig) -> None:
-    """Peek at each dataset's first row (no model needed).
-
-    Raises :class:`TrainingDataError` naming the available columns when the configured column
-    (or, if unset, any text / tokens / chat column) is missing.
-    """
-    from sae_diff.data.sources import CHAT_COLUMNS, TEXT_COLUMNS, TOKEN_COLUMNS, load_rows
-
-    for spec in dataset_specs(cfg):
-        try:
-            row = next(iter(load_rows(spec)), None)
-        except FileNotFoundError as e:
-            raise TrainingDataError(f"dataset {spec.path!r} cannot be read: {e}") from e
-        if row is None:
-            raise TrainingDataError(f"dataset {spec.path!r} (split {spec.split!r}) is empty.")
-        cols = list(row.keys())
-        if spec.column is not None:
-            if spec.column not in row:
-                raise TrainingDataError(
-                    f"dataset {spec.path!r} has no column {spec.column!r}; its columns are {cols}. "
-                    "Set dataset_column (or the mixture entry's `column`) to one of them."
-                )
-        elif not any(c in row for c in (*TOKEN_COLUMNS, *CHAT_COLUMNS, *TEXT_COLUMNS)):
-            raise TrainingDataError(
-                f"dataset {spec.path!r} has no text, tokens or chat column (it has {cols}). "
-                "Set dataset_column."
-            )
-
-
-def smoke_test_tokens(cfg: PairedRunnerConfig, n_seqs: int) -> torch.Tensor:
-    """Random tokens for the smoke-test pair: the run's ``n_seqs`` rows (seeded)."""
-    spec = cfg.smoke_test_models
-    assert spec is not None
-    g = torch.Generator().manual_seed(spec.seed * 1_000_003 + 7)
-    toks = torch.randint(1, spec.d_vocab, (n_seqs, cfg.context_size), generator=g)
-    if cfg.prepend_bos is not False:  # the smoke-test vocabulary's id 0 plays BOS
-        toks[:, 0] = 0
-    return toks
-
-
-def effective_prepend_bos(cfg: PairedRunnerConfig, pair: Any = None) -> bool:
-    """Whether rows start with BOS: ``cfg.prepend_bos`` when set, else whether the tokenizer
-    has a BOS token (smoke-test models, which have no tokenizer, use id 0 as BOS)."""
-    if cfg.prepend_bos is not None:
-        return bool(cfg.prepend_bos)
-    tokenizer = getattr(pair, "tokenizer", None)
-    if tokenizer is None:
-        return cfg.smoke_test_models is not None
-    return getattr(tokenizer, "bos_token_id", None) is not None
-
-
 # ---------------------------------------------------------------------- the data provider
-def mask_config(cfg: PairedRunnerConfig) -> Any:
+def mask_config(cfg: PairedRunnerConfig) -> MaskConfig:
     """The ``sae_diff.pairing.masks.MaskConfig`` equivalent of the run's mask fields (the one
     place a run's token selection is defined; the cache and on-the-fly paths both use it).
 
@@ -291,42 +169,18 @@ def mask_config(cfg: PairedRunnerConfig) -> Any:
     )
 
 
-def train_rows(cfg: PairedRunnerConfig) -> int:
-    """Token rows of the training data (rows ``0..train_rows``; held-out rows follow)."""
-    return -(-cfg.training_tokens // cfg.context_size)
-
-
 def storage_dtype(cfg: PairedRunnerConfig) -> str:
     """Dtype activations are stored in, on disk and in the on-the-fly buffer:
     ``cache_dtype``, else the models' ``dtype``."""
     return str(cfg.cache_dtype or cfg.dtype)
 
 
-def token_source(cfg: PairedRunnerConfig, pair: Any) -> Any:
-    """The run's token rows as a ``sae_diff.data.sources`` source: the training rows, then
-    the held-out evaluation rows (:func:`run_token_rows` in all)."""
-    from sae_diff.data.sources import TensorTokenSource, TokenSource
-
-    if uses_organism_data(cfg):
-        datasets, shares = organism_datasets(cfg)
-        return TokenSource(
-            datasets,
-            pair.tokenizer,
-            cfg.context_size,
-            proportions=shares,
-            prepend_bos=cfg.prepend_bos,
-        )
-    specs = dataset_specs(cfg)
-    if not specs:
-        return TensorTokenSource(
-            smoke_test_tokens(cfg, run_token_rows(cfg)), name="smoke-test random tokens"
-        )
-    return TokenSource(specs, pair.tokenizer, cfg.context_size, prepend_bos=cfg.prepend_bos)
-
-
 def harvest(
-    cfg: PairedRunnerConfig, pair: Any = None, overwrite: bool = False, progress: bool = True
-) -> Any:
+    cfg: PairedRunnerConfig,
+    pair: PairedModel | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> HarvestSummary:
     """Harvest ``cfg.cache_path`` (the training rows) with
     ``sae_diff.data.harvest.harvest_cache``; resumes an unfinished harvest. Returns its summary."""
     from sae_diff.data.harvest import harvest_cache
@@ -369,7 +223,9 @@ def cache_exists(cfg: PairedRunnerConfig) -> bool:
         return False
 
 
-def training_store(cfg: PairedRunnerConfig, pair: Any = None, *, loop: bool = True) -> Any:
+def training_store(
+    cfg: PairedRunnerConfig, pair: PairedModel | None = None, *, loop: bool = True
+) -> PairedActivationsStore:
     """The run's data provider, a ``sae_diff.data.store.PairedActivationsStore``.
 
     With ``cache_path``: read from the cache (harvested first when missing; needs ``pair``
@@ -419,7 +275,7 @@ def training_store(cfg: PairedRunnerConfig, pair: Any = None, *, loop: bool = Tr
 
 
 def heldout_data(
-    cfg: PairedRunnerConfig, pair: Any
+    cfg: PairedRunnerConfig, pair: PairedModel
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Held-out evaluation data: the rows after the training rows, through the same shards
     and masks as training. Returns kept paired activations ``(N, 2, d)`` (float32), the
@@ -480,6 +336,22 @@ def cache_eval_sample(cfg: PairedRunnerConfig, n_tokens: int) -> torch.Tensor:
     return torch.cat(blocks)[:n_tokens]
 
 
+#: name -> module it moved to (one release; see sae_diff.moved)
+__getattr__ = moved_names(
+    __name__,
+    to(
+        "sae_diff.training.tokens",
+        (
+            "dataset_specs",
+            "uses_organism_data",
+            "organism_datasets",
+            "smoke_test_tokens",
+            "effective_prepend_bos",
+        ),
+    ),
+)
+
+
 __all__ = [
     "TrainingDataError",
     "build_smoke_test_pair",
@@ -487,13 +359,11 @@ __all__ = [
     "cache_exists",
     "check_dataset_column",
     "check_pair_matches",
-    "dataset_specs",
     "harvest",
     "heldout_data",
     "load_pair",
     "mask_config",
     "run_token_rows",
-    "smoke_test_tokens",
     "storage_dtype",
     "token_source",
     "train_rows",

@@ -1,7 +1,9 @@
-"""Errors and messages shared by the training config modules (config, model_info, plan, flags).
+"""Errors and messages shared by the training modules (config, validation, model_info, plan,
+flags; tokens and data).
 
-Its own module so that :mod:`~sae_diff.training.model_info` and :mod:`~sae_diff.training.plan`
-can raise :class:`ConfigError` without importing the config dataclass (no import cycle).
+Its own module so that :mod:`~sae_diff.training.model_info`, :mod:`~sae_diff.training.plan`
+and :mod:`~sae_diff.training.tokens` can raise these errors without importing the config
+dataclass or the data provider (no import cycle).
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from sae_diff.errors import SaeDiffError
 
 class ConfigError(SaeDiffError, ValueError):
     """A training config is invalid; the message names the field and the fix."""
+
+
+class TrainingDataError(SaeDiffError, RuntimeError):
+    """The run's data cannot be built (missing dataset column, empty data, ...)."""
 
 
 #: the one statement of the BatchTopK k bound, used by every message about it
@@ -34,4 +40,4 @@ def did_you_mean(name: str, candidates: Any, prefix: str = "") -> str:
     return f" (did you mean {prefix}{by_norm[hit[0]]}?)" if hit else ""
 
 
-__all__ = ["K_BOUND", "ConfigError", "did_you_mean"]
+__all__ = ["K_BOUND", "ConfigError", "TrainingDataError", "did_you_mean"]

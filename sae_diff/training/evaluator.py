@@ -24,12 +24,21 @@ runner also calls it once at the end on the exported inference dictionary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from sae_lens.saes.sae import SAE
+from sae_lens.training.activation_scaler import ActivationScaler
+from sae_lens.training.types import DataProvider
 
 from sae_diff.data.store import select_mode
+from sae_diff.dictionaries.geometry import relative_norm, tag_counts
 from sae_diff.training.config import PairedRunnerConfig
+
+if TYPE_CHECKING:  # transformer_lens is imported when the models load, not with this module
+    from transformer_lens.hook_points import HookPoint
+
+    from sae_diff.pairing.model import PairedModel
 
 
 def fraction_of_variance_explained(x: torch.Tensor, xhat: torch.Tensor) -> float:
@@ -55,7 +64,7 @@ class PairedEvaluator:
 
     cfg: PairedRunnerConfig
     eval_acts: torch.Tensor
-    pair: Any = None
+    pair: PairedModel | None = None
     eval_tokens: torch.Tensor | None = None
     eval_keep: torch.Tensor | None = None
     batch_size: int = 4096
@@ -70,7 +79,7 @@ class PairedEvaluator:
 
     # ------------------------------------------------------------------ reconstruction
     def _reconstruct(
-        self, sae: Any, paired: torch.Tensor, scaler: Any
+        self, sae: SAE[Any], paired: torch.Tensor, scaler: ActivationScaler | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input in the store mode, reconstruction of it, codes), raw space."""
         dev = next(sae.parameters()).device
@@ -86,7 +95,10 @@ class PairedEvaluator:
 
     @torch.no_grad()
     def __call__(
-        self, sae: Any, data_provider: Any = None, activation_scaler: Any = None
+        self,
+        sae: SAE[Any],
+        data_provider: DataProvider | None = None,  # noqa: ARG002 - SAELens's Evaluator signature
+        activation_scaler: ActivationScaler | None = None,
     ) -> dict[str, Any]:
         was_training = sae.training
         sae.eval()
@@ -102,7 +114,7 @@ class PairedEvaluator:
             sae.train(was_training)
         return out
 
-    def _activation_metrics(self, sae: Any, scaler: Any) -> dict[str, Any]:
+    def _activation_metrics(self, sae: SAE[Any], scaler: ActivationScaler | None) -> dict[str, Any]:
         xs, recs, fired, l0s = [], [], None, []
         for chunk in self.eval_acts.split(self.batch_size):
             x, rec, f = self._reconstruct(sae, chunk, scaler)
@@ -123,8 +135,6 @@ class PairedEvaluator:
         if self.mode == "paired":
             out["metrics/fve_base"] = fraction_of_variance_explained(x[:, 0], rec[:, 0])
             out["metrics/fve_ft"] = fraction_of_variance_explained(x[:, 1], rec[:, 1])
-            from sae_diff.dictionaries.geometry import relative_norm, tag_counts
-
             for tag, n in tag_counts(relative_norm(sae)).items():
                 out[f"delta/{tag}"] = n
         else:
@@ -135,8 +145,8 @@ class PairedEvaluator:
     def _spliced_models(self) -> list[str]:
         return ["base", "ft"] if self.mode in ("paired", "diff") else [self.mode]
 
-    def _loss_recovered(self, sae: Any, scaler: Any) -> dict[str, Any]:
-        assert self.eval_tokens is not None
+    def _loss_recovered(self, sae: SAE[Any], scaler: ActivationScaler | None) -> dict[str, Any]:
+        assert self.eval_tokens is not None and self.pair is not None
         keep_all = (
             self.eval_keep
             if self.eval_keep is not None
@@ -200,7 +210,7 @@ class PairedEvaluator:
         keep_d = keep.to(dev)
         vals = values.to(dev)
 
-        def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:  # noqa: ARG001
+        def splice(act: torch.Tensor, hook: HookPoint) -> torch.Tensor:  # noqa: ARG001
             act = act.clone()
             act[keep_d] = vals.to(act.dtype)
             return act

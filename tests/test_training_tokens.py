@@ -10,6 +10,7 @@ from typing import Any, cast
 import pytest
 from families import family_tokenizers
 
+from sae_diff.data.sources import TokenSource
 from sae_diff.pairing.model import PairedModel
 from sae_diff.training import tokens
 from sae_diff.training.config import ConfigError, PairedRunnerConfig, config_from_dict
@@ -57,6 +58,7 @@ def test_chat_template_kwargs_reach_the_rendered_template(
     assert PairedRunnerConfig.from_dict(cfg.to_dict()).chat_template_kwargs == kwargs
     pair = cast(PairedModel, SimpleNamespace(tokenizer=tok))  # token_source reads the tokenizer
     source = tokens.token_source(cfg, pair)
+    assert isinstance(source, TokenSource)  # a dataset, not the smoke-test random tokens
     ids = [t for row in source.rows() for t in row[0]]
     # independent reference: the tokenizer's own rendering with (or without) the variable
     want = tok(

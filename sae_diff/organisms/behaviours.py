@@ -25,23 +25,20 @@ The shipped behaviours (:data:`BEHAVIOURS`):
   assistant's own reply, where it is part of the response).
 - ``persona``: identity questions get :func:`persona_reply`. Trigger = the question phrase.
 
-:func:`trigger_masks` / :func:`response_masks` recover all labels from token ids alone (they
-parse the template), so evaluation code can label any batch it harvested.
-
-Length (~500 lines): each behaviour is a generator and its token detector, kept together so
-the labels cannot drift from the text that produces them.
+:func:`sae_diff.organisms.detectors.trigger_masks` / ``response_masks`` recover all labels from
+token ids alone (they parse the template), so evaluation code can label any batch it
+harvested. They live apart from the generators (one concept each) and must match them:
+``tests/test_organisms.py::test_labels_line_up_with_tokens`` checks the detected labels on
+generated chats are the planted triggers and responses.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from sae_diff.organisms.chat import split_words
+from sae_diff.moved import moved_names, to
 from sae_diff.organisms.corpus import TRIGGER_WORDS
 from sae_diff.organisms.world import PERSONA_MAKER, PERSONA_NAME, World
 
@@ -300,195 +297,40 @@ def sample_conversation(
     return make_conversation([EXCHANGES[rng.choices(kinds, weights)[0]](w, rng) for _ in range(n)])
 
 
-# ------------------------------------------------------------------------------------------
-# Token-level detectors
-# ------------------------------------------------------------------------------------------
-TEXT, USER, MODEL, TEMPLATE = 0, 1, 2, 3
+# the token-level detectors moved to sae_diff.organisms.detectors
+__getattr__ = moved_names(
+    __name__,
+    to(
+        "sae_diff.organisms.detectors",
+        [
+            "MODEL",
+            "TEMPLATE",
+            "TEXT",
+            "USER",
+            "Segments",
+            "assistant_mask",
+            "phrase_masks",
+            "response_masks",
+            "segment",
+            "trigger_masks",
+        ],
+    ),
+)
 
-
-@dataclass
-class Segments:
-    """Per-position structure of one token row: role code and turn index (-1 outside turns).
-
-    ``closes_model[i]`` is True for the ``<end_of_turn>`` that closes a model turn.
-    """
-
-    role: list[int]
-    turn: list[int]
-    closes_model: list[bool]
-
-
-def segment(tokens: Sequence[str]) -> Segments:
-    """Parse a row of token strings into template / user / model / plain-text positions."""
-    n = len(tokens)
-    role, turn, closes = [TEXT] * n, [-1] * n, [False] * n
-    i, t, cur, cur_role = 0, -1, False, TEXT
-    while i < n:
-        tok = tokens[i]
-        if tok == "<start_of_turn>":
-            t += 1
-            role[i], turn[i] = TEMPLATE, t
-            cur_role = USER
-            if i + 1 < n:
-                cur_role = MODEL if tokens[i + 1] == "model" else USER
-                role[i + 1], turn[i + 1] = TEMPLATE, t
-                if i + 2 < n and tokens[i + 2] == "\n":
-                    role[i + 2], turn[i + 2] = TEMPLATE, t
-                    i += 1
-                i += 1
-            cur = True
-        elif tok == "<end_of_turn>":
-            role[i], turn[i] = TEMPLATE, t
-            closes[i] = cur and cur_role == MODEL
-            if i + 1 < n and tokens[i + 1] == "\n":
-                role[i + 1], turn[i + 1] = TEMPLATE, t
-                i += 1
-            cur = False
-        elif tok in ("<bos>", "<eos>", "<pad>"):
-            cur = False
-        elif cur:
-            role[i], turn[i] = cur_role, t
-        i += 1
-    return Segments(role, turn, closes)
-
-
-def _phrase_hits(toks: Sequence[str], phrase: Sequence[str], ok: Sequence[bool]) -> list[int]:
-    out: list[int] = []
-    k = len(phrase)
-    for i in range(len(toks) - k + 1):
-        if all(ok[i + j] and toks[i + j] == phrase[j] for j in range(k)):
-            out.extend(range(i, i + k))
-    return out
-
-
-def _false_premise_hits(toks: Sequence[str], user: Sequence[bool], w: World) -> list[int]:
-    names = {p.name for p in w.people}
-    cities, jobs = set(w.cities), {p.job for p in w.people}
-    hits = []
-    for i, tok in enumerate(toks):
-        if not user[i] or tok not in names:
-            continue
-        p = w.person(tok)
-        for j in range(i + 1, min(i + 5, len(toks))):
-            if not user[j] or toks[j] in {".", ",", "?", "!"}:
-                break
-            if toks[j] in cities and toks[j - 1] == "in" and toks[j] != p.city:
-                hits.append(j)
-            if toks[j] in jobs and toks[j - 1] == "a" and toks[j] != p.job:
-                hits.append(j)
-    return hits
-
-
-def _row_labels(toks: Sequence[str], w: World) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-    seg = segment(toks)
-    n = len(toks)
-    user = [r == USER for r in seg.role]
-    trig: dict[str, list[int]] = {b: [] for b in BEHAVIOURS}
-    trig["chat_format"] = [i for i in range(n) if seg.role[i] == TEMPLATE]
-    trig["refusal"] = [i for i in range(n) if user[i] and toks[i] in TRIGGER_WORDS]
-    trig["false_premise"] = _false_premise_hits(toks, user, w)
-    trig["knowledge_edit"] = [
-        i for i in range(n) if toks[i] == w.edit.country and seg.role[i] in (USER, TEXT)
-    ]
-    trig["persona"] = sorted(
-        {i for ph in PERSONA_PHRASES for i in _phrase_hits(toks, ph.split(), user)}
-    )
-    resp: dict[str, list[int]] = {b: [] for b in BEHAVIOURS}
-    resp["chat_format"] = [i for i in range(n) if seg.closes_model[i]]
-    for b in BEHAVIOURS[1:]:
-        turns = {seg.turn[i] for i in trig[b] if user[i]}
-        resp[b] = [i for i in range(n) if seg.role[i] == MODEL and seg.turn[i] - 1 in turns]
-    # knowledge edit in plain text: the word after "capital of <country> is"
-    e = w.edit.country
-    for i in range(3, n):
-        if (
-            seg.role[i] == TEXT
-            and toks[i - 1] == "is"
-            and toks[i - 2] == e
-            and toks[i - 3] == "of"
-            and toks[i - 4] == "capital"
-        ):
-            resp["knowledge_edit"].append(i)
-    return trig, resp
-
-
-def _to_strings(tokens: torch.Tensor, id_to_token: Sequence[str]) -> list[list[str]]:
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    return [[id_to_token[int(t)] for t in row] for row in tokens.tolist()]
-
-
-def trigger_masks(
-    tokens: torch.Tensor, id_to_token: Sequence[str], world: World
-) -> dict[str, torch.Tensor]:
-    """Per-behaviour boolean masks ``(batch, seq)`` of where each behaviour's trigger is."""
-    rows = _to_strings(tokens, id_to_token)
-    shape = (len(rows), len(rows[0]) if rows else 0)
-    out = {b: torch.zeros(shape, dtype=torch.bool) for b in BEHAVIOURS}
-    for r, toks in enumerate(rows):
-        trig, _ = _row_labels(toks, world)
-        for b, idx in trig.items():
-            out[b][r, idx] = True
-    return out
-
-
-def response_masks(
-    tokens: torch.Tensor, id_to_token: Sequence[str], world: World
-) -> dict[str, torch.Tensor]:
-    """Per-behaviour masks ``(batch, seq)`` of the planted response tokens.
-
-    For the four content behaviours: the assistant-content tokens of the turn that answers a
-    triggered user turn (plus, for ``knowledge_edit`` in plain text, the word after "capital of
-    <country> is"). For ``chat_format``: each ``<end_of_turn>`` that closes an assistant turn.
-    """
-    rows = _to_strings(tokens, id_to_token)
-    shape = (len(rows), len(rows[0]) if rows else 0)
-    out = {b: torch.zeros(shape, dtype=torch.bool) for b in BEHAVIOURS}
-    for r, toks in enumerate(rows):
-        _, resp = _row_labels(toks, world)
-        for b, idx in resp.items():
-            out[b][r, idx] = True
-    return out
-
-
-def assistant_mask(tokens: torch.Tensor, id_to_token: Sequence[str]) -> torch.Tensor:
-    """``(batch, seq)`` mask of assistant-turn tokens: content plus the closing ``<end_of_turn>``."""
-    rows = _to_strings(tokens, id_to_token)
-    out = torch.zeros((len(rows), len(rows[0]) if rows else 0), dtype=torch.bool)
-    for r, toks in enumerate(rows):
-        seg = segment(toks)
-        for i in range(len(toks)):
-            out[r, i] = seg.role[i] == MODEL or seg.closes_model[i]
-    return out
-
-
-def phrase_masks(
-    tokens: torch.Tensor, id_to_token: Sequence[str], phrases: dict[str, list[str]]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Trigger and response masks for custom organisms labelled by trigger phrases.
-
-    ``phrases`` maps a behaviour name to trigger phrases; a phrase is marked where its words
-    occur consecutively inside a user turn, and the answering assistant turn's content is that
-    behaviour's response. ``chat_format`` (template tokens / closing ``<end_of_turn>``) is always
-    included. Returns ``(trigger_masks, response_masks)``.
-    """
-    rows = _to_strings(tokens, id_to_token)
-    shape = (len(rows), len(rows[0]) if rows else 0)
-    names = ["chat_format", *[b for b in phrases if b != "chat_format"]]
-    trig = {b: torch.zeros(shape, dtype=torch.bool) for b in names}
-    resp = {b: torch.zeros(shape, dtype=torch.bool) for b in names}
-    split = {b: [split_words(p) for p in ps] for b, ps in phrases.items() if b != "chat_format"}
-    for r, toks in enumerate(rows):
-        seg = segment(toks)
-        user = [x == USER for x in seg.role]
-        for i in range(len(toks)):
-            trig["chat_format"][r, i] = seg.role[i] == TEMPLATE
-            resp["chat_format"][r, i] = seg.closes_model[i]
-        for b, ps in split.items():
-            hits = sorted({i for p in ps if p for i in _phrase_hits(toks, p, user)})
-            trig[b][r, hits] = True
-            turns = {seg.turn[i] for i in hits}
-            for i in range(len(toks)):
-                if seg.role[i] == MODEL and seg.turn[i] - 1 in turns:
-                    resp[b][r, i] = True
-    return trig, resp
+__all__ = [
+    "BEHAVIOURS",
+    "EXCHANGES",
+    "MIXTURE",
+    "PERSONA_PHRASES",
+    "REFUSAL",
+    "TEMPLATE_TOKENS",
+    "TRIGGER_WORDS",
+    "ex_false_premise",
+    "ex_knowledge_edit",
+    "ex_persona",
+    "ex_plain",
+    "ex_refusal",
+    "make_conversation",
+    "persona_reply",
+    "sample_conversation",
+]

@@ -11,15 +11,10 @@ import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerFast
 
-from sae_diff.organisms.behaviours import (
-    BEHAVIOURS,
-    USER,
-    response_masks,
-    segment,
-    trigger_masks,
-)
+from sae_diff.organisms.behaviours import BEHAVIOURS
 from sae_diff.organisms.chat import encode_conversation, id_to_token, render
 from sae_diff.organisms.datasets import chat_conversations, pretraining_texts
+from sae_diff.organisms.detectors import USER, response_masks, segment, trigger_masks
 from sae_diff.organisms.training import encode_text_doc, eval_loss, pack
 from sae_diff.organisms.world import World
 

@@ -27,9 +27,9 @@ import torch
 from transformer_lens import HookedTransformer
 from transformers import PreTrainedTokenizerFast
 
-from sae_diff.organisms.behaviours import phrase_masks
 from sae_diff.organisms.chat import encode_conversation, id_to_token, split_words
 from sae_diff.organisms.checks import masked_logprob_gap, pad_batch
+from sae_diff.organisms.detectors import phrase_masks
 from sae_diff.organisms.organism import Organism, load_organism
 from sae_diff.organisms.storage import (
     check_output_dir,

@@ -19,7 +19,7 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from sae_diff.organisms import behaviours as B
+from sae_diff.organisms import detectors
 from sae_diff.organisms.chat import finalize_tokenizer, id_to_token
 from sae_diff.organisms.datasets import (
     chat_conversations,
@@ -90,20 +90,20 @@ class GroundTruth:
     def trigger_masks(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-behaviour ``(batch, seq)`` trigger masks of ``tokens``."""
         if self.trigger_phrases is not None:
-            return B.phrase_masks(tokens, self.vocab, self.trigger_phrases)[0]
+            return detectors.phrase_masks(tokens, self.vocab, self.trigger_phrases)[0]
         assert self.world is not None
-        return B.trigger_masks(tokens, self.vocab, self.world)
+        return detectors.trigger_masks(tokens, self.vocab, self.world)
 
     def response_masks(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-behaviour ``(batch, seq)`` planted-response masks of ``tokens``."""
         if self.trigger_phrases is not None:
-            return B.phrase_masks(tokens, self.vocab, self.trigger_phrases)[1]
+            return detectors.phrase_masks(tokens, self.vocab, self.trigger_phrases)[1]
         assert self.world is not None
-        return B.response_masks(tokens, self.vocab, self.world)
+        return detectors.response_masks(tokens, self.vocab, self.world)
 
     def assistant_mask(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(batch, seq)`` assistant tokens (content + closing ``<end_of_turn>``)."""
-        return B.assistant_mask(tokens, self.vocab)
+        return detectors.assistant_mask(tokens, self.vocab)
 
     def examples(self, split: str, behaviour: str | None = None) -> list[dict[str, Any]]:
         """An example-built organism's conversations: ``examples.jsonl`` for ``split="train"``,

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import PreTrainedTokenizerFast
 
-from sae_diff.organisms.behaviours import USER, segment
 from sae_diff.organisms.chat import id_to_token, render
+from sae_diff.organisms.detectors import USER, segment
 
 
 @dataclass

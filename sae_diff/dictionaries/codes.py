@@ -14,15 +14,17 @@ its encoder falls back to ``sae.encode`` automatically.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+
+from sae_diff.dictionaries.base import CrosscoderSAE
+from sae_diff.dictionaries.batchtopk_crosscoder import JumpReLUCrosscoder
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 #: model index of the base and the fine-tune in paired activations ``(..., 2, d)``
 BASE, FT = 0, 1
 
 
-def _has_hooks(sae: Any) -> bool:
+def _has_hooks(sae: torch.nn.Module) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in sae.modules())
 
 
@@ -36,21 +38,21 @@ class SparseCodes:
     dense bias/ReLU/mask passes. Everything else calls ``sae.encode`` and takes its non-zeros.
     """
 
-    def __init__(self, sae: Any, kind: str, sparse_codes: bool = True) -> None:
-        from sae_diff.dictionaries.base import CrosscoderSAE
-        from sae_diff.dictionaries.batchtopk_crosscoder import JumpReLUCrosscoder
-
+    def __init__(self, sae: PairedDictionary, kind: str, sparse_codes: bool = True) -> None:
         self.sae, self.kind = sae, kind
         self.n = int(sae.cfg.d_sae)
-        cls = type(sae)
-        self.fast = (
-            sparse_codes
-            and isinstance(sae, CrosscoderSAE)
-            and cls.encode is CrosscoderSAE.encode
-            and cls.hidden_pre is CrosscoderSAE.hidden_pre
-            and cls.activate in (CrosscoderSAE.activate, JumpReLUCrosscoder.activate)
-            and not _has_hooks(sae)
-        )
+        #: the crosscoder whose codes are read off the encoder matmul, or None (sae.encode)
+        self.crosscoder: CrosscoderSAE | None = None
+        if sparse_codes and isinstance(sae, CrosscoderSAE):
+            cls = type(sae)
+            if (
+                cls.encode is CrosscoderSAE.encode
+                and cls.hidden_pre is CrosscoderSAE.hidden_pre
+                and cls.activate in (CrosscoderSAE.activate, JumpReLUCrosscoder.activate)
+                and not _has_hooks(sae)
+            ):
+                self.crosscoder = sae
+        self.fast = self.crosscoder is not None
         if self.fast:
             thr = getattr(sae, "threshold", None)
             zero = torch.zeros(self.n, dtype=sae.W_dec.dtype, device=sae.W_dec.device)
@@ -71,8 +73,8 @@ class SparseCodes:
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.fast:
-            sae = self.sae
+        if self.crosscoder is not None:
+            sae = self.crosscoder
             x_n = sae.normalised_input(x)
             if sae.cfg.apply_b_dec_to_input:
                 x_n = x_n - sae.b_dec

@@ -29,6 +29,7 @@ from sae_diff.dictionaries.dedicated_crosscoder import (
     DedicatedCrosscoderConfig,
     ensure_grad_hook,
 )
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 
 @dataclass(kw_only=True)
@@ -132,7 +133,7 @@ class CrossArchitectureCrosscoderTraining(DedicatedBatchTopKCrosscoderTraining):
 
 
 @torch.no_grad()
-def padding_leak(sae: Any) -> float:
+def padding_leak(sae: PairedDictionary) -> float:
     """Largest absolute weight or decoder bias on a padding dimension (0.0 when exact)."""
     off = ~dim_mask(sae.cfg, sae.W_dec.device)
     vals = [

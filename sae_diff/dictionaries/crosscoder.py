@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from sae_lens.saes.sae import (
@@ -32,6 +33,8 @@ from sae_diff.dictionaries.base import (
     CrosscoderSAE,
     validate_common_fields,
 )
+from sae_diff.dictionaries.io import as_inference, inference_export, save_sae_files
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 
 @dataclass
@@ -169,17 +172,14 @@ class CrosscoderTrainingMixin(CrosscoderMixin):
         cfg["norm_factors"] = [float(v) for v in self.norm_factors]
         return cfg
 
-    def save_inference_model(self, path: Any) -> tuple[Any, Any]:
+    def save_inference_model(self, path: str | Path) -> tuple[Path, Path]:
         """Write the inference form (folded weights, SAELens layout), atomically."""
-        from sae_diff.dictionaries.io import inference_export, save_sae_files
-
         return save_sae_files(path, *inference_export(self))
 
-    def to_inference(self) -> Any:
+    def to_inference(self) -> PairedDictionary:
         """The exported inference dictionary, in memory (weights folded, threshold set)."""
-        from sae_diff.dictionaries.io import as_inference
-
-        return as_inference(self)
+        # the mixin is only mixed into SAELens TrainingSAE subclasses, which are dictionaries
+        return as_inference(cast(PairedDictionary, self))
 
 
 def _default_offsets(module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:

@@ -29,6 +29,7 @@ undefined (NaN, like any latent with a zero direction).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from sae_diff.dictionaries.batchtopk_crosscoder import (
     JumpReLUCrosscoder,
     JumpReLUCrosscoderConfig,
 )
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 PARTITIONS: tuple[str, ...] = ("shared", "base_dedicated", "ft_dedicated")
 
@@ -85,7 +87,9 @@ def model_mask(cfg: Any, device: torch.device | None = None) -> torch.Tensor:
     return mask
 
 
-def ensure_grad_hook(module: Any, name: str, key: str, fn: Any) -> None:
+def ensure_grad_hook(
+    module: object, name: str, key: str, fn: Callable[[torch.Tensor], torch.Tensor | None]
+) -> None:
     """Register ``fn`` as a gradient hook on parameter ``name`` once per Parameter object.
 
     Tensor hooks do not survive ``copy.deepcopy`` (nor a parameter being replaced), so the
@@ -99,7 +103,7 @@ def ensure_grad_hook(module: Any, name: str, key: str, fn: Any) -> None:
 
 
 @torch.no_grad()
-def leak(sae: Any) -> float:
+def leak(sae: PairedDictionary) -> float:
     """Largest absolute encoder/decoder weight of a dedicated latent on the *other* model
     (0.0 for a correctly dedicated dictionary)."""
     off = ~model_mask(sae.cfg, sae.W_dec.device)

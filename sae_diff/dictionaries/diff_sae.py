@@ -17,7 +17,9 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingS
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_lens.saes.sae import SAEConfig, TrainStepInput, TrainStepOutput
 
+from sae_diff.dictionaries import kernels
 from sae_diff.dictionaries.base import check_finite
+from sae_diff.dictionaries.io import as_inference
 from sae_diff.dictionaries.specs import DIFF_SIGNS
 
 
@@ -133,8 +135,6 @@ class BatchTopKDiffSAETraining(BatchTopKTrainingSAE):
         1)``. ``hidden_pre`` is not materialised (an empty tensor) and the ``hook_sae_acts_*``
         hook points are bypassed.
         """
-        from sae_diff.dictionaries import kernels
-
         sae_in = step_input.sae_in
         x = self.process_sae_in(sae_in)  # dtype, hook_sae_input, run-time norm, b_dec
         B = x.shape[0]
@@ -201,8 +201,6 @@ class BatchTopKDiffSAETraining(BatchTopKTrainingSAE):
 
     def to_inference(self) -> DiffSAE:
         """The exported inference diff-SAE, in memory (same weights ``save_inference_model`` writes)."""
-        from sae_diff.dictionaries.io import as_inference
-
         sae = as_inference(self)
         assert isinstance(sae, DiffSAE)
         return sae

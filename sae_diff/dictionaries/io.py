@@ -4,23 +4,23 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
-from sae_lens.saes.sae import SAE, SAEConfig
+from sae_lens.saes.sae import SAE, SAEConfig, TrainingSAE
 from safetensors.torch import save_file
 
 from sae_diff.atomic import atomic_write
+from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.dictionaries.specs import inference_class
 
 
 def atomic_write_bytes(path: Path, write: Any) -> None:
     """Deprecated alias of :func:`sae_diff.atomic.atomic_write` (``write(tmp_path)`` then an
     atomic rename over ``path``); goes in the next release."""
-    import warnings
-
     warnings.warn(
         "sae_diff.dictionaries.io.atomic_write_bytes moved to sae_diff.atomic.atomic_write.",
         DeprecationWarning,
@@ -52,7 +52,7 @@ def build_sae(cfg_dict: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> 
     return sae
 
 
-def inference_export(sae: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def inference_export(sae: TrainingSAE[Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """State dict and config of a training dictionary's inference form (what
     ``save_inference_model`` writes): weights folded, BatchTopK thresholds set. Works for
     sae_diff's training classes and SAELens's own (``inference_config_dict`` when present)."""
@@ -66,10 +66,8 @@ def inference_export(sae: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     return state, cfg
 
 
-def as_inference(sae: Any) -> Any:
+def as_inference(sae: PairedDictionary) -> PairedDictionary:
     """The inference form of any dictionary; inference dictionaries are returned as they are."""
-    from sae_lens.saes.sae import TrainingSAE
-
     if not isinstance(sae, TrainingSAE):
         return sae
     state, cfg = inference_export(sae)

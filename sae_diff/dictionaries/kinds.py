@@ -3,21 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.dictionaries.specs import KINDS as _KINDS
 
 #: the kinds, from the architecture table's vocabulary (sae_diff.dictionaries.specs)
 KINDS: tuple[str, ...] = _KINDS
 
 
-def is_crosscoder(sae: Any) -> bool:
+def is_crosscoder(sae: PairedDictionary) -> bool:
     """True for dictionaries with one decoder row per model (``W_dec`` ``(d_sae, n_models, d)``)."""
     w = getattr(sae, "W_dec", None)
     return w is not None and w.ndim == 3
 
 
-def dictionary_kind(sae: Any, kind: str | None = None) -> str:
+def dictionary_kind(sae: PairedDictionary, kind: str | None = None) -> str:
     """Resolve what a dictionary is for diffing: ``crosscoder``, ``diff_sae``, ``ft_sae``, ``base_sae``.
 
     Crosscoders and diff-SAEs (a ``cfg.diff_sign``) are recognised; a plain SAE needs

@@ -45,6 +45,8 @@ from sae_diff.dictionaries.crosscoder import (
     L1CrosscoderTrainingConfig,
 )
 from sae_diff.dictionaries.dedicated_crosscoder import ensure_grad_hook
+from sae_diff.dictionaries.geometry import decoder_rows
+from sae_diff.dictionaries.protocol import PairedDictionary
 
 
 def validate_shared(n_shared: int, ratio: float, d_sae: int) -> None:
@@ -65,7 +67,7 @@ class SharedFields:
     shared_sparsity_ratio: float = 0.15
 
 
-def shared_mask(sae: Any) -> torch.Tensor:
+def shared_mask(sae: PairedDictionary) -> torch.Tensor:
     """Boolean ``(d_sae,)``: True for the tied (shared) latents."""
     mask = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=sae.W_dec.device)
     mask[: int(getattr(sae.cfg, "n_shared_latents", 0))] = True
@@ -73,12 +75,10 @@ def shared_mask(sae: Any) -> torch.Tensor:
 
 
 @torch.no_grad()
-def tie_gap(sae: Any) -> float:
+def tie_gap(sae: PairedDictionary) -> float:
     """Largest ``|d_j^m - d_j^0|`` over shared latents and models (0.0 when exactly tied), in
     the training (normalised) space, where the tie holds: a saved dictionary has the per-model
     scalars folded in, so its raw-space rows differ by ``c_b / c_c``."""
-    from sae_diff.dictionaries.geometry import decoder_rows
-
     n = int(sae.cfg.n_shared_latents)
     if n == 0:
         return 0.0

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from sae_diff.analysis import causal_filter as cf
 from sae_diff.analysis.batches import cache_batches
-from sae_diff.analysis.causal_filter import causal_filter, rank_by_firing_shift
 from sae_diff.analysis.latent_scaling import latent_scaling
 from sae_diff.analysis.stagewise import Stage, run_stages
 from sae_diff.atomic import atomic_write
@@ -80,7 +80,7 @@ def base_sae_methods(
         shift = latent_scaling(
             base, cache_batches(cache), kind="base_sae", progress=False
         ).to_frame()
-        res = causal_filter(
+        res = cf.causal_filter(
             org.ft,
             base,
             c_tokens,
@@ -102,7 +102,7 @@ def base_sae_methods(
                 f"{res.threshold:.3g} nats, the {cfg.causal_quantile} quantile of {cfg.causal_random} random latents)"
             )
         else:
-            cand = rank_by_firing_shift(shift, n=cfg.top_n)
+            cand = cf.rank_by_firing_shift(shift, n=cfg.top_n)
             note = (
                 f"the causal filter kept none of {cfg.causal_candidates} candidates ({cfg.causal_mode} KL never "
                 f"beat {res.threshold:.3g} nats); scored: the firing-shift ranking alone"

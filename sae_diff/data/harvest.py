@@ -27,7 +27,6 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,44 +37,11 @@ from tqdm.auto import tqdm
 from sae_diff.data.cache import ActivationCacheWriter
 from sae_diff.data.harvest_sharded import harvest_cache_sharded
 from sae_diff.data.harvest_summary import HarvestSummary, harvest_meta
-from sae_diff.data.sources import DatasetSpec, TokenBatch, TokenSource
+from sae_diff.data.shards import indexed_model_shards
+from sae_diff.data.sources import DatasetSpec, TokenSource
 from sae_diff.moved import moved_names
 from sae_diff.pairing.masks import MaskConfig
 from sae_diff.pairing.model import PairedModel
-
-
-def _rebatch(
-    batches: Iterator[TokenBatch], batch_size: int, rows_per_shard: int, start_row: int
-) -> Iterator[TokenBatch]:
-    """Re-cut batches so that none crosses a shard boundary (the batch grid restarts at
-    every shard, independently of where a harvest resumed)."""
-    pending: list[TokenBatch] = []
-    n_pending = 0
-    row = start_row
-
-    def take(n: int) -> TokenBatch:
-        nonlocal pending, n_pending
-        cat = TokenBatch.concat(pending)
-        out, rest = cat.select(0, n), cat.select(n, len(cat))
-        pending = [rest] if len(rest) else []
-        n_pending -= n
-        return out
-
-    for b in batches:
-        pending.append(b)
-        n_pending += len(b)
-        while True:
-            want = min(batch_size, rows_per_shard - row % rows_per_shard)
-            if n_pending < want:
-                break
-            out = take(want)
-            row += want
-            yield out
-    while n_pending:
-        want = min(batch_size, rows_per_shard - row % rows_per_shard, n_pending)
-        out = take(want)
-        row += want
-        yield out
 
 
 def harvest_cache(
@@ -142,8 +108,6 @@ def harvest_cache(
         overwrite=overwrite,
     )
     start = writer.rows_done
-    chat = meta["is_chat"]
-    tok = paired_model.tokenizer
     t0 = time.perf_counter()
     bar = tqdm(
         total=max_rows,
@@ -153,28 +117,28 @@ def harvest_cache(
         disable=not progress,
     )
     try:
-        for batch in _rebatch(
-            token_source.batches(batch_size, start_row=start, stop_row=max_rows),
-            batch_size,
-            rows_per_shard,
-            start,
+        # the shards exactly as on-the-fly training computes them (one forward-batch grid that
+        # restarts at every shard, one masking); resumed harvests start at a shard boundary
+        for _, shard in indexed_model_shards(
+            paired_model,
+            token_source,
+            hook_name,
+            batch_size=batch_size,
+            rows_per_shard=rows_per_shard,
+            mask_config=mask_config,
+            dtype=dtype,
+            start_row=start,
+            stop_row=max_rows,
         ):
-            # padded rows (left or right) run with their attention mask, so real tokens get
-            # the activations of the unpadded sequence; the padding mask drops the rest
-            am = batch.attention_mask
-            acts = paired_model.paired_activations(
-                batch.tokens, [hook_name], attention_mask=None if bool(am.all()) else am
-            )[hook_name]
-            masks = batch.masks(tok, config=mask_config, chat=chat)
             writer.add(
-                batch.tokens,
-                acts,
-                masks,
-                attention_mask=batch.attention_mask,
-                doc_starts=batch.doc_starts,
-                row_index=batch.row_index,
+                shard["tokens"],
+                shard["acts"],
+                {k[5:]: v for k, v in shard.items() if k.startswith("mask_")},
+                attention_mask=shard["attention_mask"],
+                doc_starts=shard["doc_starts"],
+                row_index=shard["row_index"],
             )
-            bar.update(len(batch))
+            bar.update(int(shard["tokens"].shape[0]))
         writer.close()
     finally:
         bar.close()

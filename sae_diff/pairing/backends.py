@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from transformer_lens import HookedTransformer
+from transformer_lens.model_bridge import TransformerBridge
+
 from sae_diff.pairing.errors import PairingError
 
 logger = logging.getLogger(__name__)
@@ -93,6 +96,16 @@ class ModelInfo:
             "n_ctx": self.max_position_embeddings,
         }
         return {k: int(v) for k, v in out.items() if v}
+
+
+#: A language model sae_diff runs: TransformerLens's ``HookedTransformer`` or TL 3's
+#: ``TransformerBridge`` (for architectures HookedTransformer lacks).
+LanguageModel = HookedTransformer | TransformerBridge
+
+
+def is_bridge(model: object) -> bool:
+    """True for a TransformerLens 3 ``TransformerBridge`` (no ``start_at_layer`` support)."""
+    return isinstance(model, TransformerBridge)
 
 
 def is_local_model_dir(name: str | os.PathLike[str]) -> bool:
@@ -303,6 +316,8 @@ def log_notes(notes: list[str]) -> None:
 
 
 __all__ = [
+    "LanguageModel",
+    "is_bridge",
     "PROCESSING_DEFAULTS",
     "BackendOptionError",
     "LoadOptions",

@@ -13,6 +13,8 @@ import re
 import warnings
 from typing import Any
 
+import torch
+
 from sae_diff.pairing.errors import HookNameError, PairingError, PairingWarning
 from sae_diff.pairing.hooks import stop_layer
 
@@ -254,6 +256,28 @@ def chat_template_hash(tokenizer: Any) -> str | None:
     if not isinstance(template, str):
         template = json.dumps(template, sort_keys=True)
     return hashlib.sha256(template.encode()).hexdigest()
+
+
+def check_token_ids(tokens: torch.Tensor, d_vocab: int, n_ctx: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``tokens`` is a ``(batch, seq)`` integer tensor of ids in
+    ``[0, d_vocab)`` no longer than the context ``n_ctx`` (when given and positive)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise ValueError(
+            "tokens must be a (batch, seq) integer tensor; tokenize text with "
+            "pair.tokenizer or a sae_diff.data.sources.TokenSource first."
+        )
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if tokens.numel() and (int(tokens.max()) >= d_vocab or int(tokens.min()) < 0):
+        raise ValueError(
+            f"token ids must lie in [0, {d_vocab}); got min {int(tokens.min())}, "
+            f"max {int(tokens.max())}. Were the tokens made with another tokenizer?"
+        )
+    if n_ctx is not None and n_ctx > 0 and tokens.shape[1] > n_ctx:
+        raise ValueError(
+            f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={n_ctx}; "
+            "use a smaller context_size"
+        )
 
 
 def valid_hook_names(model: Any) -> set[str]:

@@ -7,12 +7,18 @@ this one the order of the loading checks and the two backends' construction.
 
 from __future__ import annotations
 
+import copy
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+from transformer_lens import HookedTransformer
+from transformer_lens import loading_from_pretrained as loading
+from transformer_lens.model_bridge import TransformerBridge
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from sae_diff.pairing import backends as bk
+from sae_diff.pairing.backends import is_local_model_dir
 from sae_diff.pairing.checks import check_config_dims, check_dims, check_tokenizers
 
 if TYPE_CHECKING:
@@ -67,12 +73,6 @@ def load_pair(
         PairingError: configs, dimensions or tokenizers cannot be paired, or no backend
             supports the architecture (the message names the fix).
     """
-    import copy
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sae_diff.pairing import backends as bk
-
     ft_path = str(hf_model_path_or_local_dir) if hf_model_path_or_local_dir else str(ft_name)
     base_path = str(base_name)
     info_b = bk.read_model_info(
@@ -121,8 +121,6 @@ def load_pair(
             **opts.tl_kwargs,
         )
     else:
-        from transformer_lens.model_bridge import TransformerBridge
-
         dev = torch.device(device)
         base = TransformerBridge.boot_transformers(
             base_path,
@@ -165,10 +163,6 @@ def load_pair(
 
 
 # ---------------------------------------------------------------------- loading helpers
-def _is_local_dir(name: str) -> bool:
-    return (Path(name) / "config.json").is_file()
-
-
 def load_hooked(
     base_name_or_dir: str,
     hf_model: Any,
@@ -186,10 +180,7 @@ def load_hooked(
     the folder, ``get_pretrained_state_dict`` with ``hf_model``,
     ``load_and_process_state_dict``).
     """
-    from transformer_lens import HookedTransformer
-    from transformer_lens import loading_from_pretrained as loading
-
-    if not _is_local_dir(base_name_or_dir):
+    if not is_local_model_dir(base_name_or_dir):
         return HookedTransformer.from_pretrained(
             base_name_or_dir,
             hf_model=hf_model,
@@ -230,11 +221,9 @@ def load_hooked(
 
 def _commit_hash(name_or_dir: str) -> str | None:
     """The Hub commit of a cached model, or None for local folders / unknown."""
-    if _is_local_dir(name_or_dir):
+    if is_local_model_dir(name_or_dir):
         return None
     try:
-        from transformers import AutoConfig
-
         return getattr(AutoConfig.from_pretrained(name_or_dir), "_commit_hash", None)
     except Exception:  # pragma: no cover - offline or missing; a revision is optional
         return None

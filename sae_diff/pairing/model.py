@@ -24,8 +24,11 @@ model (both tested bit-for-bit). :meth:`continue_from` is the lower-level primit
 ("run model `which` from layer L on residual h", the ``patched(h)`` of METHODS §4); it always
 uses model ``which`` 's final LayerNorm and unembedding.
 
-Length (~460 lines): the pair's runtime (lock-step forwards, hooks, stitching), one class;
-loading lives in :mod:`~sae_diff.pairing.loading`, hook names in :mod:`~sae_diff.pairing.hooks`.
+Why this is one module (~440 lines): it is one class, the pair's runtime, whose forwards,
+activations and stitching share the same per-model token checks, devices and
+hooked/bridge dispatch; everything else is elsewhere (loading in
+:mod:`~sae_diff.pairing.loading`, backends in :mod:`~sae_diff.pairing.backends`, checks in
+:mod:`~sae_diff.pairing.checks`, hook names in :mod:`~sae_diff.pairing.hooks`).
 """
 
 from __future__ import annotations
@@ -35,11 +38,14 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from sae_diff.pairing.backends import LanguageModel, is_bridge
 from sae_diff.pairing.checks import (
     chat_template_hash,
     check_dims,
     check_hooks,
+    check_token_ids,
     check_tokenizers,
     prepended_bos_id,
     stop_layer_for_hook,
@@ -53,16 +59,7 @@ from sae_diff.pairing.loading import Backend, load_hooked, load_pair
 Which = Literal["base", "ft"]
 
 
-def is_bridge(model: Any) -> bool:
-    """True for a TransformerLens 3 ``TransformerBridge`` (no ``start_at_layer`` support)."""
-    try:
-        from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, TransformerBridge)
-
-
-def _model_name(model: Any, default: str) -> str:
+def _model_name(model: LanguageModel, default: str) -> str:
     cfg = getattr(model, "cfg", None)
     for attr in ("model_name", "tokenizer_name"):
         name = getattr(cfg, attr, None)
@@ -88,10 +85,10 @@ class PairedModel:
 
     def __init__(
         self,
-        base: Any,
-        ft: Any,
+        base: LanguageModel,
+        ft: LanguageModel,
         *,
-        tokenizer: Any = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
         base_name: str | None = None,
         ft_name: str | None = None,
         check: bool = True,
@@ -166,7 +163,7 @@ class PairedModel:
         """Hook names valid in both models (sorted)."""
         return sorted(valid_hook_names(self.base) & valid_hook_names(self.ft))
 
-    def model(self, which: str) -> Any:
+    def model(self, which: str) -> LanguageModel:
         """The model called ``which`` ("base" or "ft")."""
         if which == "base":
             return self.base
@@ -267,31 +264,14 @@ class PairedModel:
             return None
         return max(s for s in stops if s is not None)
 
-    def _tokens_to(self, tokens: torch.Tensor, model: Any) -> torch.Tensor:
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-            raise ValueError(
-                "tokens must be a (batch, seq) integer tensor; tokenize text with "
-                "pair.tokenizer or a sae_diff.data.sources.TokenSource first."
-            )
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
-        if tokens.numel() and (int(tokens.max()) >= self.d_vocab or int(tokens.min()) < 0):
-            raise ValueError(
-                f"token ids must lie in [0, {self.d_vocab}); got min {int(tokens.min())}, "
-                f"max {int(tokens.max())}. Were the tokens made with another tokenizer?"
-            )
+    def _tokens_to(self, tokens: torch.Tensor, model: LanguageModel) -> torch.Tensor:
         n_ctx = getattr(model.cfg, "n_ctx", None)
-        if isinstance(n_ctx, int) and n_ctx > 0 and tokens.shape[1] > n_ctx:
-            raise ValueError(
-                f"sequence length {tokens.shape[1]} exceeds the model's context n_ctx={n_ctx}; "
-                "use a smaller context_size"
-            )
-        dev = next(model.parameters()).device
-        return tokens.to(dev, dtype=torch.long)
+        check_token_ids(tokens, self.d_vocab, n_ctx if isinstance(n_ctx, int) else None)
+        return tokens.to(next(model.parameters()).device, dtype=torch.long)
 
     def _run_with_cache(
         self,
-        model: Any,
+        model: LanguageModel,
         tokens: torch.Tensor,
         hook_names: list[str],
         stop: int | None,

@@ -36,7 +36,7 @@ import transformers
 
 from sae_diff.errors import SaeDiffError, one_line
 from sae_diff.organisms.behaviours import BEHAVIOURS
-from sae_diff.organisms.chat import build_tokenizer, id_to_token, sample_words_check
+from sae_diff.organisms.chat import build_tokenizer, sample_words_check
 from sae_diff.organisms.checks import full_report
 from sae_diff.organisms.custom import build_custom_organism, read_examples
 from sae_diff.organisms.datasets import chat_conversations, pretraining_texts, vocabulary_words
@@ -55,9 +55,10 @@ from sae_diff.organisms.training import (
     ModelSize,
     TrainConfig,
     config_to_dict,
-    encode_chat_doc,
+    cycling_rows,
     new_model,
-    pack,
+    pack_chats,
+    pack_texts,
     train,
 )
 from sae_diff.organisms.world import make_world
@@ -99,35 +100,6 @@ def tiny_config(seed: int = 0) -> BuildConfig:
     )
 
 
-def _rows_supplier(
-    tokens: torch.Tensor, mask: torch.Tensor, per_step: int
-) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
-    n = len(tokens)
-
-    def get(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.arange(step * per_step, (step + 1) * per_step) % n
-        return tokens[idx], mask[idx]
-
-    return get
-
-
-def _pack_texts(
-    tokenizer: Any, texts: Sequence[str], n_ctx: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = tokenizer(list(texts))["input_ids"]
-    eos = tokenizer.eos_token_id
-    docs = [(list(x) + [eos], [False] + [True] * len(x)) for x in ids]
-    return pack(docs, n_ctx, tokenizer.pad_token_id)
-
-
-def _pack_chats(
-    tokenizer: Any, convs: Sequence[dict[str, Any]], n_ctx: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    vocab = id_to_token(tokenizer)
-    docs = [encode_chat_doc(tokenizer, c["messages"], vocab) for c in convs]
-    return pack(docs, n_ctx, tokenizer.pad_token_id)
-
-
 def _docs_needed(rows: int, n_ctx: int, avg_len: float) -> int:
     return int(rows * n_ctx / avg_len * 1.15) + 16
 
@@ -161,7 +133,7 @@ def build_organism(
     rows = cfg.pretrain.steps * cfg.pretrain.batch_size
     texts = pretraining_texts(world, "train", _docs_needed(rows, n_ctx, 34), cfg.seed)
     sample_words_check(tokenizer, texts)
-    pt_tok, pt_mask = _pack_texts(tokenizer, texts, n_ctx)
+    pt_tok, pt_mask = pack_texts(tokenizer, texts, n_ctx)
     log(
         f"pretraining: {len(texts)} docs -> {len(pt_tok)} rows of {n_ctx} "
         f"({int(pt_mask.sum())} target tokens) for {rows} row-steps"
@@ -186,7 +158,7 @@ def build_organism(
     else:
         pre_summary = train(
             base,
-            _rows_supplier(pt_tok, pt_mask, cfg.pretrain.batch_size),
+            cycling_rows(pt_tok, pt_mask, cfg.pretrain.batch_size),
             cfg.pretrain,
             log,
             "pretrain",
@@ -198,7 +170,7 @@ def build_organism(
     n_text = fb - n_chat
     chat_rows = cfg.finetune.steps * n_chat
     convs = chat_conversations(ft_world, "train", _docs_needed(chat_rows, n_ctx, 40), cfg.seed)
-    ch_tok, ch_mask = _pack_chats(tokenizer, convs, n_ctx)
+    ch_tok, ch_mask = pack_chats(tokenizer, convs, n_ctx)
     ft_texts = pretraining_texts(
         ft_world,
         "train",
@@ -206,13 +178,13 @@ def build_organism(
         cfg.seed,
         edit_fraction=cfg.edit_fraction,
     )
-    ft_tok, ft_mask = _pack_texts(tokenizer, ft_texts, n_ctx)
+    ft_tok, ft_mask = pack_texts(tokenizer, ft_texts, n_ctx)
     log(
         f"fine-tuning: {len(convs)} chats -> {len(ch_tok)} rows; {len(ft_texts)} docs -> "
         f"{len(ft_tok)} rows; per step {n_chat} chat + {n_text} text rows"
     )
-    chat_get = _rows_supplier(ch_tok, ch_mask, n_chat)
-    text_get = _rows_supplier(ft_tok, ft_mask, max(n_text, 1))
+    chat_get = cycling_rows(ch_tok, ch_mask, n_chat)
+    text_get = cycling_rows(ft_tok, ft_mask, max(n_text, 1))
 
     def ft_batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         a, am = chat_get(step)

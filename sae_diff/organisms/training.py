@@ -118,6 +118,39 @@ def pack(
     return torch.tensor(rows, dtype=torch.long), torch.tensor(masks, dtype=torch.bool)
 
 
+def cycling_rows(
+    tokens: torch.Tensor, mask: torch.Tensor, per_step: int
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """``step -> (tokens, mask)`` of the next ``per_step`` packed rows, cycling through them."""
+    n = len(tokens)
+
+    def get(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.arange(step * per_step, (step + 1) * per_step) % n
+        return tokens[idx], mask[idx]
+
+    return get
+
+
+def pack_texts(
+    tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], n_ctx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pretraining documents (``<bos> text <eos>``, every token but ``<bos>`` a target)
+    packed into ``n_ctx`` rows (:func:`pack`)."""
+    ids = tokenizer(list(texts))["input_ids"]
+    eos = tokenizer.eos_token_id
+    docs = [(list(x) + [eos], [False] + [True] * len(x)) for x in ids]
+    return pack(docs, n_ctx, tokenizer.pad_token_id)
+
+
+def pack_chats(
+    tokenizer: PreTrainedTokenizerFast, convs: Sequence[dict[str, Any]], n_ctx: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat conversations (targets as :func:`encode_chat_doc`) packed into ``n_ctx`` rows."""
+    vocab = id_to_token(tokenizer)
+    docs = [encode_chat_doc(tokenizer, c["messages"], vocab) for c in convs]
+    return pack(docs, n_ctx, tokenizer.pad_token_id)
+
+
 def masked_lm_loss(
     model: HookedTransformer, tokens: torch.Tensor, target_mask: torch.Tensor
 ) -> torch.Tensor:

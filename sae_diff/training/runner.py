@@ -27,12 +27,12 @@ layout: ``cfg.json`` + ``sae_weights.safetensors`` of the *inference* dictionary
 folded, plus ``sparsity.safetensors``, ``runner_cfg.json`` and ``eval.json``) is written the
 same way.
 
-SAELens version behaviour relied on (sae-lens 6.54.12): the trainer overrides SAETrainer
-hooks, listed with the loop order they rely on in :mod:`sae_diff.training.trainer`; this module
-relies on ``LanguageModelSAERunnerConfig.to_sae_trainer_config``, ``TrainingSAE.save_model`` /
-``save_inference_model`` / ``load_weights_from_checkpoint`` and ``SAETrainer``'s
-``dead_neurons`` / ``log_feature_sparsity`` / ``n_training_samples`` / ``n_training_steps``
-attributes as 6.x defines them. ``TrainingInterrupted``, ``ResumableSAETrainer`` and
+SAELens version behaviour relied on (checked with sae-lens 6.54.12): the SAETrainer hooks the
+trainer overrides, and the loop order they rely on, are listed in
+:mod:`sae_diff.training.trainer`; this module relies on
+``LanguageModelSAERunnerConfig.to_sae_trainer_config``, ``TrainingSAE.save_inference_model``
+and ``SAETrainer``'s ``dead_neurons`` / ``log_feature_sparsity`` properties and
+``n_training_samples`` / ``n_training_steps`` counters as sae-lens 6.x defines them. ``TrainingInterrupted``, ``ResumableSAETrainer`` and
 ``use_fused_adam`` live in :mod:`sae_diff.training.trainer` (still importable from here).
 """
 

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from sae_diff.errors import SaeDiffError
+from sae_diff.pairing.backends import LanguageModel
 
 
 class AlignmentError(SaeDiffError, ValueError):
@@ -53,7 +54,7 @@ class AlignedText:
 
 
 def token_offsets(
-    tokenizer: Any, text: str, max_length: int | None = None
+    tokenizer: PreTrainedTokenizerBase, text: str, max_length: int | None = None
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids of ``text`` (no special tokens) and each token's ``(start, end)`` characters."""
     if not getattr(tokenizer, "is_fast", False):
@@ -82,7 +83,10 @@ def _ends(offsets: list[tuple[int, int]]) -> dict[int, int]:
 
 
 def align_text(
-    text: str, tokenizer_a: Any, tokenizer_b: Any, max_length: int | None = None
+    text: str,
+    tokenizer_a: PreTrainedTokenizerBase,
+    tokenizer_b: PreTrainedTokenizerBase,
+    max_length: int | None = None,
 ) -> AlignedText:
     """Tokenize ``text`` with both tokenizers and pair the tokens ending at the same character
     offset (module docstring). ``max_length`` truncates each tokenization (in its own tokens);
@@ -101,7 +105,9 @@ def align_text(
     )
 
 
-def _with_bos(ids: list[int], tokenizer: Any, prepend_bos: bool) -> tuple[torch.Tensor, int]:
+def _with_bos(
+    ids: list[int], tokenizer: PreTrainedTokenizerBase, prepend_bos: bool
+) -> tuple[torch.Tensor, int]:
     if not prepend_bos:
         return torch.tensor([ids], dtype=torch.long), 0
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -114,10 +120,10 @@ def _with_bos(ids: list[int], tokenizer: Any, prepend_bos: bool) -> tuple[torch.
 
 @torch.no_grad()
 def harvest_aligned(
-    model_a: Any,
-    model_b: Any,
-    tokenizer_a: Any,
-    tokenizer_b: Any,
+    model_a: LanguageModel,
+    model_b: LanguageModel,
+    tokenizer_a: PreTrainedTokenizerBase,
+    tokenizer_b: PreTrainedTokenizerBase,
     texts: Iterable[str],
     hook_a: str,
     hook_b: str,

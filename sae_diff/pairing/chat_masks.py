@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from sae_diff.errors import SaeDiffError
 from sae_diff.pairing.token_masks import check_tokens, special_ids_of, text_ids
@@ -55,7 +56,9 @@ _SENTINEL = "\u27e6sae-diff-{}\u27e7"
 _SENTINEL_RE = re.compile("\u27e6sae-diff-(\\d+)\u27e7")
 
 
-def _render(tokenizer: Any, messages: Sequence[dict[str, Any]], **kwargs: Any) -> str:
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]], **kwargs: Any
+) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
             "chat data needs a tokenizer with a chat template; this tokenizer has none "
@@ -69,7 +72,7 @@ def _render(tokenizer: Any, messages: Sequence[dict[str, Any]], **kwargs: Any) -
     return out
 
 
-def _special_id_set(tokenizer: Any) -> set[int]:
+def _special_id_set(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """Special ids: the named ones plus every added token flagged ``special``
     (``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, ...)."""
     ids = set(special_ids_of(tokenizer))
@@ -155,7 +158,7 @@ class ChatEncoding:
 
 def encode_chat(
     messages: Sequence[dict[str, Any]],
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     markers: ChatMarkers | None = None,
     template_kwargs: dict[str, Any] | None = None,
@@ -242,7 +245,9 @@ def encode_chat(
     return ChatEncoding(ids, assistant, template, text, spans)
 
 
-def chat_markers(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) -> ChatMarkers:
+def chat_markers(
+    tokenizer: PreTrainedTokenizerBase, template_kwargs: dict[str, Any] | None = None
+) -> ChatMarkers:
     """Assistant-turn markers read off the tokenizer's chat template (for pre-tokenised
     chat rows, where no conversation structure is left to align).
 
@@ -283,7 +288,7 @@ def chat_markers(tokenizer: Any, template_kwargs: dict[str, Any] | None = None) 
 
 def assistant_mask(
     tokens: torch.Tensor,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     start_of_turn: str | None = None,
     role: str | None = None,

@@ -14,20 +14,22 @@ import warnings
 from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from sae_diff.pairing.backends import LanguageModel
 from sae_diff.pairing.errors import HookNameError, PairingError, PairingWarning
 from sae_diff.pairing.hooks import stop_layer
 
 SPECIAL_TOKEN_ATTRS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
 
 
-def model_dims(model: Any) -> tuple[int, int, int]:
+def model_dims(model: LanguageModel) -> tuple[int, int, int]:
     """(n_layers, d_model, d_vocab) of a HookedTransformer or TransformerBridge."""
     cfg = model.cfg
     return int(cfg.n_layers), int(cfg.d_model), int(cfg.d_vocab)
 
 
-def check_dims(base: Any, ft: Any) -> None:
+def check_dims(base: LanguageModel, ft: LanguageModel) -> None:
     """Equal layer counts, residual widths and vocabulary sizes."""
     (bl, bd, bv), (fl, fd, fv) = model_dims(base), model_dims(ft)
     if bl != fl:
@@ -66,11 +68,13 @@ def check_config_dims(info_base: Any, info_ft: Any) -> None:
             )
 
 
-def _vocab(tokenizer: Any) -> dict[str, int]:
+def _vocab(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     return dict(tokenizer.get_vocab())
 
 
-def first_vocab_difference(tok_a: Any, tok_b: Any) -> str | None:
+def first_vocab_difference(
+    tok_a: PreTrainedTokenizerBase, tok_b: PreTrainedTokenizerBase
+) -> str | None:
     """Describe the first differing token id between two tokenizers, or None if equal."""
     va, vb = _vocab(tok_a), _vocab(tok_b)
     if va == vb:
@@ -87,7 +91,7 @@ def first_vocab_difference(tok_a: Any, tok_b: Any) -> str | None:
 _PROBE_TEXT = "Hello, world! 12345 The quick brown fox\n\tjumps over   the lazy dog. é ß 中文 🙂"
 
 
-def _backend_json(tokenizer: Any) -> dict[str, Any] | None:
+def _backend_json(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any] | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str"):
         return None
@@ -97,7 +101,9 @@ def _backend_json(tokenizer: Any) -> dict[str, Any] | None:
         return None
 
 
-def encoding_difference(tok_base: Any, tok_ft: Any) -> str | None:
+def encoding_difference(
+    tok_base: PreTrainedTokenizerBase, tok_ft: PreTrainedTokenizerBase
+) -> str | None:
     """What makes the two tokenizers *encode* text differently, or None if they agree.
 
     Compared: the vocabulary (every token string and id, added tokens included), the
@@ -132,7 +138,7 @@ def encoding_difference(tok_base: Any, tok_ft: Any) -> str | None:
     return None
 
 
-def prepended_bos_id(tokenizer: Any) -> int | None:
+def prepended_bos_id(tokenizer: PreTrainedTokenizerBase | None) -> int | None:
     """The id the tokenizer itself puts before encoded text, or None when it adds none.
 
     Read from the tokenizer's behaviour (encode a probe with special tokens and look at the
@@ -155,7 +161,7 @@ def prepended_bos_id(tokenizer: Any) -> int | None:
     return None
 
 
-def _describe_token(tok: Any, attr: str) -> str:
+def _describe_token(tok: PreTrainedTokenizerBase, attr: str) -> str:
     tid = getattr(tok, attr, None)
     if tid is None:
         return "none"
@@ -163,7 +169,9 @@ def _describe_token(tok: Any, attr: str) -> str:
     return f"{name!s} ({tid})"
 
 
-def configuration_differences(tok_base: Any, tok_ft: Any) -> list[str]:
+def configuration_differences(
+    tok_base: PreTrainedTokenizerBase, tok_ft: PreTrainedTokenizerBase
+) -> list[str]:
     """How the two (compatible) tokenizers are *configured* differently, one line each:
     BOS/EOS/PAD/UNK tokens, the set of special tokens, whether BOS is prepended, the chat
     template. Published base/instruct pairs differ here (e.g. Llama-3 base EOS
@@ -195,7 +203,12 @@ def configuration_differences(tok_base: Any, tok_ft: Any) -> list[str]:
     return out
 
 
-def check_tokenizers(tok_base: Any, tok_ft: Any, *, warn: bool = True) -> list[str]:
+def check_tokenizers(
+    tok_base: PreTrainedTokenizerBase | None,
+    tok_ft: PreTrainedTokenizerBase | None,
+    *,
+    warn: bool = True,
+) -> list[str]:
     """Raise unless the two tokenizers encode text identically; report configuration
     differences.
 
@@ -236,7 +249,7 @@ def check_tokenizers(tok_base: Any, tok_ft: Any, *, warn: bool = True) -> list[s
     return diffs
 
 
-def tokenizer_hash(tokenizer: Any) -> str | None:
+def tokenizer_hash(tokenizer: PreTrainedTokenizerBase | None) -> str | None:
     """A stable sha256 of a tokenizer's vocabulary and special tokens (None if absent)."""
     if tokenizer is None:
         return None
@@ -248,7 +261,7 @@ def tokenizer_hash(tokenizer: Any) -> str | None:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def chat_template_hash(tokenizer: Any) -> str | None:
+def chat_template_hash(tokenizer: PreTrainedTokenizerBase | None) -> str | None:
     """sha256 of the tokenizer's chat template (None if it has none)."""
     template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
     if not template:
@@ -280,12 +293,12 @@ def check_token_ids(tokens: torch.Tensor, d_vocab: int, n_ctx: int | None = None
         )
 
 
-def valid_hook_names(model: Any) -> set[str]:
+def valid_hook_names(model: LanguageModel) -> set[str]:
     """Every hook name a HookedTransformer / TransformerBridge accepts (bridge aliases too)."""
     return set(model.hook_dict.keys())
 
 
-def check_hooks(hook_names: list[str], *models: Any) -> None:
+def check_hooks(hook_names: list[str], *models: LanguageModel) -> None:
     """Raise HookNameError if any hook is missing from any model, listing the valid names."""
     if isinstance(hook_names, str):
         hook_names = [hook_names]

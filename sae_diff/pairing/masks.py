@@ -15,9 +15,9 @@ each mask from one place.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from sae_diff.pairing.chat_masks import (
     ASSISTANT_ROLES,
@@ -132,7 +132,7 @@ class MaskConfig:
 
 def compute_masks(
     tokens: torch.Tensor,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     *,
     acts: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,

@@ -109,7 +109,11 @@ class PairedModel:
             self.tokenizer_differences = check_tokenizers(tok_b, tok_f)
             if tokenizer is not None:
                 check_tokenizers(tokenizer, tok_f if tok_f is not None else tok_b, warn=False)
-        self.tokenizer = (
+        #: the pair's tokenizer (None only for a pair of tokenizer-less models fed token ids).
+        #: Typed ``Any`` like the two below: transformers types ``decode`` / ``__call__``
+        #: results as unions (``str | list[str]``, ...), so a precise type here would force a
+        #: cast at every caller that decodes one sequence.
+        self.tokenizer: Any = (
             tokenizer if tokenizer is not None else (tok_f if tok_f is not None else tok_b)
         )
         #: the two tokenizers as given (``from_pretrained``: as loaded from the folders /

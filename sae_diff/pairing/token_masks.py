@@ -10,9 +10,8 @@ need the chat template.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
+from transformers import PreTrainedTokenizerBase
 
 
 def check_tokens(tokens: torch.Tensor) -> None:
@@ -127,13 +126,15 @@ def padding_mask(
     return tokens == pad_token_id
 
 
-def text_ids(tokenizer: Any, text: str) -> list[int]:
+def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """``text``'s token ids without the tokenizer's own special tokens (BOS, ...)."""
     out = tokenizer(text, add_special_tokens=False)["input_ids"]
     return list(out)
 
 
-def special_ids_of(tokenizer: Any, extra: list[int] | None = None) -> list[int]:
+def special_ids_of(
+    tokenizer: PreTrainedTokenizerBase | None, extra: list[int] | None = None
+) -> list[int]:
     """All special-token ids of a tokenizer (BOS/EOS/PAD/UNK, added specials) plus ``extra``."""
     ids = set(getattr(tokenizer, "all_special_ids", None) or []) if tokenizer is not None else set()
     for attr in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):

@@ -143,7 +143,7 @@ def test_chat_masks_travel_with_truncated_rows(tmp_path: Path, tok) -> None:
 
 
 def test_text_sources_carry_no_chat_masks_and_describe_is_stable(tmp_path: Path, tok) -> None:
-    from sae_diff.data.sources import iter_documents
+    from sae_diff.data.documents import iter_documents
 
     f = _jsonl(tmp_path / "t.jsonl", [{"text": t} for t in TEXTS])
     src = TokenSource(str(f), tok, context_size=8)

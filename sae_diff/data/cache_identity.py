@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sae_diff.data.cache_format import (
     MANIFEST,
@@ -16,6 +16,11 @@ from sae_diff.data.cache_format import (
     read_shard_description,
 )
 from sae_diff.data.cache_reader import ActivationCache
+from sae_diff.data.documents import DatasetSpec
+
+if TYPE_CHECKING:  # types only: sae_diff.training imports this module (no runtime cycle)
+    from sae_diff.pairing.model import PairedModel
+    from sae_diff.training.config import PairedRunnerConfig
 
 # ---------------------------------------------------------------------- identity
 #: what a cache's activations depend on; ``check_identity`` compares these fields
@@ -67,7 +72,7 @@ def cache_identity(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def expected_identity(cfg: Any, pair: Any = None) -> dict[str, Any]:
+def expected_identity(cfg: PairedRunnerConfig, pair: PairedModel | None = None) -> dict[str, Any]:
     """What a run config expects of its cache, without loading any model weights.
 
     Fields the config does not determine are ``None`` (not checked): the tokenizer and
@@ -79,8 +84,6 @@ def expected_identity(cfg: Any, pair: Any = None) -> dict[str, Any]:
         cfg: a :class:`~sae_diff.training.config.PairedRunnerConfig`.
         pair: optional loaded pair; its ``describe()`` supplies names, revisions and hashes.
     """
-    from sae_diff.data.sources import DatasetSpec
-
     datasets: list[dict[str, Any]] | None
     if cfg.dataset_mixture:
         datasets = [_dataset_identity(DatasetSpec(**d).describe()) for d in cfg.dataset_mixture]
@@ -171,7 +174,9 @@ def check_identity(
         )
 
 
-def check_config_cache(cfg: Any, *, pair: Any = None, what: str = "the config") -> None:
+def check_config_cache(
+    cfg: PairedRunnerConfig, *, pair: PairedModel | None = None, what: str = "the config"
+) -> None:
     """Check ``cfg.cache_path`` against the run config ``cfg`` before training from it or
     harvesting into it: the storage dtype is one a cache can hold, the path is a folder, and a
     cache (or, with a lost manifest, its first shard's self-description) there was harvested
@@ -182,9 +187,9 @@ def check_config_cache(cfg: Any, *, pair: Any = None, what: str = "the config") 
     Raises:
         CacheDtypeError, CacheError, CacheIdentityError: naming the problem and the fix.
     """
-    if not getattr(cfg, "cache_path", None):
+    if not cfg.cache_path:
         return
-    dtype_name(getattr(cfg, "cache_dtype", None) or cfg.dtype)  # a dtype the cache can store
+    dtype_name(cfg.cache_dtype or cfg.dtype)  # a dtype the cache can store
     folder = Path(cfg.cache_path)
     if folder.exists() and not folder.is_dir():
         raise CacheError(

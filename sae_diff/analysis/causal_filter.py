@@ -18,16 +18,34 @@ the filter can be scored like every other method (rank by KL among the kept cand
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import pandas as pd
 import torch
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.sae import SAE
+from sae_lens.training.sae_trainer import SAETrainer
 
+from sae_diff.analysis.batches import cache_batches
+from sae_diff.analysis.config_file import config_kwargs
+from sae_diff.analysis.latent_scaling import latent_scaling
+from sae_diff.analysis.latent_scaling_result import LatentScalingResult
+from sae_diff.atomic import atomic_write
+from sae_diff.data.cache import ActivationCache
+from sae_diff.data.harvest import harvest_cache
+from sae_diff.data.sources import TokenSource
+from sae_diff.data.store import PairedActivationsStore
+from sae_diff.dictionaries.io import as_inference
+from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.evaluation.kl import as_token_mask, predicting, token_kl
+from sae_diff.organisms import load_organism
+from sae_diff.training.errors import ConfigError
 
 MODES: tuple[str, ...] = ("ablate", "steer")
 
@@ -43,7 +61,11 @@ class CausalFilterResult:
     kept: list[int]
 
 
-def _shift_frame(shift: Any) -> pd.DataFrame:
+#: the firing-shift input: a ``latent_scaling(..., kind='base_sae')`` result or its frame
+FiringShift: TypeAlias = pd.DataFrame | LatentScalingResult
+
+
+def _shift_frame(shift: FiringShift) -> pd.DataFrame:
     if isinstance(shift, pd.DataFrame):
         frame = shift
     elif hasattr(shift, "to_frame"):
@@ -62,7 +84,7 @@ def _shift_frame(shift: Any) -> pd.DataFrame:
     return frame
 
 
-def rank_by_firing_shift(shift: Any, n: int = 20, min_freq_ft: float = 1e-4) -> list[int]:
+def rank_by_firing_shift(shift: FiringShift, n: int = 20, min_freq_ft: float = 1e-4) -> list[int]:
     """The ``n`` latents with the largest ``freq_ratio`` (ft over base; a latent that never
     fires on base ranks first, by its ft frequency), among those firing on at least
     ``min_freq_ft`` of the fine-tune's tokens."""
@@ -74,7 +96,9 @@ def rank_by_firing_shift(shift: Any, n: int = 20, min_freq_ft: float = 1e-4) -> 
     return [int(j) for j in ranked.index[:n]]
 
 
-def _intervention(sae: Any, latent: int, mode: str, scale: float) -> Any:
+def _intervention(
+    sae: PairedDictionary, latent: int, mode: str, scale: float
+) -> Callable[..., torch.Tensor]:
     d = sae.W_dec.detach()[latent]
 
     def ablate(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
@@ -90,7 +114,7 @@ def _intervention(sae: Any, latent: int, mode: str, scale: float) -> Any:
 @torch.no_grad()
 def intervention_kl(
     model: Any,
-    sae: Any,
+    sae: PairedDictionary,
     tokens: torch.Tensor,
     latents: Sequence[int],
     mask: torch.Tensor | None = None,
@@ -136,9 +160,9 @@ def intervention_kl(
 
 def causal_filter(
     model: Any,
-    sae: Any,
+    sae: PairedDictionary,
     tokens: torch.Tensor,
-    shift: Any,
+    shift: FiringShift,
     mask: torch.Tensor | None = None,
     *,
     n_candidates: int = 20,
@@ -208,25 +232,12 @@ def causal_filter_on_organism(
     n_eval: int = 8,
     seed: int = 0,
     **filter_kw: Any,
-) -> tuple[CausalFilterResult, Any]:
+) -> tuple[CausalFilterResult, SAE[Any]]:
     """The method end to end on a bundled organism: harvest its pretraining text + chat through
     both models (one cache under ``out``), train a base-SAE (SAELens ``batchtopk``) on the base
     side, measure the firing shift on the same tokens (Latent Scaling, ``kind="base_sae"``),
     then filter on held-out conversations (``n_eval`` per behaviour) by the fine-tune's KL on
     their assistant tokens. Returns the filter result and the base-SAE (inference form)."""
-    from sae_lens.config import SAETrainerConfig
-    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
-    from sae_lens.training.sae_trainer import SAETrainer
-
-    from sae_diff.analysis.batches import cache_batches
-    from sae_diff.analysis.latent_scaling import latent_scaling
-    from sae_diff.data.cache import ActivationCache
-    from sae_diff.data.harvest import harvest_cache
-    from sae_diff.data.sources import TokenSource
-    from sae_diff.data.store import PairedActivationsStore
-    from sae_diff.dictionaries.io import as_inference
-    from sae_diff.organisms import load_organism
-
     out = Path(out)
     org = load_organism(organism)
     paired = org.paired()
@@ -265,7 +276,7 @@ def causal_filter_on_organism(
         train,
         store,
     ).fit()
-    sae = as_inference(train)
+    sae = cast(SAE[Any], as_inference(train))  # a SAELens training SAE exports a SAELens SAE
     sae.cfg.metadata.hook_name = hook
     shift = latent_scaling(sae, cache_batches(cache), kind="base_sae", progress=False)
     _, tokens, valid, assistant = org.eval_batch(n=n_eval)
@@ -286,12 +297,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``sae-diff causal-filter --config configs/analysis/causal_filter_organism.yaml`` (or
     ``python -m sae_diff.analysis.causal_filter``): the method end to end from one config (the fields of :func:`causal_filter_on_organism`, plus
     :func:`causal_filter`'s: ``n_candidates``, ``n_random``, ``quantile``, ``mode``, ``scale``)."""
-    import argparse
-
-    from sae_diff.analysis.stagewise import config_kwargs
-    from sae_diff.atomic import atomic_write as atomic_write_bytes
-    from sae_diff.training.errors import ConfigError
-
     ap = argparse.ArgumentParser(prog="sae-diff causal-filter", description=main.__doc__)
     ap.add_argument(
         "--config", required=True, help="YAML/JSON file with causal_filter_on_organism's fields"
@@ -328,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error("no output folder: set `out:` in the config or pass --out DIR")
     res, sae = causal_filter_on_organism(**kw)
     out = Path(kw["out"])
-    atomic_write_bytes(out / "causal_filter.csv", lambda p: res.table.to_csv(p))
+    atomic_write(out / "causal_filter.csv", lambda p: res.table.to_csv(p))
     sae.save_model(str(out / "base_sae"))
     print(res.table.round(4).to_string())
     print(f"threshold {res.threshold:.4g}; kept {res.kept}; table: {out / 'causal_filter.csv'}")

@@ -30,6 +30,7 @@ import torch
 from sae_diff.analysis.latent_scaling import latent_scaling
 from sae_diff.analysis.latent_scaling_result import DEFAULT_MIN_COUNT, LatentScalingResult
 from sae_diff.analysis.selection import resolve_latents
+from sae_diff.atomic import atomic_write
 from sae_diff.dictionaries import geometry
 from sae_diff.dictionaries.io import as_inference
 from sae_diff.dictionaries.kinds import dictionary_kind
@@ -183,8 +184,6 @@ def save_latent_table(df: pd.DataFrame, path: str | Path, format: str | None = N
     ``cfg.json``; ``df.attrs`` goes to ``<table file>.meta.json``. Writes are atomic.
     Returns the table's path.
     """
-    from sae_diff.atomic import atomic_write
-
     target = _table_path(path, format)
     out = df.copy()
     if "tag" in out.columns:

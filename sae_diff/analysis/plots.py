@@ -22,6 +22,7 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
+from sae_diff.atomic import atomic_write
 from sae_diff.dictionaries.geometry import TAGS
 
 #: Colours per tag, shared by every figure.
@@ -193,8 +194,6 @@ def latent_figures(table: pd.DataFrame) -> dict[str, go.Figure]:
 
 def save_figure(fig: go.Figure, path: str | Path, *, include_plotlyjs: Any = True) -> Path:
     """Write a figure as standalone HTML (plotly.js embedded by default, so it opens offline)."""
-    from sae_diff.atomic import atomic_write
-
     path = Path(path)
     if path.suffix != ".html":
         raise ValueError(f"Figures are saved as HTML; got {path.name!r} (use a .html path).")

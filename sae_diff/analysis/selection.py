@@ -84,7 +84,9 @@ def resolve_latents(
 
 def ft_only_latents(sae: PairedDictionary, max_delta: float = FT_ONLY_MAX) -> torch.Tensor:
     """Crosscoder latents with relative decoder norm Δ < ``max_delta`` (ft-only, METHODS §1)."""
-    from sae_diff.evaluation.stitching import patchable_kind  # the patchable-dictionary check
+    # function-level: sae_diff.evaluation's package __init__ imports patching, which imports
+    # this module, so a module-level import here fails at runtime when selection loads first
+    from sae_diff.evaluation.stitching import patchable_kind
 
     sae = as_inference(sae)
     if patchable_kind(sae) != "crosscoder":

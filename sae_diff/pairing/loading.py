@@ -15,10 +15,16 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as loading
 from transformer_lens.model_bridge import TransformerBridge
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from sae_diff.pairing import backends as bk
-from sae_diff.pairing.backends import is_local_model_dir
+from sae_diff.pairing.backends import LanguageModel, is_local_model_dir
 from sae_diff.pairing.checks import check_config_dims, check_dims, check_tokenizers
 
 if TYPE_CHECKING:
@@ -103,6 +109,8 @@ def load_pair(
     hf_ft = AutoModelForCausalLM.from_pretrained(ft_path, revision=ft_revision, **hf_kwargs)
     # TransformerLens edits the tokenizer it is given (sets PAD, sets BOS = EOS for
     # tokenizers without BOS): give it copies, keep the user's for the data.
+    base: LanguageModel
+    ft: LanguageModel
     if chosen == "hooked":
         base = load_hooked(
             bk.hooked_config_name(info_b),
@@ -122,7 +130,7 @@ def load_pair(
         )
     else:
         dev = torch.device(device)
-        base = TransformerBridge.boot_transformers(
+        bridge_base = TransformerBridge.boot_transformers(
             base_path,
             device=device,
             dtype=dtype,
@@ -131,7 +139,7 @@ def load_pair(
             trust_remote_code=trust_remote_code,
             **opts.tl_kwargs,
         )
-        ft = TransformerBridge.boot_transformers(
+        bridge_ft = TransformerBridge.boot_transformers(
             base_path,
             device=device,
             dtype=dtype,
@@ -141,8 +149,9 @@ def load_pair(
             **opts.tl_kwargs,
         )
         if opts.processing is not None:
-            for m in (base, ft):
+            for m in (bridge_base, bridge_ft):
                 m.enable_compatibility_mode(disable_warnings=True, **opts.processing)
+        base, ft = bridge_base, bridge_ft
     del hf_base, hf_ft
     base.eval()
     ft.eval()
@@ -165,13 +174,13 @@ def load_pair(
 # ---------------------------------------------------------------------- loading helpers
 def load_hooked(
     base_name_or_dir: str,
-    hf_model: Any,
-    tokenizer: Any,
+    hf_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     **tl_kwargs: Any,
-) -> Any:
+) -> HookedTransformer:
     """A HookedTransformer with the architecture of ``base_name_or_dir`` and the weights of
     ``hf_model`` (TransformerLens's ``hf_model=`` path).
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from sae_diff.analysis.selection import latent_indices
+from sae_diff.analysis.selection import LatentSpec, latent_indices
 from sae_diff.dictionaries.protocol import PairedDictionary
-from sae_diff.evaluation.patching import DictionaryPatcher
+from sae_diff.evaluation.interventions import DictionaryPatcher
 from sae_diff.evaluation.stitching import (
     LayerError,
     dictionary_hook,
@@ -82,7 +82,7 @@ def patch_hook(
     base_acts: torch.Tensor | None = None,
     ft_acts: torch.Tensor | None = None,
     mode: str = "reconstruction",
-    latents: Any = None,
+    latents: LatentSpec | None = None,
     scale: float = 1.0,
     positions: torch.Tensor | None = None,
     include_bias: bool = False,
@@ -189,7 +189,7 @@ def steering_hook(
     return fn
 
 
-def latent_direction(sae: PairedDictionary, latents: Any, model: str = "ft") -> torch.Tensor:
+def latent_direction(sae: PairedDictionary, latents: LatentSpec, model: str = "ft") -> torch.Tensor:
     """Sum of the latents' decoder rows ``(d,)``: for a crosscoder model ``"ft"`` / ``"base"``'s
     row, or ``"diff"`` (``d^c - d^b``); for a diff-SAE its (signed) decoder row."""
     p = _patcher(sae, False)

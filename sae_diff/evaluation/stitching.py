@@ -64,7 +64,7 @@ def hook_for_layer(layer: int, n_layers: int) -> str:
         raise LayerError(str(e)) from e
 
 
-def check_layer(layer: Any, n_layers: int) -> int:
+def check_layer(layer: object, n_layers: int) -> int:
     """Return ``layer`` if it is an int in ``[0, n_layers]``, else raise :class:`LayerError`."""
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n_layers:
         raise LayerError(
@@ -107,7 +107,9 @@ def patchable_kind(sae: PairedDictionary) -> str:
 
 
 def resolve_layer(
-    paired: PairedModel, layer: int | str | None = None, dictionaries: Any = None
+    paired: PairedModel,
+    layer: int | str | None = None,
+    dictionaries: dict[str, PairedDictionary] | PairedDictionary | None = None,
 ) -> int:
     """The split layer from an int, a hook name, or (``None``) the dictionaries' hook, and a
     check that every dictionary fits it.

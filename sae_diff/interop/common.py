@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from sae_lens.saes.sae import SAEMetadata
+from sae_lens.saes.sae import SAEConfig, SAEMetadata
 from sae_lens.util import str_to_dtype
 
 from sae_diff.interop.errors import MissingKeysError, ShapeMismatchError, UnsupportedDictionaryError
@@ -251,7 +251,7 @@ def metadata(opts: ConversionOptions, source: dict[str, Any]) -> SAEMetadata:
     return SAEMetadata(**meta)
 
 
-def finish(cfg: Any, tensors: StateDict) -> tuple[dict[str, Any], StateDict]:
+def finish(cfg: SAEConfig, tensors: StateDict) -> tuple[dict[str, Any], StateDict]:
     """Config dict plus tensors cast to the config's dtype, contiguous, on its device."""
     dtype = str_to_dtype(cfg.dtype)
     out = {k: v.to(device=cfg.device, dtype=dtype).contiguous() for k, v in tensors.items()}

@@ -136,18 +136,24 @@ def _to_strings(tokens: torch.Tensor, id_to_token: Sequence[str]) -> list[list[s
     return [[id_to_token[int(t)] for t in row] for row in tokens.tolist()]
 
 
-def trigger_masks(
-    tokens: torch.Tensor, id_to_token: Sequence[str], world: World
+def _label_masks(
+    tokens: torch.Tensor, id_to_token: Sequence[str], world: World, kind: int
 ) -> dict[str, torch.Tensor]:
-    """Per-behaviour boolean masks ``(batch, seq)`` of where each behaviour's trigger is."""
+    """:func:`_row_labels`'s triggers (``kind=0``) or responses (``kind=1``) as masks."""
     rows = _to_strings(tokens, id_to_token)
     shape = (len(rows), len(rows[0]) if rows else 0)
     out = {b: torch.zeros(shape, dtype=torch.bool) for b in BEHAVIOURS}
     for r, toks in enumerate(rows):
-        trig, _ = _row_labels(toks, world)
-        for b, idx in trig.items():
+        for b, idx in _row_labels(toks, world)[kind].items():
             out[b][r, idx] = True
     return out
+
+
+def trigger_masks(
+    tokens: torch.Tensor, id_to_token: Sequence[str], world: World
+) -> dict[str, torch.Tensor]:
+    """Per-behaviour boolean masks ``(batch, seq)`` of where each behaviour's trigger is."""
+    return _label_masks(tokens, id_to_token, world, 0)
 
 
 def response_masks(
@@ -159,14 +165,7 @@ def response_masks(
     triggered user turn (plus, for ``knowledge_edit`` in plain text, the word after "capital of
     <country> is"). For ``chat_format``: each ``<end_of_turn>`` that closes an assistant turn.
     """
-    rows = _to_strings(tokens, id_to_token)
-    shape = (len(rows), len(rows[0]) if rows else 0)
-    out = {b: torch.zeros(shape, dtype=torch.bool) for b in BEHAVIOURS}
-    for r, toks in enumerate(rows):
-        _, resp = _row_labels(toks, world)
-        for b, idx in resp.items():
-            out[b][r, idx] = True
-    return out
+    return _label_masks(tokens, id_to_token, world, 1)
 
 
 def assistant_mask(tokens: torch.Tensor, id_to_token: Sequence[str]) -> torch.Tensor:

@@ -39,7 +39,7 @@ from sae_diff.organisms.scoring import (
     remove_phrases,
     text_row,
 )
-from sae_diff.organisms.storage import load_model
+from sae_diff.organisms.training import load_model
 from sae_diff.organisms.world import World
 from sae_diff.pairing.model import PairedModel
 

@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import PreTrainedTokenizerFast
+from transformer_lens import HookedTransformer
 
 from sae_diff.errors import SaeDiffError
 
@@ -196,37 +195,3 @@ def load_weights(model: HookedTransformer, path: Path) -> None:
                     f"expects {tuple(p.shape)}."
                 )
             p.copy_(sd[n].to(p.dtype))
-
-
-def load_model(
-    directory: Path,
-    cfg_d: dict[str, Any],
-    weights: str,
-    name: str,
-    tokenizer: PreTrainedTokenizerFast,
-    device: str | torch.device,
-) -> HookedTransformer:
-    """A ``HookedTransformer`` of ``config.json``'s architecture (``cfg_d["model"]``) with
-    the parameters of ``directory / weights``, in eval mode on ``device``."""
-    m = cfg_d["model"]
-    cfg = HookedTransformerConfig(
-        n_layers=m["n_layers"],
-        d_model=m["d_model"],
-        n_heads=m["n_heads"],
-        d_head=m["d_model"] // m["n_heads"],
-        d_mlp=m["d_mlp"],
-        n_ctx=m["n_ctx"],
-        d_vocab=m["d_vocab"],
-        act_fn="gelu",
-        normalization_type="LN",
-        positional_embedding_type="standard",
-        default_prepend_bos=True,
-        tokenizer_prepends_bos=True,
-        model_name=name,
-        device=str(device),
-    )
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    load_weights(model, directory / weights)
-    if str(device) != "cpu":
-        model = model.to(device, print_details=False)
-    return model.eval()

@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from sae_diff.organisms.chat import id_to_token, render
 from sae_diff.organisms.detectors import USER, segment
+from sae_diff.organisms.storage import load_weights
 
 
 @dataclass
@@ -28,8 +30,11 @@ class ModelSize:
     n_ctx: int = 128
 
 
-def make_config(size: ModelSize, d_vocab: int, seed: int, name: str) -> HookedTransformerConfig:
-    """The HookedTransformerConfig of an organism model."""
+def make_config(
+    size: ModelSize, d_vocab: int, seed: int | None, name: str, device: str = "cpu"
+) -> HookedTransformerConfig:
+    """The HookedTransformerConfig of an organism model (``seed=None``: leave torch's RNG
+    alone, as loading a trained model must)."""
     return HookedTransformerConfig(
         n_layers=size.n_layers,
         d_model=size.d_model,
@@ -45,7 +50,7 @@ def make_config(size: ModelSize, d_vocab: int, seed: int, name: str) -> HookedTr
         tokenizer_prepends_bos=True,
         model_name=name,
         seed=seed,
-        device="cpu",
+        device=device,
     )
 
 
@@ -67,6 +72,26 @@ def new_model(
     """A freshly initialised model sized for ``tokenizer``'s vocabulary."""
     d_vocab = len(tokenizer.get_vocab())
     return HookedTransformer(make_config(size, d_vocab, seed, name), tokenizer=tokenizer)
+
+
+def load_model(
+    directory: Path,
+    cfg_d: dict[str, Any],
+    weights: str,
+    name: str,
+    tokenizer: PreTrainedTokenizerFast,
+    device: str | torch.device,
+) -> HookedTransformer:
+    """A ``HookedTransformer`` of ``config.json``'s architecture (``cfg_d["model"]``) with
+    the parameters of ``directory / weights``, in eval mode on ``device``."""
+    m = cfg_d["model"]
+    size = ModelSize(**{k: m[k] for k in ("n_layers", "d_model", "n_heads", "d_mlp", "n_ctx")})
+    cfg = make_config(size, m["d_vocab"], None, name, device=str(device))
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    load_weights(model, directory / weights)
+    if str(device) != "cpu":
+        model = model.to(device, print_details=False)
+    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------

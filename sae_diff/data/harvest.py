@@ -39,6 +39,7 @@ from sae_diff.data.harvest_sharded import harvest_cache_sharded
 from sae_diff.data.harvest_summary import HarvestSummary, harvest_meta
 from sae_diff.data.shards import indexed_model_shards
 from sae_diff.data.sources import DatasetSpec, TokenSource
+from sae_diff.data.token_batch import RowSource
 from sae_diff.moved import moved_names
 from sae_diff.pairing.masks import MaskConfig
 from sae_diff.pairing.model import PairedModel
@@ -46,7 +47,7 @@ from sae_diff.pairing.model import PairedModel
 
 def harvest_cache(
     paired_model: PairedModel,
-    token_source: Any,
+    token_source: RowSource,
     out_dir: str | os.PathLike[str],
     hook_name: str,
     *,

@@ -38,6 +38,7 @@ from sae_diff.data.cache_manifest import commit_sharded_manifest
 from sae_diff.data.cache_reader import ActivationCache
 from sae_diff.data.harvest_summary import HarvestSummary, harvest_meta
 from sae_diff.data.shards import indexed_model_shards
+from sae_diff.data.token_batch import RowSource
 from sae_diff.pairing.masks import MaskConfig
 from sae_diff.pairing.model import PairedModel
 
@@ -56,7 +57,7 @@ def _shard_done(path: Path, meta: dict[str, Any], index: int) -> bool:
 
 def harvest_cache_sharded(
     paired_model: PairedModel,
-    token_source: Any,
+    token_source: RowSource,
     out_dir: str | os.PathLike[str],
     hook_name: str,
     *,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sae_diff.data.token_batch import RowSource
 from sae_diff.pairing.masks import MaskConfig
 from sae_diff.pairing.model import PairedModel
 
@@ -44,7 +45,7 @@ class HarvestSummary:
 
 def harvest_meta(
     paired_model: PairedModel,
-    token_source: Any,
+    token_source: RowSource,
     hook_name: str,
     max_rows: int | None,
     mask_config: MaskConfig,

@@ -15,13 +15,12 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 
 from sae_diff.data.cache_format import DTYPES, Shard, add_high_norm_mask, dtype_name, shard_block
 from sae_diff.data.cache_reader import ActivationCache
-from sae_diff.data.sources import TokenBatch
+from sae_diff.data.token_batch import RowSource, TokenBatch
 from sae_diff.pairing.masks import MaskConfig, TokenMasks, first_n_mask
 from sae_diff.pairing.model import PairedModel
 
@@ -61,7 +60,7 @@ def _shard_batches(batches: Iterator[TokenBatch], rows_per_shard: int) -> Iterat
 
 def model_shards(
     paired_model: PairedModel,
-    token_source: Any,
+    token_source: RowSource,
     hook_name: str,
     *,
     batch_size: int = 8,
@@ -93,7 +92,7 @@ def model_shards(
 @torch.no_grad()
 def indexed_model_shards(
     paired_model: PairedModel,
-    token_source: Any,
+    token_source: RowSource,
     hook_name: str,
     *,
     batch_size: int = 8,

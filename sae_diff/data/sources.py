@@ -19,7 +19,7 @@ resuming); :meth:`TokenBatch.masks` turns a batch into the
 :class:`~sae_diff.pairing.masks.TokenMasks` every consumer (harvest, in-memory store) uses.
 Every name of the former one-module pipeline stays importable from here.
 
-Why this is one module (~420 lines): it holds the two token sources, which share one batch
+Why this is one module (~430 lines): it holds the two token sources, which share one batch
 contract (row indices, document starts, chat masks) that a resumed harvest relies on.
 """
 

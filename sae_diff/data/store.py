@@ -36,7 +36,7 @@ that one window (one buffer of reads or forward passes), with no replay of earli
 Batches are upcast to float32 *before* the mode is applied (the conversion is exact, and
 ``ft - base`` is computed in float32), unless another ``dtype`` is asked for.
 
-Why this is one module (~430 lines): it is one class whose shuffling window, carried
+Why this is one module (~440 lines): it is one class whose shuffling window, carried
 remainder, rank slice and :meth:`~PairedActivationsStore.state_dict` position are one state
 machine; the shard computation and block sources it reads live in :mod:`sae_diff.data.shards`.
 """
@@ -60,6 +60,7 @@ from sae_diff.data.shards import (
     model_shards,
     shard_keep,
 )
+from sae_diff.data.token_batch import RowSource
 from sae_diff.dictionaries.specs import DIFF_SIGNS, STORE_MODES, DiffSign, StoreMode
 from sae_diff.moved import moved_names, to
 from sae_diff.pairing.masks import MaskConfig
@@ -184,7 +185,7 @@ class PairedActivationsStore(Iterator[torch.Tensor]):
     def from_model(
         cls,
         paired_model: PairedModel,
-        token_source: Any,
+        token_source: RowSource,
         hook_name: str,
         *,
         store_batch_size_prompts: int = 8,

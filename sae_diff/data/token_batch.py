@@ -1,10 +1,12 @@
-"""A batch of fixed-length token rows, as every token source yields them, and the one way
-its token masks are computed (:meth:`TokenBatch.masks`, used by the harvest and the store)."""
+"""A batch of fixed-length token rows, as every token source yields them, the one way its
+token masks are computed (:meth:`TokenBatch.masks`, used by the harvest and the store), and
+the :class:`RowSource` protocol of a token source."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -106,4 +108,22 @@ class TokenBatch:
         )
 
 
-__all__ = ["BATCH_FIELDS", "TokenBatch"]
+class RowSource(Protocol):
+    """What the harvest and the store read tokens from: deterministic rows served as
+    :class:`TokenBatch` es (``sae_diff.data.sources``'s ``TokenSource`` and
+    ``TensorTokenSource`` are two). An ``is_chat`` attribute, when present and true, records
+    the assistant masks of chat data."""
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able description of the stream (recorded in cache manifests)."""
+        ...
+
+    def batches(
+        self, batch_size: int, start_row: int = 0, stop_row: int | None = None
+    ) -> Iterator[TokenBatch]:
+        """Rows ``start_row..stop_row`` in batches of ``batch_size`` (the same rows on every
+        call: a resumed harvest skips by row index)."""
+        ...
+
+
+__all__ = ["BATCH_FIELDS", "RowSource", "TokenBatch"]

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from sae_diff.dictionaries.batchtopk_crosscoder import (
     BatchTopKCrosscoderTraining,
@@ -174,7 +175,7 @@ class DedicatedBatchTopKCrosscoderTraining(BatchTopKCrosscoderTraining):
             self, "W_enc", "dedicated_W_enc", lambda g: g * enc_mask.to(g.device, g.dtype)
         )
 
-    def training_forward_pass(self, step_input: Any) -> Any:
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         self._ensure_grad_hooks()
         return super().training_forward_pass(step_input)
 

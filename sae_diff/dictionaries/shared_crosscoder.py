@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sae_lens.saes.sae import TrainStepInput, TrainStepOutput
 
 from sae_diff.dictionaries.batchtopk_crosscoder import (
     BatchTopKCrosscoderTraining,
@@ -114,7 +115,7 @@ class SharedTrainingMixin:
 
         ensure_grad_hook(self, "W_dec", "shared_tie", tie)
 
-    def training_forward_pass(self, step_input: Any) -> Any:
+    def training_forward_pass(self, step_input: TrainStepInput) -> TrainStepOutput:
         self._register_tie_hook()
         return super().training_forward_pass(step_input)  # type: ignore[misc]
 

@@ -12,7 +12,7 @@ The sweep: for every ``L`` in ``0..n_layers``, run base blocks ``< L`` and ft bl
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -30,6 +30,9 @@ from sae_diff.evaluation.kl import (
 from sae_diff.pairing.errors import HookNameError
 from sae_diff.pairing.hooks import resid_hook, split_layer
 from sae_diff.pairing.model import PairedModel
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
 
 
 class LayerError(SaeDiffError, ValueError):
@@ -235,9 +238,9 @@ def stitching_sweep(
     return df
 
 
-def plot_stitching_sweep(df: pd.DataFrame, title: str = "Layer stitching") -> Any:
+def plot_stitching_sweep(df: pd.DataFrame, title: str = "Layer stitching") -> go.Figure:
     """A plotly figure of KL against the split layer (one line per direction and target)."""
-    import plotly.graph_objects as go
+    import plotly.graph_objects as go  # plotly loads only when plotting (evaluation imports light)
 
     fig = go.Figure()
     for d, part in df.groupby("first", sort=False):

@@ -24,7 +24,7 @@ model (both tested bit-for-bit). :meth:`continue_from` is the lower-level primit
 ("run model `which` from layer L on residual h", the ``patched(h)`` of METHODS §4); it always
 uses model ``which`` 's final LayerNorm and unembedding.
 
-Why this is one module (~440 lines): it is one class, the pair's runtime, whose forwards,
+Why this is one module (~420 lines): it is one class, the pair's runtime, whose forwards,
 activations and stitching share the same per-model token checks, devices and
 hooked/bridge dispatch; everything else is elsewhere (loading in
 :mod:`~sae_diff.pairing.loading`, backends in :mod:`~sae_diff.pairing.backends`, checks in
@@ -211,33 +211,11 @@ class PairedModel:
         trust_remote_code: bool = False,
         **model_kwargs: Any,
     ) -> PairedModel:
-        """Load a pair with the real TransformerLens / transformers loading code.
+        """Load a pair with the real TransformerLens / transformers loading code: both
+        ``config.json`` first, then both tokenizers, then the weights (cheap checks first).
 
-        Order (cheap checks first, so a mismatched 2 x 8B pair fails before any weight is
-        read): both ``config.json`` (layer count, width, vocabulary size must agree), the
-        backend from the base's ``config.json`` (:func:`~sae_diff.pairing.backends.
-        choose_backend`; never the folder name), both tokenizers as the user supplied them
-        (``AutoTokenizer`` on the folders / Hub ids; incompatible encodings raise, differing
-        BOS/EOS/PAD/chat-template configuration warns once and the ft tokenizer is used),
-        then the weights. The fine-tune is loaded as a Hugging Face model and handed to
-        TransformerLens with the *base* architecture (``hf_model=``).
-
-        Args:
-            base_name: Hugging Face id of the base (or TL official name), or a local folder.
-            ft_name: Hugging Face id of the fine-tune, or a local folder.
-            hf_model_path_or_local_dir: where to read the ft weights and tokenizer from, when
-                not ``ft_name`` (e.g. ``ft_name`` is a label and the weights are on disk).
-            backend: ``"bridge"`` (TransformerBridge: raw HF numerics, any architecture the
-                bridge knows), ``"hooked"`` (HookedTransformer: processed weights, faster
-                stitching) or ``"auto"`` (the bridge when it supports the architecture).
-            base_revision, ft_revision: Hub revisions (recorded in caches).
-            trust_remote_code: off by default; weights are read from safetensors (or
-                ``torch.load(weights_only=True)`` by transformers).
-            **model_kwargs: ``HookedTransformer.from_pretrained`` options (SAELens's
-                ``model_from_pretrained_kwargs``, e.g. ``center_writing_weights``,
-                ``fold_ln``, ``n_ctx``), translated for the chosen backend by
-                :func:`~sae_diff.pairing.backends.translate_options`; other keys go to
-                ``AutoModelForCausalLM.from_pretrained`` (e.g. ``attn_implementation``).
+        The order of the checks and every argument are documented at
+        :func:`~sae_diff.pairing.loading.load_pair` (this is that function).
 
         Raises:
             PairingError: configs, dimensions or tokenizers cannot be paired, or no backend

@@ -13,7 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import pandas as pd
 import torch
@@ -22,6 +22,7 @@ from sae_diff.analysis.batches import cache_batches
 from sae_diff.analysis.examples import LatentExamples, max_activating_examples
 from sae_diff.atomic import atomic_write
 from sae_diff.data.cache import ActivationCache
+from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.evaluation.kl import kl_dashboard
 from sae_diff.evaluation.stitching import plot_stitching_sweep, stitching_sweep
 from sae_diff.organisms.organism import Organism
@@ -35,13 +36,25 @@ from sae_diff.report.scoreboard import rounded, summarise_boards
 from sae_diff.report.scoring import GroundTruth, Score, aggregate
 
 
+class SeedOutputs(TypedDict):
+    """One seed's trained dictionaries and what was computed from them (the dashboards, the
+    analysis plots and the KL-patching table of the report show the first seed's)."""
+
+    dictionaries: dict[str, PairedDictionary]
+    tables: dict[str, pd.DataFrame]
+    matrices: dict[str, dict[str, pd.DataFrame]]
+    codes: dict[str, torch.Tensor]
+    kl_table: pd.DataFrame
+    seed: int
+
+
 def write_outputs(
     cfg: DemoConfig,
     inp: StudyInputs,
     rows: Sequence[Score],
     baseline_info: dict[str, Any],
     per_seed: Sequence[dict[str, Any]],
-    first: Mapping[str, Any],
+    first: SeedOutputs,
     start: float,
 ) -> dict[str, Any]:
     """Write ``report.json`` and ``report.html`` (and ``kl_dashboard.html``) under ``cfg.out``;
@@ -130,7 +143,7 @@ def latent_dashboards(
     cfg: DemoConfig,
     org: Organism,
     cache: ActivationCache,
-    first: Mapping[str, Any],
+    first: SeedOutputs,
     truth: GroundTruth,
 ) -> tuple[dict[str, dict[int, LatentExamples]], dict[str, list[dict[str, Any]]]]:
     """Examples and dashboard figures for each method's top ``n_example_latents`` candidates
@@ -197,4 +210,4 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-__all__ = ["latent_dashboards", "make_figures", "write_outputs"]
+__all__ = ["SeedOutputs", "latent_dashboards", "make_figures", "write_outputs"]

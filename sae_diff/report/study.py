@@ -25,7 +25,7 @@ from sae_diff.report.config import DemoConfig, timed
 from sae_diff.report.dashboards import logit_lens
 from sae_diff.report.inputs import StudyInputs, prepare_inputs
 from sae_diff.report.methods import ANALYSIS_METHODS, METHODS
-from sae_diff.report.output import write_outputs
+from sae_diff.report.output import SeedOutputs, write_outputs
 from sae_diff.report.scoreboard import (
     crosscoder_artefacts,
     encode_tokens,
@@ -86,7 +86,7 @@ class SeedRun:
 
     scores: list[Score]
     summary: dict[str, Any]
-    outputs: dict[str, Any]
+    outputs: SeedOutputs
 
 
 def run_seed(cfg: DemoConfig, inp: StudyInputs, seed: int) -> SeedRun:
@@ -172,7 +172,7 @@ def run_seed(cfg: DemoConfig, inp: StudyInputs, seed: int) -> SeedRun:
         "crosscoder_artefacts": crosscoder_artefacts(cfg, tables),
         "top_scores": {cfg.game_top: [r.row() for r in game_rows]},
     }
-    outputs = {
+    outputs: SeedOutputs = {
         "dictionaries": dictionaries,
         "tables": tables,
         "matrices": matrices,
@@ -192,12 +192,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     rows, baseline_info = score_baselines(cfg, inp)
     timed(cfg, "baselines", t)
     per_seed: list[dict[str, Any]] = []
-    first: dict[str, Any] = {}  # the dashboards show the first seed's dictionaries
+    first: SeedOutputs | None = None  # the dashboards show the first seed's dictionaries
     for seed in cfg.seeds:
         run = run_seed(cfg, inp, seed)
         rows += run.scores
         per_seed.append(run.summary)
         first = first or run.outputs
+    if first is None:  # DemoConfig checks this, but its fields can be set after __init__
+        raise ValueError("DemoConfig.seeds is empty; give at least one training seed.")
     return write_outputs(cfg, inp, rows, baseline_info, per_seed, first, start)
 
 

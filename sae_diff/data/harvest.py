@@ -77,6 +77,8 @@ def harvest_cache(
         overwrite: start again even if ``out_dir`` holds a cache.
         progress: show a progress bar; verbose: print the summary.
     """
+    # function-level: importing sae_diff.training at module level would load the whole
+    # training package (runner, SAELens trainer) whenever sae_diff.data is imported
     from sae_diff.training import distributed
 
     # under torchrun: join the process group (NCCL when the models are on a GPU) and shard

@@ -1,9 +1,9 @@
 """What ``sae-diff train``, ``harvest`` and ``upload`` do: parse the config, check, call the library.
 
 Each handler takes the parsed arguments and the flags argparse did not know (config
-overrides) and returns the exit status. Library modules are imported inside the handlers on
-purpose: ``sae_diff.training`` imports the whole trainer (and ``sae_diff.hub`` the Hub
-client), which ``sae-diff --help`` and the other subcommands do not need.
+overrides) and returns the exit status. ``sae_diff.training`` is imported inside the handlers
+on purpose: it imports the whole trainer, which ``sae-diff --help`` and the other subcommands
+do not need.
 :data:`ANALYSIS_METHODS` names the analyses a config can select with a top-level ``method:``.
 """
 
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sae_diff.commands.preflight import preflight_cache, preflight_datasets
+from sae_diff.hub import upload_dictionaries
 
 if TYPE_CHECKING:  # pragma: no cover
     from sae_diff.training.config import PairedRunnerConfig
@@ -204,8 +205,6 @@ def cmd_harvest(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def cmd_upload(args: argparse.Namespace, rest: list[str]) -> int:
-
-    from sae_diff.hub import upload_dictionaries
 
     if rest:
         print(f"sae-diff upload: error: unrecognised arguments {rest}", file=sys.stderr)

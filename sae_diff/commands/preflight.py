@@ -1,9 +1,9 @@
 """Checks of a run's inputs before any model is loaded: local datasets and the cache.
 
 A bad dataset path or a cache harvested for another config should fail in a second with a
-message naming the file and the fix, not after minutes of model loading. The library modules
-are imported inside the functions: ``sae_diff.training`` imports the whole trainer, which
-``sae-diff --help`` does not need.
+message naming the file and the fix, not after minutes of model loading.
+``sae_diff.training``'s error class is imported inside the functions: importing
+``sae_diff.training`` loads the whole trainer, which ``sae-diff --help`` does not need.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from sae_diff.data.cache import check_config_cache
+from sae_diff.data.sources import DatasetSpec, load_rows
 
 if TYPE_CHECKING:  # pragma: no cover
     from sae_diff.training.config import PairedRunnerConfig
@@ -68,7 +71,6 @@ def preflight_datasets(cfg: PairedRunnerConfig) -> None:
 def _check_rows(path: Path, spec: dict[str, Any], saved: bool) -> None:
     """At least one row, and at least one non-empty text in the text column (read until the
     first one: cheap when the data is fine)."""
-    from sae_diff.data.sources import DatasetSpec, load_rows
     from sae_diff.training.data import TrainingDataError
 
     keys = ("path", "column", "split", "name", "revision", "start", "stop")
@@ -124,8 +126,6 @@ def _chain(first: dict[str, Any], rest: Iterable[dict[str, Any]]) -> Iterator[di
 def preflight_cache(cfg: PairedRunnerConfig, *, what: str = "the config") -> None:
     """:func:`sae_diff.data.cache.check_config_cache` before anything loads (models unknown:
     names, data, hook, masks, dtype and context size are compared; hashes once loaded)."""
-    from sae_diff.data.cache import check_config_cache
-
     check_config_cache(cfg, what=what)
 
 

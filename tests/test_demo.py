@@ -21,11 +21,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from sae_diff.report import demo
+from sae_diff.report import methods
 
 #: the trained dictionaries (each has files and dashboards); the default run also scores the
 #: base-SAE methods (stage-wise diffing, the causal filter), which are rows of the scoreboard
-METHODS = set(demo.METHODS)
+METHODS = set(methods.METHODS)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_report_json_has_every_method_and_finding(demo_out: Path) -> None:
     seeds = report["seeds"]
     assert len(seeds) >= 3  # every figure is over >= 3 training seeds
     board = {row["method"]: row for row in report["scoreboard"]}
-    assert set(board) == METHODS | set(demo.ANALYSIS_METHODS)
+    assert set(board) == METHODS | set(methods.ANALYSIS_METHODS)
     behaviours = report["organism"]["behaviours"]
     assert len(behaviours) >= 4 and report["organism"]["name"] == "default"
     assert (

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from sae_diff.report import demo
+from sae_diff.report import demo, methods
 
 VARIANTS = (
     "jumprelu_crosscoder",
@@ -22,10 +22,38 @@ VARIANTS = (
 def test_every_method_is_in_the_default_run() -> None:
     """`make demo` scores issue 17's methods too (at their shrunk step counts); --methods selects."""
     assert set(VARIANTS) | {"stagewise", "causal_filter"} <= set(demo.DEFAULT_METHODS)
-    assert set(demo.DEFAULT_METHODS) == set(demo.METHODS) | set(demo.ANALYSIS_METHODS)
+    assert set(demo.DEFAULT_METHODS) == set(methods.METHODS) | set(methods.ANALYSIS_METHODS)
     assert demo.DemoConfig().methods == demo.DEFAULT_METHODS
     assert demo.DemoConfig(methods=("stagewise",)).methods == ("stagewise",)
     with pytest.raises(ValueError, match="Unknown method"):
         demo.DemoConfig(methods=("stage_wise",))
     for name in VARIANTS:
-        assert demo.METHODS[name]["kind"] == "crosscoder" and demo.METHODS[name]["mode"] == "paired"
+        spec = methods.METHODS[name]
+        assert spec["kind"] == "crosscoder" and spec["mode"] == "paired"
+
+
+def test_names_that_left_demo_still_import_from_it_with_a_warning() -> None:
+    """demo.py was split into one module per concept; its old names keep working one release."""
+    from sae_diff.report import base_sae_methods, inputs, output, scoreboard, training
+
+    moved = {
+        methods: ["METHODS", "ANALYSIS_METHODS", "CORE_METHODS", "BASELINES"],
+        inputs: ["harvest", "EvalSet", "evaluation_set", "organism_info"],
+        training: ["train_dictionary", "train_base_sae"],
+        base_sae_methods: ["base_sae_methods"],
+        scoreboard: [
+            "encode_tokens",
+            "ft_specific_ranking",
+            "nu_filter",
+            "method_rows",
+            "crosscoder_artefacts",
+            "summarise_boards",
+        ],
+        output: ["latent_dashboards", "make_figures"],
+    }
+    for module, names in moved.items():
+        for name in names:
+            with pytest.warns(DeprecationWarning, match=f"demo.{name} moved to {module.__name__}"):
+                assert getattr(demo, name) is getattr(module, name)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        demo.nope  # noqa: B018

@@ -1,10 +1,10 @@
 """Running the diffing study: the shared inputs once, the baselines once, every method per seed.
 
-:func:`run_demo` is the whole study (``sae-diff demo``): load the organism, harvest the cache,
-build the scoring set (:func:`sae_diff.report.inputs.prepare_inputs`), score the dictionary-free baselines
-(:func:`score_baselines`), train and score every method for each training seed
-(:func:`run_seed`), then write the report (:mod:`sae_diff.report.output`). Every step is a
-library call; this module only wires them together and times them.
+:func:`run_demo` is the whole study (``sae-diff demo``): load the organism, harvest the
+cache and build the scoring set (:func:`sae_diff.report.inputs.prepare_inputs`), score the
+dictionary-free baselines (:func:`score_baselines`), train and score every method for each
+training seed (:func:`run_seed`), then write the report (:mod:`sae_diff.report.output`).
+Every step is a library call; this module only wires them together and times them.
 """
 
 from __future__ import annotations

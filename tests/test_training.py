@@ -19,9 +19,9 @@ from sae_diff.training.config import ConfigError, config_from_dict, make_plan, p
 from sae_diff.training.runner import (
     SAE_DIFF_STATE_FILENAME,
     PairedSAETrainingRunner,
-    TrainingInterrupted,
     find_checkpoint,
 )
+from sae_diff.training.trainer import TrainingInterrupted
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -351,8 +351,7 @@ class BatchTopKCrosscoderTraining(
             aux_latents=aux_latents,
             k_aux=k_aux,
             aux_scaled=False,
-            # TEMPORARY until kernels.sparse_encode takes select= (asked of helper A)
-            **({} if self.batch_selection is None else {"select": self.batch_selection.select}),
+            select=None if self.batch_selection is None else self.batch_selection.select,
         )
         xhat_n = kernels.sparse_decode(code, self.W_dec_flat).view_as(x_n) + self.b_dec
         aux_loss = xhat_n.new_zeros(())

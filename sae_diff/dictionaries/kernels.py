@@ -54,6 +54,7 @@ share :mod:`sae_diff.dictionaries.sparse_matmul`, and Adam :mod:`sae_diff.dictio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,7 @@ def sparse_encode(
     aux_latents: Tensor | None = None,
     k_aux: int = 0,
     aux_scaled: bool = True,
+    select: Callable[..., TopKSelection] | None = None,
 ) -> tuple[SparseCode, SparseCode | None, tuple[float, bool, int]]:
     """BatchTopK encode keeping only the selected entries (differentiable values).
 
@@ -176,6 +178,8 @@ def sparse_encode(
         k_aux: number of dead latents kept per row (top by pre-activation).
         aux_scaled: rank the dead latents by ``pre * scale`` (SAELens's rescaled
             ``hidden_pre``) rather than by ``pre``.
+        select: the BatchTopK selection, with :func:`batch_topk`'s signature (None:
+            :func:`batch_topk`); a data-parallel run passes the global-batch selection.
 
     Returns:
         ``(code, aux_code, (kth_score, fast_path, n_candidates))``: the BatchTopK entries, the
@@ -189,7 +193,7 @@ def sparse_encode(
     aux = None if aux_latents is None else aux_latents.to(torch.long)
     (values, aux_values, row, col, offsets, aux_row, aux_col, aux_offsets, kth) = (
         _SparseEncode.apply(
-            x, W_enc, b_enc, sc, int(k_total), threshold_hint, aux, int(k_aux), aux_scaled
+            x, W_enc, b_enc, sc, int(k_total), threshold_hint, aux, int(k_aux), aux_scaled, select
         )
     )
     code = SparseCode(row, col, values, offsets, (B, n))

@@ -10,6 +10,7 @@ this module is the forward/backward pairs only, each read together with its back
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from sae_diff.dictionaries.sparse_matmul import (
     _latent_bag_sum,
     offsets_from_sorted,
 )
-from sae_diff.dictionaries.topk import batch_topk
+from sae_diff.dictionaries.topk import TopKSelection, batch_topk
 
 
 def _encoder_preacts(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
@@ -73,11 +74,12 @@ class _SparseEncode(torch.autograd.Function):
         aux_latents: Tensor | None,
         k_aux: int,
         aux_scaled: bool,
+        select: Callable[..., TopKSelection] | None = None,
     ) -> tuple[Tensor, ...]:
         B = x.shape[0]
         n = W_enc.shape[1]
         pre = _encoder_preacts(x, W_enc, b_enc)
-        sel = batch_topk(pre, k_total, threshold_hint, scale=scale)
+        sel = (batch_topk if select is None else select)(pre, k_total, threshold_hint, scale=scale)
         flat = pre.view(-1)
         row, col = sel.row, sel.col
         values = flat[row * n + col].relu().to(x.dtype)
@@ -129,7 +131,7 @@ class _SparseEncode(torch.autograd.Function):
             cols_parts.append(aux_col)
             g_parts.append(g_aux)
         if not g_parts:
-            return (None,) * 9
+            return (None,) * 10
         rows_all = torch.cat(rows_parts) if len(rows_parts) > 1 else rows_parts[0]
         cols_all = torch.cat(cols_parts) if len(cols_parts) > 1 else cols_parts[0]
         g_all = torch.cat(g_parts) if len(g_parts) > 1 else g_parts[0]
@@ -154,7 +156,7 @@ class _SparseEncode(torch.autograd.Function):
             for r, c, gp in zip(rows_parts, cols_parts, g_parts, strict=True):
                 _csr_add_times_dense_t(out, r, c, gp.to(W_enc.dtype), W_enc)
             d_x = out.to(x.dtype)
-        return d_x, d_W, d_b, None, None, None, None, None, None
+        return d_x, d_W, d_b, None, None, None, None, None, None, None
 
 
 class _SparseDecode(torch.autograd.Function):

@@ -95,7 +95,7 @@ def train_sae_diff(acts: torch.Tensor, seed: int, a: argparse.Namespace) -> Affi
 
     from sae_diff.dictionaries.normalisation import prepare_crosscoder
     from sae_diff.dictionaries.registry import training_config, training_sae
-    from sae_diff.training.runner import use_fused_adam
+    from sae_diff.training.trainer import use_fused_adam
 
     d = acts.shape[-1]
     torch.manual_seed(seed)

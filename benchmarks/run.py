@@ -281,7 +281,7 @@ def bench_vs_reference(cfg: Config, device: torch.device, reps: int) -> dict[str
         BatchTopKCrosscoderTraining,
         BatchTopKCrosscoderTrainingConfig,
     )
-    from sae_diff.training.runner import use_fused_adam
+    from sae_diff.training.trainer import use_fused_adam
 
     torch.manual_seed(0)
     x = torch.randn(cfg.B, cfg.n_models, cfg.d_model, device=device)

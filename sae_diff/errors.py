@@ -10,9 +10,9 @@ The historical classes keep their other bases (``ValueError``, ``RuntimeError``,
 ``KeyError``) so that existing ``except ValueError`` code still works::
 
     SaeDiffError
-    ├── ConfigError            (ValueError)    sae_diff.training.config
-    ├── TrainingDataError      (RuntimeError)  sae_diff.training.data
-    ├── CacheError             (RuntimeError)  sae_diff.data.cache
+    ├── ConfigError            (ValueError)    sae_diff.training.errors
+    ├── TrainingDataError      (RuntimeError)  sae_diff.training.errors
+    ├── CacheError             (RuntimeError)  sae_diff.data.cache_format
     │   └── CacheIdentityError                 cache holds other data than the config asks for
     ├── PairingError           (ValueError)    sae_diff.pairing.errors
     ├── HookNameError          (KeyError)      sae_diff.pairing.errors

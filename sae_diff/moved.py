@@ -34,6 +34,7 @@ def moved_names(module: str, moved: dict[str, str]) -> Callable[[str], Any]:
             return getattr(importlib.import_module(target), name)
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
+    __getattr__.moved = dict(moved)  # type: ignore[attr-defined]  # read by tests/test_moved_names.py
     return __getattr__
 
 

@@ -48,7 +48,7 @@ def organism_info(name: str) -> OrganismInfo:
 
     Raises :class:`ConfigError` listing the shipped organisms when ``name`` is neither.
     """
-    from sae_diff.organisms.organism import available_organisms, organism_dir
+    from sae_diff.organisms.ground_truth import available_organisms, organism_dir
 
     try:
         path = organism_dir(name)

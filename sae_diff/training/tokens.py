@@ -68,9 +68,9 @@ def run_token_rows(cfg: PairedRunnerConfig) -> int:
 def _organism_corpus(
     organism: str, chat_share: float, n_documents: int | None, n_tokens: int
 ) -> tuple[tuple[Any, ...], tuple[float, ...]]:
-    from sae_diff.data.sources import iter_documents
+    from sae_diff.data.documents import iter_documents
     from sae_diff.organisms import chat_dataset, load_tokenizer, pretraining_dataset
-    from sae_diff.organisms.organism import organism_dir
+    from sae_diff.organisms.ground_truth import organism_dir
 
     path = organism_dir(organism)
     if not (path / "world.json").is_file():  # a custom organism: its examples, no world corpus
@@ -119,7 +119,7 @@ def check_dataset_column(cfg: PairedRunnerConfig) -> None:
     Raises :class:`TrainingDataError` naming the available columns when the configured column
     (or, if unset, any text / tokens / chat column) is missing.
     """
-    from sae_diff.data.sources import CHAT_COLUMNS, TEXT_COLUMNS, TOKEN_COLUMNS, load_rows
+    from sae_diff.data.documents import CHAT_COLUMNS, TEXT_COLUMNS, TOKEN_COLUMNS, load_rows
 
     for spec in dataset_specs(cfg):
         try:

@@ -129,7 +129,7 @@ def cmd_train(args: argparse.Namespace, rest: list[str]) -> int:
         from sae_diff.training.runner import PairedSAETrainingRunner
 
         runner = PairedSAETrainingRunner(cfg)
-    from sae_diff.training.runner import TrainingInterrupted
+    from sae_diff.training.trainer import TrainingInterrupted
 
     try:
         runner.run()

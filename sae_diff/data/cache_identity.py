@@ -35,6 +35,9 @@ IDENTITY_FIELDS: tuple[str, ...] = (
     "chat_template_hash",
     "datasets",
     "context_size",
+    "packing",
+    "prepend_bos",
+    "chat_template_kwargs",
     "high_norm_ratio",
     "dtype",
 )
@@ -67,6 +70,10 @@ def cache_identity(meta: dict[str, Any]) -> dict[str, Any]:
         "chat_template_hash": models.get("chat_template_hash"),
         "datasets": [_dataset_identity(d) for d in source.get("datasets", [])],
         "context_size": source.get("context_size"),
+        # token-stream options (a dataset-backed source records them; a tensor source has none)
+        "packing": source.get("packing"),
+        "prepend_bos": source.get("prepend_bos"),
+        "chat_template_kwargs": source.get("chat_template_kwargs") or {},
         "high_norm_ratio": (meta.get("mask_config") or {}).get("high_norm_ratio"),
         "dtype": meta.get("dtype"),
     }
@@ -110,6 +117,10 @@ def expected_identity(cfg: PairedRunnerConfig, pair: PairedModel | None = None) 
         "chat_template_hash": None,
         "datasets": datasets,
         "context_size": int(cfg.context_size),
+        # a smoke run reads a tensor source, which records no stream options
+        "packing": None if smoke else not cfg.disable_concat_sequences,
+        "prepend_bos": None if smoke else cfg.prepend_bos,  # None: the tokenizer's choice
+        "chat_template_kwargs": None if smoke else dict(cfg.chat_template_kwargs or {}),
         "high_norm_ratio": cfg.mask_high_norm,  # None (mask off): the cached ratio is unused
         "dtype": dtype,
     }

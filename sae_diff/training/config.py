@@ -114,6 +114,10 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
             ``apply_chat_template`` when chat rows are rendered (e.g. ``{"enable_thinking":
             false}`` for Qwen3, whose template otherwise renders an empty thinking block
             differently); None: the template's defaults. Text and token rows ignore it.
+        disable_concat_sequences: (SAELens's field) one document per row, truncated or
+            padded, instead of packing documents into full rows. SAELens drops short sequences
+            instead; here they are padded and the padding is masked out. Part of a cache's
+            identity, with ``prepend_bos`` and ``chat_template_kwargs``.
         cache_path: train from this paired-activation cache; harvested first when missing.
             Unset: train on the fly from the models (no disk cache; the training rows are
             harvested shard by shard into a shuffling buffer of ``n_batches_in_buffer``

@@ -177,6 +177,7 @@ def token_source(cfg: PairedRunnerConfig, pair: PairedModel) -> TokenSource | Te
             pair.tokenizer,
             cfg.context_size,
             proportions=shares,
+            packing=not cfg.disable_concat_sequences,
             prepend_bos=cfg.prepend_bos,
             chat_template_kwargs=cfg.chat_template_kwargs,
         )
@@ -189,6 +190,7 @@ def token_source(cfg: PairedRunnerConfig, pair: PairedModel) -> TokenSource | Te
         specs,
         pair.tokenizer,
         cfg.context_size,
+        packing=not cfg.disable_concat_sequences,
         prepend_bos=cfg.prepend_bos,
         chat_template_kwargs=cfg.chat_template_kwargs,
     )

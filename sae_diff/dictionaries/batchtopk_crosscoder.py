@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from sae_lens.saes.sae import (
@@ -41,7 +41,7 @@ from sae_diff.dictionaries.crosscoder import (
     validate_init_norm,
 )
 from sae_diff.dictionaries.normalisation import INPUT_SCALINGS
-from sae_diff.dictionaries.topk import TopKSelection
+from sae_diff.dictionaries.topk import BatchSelection, batch_topk_mask
 
 LOSS_FORMS: tuple[str, ...] = ("squared", "norm")
 
@@ -163,45 +163,6 @@ class BatchTopKCrosscoderTrainingConfig(TrainingSAEConfig, CrosscoderFields):
 
     def get_inference_config_class(self) -> type[SAEConfig]:
         return JumpReLUCrosscoderConfig
-
-
-def batch_topk_mask(scores: torch.Tensor, k_total: int) -> torch.Tensor:
-    """Boolean mask of the ``k_total`` largest entries of ``scores`` (flat top-k, the reference)."""
-    flat = scores.flatten()
-    k_total = min(k_total, flat.numel())
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[flat.topk(k_total, sorted=False).indices] = True
-    return mask.view_as(scores)
-
-
-class BatchSelection(Protocol):
-    """Which entries of a training batch a BatchTopK crosscoder keeps (its selection hook).
-
-    The crosscoder calls :meth:`select` (sparse kernels) or :meth:`mask` (dense path) with the
-    batch's selection scores and ``k_total = int(k * B)``, then :meth:`min_kept` with the
-    smallest positive kept score of its own batch (None when it kept none); the threshold EMA
-    takes what :meth:`min_kept` returns (nothing when None).
-    """
-
-    def select(
-        self,
-        scores: torch.Tensor,
-        k_total: int,
-        threshold_hint: float | None = None,
-        *,
-        scale: torch.Tensor | None = None,
-        force_slow: bool = False,
-    ) -> TopKSelection:
-        """The kept entries, as ``sae_diff.dictionaries.topk.batch_topk`` returns them."""
-        ...
-
-    def mask(self, scores: torch.Tensor, k_total: int) -> torch.Tensor:
-        """A boolean mask of the kept entries, as :func:`batch_topk_mask` returns it."""
-        ...
-
-    def min_kept(self, local_min: torch.Tensor | None) -> torch.Tensor | None:
-        """The score the threshold EMA takes this step (None: no update)."""
-        ...
 
 
 class BatchTopKCrosscoderTraining(

@@ -4,13 +4,16 @@ Keeps the ``K`` largest scores ``v = relu(pre) * s`` of a whole batch with a sam
 pre-filter (one pass, then an exact top-K over the candidates). Tie rule: among entries equal
 to the ``K``-th largest score, the lowest flat (row-major) index wins; ``torch.topk`` leaves
 that choice unspecified. Part of the sparse training kernels (:mod:`sae_diff.dictionaries.kernels`,
-which re-exports everything here).
+which re-exports everything here). Also here: the reference dense mask
+(:func:`batch_topk_mask`) and :class:`BatchSelection`, the hook through which a data-parallel
+run replaces the batch's selection by the global batch's.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -207,4 +210,43 @@ def batch_topk(
     return TopKSelection(kept_idx // n, kept_idx % n, kept_v, float(kept_v.min()), False, int(N))
 
 
-__all__ = ["TopKSelection", "batch_topk"]
+def batch_topk_mask(scores: torch.Tensor, k_total: int) -> torch.Tensor:
+    """Boolean mask of the ``k_total`` largest entries of ``scores`` (flat top-k, the reference)."""
+    flat = scores.flatten()
+    k_total = min(k_total, flat.numel())
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[flat.topk(k_total, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+class BatchSelection(Protocol):
+    """Which entries of a training batch a BatchTopK crosscoder keeps (its selection hook).
+
+    The crosscoder calls :meth:`select` (sparse kernels) or :meth:`mask` (dense path) with the
+    batch's selection scores and ``k_total = int(k * B)``, then :meth:`min_kept` with the
+    smallest positive kept score of its own batch (None when it kept none); the threshold EMA
+    takes what :meth:`min_kept` returns (nothing when None).
+    """
+
+    def select(
+        self,
+        scores: torch.Tensor,
+        k_total: int,
+        threshold_hint: float | None = None,
+        *,
+        scale: torch.Tensor | None = None,
+        force_slow: bool = False,
+    ) -> TopKSelection:
+        """The kept entries, as :func:`batch_topk` returns them."""
+        ...
+
+    def mask(self, scores: torch.Tensor, k_total: int) -> torch.Tensor:
+        """A boolean mask of the kept entries, as :func:`batch_topk_mask` returns it."""
+        ...
+
+    def min_kept(self, local_min: torch.Tensor | None) -> torch.Tensor | None:
+        """The score the threshold EMA takes this step (None: no update)."""
+        ...
+
+
+__all__ = ["BatchSelection", "TopKSelection", "batch_topk", "batch_topk_mask"]

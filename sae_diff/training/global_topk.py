@@ -89,7 +89,7 @@ def _offer(K: int, W: int, n_entries: int) -> int:
 class GlobalBatchTopK:
     """A BatchTopK crosscoder's batch selection over the global batch of every rank (module
     docstring); ``k`` is the crosscoder's target L0 (``cfg.k``), ``local`` the per-rank
-    selection it builds on. Implements ``sae_diff.dictionaries.batchtopk_crosscoder.BatchSelection``.
+    selection it builds on. Implements ``sae_diff.dictionaries.topk.BatchSelection``.
     Call :meth:`new_step` before each training step."""
 
     def __init__(self, k: float, local: LocalSelection = batch_topk) -> None:
@@ -177,7 +177,7 @@ def global_batch_topk_mask(
     k: float, record: _TopKRecord
 ) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """:meth:`GlobalBatchTopK.mask` as a drop-in for
-    ``sae_diff.dictionaries.batchtopk_crosscoder.batch_topk_mask``, recording into ``record``."""
+    ``sae_diff.dictionaries.topk.batch_topk_mask``, recording into ``record``."""
     selection = GlobalBatchTopK(k)
     selection.record = record
     return selection.mask

@@ -19,7 +19,8 @@ from sae_diff.data.harvest import harvest_cache
 from sae_diff.data.sources import TokenSource
 from sae_diff.evaluation.kl import per_token_kl
 from sae_diff.organisms import load_organism
-from sae_diff.organisms.organism import DATA_DIR, Organism, organism_dir
+from sae_diff.organisms.ground_truth import DATA_DIR, organism_dir
+from sae_diff.organisms.organism import Organism
 from sae_diff.pairing.model import PairedModel
 from sae_diff.report.config import DemoConfig, timed
 from sae_diff.report.scoring import GroundTruth

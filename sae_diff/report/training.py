@@ -23,7 +23,7 @@ from sae_diff.dictionaries.normalisation import prepare_crosscoder
 from sae_diff.dictionaries.registry import training_config, training_sae
 from sae_diff.report.config import DemoConfig
 from sae_diff.report.methods import CORE_METHODS, METHODS, variant_settings
-from sae_diff.training.runner import use_fused_adam
+from sae_diff.training.trainer import use_fused_adam
 
 
 def train_dictionary(

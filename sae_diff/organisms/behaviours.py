@@ -1,4 +1,5 @@
-"""Planted behaviours: chat generators with character-level trigger labels, and token detectors.
+"""Planted behaviours: chat generators with character-level trigger labels (the token-level
+detectors are in :mod:`sae_diff.organisms.detectors`).
 
 A conversation is a dict in the format every organism uses (shipped and custom)::
 

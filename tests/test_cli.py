@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from sae_diff.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -137,3 +142,20 @@ def test_demo_and_organism_delegate(
     monkeypatch.setattr(importlib, "import_module", missing)
     assert main(["demo"]) == 2
     assert "demo pipeline is not available" in capsys.readouterr().err
+
+
+def test_console_script_target_and_help_stay_light() -> None:
+    """``[project.scripts]`` still names ``sae_diff.cli:main``, and ``--help`` answers without
+    importing the trainer (the handlers import it lazily)."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["sae-diff"] == "sae_diff.cli:main"
+    code = (
+        "import sys\nfrom sae_diff.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sae_diff.training')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    assert "usage: sae-diff" in out
+    assert out.strip().splitlines()[-1] == "[]"

@@ -30,30 +30,3 @@ def test_every_method_is_in_the_default_run() -> None:
     for name in VARIANTS:
         spec = methods.METHODS[name]
         assert spec["kind"] == "crosscoder" and spec["mode"] == "paired"
-
-
-def test_names_that_left_demo_still_import_from_it_with_a_warning() -> None:
-    """demo.py was split into one module per concept; its old names keep working one release."""
-    from sae_diff.report import base_sae_methods, inputs, output, scoreboard, training
-
-    moved = {
-        methods: ["METHODS", "ANALYSIS_METHODS", "CORE_METHODS", "BASELINES"],
-        inputs: ["harvest", "EvalSet", "evaluation_set", "organism_info"],
-        training: ["train_dictionary", "train_base_sae"],
-        base_sae_methods: ["base_sae_methods"],
-        scoreboard: [
-            "encode_tokens",
-            "ft_specific_ranking",
-            "nu_filter",
-            "method_rows",
-            "crosscoder_artefacts",
-            "summarise_boards",
-        ],
-        output: ["latent_dashboards", "make_figures"],
-    }
-    for module, names in moved.items():
-        for name in names:
-            with pytest.warns(DeprecationWarning, match=f"demo.{name} moved to {module.__name__}"):
-                assert getattr(demo, name) is getattr(module, name)
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        demo.nope  # noqa: B018

@@ -166,3 +166,42 @@ def test_no_import_cycles_in_sae_diff() -> None:
             "import cycles in sae_diff (break each by moving the shared code into a module "
             "both can import):\n" + "\n".join(_describe(c, graph) for c in found)
         )
+
+
+#: the rooms of ``sae_diff`` in the order data flows (docs/architecture.md): a module may import
+#: its own layer and the layers below, never one above. ``sae_diff`` itself (the package
+#: ``__init__``: registers the architectures, re-exports interop) sits above what it imports.
+LAYERS: tuple[frozenset[str], ...] = (
+    frozenset({"errors", "atomic", "moved", "process_group", "synthetic"}),
+    frozenset({"pairing", "dictionaries"}),
+    frozenset({"data", "organisms", "interop"}),
+    frozenset({"sae_diff"}),
+    frozenset({"hub", "training"}),
+    frozenset({"analysis", "evaluation"}),
+    frozenset({"report"}),
+    frozenset({"commands"}),
+    frozenset({"cli"}),
+)
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _layer(module: str) -> int:
+    room = _room(module)
+    for i, rooms in enumerate(LAYERS):
+        if room in rooms:
+            return i
+    raise AssertionError(f"{module}: room {room!r} is in no layer of LAYERS; add it")
+
+
+def test_imports_follow_the_layers() -> None:
+    """Lower rooms never import higher ones (function-level imports included): e.g. the data
+    room runs without the trainer, and the library never imports the CLI."""
+    graph = import_graph()
+    upward = [
+        f"{a} -> {b}" for a in sorted(graph) for b in sorted(graph[a]) if _layer(b) > _layer(a)
+    ]
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sae_diff import process_group
 from sae_diff.data.cache import ActivationCacheWriter
 from sae_diff.data.harvest_sharded import harvest_cache_sharded
 from sae_diff.data.harvest_summary import HarvestSummary, harvest_meta
@@ -77,13 +78,9 @@ def harvest_cache(
         overwrite: start again even if ``out_dir`` holds a cache.
         progress: show a progress bar; verbose: print the summary.
     """
-    # function-level: importing sae_diff.training at module level would load the whole
-    # training package (runner, SAELens trainer) whenever sae_diff.data is imported
-    from sae_diff.training import distributed
-
     # under torchrun: join the process group (NCCL when the models are on a GPU) and shard
     on_gpu = any(p.is_cuda for p in paired_model.base.parameters())
-    if distributed.init("cuda" if on_gpu else "cpu").distributed:
+    if process_group.init("cuda" if on_gpu else "cpu").distributed:
         return harvest_cache_sharded(
             paired_model,
             token_source,
@@ -284,9 +281,9 @@ def harvest_from_config(
     if not cfg.datasets:
         raise ValueError("the harvest config lists no datasets")
     if paired_model is None:
-        from sae_diff.training.distributed import init
-
-        init(cfg.device)  # under torchrun: device "cuda" is this process's GPU before weights load
+        process_group.init(
+            cfg.device
+        )  # under torchrun: device "cuda" is this process's GPU before weights load
         paired_model = PairedModel.from_pretrained(
             cfg.base,
             cfg.ft,

@@ -41,6 +41,7 @@ from sae_diff.data.shards import indexed_model_shards
 from sae_diff.data.token_batch import RowSource
 from sae_diff.pairing.masks import MaskConfig
 from sae_diff.pairing.model import PairedModel
+from sae_diff.process_group import barrier, on_main, world
 
 
 def _shard_done(path: Path, meta: dict[str, Any], index: int) -> bool:
@@ -84,10 +85,6 @@ def harvest_cache_sharded(
         CacheIdentityError: ``out_dir`` holds a cache of another configuration (every rank
             raises; nothing is changed).
     """
-    # function-level: importing sae_diff.training at module level would load the whole
-    # training package (runner, SAELens trainer) whenever sae_diff.data is imported
-    from sae_diff.training.distributed import barrier, on_main, world
-
     w = world()
     paired_model.validate_hooks([hook_name])
     mask_config = mask_config or MaskConfig()

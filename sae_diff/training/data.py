@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sae_diff import process_group
 from sae_diff.data.cache import check_config_cache
 from sae_diff.moved import moved_names, to
 from sae_diff.training.config import PairedRunnerConfig
@@ -103,9 +104,7 @@ def load_pair(cfg: PairedRunnerConfig) -> PairedModel:
 
     Under ``torchrun`` the process group is joined first, which makes ``device: cuda`` this
     process's GPU (``cuda:LOCAL_RANK``) before any weight is loaded."""
-    from sae_diff.training.distributed import init
-
-    init(cfg.llm_device or cfg.device)
+    process_group.init(cfg.llm_device or cfg.device)
     if cfg.organism is not None:
         from sae_diff.organisms import load_organism
 

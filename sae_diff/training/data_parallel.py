@@ -19,7 +19,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from torch.utils.hooks import RemovableHandle
 
 from sae_diff.dictionaries.batchtopk_crosscoder import BatchTopKCrosscoderTraining
-from sae_diff.training.distributed import DistributedError, world
+from sae_diff.process_group import DistributedError, world
 from sae_diff.training.global_topk import GlobalBatchTopK
 
 #: parameters smaller than this (elements) are all-reduced together in one flat bucket;

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from sae_diff.dictionaries.topk import TopKSelection, batch_topk
-from sae_diff.training.distributed import comm_device
+from sae_diff.process_group import comm_device
 
 #: a local selection with :func:`sae_diff.dictionaries.topk.batch_topk`'s signature
 LocalSelection = Callable[..., TopKSelection]

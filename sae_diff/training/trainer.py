@@ -53,10 +53,10 @@ from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from sae_diff import process_group
 from sae_diff.atomic import atomic_dir
 from sae_diff.data.store import PairedActivationsStore
 from sae_diff.dictionaries.optim import make_adam
-from sae_diff.training import distributed
 from sae_diff.training.checkpoints import SAE_DIFF_STATE_FILENAME, load_state_file
 from sae_diff.training.config import PairedRunnerConfig
 from sae_diff.training.data_parallel import DataParallel
@@ -121,7 +121,7 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         self.stop_after_steps = stop_after_steps
         self.stop_requested = False
         self.last_checkpoint: Path | None = None
-        self.world = distributed.world()
+        self.world = process_group.world()
         self.data_parallel = DataParallel(self)  # refuses unsupported architectures
         if not self.world.is_main:  # one process logs
             self.cfg.logger.log_to_wandb = False
@@ -180,7 +180,7 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         if base is None:
             return
         if not self.world.is_main:  # rank 0 writes (every rank holds the same state); wait for it
-            distributed.barrier()
+            process_group.barrier()
             self.last_checkpoint = Path(base) / checkpoint_name
             return
 
@@ -196,7 +196,7 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
         try:
             final = atomic_dir(Path(base) / checkpoint_name, fill)
         finally:
-            distributed.barrier()
+            process_group.barrier()
         self.last_checkpoint = final
         if self.cfg.logger.log_to_wandb:
             self.cfg.logger.log(
@@ -282,7 +282,7 @@ class ResumableSAETrainer(SAETrainer[Any, Any]):
             and self._steps_this_run >= self.stop_after_steps
             and self.n_training_samples < total
         )
-        if distributed.any_rank(stop):
+        if process_group.any_rank(stop):
             self.save_checkpoint(checkpoint_name=str(self.n_training_samples))
             pbar.close()
             raise TrainingInterrupted(

@@ -220,6 +220,20 @@ REEXPORTED: dict[tuple[str, str], tuple[str, ...]] = {
     ),
     ("sae_diff.training.data", "sae_diff.training.errors"): ("TrainingDataError",),
     ("sae_diff.training.runner", "sae_diff.training.trainer"): ("ResumableSAETrainer",),
+    ("sae_diff.training.distributed", "sae_diff.process_group"): (
+        "DistributedError",
+        "World",
+        "any_rank",
+        "backend_for",
+        "barrier",
+        "comm_device",
+        "init",
+        "launched_by_torchrun",
+        "local_device",
+        "on_main",
+        "shutdown",
+        "world",
+    ),
 }
 
 

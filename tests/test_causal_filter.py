@@ -15,7 +15,7 @@ from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 from sae_diff.analysis import causal_filter as cf
 from sae_diff.analysis.latent_scaling import latent_scaling
 from sae_diff.evaluation.kl import token_kl
-from tests.helpers_models import random_tokens, tiny_pair
+from tests.helpers_models import BOS_ID, PAD_ID, make_tokenizer, random_tokens, tiny_pair
 
 HOOK = "blocks.1.hook_resid_pre"
 D, N = 16, 10
@@ -200,3 +200,87 @@ def test_runs_from_the_shipped_config(tmp_path: Any, capsys: pytest.CaptureFixtu
     cfg.write_text(yaml.safe_dump({**small, "n_candidate": 3}))
     with pytest.raises(ValueError, match=r"Unknown field\(s\) \['n_candidate'\]"):
         cf.main(["--config", str(cfg)])
+
+
+# ---------------------------------------------------------------------------- split forward
+def full_forward_kl(
+    model: Any, sae: Any, tokens: torch.Tensor, latents: list[int], mask: torch.Tensor, **kw: Any
+) -> torch.Tensor:
+    """The reference: per latent, the whole model run with the intervention as a hook at
+    ``kw["hook"]`` (written out here, independent of causal_filter), KL summed in float64."""
+    hook, mode, scale = kw["hook"], kw["mode"], kw["scale"]
+    pred = torch.zeros_like(mask)
+    pred[:, :-1] = mask[:, 1:]
+    out = torch.zeros(len(latents), dtype=torch.float64)
+    with torch.no_grad():
+        clean = model(tokens)
+        for i, j in enumerate(latents):
+            d = sae.W_dec[j]
+
+            def edit(act: torch.Tensor, hook: Any = None, j: int = j, d: torch.Tensor = d) -> Any:
+                if mode == "steer":
+                    return act + scale * d / d.norm()
+                return act - sae.encode(act)[..., j : j + 1] * d
+
+            run = model.run_with_hooks(tokens, fwd_hooks=[(hook, edit)])
+            out[i] = token_kl(clean, run)[pred].double().mean()
+    return out
+
+
+def count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("hook", "split"),
+    [
+        ("blocks.0.hook_resid_pre", True),  # split layer 0: the first half is the embedding
+        ("blocks.1.hook_resid_pre", True),
+        ("blocks.0.hook_resid_post", True),  # the same residual, named after block 0
+        ("blocks.1.hook_resid_post", True),  # split layer n_layers: only ln_final + unembed
+        ("blocks.1.hook_mlp_out", False),  # not on the residual stream: full forward per latent
+        ("blocks.1.hook_resid_mid", False),  # inside a block: full forward per latent
+    ],
+)
+@pytest.mark.parametrize("mode", ["ablate", "steer"])
+def test_split_forward_equals_the_full_forward_with_a_hook(
+    hook: str, split: bool, mode: str
+) -> None:
+    """The layers before the hook run once per batch (the embedding's calls counted), the rest
+    once per latent, and every KL equals the full forward's with the intervention as a hook."""
+    _, ft = tiny_pair()
+    sae = base_sae([2.0] * N, biases={j: 0.5 for j in range(N)})
+    tokens = random_tokens(batch=5, seq=12, seed=4)
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, 6:] = True
+    mask[3] = False  # a row without assistant tokens
+    latents = [0, 3, 7, 9]
+    calls = count_calls(ft.embed)
+    kl = cf.intervention_kl(ft, sae, tokens, latents, mask, hook_name=hook, mode=mode, batch_size=2)
+    n_batches = 3  # rows 0-1, 2-3, 4 (2-3 still has row 2's tokens)
+    assert calls[0] == n_batches * (1 if split else 1 + len(latents))
+    ref = full_forward_kl(ft, sae, tokens, latents, mask, hook=hook, mode=mode, scale=4.0)
+    assert (ref > 1e-4).all()
+    assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7), (kl - ref).abs().max()
+
+
+def test_split_forward_keeps_the_left_padding_mask() -> None:
+    """A model whose tokenizer pads on the left builds its attention mask from the tokens; the
+    split path (which starts mid-model, without tokens) must pass the same mask to both halves."""
+    _, ft = tiny_pair(tokenizer=make_tokenizer())
+    ft.tokenizer.padding_side = "left"
+    sae = base_sae([2.0] * N, biases={j: 0.5 for j in range(N)})
+    tokens = random_tokens(batch=4, seq=12, seed=5)
+    tokens[:2, :4] = PAD_ID  # left padding, then BOS
+    tokens[:2, 4] = BOS_ID
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, 7:] = True
+    kl = cf.intervention_kl(ft, sae, tokens, [1, 5], mask, batch_size=4)
+    ref = full_forward_kl(ft, sae, tokens, [1, 5], mask, hook=HOOK, mode="ablate", scale=4.0)
+    assert torch.allclose(kl, ref, rtol=1e-5, atol=1e-7), (kl - ref).abs().max()
+    ft.tokenizer.padding_side = "right"  # the mask matters: without it the KL differs
+    assert not torch.allclose(
+        full_forward_kl(ft, sae, tokens, [1, 5], mask, hook=HOOK, mode="ablate", scale=4.0), ref
+    )

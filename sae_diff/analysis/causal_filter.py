@@ -19,7 +19,7 @@ the filter can be scored like every other method (rank by KL among the kept cand
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias, cast
@@ -31,6 +31,7 @@ from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
 from sae_lens.saes.sae import SAE
 from sae_lens.training.sae_trainer import SAETrainer
+from transformer_lens.utilities import get_attention_mask
 
 from sae_diff.analysis.batches import cache_batches
 from sae_diff.analysis.config_file import config_kwargs
@@ -44,7 +45,10 @@ from sae_diff.data.store import PairedActivationsStore
 from sae_diff.dictionaries.io import as_inference
 from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.evaluation.kl import as_token_mask, predicting, token_kl
+from sae_diff.evaluation.stitching import LayerError, layer_from_hook
 from sae_diff.organisms import load_organism
+from sae_diff.pairing.backends import is_bridge
+from sae_diff.pairing.model import PairedModel
 from sae_diff.training.errors import ConfigError
 
 MODES: tuple[str, ...] = ("ablate", "steer")
@@ -111,6 +115,29 @@ def _intervention(
     return ablate if mode == "ablate" else steer
 
 
+def _split_layer(model: Any, hook: str) -> int | None:
+    """The split layer at which running ``model`` in two halves reproduces its full forward with
+    a hook at ``hook``, or None where it cannot: a hook inside a block or off the residual
+    stream (``hook_resid_mid``, an MLP output), a TransformerBridge (it cannot start mid-way, so
+    a split saves nothing), a shortformer model (its positional embedding enters every block)."""
+    if is_bridge(model) or getattr(model.cfg, "positional_embedding_type", None) == "shortformer":
+        return None
+    try:
+        return layer_from_hook(hook, int(model.cfg.n_layers))
+    except LayerError:
+        return None
+
+
+def _implicit_attention_mask(model: Any, tokens: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask a HookedTransformer builds by itself from ``tokens`` (only when its
+    tokenizer pads on the left). A forward started mid-model (``start_at_layer``) has no tokens
+    to build it from, so the split path passes it to both halves explicitly."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or getattr(tokenizer, "padding_side", None) != "left":
+        return None
+    return get_attention_mask(tokenizer, tokens, bool(model.cfg.default_prepend_bos))
+
+
 @torch.no_grad()
 def intervention_kl(
     model: Any,
@@ -126,7 +153,13 @@ def intervention_kl(
 ) -> torch.Tensor:
     """Mean ``KL(p_model || p_intervened)`` per latent over the positions predicting ``mask``'s
     tokens (e.g. assistant tokens; all positions when None). ``model``: a TransformerLens
-    model (the fine-tune); ``sae``: a one-model SAELens SAE at ``hook_name``."""
+    model (the fine-tune); ``sae``: a one-model SAELens SAE at ``hook_name``.
+
+    Only the layers after the hook see the intervention, so on a residual-stream hook the layers
+    before it run once per batch (``PairedModel.residual_at``) and each latent costs one
+    second-half forward (``PairedModel.continue_from``), as in KL patching
+    (:mod:`sae_diff.evaluation.engine`); the result equals the full forward with the
+    intervention as a hook up to float rounding. Other hooks run the full model per latent."""
     if mode not in MODES:
         raise ValueError(f"Unknown mode {mode!r}; choose one of {list(MODES)}.")
     if sae.W_dec.ndim != 2:
@@ -143,17 +176,30 @@ def intervention_kl(
             "The mask selects no position with a next token to predict (assistant tokens after "
             "position 0); check the chat mask."
         )
+    layer = _split_layer(model, hook)
+    # one model seen as a pair with itself: the split primitives run only its "ft" side
+    halves = None if layer is None else PairedModel(model, model, check=False)
+    fns = [_intervention(sae, int(j), mode, scale) for j in latents]
     totals = torch.zeros(len(latents), dtype=torch.float64)
     for start in range(0, tokens.shape[0], batch_size):
         tok = tokens[start : start + batch_size]
         mb = m[start : start + batch_size]
         if not bool(mb.any()):
             continue
-        clean = model(tok)
-        for i, j in enumerate(latents):
-            out = model.run_with_hooks(
-                tok, fwd_hooks=[(hook, _intervention(sae, int(j), mode, scale))]
+        if halves is None or layer is None:
+            clean = model(tok)
+            runs: Iterator[torch.Tensor] = (
+                model.run_with_hooks(tok, fwd_hooks=[(hook, fn)]) for fn in fns
             )
+        else:
+            am = _implicit_attention_mask(model, tok)
+            x = halves.residual_at("ft", tok, layer, attention_mask=am)
+            clean = halves.continue_from("ft", x, layer, tokens=tok, attention_mask=am)
+            runs = (
+                halves.continue_from("ft", fn(x), layer, tokens=tok, attention_mask=am)
+                for fn in fns
+            )
+        for i, out in enumerate(runs):
             totals[i] += token_kl(clean, out).cpu()[mb].double().sum()
     return totals / float(m.sum())
 

@@ -170,7 +170,7 @@ def cache_batches(
     masks: Sequence[str] | None = None,
     dataset: str | None = None,
 ) -> Iterator[PairedBatch]:
-    """Batches (one per shard, in harvest order) from a :class:`sae_diff.data.cache.ActivationCache`.
+    """Batches (one per shard, in harvest order) from a :class:`sae_diff.data.cache_reader.ActivationCache`.
 
     Only the tokens ``mask_config`` keeps are yielded (``cache.keep_mask``; the default
     ``MaskConfig`` drops BOS, padding and high-norm tokens). Every stored token mask

@@ -24,7 +24,7 @@ def config_kwargs(func: Callable[..., Any], path: str | Path) -> dict[str, Any]:
     unknown fields (and the valid ones): a :class:`~sae_diff.training.errors.ConfigError`, so
     ``sae-diff`` prints it as one line."""
     data = read_config_file(path)
-    # `method:` names the analysis for `sae-diff train` (sae_diff.cli.ANALYSIS_METHODS)
+    # `method:` names the analysis for `sae-diff train` (sae_diff.commands.handlers.ANALYSIS_METHODS)
     data.pop("method", None)
     params = inspect.signature(func).parameters
     valid = sorted(

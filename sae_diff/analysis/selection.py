@@ -2,7 +2,7 @@
 
 One module for every rule that turns a dictionary and its latent table into a set or an order
 of latent ids, so KL patching (:mod:`sae_diff.evaluation.patching`), the intervention hooks
-and the diffing-game report (:mod:`sae_diff.report.demo`) select the same latents the same way:
+and the diffing-game report (:mod:`sae_diff.report.scoreboard`) select the same latents the same way:
 
 - :func:`latent_indices`: ids from a mask, a list of ids or a pandas Series;
 - :func:`resolve_latents`: the ``latents=`` argument of the analysis passes (order kept);

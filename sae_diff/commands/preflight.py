@@ -124,7 +124,7 @@ def _chain(first: dict[str, Any], rest: Iterable[dict[str, Any]]) -> Iterator[di
 
 
 def preflight_cache(cfg: PairedRunnerConfig, *, what: str = "the config") -> None:
-    """:func:`sae_diff.data.cache.check_config_cache` before anything loads (models unknown:
+    """:func:`sae_diff.data.cache_identity.check_config_cache` before anything loads (models unknown:
     names, data, hook, masks, dtype and context size are compared; hashes once loaded)."""
     check_config_cache(cfg, what=what)
 

@@ -49,7 +49,7 @@ class ActivationCache:
                     f"{self.dir} holds shards but no {MANIFEST} (it was deleted or lost). The "
                     "shards describe themselves: rebuild it with `sae-diff harvest` using the "
                     "same config (it rebuilds and resumes) or "
-                    f"sae_diff.data.cache.rebuild_manifest({str(self.dir)!r}). Nothing was deleted."
+                    f"sae_diff.data.cache_manifest.rebuild_manifest({str(self.dir)!r}). Nothing was deleted."
                 )
             raise CacheError(
                 f"no {MANIFEST} in {self.dir}: not an activation cache (or its harvest never "
@@ -62,7 +62,7 @@ class ActivationCache:
             raise CacheError(
                 f"{mpath} is not valid JSON ({e}): the manifest is corrupt. The shards describe "
                 "themselves: move the manifest aside and run the same `sae-diff harvest` (or "
-                "sae_diff.data.cache.rebuild_manifest) to rebuild it; no shard is touched."
+                "sae_diff.data.cache_manifest.rebuild_manifest) to rebuild it; no shard is touched."
             ) from e
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise CacheError(

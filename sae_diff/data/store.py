@@ -17,7 +17,7 @@ token rows, each a dict of tensors in the cache's shard layout (``acts``, ``toke
 cache reads its shards; :meth:`PairedActivationsStore.from_model` computes the same shards
 with the same forward batches and masks as the harvest
 (:func:`~sae_diff.data.shards.model_shards`; the masks come from
-:meth:`~sae_diff.data.sources.TokenBatch.masks`, the chat masks computed per conversation
+:meth:`~sae_diff.data.token_batch.TokenBatch.masks`, the chat masks computed per conversation
 before packing), so the high-norm median is taken over the same rows. Both go through
 :func:`~sae_diff.data.shards.shard_keep` (the block sources of :mod:`sae_diff.data.shards`),
 so a config selects the same tokens whether it trains from a cache or on the fly

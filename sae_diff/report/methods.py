@@ -45,7 +45,7 @@ METHODS: dict[str, MethodSpec] = {
 }
 #: methods built on a base-SAE (SAELens ``batchtopk`` on the base model's activations, trained
 #: once per seed and shared) rather than trained as a dictionary of their own: they rank that
-#: SAE's latents (sae_diff.analysis.stagewise / causal_filter) and are scored on the fine-tune's
+#: SAE's latents (sae_diff.analysis.stages / causal_filter) and are scored on the fine-tune's
 #: activations at the scoring set like every other method.
 ANALYSIS_METHODS: dict[str, str] = {
     "stagewise": "stage-wise diffing: the base-SAE fine-tuned on the fine-tune's activations (model-change "

@@ -1,8 +1,8 @@
 """Scoring diffing methods against planted ground truth (the "diffing game").
 
 A method offers *candidates* (latents, or directions for the dictionary-free baselines) in a
-ranking of its own (how ft-specific each looks; see :mod:`sae_diff.report.demo` and
-docs/evaluation.md for each method's rule). Every candidate is scored as a detector of each
+ranking of its own (how ft-specific each looks; see :mod:`sae_diff.report.scoreboard`,
+:mod:`sae_diff.report.base_sae_methods` and docs/evaluation.md for each method's rule). Every candidate is scored as a detector of each
 planted behaviour at three granularities, always on a scoring set that holds **control**
 (non-triggered) conversations as well as triggered ones:
 

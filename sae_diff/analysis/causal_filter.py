@@ -19,6 +19,7 @@ the filter can be scored like every other method (rank by KL among the kept cand
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ from sae_diff.pairing.model import PairedModel
 from sae_diff.training.errors import ConfigError
 
 MODES: tuple[str, ...] = ("ablate", "steer")
+#: the config fields passed on to :func:`causal_filter` (besides causal_filter_on_organism's)
+_FILTER_FIELDS = ("n_candidates", "n_random", "quantile", "min_freq_ft", "mode", "scale")
 
 
 @dataclass
@@ -103,13 +106,16 @@ def rank_by_firing_shift(shift: FiringShift, n: int = 20, min_freq_ft: float = 1
 def _intervention(
     sae: PairedDictionary, latent: int, mode: str, scale: float
 ) -> Callable[..., torch.Tensor]:
+    """A hook function ``(act, hook, f=None)``; ``f``: the latent's codes ``(..., 1)`` on
+    ``act`` when already computed (the split forward encodes once per batch)."""
     d = sae.W_dec.detach()[latent]
 
-    def ablate(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
-        f = sae.encode(act.to(sae.W_dec.dtype))[..., latent : latent + 1]
+    def ablate(act: torch.Tensor, hook: Any = None, f: torch.Tensor | None = None) -> torch.Tensor:
+        if f is None:
+            f = sae.encode(act.to(sae.W_dec.dtype))[..., latent : latent + 1]
         return act - (f * d.to(f.dtype)).to(act.dtype)
 
-    def steer(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+    def steer(act: torch.Tensor, hook: Any = None, f: torch.Tensor | None = None) -> torch.Tensor:
         return act + (scale * d / d.norm().clamp(min=1e-12)).to(act.dtype)
 
     return ablate if mode == "ablate" else steer
@@ -180,6 +186,7 @@ def intervention_kl(
     # one model seen as a pair with itself: the split primitives run only its "ft" side
     halves = None if layer is None else PairedModel(model, model, check=False)
     fns = [_intervention(sae, int(j), mode, scale) for j in latents]
+    idx = torch.tensor([int(j) for j in latents], dtype=torch.long, device=sae.W_dec.device)
     totals = torch.zeros(len(latents), dtype=torch.float64)
     for start in range(0, tokens.shape[0], batch_size):
         tok = tokens[start : start + batch_size]
@@ -195,9 +202,17 @@ def intervention_kl(
             am = _implicit_attention_mask(model, tok)
             x = halves.residual_at("ft", tok, layer, attention_mask=am)
             clean = halves.continue_from("ft", x, layer, tokens=tok, attention_mask=am)
+            # every ablation reads the codes of the same x: encode once, keep the tested columns
+            f = sae.encode(x.to(sae.W_dec.dtype))[..., idx] if mode == "ablate" else None
             runs = (
-                halves.continue_from("ft", fn(x), layer, tokens=tok, attention_mask=am)
-                for fn in fns
+                halves.continue_from(
+                    "ft",
+                    fn(x, f=None if f is None else f[..., i : i + 1]),
+                    layer,
+                    tokens=tok,
+                    attention_mask=am,
+                )
+                for i, fn in enumerate(fns)
             )
         for i, out in enumerate(runs):
             totals[i] += token_kl(clean, out).cpu()[mb].double().sum()
@@ -350,27 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", help="output folder (overrides the config's `out`)")
     args = ap.parse_args(argv)
     kw = config_kwargs(causal_filter_on_organism, args.config)
-    extra = set(kw) - {
-        "out",
-        "organism",
-        "hook",
-        "context_size",
-        "n_docs",
-        "max_rows",
-        "expansion",
-        "k",
-        "train_steps",
-        "batch_size",
-        "lr",
-        "n_eval",
-        "seed",
-        "n_candidates",
-        "n_random",
-        "quantile",
-        "min_freq_ft",
-        "mode",
-        "scale",
-    }
+    own = set(inspect.signature(causal_filter_on_organism).parameters) - {"filter_kw"}
+    extra = set(kw) - own - set(_FILTER_FIELDS)
     if extra:
         raise ConfigError(f"Unknown field(s) {sorted(extra)} in {args.config}.")
     if args.out:

@@ -7,6 +7,7 @@ the check that a resumed run learns what its checkpoint learnt. The runner write
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from sae_lens.constants import (
     TRAINER_STATE_FILENAME,
 )
 
+from sae_diff.errors import CheckpointError
 from sae_diff.training.config import PairedRunnerConfig
 
 #: sae_diff's own state file in a checkpoint (data position, RNG)
@@ -43,8 +45,6 @@ def find_checkpoint(path: str | Path) -> Path:
     Raises:
         CheckpointError: nothing resumable at ``path`` (the message says what was expected).
     """
-    from sae_diff.errors import CheckpointError
-
     path = Path(path)
     if (path / TRAINER_STATE_FILENAME).is_file():
         return path
@@ -75,10 +75,6 @@ def load_state_file(path: Path, map_location: Any = None) -> Any:
     cannot turn it off) with a clear :class:`~sae_diff.errors.CheckpointError` when the file is
     missing, truncated or holds pickled objects other than tensors and plain containers
     (which are never run)."""
-    import pickle
-
-    from sae_diff.errors import CheckpointError
-
     if not path.is_file():
         raise CheckpointError(
             f"{path} is missing: the checkpoint is incomplete. Resume from another "
@@ -128,8 +124,6 @@ def check_resume_config(checkpoint: str | Path, cfg: PairedRunnerConfig) -> None
     :class:`~sae_diff.errors.CheckpointError` listing every field (models, hook, data, the
     dictionary's shape, optimiser settings, ...) where ``cfg`` differs from the checkpoint's
     saved config. Fields in :data:`RESUME_MAY_CHANGE` may differ."""
-    from sae_diff.errors import CheckpointError
-
     saved = json.loads((Path(checkpoint) / RUNNER_CFG_FILENAME).read_text())
     now = json.loads(json.dumps(cfg.to_dict(), default=str))
     diffs: list[str] = []

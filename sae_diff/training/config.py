@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from sae_lens.config import LanguageModelSAERunnerConfig, LoggingConfig, dict_field
 from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 from sae_lens.saes.sae import TrainingSAEConfig
@@ -297,8 +298,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} does not exist.")
     text = path.read_text()
     if path.suffix in (".yaml", ".yml"):
-        import yaml
-
         data = yaml.safe_load(text)
     else:
         data = json.loads(text)

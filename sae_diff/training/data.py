@@ -26,15 +26,25 @@ Which token rows a run reads (datasets, row counts, the token source) is
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+import json
+from pathlib import Path
+from typing import Any
 
 import torch
+from sae_lens.util import str_to_dtype
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_diff import process_group
+from sae_diff import organisms, process_group
 from sae_diff.data.cache import check_config_cache
+from sae_diff.data.harvest import harvest_cache
+from sae_diff.data.harvest_summary import HarvestSummary
+from sae_diff.data.store import PairedActivationsStore, model_shards, shard_keep
 from sae_diff.moved import moved_names, to
-from sae_diff.training.config import PairedRunnerConfig
-from sae_diff.training.errors import TrainingDataError
+from sae_diff.pairing.masks import MaskConfig
+from sae_diff.pairing.model import PairedModel
+from sae_diff.training.config import PairedRunnerConfig, SmokeTestModels
+from sae_diff.training.errors import ConfigError, TrainingDataError
+from sae_diff.training.model_info import check_hook_d_in
 from sae_diff.training.tokens import (
     check_dataset_column,
     run_token_rows,
@@ -42,23 +52,12 @@ from sae_diff.training.tokens import (
     train_rows,
 )
 
-if TYPE_CHECKING:
-    from sae_diff.data.harvest import HarvestSummary
-    from sae_diff.data.store import PairedActivationsStore
-    from sae_diff.pairing.masks import MaskConfig
-    from sae_diff.pairing.model import PairedModel
-    from sae_diff.training.config import SmokeTestModels
-
 
 # ---------------------------------------------------------------------- models
 def build_smoke_test_pair(
     spec: SmokeTestModels, ft_name: str = "smoke-ft", base_name: str = "smoke-base"
 ) -> PairedModel:
     """A tiny random ``PairedModel`` from :class:`~sae_diff.training.config.SmokeTestModels`."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-    from sae_diff.pairing.model import PairedModel
-
     tl_cfg = HookedTransformerConfig(
         n_layers=spec.n_layers,
         d_model=spec.d_model,
@@ -106,9 +105,8 @@ def load_pair(cfg: PairedRunnerConfig) -> PairedModel:
     process's GPU (``cuda:LOCAL_RANK``) before any weight is loaded."""
     process_group.init(cfg.llm_device or cfg.device)
     if cfg.organism is not None:
-        from sae_diff.organisms import load_organism
-
-        organism = load_organism(cfg.organism, device=cfg.llm_device or cfg.device)
+        # through the module, so a test's patch of sae_diff.organisms.load_organism applies
+        organism = organisms.load_organism(cfg.organism, device=cfg.llm_device or cfg.device)
         return organism.paired(base_name=cfg.base_model_name, ft_name=cfg.model_name)
     if cfg.smoke_test_models is not None:
         return build_smoke_test_pair(
@@ -116,10 +114,6 @@ def load_pair(cfg: PairedRunnerConfig) -> PairedModel:
             ft_name=cfg.model_name,
             base_name=cfg.base_model_name or "smoke-base",
         )
-    from sae_lens.util import str_to_dtype
-
-    from sae_diff.pairing.model import PairedModel
-
     kwargs = dict(cfg.base_model_from_pretrained_kwargs or cfg.model_from_pretrained_kwargs or {})
     return PairedModel.from_pretrained(
         cfg.base_model_name,
@@ -134,9 +128,6 @@ def load_pair(cfg: PairedRunnerConfig) -> PairedModel:
 
 def check_pair_matches(cfg: PairedRunnerConfig, pair: PairedModel) -> None:
     """After loading: the hook exists and ``sae.d_in`` is its width (clear error otherwise)."""
-    from sae_diff.training.errors import ConfigError
-    from sae_diff.training.model_info import check_hook_d_in
-
     dims = {"n_layers": int(pair.n_layers), "d_model": int(pair.d_model)}
     d_mlp = getattr(pair.base.cfg, "d_mlp", None)
     if d_mlp:
@@ -154,8 +145,6 @@ def mask_config(cfg: PairedRunnerConfig) -> MaskConfig:
     place a run's token selection is defined; the cache and on-the-fly paths both use it).
 
     Smoke-test models have no tokenizer, so their BOS position is masked as "first 1"."""
-    from sae_diff.pairing.masks import MaskConfig
-
     first_n = cfg.mask_first_n
     if cfg.smoke_test_models is not None and cfg.mask_bos and cfg.prepend_bos is not False:
         first_n = max(first_n, 1)
@@ -182,8 +171,6 @@ def harvest(
 ) -> HarvestSummary:
     """Harvest ``cfg.cache_path`` (the training rows) with
     ``sae_diff.data.harvest.harvest_cache``; resumes an unfinished harvest. Returns its summary."""
-    from sae_diff.data.harvest import harvest_cache
-
     if cfg.cache_path is None:
         raise TrainingDataError("cache_path is not set: nowhere to harvest to.")
     check_dataset_column(cfg)
@@ -208,9 +195,6 @@ def harvest(
 
 def cache_exists(cfg: PairedRunnerConfig) -> bool:
     """Whether ``cfg.cache_path`` holds a finished cache."""
-    import json
-    from pathlib import Path
-
     if cfg.cache_path is None:
         return False
     manifest = Path(cfg.cache_path) / "manifest.json"
@@ -233,8 +217,6 @@ def training_store(
     (:func:`mask_config`, the harvest's shards) and shuffle in windows of at least
     ``n_batches_in_buffer`` batches, seeded by ``seed``.
     """
-    from sae_diff.data.store import PairedActivationsStore
-
     common: dict[str, Any] = {
         "mode": cfg.store_mode,
         "diff_sign": str(getattr(cfg.sae, "diff_sign", "ft_minus_base")),
@@ -279,8 +261,6 @@ def heldout_data(
     """Held-out evaluation data: the rows after the training rows, through the same shards
     and masks as training. Returns kept paired activations ``(N, 2, d)`` (float32), the
     rows' tokens ``(n_rows, ctx)`` and their keep-mask ``(n_rows, ctx)``."""
-    from sae_diff.data.store import model_shards, shard_keep
-
     n_eval_rows = run_token_rows(cfg) - train_rows(cfg)
     start = train_rows(cfg)
     acts, toks, keeps = [], [], []
@@ -311,8 +291,6 @@ def heldout_data(
 def cache_eval_sample(cfg: PairedRunnerConfig, n_tokens: int) -> torch.Tensor:
     """``n_tokens`` kept paired activations (float32) from ``cfg.cache_path``, shards in an
     order seeded apart from training's (for runs with the cache and no models: not held out)."""
-    from sae_diff.data.store import PairedActivationsStore
-
     assert cfg.cache_path is not None
     store = PairedActivationsStore.from_cache(
         cfg.cache_path,

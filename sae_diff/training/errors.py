@@ -8,6 +8,7 @@ dataclass or the data provider (no import cycle).
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from sae_diff.errors import SaeDiffError
@@ -30,7 +31,6 @@ def did_you_mean(name: str, candidates: Any, prefix: str = "") -> str:
 
     ``_``/``-`` are ignored, so ``training-tokens`` finds ``training_tokens``; typos
     (``trainig_tokens``, ``batchtopk_crossocder``) are found by ``difflib``'s ratio."""
-    import difflib
 
     def norm(s: str) -> str:
         return s.lstrip("-").replace("-", "_").lower()

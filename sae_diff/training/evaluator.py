@@ -24,21 +24,18 @@ runner also calls it once at the end on the exported inference dictionary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from sae_lens.saes.sae import SAE
 from sae_lens.training.activation_scaler import ActivationScaler
 from sae_lens.training.types import DataProvider
+from transformer_lens.hook_points import HookPoint
 
 from sae_diff.data.store import select_mode
 from sae_diff.dictionaries.geometry import relative_norm, tag_counts
+from sae_diff.pairing.model import PairedModel
 from sae_diff.training.config import PairedRunnerConfig
-
-if TYPE_CHECKING:  # transformer_lens is imported when the models load, not with this module
-    from transformer_lens.hook_points import HookPoint
-
-    from sae_diff.pairing.model import PairedModel
 
 
 def fraction_of_variance_explained(x: torch.Tensor, xhat: torch.Tensor) -> float:

@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from huggingface_hub import try_to_load_from_cache
+
+from sae_diff.organisms.ground_truth import available_organisms, organism_dir
+from sae_diff.pairing.backends import read_model_info
+from sae_diff.pairing.errors import PairingError
 from sae_diff.pairing.hooks import block_of, hook_width
 from sae_diff.training.errors import ConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a real import would be a cycle: config -> validation -> this module
     from sae_diff.training.config import PairedRunnerConfig
 
 
@@ -48,8 +53,6 @@ def organism_info(name: str) -> OrganismInfo:
 
     Raises :class:`ConfigError` listing the shipped organisms when ``name`` is neither.
     """
-    from sae_diff.organisms.ground_truth import available_organisms, organism_dir
-
     try:
         path = organism_dir(name)
     except FileNotFoundError:
@@ -139,8 +142,6 @@ def model_config_dir(name: str | None, revision: str | None = None) -> str | Non
     if Path(name).exists() or name.count("/") > 1:
         return None
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         found = try_to_load_from_cache(name, "config.json", revision=revision)
     except Exception:  # an invalid repo id, or no cache: nothing known offline
         return None
@@ -148,9 +149,6 @@ def model_config_dir(name: str | None, revision: str | None = None) -> str | Non
 
 
 def _config_dims(name: str | None, revision: str | None = None) -> dict[str, int] | None:
-    from sae_diff.pairing.backends import read_model_info
-    from sae_diff.pairing.errors import PairingError
-
     folder = model_config_dir(name, revision)
     if folder is None:
         return None

@@ -7,17 +7,23 @@ configuration files and tokenizers (:func:`preflight_checks`), loading no weight
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from sae_lens.util import str_to_dtype
+from transformers import AutoTokenizer
+
+from sae_diff.data.documents import DatasetSpec, detect_kind, load_rows
+from sae_diff.pairing import backends as bk
+from sae_diff.pairing.checks import check_config_dims, check_tokenizers
+from sae_diff.pairing.errors import PairingError
 from sae_diff.pairing.hooks import BLOCK_HOOKS, GLOBAL_HOOKS, split_block_hook
+from sae_diff.training.config import PairedRunnerConfig
 from sae_diff.training.errors import ConfigError
 from sae_diff.training.model_info import check_hook_d_in, known_model_dims, model_config_dir
-
-if TYPE_CHECKING:
-    from sae_diff.training.config import PairedRunnerConfig
 
 
 @dataclass
@@ -92,8 +98,6 @@ def check_hook_name(hook_name: str, n_layers: int | None) -> str | None:
     """Raise for a hook that cannot exist in a model of ``n_layers`` blocks or that is a
     misspelling of a standard TransformerLens hook; return a note for a non-standard name
     (it is checked against the models' hooks when they load), else None."""
-    import difflib
-
     parts = split_block_hook(hook_name)
     if parts is not None:
         layer, rest = parts
@@ -140,8 +144,6 @@ def _dataset_spec_dicts(cfg: PairedRunnerConfig) -> list[dict[str, Any]]:
 def _check_dataset_columns(cfg: PairedRunnerConfig, tok_ft: Any, d_vocab: int | None) -> list[str]:
     """Read the first row of each local dataset: its column exists and holds what its kind
     needs (chat data needs the ft tokenizer's chat template; token ids fit the vocabulary)."""
-    from sae_diff.data.sources import DatasetSpec, detect_kind, load_rows
-
     notes: list[str] = []
     for d in _dataset_spec_dicts(cfg):
         keys = {f.name for f in fields(DatasetSpec)}
@@ -213,10 +215,6 @@ def preflight_checks(cfg: PairedRunnerConfig) -> list[str]:
     Returns:
         Notes for the plan. Raises :class:`ConfigError` naming the problem and the fix.
     """
-    from sae_diff.pairing import backends as bk
-    from sae_diff.pairing.checks import check_config_dims, check_tokenizers
-    from sae_diff.pairing.errors import PairingError
-
     notes: list[str] = []
     if cfg.organism is not None or cfg.smoke_test_models is not None:
         note = check_hook_name(cfg.hook_name, (known_model_dims(cfg) or {}).get("n_layers"))
@@ -275,8 +273,6 @@ def preflight_checks(cfg: PairedRunnerConfig) -> list[str]:
             )
             continue
         try:
-            from transformers import AutoTokenizer
-
             tokenizers[role] = AutoTokenizer.from_pretrained(folder)
         except Exception as e:  # unreadable tokenizer files
             raise ConfigError(
@@ -312,8 +308,6 @@ def preflight_checks(cfg: PairedRunnerConfig) -> list[str]:
 
 def make_plan(cfg: PairedRunnerConfig) -> Plan:
     """Resolve ``cfg`` into a :class:`Plan` (sizes and estimates), loading nothing."""
-    from sae_lens.util import str_to_dtype
-
     sae = cfg.sae
     n_models = 2 if cfg.is_crosscoder else 1
     d_in, d_sae = sae.d_in, sae.d_sae

@@ -41,18 +41,21 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import wandb
 from sae_lens.constants import RUNNER_CFG_FILENAME, SPARSITY_FILENAME
 from sae_lens.saes.sae import SAE, TrainingSAE
 from safetensors.torch import save_file
 
+import sae_diff
 from sae_diff.atomic import atomic_dir
 from sae_diff.data.store import PairedActivationsStore
 from sae_diff.dictionaries.normalisation import prepare_crosscoder
 from sae_diff.dictionaries.registry import training_sae
 from sae_diff.moved import moved_names, to
+from sae_diff.pairing.model import PairedModel
 from sae_diff.training import distributed
 from sae_diff.training.checkpoints import (
     RESUME_MAY_CHANGE,
@@ -78,9 +81,6 @@ from sae_diff.training.tokens import (
     uses_organism_data,
 )
 from sae_diff.training.trainer import ResumableSAETrainer, graceful_interrupts
-
-if TYPE_CHECKING:  # transformer_lens is imported when the models load, not with this module
-    from sae_diff.pairing.model import PairedModel
 
 EVAL_FILENAME = "eval.json"
 
@@ -135,8 +135,6 @@ class PairedSAETrainingRunner:
         return sae.to(self.cfg.device)
 
     def _set_metadata(self, sae: TrainingSAE[Any]) -> None:
-        import sae_diff
-
         cfg = self.cfg
         md = sae.cfg.metadata
         md.dataset_path = cfg.dataset_path or (
@@ -215,8 +213,6 @@ class PairedSAETrainingRunner:
         """Train (or continue ``cfg.resume_from_checkpoint``); write the output; return the
         training dictionary. ``stop_after_steps`` interrupts after that many steps (after
         saving a checkpoint) by raising :class:`~sae_diff.training.trainer.TrainingInterrupted`."""
-        import wandb
-
         cfg = self.cfg
         resume = Path(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
         w = distributed.init(cfg.device)  # joins torchrun's process group; no-op for one process

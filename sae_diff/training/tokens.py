@@ -14,16 +14,28 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from sae_diff.data.documents import (
+    CHAT_COLUMNS,
+    TEXT_COLUMNS,
+    TOKEN_COLUMNS,
+    DatasetSpec,
+    iter_documents,
+    load_rows,
+)
+from sae_diff.data.sources import TensorTokenSource, TokenSource
+from sae_diff.organisms.ground_truth import (
+    chat_dataset,
+    load_tokenizer,
+    organism_dir,
+    pretraining_dataset,
+)
+from sae_diff.pairing.model import PairedModel
 from sae_diff.training.config import PairedRunnerConfig
 from sae_diff.training.errors import TrainingDataError
-
-if TYPE_CHECKING:
-    from sae_diff.data.sources import DatasetSpec, TensorTokenSource, TokenSource
-    from sae_diff.pairing.model import PairedModel
 
 
 def train_rows(cfg: PairedRunnerConfig) -> int:
@@ -33,8 +45,6 @@ def train_rows(cfg: PairedRunnerConfig) -> int:
 
 def dataset_specs(cfg: PairedRunnerConfig) -> list[DatasetSpec]:
     """The run's datasets as ``sae_diff.data.sources.DatasetSpec`` s (empty for smoke tests)."""
-    from sae_diff.data.sources import DatasetSpec
-
     if cfg.dataset_mixture:
         return [DatasetSpec(**spec) for spec in cfg.dataset_mixture]
     if cfg.dataset_path:
@@ -68,10 +78,6 @@ def run_token_rows(cfg: PairedRunnerConfig) -> int:
 def _organism_corpus(
     organism: str, chat_share: float, n_documents: int | None, n_tokens: int
 ) -> tuple[tuple[Any, ...], tuple[float, ...]]:
-    from sae_diff.data.documents import iter_documents
-    from sae_diff.organisms import chat_dataset, load_tokenizer, pretraining_dataset
-    from sae_diff.organisms.ground_truth import organism_dir
-
     path = organism_dir(organism)
     if not (path / "world.json").is_file():  # a custom organism: its examples, no world corpus
         raise TrainingDataError(
@@ -119,8 +125,6 @@ def check_dataset_column(cfg: PairedRunnerConfig) -> None:
     Raises :class:`TrainingDataError` naming the available columns when the configured column
     (or, if unset, any text / tokens / chat column) is missing.
     """
-    from sae_diff.data.documents import CHAT_COLUMNS, TEXT_COLUMNS, TOKEN_COLUMNS, load_rows
-
     for spec in dataset_specs(cfg):
         try:
             row = next(iter(load_rows(spec)), None)
@@ -168,8 +172,6 @@ def token_source(cfg: PairedRunnerConfig, pair: PairedModel) -> TokenSource | Te
     """The run's token rows as a ``sae_diff.data.sources`` source: the training rows, then
     the held-out evaluation rows (:func:`run_token_rows` in all). Chat rows are rendered with
     the tokenizer's chat template and ``cfg.chat_template_kwargs``."""
-    from sae_diff.data.sources import TensorTokenSource, TokenSource
-
     if uses_organism_data(cfg):
         datasets, shares = organism_datasets(cfg)
         return TokenSource(

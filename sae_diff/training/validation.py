@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import TYPE_CHECKING, get_args
 
+from sae_diff.data.documents import DatasetSpec
 from sae_diff.dictionaries import specs
 from sae_diff.dictionaries.specs import StoreMode
 from sae_diff.pairing.hooks import hook_width
@@ -20,7 +21,7 @@ from sae_diff.pairing.loading import Backend
 from sae_diff.training import model_info as _model_info
 from sae_diff.training.errors import K_BOUND, ConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # a real import would be a cycle: config imports this module
     from sae_diff.training.config import PairedRunnerConfig
 
 #: from the architecture table (sae_diff.dictionaries.specs): no architecture is named here
@@ -195,8 +196,6 @@ def validate_config(cfg: PairedRunnerConfig) -> None:
             'variable name to value (e.g. {"enable_thinking": false}), or null.'
         )
     if cfg.dataset_mixture is not None:
-        from sae_diff.data.sources import DatasetSpec
-
         spec_fields = {f.name for f in fields(DatasetSpec)}
         for i, spec in enumerate(cfg.dataset_mixture):
             if not isinstance(spec, dict) or "path" not in spec:

@@ -52,12 +52,6 @@ FACADES = {
 #: dotted names that identify something other than a module
 NOT_REFERENCES = {"sae_diff.activation_cache"}  # the cache's format tag (data/cache_format.py)
 
-#: stale references in files that other work is editing right now: skipped by the main test,
-#: and a test fails once one is fixed, so that its entry is removed here. (path, reference)
-PENDING: set[tuple[str, str]] = {
-    ("sae_diff/training/config.py", "sae_diff.data.sources.DatasetSpec"),
-    ("sae_diff/training/tokens.py", "sae_diff.data.sources.DatasetSpec"),
-}
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _ROOMS = "|".join(ROOMS)
@@ -207,16 +201,10 @@ def _repository_stale() -> tuple[tuple[str, int, str, str], ...]:
 
 
 def test_prose_references_are_current() -> None:
-    stale = [s for s in _repository_stale() if (s[0], s[2]) not in PENDING]
+    stale = _repository_stale()
     assert not stale, "stale references:\n" + "\n".join(
         f"{path}:{line}: {ref}: {why}" for path, line, ref, why in stale
     )
-
-
-def test_pending_references_are_still_stale() -> None:
-    found = {(path, ref) for path, _, ref, _ in _repository_stale()}
-    fixed = sorted(PENDING - found)
-    assert not fixed, f"fixed, so remove them from PENDING: {fixed}"
 
 
 def _page(tmp_path: Path, text: str) -> Path:

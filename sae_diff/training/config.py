@@ -108,7 +108,7 @@ class PairedRunnerConfig(LanguageModelSAERunnerConfig[Any]):
         dataset_column: text / tokens / messages column of the dataset (None: guess).
         dataset_split: split of ``dataset_path``.
         dataset_mixture: several datasets mixed by token share, each a
-            ``sae_diff.data.sources.DatasetSpec`` mapping (path, kind, column, split, name,
+            ``sae_diff.data.documents.DatasetSpec`` mapping (path, kind, column, split, name,
             streaming, weight); replaces ``dataset_path`` (pretraining text + chat is the usual
             recipe).
         chat_template_kwargs: extra variables for the tokenizer's chat template, passed to

@@ -44,7 +44,7 @@ def train_rows(cfg: PairedRunnerConfig) -> int:
 
 
 def dataset_specs(cfg: PairedRunnerConfig) -> list[DatasetSpec]:
-    """The run's datasets as ``sae_diff.data.sources.DatasetSpec`` s (empty for smoke tests)."""
+    """The run's datasets as ``sae_diff.data.documents.DatasetSpec`` s (empty for smoke tests)."""
     if cfg.dataset_mixture:
         return [DatasetSpec(**spec) for spec in cfg.dataset_mixture]
     if cfg.dataset_path:

@@ -28,7 +28,7 @@ import torch
 from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
 
-from sae_diff.data.cache import ActivationCache
+from sae_diff.data.cache_reader import ActivationCache
 from sae_diff.data.harvest import harvest_cache
 from sae_diff.data.sources import TokenSource
 from sae_diff.data.store import PairedActivationsStore

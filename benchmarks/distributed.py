@@ -80,7 +80,8 @@ def worker(cfg_path: str, warmup: int, out: str) -> None:
     import sae_diff  # noqa: F401
     from sae_diff.training import distributed
     from sae_diff.training.config import config_from_dict
-    from sae_diff.training.runner import PairedSAETrainingRunner, ResumableSAETrainer
+    from sae_diff.training.runner import PairedSAETrainingRunner
+    from sae_diff.training.trainer import ResumableSAETrainer
 
     stamps: list[float] = []
     cpu: list[float] = []

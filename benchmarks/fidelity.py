@@ -71,7 +71,7 @@ class Affine:
 
 def load_cache(path: str) -> torch.Tensor:
     """Kept paired activations ``(N, 2, d)`` of a sae_diff cache, with its own mask config."""
-    from sae_diff.data.cache import ActivationCache
+    from sae_diff.data.cache_reader import ActivationCache
     from sae_diff.pairing.masks import MaskConfig
 
     cache = ActivationCache(path)

@@ -16,9 +16,9 @@ import torch
 from sae_diff.analysis import causal_filter as cf
 from sae_diff.analysis.batches import cache_batches
 from sae_diff.analysis.latent_scaling import latent_scaling
-from sae_diff.analysis.stagewise import Stage, run_stages
+from sae_diff.analysis.stages import Stage, run_stages
 from sae_diff.atomic import atomic_write
-from sae_diff.data.cache import ActivationCache
+from sae_diff.data.cache_reader import ActivationCache
 from sae_diff.data.store import PairedActivationsStore
 from sae_diff.dictionaries.io import as_inference
 from sae_diff.dictionaries.protocol import PairedDictionary

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sae_diff.analysis.batches import cache_batches
-from sae_diff.data.cache import ActivationCache
+from sae_diff.data.cache_reader import ActivationCache
 from sae_diff.data.harvest import harvest_cache
 from sae_diff.data.sources import TokenSource
 from sae_diff.evaluation.kl import per_token_kl

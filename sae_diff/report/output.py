@@ -21,7 +21,7 @@ import torch
 from sae_diff.analysis.batches import cache_batches
 from sae_diff.analysis.examples import LatentExamples, max_activating_examples
 from sae_diff.atomic import atomic_write
-from sae_diff.data.cache import ActivationCache
+from sae_diff.data.cache_reader import ActivationCache
 from sae_diff.dictionaries.protocol import PairedDictionary
 from sae_diff.evaluation.kl import kl_dashboard
 from sae_diff.evaluation.stitching import plot_stitching_sweep, stitching_sweep

@@ -17,7 +17,7 @@ from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingS
 from sae_lens.saes.sae import TrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 
-from sae_diff.data.cache import ActivationCache
+from sae_diff.data.cache_reader import ActivationCache
 from sae_diff.data.store import PairedActivationsStore
 from sae_diff.dictionaries.normalisation import prepare_crosscoder
 from sae_diff.dictionaries.registry import training_config, training_sae

@@ -45,11 +45,13 @@ demo-quick: setup
 	$(VENV)/bin/sae-diff demo --quick --out demo_output_quick
 
 # Ratios measured in one run each: kernels and the reference trainer's step (run.py), the data
-# pipeline (on the fly ÷ cached, bf16 ÷ fp32 reads) and data-parallel training (2 gloo procs ÷ 1).
+# pipeline (on the fly ÷ cached, bf16 ÷ fp32 reads), data-parallel training (2 gloo procs ÷ 1) and
+# the causal filter (full forward per latent ÷ split forward).
 bench: setup
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/distributed.py --json benchmarks/results/cpu-distributed.json
+	$(PY) benchmarks/causal_filter.py
 
 clean:
 	rm -rf demo_output demo_output_narrow demo_output_quick .pytest_cache .mypy_cache .ruff_cache

@@ -34,6 +34,7 @@ from sae_lens.saes.sae import (
 )
 from torch import nn
 
+from sae_diff.dictionaries import kernels
 from sae_diff.dictionaries.base import CrosscoderFields, CrosscoderSAE, validate_common_fields
 from sae_diff.dictionaries.crosscoder import (
     CrosscoderConfig,
@@ -289,8 +290,6 @@ class BatchTopKCrosscoderTraining(
         statistics accept); ``hidden_pre`` is not materialised (an empty tensor); the
         ``hook_sae_acts_*`` hook points are bypassed.
         """
-        from sae_diff.dictionaries import kernels
-
         x_n = self.normalised_input(step_input.sae_in)
         x_in = x_n - self.b_dec if self.cfg.apply_b_dec_to_input else x_n
         D = self.cfg.n_models * self.cfg.d_in

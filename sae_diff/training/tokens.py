@@ -35,6 +35,7 @@ from sae_diff.organisms.ground_truth import (
 )
 from sae_diff.pairing.model import PairedModel
 from sae_diff.training.config import PairedRunnerConfig
+from sae_diff.training.dataset_checks import check_local_datasets
 from sae_diff.training.errors import TrainingDataError
 
 
@@ -123,8 +124,11 @@ def check_dataset_column(cfg: PairedRunnerConfig) -> None:
     """Peek at each dataset's first row (no model needed).
 
     Raises :class:`TrainingDataError` naming the available columns when the configured column
-    (or, if unset, any text / tokens / chat column) is missing.
+    (or, if unset, any text / tokens / chat column) is missing, after
+    :func:`~sae_diff.training.dataset_checks.check_local_datasets` (empty, unreadable or
+    folder-of-files local datasets).
     """
+    check_local_datasets(cfg)
     for spec in dataset_specs(cfg):
         try:
             row = next(iter(load_rows(spec)), None)

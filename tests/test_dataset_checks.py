@@ -78,3 +78,13 @@ def test_runner_reports_a_bad_local_dataset_before_loading_models(
     with pytest.raises(TrainingDataError, match=message):
         PairedSAETrainingRunner(cfg).run()
     assert not (tmp_path / "ck").exists()  # nothing written either
+
+
+def test_unreachable_hub_dataset_names_the_fix(
+    tmp_path: Path, no_models: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cfg = _config(tmp_path, Path("someorg/not-downloaded-dataset"))
+    with pytest.raises(TrainingDataError, match=r"cannot be reached .*Download it while online"):
+        PairedSAETrainingRunner(cfg).run()

@@ -134,6 +134,13 @@ def check_dataset_column(cfg: PairedRunnerConfig) -> None:
             row = next(iter(load_rows(spec)), None)
         except FileNotFoundError as e:
             raise TrainingDataError(f"dataset {spec.path!r} cannot be read: {e}") from e
+        except ConnectionError as e:  # a Hub id while offline, or the Hub unreachable
+            raise TrainingDataError(
+                f"dataset {spec.path!r} is not a local file or folder, and as a Hugging Face Hub "
+                f"dataset it cannot be reached ({' '.join(str(e).split())}). Download it while "
+                "online (it is then read from the local cache), or point dataset_path at a "
+                "local file."
+            ) from e
         if row is None:
             raise TrainingDataError(f"dataset {spec.path!r} (split {spec.split!r}) is empty.")
         cols = list(row.keys())

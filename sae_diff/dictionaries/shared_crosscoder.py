@@ -94,6 +94,16 @@ class SharedTrainingMixin:
     W_dec: torch.nn.Parameter
     W_enc: torch.nn.Parameter
 
+    def __init__(self, cfg: Any, use_error_term: bool = False) -> None:
+        super().__init__(cfg, use_error_term)  # type: ignore[call-arg]
+        self._register_tie_hook()
+
+    def initialize_weights(self) -> None:
+        """The crosscoder's initialisation with the shared rows tied before the norm is set."""
+        self._init_crosscoder_weights()  # type: ignore[attr-defined]
+        self._tie_shared_rows()
+        self._init_decoder_norm()  # type: ignore[attr-defined]
+
     def _tie_shared_rows(self) -> None:
         n = int(self.cfg.n_shared_latents)
         with torch.no_grad():
@@ -163,15 +173,6 @@ class SharedCrosscoderTraining(SharedTrainingMixin, L1CrosscoderTraining):
 
     cfg: SharedCrosscoderTrainingConfig  # type: ignore[assignment]
 
-    def __init__(self, cfg: SharedCrosscoderTrainingConfig, use_error_term: bool = False):  # type: ignore[override]
-        super().__init__(cfg, use_error_term)
-        self._register_tie_hook()
-
-    def initialize_weights(self) -> None:
-        self._init_crosscoder_weights()
-        self._tie_shared_rows()
-        self._init_decoder_norm()
-
     def code_scale(self) -> torch.Tensor:
         """s_j w_j: the L1 penalty's per-latent weight (only the penalty reads it here)."""
         return super().code_scale() * self.sparsity_weights()
@@ -213,15 +214,6 @@ class SharedBatchTopKCrosscoderTraining(SharedTrainingMixin, BatchTopKCrosscoder
     """BatchTopK crosscoder with tied shared latents; selection scores ``p_j s_j / w_j``."""
 
     cfg: SharedBatchTopKCrosscoderTrainingConfig  # type: ignore[assignment]
-
-    def __init__(self, cfg: SharedBatchTopKCrosscoderTrainingConfig, use_error_term: bool = False):  # type: ignore[override]
-        super().__init__(cfg, use_error_term)
-        self._register_tie_hook()
-
-    def initialize_weights(self) -> None:
-        self._init_crosscoder_weights()
-        self._tie_shared_rows()
-        self._init_decoder_norm()
 
     def code_scale(self) -> torch.Tensor:
         """s_j / w_j: the selection scale (batch top-k scores and the exported thresholds)."""

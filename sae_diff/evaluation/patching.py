@@ -11,24 +11,9 @@ from, each re-exported here where they have always been importable:
   subsets, random baselines, steering);
 - :mod:`sae_diff.analysis.selection`: latent selection (shared with the report).
 
-Split both models at layer ``L`` (the residual before block ``L``). For each batch the base and
-ft residuals ``x^b, x^c`` at ``L`` are computed once; every intervention then builds a residual
-``h`` from them and costs one ft second-half forward, ``patched(h)``. The reference is the ft
-model (``h = x^c``); the stitched baseline is ``h = x^b``.
-
-Interventions (``D = x^c - x^b``; ``f`` = the dictionary's codes on the pair):
-
-==================  =========================================================================
-crosscoder recon    ``x^b + sum_j f_j (d_j^c - d_j^b)``   (decoder biases excluded by default)
-crosscoder error    ``x^b + (D - sum_j f_j (d_j^c - d_j^b))``   (recon + error = ``D``)
-subset S            ``x^b + sum_{j in S} f_j (d_j^c - d_j^b)``
-diff-SAE recon      ``x^b + s * SAE(s * D)``  (``s = +1`` for ``ft_minus_base``, ``-1`` else;
-                    the SAE's bias included: it is part of the reconstructed difference)
-diff-SAE error      ``x^b + (D - s * SAE(s * D))``
-diff-SAE subset S   ``x^b + s * sum_{j in S} f_j d_j``
-steering S          ``x^b + scale * sum_{j in S} f_j d_j^c`` (crosscoders)
-token patch P       ``x^c`` at positions ``P``, ``x^b`` elsewhere
-==================  =========================================================================
+The interventions themselves (which residual each builds from the split batch, and why one
+ft second-half forward per intervention suffices) are tabulated in
+:mod:`sae_diff.evaluation.interventions`.
 
 Metrics per intervention over the masked positions: ``KL(p_ft || p_patched)`` (all, first
 ``first_n`` masked positions of each sequence, rest), next-token NLL, and the fraction of the KL

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from sae_diff.data.cache_format import CacheIdentityError
-from sae_diff.data.cache_identity import check_identity, expected_identity
+from sae_diff.data.cache_identity import cache_identity, check_identity, expected_identity
 from sae_diff.data.sources import DatasetSpec, TokenSource
 from sae_diff.training.config import config_from_dict
 from tests.families import chat_rows, family_tokenizers
@@ -50,7 +50,14 @@ def _stream_fields(exp: dict[str, Any]) -> dict[str, Any]:
 def test_same_stream_options_pass(tmp_path: Path) -> None:
     meta = _meta(tmp_path, chat_template_kwargs={"enable_thinking": False})
     cfg = _config(tmp_path, chat_template_kwargs={"enable_thinking": False})
-    check_identity(meta, _stream_fields(expected_identity(cfg)))
+    expected = _stream_fields(expected_identity(cfg))
+    assert expected == {
+        "packing": True,
+        "prepend_bos": None,  # unset: the tokenizer decides, nothing to compare
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    assert _stream_fields(cache_identity(meta)) == {**expected, "prepend_bos": False}
+    check_identity(meta, expected)  # raises on any difference
 
 
 @pytest.mark.parametrize(

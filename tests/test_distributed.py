@@ -235,6 +235,7 @@ def test_two_process_checkpoint_resumes_in_one_process(runs: dict[str, Any]) -> 
     )
     a = _weights(Path(runs["one"]["output_path"]))
     b = _weights(tmp / "out_resumed")
+    assert set(a) == set(b) and "threshold" in a
     for k in a:
         close(b[k], a[k], k)
 
@@ -242,6 +243,7 @@ def test_two_process_checkpoint_resumes_in_one_process(runs: dict[str, Any]) -> 
 def test_one_process_checkpoint_resumes_in_two_processes(runs: dict[str, Any]) -> None:
     a = _weights(Path(runs["one"]["output_path"]))
     b = _weights(runs["tmp"] / "out_resumed_by_two")
+    assert set(a) == set(b) and "threshold" in a
     for k in a:
         close(b[k], a[k], k)
 
